@@ -1,0 +1,62 @@
+//! Errors of the data layer; each names the file or value at fault and what would be valid.
+
+use std::path::PathBuf;
+
+/// What can go wrong when reading, writing or preparing an image dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("dataset folder {0} does not exist")]
+    MissingRoot(PathBuf),
+    #[error("{0} is not a folder")]
+    NotADirectory(PathBuf),
+    #[error("dataset folder {0} has no class folders (expected ROOT/<class>/<image file>)")]
+    NoClasses(PathBuf),
+    #[error("class folder {0} holds no images (accepted: {exts})", exts = crate::data::scan::IMAGE_EXTENSIONS.join(", "))]
+    EmptyClass(PathBuf),
+    #[error("cannot decode image {path}: {message}")]
+    Decode { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}, line {line}: {message}")]
+    Manifest {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Idx { path: PathBuf, message: String },
+    #[error("output folder {0} is not empty; pass --force to replace it")]
+    OutputNotEmpty(PathBuf),
+    #[error("invalid {name} {value}: {expected}")]
+    InvalidValue {
+        name: &'static str,
+        value: String,
+        expected: String,
+    },
+}
+
+impl DataError {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An invalid parameter value and what would be valid.
+    pub fn invalid(name: &'static str, value: impl ToString, expected: impl Into<String>) -> Self {
+        Self::InvalidValue {
+            name,
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
+/// Result alias of the data layer.
+pub type Result<T> = std::result::Result<T, DataError>;

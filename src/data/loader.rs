@@ -1,0 +1,328 @@
+//! Decode + preprocess images into NCHW f32 tensors, in parallel, one batch ahead of the model.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::thread::JoinHandle;
+
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use image::DynamicImage;
+use rayon::prelude::*;
+
+use super::decode::decode_image;
+use super::error::{DataError, Result};
+
+/// How an image becomes model input: RGB, resized to `width`×`height` (bilinear), scaled to
+/// [0, 1], then normalised per channel with `mean` and `std`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preprocess {
+    pub width: u32,
+    pub height: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Preprocess {
+    /// ImageNet normalisation (torchvision's constants) at `size`×`size`.
+    pub fn imagenet(size: u32) -> Self {
+        Self {
+            width: size,
+            height: size,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+
+    /// Values per image (3·H·W).
+    pub fn len(&self) -> usize {
+        3 * self.width as usize * self.height as usize
+    }
+
+    /// Always false: a preprocessed image has at least one pixel.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks the parameters: positive size and standard deviations.
+    pub fn validate(&self) -> Result<()> {
+        if self.width == 0 || self.height == 0 {
+            return Err(DataError::invalid(
+                "input size",
+                format!("{}x{}", self.width, self.height),
+                "positive width and height",
+            ));
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+            || self.mean.iter().any(|m| !m.is_finite())
+        {
+            return Err(DataError::invalid(
+                "normalisation",
+                format!("mean {:?} std {:?}", self.mean, self.std),
+                "finite means and positive standard deviations",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Converts a decoded image into CHW floats (grey is expanded to RGB; alpha is dropped).
+    pub fn apply(&self, img: &DynamicImage) -> Vec<f32> {
+        let rgb = img.to_rgb8();
+        let rgb = if rgb.dimensions() == (self.width, self.height) {
+            rgb
+        } else {
+            image::imageops::resize(&rgb, self.width, self.height, FilterType::Triangle)
+        };
+        let plane = self.width as usize * self.height as usize;
+        let mut out = vec![0f32; 3 * plane];
+        for (i, p) in rgb.pixels().enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = (f32::from(p.0[c]) / 255.0 - self.mean[c]) / self.std[c];
+            }
+        }
+        out
+    }
+}
+
+/// A decoded batch in host memory.
+#[derive(Debug, Clone)]
+pub struct HostBatch {
+    /// NCHW values of the images that decoded.
+    pub pixels: Vec<f32>,
+    /// Positions (in the loader's path list) of the images in `pixels`, in order.
+    pub indices: Vec<usize>,
+    /// Images skipped because they could not be decoded (only with `skip_bad`).
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl HostBatch {
+    /// The batch as an `[N, 3, H, W]` tensor on `device`.
+    pub fn to_tensor(&self, pre: &Preprocess, device: &Device) -> candle_core::Result<Tensor> {
+        let shape = (
+            self.indices.len(),
+            3,
+            pre.height as usize,
+            pre.width as usize,
+        );
+        Tensor::from_slice(&self.pixels, shape, &Device::Cpu)?.to_device(device)
+    }
+}
+
+/// Decodes and preprocesses `paths[offset..offset + paths.len()]` in parallel.
+pub fn load_batch(
+    paths: &[PathBuf],
+    offset: usize,
+    pre: &Preprocess,
+    skip_bad: bool,
+) -> Result<HostBatch> {
+    let decoded: Vec<Result<Vec<f32>>> = paths
+        .par_iter()
+        .map(|p| decode_image(p).map(|img| pre.apply(&img)))
+        .collect();
+    let mut batch = HostBatch {
+        pixels: Vec::with_capacity(paths.len() * pre.len()),
+        indices: Vec::with_capacity(paths.len()),
+        skipped: Vec::new(),
+    };
+    for (k, (result, path)) in decoded.into_iter().zip(paths).enumerate() {
+        match result {
+            Ok(values) => {
+                batch.pixels.extend_from_slice(&values);
+                batch.indices.push(offset + k);
+            }
+            Err(e @ DataError::Decode { .. }) if skip_bad => {
+                batch.skipped.push((path.clone(), e.to_string()))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(batch)
+}
+
+/// Iterates over batches of images; a worker thread decodes the next batch while the caller
+/// uses the current one. Stops after the first error.
+pub struct BatchLoader {
+    receiver: Option<Receiver<Result<HostBatch>>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl BatchLoader {
+    /// Starts decoding `paths` in batches of `batch_size` (at least 1).
+    pub fn new(
+        paths: Vec<PathBuf>,
+        batch_size: usize,
+        pre: Preprocess,
+        skip_bad: bool,
+    ) -> Result<Self> {
+        pre.validate()?;
+        if batch_size == 0 {
+            return Err(DataError::invalid(
+                "--batch",
+                0,
+                "a batch size of 1 or more",
+            ));
+        }
+        let (sender, receiver) = sync_channel(1);
+        let worker = std::thread::spawn(move || {
+            for (b, chunk) in paths.chunks(batch_size).enumerate() {
+                let batch = load_batch(chunk, b * batch_size, &pre, skip_bad);
+                let failed = batch.is_err();
+                if sender.send(batch).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            receiver: Some(receiver),
+            worker: Some(worker),
+        })
+    }
+}
+
+impl Iterator for BatchLoader {
+    type Item = Result<HostBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.receiver.as_ref()?.recv().ok();
+        if item.is_none() {
+            self.receiver = None;
+            if let Some(worker) = self.worker.take() {
+                let _ = worker.join();
+            }
+        }
+        item
+    }
+}
+
+impl Drop for BatchLoader {
+    fn drop(&mut self) {
+        // Closing the channel makes the worker stop at its next send.
+        self.receiver = None;
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GrayImage, Luma, Rgb, RgbImage};
+
+    #[test]
+    fn normalises_exact_values_and_expands_grey() {
+        let pre = Preprocess {
+            width: 2,
+            height: 1,
+            mean: [0.5, 0.0, 0.25],
+            std: [0.5, 1.0, 0.25],
+        };
+        let img = DynamicImage::ImageRgb8(
+            RgbImage::from_vec(2, 1, vec![255, 0, 51, 0, 255, 102]).unwrap(),
+        );
+        let v = pre.apply(&img);
+        // Channel-major: R of both pixels, then G, then B.
+        let expect = [
+            1.0,
+            -1.0,
+            0.0,
+            1.0,
+            (0.2 - 0.25) / 0.25,
+            (0.4 - 0.25) / 0.25,
+        ];
+        for (a, b) in v.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-6, "{v:?}");
+        }
+        let grey = DynamicImage::ImageLuma8(GrayImage::from_pixel(2, 1, Luma([255])));
+        assert_eq!(pre.apply(&grey), vec![1.0, 1.0, 1.0, 1.0, 3.0, 3.0]);
+    }
+
+    #[test]
+    fn resizes_bilinear() {
+        let pre = Preprocess {
+            width: 4,
+            height: 4,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(2, 2, Rgb([255, 255, 255])));
+        assert!(pre.apply(&img).iter().all(|&v| (v - 1.0).abs() < 1e-6));
+        let ramp =
+            DynamicImage::ImageRgb8(RgbImage::from_fn(8, 1, |x, _| Rgb([x as u8 * 30, 0, 0])));
+        let pre = Preprocess {
+            width: 4,
+            height: 1,
+            ..pre
+        };
+        let r = &pre.apply(&ramp)[..4];
+        assert!(r.windows(2).all(|w| w[0] < w[1]), "{r:?}");
+    }
+
+    fn write_pngs(dir: &std::path::Path, n: usize) -> Vec<PathBuf> {
+        (0..n)
+            .map(|i| {
+                let p = dir.join(format!("{i}.png"));
+                GrayImage::from_pixel(3, 3, Luma([i as u8 * 20]))
+                    .save(&p)
+                    .unwrap();
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_in_order_with_prefetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = write_pngs(dir.path(), 7);
+        let pre = Preprocess {
+            width: 3,
+            height: 3,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let batches: Vec<_> = BatchLoader::new(paths, 3, pre, false)
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(
+            batches.iter().map(|b| b.indices.len()).collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
+        let t = batches[1].to_tensor(&pre, &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[3, 3, 3, 3]);
+        let first: f32 = t.get(0).unwrap().mean_all().unwrap().to_scalar().unwrap();
+        assert!((first - 60.0 / 255.0).abs() < 1e-6);
+        assert_eq!(batches[2].indices, vec![6]);
+    }
+
+    #[test]
+    fn bad_image_names_the_file_or_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = write_pngs(dir.path(), 4);
+        let full = std::fs::read(&paths[0]).unwrap();
+        let truncated = dir.path().join("truncated.png");
+        std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+        let text = dir.path().join("text.png");
+        std::fs::write(&text, b"hello").unwrap();
+        paths.insert(1, truncated);
+        paths.push(text);
+        let pre = Preprocess::imagenet(4);
+        let err = BatchLoader::new(paths.clone(), 2, pre, false)
+            .unwrap()
+            .find_map(|b| b.err())
+            .unwrap()
+            .to_string();
+        assert!(err.contains("truncated.png"), "{err}");
+        let batches: Vec<_> = BatchLoader::new(paths, 2, pre, true)
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
+        let skipped: Vec<_> = batches
+            .iter()
+            .flat_map(|b| b.skipped.iter().map(|s| s.0.clone()))
+            .collect();
+        assert_eq!(skipped.len(), 2);
+        assert!(skipped[1].ends_with("text.png"));
+        let kept: Vec<_> = batches.iter().flat_map(|b| b.indices.clone()).collect();
+        assert_eq!(kept, vec![0, 2, 3, 4]);
+    }
+}

@@ -1,0 +1,440 @@
+//! `bccp prepare`: split an image folder into clean Monday data and corrupted Tuesday data.
+//!
+//! Output layout (all paths in the manifests are relative to the output folder):
+//! ```text
+//! OUT/monday/<class>/<file>            clean copies (Monday)
+//! OUT/tuesday_original/<class>/<file>  clean copies of Tuesday's images
+//! OUT/tuesday/<class>/<file>           Tuesday's images, corrupted (PNG)
+//! OUT/monday.jsonl, OUT/tuesday.jsonl  manifests; Tuesday's ids continue after Monday's
+//! OUT/dataset.json                     class names and the parameters of the run
+//! ```
+//! The whole folder is built in a staging sibling and renamed into place at the end, so an
+//! interrupted or failed run leaves nothing behind. The same seed gives the same bytes.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageBuffer, ImageEncoder, Pixel};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::corrupt::{corrupt, Corruption};
+use super::decode::decode_bytes;
+use super::error::{DataError, Result};
+use super::manifest::{to_jsonl, Day, Record};
+use super::scan::{ImageFolder, ImageItem};
+use crate::fsutil::{is_absent_or_empty, StagedDir};
+use crate::progress::Progress;
+use crate::rng::Rng;
+
+/// Parameters of `prepare`.
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    pub source: PathBuf,
+    pub out: PathBuf,
+    /// Share of each class that goes to Monday, in (0, 1).
+    pub split: f64,
+    pub corruption: Corruption,
+    pub seed: u64,
+    /// Replace a non-empty output folder.
+    pub force: bool,
+    /// Skip unreadable images (reported in the summary) instead of failing.
+    pub skip_bad: bool,
+    /// Monday's date as Unix seconds at midnight UTC; Tuesday is the next day.
+    pub monday_start: i64,
+}
+
+/// The dataset description written to `OUT/dataset.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    pub classes: Vec<String>,
+    pub source: String,
+    pub split: f64,
+    pub corruption: String,
+    pub seed: u64,
+    pub monday_per_class: Vec<usize>,
+    pub tuesday_per_class: Vec<usize>,
+}
+
+/// What `prepare` did.
+#[derive(Debug, Clone)]
+pub struct PrepareSummary {
+    pub info: DatasetInfo,
+    /// Images skipped with `skip_bad`: the file and why.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// Files in class folders ignored because their extension is not an image's.
+    pub ignored_files: usize,
+}
+
+/// File name of the dataset description inside a prepared folder.
+pub const DATASET_INFO_FILE: &str = "dataset.json";
+
+/// Splits each class: shuffles its items with a per-class stream of `seed` and gives the first
+/// `round(n · split)` to Monday. Returns (monday, tuesday) indices into `items`, each sorted.
+pub fn split_by_class(
+    items: &[ImageItem],
+    num_classes: usize,
+    split: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); num_classes];
+    for (i, item) in items.iter().enumerate() {
+        by_class[item.target].push(i);
+    }
+    let (mut monday, mut tuesday) = (Vec::new(), Vec::new());
+    for (class, mut indices) in by_class.into_iter().enumerate() {
+        Rng::derive(seed, class as u64).shuffle(&mut indices);
+        let n_monday = ((indices.len() as f64) * split).round() as usize;
+        monday.extend_from_slice(&indices[..n_monday]);
+        tuesday.extend_from_slice(&indices[n_monday..]);
+    }
+    monday.sort_unstable();
+    tuesday.sort_unstable();
+    (monday, tuesday)
+}
+
+/// Relative path of a corrupted image: the original name if it is a PNG, else `.png` added.
+fn corrupted_name(rel: &Path) -> PathBuf {
+    let is_png = rel
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if is_png {
+        rel.to_path_buf()
+    } else {
+        let mut name = rel.as_os_str().to_owned();
+        name.push(".png");
+        PathBuf::from(name)
+    }
+}
+
+fn slash_path(day_dir: &str, rel: &Path) -> String {
+    let parts: Vec<_> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect();
+    format!("{day_dir}/{}", parts.join("/"))
+}
+
+/// Encodes an 8-bit image buffer as PNG.
+fn encode_png<P: Pixel<Subpixel = u8>>(
+    img: &ImageBuffer<P, Vec<u8>>,
+    color: image::ExtendedColorType,
+) -> image::ImageResult<Vec<u8>> {
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out).write_image(
+        img.as_raw(),
+        img.width(),
+        img.height(),
+        color,
+    )?;
+    Ok(out)
+}
+
+/// Corrupts a decoded image and returns the PNG bytes, keeping grey images grey and alpha
+/// where the source had it.
+fn corrupt_to_png(
+    img: DynamicImage,
+    kind: Corruption,
+    rng: &mut Rng,
+) -> image::ImageResult<Vec<u8>> {
+    let color = img.color();
+    match (color.has_color(), color.has_alpha()) {
+        (false, false) => {
+            let mut buf = img.into_luma8();
+            corrupt(&mut buf, kind, rng);
+            encode_png(&buf, image::ExtendedColorType::L8)
+        }
+        (_, true) => {
+            let mut buf = img.into_rgba8();
+            corrupt(&mut buf, kind, rng);
+            encode_png(&buf, image::ExtendedColorType::Rgba8)
+        }
+        (true, false) => {
+            let mut buf = img.into_rgb8();
+            corrupt(&mut buf, kind, rng);
+            encode_png(&buf, image::ExtendedColorType::Rgb8)
+        }
+    }
+}
+
+/// Refuses an output that is the source, inside it, or holds it.
+fn check_disjoint(source: &Path, out: &Path) -> Result<()> {
+    let source = std::fs::canonicalize(source).map_err(|e| DataError::io(source, e))?;
+    let out_abs = match std::fs::canonicalize(out) {
+        Ok(p) => p,
+        Err(_) => {
+            let parent = out
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            match std::fs::canonicalize(parent) {
+                Ok(p) => p.join(out.file_name().unwrap_or_default()),
+                Err(_) => return Ok(()), // parent missing: cannot overlap an existing source
+            }
+        }
+    };
+    if out_abs.starts_with(&source) || source.starts_with(&out_abs) {
+        return Err(DataError::invalid(
+            "--out",
+            out.display(),
+            format!(
+                "the output must not be, contain or lie inside the source {}",
+                source.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Stream ids of the corruption generators, separate from the per-class split streams.
+const CORRUPTION_STREAM: u64 = 1 << 40;
+
+enum Outcome {
+    Written,
+    Skipped(PathBuf, String),
+}
+
+/// Runs `prepare`; `progress` advances once per image.
+pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSummary> {
+    if !(opts.split > 0.0 && opts.split < 1.0) {
+        return Err(DataError::invalid(
+            "--split",
+            opts.split,
+            "a number strictly between 0 and 1",
+        ));
+    }
+    let folder = ImageFolder::scan(&opts.source)?;
+    check_disjoint(&opts.source, &opts.out)?;
+    if !opts.force && !is_absent_or_empty(&opts.out).map_err(|e| DataError::io(&opts.out, e))? {
+        return Err(DataError::OutputNotEmpty(opts.out.clone()));
+    }
+    let (monday, tuesday) =
+        split_by_class(&folder.items, folder.classes.len(), opts.split, opts.seed);
+
+    let staged = StagedDir::create(&opts.out).map_err(|e| DataError::io(&opts.out, e))?;
+    let root = staged.path().to_path_buf();
+    for day in ["monday", "tuesday_original", "tuesday"] {
+        for class in &folder.classes {
+            let dir = root.join(day).join(class);
+            std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
+        }
+    }
+    let mut seen = HashSet::new();
+    for &i in &tuesday {
+        let name = corrupted_name(&folder.items[i].path);
+        if !seen.insert(name.clone()) {
+            return Err(DataError::invalid(
+                "image name",
+                folder.items[i].path.display(),
+                format!(
+                    "its corrupted copy would be {} too; rename one of the files",
+                    name.display()
+                ),
+            ));
+        }
+    }
+
+    progress.start(folder.items.len() as u64, "preparing");
+    let process = |i: usize, day: Day| -> Result<Outcome> {
+        let rel = &folder.items[i].path;
+        let src = folder.root.join(rel);
+        let bytes = std::fs::read(&src).map_err(|e| DataError::io(&src, e))?;
+        let decoded = match decode_bytes(&bytes, &src) {
+            Ok(img) => img,
+            Err(e) if opts.skip_bad => return Ok(Outcome::Skipped(src, e.to_string())),
+            Err(e) => return Err(e),
+        };
+        let write = |path: PathBuf, data: &[u8]| {
+            std::fs::write(&path, data).map_err(|e| DataError::io(&path, e))
+        };
+        match day {
+            Day::Monday => write(root.join("monday").join(rel), &bytes)?,
+            Day::Tuesday => {
+                write(root.join("tuesday_original").join(rel), &bytes)?;
+                let corrupted = if opts.corruption == Corruption::None {
+                    bytes
+                } else {
+                    let mut rng = Rng::derive(opts.seed, CORRUPTION_STREAM + i as u64);
+                    corrupt_to_png(decoded, opts.corruption, &mut rng).map_err(|e| {
+                        DataError::Decode {
+                            path: src.clone(),
+                            message: format!("cannot encode the corrupted copy: {e}"),
+                        }
+                    })?
+                };
+                let name = if opts.corruption == Corruption::None {
+                    rel.clone()
+                } else {
+                    corrupted_name(rel)
+                };
+                write(root.join("tuesday").join(name), &corrupted)?;
+            }
+        }
+        Ok(Outcome::Written)
+    };
+    let jobs: Vec<(usize, Day)> = monday
+        .iter()
+        .map(|&i| (i, Day::Monday))
+        .chain(tuesday.iter().map(|&i| (i, Day::Tuesday)))
+        .collect();
+    let outcomes: Vec<Outcome> = jobs
+        .par_iter()
+        .map(|&(i, day)| {
+            let outcome = process(i, day);
+            progress.inc(1);
+            outcome
+        })
+        .collect::<Result<_>>()?;
+    progress.finish();
+
+    let skipped_set: HashSet<usize> = jobs
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| matches!(o, Outcome::Skipped(..)))
+        .map(|((i, _), _)| *i)
+        .collect();
+    let skipped = outcomes
+        .into_iter()
+        .filter_map(|o| match o {
+            Outcome::Skipped(p, why) => Some((p, why)),
+            Outcome::Written => None,
+        })
+        .collect();
+
+    let mut next_id = 1u64;
+    let mut records_for = |indices: &[usize], day: Day| -> Vec<Record> {
+        let day_start = opts.monday_start + if day == Day::Tuesday { 86_400 } else { 0 };
+        indices
+            .iter()
+            .filter(|i| !skipped_set.contains(i))
+            .enumerate()
+            .map(|(k, &i)| {
+                let item = &folder.items[i];
+                let id = next_id;
+                next_id += 1;
+                let (image_path, original_path) = match day {
+                    Day::Monday => (slash_path("monday", &item.path), None),
+                    Day::Tuesday => {
+                        let name = if opts.corruption == Corruption::None {
+                            item.path.clone()
+                        } else {
+                            corrupted_name(&item.path)
+                        };
+                        (
+                            slash_path("tuesday", &name),
+                            Some(slash_path("tuesday_original", &item.path)),
+                        )
+                    }
+                };
+                Record {
+                    id,
+                    timestamp: super::timestamp::format_utc(day_start + k as i64),
+                    image_path,
+                    target: item.target,
+                    day,
+                    original_path,
+                }
+            })
+            .collect()
+    };
+    let monday_records = records_for(&monday, Day::Monday);
+    let tuesday_records = records_for(&tuesday, Day::Tuesday);
+    let per_class = |records: &[Record]| {
+        let mut counts = vec![0; folder.classes.len()];
+        for r in records {
+            counts[r.target] += 1;
+        }
+        counts
+    };
+    let info = DatasetInfo {
+        classes: folder.classes.clone(),
+        source: opts.source.display().to_string(),
+        split: opts.split,
+        corruption: opts.corruption.name().to_owned(),
+        seed: opts.seed,
+        monday_per_class: per_class(&monday_records),
+        tuesday_per_class: per_class(&tuesday_records),
+    };
+    let write_text = |name: &str, text: String| {
+        let path = root.join(name);
+        std::fs::write(&path, text).map_err(|e| DataError::io(&path, e))
+    };
+    write_text("monday.jsonl", to_jsonl(&monday_records))?;
+    write_text("tuesday.jsonl", to_jsonl(&tuesday_records))?;
+    let info_json = serde_json::to_string_pretty(&info).expect("dataset info serialises") + "\n";
+    write_text(DATASET_INFO_FILE, info_json)?;
+    staged.commit().map_err(|e| DataError::io(&opts.out, e))?;
+    Ok(PrepareSummary {
+        info,
+        skipped,
+        ignored_files: folder.ignored_files,
+    })
+}
+
+/// Reads `OUT/dataset.json` of a prepared folder.
+pub fn read_dataset_info(dir: &Path) -> Result<DatasetInfo> {
+    let path = dir.join(DATASET_INFO_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| DataError::Manifest {
+        path,
+        line: e.line(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(counts: &[usize]) -> Vec<ImageItem> {
+        counts
+            .iter()
+            .enumerate()
+            .flat_map(|(c, &n)| {
+                (0..n).map(move |k| ImageItem {
+                    path: PathBuf::from(format!("c{c}/{k}.png")),
+                    target: c,
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn split_proportions_and_determinism() {
+        let items = items(&[100, 37, 1, 10]);
+        let (m, t) = split_by_class(&items, 4, 0.5, 42);
+        let count = |idx: &[usize], c| idx.iter().filter(|&&i| items[i].target == c).count();
+        assert_eq!(
+            [count(&m, 0), count(&m, 1), count(&m, 2), count(&m, 3)],
+            [50, 19, 1, 5]
+        );
+        assert_eq!(
+            [count(&t, 0), count(&t, 1), count(&t, 2), count(&t, 3)],
+            [50, 18, 0, 5]
+        );
+        let mut all: Vec<_> = m.iter().chain(&t).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..items.len()).collect::<Vec<_>>());
+        assert_eq!(split_by_class(&items, 4, 0.5, 42), (m.clone(), t));
+        assert_ne!(split_by_class(&items, 4, 0.5, 43).0, m);
+        let (m8, _) = split_by_class(&items, 4, 0.8, 42);
+        assert_eq!(count(&m8, 0), 80);
+    }
+
+    #[test]
+    fn corrupted_names() {
+        assert_eq!(
+            corrupted_name(Path::new("a/x.PNG")),
+            PathBuf::from("a/x.PNG")
+        );
+        assert_eq!(
+            corrupted_name(Path::new("a/x.jpg")),
+            PathBuf::from("a/x.jpg.png")
+        );
+        assert_eq!(
+            slash_path("tuesday", Path::new("a/x.png")),
+            "tuesday/a/x.png"
+        );
+    }
+}

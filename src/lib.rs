@@ -1,0 +1,9 @@
+//! bccp: self-cleansing of noisy real-time image data before a classifier is re-trained.
+//!
+//! The method (Bayesian cut-off + closest-pair replay) and the architecture are described in
+//! `DESIGN.md`; data flows `data` → `backbone` → `sampling` / `cutoff` → `train` → `registry`.
+
+pub mod data;
+pub mod fsutil;
+pub mod progress;
+pub mod rng;
