@@ -1,0 +1,101 @@
+//! Helpers shared by the integration tests: running the binary and building small datasets.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// Runs `bccp` with `args` (quietly) and returns its output.
+pub fn bccp(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bccp"))
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .expect("the bccp binary runs")
+}
+
+/// Standard error of a run that must have failed.
+pub fn failure(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure, stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Standard output of a run that must have succeeded.
+pub fn success(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "expected success, stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes an image folder with `per_class[c]` PNGs of 100×80 RGB in class `class{c}`; pixel
+/// values depend on class and index so every file differs.
+pub fn make_folder(root: &Path, per_class: &[usize]) {
+    for (c, &n) in per_class.iter().enumerate() {
+        let dir = root.join(format!("class{c}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for k in 0..n {
+            let img = image::RgbImage::from_fn(100, 80, |x, y| {
+                image::Rgb([
+                    (x * 7 + k as u32) as u8,
+                    (y * 9 + c as u32 * 40) as u8,
+                    ((x + y) * 3) as u8,
+                ])
+            });
+            img.save(dir.join(format!("img{k:03}.png"))).unwrap();
+        }
+    }
+}
+
+/// All files under `root`, relative, sorted, with their bytes.
+pub fn files(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                out.push((path.strip_prefix(root).unwrap().to_path_buf(), bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Names of the entries of a folder (to check that nothing was left behind).
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The folder holding fetched real assets (`scripts/fetch-assets.sh`), or `BCCP_ASSETS`.
+pub fn assets_dir() -> PathBuf {
+    std::env::var_os("BCCP_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"))
+}
+
+/// A fetched asset; panics with the command to run when it is missing.
+pub fn asset(rel: &str) -> PathBuf {
+    let path = assets_dir().join(rel);
+    assert!(
+        path.exists(),
+        "missing asset {}: run scripts/fetch-assets.sh (the README's test command does)",
+        path.display()
+    );
+    path
+}
