@@ -5,5 +5,6 @@
 
 pub mod data;
 pub mod fsutil;
+pub mod ops;
 pub mod progress;
 pub mod rng;

@@ -1,0 +1,6 @@
+//! Custom tensor ops that candle lacks or runs slowly, each with its CPU path and (behind
+//! features) its GPU kernels in `kernels/`.
+
+pub mod depthwise;
+
+pub use depthwise::{depthwise_conv2d, DepthwiseParams};
