@@ -3,7 +3,9 @@
 //! The method (Bayesian cut-off + closest-pair replay) and the architecture are described in
 //! `DESIGN.md`; data flows `data` → `backbone` → `sampling` / `cutoff` → `train` → `registry`.
 
+pub mod backbone;
 pub mod data;
+pub mod device;
 pub mod fsutil;
 pub mod ops;
 pub mod progress;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use bccp::backbone;
 use bccp::data::{self, Corruption, ImageFolder, PrepareOptions};
 use bccp::progress::Progress;
 
@@ -32,6 +33,12 @@ enum Command {
     Prepare(PrepareArgs),
     /// Summarise an image folder or a prepared Monday/Tuesday dataset.
     Info(InfoArgs),
+    /// Embed images with a pretrained backbone into a safetensors file.
+    Embed(EmbedArgs),
+    /// Print the top ImageNet classes of images (a check that a pretrained model is wired right).
+    Classify(ClassifyArgs),
+    /// List the backbones of the model zoo.
+    Models,
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,6 +98,58 @@ struct PrepareArgs {
 struct InfoArgs {
     /// An image folder, or the output of `bccp prepare`.
     dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// Backbone name from the zoo (`bccp models` lists them).
+    #[arg(long)]
+    model: String,
+    /// Local weights (.safetensors) instead of the zoo's source.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Never touch the network for hub weights (also: HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args, Debug)]
+struct EmbedArgs {
+    /// An image folder ROOT/<class>/<file>, or a JSON Lines manifest (paths relative to it).
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output safetensors file (`embeddings` f32 [N, D], `targets` i64 [N]).
+    #[arg(long)]
+    out: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Recompute every embedding and leave the cache untouched.
+    #[arg(long)]
+    no_cache: bool,
+    /// Cache folder (default: BCCP_CACHE, else ~/.cache/bccp).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Skip images that cannot be decoded (with a warning and a count) instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+#[derive(Args, Debug)]
+struct ClassifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Number of classes to print per image.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Images to classify.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
 }
 
 fn progress(quiet: bool) -> Progress {
@@ -233,12 +292,119 @@ fn run_info(args: InfoArgs) -> Result<()> {
     Ok(())
 }
 
+/// The zoo entry, its weights file and the device of a model command.
+fn resolve_model(
+    args: &ModelArgs,
+) -> Result<(backbone::zoo::BackboneSpec, PathBuf, candle_core::Device)> {
+    let spec = backbone::zoo::find(&args.model)?;
+    let weights = backbone::resolve_weights(&spec, args.weights.as_deref(), args.offline)?;
+    let device = bccp::device::parse_device(&args.device)?;
+    Ok((spec, weights, device))
+}
+
+fn run_embed(args: EmbedArgs, quiet: bool) -> Result<()> {
+    anyhow::ensure!(args.batch > 0, "--batch must be 1 or more");
+    let (spec, weights, device) = resolve_model(&args.model)?;
+    let list = backbone::embed::ImageList::from_path(&args.data)?;
+    anyhow::ensure!(
+        !list.files.is_empty(),
+        "{} holds no images",
+        args.data.display()
+    );
+    let cache_dir = (!args.no_cache).then(|| {
+        args.cache_dir
+            .clone()
+            .unwrap_or_else(backbone::cache::default_cache_dir)
+    });
+    let started = std::time::Instant::now();
+    let weights_sha256 = backbone::cache::weights_hash(cache_dir.as_deref(), &weights)?;
+    let progress = progress(quiet);
+    let opts = backbone::embed::EmbedOptions {
+        batch: args.batch,
+        device: &device,
+        skip_bad: args.skip_bad,
+        cache_dir: cache_dir.as_deref(),
+        progress: &progress,
+    };
+    let (set, stats) = backbone::embed::embed_images(
+        &list,
+        &spec.name,
+        &weights_sha256,
+        &spec.preprocess(),
+        spec.embedding_dim,
+        || backbone::Backbone::load(&spec, &weights, &device),
+        &opts,
+    )?;
+    set.save(&args.out)?;
+    for (path, why) in &stats.skipped {
+        eprintln!("warning: skipped {}: {why}", path.display());
+    }
+    let (n, d) = set.embeddings.dims2()?;
+    println!(
+        "embedded {n} images with {} ({d}-d) on {:?} in {:.1}s: {} from cache, {} computed{}; wrote {}",
+        spec.name,
+        device.location(),
+        started.elapsed().as_secs_f64(),
+        stats.cached,
+        stats.computed,
+        if stats.skipped.is_empty() { String::new() } else { format!(", {} unreadable skipped", stats.skipped.len()) },
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn run_classify(args: ClassifyArgs) -> Result<()> {
+    let (spec, weights, device) = resolve_model(&args.model)?;
+    let backbone = backbone::Backbone::load(&spec, &weights, &device)?;
+    let names = backbone::imagenet::class_names();
+    let pre = spec.preprocess();
+    let batch = bccp::data::loader::load_batch(&args.images, 0, &pre, false)?;
+    let x = batch.to_tensor(&pre, &device)?;
+    let logits = backbone.logits(&x)?.with_context(|| {
+        format!(
+            "model {} has no classifier head; classify needs one (e.g. efficientnet_lite0)",
+            spec.name
+        )
+    })?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_device(&candle_core::Device::Cpu)?;
+    for (path, row) in args.images.iter().zip(probs.to_vec2::<f32>()?) {
+        println!("{}", path.display());
+        for (class, p) in backbone::imagenet::top_k(&row, args.top) {
+            let name = names.get(class).copied().unwrap_or("?");
+            println!("  {:>5.1}%  {class:>4}  {name}", 100.0 * p);
+        }
+    }
+    Ok(())
+}
+
+fn run_models() {
+    println!("{:<22} {:>5} {:>6}  weights", "name", "dim", "input");
+    for b in backbone::zoo::zoo() {
+        let source = match &b.weights {
+            backbone::zoo::WeightSource::Hub(h) => {
+                format!("hub {}:{} ({})", h.repo, h.file, h.revision)
+            }
+            backbone::zoo::WeightSource::Local(p) => format!("assets/{p}"),
+        };
+        println!(
+            "{:<22} {:>5} {:>6}  {source}",
+            b.name, b.embedding_dim, b.input_size
+        );
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Import(ImportCommand::Idx(args)) => run_import_idx(args, cli.quiet),
         Command::Prepare(args) => run_prepare(args, cli.quiet),
         Command::Info(args) => run_info(args),
+        Command::Embed(args) => run_embed(args, cli.quiet),
+        Command::Classify(args) => run_classify(args),
+        Command::Models => {
+            run_models();
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

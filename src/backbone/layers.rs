@@ -1,0 +1,272 @@
+//! Building blocks of the convolutional backbones written here: a convolution with its
+//! batch-norm folded in (inference), in three flavours — dense, depthwise, pointwise.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::ops::{depthwise_conv2d, DepthwiseParams};
+
+/// How a [`ConvBn`] convolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvKind {
+    /// A full convolution (groups = 1).
+    Dense,
+    /// One filter per channel (our direct op).
+    Depthwise,
+    /// A 1×1 convolution, computed as a batched matrix product.
+    Pointwise,
+}
+
+/// Spatial padding (top, bottom, left, right).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// The same amount on every side (PyTorch style).
+    Symmetric(usize),
+    /// TensorFlow "same": output = ceil(input / stride), the extra pixel on the bottom/right.
+    TfSame,
+}
+
+impl Padding {
+    fn resolve(
+        self,
+        h: usize,
+        w: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> (usize, usize, usize, usize) {
+        match self {
+            Padding::Symmetric(p) => (p, p, p, p),
+            Padding::TfSame => {
+                let total = |n: usize| (n.div_ceil(stride) - 1) * stride + kernel;
+                let th = total(h).saturating_sub(h);
+                let tw = total(w).saturating_sub(w);
+                (th / 2, th - th / 2, tw / 2, tw - tw / 2)
+            }
+        }
+    }
+}
+
+/// Conv → batch-norm (→ ReLU6), with the batch-norm folded into the convolution's weight and
+/// bias when loaded: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    weight: Tensor,
+    bias: Tensor,
+    kind: ConvKind,
+    kernel: usize,
+    stride: usize,
+    padding: Padding,
+    relu6: bool,
+}
+
+/// Where a [`ConvBn`]'s tensors live in a checkpoint.
+pub struct ConvBnNames<'a> {
+    pub conv: VarBuilder<'a>,
+    pub bn: VarBuilder<'a>,
+}
+
+/// Shape and behaviour of a [`ConvBn`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: Padding,
+    pub kind: ConvKind,
+    pub relu6: bool,
+    pub bn_eps: f64,
+}
+
+impl ConvBn {
+    /// Loads the convolution weight (no bias) and batch-norm statistics, checking shapes.
+    pub fn load(spec: ConvSpec, names: ConvBnNames) -> Result<Self> {
+        let in_per_group = match spec.kind {
+            ConvKind::Depthwise => 1,
+            _ => spec.in_channels,
+        };
+        let weight = names
+            .conv
+            .get(
+                (spec.out_channels, in_per_group, spec.kernel, spec.kernel),
+                "weight",
+            )?
+            .to_dtype(DType::F32)?;
+        let bn = |name: &str| names.bn.get(spec.out_channels, name)?.to_dtype(DType::F32);
+        let (gamma, beta, mean, var) = (
+            bn("weight")?,
+            bn("bias")?,
+            bn("running_mean")?,
+            bn("running_var")?,
+        );
+        let scale = gamma.div(&(var + spec.bn_eps)?.sqrt()?)?;
+        let weight = weight.broadcast_mul(&scale.reshape((spec.out_channels, 1, 1, 1))?)?;
+        let bias = (beta - mean.mul(&scale)?)?;
+        let weight = match spec.kind {
+            ConvKind::Pointwise => weight.reshape((spec.out_channels, spec.in_channels))?,
+            _ => weight,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            kind: spec.kind,
+            kernel: spec.kernel,
+            stride: spec.stride,
+            padding: spec.padding,
+            relu6: spec.relu6,
+        })
+    }
+}
+
+impl Module for ConvBn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, _c, h, w) = x.dims4()?;
+        let y = match self.kind {
+            ConvKind::Pointwise => {
+                let (cout, cin) = self.weight.dims2()?;
+                let flat = x.reshape((n, cin, h * w))?;
+                let y = self.weight.broadcast_matmul(&flat)?;
+                y.broadcast_add(&self.bias.reshape((cout, 1))?)?
+                    .reshape((n, cout, h, w))?
+            }
+            ConvKind::Depthwise => {
+                let (pt, pb, pl, pr) = self.padding.resolve(h, w, self.kernel, self.stride);
+                let params = DepthwiseParams {
+                    stride: (self.stride, self.stride),
+                    pad_top: pt,
+                    pad_bottom: pb,
+                    pad_left: pl,
+                    pad_right: pr,
+                };
+                let y = depthwise_conv2d(x, &self.weight, params)?;
+                y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+            }
+            ConvKind::Dense => {
+                let (pt, pb, pl, pr) = self.padding.resolve(h, w, self.kernel, self.stride);
+                let y = if pt == pb && pl == pr && pt == pl {
+                    x.conv2d(&self.weight, pt, self.stride, 1, 1)?
+                } else {
+                    x.pad_with_zeros(D::Minus2, pt, pb)?
+                        .pad_with_zeros(D::Minus1, pl, pr)?
+                        .conv2d(&self.weight, 0, self.stride, 1, 1)?
+                };
+                y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+            }
+        };
+        if self.relu6 {
+            y.clamp(0f32, 6f32)
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// Global average pool: [N, C, H, W] → [N, C].
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.mean(D::Minus1)?.mean(D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf_same_padding() {
+        // 224 input, stride 2: 3×3 pads (0, 1), 5×5 pads (1, 2); stride 1 is symmetric.
+        assert_eq!(Padding::TfSame.resolve(224, 224, 3, 2), (0, 1, 0, 1));
+        assert_eq!(Padding::TfSame.resolve(224, 224, 5, 2), (1, 2, 1, 2));
+        assert_eq!(Padding::TfSame.resolve(7, 7, 5, 1), (2, 2, 2, 2));
+        assert_eq!(Padding::TfSame.resolve(7, 7, 3, 2), (1, 1, 1, 1));
+    }
+
+    #[test]
+    fn folded_batch_norm_equals_conv_then_bn() {
+        use candle_core::Device;
+        use std::collections::HashMap;
+        let dev = Device::Cpu;
+        let (cin, cout) = (3, 4);
+        let mut t = HashMap::new();
+        t.insert(
+            "c.weight".to_owned(),
+            Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap(),
+        );
+        t.insert(
+            "b.weight".to_owned(),
+            Tensor::new(&[1f32, 2., 0.5, -1.], &dev).unwrap(),
+        );
+        t.insert(
+            "b.bias".to_owned(),
+            Tensor::new(&[0f32, 1., -1., 0.25], &dev).unwrap(),
+        );
+        t.insert(
+            "b.running_mean".to_owned(),
+            Tensor::new(&[0.1f32, -0.2, 0.3, 0.], &dev).unwrap(),
+        );
+        t.insert(
+            "b.running_var".to_owned(),
+            Tensor::new(&[1f32, 4., 0.25, 2.], &dev).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(t.clone(), DType::F32, &dev);
+        let spec = ConvSpec {
+            in_channels: cin,
+            out_channels: cout,
+            kernel: 3,
+            stride: 1,
+            padding: Padding::Symmetric(1),
+            kind: ConvKind::Dense,
+            relu6: false,
+            bn_eps: 1e-5,
+        };
+        let layer = ConvBn::load(
+            spec,
+            ConvBnNames {
+                conv: vb.pp("c"),
+                bn: vb.pp("b"),
+            },
+        )
+        .unwrap();
+        let x = Tensor::randn(0f32, 1., (2, cin, 5, 5), &dev).unwrap();
+        let conv = x.conv2d(&t["c.weight"], 1, 1, 1, 1).unwrap();
+        let bn = candle_nn::BatchNorm::new(
+            cout,
+            t["b.running_mean"].clone(),
+            t["b.running_var"].clone(),
+            t["b.weight"].clone(),
+            t["b.bias"].clone(),
+            1e-5,
+        )
+        .unwrap();
+        let expected = candle_nn::ModuleT::forward_t(&bn, &conv, false).unwrap();
+        let got = layer.forward(&x).unwrap();
+        let diff: f32 = (got - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+
+        // A wrong shape names the tensor and both shapes.
+        let bad = ConvSpec {
+            in_channels: 5,
+            ..spec
+        };
+        let err = ConvBn::load(
+            bad,
+            ConvBnNames {
+                conv: vb.pp("c"),
+                bn: vb.pp("b"),
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("c.weight")
+                && err.contains("[4, 5, 3, 3]")
+                && err.contains("[4, 3, 3, 3]"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,135 @@
+//! Pretrained backbones: the model zoo, weight loading (hub or local files), the networks and
+//! batched embedding with a cache.
+
+pub mod cache;
+pub mod efficientnet_lite;
+pub mod embed;
+pub mod hub;
+pub mod hub_models;
+pub mod imagenet;
+pub mod layers;
+pub mod mobilenet_v2;
+pub mod zoo;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use zoo::{Architecture, BackboneSpec, WeightSource};
+
+/// The folder of locally installed assets: `BCCP_ASSETS`, else `./assets`.
+pub fn assets_dir() -> PathBuf {
+    std::env::var_os("BCCP_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("assets"))
+}
+
+/// The weights file of `spec`: `override_path` when given, else the zoo's source (a local
+/// asset, or the hub through its cache).
+pub fn resolve_weights(
+    spec: &BackboneSpec,
+    override_path: Option<&Path>,
+    offline: bool,
+) -> Result<PathBuf> {
+    if let Some(path) = override_path {
+        anyhow::ensure!(path.is_file(), "--weights {}: no such file", path.display());
+        return Ok(path.to_path_buf());
+    }
+    match &spec.weights {
+        WeightSource::Local(rel) => {
+            let path = assets_dir().join(rel);
+            anyhow::ensure!(
+                path.is_file(),
+                "weights of {} not found at {} (run scripts/fetch-assets.sh, set BCCP_ASSETS, or pass --weights FILE.safetensors)",
+                spec.name,
+                path.display()
+            );
+            Ok(path)
+        }
+        WeightSource::Hub(hub) => Ok(hub::resolve(hub, offline)?),
+    }
+}
+
+enum Network {
+    MobileNetV2(mobilenet_v2::MobileNetV2),
+    EfficientNetLite(efficientnet_lite::EfficientNetLite),
+    ResNet(candle_nn::Func<'static>),
+    Vit(hub_models::VitEmbedder),
+    Clip(hub_models::ClipEmbedder),
+    Dinov2(hub_models::Dinov2Embedder),
+}
+
+/// A loaded backbone: embeds preprocessed images `[N, 3, H, W]` into `[N, D]`.
+pub struct Backbone {
+    spec: BackboneSpec,
+    network: Network,
+}
+
+impl Backbone {
+    /// Builds `spec`'s network from a `VarBuilder` (tensor names as in the checkpoint).
+    pub fn from_var_builder(
+        spec: &BackboneSpec,
+        vb: VarBuilder<'static>,
+    ) -> candle_core::Result<Self> {
+        let network = match spec.architecture {
+            Architecture::MobilenetV2 => Network::MobileNetV2(mobilenet_v2::MobileNetV2::load(vb)?),
+            Architecture::EfficientnetLite0 => Network::EfficientNetLite(
+                efficientnet_lite::EfficientNetLite::load(&efficientnet_lite::Config::lite0(), vb)?,
+            ),
+            Architecture::Resnet18 => Network::ResNet(hub_models::resnet(18, vb)?),
+            Architecture::Resnet34 => Network::ResNet(hub_models::resnet(34, vb)?),
+            Architecture::Resnet50 => Network::ResNet(hub_models::resnet(50, vb)?),
+            Architecture::VitBasePatch16_224 => Network::Vit(hub_models::VitEmbedder::load(vb)?),
+            Architecture::ClipVitB32 => Network::Clip(hub_models::ClipEmbedder::load(vb)?),
+            Architecture::Dinov2Small => Network::Dinov2(hub_models::Dinov2Embedder::load(vb)?),
+        };
+        Ok(Self {
+            spec: spec.clone(),
+            network,
+        })
+    }
+
+    /// Loads `spec`'s network from a safetensors file onto `device` (f32).
+    pub fn load(spec: &BackboneSpec, weights: &Path, device: &Device) -> Result<Self> {
+        let tensors = candle_core::safetensors::load(weights, device)
+            .with_context(|| format!("cannot read weights {}", weights.display()))?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        Self::from_var_builder(spec, vb).with_context(|| {
+            format!(
+                "weights {} do not fit model {}",
+                weights.display(),
+                spec.name
+            )
+        })
+    }
+
+    /// The zoo entry this backbone was built from.
+    pub fn spec(&self) -> &BackboneSpec {
+        &self.spec
+    }
+
+    /// Embeddings `[N, D]` of preprocessed images `[N, 3, H, W]`.
+    pub fn embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.network {
+            Network::MobileNetV2(m) => m.embed(x),
+            Network::EfficientNetLite(m) => m.embed(x),
+            Network::ResNet(m) => m.forward(x),
+            Network::Vit(m) => m.embed(x),
+            Network::Clip(m) => m.embed(x),
+            Network::Dinov2(m) => m.embed(x),
+        }
+    }
+
+    /// Class logits `[N, classes]`, for backbones whose checkpoint carries a classifier.
+    pub fn logits(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let classifier = match &self.network {
+            Network::MobileNetV2(m) => m.classifier(),
+            Network::EfficientNetLite(m) => m.classifier(),
+            _ => None,
+        };
+        classifier.map(|c| c.forward(&self.embed(x)?)).transpose()
+    }
+}

@@ -1,0 +1,68 @@
+//! `--device auto|cpu|cuda[:N]|metal`.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+
+/// Parses a device name. `auto` picks CUDA device 0, then Metal, then the CPU, among what this
+/// build supports (`cuda` / `metal` features).
+pub fn parse_device(name: &str) -> Result<Device> {
+    let name = name.trim().to_ascii_lowercase();
+    match name.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                Ok(Device::new_cuda(0)?)
+            } else if candle_core::utils::metal_is_available() {
+                Ok(Device::new_metal(0)?)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        "metal" => {
+            if !candle_core::utils::metal_is_available() {
+                bail!("--device metal: this build has no Metal support (build with --features metal on macOS)");
+            }
+            Ok(Device::new_metal(0)?)
+        }
+        _ => {
+            let Some(rest) = name.strip_prefix("cuda") else {
+                bail!("unknown --device {name:?}; valid: auto, cpu, cuda, cuda:N, metal");
+            };
+            let ordinal = match rest.strip_prefix(':') {
+                None if rest.is_empty() => 0,
+                Some(n) => n.parse::<usize>().with_context(|| {
+                    format!(
+                        "invalid --device {name:?}: the CUDA ordinal must be a number, e.g. cuda:0"
+                    )
+                })?,
+                None => bail!("unknown --device {name:?}; valid: auto, cpu, cuda, cuda:N, metal"),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!(
+                    "--device {name}: this build has no CUDA support (build with --features cuda)"
+                );
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device("auto").is_ok());
+        let err = parse_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("tpu") && err.contains("cuda:N"), "{err}");
+        if !candle_core::utils::cuda_is_available() {
+            assert!(parse_device("cuda:0")
+                .unwrap_err()
+                .to_string()
+                .contains("--features cuda"));
+        }
+        assert!(parse_device("cuda:x").is_err());
+    }
+}
