@@ -3,7 +3,7 @@
 //! when the images came from a manifest), with the model, weights hash, classes and image
 //! paths (in order) in its metadata.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -216,18 +216,15 @@ impl EmbeddingSet {
         if let Some(ids) = &self.ids {
             tensors.push(("ids".to_owned(), Tensor::new(ids.as_slice(), &Device::Cpu)?));
         }
-        let metadata: HashMap<String, String> = [
+        let metadata: BTreeMap<&str, String> = [
             ("model", self.model.clone()),
             ("weights_sha256", self.weights_sha256.clone()),
             ("paths", serde_json::to_string(&self.paths)?),
             ("classes", serde_json::to_string(&self.classes)?),
         ]
         .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        let bytes =
-            safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
-                .with_context(|| format!("cannot serialise {}", path.display()))?;
+        let bytes = serialize_safetensors(&tensors, &metadata)?;
         crate::fsutil::write_atomic(path, &bytes)
             .with_context(|| format!("cannot write {}", path.display()))
     }
@@ -294,4 +291,51 @@ impl EmbeddingSet {
             weights_sha256: meta.get("weights_sha256").cloned().unwrap_or_default(),
         })
     }
+}
+
+/// Serialises tensors (in the given order) and metadata (sorted by key) as safetensors, so
+/// equal contents give equal bytes (the `safetensors` crate takes metadata as a `HashMap`,
+/// whose order varies between runs).
+fn serialize_safetensors(
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<&str, String>,
+) -> Result<Vec<u8>> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    let mut data = Vec::new();
+    for (name, tensor) in tensors {
+        let (dtype, bytes) = match tensor.dtype() {
+            DType::F32 => (
+                "F32",
+                tensor
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+            DType::I64 => (
+                "I64",
+                tensor
+                    .flatten_all()?
+                    .to_vec1::<i64>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            other => bail!("cannot write {other:?} tensor {name}"),
+        };
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": tensor.dims(), "data_offsets": [data.len(), data.len() + bytes.len()] }),
+        );
+        data.extend_from_slice(&bytes);
+    }
+    let mut head = serde_json::to_vec(&header)?;
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + head.len() + data.len());
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&data);
+    Ok(out)
 }

@@ -1,0 +1,111 @@
+//! Backbones with real weights (from `scripts/fetch-assets.sh`): MobileNetV2 against a PyTorch
+//! reference forward pass, EfficientNet-Lite0 classifying real photos.
+
+mod common;
+
+use bccp::backbone::{zoo, Backbone};
+use candle_core::{Device, Tensor};
+use common::{asset, bccp, success};
+
+fn load(name: &str, weights: &str) -> Backbone {
+    let spec = zoo::find(name).unwrap();
+    Backbone::load(&spec, &asset(weights), &Device::Cpu).unwrap()
+}
+
+/// max |a − b| / max |b| over all elements.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    diff / scale
+}
+
+#[test]
+fn mobilenet_v2_matches_torchvision_on_real_photos() {
+    // Fixture from scripts/mobilenet_v2_reference.py: chelsea, coffee and astronaut resized to
+    // 64×64 (u8), the normalised input, and torchvision's pooled features.
+    let fixture = candle_core::safetensors::load(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/mobilenet_v2_reference.safetensors"
+        ),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let pixels = &fixture["pixels"];
+    let (n, h, w, _) = pixels.dims4().unwrap();
+    assert_eq!(n, 3);
+
+    // Our preprocessing of the same pixels equals the reference input.
+    let spec = zoo::find("mobilenet_v2").unwrap();
+    let pre = bccp::data::Preprocess {
+        width: w as u32,
+        height: h as u32,
+        ..spec.preprocess()
+    };
+    let raw = pixels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let mut ours = Vec::new();
+    for k in 0..n {
+        let img = image::RgbImage::from_raw(
+            w as u32,
+            h as u32,
+            raw[k * h * w * 3..(k + 1) * h * w * 3].to_vec(),
+        )
+        .unwrap();
+        ours.extend(pre.apply(&image::DynamicImage::ImageRgb8(img)));
+    }
+    let input = Tensor::from_vec(ours, (n, 3, h, w), &Device::Cpu).unwrap();
+    assert!(rel_err(&input, &fixture["input"]) < 1e-6);
+
+    let model = load("mobilenet_v2", "weights/mobilenet_v2.safetensors");
+    let features = model.embed(&input).unwrap();
+    assert_eq!(features.dims(), &[3, 1280]);
+    for k in 0..n {
+        let err = rel_err(
+            &features.get(k).unwrap(),
+            &fixture["features"].get(k).unwrap(),
+        );
+        assert!(err < 1e-3, "image {k}: relative error {err}");
+    }
+}
+
+#[test]
+fn efficientnet_lite0_recognises_a_cat_and_an_espresso() {
+    let model = load(
+        "efficientnet_lite0",
+        "weights/efficientnet_lite0.safetensors",
+    );
+    let pre = model.spec().preprocess();
+    let paths = vec![asset("photos/chelsea.png"), asset("photos/coffee.png")];
+    let batch = bccp::data::loader::load_batch(&paths, 0, &pre, false).unwrap();
+    let logits = model
+        .logits(&batch.to_tensor(&pre, &Device::Cpu).unwrap())
+        .unwrap()
+        .unwrap();
+    let top1: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+    assert!([281, 282, 285].contains(&top1[0]), "chelsea → {}", top1[0]);
+    assert_eq!(top1[1], 967, "coffee → {}", top1[1]);
+
+    // The command prints names.
+    let out = success(&bccp(&[
+        "classify",
+        "--model",
+        "efficientnet_lite0",
+        "--weights",
+        asset("weights/efficientnet_lite0.safetensors")
+            .to_str()
+            .unwrap(),
+        "--device",
+        "cpu",
+        paths[1].to_str().unwrap(),
+    ]));
+    let first = out.lines().nth(1).unwrap();
+    assert!(first.contains("967") && first.contains("espresso"), "{out}");
+    assert_eq!(out.lines().count(), 6, "{out}");
+}
