@@ -3,6 +3,7 @@
 //! The method (Bayesian cut-off + closest-pair replay) and the architecture are described in
 //! `DESIGN.md`; data flows `data` → `backbone` → `sampling` / `cutoff` → `train` → `registry`.
 
+pub mod alloc;
 pub mod backbone;
 pub mod data;
 pub mod device;

@@ -394,6 +394,7 @@ fn run_models() {
 }
 
 fn main() -> ExitCode {
+    bccp::alloc::tune_for_tensors();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Import(ImportCommand::Idx(args)) => run_import_idx(args, cli.quiet),

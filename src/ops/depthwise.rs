@@ -11,6 +11,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Geometry of a depthwise convolution: stride and padding (top, bottom, left, right).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,9 +114,55 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
+/// One filter column `kx` of the forward pass: the output columns it reaches and where their
+/// inputs start in the row's stride phase `phase` (`row[phase], row[phase + s], …`).
+struct ColumnTap {
+    kx: usize,
+    cols: std::ops::Range<usize>,
+    phase: usize,
+    start: usize,
+}
+
+fn column_taps(d: &Dims, p: &DepthwiseParams) -> Vec<ColumnTap> {
+    let s = p.stride.1 as isize;
+    (0..d.kw)
+        .filter_map(|kx| {
+            let cols = valid_range(kx, p.pad_left, p.stride.1, d.w, d.ow);
+            if cols.is_empty() {
+                return None;
+            }
+            // Input column of output column ox: ox·s + t = (ox + off)·s + phase.
+            let t = kx as isize - p.pad_left as isize;
+            let phase = t.rem_euclid(s);
+            let off = (t - phase) / s;
+            let start = (cols.start as isize + off) as usize;
+            Some(ColumnTap {
+                kx,
+                cols,
+                phase: phase as usize,
+                start,
+            })
+        })
+        .collect()
+}
+
 /// Forward: `out[n,c,oy,ox] = Σ x[n,c,oy·s+ky−pt, ox·s+kx−pl] · w[c,0,ky,kx]`.
+///
+/// Per (image, channel) plane: with stride s > 1 the plane is first split into its s column
+/// phases, so every filter tap becomes a contiguous `out_row += tap · src` that vectorises;
+/// the valid row and column ranges of each tap are computed once per call.
 fn forward(x: &[f32], weight: &[f32], d: Dims, p: &DepthwiseParams) -> Vec<f32> {
     let (sh, sw) = p.stride;
+    let rows: Vec<std::ops::Range<usize>> = (0..d.kh)
+        .map(|ky| valid_range(ky, p.pad_top, sh, d.h, d.oh))
+        .collect();
+    let taps = column_taps(&d, p);
+    // Phase q of a row holds columns q, q + s, …: its length and offset in the phased row.
+    let phase_len: Vec<usize> = (0..sw).map(|q| (d.w + sw - 1 - q) / sw).collect();
+    let phase_offset: Vec<usize> = phase_len
+        .iter()
+        .scan(0, |acc, &l| Some(std::mem::replace(acc, *acc + l)))
+        .collect();
     let mut out = vec![0f32; d.n * d.c * d.oh * d.ow];
     out.par_chunks_mut(d.oh * d.ow)
         .enumerate()
@@ -123,26 +170,36 @@ fn forward(x: &[f32], weight: &[f32], d: Dims, p: &DepthwiseParams) -> Vec<f32> 
             let c = plane % d.c;
             let input = &x[plane * d.h * d.w..(plane + 1) * d.h * d.w];
             let filter = &weight[c * d.kh * d.kw..(c + 1) * d.kh * d.kw];
-            for ky in 0..d.kh {
-                for oy in valid_range(ky, p.pad_top, sh, d.h, d.oh) {
-                    let row = &input[(oy * sh + ky - p.pad_top) * d.w..][..d.w];
-                    let out_row = &mut out[oy * d.ow..(oy + 1) * d.ow];
-                    for kx in 0..d.kw {
-                        let tap = filter[ky * d.kw + kx];
-                        let cols = valid_range(kx, p.pad_left, sw, d.w, d.ow);
-                        if cols.is_empty() {
-                            continue;
+            let phased: Vec<f32>;
+            let input = if sw == 1 && std::env::var_os("BCCP_DW_EXPERIMENT").is_none() {
+                input
+            } else {
+                let mut buf = vec![0f32; d.h * d.w];
+                for (src, dst) in input.chunks_exact(d.w).zip(buf.chunks_exact_mut(d.w)) {
+                    for q in 0..sw {
+                        for (j, v) in dst[phase_offset[q]..phase_offset[q] + phase_len[q]]
+                            .iter_mut()
+                            .enumerate()
+                        {
+                            *v = src[q + j * sw];
                         }
-                        if sw == 1 {
-                            let offset = cols.start + kx - p.pad_left;
-                            let src = &row[offset..offset + cols.len()];
-                            for (o, &v) in out_row[cols].iter_mut().zip(src) {
-                                *o += tap * v;
-                            }
-                        } else {
-                            for ox in cols {
-                                out_row[ox] += tap * row[ox * sw + kx - p.pad_left];
-                            }
+                    }
+                }
+                phased = buf;
+                &phased
+            };
+            for (oy, out_row) in out.chunks_exact_mut(d.ow).enumerate() {
+                for ky in 0..d.kh {
+                    if !rows[ky].contains(&oy) {
+                        continue;
+                    }
+                    let row = &input[(oy * sh + ky - p.pad_top) * d.w..][..d.w];
+                    for tap in &taps {
+                        let weight = filter[ky * d.kw + tap.kx];
+                        let begin = phase_offset[tap.phase] + tap.start;
+                        let src = &row[begin..begin + tap.cols.len()];
+                        for (o, &v) in out_row[tap.cols.clone()].iter_mut().zip(src) {
+                            *o += weight * v;
                         }
                     }
                 }
@@ -329,9 +386,16 @@ impl CustomOp2 for DepthwiseBackwardWeight {
     }
 }
 
+static USE_GROUPED_CONV: AtomicBool = AtomicBool::new(false);
+
+/// Routes [`depthwise_conv2d`] to candle's grouped convolution (`true`) or to the direct op
+/// (`false`, the default), process-wide. For before/after benchmarks only.
+pub fn set_grouped_conv_reference(on: bool) {
+    USE_GROUPED_CONV.store(on, Ordering::Relaxed);
+}
+
 /// Depthwise convolution of `x` [N, C, H, W] with `weight` [C, 1, KH, KW] (f32). On devices
-/// without a direct kernel it falls back to candle's grouped convolution (symmetric padding
-/// only, applied by explicit padding otherwise).
+/// without a direct kernel it falls back to candle's grouped convolution with explicit padding.
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, params: DepthwiseParams) -> Result<Tensor> {
     if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         candle_core::bail!(
@@ -340,7 +404,7 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, params: DepthwiseParams) ->
             weight.dtype()
         );
     }
-    if x.device().is_cpu() {
+    if x.device().is_cpu() && !USE_GROUPED_CONV.load(Ordering::Relaxed) {
         return x
             .contiguous()?
             .apply_op2(&weight.contiguous()?, DepthwiseConv2d(params));
