@@ -127,6 +127,12 @@ def main():
         rows.append({"model": name, "pytorch_img_s": t, "bccp_img_s": r, "ratio": ratio})
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
         print(f"| {name} | {t:.1f} | {fmt(r, '.1f')} | {fmt(ratio, '.2f')} |")
+    # The same MobileNetV2 with candle's grouped convolution instead of bccp's depthwise op.
+    before = rust_ips.get("mobilenet_v2_grouped_conv")
+    if before is not None:
+        t = torch_ips["mobilenet_v2"]
+        rows.append({"model": "mobilenet_v2_grouped_conv", "pytorch_img_s": t, "bccp_img_s": before, "ratio": before / t})
+        print(f"| mobilenet_v2, candle grouped conv (before the depthwise op) | {t:.1f} | {before:.1f} | {before / t:.2f} |")
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -53,15 +53,15 @@ impl DepthwiseParams {
 
 /// Sizes of one call, derived from the input and weight shapes.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
+pub(crate) struct Dims {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
 }
 
 impl Dims {
@@ -290,6 +290,26 @@ impl CustomOp2 for DepthwiseConv2d {
         Ok((CpuStorage::F32(out), Shape::from((d.n, d.c, d.oh, d.ow))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = Dims::new(l1.shape(), l2.shape(), &self.0)?;
+        let out = super::depthwise_cuda::launch(
+            super::depthwise_cuda::Kernel::Forward,
+            (s1, l1),
+            (s2, l2),
+            d,
+            &self.0,
+            d.n * d.c * d.oh * d.ow,
+        )?;
+        Ok((out, Shape::from((d.n, d.c, d.oh, d.ow))))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -349,6 +369,26 @@ impl CustomOp2 for DepthwiseBackwardInput {
         );
         Ok((CpuStorage::F32(gx), self.input_shape.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = Dims::new(&self.input_shape, l2.shape(), &self.params)?;
+        let out = super::depthwise_cuda::launch(
+            super::depthwise_cuda::Kernel::BackwardInput,
+            (s1, l1),
+            (s2, l2),
+            d,
+            &self.params,
+            d.n * d.c * d.h * d.w,
+        )?;
+        Ok((out, self.input_shape.clone()))
+    }
 }
 
 /// `x.apply_op2(grad_out)` → gradient with respect to the weight.
@@ -384,6 +424,26 @@ impl CustomOp2 for DepthwiseBackwardWeight {
         );
         Ok((CpuStorage::F32(gw), self.weight_shape.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = Dims::new(l1.shape(), &self.weight_shape, &self.params)?;
+        let out = super::depthwise_cuda::launch(
+            super::depthwise_cuda::Kernel::BackwardWeight,
+            (s1, l1),
+            (s2, l2),
+            d,
+            &self.params,
+            d.c * d.kh * d.kw,
+        )?;
+        Ok((out, self.weight_shape.clone()))
+    }
 }
 
 static USE_GROUPED_CONV: AtomicBool = AtomicBool::new(false);
@@ -394,8 +454,9 @@ pub fn set_grouped_conv_reference(on: bool) {
     USE_GROUPED_CONV.store(on, Ordering::Relaxed);
 }
 
-/// Depthwise convolution of `x` [N, C, H, W] with `weight` [C, 1, KH, KW] (f32). On devices
-/// without a direct kernel it falls back to candle's grouped convolution with explicit padding.
+/// Depthwise convolution of `x` [N, C, H, W] with `weight` [C, 1, KH, KW] (f32): the direct
+/// op on the CPU and (feature `cuda`) CUDA; elsewhere (Metal) candle's grouped convolution with
+/// explicit padding.
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, params: DepthwiseParams) -> Result<Tensor> {
     if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         candle_core::bail!(
@@ -404,7 +465,8 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, params: DepthwiseParams) ->
             weight.dtype()
         );
     }
-    if x.device().is_cpu() && !USE_GROUPED_CONV.load(Ordering::Relaxed) {
+    let direct = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+    if direct && !USE_GROUPED_CONV.load(Ordering::Relaxed) {
         return x
             .contiguous()?
             .apply_op2(&weight.contiguous()?, DepthwiseConv2d(params));

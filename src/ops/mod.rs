@@ -2,5 +2,7 @@
 //! features) its GPU kernels in `kernels/`.
 
 pub mod depthwise;
+#[cfg(feature = "cuda")]
+mod depthwise_cuda;
 
 pub use depthwise::{depthwise_conv2d, DepthwiseParams};

@@ -1,0 +1,70 @@
+//! CUDA launches of the depthwise kernels in `kernels/depthwise.cu` (feature `cuda`).
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::{Layout, Result};
+
+use super::depthwise::{DepthwiseParams, Dims};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/depthwise.ptx"));
+const MODULE: &str = "bccp_depthwise";
+
+/// Which kernel of the module to launch.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Kernel {
+    Forward,
+    BackwardInput,
+    BackwardWeight,
+}
+
+/// Launches `kernel` on two contiguous f32 inputs and returns a new f32 buffer of `out_len`.
+pub(super) fn launch(
+    kernel: Kernel,
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    d: Dims,
+    p: &DepthwiseParams,
+    out_len: usize,
+) -> Result<CudaStorage> {
+    let dev: CudaDevice = a.0.device().clone();
+    let contiguous = |l: &Layout, what: &str| {
+        l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg(format!("depthwise conv (cuda): {what} must be contiguous"))
+        })
+    };
+    let (a0, a1) = contiguous(a.1, "first input")?;
+    let (b0, b1) = contiguous(b.1, "second input")?;
+    let a_slice = a.0.as_cuda_slice::<f32>()?.slice(a0..a1);
+    let b_slice = b.0.as_cuda_slice::<f32>()?.slice(b0..b1);
+    let out = dev.alloc_zeros::<f32>(out_len)?;
+    let name = match kernel {
+        Kernel::Forward => "depthwise_fwd_f32",
+        Kernel::BackwardInput => "depthwise_bwd_input_f32",
+        Kernel::BackwardWeight => "depthwise_bwd_weight_f32",
+    };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let ints: [i32; 14] = [
+        d.n, d.c, d.h, d.w, d.kh, d.kw, d.oh, d.ow, p.stride.0, p.stride.1, p.pad_top, p.pad_left,
+        0, 0,
+    ]
+    .map(|v| v as i32);
+    let cfg = match kernel {
+        Kernel::BackwardWeight => LaunchConfig {
+            grid_dim: (out_len as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 256 * 4,
+        },
+        _ => LaunchConfig::for_num_elems(out_len as u32),
+    };
+    let mut builder = func.builder();
+    builder.arg(&a_slice);
+    builder.arg(&b_slice);
+    builder.arg(&out);
+    for v in &ints[..12] {
+        builder.arg(v);
+    }
+    // SAFETY: the kernel reads `a` and `b` within the sizes implied by the dimensions, which
+    // were checked against their shapes, and writes `out_len` elements of `out`.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
