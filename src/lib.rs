@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod backbone;
 pub mod data;
 pub mod device;
+pub mod distance;
 pub mod fsutil;
 pub mod ops;
 pub mod progress;

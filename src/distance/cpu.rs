@@ -1,0 +1,245 @@
+//! The CPU search: query blocks × candidate chunks on rayon, each keeping a running top-k.
+//!
+//! L2 and cosine: a GEMM per (query block, candidate block) tile into a small scratch, then a
+//! fused epilogue (`‖x‖² − 2q·x`, or `−q̂·x̂`) feeding the top-k; the Q×N matrix never exists.
+//! L1: the SIMD kernel of [`super::l1_simd`] over candidate tiles that stay in cache.
+//! Keys are "smaller is better"; [`super`] turns them into exact distances afterwards.
+
+use rayon::prelude::*;
+
+use super::l1_simd;
+use super::topk::RunningTopK;
+use super::Metric;
+
+/// Query rows per block.
+const QUERY_BLOCK: usize = 128;
+/// Candidate rows per GEMM tile (scratch = QUERY_BLOCK × CANDIDATE_BLOCK floats, 256 KiB).
+const CANDIDATE_BLOCK: usize = 512;
+/// Candidate rows per L1 tile (64 × D floats stay in L2 for D ≤ 1280).
+const L1_TILE: usize = 64;
+
+/// A search over row-major f32 matrices.
+pub struct Problem<'a> {
+    pub queries: &'a [f32],
+    pub candidates: &'a [f32],
+    pub dim: usize,
+    pub k: usize,
+    pub metric: Metric,
+    /// (query classes, candidate classes) for the other-class constraint.
+    pub classes: Option<(&'a [i64], &'a [i64])>,
+}
+
+impl Problem<'_> {
+    fn n_queries(&self) -> usize {
+        self.queries.len() / self.dim
+    }
+    fn n_candidates(&self) -> usize {
+        self.candidates.len() / self.dim
+    }
+}
+
+/// Rows scaled to unit L2 norm (the caller rejects zero rows).
+pub fn normalise_rows(m: &[f32], dim: usize) -> Vec<f32> {
+    let mut out = m.to_vec();
+    out.par_chunks_mut(dim).for_each(|row| {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|v| *v /= norm);
+    });
+    out
+}
+
+fn sq_norms(m: &[f32], dim: usize) -> Vec<f32> {
+    m.par_chunks(dim)
+        .map(|row| row.iter().map(|v| v * v).sum())
+        .collect()
+}
+
+/// One unit of work: a block of queries against a range of candidates.
+struct Work {
+    q0: usize,
+    q1: usize,
+    c0: usize,
+    c1: usize,
+}
+
+/// Top-k keys and indices, [Q × k] each, sorted best first per query.
+pub fn search(p: &Problem) -> (Vec<f32>, Vec<i64>) {
+    let (nq, nc, k) = (p.n_queries(), p.n_candidates(), p.k);
+    // Enough pieces for every thread even when there are few query blocks.
+    let q_blocks = nq.div_ceil(QUERY_BLOCK);
+    let wanted = (2 * rayon::current_num_threads()).div_ceil(q_blocks.max(1));
+    let chunks = wanted.clamp(1, nc.div_ceil(CANDIDATE_BLOCK).max(1));
+    let chunk_len = nc.div_ceil(chunks);
+    let work: Vec<Work> = (0..q_blocks)
+        .flat_map(|b| {
+            (0..chunks).map(move |c| Work {
+                q0: b * QUERY_BLOCK,
+                q1: ((b + 1) * QUERY_BLOCK).min(nq),
+                c0: c * chunk_len,
+                c1: ((c + 1) * chunk_len).min(nc),
+            })
+        })
+        .filter(|w| w.c0 < w.c1)
+        .collect();
+
+    let prepared = Prepared::new(p);
+    let partial: Vec<(Vec<f32>, Vec<i64>)> = work.par_iter().map(|w| prepared.run(p, w)).collect();
+
+    // Merge the chunks of each query block.
+    let mut keys = vec![f32::INFINITY; nq * k];
+    let mut idx = vec![-1i64; nq * k];
+    for (w, (pk, pi)) in work.iter().zip(&partial) {
+        for (row, q) in (w.q0..w.q1).enumerate() {
+            let mut top =
+                RunningTopK::resume(&mut keys[q * k..(q + 1) * k], &mut idx[q * k..(q + 1) * k]);
+            for j in 0..k {
+                if pi[row * k + j] >= 0 {
+                    top.push(pk[row * k + j], pi[row * k + j]);
+                }
+            }
+        }
+    }
+    (keys, idx)
+}
+
+/// Per-search data derived once: normalised rows for cosine, squared norms for L2.
+struct Prepared {
+    queries: Option<Vec<f32>>,
+    candidates: Option<Vec<f32>>,
+    cand_sq_norms: Vec<f32>,
+}
+
+impl Prepared {
+    fn new(p: &Problem) -> Self {
+        match p.metric {
+            Metric::Cosine => Self {
+                queries: Some(normalise_rows(p.queries, p.dim)),
+                candidates: Some(normalise_rows(p.candidates, p.dim)),
+                cand_sq_norms: Vec::new(),
+            },
+            Metric::L2 => Self {
+                queries: None,
+                candidates: None,
+                cand_sq_norms: sq_norms(p.candidates, p.dim),
+            },
+            Metric::L1 => Self {
+                queries: None,
+                candidates: None,
+                cand_sq_norms: Vec::new(),
+            },
+        }
+    }
+
+    fn run(&self, p: &Problem, w: &Work) -> (Vec<f32>, Vec<i64>) {
+        let k = p.k;
+        let rows = w.q1 - w.q0;
+        let mut keys = vec![0f32; rows * k];
+        let mut idx = vec![0i64; rows * k];
+        let mut tops: Vec<RunningTopK> = keys
+            .chunks_mut(k)
+            .zip(idx.chunks_mut(k))
+            .map(|(kk, ii)| RunningTopK::new(kk, ii))
+            .collect();
+        let same_class = |q: usize, c: usize| p.classes.is_some_and(|(qc, cc)| qc[q] == cc[c]);
+        match p.metric {
+            Metric::L1 => {
+                let kernel = l1_simd::select();
+                let d = p.dim;
+                for t0 in (w.c0..w.c1).step_by(L1_TILE) {
+                    let t1 = (t0 + L1_TILE).min(w.c1);
+                    for (row, top) in tops.iter_mut().enumerate() {
+                        let q = w.q0 + row;
+                        let qv = &p.queries[q * d..(q + 1) * d];
+                        for c in (t0..t1).step_by(4) {
+                            // Pad the last group of a tile with its last candidate.
+                            let ids = [
+                                c,
+                                (c + 1).min(t1 - 1),
+                                (c + 2).min(t1 - 1),
+                                (c + 3).min(t1 - 1),
+                            ];
+                            let rows = ids.map(|i| &p.candidates[i * d..(i + 1) * d]);
+                            let dist = kernel(qv, rows);
+                            for (lane, &i) in ids.iter().enumerate().take(t1 - c) {
+                                if dist[lane] <= top.threshold() && !same_class(q, i) {
+                                    top.push(dist[lane], i as i64);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Metric::L2 | Metric::Cosine => {
+                let (qs, cs) = match p.metric {
+                    Metric::Cosine => (
+                        self.queries.as_deref().unwrap_or(p.queries),
+                        self.candidates.as_deref().unwrap_or(p.candidates),
+                    ),
+                    _ => (p.queries, p.candidates),
+                };
+                let d = p.dim;
+                let mut scratch = vec![0f32; rows * CANDIDATE_BLOCK];
+                for b0 in (w.c0..w.c1).step_by(CANDIDATE_BLOCK) {
+                    let b1 = (b0 + CANDIDATE_BLOCK).min(w.c1);
+                    let cols = b1 - b0;
+                    gemm_tile(
+                        &qs[w.q0 * d..w.q1 * d],
+                        &cs[b0 * d..b1 * d],
+                        d,
+                        &mut scratch[..rows * cols],
+                    );
+                    for (row, top) in tops.iter_mut().enumerate() {
+                        let q = w.q0 + row;
+                        let dots = &scratch[row * cols..(row + 1) * cols];
+                        for (j, &dot) in dots.iter().enumerate() {
+                            let c = b0 + j;
+                            let key = match p.metric {
+                                Metric::L2 => self.cand_sq_norms[c] - 2.0 * dot,
+                                _ => -dot,
+                            };
+                            if key <= top.threshold() && !same_class(q, c) {
+                                top.push(key, c as i64);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        drop(tops);
+        (keys, idx)
+    }
+}
+
+/// `out[i][j] = q_i · x_j` for `q` [m × d] and `x` [n × d], single-threaded (the caller
+/// parallelises over tiles).
+fn gemm_tile(q: &[f32], x: &[f32], d: usize, out: &mut [f32]) {
+    let m = q.len() / d;
+    let n = x.len() / d;
+    debug_assert_eq!(out.len(), m * n);
+    // SAFETY: dst is m×n row-major (row stride n, column stride 1); lhs is q, m×d row-major;
+    // rhs is xᵀ, d×n, read from x (n×d row-major) with row stride 1 and column stride d. All
+    // pointers cover exactly these extents.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            d,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            q.as_ptr(),
+            1,
+            d as isize,
+            x.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}

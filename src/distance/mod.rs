@@ -1,0 +1,487 @@
+//! Batched nearest-neighbour search: for queries [Q, D] and candidates [N, D], the k best
+//! candidates of each query under L1, L2 or cosine, optionally only among candidates of
+//! another class (the closest-pair constraint). Works in tiles with a running top-k, so memory
+//! stays O((Q + N)·D + tile); the Q×N matrix is never built.
+//!
+//! Results: indices (i64 [Q, k]) and values (f32 [Q, k]), best first — smallest L1 / L2
+//! distance, largest cosine similarity; ties go to the lower candidate index. Values are
+//! recomputed exactly for the chosen pairs. When a query has fewer than k eligible candidates
+//! (other-class constraint), its remaining slots hold index −1 and value +∞ (L1, L2) or −∞
+//! (cosine).
+
+pub mod cpu;
+pub mod generic;
+pub mod l1_simd;
+pub mod topk;
+
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+
+/// A distance or similarity between embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Metric {
+    /// Σ|a − x| (smaller is closer).
+    L1,
+    /// sqrt(Σ(a − x)²) (smaller is closer).
+    L2,
+    /// a·x / (‖a‖‖x‖) (larger is closer).
+    Cosine,
+}
+
+impl FromStr for Metric {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "l1" | "l1_norm" => Ok(Metric::L1),
+            "l2" | "l2_norm" => Ok(Metric::L2),
+            "cosine" | "cosine_similarity" => Ok(Metric::Cosine),
+            _ => Err(format!("unknown metric {s:?}; valid: l1, l2, cosine")),
+        }
+    }
+}
+
+impl Metric {
+    /// The exact value for one pair.
+    pub fn value(self, a: &[f32], x: &[f32]) -> f32 {
+        match self {
+            Metric::L1 => a.iter().zip(x).map(|(p, q)| (p - q).abs()).sum(),
+            Metric::L2 => a
+                .iter()
+                .zip(x)
+                .map(|(p, q)| (p - q) * (p - q))
+                .sum::<f32>()
+                .sqrt(),
+            Metric::Cosine => {
+                let dot: f32 = a.iter().zip(x).map(|(p, q)| p * q).sum();
+                let na = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+                let nx = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+                dot / (na * nx)
+            }
+        }
+    }
+
+    /// The value of an empty slot.
+    pub fn empty_value(self) -> f32 {
+        match self {
+            Metric::Cosine => f32::NEG_INFINITY,
+            _ => f32::INFINITY,
+        }
+    }
+}
+
+/// Invalid input to a search.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DistanceError {
+    #[error("queries have dimension {queries} but candidates have {candidates}; they must match")]
+    DimMismatch { queries: usize, candidates: usize },
+    #[error("{what} must be a 2-D f32 matrix [rows, dim], found {found}")]
+    BadShape { what: &'static str, found: String },
+    #[error("{what} row {row} holds a NaN or infinite value")]
+    NonFinite { what: &'static str, row: usize },
+    #[error("{what} row {row} is all zeros: cosine similarity is undefined for it")]
+    ZeroNorm { what: &'static str, row: usize },
+    #[error("there are no candidates (N = 0)")]
+    NoCandidates,
+    #[error("k = {k} is larger than the number of candidates N = {n}")]
+    KTooLarge { k: usize, n: usize },
+    #[error("k must be 1 or more")]
+    KZero,
+    #[error("{what} has {found} class labels for {rows} rows")]
+    ClassCount {
+        what: &'static str,
+        found: usize,
+        rows: usize,
+    },
+}
+
+/// The k best candidates of every query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Neighbors {
+    pub k: usize,
+    /// [Q × k], row-major, −1 for an empty slot.
+    pub indices: Vec<i64>,
+    /// [Q × k], row-major.
+    pub values: Vec<f32>,
+}
+
+impl Neighbors {
+    /// Number of queries.
+    pub fn len(&self) -> usize {
+        self.indices.len() / self.k.max(1)
+    }
+
+    /// True when there are no queries.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// (indices i64 [Q, k], values f32 [Q, k]) on `device`.
+    pub fn to_tensors(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let shape = (self.len(), self.k);
+        Ok((
+            Tensor::from_slice(&self.indices, shape, device)?,
+            Tensor::from_slice(&self.values, shape, device)?,
+        ))
+    }
+}
+
+/// A search request over host matrices.
+#[derive(Debug, Clone, Copy)]
+pub struct Search<'a> {
+    pub metric: Metric,
+    pub k: usize,
+    /// (query classes, candidate classes): only candidates of another class are eligible.
+    pub other_class: Option<(&'a [i64], &'a [i64])>,
+}
+
+fn check_matrix(
+    m: &[f32],
+    dim: usize,
+    what: &'static str,
+    metric: Metric,
+) -> Result<(), DistanceError> {
+    for (row, values) in m.chunks(dim.max(1)).enumerate() {
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(DistanceError::NonFinite { what, row });
+        }
+        if metric == Metric::Cosine && values.iter().all(|&v| v == 0.0) {
+            return Err(DistanceError::ZeroNorm { what, row });
+        }
+    }
+    Ok(())
+}
+
+fn validate(
+    queries: &[f32],
+    candidates: &[f32],
+    dim: usize,
+    s: &Search,
+) -> Result<(), DistanceError> {
+    let nc = candidates.len() / dim.max(1);
+    let nq = queries.len() / dim.max(1);
+    if s.k == 0 {
+        return Err(DistanceError::KZero);
+    }
+    if nc == 0 {
+        return Err(DistanceError::NoCandidates);
+    }
+    if s.k > nc {
+        return Err(DistanceError::KTooLarge { k: s.k, n: nc });
+    }
+    if let Some((qc, cc)) = s.other_class {
+        if qc.len() != nq {
+            return Err(DistanceError::ClassCount {
+                what: "queries",
+                found: qc.len(),
+                rows: nq,
+            });
+        }
+        if cc.len() != nc {
+            return Err(DistanceError::ClassCount {
+                what: "candidates",
+                found: cc.len(),
+                rows: nc,
+            });
+        }
+    }
+    check_matrix(queries, dim, "queries", s.metric)?;
+    check_matrix(candidates, dim, "candidates", s.metric)
+}
+
+/// Replaces search keys by exact metric values of the chosen pairs.
+fn finish(
+    queries: &[f32],
+    candidates: &[f32],
+    dim: usize,
+    metric: Metric,
+    k: usize,
+    indices: Vec<i64>,
+) -> Neighbors {
+    let values = indices
+        .iter()
+        .enumerate()
+        .map(|(slot, &c)| {
+            if c < 0 {
+                return metric.empty_value();
+            }
+            let q = slot / k;
+            let c = c as usize;
+            metric.value(
+                &queries[q * dim..(q + 1) * dim],
+                &candidates[c * dim..(c + 1) * dim],
+            )
+        })
+        .collect();
+    Neighbors { k, indices, values }
+}
+
+/// Searches row-major host matrices (`dim` columns) on the CPU.
+pub fn search_host(
+    queries: &[f32],
+    candidates: &[f32],
+    dim: usize,
+    s: &Search,
+) -> Result<Neighbors, DistanceError> {
+    if dim == 0 || queries.len() % dim != 0 || candidates.len() % dim != 0 {
+        return Err(DistanceError::BadShape {
+            what: "input",
+            found: format!(
+                "{} and {} values for dim {dim}",
+                queries.len(),
+                candidates.len()
+            ),
+        });
+    }
+    validate(queries, candidates, dim, s)?;
+    let problem = cpu::Problem {
+        queries,
+        candidates,
+        dim,
+        k: s.k,
+        metric: s.metric,
+        classes: s.other_class,
+    };
+    let (_, indices) = cpu::search(&problem);
+    Ok(finish(queries, candidates, dim, s.metric, s.k, indices))
+}
+
+fn host_matrix(t: &Tensor, what: &'static str) -> anyhow::Result<(Vec<f32>, usize, usize)> {
+    let (rows, dim) = t.dims2().map_err(|_| DistanceError::BadShape {
+        what,
+        found: format!("{:?}", t.dims()),
+    })?;
+    let data = t
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((data, rows, dim))
+}
+
+/// Searches tensors: the CPU path for CPU tensors; on other devices, candle's generic tensor
+/// ops tile by tile (correct, not yet fast).
+pub fn search(queries: &Tensor, candidates: &Tensor, s: &Search) -> anyhow::Result<Neighbors> {
+    let (_, dq) = queries.dims2().map_err(|_| DistanceError::BadShape {
+        what: "queries",
+        found: format!("{:?}", queries.dims()),
+    })?;
+    let (_, dc) = candidates.dims2().map_err(|_| DistanceError::BadShape {
+        what: "candidates",
+        found: format!("{:?}", candidates.dims()),
+    })?;
+    if dq != dc {
+        return Err(DistanceError::DimMismatch {
+            queries: dq,
+            candidates: dc,
+        }
+        .into());
+    }
+    if queries.device().is_cpu() {
+        let (q, _, d) = host_matrix(queries, "queries")?;
+        let (c, _, _) = host_matrix(candidates, "candidates")?;
+        return Ok(search_host(&q, &c, d, s)?);
+    }
+    generic::search(queries, candidates, s)
+}
+
+/// The naive reference: every pair, full sort. For tests and checks only.
+pub fn search_naive(queries: &[f32], candidates: &[f32], dim: usize, s: &Search) -> Neighbors {
+    let nq = queries.len() / dim;
+    let nc = candidates.len() / dim;
+    let mut indices = Vec::with_capacity(nq * s.k);
+    for q in 0..nq {
+        let qv = &queries[q * dim..(q + 1) * dim];
+        let mut scored: Vec<(f32, usize)> = (0..nc)
+            .filter(|&c| s.other_class.is_none_or(|(qc, cc)| qc[q] != cc[c]))
+            .map(|c| {
+                let v = s.metric.value(qv, &candidates[c * dim..(c + 1) * dim]);
+                (if s.metric == Metric::Cosine { -v } else { v }, c)
+            })
+            .collect();
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for j in 0..s.k {
+            indices.push(scored.get(j).map_or(-1, |&(_, c)| c as i64));
+        }
+    }
+    finish(queries, candidates, dim, s.metric, s.k, indices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.unit_f64() * 2.0 - 1.0) as f32)
+            .collect()
+    }
+
+    /// Indices equal the naive ones except where two candidates tie within float noise; values
+    /// within 1e-4 relative.
+    fn assert_parity(
+        got: &Neighbors,
+        want: &Neighbors,
+        q: &[f32],
+        c: &[f32],
+        dim: usize,
+        metric: Metric,
+        ctx: &str,
+    ) {
+        assert_eq!(got.indices.len(), want.indices.len(), "{ctx}");
+        for (slot, (&gi, &wi)) in got.indices.iter().zip(&want.indices).enumerate() {
+            let (gv, wv) = (got.values[slot], want.values[slot]);
+            assert!(
+                (gv == wv) || (gv - wv).abs() <= 1e-4 * wv.abs().max(1e-3),
+                "{ctx} slot {slot}: value {gv} vs {wv}"
+            );
+            if gi != wi {
+                // A tie: both candidates are equally good for this query.
+                let qi = slot / got.k;
+                let qv = &q[qi * dim..(qi + 1) * dim];
+                let a = metric.value(qv, &c[gi as usize * dim..(gi as usize + 1) * dim]);
+                let b = metric.value(qv, &c[wi as usize * dim..(wi as usize + 1) * dim]);
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    "{ctx} slot {slot}: index {gi} vs {wi} ({a} vs {b})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn parity_with_naive_on_ragged_sizes() {
+        let mut rng = Rng::new(11);
+        for &(nq, nc, dim) in &[
+            (1, 1, 1),
+            (7, 33, 3),
+            (7, 5000, 512),
+            (1000, 33, 1280),
+            (1, 5000, 3),
+            (1000, 1, 512),
+            (7, 33, 1280),
+            (1000, 5000, 3),
+            (1, 1, 1280),
+        ] {
+            let q = random(&mut rng, nq * dim);
+            let c = random(&mut rng, nc * dim);
+            let qc: Vec<i64> = (0..nq).map(|i| (i % 3) as i64).collect();
+            let cc: Vec<i64> = (0..nc).map(|i| (i % 4) as i64).collect();
+            for metric in [Metric::L1, Metric::L2, Metric::Cosine] {
+                for k in [1usize, 5] {
+                    if k > nc {
+                        continue;
+                    }
+                    for other in [false, true] {
+                        let s = Search {
+                            metric,
+                            k,
+                            other_class: other.then_some((&qc[..], &cc[..])),
+                        };
+                        let got = search_host(&q, &c, dim, &s).unwrap();
+                        let want = search_naive(&q, &c, dim, &s);
+                        let ctx = format!("{metric:?} k={k} other={other} Q={nq} N={nc} D={dim}");
+                        assert_parity(&got, &want, &q, &c, dim, metric, &ctx);
+                        if nq <= 7 && nc <= 5000 {
+                            let tq = Tensor::from_slice(&q, (nq, dim), &Device::Cpu).unwrap();
+                            let tc = Tensor::from_slice(&c, (nc, dim), &Device::Cpu).unwrap();
+                            let generic = generic::search(&tq, &tc, &s).unwrap();
+                            assert_parity(
+                                &generic,
+                                &want,
+                                &q,
+                                &c,
+                                dim,
+                                metric,
+                                &format!("generic {ctx}"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exact_small_case_and_tie_break() {
+        // 1-D points: candidates 0, 2, 2, 5; query 1.
+        let c = [0.0f32, 2.0, 2.0, 5.0];
+        let s = Search {
+            metric: Metric::L1,
+            k: 3,
+            other_class: None,
+        };
+        let n = search_host(&[1.0], &c, 1, &s).unwrap();
+        assert_eq!(n.indices, vec![0, 1, 2]);
+        assert_eq!(n.values, vec![1.0, 1.0, 1.0]);
+        let s = Search {
+            metric: Metric::L2,
+            k: 2,
+            other_class: None,
+        };
+        assert_eq!(search_host(&[4.0], &c, 1, &s).unwrap().indices, vec![3, 1]);
+        // Cosine in 2-D: the query (1, 0) is closest in angle to (2, 0.1).
+        let c2 = [0.0f32, 1.0, 2.0, 0.1, -1.0, 0.0];
+        let s = Search {
+            metric: Metric::Cosine,
+            k: 3,
+            other_class: None,
+        };
+        let n = search_host(&[1.0, 0.0], &c2, 2, &s).unwrap();
+        assert_eq!(n.indices, vec![1, 0, 2]);
+        assert!((n.values[0] - 2.0 / 4.01f32.sqrt()).abs() < 1e-6 && n.values[2] == -1.0);
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        let s = |k| Search {
+            metric: Metric::L2,
+            k,
+            other_class: None,
+        };
+        let err = |r: Result<Neighbors, DistanceError>| r.unwrap_err().to_string();
+        assert!(err(search_host(&[1.0, f32::NAN], &[0.0, 0.0], 2, &s(1)))
+            .contains("queries row 0 holds a NaN"));
+        assert!(err(search_host(
+            &[1.0, 1.0],
+            &[0.0, 0.0, 1.0, f32::INFINITY],
+            2,
+            &s(1)
+        ))
+        .contains("candidates row 1"));
+        assert!(err(search_host(&[1.0], &[], 1, &s(1))).contains("N = 0"));
+        assert!(err(search_host(&[1.0], &[1.0, 2.0], 1, &s(3)))
+            .contains("k = 3 is larger than the number of candidates N = 2"));
+        assert!(err(search_host(&[1.0], &[1.0], 1, &s(0))).contains("k must be"));
+        let cos = Search {
+            metric: Metric::Cosine,
+            k: 1,
+            other_class: None,
+        };
+        assert!(err(search_host(&[0.0, 0.0], &[1.0, 1.0], 2, &cos)).contains("all zeros"));
+        let q = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let c = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let e = search(&q, &c, &s(1)).unwrap_err().to_string();
+        assert!(e.contains("dimension 3") && e.contains("4"), "{e}");
+
+        // All candidates of the query's class: the slots stay empty (index −1, value +∞).
+        let s = Search {
+            metric: Metric::L1,
+            k: 2,
+            other_class: Some((&[1], &[1, 1, 0])),
+        };
+        let n = search_host(&[0.0], &[1.0, 2.0, 3.0], 1, &s).unwrap();
+        assert_eq!(n.indices, vec![2, -1]);
+        assert_eq!(n.values, vec![3.0, f32::INFINITY]);
+        let s = Search {
+            metric: Metric::L1,
+            k: 1,
+            other_class: Some((&[1], &[1, 1])),
+        };
+        assert_eq!(
+            search_host(&[0.0], &[1.0, 2.0], 1, &s).unwrap().indices,
+            vec![-1]
+        );
+    }
+}
