@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create (or reuse) a Python virtual environment with PyPI's torch, torchvision, numpy,
-# safetensors and pillow, used only by the reference scripts (scripts/mobilenet_v2_reference.py,
-# scripts/compare_embed.py) -- never by bccp itself. Idempotent: an existing venv that already
-# imports all packages is kept. CPU use is all the scripts need.
+# safetensors, pillow, scipy and faiss-cpu, used only by the reference scripts
+# (scripts/mobilenet_v2_reference.py, scripts/compare_embed.py, scripts/compare_distance.py) --
+# never by bccp itself. Idempotent: an existing venv that already imports all packages is kept.
+# CPU use is all the scripts need.
 # Usage: scripts/setup-torch-venv.sh   (env: BCCP_TORCH_VENV for another folder, default
 # assets/torch-venv; PYTHON for the interpreter that creates it, default python3)
 # Prints the venv's python path on the last line.
@@ -14,8 +15,8 @@ python="${PYTHON:-python3}"
 log() { printf 'setup-torch-venv: %s\n' "$*" >&2; }
 die() { printf 'setup-torch-venv: error: %s\n' "$*" >&2; exit 1; }
 
-packages=(torch torchvision numpy safetensors pillow)
-check='import torch, torchvision, numpy, safetensors, PIL'
+packages=(torch torchvision numpy safetensors pillow scipy faiss-cpu)
+check='import torch, torchvision, numpy, safetensors, PIL, scipy, faiss'
 
 if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "$check" 2>/dev/null; then
   log "venv ready: $venv"
@@ -31,5 +32,5 @@ else
     || die "pip install failed: is PyPI reachable?"
   "$venv/bin/python" -c "$check" || die "packages installed but do not import"
 fi
-"$venv/bin/python" -c 'import torch, torchvision; print(f"setup-torch-venv: torch {torch.__version__}, torchvision {torchvision.__version__}")' >&2
+"$venv/bin/python" -c 'import torch, torchvision, scipy, faiss; print(f"setup-torch-venv: torch {torch.__version__}, torchvision {torchvision.__version__}, scipy {scipy.__version__}, faiss {faiss.__version__}")' >&2
 echo "$venv/bin/python"
