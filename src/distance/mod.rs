@@ -223,7 +223,7 @@ pub fn search_host(
     dim: usize,
     s: &Search,
 ) -> Result<Neighbors, DistanceError> {
-    if dim == 0 || queries.len() % dim != 0 || candidates.len() % dim != 0 {
+    if dim == 0 || !queries.len().is_multiple_of(dim) || !candidates.len().is_multiple_of(dim) {
         return Err(DistanceError::BadShape {
             what: "input",
             found: format!(
