@@ -12,3 +12,4 @@ pub mod fsutil;
 pub mod ops;
 pub mod progress;
 pub mod rng;
+pub mod sampling;

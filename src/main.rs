@@ -39,6 +39,57 @@ enum Command {
     Classify(ClassifyArgs),
     /// List the backbones of the model zoo.
     Models,
+    /// The k closest candidates of every query embedding (L1, L2 or cosine).
+    Closest(ClosestArgs),
+    /// Choose images to replay from the reuse buffer (none, random, closest pairs).
+    Sample(SampleArgs),
+}
+
+#[derive(Args, Debug)]
+struct ClosestArgs {
+    /// Embedding file of the queries (`embeddings` f32 [Q, D], `targets` i64 [Q]).
+    #[arg(long)]
+    queries: PathBuf,
+    /// Embedding file of the candidates (`embeddings` f32 [N, D], `targets` i64 [N]).
+    #[arg(long)]
+    candidates: PathBuf,
+    /// l1, l2 or cosine.
+    #[arg(long)]
+    metric: bccp::distance::Metric,
+    /// Neighbours per query.
+    #[arg(long, default_value_t = 1)]
+    k: usize,
+    /// Only candidates whose target differs from the query's.
+    #[arg(long)]
+    other_class: bool,
+    /// Output safetensors file (`indices` i64 [Q, k], `values` f32 [Q, k]).
+    #[arg(long)]
+    out: PathBuf,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args, Debug)]
+struct SampleArgs {
+    /// Embedding file of the reuse buffer (Monday's training images).
+    #[arg(long)]
+    buffer: PathBuf,
+    /// none, random, l1_norm, l2_norm or cosine_similarity.
+    #[arg(long)]
+    sampling: bccp::sampling::Sampling,
+    /// Share of the buffer to replay, in [0, 1].
+    #[arg(long)]
+    ratio: f64,
+    /// Closest pairs: faithful (the reference's procedure) or buffer (whole-buffer neighbours).
+    #[arg(long, default_value = "buffer")]
+    mode: bccp::sampling::PairMode,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output JSON Lines file: one chosen image per line (index, path, target, partner, value).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -377,6 +428,91 @@ fn run_classify(args: ClassifyArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_closest(args: ClosestArgs) -> Result<()> {
+    use backbone::embed::EmbeddingSet;
+    let device = bccp::device::parse_device(&args.device)?;
+    let queries = EmbeddingSet::load(&args.queries)?;
+    let candidates = EmbeddingSet::load(&args.candidates)?;
+    let started = std::time::Instant::now();
+    let search = bccp::distance::Search {
+        metric: args.metric,
+        k: args.k,
+        other_class: args
+            .other_class
+            .then_some((queries.targets.as_slice(), candidates.targets.as_slice())),
+    };
+    let neighbors = bccp::distance::search(
+        &queries.embeddings.to_device(&device)?,
+        &candidates.embeddings.to_device(&device)?,
+        &search,
+    )
+    .with_context(|| {
+        format!(
+            "searching {} against {}",
+            args.queries.display(),
+            args.candidates.display()
+        )
+    })?;
+    let (indices, values) = neighbors.to_tensors(&candle_core::Device::Cpu)?;
+    let tensors = std::collections::HashMap::from([
+        ("indices".to_owned(), indices),
+        ("values".to_owned(), values),
+    ]);
+    let tmp = args.out.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let empty = neighbors.indices.iter().filter(|&&i| i < 0).count();
+    println!(
+        "found the {} closest of {} candidates for {} queries ({:?}) in {:.2}s{}; wrote {}",
+        args.k,
+        candidates.targets.len(),
+        queries.targets.len(),
+        args.metric,
+        started.elapsed().as_secs_f64(),
+        if empty > 0 {
+            format!(", {empty} slots without an eligible candidate (index -1)")
+        } else {
+            String::new()
+        },
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn run_sample(args: SampleArgs) -> Result<()> {
+    let set = backbone::embed::EmbeddingSet::load(&args.buffer)?;
+    let (n, dim) = set.embeddings.dims2()?;
+    let embeddings = set.embeddings.flatten_all()?.to_vec1::<f32>()?;
+    let buffer = bccp::sampling::ReuseBuffer {
+        embeddings: &embeddings,
+        dim,
+        targets: &set.targets,
+    };
+    let chosen = bccp::sampling::select(&buffer, args.sampling, args.ratio, args.mode, args.seed)?;
+    let mut text = String::new();
+    for s in &chosen {
+        let line = serde_json::json!({
+            "index": s.index,
+            "path": set.paths.get(s.index),
+            "target": set.targets[s.index],
+            "partner": s.partner,
+            "value": s.value,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    bccp::fsutil::write_atomic(&args.out, text.as_bytes())
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!(
+        "selected {} of {n} buffer images; wrote {}",
+        chosen.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
 fn run_models() {
     println!("{:<22} {:>5} {:>6}  weights", "name", "dim", "input");
     for b in backbone::zoo::zoo() {
@@ -402,6 +538,8 @@ fn main() -> ExitCode {
         Command::Info(args) => run_info(args),
         Command::Embed(args) => run_embed(args, cli.quiet),
         Command::Classify(args) => run_classify(args),
+        Command::Closest(args) => run_closest(args),
+        Command::Sample(args) => run_sample(args),
         Command::Models => {
             run_models();
             Ok(())

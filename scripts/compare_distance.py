@@ -1,0 +1,463 @@
+"""Compare CPU nearest-neighbour (top-1) search throughput of bccp with numpy, PyTorch, SciPy and
+faiss, at the same sizes and thread count, in one run.
+
+Workloads: float32 queries Q x D and candidates N x D drawn from a standard normal (fixed seed);
+for each query, the index of the best candidate (k = 1):
+  l2      Q = 2048, N = 65536, D in {512, 1280}: smallest squared Euclidean distance
+  cosine  Q = 2048, N = 65536, D in {512, 1280}: largest cosine similarity
+  l1      Q =  256, N = 65536, D in {512, 1280}: smallest sum of absolute differences
+(--quick divides N by 8 for the Python references; the Rust bench always runs the full sizes.)
+
+References (each: one warm-up call, then the median of timed calls, about --seconds per case):
+  numpy   GEMM + argmin/argmax over candidate chunks (l2: |x|^2 - 2 q.x^T; cosine: normalised
+          rows, q.x^T), the block bounded by --block-mb
+  torch   torch.cdist(p=2) / torch.cdist(p=1) + argmin over candidate chunks; normalised
+          matmul + argmax for cosine
+  scipy   scipy.spatial.distance.cdist 'sqeuclidean' / 'cityblock' + argmin. cdist holds the GIL
+          and computes in float64, so it runs in --threads forked worker processes on a subset
+          of --scipy-queries queries, and pairs/s is scaled from that subset (said in the table)
+  faiss   IndexFlatL2 (l2), IndexFlatIP on normalised vectors (cosine), IndexFlat METRIC_L1 (l1)
+Candidate-side preparation (row norms, normalised copy, float64 copy, faiss add) is done once,
+outside the timing, like building an index; query-side work is timed. Thread count: --threads
+sets OMP/OPENBLAS/MKL_NUM_THREADS before numpy is imported, torch.set_num_threads,
+faiss.omp_set_num_threads and the number of scipy worker processes.
+The first --check queries' answers of every implementation are compared with a float64 exact
+search; a disagreement prints a warning (with the distance gap, to tell a float32 near-tie).
+
+bccp side: `cargo bench --bench distance -- --output-format bencher distance/` (criterion ids
+distance/{l2,cosine,l1}/d{512,1280}, one iteration = the whole top-1 search of the workload at
+full size), run with RAYON_NUM_THREADS=--threads; ns/iter is converted to pairs/s = Q*N / s.
+
+Prints a markdown table per metric and D (implementation, pairs/s in millions, GFLOP/s counting
+2*D flops per pair for l2/cosine and 3*D for l1, bccp / this) and, with --json FILE, writes the
+same as JSON.
+
+Usage (from the repository root):
+  scripts/setup-torch-venv.sh
+  assets/torch-venv/bin/python scripts/compare_distance.py [--threads N] [--quick] [--seconds S]
+      [--json FILE] [--skip-rust]
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# numpy, torch, scipy and faiss are imported by load_libraries(), after --threads has been put
+# into the environment: OpenBLAS reads OPENBLAS_NUM_THREADS only when it is loaded.
+np = torch = scipy = cdist = faiss = None
+
+ROOT = Path(__file__).resolve().parent.parent
+N_FULL = 65536
+Q_FULL = {"l2": 2048, "cosine": 2048, "l1": 256}
+DIMS = [512, 1280]
+METRICS = ["l2", "cosine", "l1"]
+FLOPS_PER_DIM = {"l2": 2, "cosine": 2, "l1": 3}
+SEED = 20240611
+RUST_CMD = ["cargo", "bench", "--bench", "distance", "--", "--output-format", "bencher", "distance/"]
+BENCH_LINE = re.compile(r"^test\s+distance/(\w+)/d(\d+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")
+BCCP = "bccp"
+
+
+def die(msg):
+    sys.exit(f"compare_distance: error: {msg}")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_libraries(threads):
+    global np, torch, scipy, cdist, faiss
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "numpy" in sys.modules:
+        die("numpy was imported before the thread count was set")
+    try:
+        import numpy as np_
+        import scipy as scipy_
+        import torch as torch_
+        import faiss as faiss_
+        from scipy.spatial.distance import cdist as cdist_
+    except ImportError as e:
+        die(f"{e}: run scripts/setup-torch-venv.sh and use assets/torch-venv/bin/python")
+    np, torch, scipy, cdist, faiss = np_, torch_, scipy_, cdist_, faiss_
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked top-1 helpers: score a Q x chunk block at a time, keep the running best (ties keep the
+# earlier candidate, as argmin/argmax do).
+
+
+def chunk_rows(nq, itemsize, block_mb):
+    return max(256, (block_mb << 20) // (nq * itemsize))
+
+
+def np_chunked_best(block_fn, nq, n, chunk, largest):
+    best_idx = np.zeros(nq, dtype=np.int64)
+    best_val = np.full(nq, -np.inf if largest else np.inf)
+    rows = np.arange(nq)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        block = block_fn(start, stop)
+        idx = block.argmax(axis=1) if largest else block.argmin(axis=1)
+        val = block[rows, idx]
+        better = val > best_val if largest else val < best_val
+        best_val[better] = val[better]
+        best_idx[better] = idx[better] + start
+    return best_idx
+
+
+def torch_chunked_best(block_fn, nq, n, chunk, largest):
+    best_idx = torch.zeros(nq, dtype=torch.int64)
+    best_val = torch.full((nq,), -float("inf") if largest else float("inf"))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        block = block_fn(start, stop)
+        val, idx = block.max(dim=1) if largest else block.min(dim=1)
+        better = val > best_val if largest else val < best_val
+        best_val = torch.where(better, val, best_val)
+        best_idx = torch.where(better, idx + start, best_idx)
+    return best_idx.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations. Each make_* does the candidate-side preparation (untimed) and returns
+# (label, search(q) -> indices of the best candidates, queries searched per call or None for all).
+
+
+def make_numpy(metric, x, block_mb, nq):
+    n = x.shape[0]
+    chunk = chunk_rows(nq, 4, block_mb)
+    if metric == "l2":
+        xnorm = np.einsum("ij,ij->i", x, x)
+
+        def search(q):
+            qm2 = -2.0 * q
+
+            def block(a, b):
+                s = qm2 @ x[a:b].T
+                s += xnorm[a:b]
+                return s
+
+            return np_chunked_best(block, q.shape[0], n, chunk, largest=False)
+
+        return "numpy GEMM + argmin", search
+    if metric == "cosine":
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+        def search(q):
+            qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+            return np_chunked_best(lambda a, b: qn @ xn[a:b].T, q.shape[0], n, chunk, largest=True)
+
+        return "numpy normalised GEMM + argmax", search
+    return None
+
+
+def make_torch(metric, x, block_mb, nq):
+    n = x.shape[0]
+    xt = torch.from_numpy(x)
+    chunk = chunk_rows(nq, 4, block_mb)
+    if metric in ("l2", "l1"):
+        p = 2.0 if metric == "l2" else 1.0
+
+        def search(q):
+            qt = torch.from_numpy(q)
+            with torch.inference_mode():
+                return torch_chunked_best(lambda a, b: torch.cdist(qt, xt[a:b], p=p), q.shape[0], n, chunk,
+                                          largest=False)
+
+        return f"torch.cdist(p={int(p)}) + argmin", search
+    xn = torch.nn.functional.normalize(xt, dim=1)
+
+    def search(q):
+        with torch.inference_mode():
+            qn = torch.nn.functional.normalize(torch.from_numpy(q), dim=1)
+            return torch_chunked_best(lambda a, b: qn @ xn[a:b].T, q.shape[0], n, chunk, largest=True)
+
+    return "torch normalised matmul + argmax", search
+
+
+def make_faiss(metric, x, block_mb, nq):
+    d = x.shape[1]
+    if metric == "l2":
+        index, label, normalise = faiss.IndexFlatL2(d), "faiss IndexFlatL2", False
+    elif metric == "cosine":
+        index, label, normalise = faiss.IndexFlatIP(d), "faiss IndexFlatIP (normalised)", True
+    else:
+        index, label, normalise = faiss.IndexFlat(d, faiss.METRIC_L1), "faiss IndexFlat METRIC_L1", False
+    if normalise:
+        xn = x.copy()
+        faiss.normalize_L2(xn)
+        index.add(xn)
+    else:
+        index.add(x)
+
+    def search(q):
+        if normalise:
+            q = q.copy()
+            faiss.normalize_L2(q)
+        _, idx = index.search(q, 1)
+        return idx[:, 0]
+
+    return label, search
+
+
+# scipy: cdist holds the GIL, so it gets forked processes. The float64 candidates are a global set
+# before the fork, so the workers share them copy-on-write.
+_SCIPY_X = None
+_SCIPY_METRIC = None
+_SCIPY_BLOCK_MB = 256
+
+
+def _scipy_worker(q):
+    n = _SCIPY_X.shape[0]
+    chunk = chunk_rows(q.shape[0], 8, _SCIPY_BLOCK_MB)
+    q = q.astype(np.float64)
+    return np_chunked_best(lambda a, b: cdist(q, _SCIPY_X[a:b], _SCIPY_METRIC), q.shape[0], n, chunk,
+                           largest=False)
+
+
+class ScipyPool:
+    def __init__(self, x64, threads, block_mb):
+        global _SCIPY_X, _SCIPY_BLOCK_MB
+        _SCIPY_X, _SCIPY_BLOCK_MB = x64, block_mb
+        self.threads = threads
+        self.pool = None
+
+    def search(self, metric, q):
+        global _SCIPY_METRIC
+        if self.pool is None or _SCIPY_METRIC != metric:
+            self.close()
+            _SCIPY_METRIC = metric
+            self.pool = multiprocessing.get_context("fork").Pool(self.threads)
+        parts = np.array_split(q, min(self.threads, q.shape[0]))
+        return np.concatenate(self.pool.map(_scipy_worker, parts))
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
+
+
+def make_scipy(metric, pool, threads, subset, nq):
+    if metric == "cosine":
+        return None
+    name = "sqeuclidean" if metric == "l2" else "cityblock"
+    nsub = min(subset, nq) if subset > 0 else nq
+    label = f"scipy cdist '{name}' + argmin (float64, {threads} proc"
+    label += f", {nsub} of {nq} queries, scaled)" if nsub < nq else ")"
+    return label, lambda q: pool.search(name, q[:nsub]), nsub
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def exact_best(metric, q, x):
+    """float64 exact top-1 for a few queries: (indices, scores of every candidate)."""
+    q64, x64 = q.astype(np.float64), x.astype(np.float64)
+    if metric == "l2":
+        s = (x64 * x64).sum(1)[None, :] - 2 * q64 @ x64.T + (q64 * q64).sum(1)[:, None]
+        return s.argmin(1), s
+    if metric == "cosine":
+        s = (q64 / np.linalg.norm(q64, axis=1, keepdims=True)) @ (x64 / np.linalg.norm(x64, axis=1, keepdims=True)).T
+        return s.argmax(1), s
+    s = np.stack([np.abs(x64 - row).sum(1) for row in q64])
+    return s.argmin(1), s
+
+
+def time_case(search, q, seconds, max_runs):
+    """Warm up once, then time calls until about `seconds` are spent (at least one, at most
+    max_runs). Returns (median seconds, number of timed calls, indices from the warm-up)."""
+    t0 = time.perf_counter()
+    idx = search(q)
+    warm = time.perf_counter() - t0
+    times = []
+    while len(times) < max_runs:
+        t0 = time.perf_counter()
+        search(q)
+        times.append(time.perf_counter() - t0)
+        if sum(times) + statistics.median(times) > seconds:
+            break
+    log(f"    warm-up {warm:.3f} s, {len(times)} timed, median {statistics.median(times):.3f} s")
+    return statistics.median(times), len(times), np.asarray(idx)
+
+
+def rust_pairs_per_s(threads):
+    """Run the criterion bench and return {(metric, d): pairs/s} at the full sizes."""
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    log(f"  running: RAYON_NUM_THREADS={threads} {' '.join(RUST_CMD)}")
+    try:
+        proc = subprocess.run(RUST_CMD, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        die("cargo not found: install Rust, or pass --skip-rust")
+    sys.stderr.write(proc.stdout)
+    if proc.returncode != 0:
+        die(f"cargo bench failed with exit status {proc.returncode}")
+    result = {}
+    for line in proc.stdout.splitlines():
+        m = BENCH_LINE.match(line.strip())
+        if m:
+            ns = float(m.group(3).replace(",", "").replace("_", ""))
+            metric, d = m.group(1), int(m.group(2))
+            if metric in Q_FULL:
+                result[(metric, d)] = Q_FULL[metric] * N_FULL / (ns * 1e-9)
+    missing = [f"distance/{m}/d{d}" for m in METRICS for d in DIMS if (m, d) not in result]
+    if missing:
+        die(f"no bencher line for {', '.join(missing)} in the cargo bench output")
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for all (default: all)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per case (at least one call)")
+    ap.add_argument("--max-runs", type=int, default=7, help="most timed calls per case")
+    ap.add_argument("--quick", action="store_true", help="N / 8 for the references (a fast check)")
+    ap.add_argument("--block-mb", type=int, default=256,
+                    help="MiB of one query x candidate-chunk score block (bounds memory; default 256)")
+    ap.add_argument("--scipy-queries", type=int, default=32,
+                    help="queries scipy searches per call, pairs/s scaled to Q (0: all; default 32)")
+    ap.add_argument("--check", type=int, default=8, help="queries cross-checked against float64 (default 8)")
+    ap.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset of l2,cosine,l1")
+    ap.add_argument("--dims", default=",".join(map(str, DIMS)), help="comma-separated subset of 512,1280")
+    ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    ap.add_argument("--skip-rust", action="store_true", help="measure the references only")
+    args = ap.parse_args()
+    if args.threads < 1:
+        die("--threads must be at least 1")
+    metrics = [m for m in args.metrics.split(",") if m]
+    dims = [int(d) for d in args.dims.split(",") if d]
+    if not metrics or any(m not in METRICS for m in metrics):
+        die(f"--metrics: choose from {','.join(METRICS)}")
+    if not dims or any(d <= 0 for d in dims):
+        die("--dims: positive integers")
+    load_libraries(args.threads)
+
+    n = N_FULL // 8 if args.quick else N_FULL
+    blas = "?"
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except Exception:
+        pass
+    info = {
+        "threads": args.threads,
+        "cpu": cpu_model(),
+        "quick": args.quick,
+        "n_reference": n,
+        "n_bccp": N_FULL,
+        "queries": Q_FULL,
+        "seed": SEED,
+        "numpy": np.__version__,
+        "numpy_blas": blas,
+        "torch": torch.__version__,
+        "torch_mkl": torch.backends.mkl.is_available(),
+        "scipy": scipy.__version__,
+        "faiss": faiss.__version__,
+    }
+    print(f"threads {args.threads} (torch reports {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}), "
+          f"CPU: {info['cpu']}\nnumpy {np.__version__} ({blas}), torch {torch.__version__} "
+          f"(MKL {'yes' if info['torch_mkl'] else 'no'}), scipy {scipy.__version__}, faiss {faiss.__version__}\n"
+          f"N = {n}{' (--quick: N/8 for the references; bccp runs N = 65536)' if args.quick else ''}, "
+          f"Q = {Q_FULL['l2']} (l2, cosine), {Q_FULL['l1']} (l1), k = 1, float32")
+
+    rows = []  # one per (metric, d, implementation)
+    warnings = []
+    for d in dims:
+        rng = np.random.default_rng(SEED + d)
+        x = rng.standard_normal((n, d), dtype=np.float32)
+        q_all = rng.standard_normal((max(Q_FULL.values()), d), dtype=np.float32)
+        x64 = x.astype(np.float64) if any(m in metrics for m in ("l2", "l1")) else None
+        pool = ScipyPool(x64, args.threads, args.block_mb)
+        try:
+            for metric in metrics:
+                nq = Q_FULL[metric]
+                q = np.ascontiguousarray(q_all[:nq])
+                ncheck = min(args.check, nq)
+                ref_idx, ref_scores = exact_best(metric, q[:ncheck], x)
+                makers = [
+                    lambda: make_numpy(metric, x, args.block_mb, nq),
+                    lambda: make_torch(metric, x, args.block_mb, nq),
+                    lambda: make_scipy(metric, pool, args.threads, args.scipy_queries, nq),
+                    lambda: make_faiss(metric, x, args.block_mb, nq),
+                ]
+                for make in makers:
+                    made = make()
+                    if made is None:
+                        continue
+                    label, search, nsearched = made if len(made) == 3 else (*made, nq)
+                    log(f"  {metric} d{d}: {label}")
+                    med, runs, idx = time_case(search, q, args.seconds, args.max_runs)
+                    pairs = nsearched * n / med
+                    rows.append({"metric": metric, "d": d, "q": nq, "n": n, "implementation": label,
+                                 "queries_timed": nsearched, "median_s": med, "runs": runs, "pairs_per_s": pairs,
+                                 "gflop_s": pairs * FLOPS_PER_DIM[metric] * d * 1e-9})
+                    for i in range(min(ncheck, len(idx))):
+                        if idx[i] != ref_idx[i]:
+                            got, want = ref_scores[i, idx[i]], ref_scores[i, ref_idx[i]]
+                            w = (f"{metric} d{d}: {label} picked candidate {idx[i]} for query {i}, float64 says "
+                                 f"{ref_idx[i]} (float64 scores {got:.6g} vs {want:.6g}, "
+                                 f"relative gap {abs(got - want) / max(abs(want), 1e-30):.2g})")
+                            warnings.append(w)
+                            log(f"  WARNING: {w}")
+        finally:
+            pool.close()
+        del x, x64
+
+    rust = {} if args.skip_rust else rust_pairs_per_s(args.threads)
+    for metric in metrics:
+        for d in dims:
+            r = rust.get((metric, d))
+            if r is not None:
+                rows.append({"metric": metric, "d": d, "q": Q_FULL[metric], "n": N_FULL, "implementation": BCCP,
+                             "queries_timed": Q_FULL[metric], "median_s": Q_FULL[metric] * N_FULL / r, "runs": None,
+                             "pairs_per_s": r, "gflop_s": r * FLOPS_PER_DIM[metric] * d * 1e-9})
+            for row in rows:
+                if row["metric"] == metric and row["d"] == d:
+                    row["bccp_over_this"] = r / row["pairs_per_s"] if r is not None else None
+
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+    for metric in metrics:
+        for d in dims:
+            print(f"\n### {metric}, D = {d} (Q = {Q_FULL[metric]}, N = {n}; "
+                  f"GFLOP/s at {FLOPS_PER_DIM[metric]}*D flops per pair)\n")
+            print("| implementation | Mpairs/s | GFLOP/s | bccp / this |\n|---|---:|---:|---:|")
+            for row in rows:
+                if row["metric"] == metric and row["d"] == d:
+                    print(f"| {row['implementation']} | {row['pairs_per_s'] * 1e-6:.1f} | {row['gflop_s']:.1f} "
+                          f"| {fmt(row['bccp_over_this'], '.2f')} |")
+    if warnings:
+        print(f"\n{len(warnings)} cross-check warning(s):")
+        for w in warnings:
+            print(f"- {w}")
+    else:
+        print(f"\ncross-check: all implementations agree with float64 on the first {args.check} queries")
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**info, "results": rows, "warnings": warnings}, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

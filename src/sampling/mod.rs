@@ -1,0 +1,506 @@
+//! Sampling from the reuse buffer (yesterday's clean training embeddings): no replay, random
+//! replay, and closest-pair (CP) replay — the reference's procedure (`faithful`) and ours
+//! (`buffer`), see DESIGN.md.
+
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::distance::{search_host, Metric, Search};
+use crate::rng::Rng;
+
+/// What to replay from the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    None,
+    Random,
+    /// Closest pairs under a metric (`l1_norm`, `l2_norm`, `cosine_similarity`).
+    ClosestPair(Metric),
+}
+
+impl FromStr for Sampling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Sampling::None),
+            "random" => Ok(Sampling::Random),
+            "l1_norm" => Ok(Sampling::ClosestPair(Metric::L1)),
+            "l2_norm" => Ok(Sampling::ClosestPair(Metric::L2)),
+            "cosine_similarity" => Ok(Sampling::ClosestPair(Metric::Cosine)),
+            _ => Err(format!(
+                "unknown sampling {s:?}; valid: none, random, l1_norm, l2_norm, cosine_similarity"
+            )),
+        }
+    }
+}
+
+/// How closest pairs are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairMode {
+    /// The reference's procedure: per step, one image drawn from each class, a random anchor
+    /// and its closest drawn image; every drawn image is used up.
+    Faithful,
+    /// Ours: every image's nearest other-class neighbour over the whole buffer, then the
+    /// closest disjoint pairs until the budget is filled.
+    Buffer,
+}
+
+impl FromStr for PairMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "faithful" => Ok(PairMode::Faithful),
+            "buffer" => Ok(PairMode::Buffer),
+            _ => Err(format!("unknown mode {s:?}; valid: faithful, buffer")),
+        }
+    }
+}
+
+/// Why a selection could not be made.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SamplingError {
+    #[error("--ratio {0} must lie in [0, 1]")]
+    BadRatio(f64),
+    #[error("ratio too high: after {pairs} of {wanted} pairs only {classes} class(es) still have unused images; the faithful procedure uses up one image per class per step, so it cannot select more than about {max_ratio:.3} of this buffer (try --mode buffer or a lower --ratio)")]
+    RatioTooHigh {
+        pairs: usize,
+        wanted: usize,
+        classes: usize,
+        max_ratio: f64,
+    },
+    #[error("ratio too high for buffer mode: only {found} images form disjoint other-class pairs among the {neighbours} nearest neighbours, {wanted} wanted")]
+    NotEnoughPairs {
+        found: usize,
+        wanted: usize,
+        neighbours: usize,
+    },
+    #[error("closest pairs need at least two classes in the buffer")]
+    OneClass,
+    #[error("the buffer has {targets} targets for {rows} embeddings")]
+    Shape { targets: usize, rows: usize },
+    #[error("{0}")]
+    Distance(#[from] crate::distance::DistanceError),
+}
+
+/// The reuse buffer: embeddings [N × dim] with their classes.
+#[derive(Debug, Clone)]
+pub struct ReuseBuffer<'a> {
+    pub embeddings: &'a [f32],
+    pub dim: usize,
+    pub targets: &'a [i64],
+}
+
+impl ReuseBuffer<'_> {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// True when the buffer holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.embeddings[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Buffer indices per class, classes in ascending order.
+    fn by_class(&self) -> Vec<Vec<usize>> {
+        let mut classes: Vec<i64> = self.targets.to_vec();
+        classes.sort_unstable();
+        classes.dedup();
+        classes
+            .iter()
+            .map(|&c| (0..self.len()).filter(|&i| self.targets[i] == c).collect())
+            .collect()
+    }
+}
+
+/// One replayed image; `partner` is the other image of its closest pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Selected {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partner: Option<usize>,
+    /// The pair's distance (L1, L2) or similarity (cosine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<f32>,
+}
+
+/// Selects replay images from `buffer` with `ratio` of its size as the budget.
+pub fn select(
+    buffer: &ReuseBuffer,
+    sampling: Sampling,
+    ratio: f64,
+    mode: PairMode,
+    seed: u64,
+) -> Result<Vec<Selected>, SamplingError> {
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(SamplingError::BadRatio(ratio));
+    }
+    if buffer.embeddings.len() != buffer.len() * buffer.dim {
+        return Err(SamplingError::Shape {
+            targets: buffer.len(),
+            rows: buffer.embeddings.len() / buffer.dim.max(1),
+        });
+    }
+    let budget = (ratio * buffer.len() as f64).floor() as usize;
+    match sampling {
+        Sampling::None => Ok(Vec::new()),
+        Sampling::Random => {
+            let mut order: Vec<usize> = (0..buffer.len()).collect();
+            Rng::new(seed).shuffle(&mut order);
+            order.truncate(budget);
+            order.sort_unstable();
+            Ok(order
+                .into_iter()
+                .map(|index| Selected {
+                    index,
+                    partner: None,
+                    value: None,
+                })
+                .collect())
+        }
+        Sampling::ClosestPair(metric) => match mode {
+            PairMode::Faithful => faithful_pairs(buffer, metric, budget / 2, seed),
+            PairMode::Buffer => buffer_pairs(buffer, metric, budget / 2),
+        },
+    }
+}
+
+/// The reference's procedure, `pairs` steps.
+fn faithful_pairs(
+    buffer: &ReuseBuffer,
+    metric: Metric,
+    pairs: usize,
+    seed: u64,
+) -> Result<Vec<Selected>, SamplingError> {
+    let mut rng = Rng::new(seed);
+    let mut pools = buffer.by_class();
+    if pools.len() < 2 && pairs > 0 {
+        return Err(SamplingError::OneClass);
+    }
+    let smallest_but_one = {
+        let mut sizes: Vec<usize> = pools.iter().map(Vec::len).collect();
+        sizes.sort_unstable();
+        sizes
+            .get(sizes.len().saturating_sub(2))
+            .copied()
+            .unwrap_or(0)
+    };
+    for pool in &mut pools {
+        rng.shuffle(pool);
+    }
+    let mut out = Vec::with_capacity(2 * pairs);
+    for step in 0..pairs {
+        // One unused image from each class that still has one (taken from its shuffled pool).
+        let drawn: Vec<usize> = pools.iter_mut().filter_map(Vec::pop).collect();
+        if drawn.len() < 2 {
+            return Err(SamplingError::RatioTooHigh {
+                pairs: step,
+                wanted: pairs,
+                classes: drawn.len(),
+                max_ratio: 2.0 * smallest_but_one as f64 / buffer.len() as f64,
+            });
+        }
+        let anchor = drawn[rng.below(drawn.len() as u64) as usize];
+        let mut best: Option<(f32, usize)> = None;
+        for &other in drawn.iter().filter(|&&o| o != anchor) {
+            let v = metric.value(buffer.row(anchor), buffer.row(other));
+            let key = if metric == Metric::Cosine { -v } else { v };
+            if best.is_none_or(|(b, _)| key < b) {
+                best = Some((key, other));
+            }
+        }
+        let (key, partner) = best.expect("at least two drawn images");
+        let value = if metric == Metric::Cosine { -key } else { key };
+        out.push(Selected {
+            index: anchor,
+            partner: Some(partner),
+            value: Some(value),
+        });
+        out.push(Selected {
+            index: partner,
+            partner: Some(anchor),
+            value: Some(value),
+        });
+    }
+    Ok(out)
+}
+
+/// Neighbours per image considered when pairing in buffer mode.
+const BUFFER_NEIGHBOURS: usize = 8;
+
+/// Ours: nearest other-class neighbours over the whole buffer, then the closest disjoint pairs.
+fn buffer_pairs(
+    buffer: &ReuseBuffer,
+    metric: Metric,
+    pairs: usize,
+) -> Result<Vec<Selected>, SamplingError> {
+    if pairs == 0 {
+        return Ok(Vec::new());
+    }
+    if buffer.by_class().len() < 2 {
+        return Err(SamplingError::OneClass);
+    }
+    let k = BUFFER_NEIGHBOURS.min(buffer.len() - 1).max(1);
+    let search = Search {
+        metric,
+        k,
+        other_class: Some((buffer.targets, buffer.targets)),
+    };
+    let nn = search_host(buffer.embeddings, buffer.embeddings, buffer.dim, &search)?;
+    // Candidate pairs, closest first (for cosine, largest similarity first); ties by indices.
+    let mut candidates: Vec<(f32, usize, usize)> = Vec::with_capacity(buffer.len() * k);
+    for anchor in 0..buffer.len() {
+        for j in 0..k {
+            let partner = nn.indices[anchor * k + j];
+            if partner >= 0 {
+                let v = nn.values[anchor * k + j];
+                let key = if metric == Metric::Cosine { -v } else { v };
+                let (a, b) = (anchor.min(partner as usize), anchor.max(partner as usize));
+                candidates.push((key, a, b));
+            }
+        }
+    }
+    candidates.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let mut used = vec![false; buffer.len()];
+    let mut out = Vec::with_capacity(2 * pairs);
+    for (key, a, b) in candidates {
+        if out.len() == 2 * pairs {
+            break;
+        }
+        if used[a] || used[b] {
+            continue;
+        }
+        used[a] = true;
+        used[b] = true;
+        let value = if metric == Metric::Cosine { -key } else { key };
+        out.push(Selected {
+            index: a,
+            partner: Some(b),
+            value: Some(value),
+        });
+        out.push(Selected {
+            index: b,
+            partner: Some(a),
+            value: Some(value),
+        });
+    }
+    if out.len() < 2 * pairs {
+        return Err(SamplingError::NotEnoughPairs {
+            found: out.len(),
+            wanted: 2 * pairs,
+            neighbours: k,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Six 2-D points in three classes: class 0 at x≈0, class 1 at x≈1, class 2 at x≈10.
+    fn toy() -> (Vec<f32>, Vec<i64>) {
+        let points = [
+            [0.0, 0.0],
+            [0.1, 0.0],
+            [1.0, 0.0],
+            [1.2, 0.0],
+            [10.0, 0.0],
+            [10.5, 0.0],
+        ];
+        (
+            points.iter().flatten().copied().collect(),
+            vec![0, 0, 1, 1, 2, 2],
+        )
+    }
+
+    #[test]
+    fn budgets_none_and_random() {
+        let (e, t) = toy();
+        let b = ReuseBuffer {
+            embeddings: &e,
+            dim: 2,
+            targets: &t,
+        };
+        assert!(select(&b, Sampling::None, 0.5, PairMode::Buffer, 0)
+            .unwrap()
+            .is_empty());
+        let r = select(&b, Sampling::Random, 0.5, PairMode::Buffer, 3).unwrap();
+        assert_eq!(r.len(), 3);
+        let again = select(&b, Sampling::Random, 0.5, PairMode::Buffer, 3).unwrap();
+        assert_eq!(r, again);
+        assert_eq!(
+            select(&b, Sampling::Random, 0.34, PairMode::Buffer, 3)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            select(&b, Sampling::Random, 1.5, PairMode::Buffer, 3),
+            Err(SamplingError::BadRatio(1.5))
+        );
+    }
+
+    #[test]
+    fn faithful_picks_the_closest_drawn_image() {
+        // With one image per class, every step draws all three: whichever anchor is drawn, its
+        // partner is the closest of the other two (0 ↔ 1 are close, 2 is far from both).
+        let e = vec![0.0f32, 0.0, 1.0, 0.0, 10.0, 0.0];
+        let t = vec![0, 1, 2];
+        let b = ReuseBuffer {
+            embeddings: &e,
+            dim: 2,
+            targets: &t,
+        };
+        for seed in 0..20 {
+            let s = select(
+                &b,
+                Sampling::ClosestPair(Metric::L2),
+                0.67,
+                PairMode::Faithful,
+                seed,
+            )
+            .unwrap();
+            assert_eq!(s.len(), 2);
+            let (a, p) = (s[0].index, s[0].partner.unwrap());
+            let expected = match a {
+                0 => 1,
+                1 => 0,
+                _ => 1, // from 2: class 1 at distance 9 beats class 0 at 10
+            };
+            assert_eq!(p, expected, "seed {seed}: anchor {a}");
+            assert_eq!(
+                s[0].value,
+                Some(Metric::L2.value(&e[a * 2..a * 2 + 2], &e[p * 2..p * 2 + 2]))
+            );
+        }
+    }
+
+    #[test]
+    fn faithful_ratio_too_high() {
+        let (e, t) = toy();
+        let b = ReuseBuffer {
+            embeddings: &e,
+            dim: 2,
+            targets: &t,
+        };
+        // Two images per class: at most two steps (4 images = 0.67 of the buffer).
+        assert_eq!(
+            select(
+                &b,
+                Sampling::ClosestPair(Metric::L1),
+                0.67,
+                PairMode::Faithful,
+                1
+            )
+            .unwrap()
+            .len(),
+            4
+        );
+        let err = select(
+            &b,
+            Sampling::ClosestPair(Metric::L1),
+            1.0,
+            PairMode::Faithful,
+            1,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SamplingError::RatioTooHigh {
+                    pairs: 2,
+                    wanted: 3,
+                    classes: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().starts_with("ratio too high"));
+    }
+
+    #[test]
+    fn buffer_pairs_are_other_class_disjoint_and_closest_first() {
+        let (e, t) = toy();
+        let b = ReuseBuffer {
+            embeddings: &e,
+            dim: 2,
+            targets: &t,
+        };
+        let s = select(
+            &b,
+            Sampling::ClosestPair(Metric::L2),
+            0.34,
+            PairMode::Buffer,
+            0,
+        )
+        .unwrap();
+        // The closest other-class pair is 1 (x=0.1) ↔ 2 (x=1.0).
+        assert_eq!((s[0].index, s[0].partner), (1, Some(2)));
+        let all = select(
+            &b,
+            Sampling::ClosestPair(Metric::L2),
+            0.67,
+            PairMode::Buffer,
+            0,
+        )
+        .unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!((all[2].index, all[2].partner), (0, Some(3)));
+        // Both class-2 images are far from everything and cannot pair with each other once
+        // the others are used: a full buffer cannot be paired.
+        let err = select(
+            &b,
+            Sampling::ClosestPair(Metric::L2),
+            1.0,
+            PairMode::Buffer,
+            0,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SamplingError::NotEnoughPairs {
+                    found: 4,
+                    wanted: 6,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for x in &all {
+            assert!(seen.insert(x.index), "image {} repeats", x.index);
+            assert_ne!(t[x.index], t[x.partner.unwrap()]);
+        }
+    }
+
+    #[test]
+    fn buffer_pairs_on_random_data() {
+        let mut rng = Rng::new(4);
+        let (n, d) = (300, 16);
+        let e: Vec<f32> = (0..n * d).map(|_| rng.unit_f64() as f32).collect();
+        let t: Vec<i64> = (0..n).map(|i| (i % 5) as i64).collect();
+        let b = ReuseBuffer {
+            embeddings: &e,
+            dim: d,
+            targets: &t,
+        };
+        for metric in [Metric::L1, Metric::L2, Metric::Cosine] {
+            let s = select(&b, Sampling::ClosestPair(metric), 0.5, PairMode::Buffer, 0).unwrap();
+            assert_eq!(s.len(), 150);
+            let unique: std::collections::HashSet<_> = s.iter().map(|x| x.index).collect();
+            assert_eq!(unique.len(), 150);
+            assert!(s.iter().all(|x| t[x.index] != t[x.partner.unwrap()]));
+            assert_eq!(
+                s,
+                select(&b, Sampling::ClosestPair(metric), 0.5, PairMode::Buffer, 9).unwrap()
+            );
+        }
+    }
+}
