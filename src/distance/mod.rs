@@ -10,6 +10,8 @@
 //! (cosine).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod generic;
 pub mod l1_simd;
 pub mod topk;
@@ -259,8 +261,8 @@ fn host_matrix(t: &Tensor, what: &'static str) -> anyhow::Result<(Vec<f32>, usiz
     Ok((data, rows, dim))
 }
 
-/// Searches tensors: the CPU path for CPU tensors; on other devices, candle's generic tensor
-/// ops tile by tile (correct, not yet fast).
+/// Searches tensors: the CPU path for CPU tensors; the CUDA kernels for CUDA tensors (feature
+/// `cuda`); elsewhere (Metal) candle's generic tensor ops tile by tile (correct, not fast).
 pub fn search(queries: &Tensor, candidates: &Tensor, s: &Search) -> anyhow::Result<Neighbors> {
     let (_, dq) = queries.dims2().map_err(|_| DistanceError::BadShape {
         what: "queries",
@@ -281,6 +283,15 @@ pub fn search(queries: &Tensor, candidates: &Tensor, s: &Search) -> anyhow::Resu
         let (q, _, d) = host_matrix(queries, "queries")?;
         let (c, _, _) = host_matrix(candidates, "candidates")?;
         return Ok(search_host(&q, &c, d, s)?);
+    }
+    #[cfg(feature = "cuda")]
+    if queries.device().is_cuda() {
+        let (q, _, d) = host_matrix(queries, "queries")?;
+        let (c, _, _) = host_matrix(candidates, "candidates")?;
+        validate(&q, &c, d, s)?;
+        if let Some((_, indices)) = cuda::search(queries, candidates, s)? {
+            return Ok(finish(&q, &c, d, s.metric, s.k, indices));
+        }
     }
     generic::search(queries, candidates, s)
 }
