@@ -4,7 +4,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::ops::{depthwise_conv2d, DepthwiseParams};
+use crate::ops::{bias_act, depthwise_conv2d, DepthwiseParams};
 
 /// How a [`ConvBn`] convolves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,8 +125,8 @@ impl Module for ConvBn {
             ConvKind::Pointwise => {
                 let (cout, cin) = self.weight.dims2()?;
                 let flat = x.reshape((n, cin, h * w))?;
-                let y = self.weight.broadcast_matmul(&flat)?;
-                y.broadcast_add(&self.bias.reshape((cout, 1))?)?
+                self.weight
+                    .broadcast_matmul(&flat)?
                     .reshape((n, cout, h, w))?
             }
             ConvKind::Depthwise => {
@@ -138,26 +138,20 @@ impl Module for ConvBn {
                     pad_left: pl,
                     pad_right: pr,
                 };
-                let y = depthwise_conv2d(x, &self.weight, params)?;
-                y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+                depthwise_conv2d(x, &self.weight, params)?
             }
             ConvKind::Dense => {
                 let (pt, pb, pl, pr) = self.padding.resolve(h, w, self.kernel, self.stride);
-                let y = if pt == pb && pl == pr && pt == pl {
+                if pt == pb && pl == pr && pt == pl {
                     x.conv2d(&self.weight, pt, self.stride, 1, 1)?
                 } else {
                     x.pad_with_zeros(D::Minus2, pt, pb)?
                         .pad_with_zeros(D::Minus1, pl, pr)?
                         .conv2d(&self.weight, 0, self.stride, 1, 1)?
-                };
-                y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+                }
             }
         };
-        if self.relu6 {
-            y.clamp(0f32, 6f32)
-        } else {
-            Ok(y)
-        }
+        bias_act(&y, &self.bias, self.relu6)
     }
 }
 

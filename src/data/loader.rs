@@ -7,7 +7,6 @@ use std::thread::JoinHandle;
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use image::DynamicImage;
-use rayon::prelude::*;
 
 use super::decode::decode_image;
 use super::error::{DataError, Result};
@@ -107,7 +106,9 @@ impl HostBatch {
     }
 }
 
-/// Decodes and preprocesses `paths[offset..offset + paths.len()]` in parallel.
+/// Decodes and preprocesses `paths[offset..offset + paths.len()]` on the calling thread (the
+/// loader's worker thread, so the model keeps the cores: candle's CPU ops synchronise their
+/// threads with spinning barriers, which competing decode threads would stall).
 pub fn load_batch(
     paths: &[PathBuf],
     offset: usize,
@@ -115,7 +116,7 @@ pub fn load_batch(
     skip_bad: bool,
 ) -> Result<HostBatch> {
     let decoded: Vec<Result<Vec<f32>>> = paths
-        .par_iter()
+        .iter()
         .map(|p| decode_image(p).map(|img| pre.apply(&img)))
         .collect();
     let mut batch = HostBatch {

@@ -1,8 +1,10 @@
 //! Custom tensor ops that candle lacks or runs slowly, each with its CPU path and (behind
 //! features) its GPU kernels in `kernels/`.
 
+pub mod bias_act;
 pub mod depthwise;
 #[cfg(feature = "cuda")]
 mod depthwise_cuda;
 
+pub use bias_act::bias_act;
 pub use depthwise::{depthwise_conv2d, DepthwiseParams};
