@@ -9,6 +9,21 @@
 /// `l1(q, x[0..4])` for four candidates of the same length as `q`.
 pub type L1x4 = fn(&[f32], [&[f32]; 4]) -> [f32; 4];
 
+/// `l1(q[a], x[c])` for two queries and four candidates: each candidate load serves two
+/// queries and each query load four candidates.
+pub type L1x2x4 = fn([&[f32]; 2], [&[f32]; 4]) -> [[f32; 4]; 2];
+
+/// The fastest two-query kernel this CPU supports.
+pub fn select_2x4() -> L1x2x4 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return avx512::l1x2x4;
+        }
+    }
+    |q, x| [select()(q[0], x), select()(q[1], x)]
+}
+
 /// The fastest kernel this CPU supports.
 pub fn select() -> L1x4 {
     #[cfg(target_arch = "x86_64")]
@@ -71,6 +86,42 @@ mod avx512 {
         // SAFETY: `select` returns this kernel only when AVX-512F is available; the slices all
         // have q.len() elements, and every load below stays within that length.
         unsafe { kernel(q, x) }
+    }
+
+    pub fn l1x2x4(q: [&[f32]; 2], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        assert!(q[1].len() == q[0].len() && x.iter().all(|c| c.len() == q[0].len()));
+        // SAFETY: as for `l1x4`: AVX-512F is available and all slices have the same length.
+        unsafe { kernel_2x4(q, x) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel_2x4(q: [&[f32]; 2], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let n = q[0].len();
+        let (q0p, q1p) = (q[0].as_ptr(), q[1].as_ptr());
+        let p = [x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr()];
+        let mut a = [[_mm512_setzero_ps(); 4]; 2];
+        let mut i = 0;
+        while i + 16 <= n {
+            let qa = _mm512_loadu_ps(q0p.add(i));
+            let qb = _mm512_loadu_ps(q1p.add(i));
+            for c in 0..4 {
+                let xc = _mm512_loadu_ps(p[c].add(i));
+                a[0][c] = _mm512_add_ps(a[0][c], _mm512_abs_ps(_mm512_sub_ps(qa, xc)));
+                a[1][c] = _mm512_add_ps(a[1][c], _mm512_abs_ps(_mm512_sub_ps(qb, xc)));
+            }
+            i += 16;
+        }
+        let mut out = [[0f32; 4]; 2];
+        for (r, qp) in [q0p, q1p].into_iter().enumerate() {
+            for c in 0..4 {
+                let mut s = _mm512_reduce_add_ps(a[r][c]);
+                for j in i..n {
+                    s += (*qp.add(j) - *p[c].add(j)).abs();
+                }
+                out[r][c] = s;
+            }
+        }
+        out
     }
 
     #[target_feature(enable = "avx512f")]
