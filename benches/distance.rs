@@ -56,9 +56,17 @@ fn distance_cuda(c: &mut Criterion) {
     group.sample_size(10);
     for dim in [512usize, 1280] {
         let candidates = Tensor::from_vec(randn(N, dim, 1), (N, dim), &dev).expect("candidates");
-        for (metric, name, q) in [(Metric::L2, "l2", 2048usize), (Metric::Cosine, "cosine", 2048), (Metric::L1, "l1", 256)] {
+        for (metric, name, q) in [
+            (Metric::L2, "l2", 2048usize),
+            (Metric::Cosine, "cosine", 2048),
+            (Metric::L1, "l1", 256),
+        ] {
             let queries = Tensor::from_vec(randn(q, dim, 2), (q, dim), &dev).expect("queries");
-            let search = Search { metric, k: 1, other_class: None };
+            let search = Search {
+                metric,
+                k: 1,
+                other_class: None,
+            };
             group.throughput(Throughput::Elements((q * N) as u64));
             group.bench_function(format!("{name}/d{dim}"), |b| {
                 b.iter(|| bccp::distance::search(&queries, &candidates, &search).expect("search"))

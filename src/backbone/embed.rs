@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::cache::{sha256, Digest32, EmbeddingCache};
 use super::Backbone;
+use crate::data::loader::DecodeThreads;
 use crate::data::{BatchLoader, ImageFolder, Preprocess};
 use crate::progress::Progress;
 
@@ -148,7 +149,12 @@ pub fn embed_images(
         let paths: Vec<PathBuf> = missing.iter().map(|&i| list.files[i].clone()).collect();
         opts.progress.start(paths.len() as u64, "embedding");
         let mut fresh = Vec::with_capacity(missing.len());
-        for batch in BatchLoader::new(paths, opts.batch, *pre, opts.skip_bad)? {
+        let threads = if opts.device.is_cpu() {
+            DecodeThreads::Calling
+        } else {
+            DecodeThreads::Rayon
+        };
+        for batch in BatchLoader::with_threads(paths, opts.batch, *pre, opts.skip_bad, threads)? {
             let batch = batch?;
             stats.skipped.extend(batch.skipped.iter().cloned());
             if !batch.indices.is_empty() {

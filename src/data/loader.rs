@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use image::DynamicImage;
+use rayon::prelude::*;
 
 use super::decode::decode_image;
 use super::error::{DataError, Result};
@@ -165,7 +166,7 @@ impl BatchLoader {
         let (sender, receiver) = sync_channel(1);
         let worker = std::thread::spawn(move || {
             for (b, chunk) in paths.chunks(batch_size).enumerate() {
-                let batch = load_batch(chunk, b * batch_size, &pre, skip_bad);
+                let batch = load_batch_on(chunk, b * batch_size, &pre, skip_bad, threads);
                 let failed = batch.is_err();
                 if sender.send(batch).is_err() || failed {
                     break;
