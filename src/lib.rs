@@ -13,3 +13,4 @@ pub mod ops;
 pub mod progress;
 pub mod rng;
 pub mod sampling;
+pub mod train;

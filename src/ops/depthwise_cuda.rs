@@ -1,5 +1,6 @@
 //! CUDA launches of the depthwise kernels in `kernels/depthwise.cu` (feature `cuda`).
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{Layout, Result};
