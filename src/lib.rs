@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod backbone;
+pub mod cutoff;
 pub mod data;
 pub mod device;
 pub mod distance;

@@ -1,0 +1,485 @@
+//! The Bayesian cut-off: an MC-dropout classifier (dropout p = 0.5 before a linear head) scores
+//! every training sample; the highest-scoring share is dropped or relabelled.
+//!
+//! The T stochastic passes run fused: masks [T, n, F] × features → logits [T, n, C] in one
+//! batched product per chunk of samples, then per-sample reductions — no per-pass loop, no host
+//! round trip per pass.
+
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use crate::distance::{search_host, Metric, Search};
+use crate::rng::Rng;
+use crate::train::Head;
+
+/// How uncertain / suspicious a training sample is (higher = more likely noisy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Score {
+    /// The reference's: variance over passes of the sum of logits.
+    LogitSumVar,
+    /// Variance over passes of the given label's probability.
+    LabelProbVar,
+    /// Entropy of the MC-mean prediction.
+    Entropy,
+    /// Mutual information between prediction and weights (BALD).
+    Bald,
+    /// 1 − MC-mean probability of the given label (the default).
+    LabelProbMean,
+    /// Top MC-mean probability minus the given label's.
+    Margin,
+    /// Share of the k nearest neighbours (embedding space) whose label differs.
+    KnnDisagreement,
+}
+
+impl Score {
+    /// Command-line names, in declaration order.
+    pub const NAMES: [&'static str; 7] = [
+        "logit_sum_var",
+        "label_prob_var",
+        "entropy",
+        "bald",
+        "label_prob_mean",
+        "margin",
+        "knn_disagreement",
+    ];
+    const ALL: [Score; 7] = [
+        Score::LogitSumVar,
+        Score::LabelProbVar,
+        Score::Entropy,
+        Score::Bald,
+        Score::LabelProbMean,
+        Score::Margin,
+        Score::KnnDisagreement,
+    ];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[Self::ALL.iter().position(|&s| s == self).unwrap_or(0)]
+    }
+}
+
+impl FromStr for Score {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::NAMES
+            .iter()
+            .position(|&n| n == s)
+            .map(|i| Self::ALL[i])
+            .ok_or_else(|| {
+                format!(
+                    "unknown cut-off score {s:?}; valid: {}",
+                    Self::NAMES.join(", ")
+                )
+            })
+    }
+}
+
+/// Per-sample statistics of the T stochastic passes.
+#[derive(Debug, Clone)]
+pub struct McStats {
+    /// MC-mean class probabilities [n, C].
+    pub mean_probs: Tensor,
+    /// Variance over passes of Σ logits [n].
+    pub logit_sum_var: Tensor,
+    /// Variance over passes of the given label's probability [n].
+    pub label_prob_var: Tensor,
+    /// Mean over passes of each pass's entropy [n].
+    pub mean_entropy: Tensor,
+}
+
+/// Samples per fused chunk (T × chunk × F floats of masked features).
+const CHUNK: usize = 1024;
+
+/// Draws the dropout masks of all passes for samples `[start, start + n)`: [T, n, F], keep
+/// probability 1 − p, scaled by 1 / (1 − p). Each sample's masks come from its own stream, so
+/// chunking does not change them.
+pub fn mc_masks(
+    seed: u64,
+    passes: usize,
+    start: usize,
+    n: usize,
+    features: usize,
+    p: f32,
+    device: &Device,
+) -> Result<Tensor> {
+    let scale = 1.0 / (1.0 - p);
+    let mut values = vec![0f32; passes * n * features];
+    for (row, out) in values.chunks_mut(features).enumerate() {
+        let (t, i) = (row / n, start + row % n);
+        let mut rng = Rng::derive(seed, ((t as u64) << 40) | i as u64);
+        for v in out {
+            *v = if rng.unit_f64() < f64::from(p) {
+                0.0
+            } else {
+                scale
+            };
+        }
+    }
+    Tensor::from_vec(values, (passes, n, features), device)
+}
+
+/// The fused MC passes over one chunk: masks [T, n, F] ⊙ x [n, F] → logits [T, n, C].
+pub fn mc_logits(head: &Head, x: &Tensor, masks: &Tensor) -> Result<Tensor> {
+    let (t, n, f) = masks.dims3()?;
+    let masked = masks.broadcast_mul(&x.unsqueeze(0)?)?;
+    head.logits(&masked.reshape((t * n, f))?)?
+        .reshape((t, n, head.classes))
+}
+
+fn stats_of(logits: &Tensor, labels: &Tensor) -> Result<McStats> {
+    let probs = candle_nn::ops::softmax_last_dim(logits)?; // [T, n, C]
+    let t = logits.dim(0)?;
+    let label_idx = labels
+        .to_dtype(DType::U32)?
+        .reshape((1, (), 1))?
+        .repeat((t, 1, 1))?;
+    let label_p = probs.gather(&label_idx, 2)?.squeeze(2)?; // [T, n]
+    let sums = logits.sum(D::Minus1)?; // [T, n]
+    let var = |v: &Tensor| -> Result<Tensor> {
+        let mean = v.mean_keepdim(0)?;
+        v.broadcast_sub(&mean)?.sqr()?.mean(0)
+    };
+    let entropy =
+        |p: &Tensor| -> Result<Tensor> { (p.clamp(1e-12, 1.0)?.log()? * p)?.sum(D::Minus1)?.neg() };
+    Ok(McStats {
+        mean_probs: probs.mean(0)?,
+        logit_sum_var: var(&sums)?,
+        label_prob_var: var(&label_p)?,
+        mean_entropy: entropy(&probs)?.mean(0)?,
+    })
+}
+
+/// Runs T fused MC-dropout passes of `head` over `features` [N, F] with given `labels`.
+pub fn mc_stats(
+    head: &Head,
+    features: &Tensor,
+    labels: &[u32],
+    passes: usize,
+    p: f32,
+    seed: u64,
+) -> Result<McStats> {
+    let (n, f) = features.dims2()?;
+    let device = features.device();
+    let labels = Tensor::new(labels, device)?;
+    let mut parts = Vec::new();
+    for start in (0..n).step_by(CHUNK) {
+        let len = CHUNK.min(n - start);
+        let masks = mc_masks(seed, passes, start, len, f, p, device)?;
+        let logits = mc_logits(head, &features.narrow(0, start, len)?, &masks)?;
+        parts.push(stats_of(&logits, &labels.narrow(0, start, len)?)?);
+    }
+    let cat =
+        |get: fn(&McStats) -> &Tensor| Tensor::cat(&parts.iter().map(get).collect::<Vec<_>>(), 0);
+    Ok(McStats {
+        mean_probs: cat(|s| &s.mean_probs)?,
+        logit_sum_var: cat(|s| &s.logit_sum_var)?,
+        label_prob_var: cat(|s| &s.label_prob_var)?,
+        mean_entropy: cat(|s| &s.mean_entropy)?,
+    })
+}
+
+/// Neighbours used by `knn_disagreement`.
+pub const KNN: usize = 10;
+
+/// The chosen score of every sample.
+pub fn score(
+    stats: &McStats,
+    which: Score,
+    features: &Tensor,
+    labels: &[u32],
+) -> anyhow::Result<Vec<f32>> {
+    let labels_t = Tensor::new(labels, stats.mean_probs.device())?;
+    let label_mean = stats
+        .mean_probs
+        .gather(&labels_t.unsqueeze(1)?, 1)?
+        .squeeze(1)?;
+    let entropy_of_mean = (stats.mean_probs.clamp(1e-12, 1.0)?.log()? * &stats.mean_probs)?
+        .sum(D::Minus1)?
+        .neg()?;
+    let t = match which {
+        Score::LogitSumVar => stats.logit_sum_var.clone(),
+        Score::LabelProbVar => stats.label_prob_var.clone(),
+        Score::Entropy => entropy_of_mean,
+        Score::Bald => (entropy_of_mean - &stats.mean_entropy)?,
+        Score::LabelProbMean => (1.0 - label_mean)?,
+        Score::Margin => (stats.mean_probs.max(D::Minus1)? - label_mean)?,
+        Score::KnnDisagreement => return knn_disagreement(features, labels),
+    };
+    Ok(t.to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?)
+}
+
+/// Share of each sample's `KNN` nearest neighbours (cosine, itself excluded) whose label
+/// differs from its own.
+pub fn knn_disagreement(features: &Tensor, labels: &[u32]) -> anyhow::Result<Vec<f32>> {
+    let (n, f) = features.dims2()?;
+    let k = KNN.min(n.saturating_sub(1)).max(1);
+    let x = features
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    // Ask for k + 1 and skip the sample itself.
+    let nn = search_host(
+        &x,
+        &x,
+        f,
+        &Search {
+            metric: Metric::Cosine,
+            k: (k + 1).min(n),
+            other_class: None,
+        },
+    )?;
+    let kk = nn.k;
+    Ok((0..n)
+        .map(|i| {
+            let others: Vec<usize> = nn.indices[i * kk..(i + 1) * kk]
+                .iter()
+                .filter(|&&j| j >= 0 && j as usize != i)
+                .take(k)
+                .map(|&j| j as usize)
+                .collect();
+            let differ = others.iter().filter(|&&j| labels[j] != labels[i]).count();
+            differ as f32 / others.len().max(1) as f32
+        })
+        .collect())
+}
+
+/// What to do with the samples above the cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Drop,
+    /// Replace the label by the MC-mean prediction.
+    Relabel,
+}
+
+impl FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "drop" => Ok(Action::Drop),
+            "relabel" => Ok(Action::Relabel),
+            _ => Err(format!(
+                "unknown cut-off action {s:?}; valid: drop, relabel"
+            )),
+        }
+    }
+}
+
+/// Where to cut.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Percentile {
+    /// Samples above this percentile (0–100) of the scores are cut.
+    Fixed(f64),
+    /// Cut the estimated share of noisy labels: the share whose MC-mean prediction differs
+    /// from the given label.
+    Auto,
+}
+
+impl FromStr for Percentile {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "auto" {
+            return Ok(Percentile::Auto);
+        }
+        match s.parse::<f64>() {
+            Ok(p) if (0.0..=100.0).contains(&p) => Ok(Percentile::Fixed(p)),
+            _ => Err(format!(
+                "invalid cut-off percentile {s:?}; expected a number in [0, 100] or auto"
+            )),
+        }
+    }
+}
+
+/// The outcome of a cut.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CutResult {
+    pub scores: Vec<f32>,
+    pub threshold: f32,
+    /// Indices kept with their (possibly new) labels.
+    pub kept: Vec<usize>,
+    pub dropped: Vec<usize>,
+    /// (index, new label) of relabelled samples (also in `kept`).
+    pub relabelled: Vec<(usize, u32)>,
+    /// Labels after the cut, for every sample (dropped ones keep their old label).
+    pub labels: Vec<u32>,
+}
+
+/// Linear-interpolated percentile (numpy's default) of `values`.
+pub fn percentile(values: &[f32], q: f64) -> f32 {
+    let mut v = values.to_vec();
+    v.sort_by(f32::total_cmp);
+    if v.is_empty() {
+        return f32::NAN;
+    }
+    let pos = q / 100.0 * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let frac = (pos - lo as f64) as f32;
+    v[lo] + (v[hi] - v[lo]) * frac
+}
+
+/// Cuts the samples whose score is above the chosen percentile.
+pub fn cut(
+    scores: Vec<f32>,
+    labels: &[u32],
+    predicted: &[u32],
+    percentile_choice: Percentile,
+    action: Action,
+) -> CutResult {
+    let q = match percentile_choice {
+        Percentile::Fixed(p) => p,
+        Percentile::Auto => {
+            let disagree = predicted.iter().zip(labels).filter(|(p, l)| p != l).count() as f64;
+            100.0 * (1.0 - disagree / labels.len().max(1) as f64)
+        }
+    };
+    let threshold = percentile(&scores, q);
+    let mut result = CutResult {
+        threshold,
+        kept: Vec::new(),
+        dropped: Vec::new(),
+        relabelled: Vec::new(),
+        labels: labels.to_vec(),
+        scores: Vec::new(),
+    };
+    for (i, &s) in scores.iter().enumerate() {
+        if s > threshold {
+            match action {
+                Action::Drop => result.dropped.push(i),
+                Action::Relabel => {
+                    result.labels[i] = predicted[i];
+                    result.relabelled.push((i, predicted[i]));
+                    result.kept.push(i);
+                }
+            }
+        } else {
+            result.kept.push(i);
+        }
+    }
+    result.scores = scores;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::Linear;
+
+    fn head(classes: usize, f: usize, seed: u64) -> Head {
+        let mut rng = Rng::new(seed);
+        let w: Vec<f32> = (0..classes * f)
+            .map(|_| rng.unit_f64() as f32 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..classes).map(|_| rng.unit_f64() as f32 - 0.5).collect();
+        Head {
+            linear: Linear::new(
+                Tensor::from_vec(w, (classes, f), &Device::Cpu).unwrap(),
+                Some(Tensor::from_vec(b, classes, &Device::Cpu).unwrap()),
+            ),
+            classes,
+        }
+    }
+
+    #[test]
+    fn fused_passes_equal_explicit_passes() {
+        let (n, f, c, t) = (37, 12, 4, 10);
+        let h = head(c, f, 1);
+        let mut rng = Rng::new(2);
+        let x = Tensor::from_vec(
+            (0..n * f)
+                .map(|_| rng.unit_f64() as f32)
+                .collect::<Vec<_>>(),
+            (n, f),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let masks = mc_masks(9, t, 0, n, f, 0.5, &Device::Cpu).unwrap();
+        let fused = mc_logits(&h, &x, &masks).unwrap();
+        for pass in 0..t {
+            let explicit = h
+                .logits(&(x.clone() * masks.get(pass).unwrap()).unwrap())
+                .unwrap();
+            let d: f32 = (fused.get(pass).unwrap() - explicit)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(d < 1e-5, "pass {pass}: {d}");
+        }
+        // Chunking does not change the masks.
+        let part = mc_masks(9, t, 5, 3, f, 0.5, &Device::Cpu).unwrap();
+        let d: f32 = (part - masks.narrow(1, 5, 3).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
+    }
+
+    #[test]
+    fn scores_by_hand_and_cut() {
+        // Two passes, one sample, two classes: logits (0, 0) then (ln 3, 0).
+        let logits = Tensor::new(&[[[0f32, 0.0]], [[3f32.ln(), 0.0]]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+        let s = stats_of(&logits, &labels).unwrap();
+        // p = (0.5, 0.5) and (0.75, 0.25): mean (0.625, 0.375); label prob 0.5, 0.25.
+        let mean = s.mean_probs.to_vec2::<f32>().unwrap();
+        assert!((mean[0][0] - 0.625).abs() < 1e-6);
+        assert!((s.label_prob_var.to_vec1::<f32>().unwrap()[0] - 0.015625).abs() < 1e-6);
+        let sum_var = (3f32.ln() / 2.0).powi(2);
+        assert!((s.logit_sum_var.to_vec1::<f32>().unwrap()[0] - sum_var).abs() < 1e-6);
+        let x = Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
+        let lpm = score(&s, Score::LabelProbMean, &x, &[1]).unwrap()[0];
+        assert!((lpm - 0.625).abs() < 1e-6);
+        let margin = score(&s, Score::Margin, &x, &[1]).unwrap()[0];
+        assert!((margin - 0.25).abs() < 1e-6);
+        let h = |p: f32, q: f32| -(p * p.ln() + q * q.ln());
+        let bald = score(&s, Score::Bald, &x, &[1]).unwrap()[0];
+        assert!((bald - (h(0.625, 0.375) - (h(0.5, 0.5) + h(0.75, 0.25)) / 2.0)).abs() < 1e-5);
+
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0, 5.0], 90.0), 4.6);
+        let r = cut(
+            vec![0.1, 0.9, 0.5, 0.95],
+            &[0, 1, 1, 0],
+            &[0, 0, 1, 1],
+            Percentile::Fixed(50.0),
+            Action::Drop,
+        );
+        assert_eq!(
+            (r.kept.clone(), r.dropped.clone()),
+            (vec![0, 2], vec![1, 3])
+        );
+        let r = cut(
+            vec![0.1, 0.9, 0.5, 0.95],
+            &[0, 1, 1, 0],
+            &[0, 0, 1, 1],
+            Percentile::Auto,
+            Action::Relabel,
+        );
+        // Half the predictions disagree → cut above the 50th percentile.
+        assert_eq!(r.relabelled, vec![(1, 0), (3, 1)]);
+        assert_eq!(r.labels, vec![0, 0, 1, 1]);
+        assert!("x".parse::<Percentile>().is_err() && "101".parse::<Percentile>().is_err());
+        assert_eq!("auto".parse::<Percentile>(), Ok(Percentile::Auto));
+    }
+
+    #[test]
+    fn knn_disagreement_counts_other_labels() {
+        // Points on a line; the one labelled 1 among 0s disagrees with all its neighbours.
+        let x: Vec<f32> = (0..12).flat_map(|i| [1.0, i as f32 * 0.01]).collect();
+        let mut labels = vec![0u32; 12];
+        labels[6] = 1;
+        let t = Tensor::from_vec(x, (12, 2), &Device::Cpu).unwrap();
+        let s = knn_disagreement(&t, &labels).unwrap();
+        assert_eq!(s[6], 1.0);
+        assert!(s[0] <= 0.1);
+    }
+}
