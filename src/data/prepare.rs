@@ -189,6 +189,8 @@ fn check_disjoint(source: &Path, out: &Path) -> Result<()> {
 
 /// Stream ids of the corruption generators, separate from the per-class split streams.
 const CORRUPTION_STREAM: u64 = 1 << 40;
+/// Stream ids of the arrival orders of the two days.
+const ARRIVAL_STREAM: u64 = 1 << 41;
 
 enum Outcome {
     Written,
@@ -338,8 +340,15 @@ pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSumm
             })
             .collect()
     };
-    let monday_records = records_for(&monday, Day::Monday);
-    let tuesday_records = records_for(&tuesday, Day::Tuesday);
+    // Images arrive over the day in random class order (seeded), so the first N records of a
+    // manifest are a representative sample (the reference's `--monday-num N`).
+    let arrival = |indices: &[usize], stream: u64| {
+        let mut order = indices.to_vec();
+        Rng::derive(opts.seed, ARRIVAL_STREAM + stream).shuffle(&mut order);
+        order
+    };
+    let monday_records = records_for(&arrival(&monday, 0), Day::Monday);
+    let tuesday_records = records_for(&arrival(&tuesday, 1), Day::Tuesday);
     let per_class = |records: &[Record]| {
         let mut counts = vec![0; folder.classes.len()];
         for r in records {
