@@ -43,6 +43,118 @@ enum Command {
     Closest(ClosestArgs),
     /// Choose images to replay from the reuse buffer (none, random, closest pairs).
     Sample(SampleArgs),
+    /// The full run: embed, replay, Bayesian cut-off, train, evaluate, register.
+    Train(TrainArgs),
+    /// Classify images with a registered run.
+    Predict(PredictArgs),
+    /// List registered runs with their key metrics.
+    Runs(RunsArgs),
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// A folder made by `bccp prepare`.
+    #[arg(short = 'd', long)]
+    dataset: PathBuf,
+    /// monday (train and test on Monday) or tuesday (train on Tuesday + replay, test on both).
+    #[arg(short = 't', long, default_value = "monday", value_parser = ["monday", "tuesday"])]
+    target_day: String,
+    /// ground_truth or user_feedback (Tuesday labels right with probability --user-accuracy).
+    #[arg(short = 'l', long, default_value = "ground_truth", value_parser = ["ground_truth", "user_feedback"])]
+    label: String,
+    /// Probability that a user's label is right.
+    #[arg(long, default_value_t = 0.7)]
+    user_accuracy: f64,
+    /// Bayesian cut-off: Y or N.
+    #[arg(short = 'b', long, default_value = "N", value_parser = ["Y", "N", "y", "n"])]
+    bayesian_cut_off: String,
+    /// none, random, l1_norm, l2_norm or cosine_similarity.
+    #[arg(short = 's', long, default_value = "none")]
+    sampling_type: bccp::sampling::Sampling,
+    /// Closest pairs: faithful (the reference's procedure) or buffer (ours).
+    #[arg(long, default_value = "buffer")]
+    sampling_mode: bccp::sampling::PairMode,
+    /// Use the first N records of Monday's manifest.
+    #[arg(long)]
+    monday_num: Option<usize>,
+    /// Use the first N records of Tuesday's manifest (required for --target-day tuesday).
+    #[arg(long)]
+    tuesday_num: Option<usize>,
+    /// Share of the reuse buffer to replay (required when sampling is not none).
+    #[arg(short = 'r', long)]
+    ratio: Option<f64>,
+    /// Name of the run in the registry.
+    #[arg(long, default_value = "bccp")]
+    model_name: String,
+    /// Backbone from the zoo.
+    #[arg(long, default_value = "mobilenet_v2")]
+    backbone: String,
+    /// Local backbone weights instead of the zoo's source.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Input size override (e.g. 64 for 28×28 images).
+    #[arg(long)]
+    image_size: Option<u32>,
+    /// Cut-off score: label_prob_mean (default), margin, knn_disagreement, logit_sum_var (the reference's), label_prob_var, entropy, bald.
+    #[arg(long, default_value = "label_prob_mean")]
+    cutoff_score: bccp::cutoff::Score,
+    /// Percentile above which samples are cut (0–100), or auto (the estimated noise share).
+    #[arg(long, default_value = "90")]
+    cutoff_percentile: bccp::cutoff::Percentile,
+    /// drop or relabel the cut samples.
+    #[arg(long, default_value = "drop")]
+    cutoff_action: bccp::cutoff::Action,
+    /// MC-dropout passes.
+    #[arg(long, default_value_t = 10)]
+    mc_passes: usize,
+    #[arg(long, default_value_t = 15)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// ce or anl_ce.
+    #[arg(long, default_value = "ce")]
+    loss: bccp::train::Loss,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Registry folder.
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Embedding cache folder (default: BCCP_CACHE, else ~/.cache/bccp).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Do not use the embedding cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Never touch the network for hub weights.
+    #[arg(long)]
+    offline: bool,
+}
+
+#[derive(Args, Debug)]
+struct PredictArgs {
+    /// A registered run: NAME (latest version) or NAME:VERSION.
+    #[arg(long)]
+    model: String,
+    /// Registry folder.
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Images to classify.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct RunsArgs {
+    /// Registry folder.
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -513,6 +625,110 @@ fn run_sample(args: SampleArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
+    use bccp::data::Day;
+    use bccp::pipeline::{LabelSource, RunConfig};
+    if args.sampling_type != bccp::sampling::Sampling::None && args.ratio.is_none() {
+        anyhow::bail!("--ratio is required when --sampling-type is not none");
+    }
+    let cfg = RunConfig {
+        dataset: args.dataset,
+        target_day: if args.target_day == "tuesday" { Day::Tuesday } else { Day::Monday },
+        label: if args.label == "user_feedback" { LabelSource::UserFeedback } else { LabelSource::GroundTruth },
+        user_accuracy: args.user_accuracy,
+        bayesian_cutoff: args.bayesian_cut_off.eq_ignore_ascii_case("y"),
+        sampling: args.sampling_type,
+        sampling_mode: args.sampling_mode,
+        ratio: args.ratio.unwrap_or(0.0),
+        monday_num: args.monday_num,
+        tuesday_num: args.tuesday_num,
+        model_name: args.model_name,
+        backbone: args.backbone,
+        weights: args.weights,
+        image_size: args.image_size,
+        cutoff_score: args.cutoff_score,
+        cutoff_percentile: args.cutoff_percentile,
+        cutoff_action: args.cutoff_action,
+        mc_passes: args.mc_passes,
+        train: bccp::train::TrainConfig {
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            lr: args.lr,
+            loss: args.loss,
+            seed: args.seed,
+            ..Default::default()
+        },
+        device: bccp::device::parse_device(&args.device)?,
+        cache_dir: (!args.no_cache).then(|| args.cache_dir.unwrap_or_else(backbone::cache::default_cache_dir)),
+        runs_dir: args.runs_dir,
+        offline: args.offline,
+    };
+    bccp::pipeline::validate(&cfg)?;
+    println!("==================== configuration ====================");
+    println!("dataset            {}", cfg.dataset.display());
+    println!("target day         {}", cfg.target_day.as_str());
+    println!("label              {:?} (user accuracy {})", cfg.label, cfg.user_accuracy);
+    println!("bayesian cut-off   {} (score {}, percentile {:?}, action {:?}, {} passes)", if cfg.bayesian_cutoff { "Y" } else { "N" }, cfg.cutoff_score.name(), cfg.cutoff_percentile, cfg.cutoff_action, cfg.mc_passes);
+    println!("sampling           {:?} ({:?}), ratio {}", cfg.sampling, cfg.sampling_mode, cfg.ratio);
+    println!("monday / tuesday   {:?} / {:?} records", cfg.monday_num, cfg.tuesday_num);
+    println!("backbone           {} (image size {:?}) on {:?}", cfg.backbone, cfg.image_size, cfg.device.location());
+    println!("training           {} epochs, batch {}, lr {}, loss {:?}, seed {}", cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.loss, cfg.train.seed);
+    println!("=======================================================");
+    let outcome = bccp::pipeline::run(&cfg, &progress(quiet))?;
+    let m = &outcome.metrics;
+    println!("\n| metric | value |\n|---|---|");
+    for key in ["test_accuracy", "test_accuracy_monday", "test_accuracy_tuesday", "train_size", "replayed", "removed_by_cutoff", "relabelled_by_cutoff", "noisy_labels", "noise_precision", "noise_recall", "noise_f1", "noise_score_auc"] {
+        if let Some(v) = m.get(key) {
+            match v.as_f64() {
+                Some(f) if v.is_f64() => println!("| {key} | {f:.4} |"),
+                _ => println!("| {key} | {v} |"),
+            }
+        }
+    }
+    if let Some(total) = m["seconds"].get("total").and_then(|v| v.as_f64()) {
+        println!("| seconds | {total:.1} |");
+    }
+    println!("\nregistered {}:{} in {}", outcome.run.name, outcome.run.version, outcome.run.path.display());
+    Ok(())
+}
+
+fn run_predict(args: PredictArgs) -> Result<()> {
+    let run = bccp::registry::resolve(&args.runs_dir, &args.model)?;
+    let params = bccp::registry::read_json(&run, "params.json")?;
+    let classes: Vec<String> = serde_json::from_value(bccp::registry::read_json(&run, "labels.json")?)?;
+    let device = bccp::device::parse_device(&args.device)?;
+    let name = params["backbone"].as_str().context("params.json has no backbone")?;
+    let spec = backbone::zoo::find(name)?;
+    let weights = PathBuf::from(params["weights"].as_str().context("params.json has no weights")?);
+    let model = backbone::Backbone::load(&spec, &weights, &device)?;
+    let tensors = candle_core::safetensors::load(run.path.join("model.safetensors"), &device)?;
+    let get = |k: &str| tensors.get(k).cloned().with_context(|| format!("{} has no {k}", run.path.display()));
+    let head = bccp::train::Head::from_tensors(get("head.weight")?, get("head.bias")?)?;
+    let mut pre = spec.preprocess();
+    if let Some(size) = params["image_size"].as_u64() {
+        pre.width = size as u32;
+        pre.height = size as u32;
+    }
+    let batch = bccp::data::loader::load_batch(&args.images, 0, &pre, false)?;
+    let features = model.embed(&batch.to_tensor(&pre, &device)?)?;
+    let probs = candle_nn::ops::softmax_last_dim(&head.logits(&features)?)?.to_device(&candle_core::Device::Cpu)?;
+    for (path, row) in args.images.iter().zip(probs.to_vec2::<f32>()?) {
+        let (class, p) = backbone::imagenet::top_k(&row, 1)[0];
+        println!("{}\t{}\t{:.3}", path.display(), classes.get(class).map_or("?", String::as_str), p);
+    }
+    Ok(())
+}
+
+fn run_runs(args: RunsArgs) -> Result<()> {
+    println!("{:<24} {:>7} {:>9} {:>9} {:>9} {:>9}", "run", "version", "test_acc", "monday", "tuesday", "noise_f1");
+    for run in bccp::registry::list(&args.runs_dir) {
+        let m = bccp::registry::read_json(&run, "metrics.json").unwrap_or_default();
+        let f = |k: &str| m.get(k).and_then(|v| v.as_f64()).map_or("-".to_owned(), |v| format!("{v:.4}"));
+        println!("{:<24} {:>7} {:>9} {:>9} {:>9} {:>9}", run.name, run.version, f("test_accuracy"), f("test_accuracy_monday"), f("test_accuracy_tuesday"), f("noise_f1"));
+    }
+    Ok(())
+}
+
 fn run_models() {
     println!("{:<22} {:>5} {:>6}  weights", "name", "dim", "input");
     for b in backbone::zoo::zoo() {
@@ -540,6 +756,9 @@ fn main() -> ExitCode {
         Command::Classify(args) => run_classify(args),
         Command::Closest(args) => run_closest(args),
         Command::Sample(args) => run_sample(args),
+        Command::Train(args) => run_train(args, cli.quiet),
+        Command::Predict(args) => run_predict(args),
+        Command::Runs(args) => run_runs(args),
         Command::Models => {
             run_models();
             Ok(())

@@ -1,0 +1,302 @@
+//! `bccp train`: the whole Monday → Tuesday run — split, embed (cached), user-feedback labels,
+//! replay sampling, Bayesian cut-off, head training, evaluation, registration.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use crate::backbone::embed::{embed_images, EmbedOptions, ImageList};
+use crate::backbone::{cache, resolve_weights, zoo, Backbone};
+use crate::cutoff::{self, Action, Percentile, Score};
+use crate::data::{read_manifest, user_feedback_labels, Day, Record};
+use crate::progress::Progress;
+use crate::registry;
+use crate::rng::Rng;
+use crate::sampling::{self, PairMode, ReuseBuffer, Sampling};
+use crate::train::eval::{detection, evaluate, roc_auc};
+use crate::train::{train_head, TrainConfig};
+
+/// Where training labels come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelSource {
+    GroundTruth,
+    /// Users right with probability `--user-accuracy`, otherwise another class.
+    UserFeedback,
+}
+
+/// Every setting of a run (the reference's flags plus ours).
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub dataset: PathBuf,
+    pub target_day: Day,
+    pub label: LabelSource,
+    pub user_accuracy: f64,
+    pub bayesian_cutoff: bool,
+    pub sampling: Sampling,
+    pub sampling_mode: PairMode,
+    pub ratio: f64,
+    pub monday_num: Option<usize>,
+    pub tuesday_num: Option<usize>,
+    pub model_name: String,
+    pub backbone: String,
+    pub weights: Option<PathBuf>,
+    pub image_size: Option<u32>,
+    pub cutoff_score: Score,
+    pub cutoff_percentile: Percentile,
+    pub cutoff_action: Action,
+    pub mc_passes: usize,
+    pub train: TrainConfig,
+    pub device: Device,
+    pub cache_dir: Option<PathBuf>,
+    pub runs_dir: PathBuf,
+    pub offline: bool,
+}
+
+/// Share of each day that is training data (the rest is test data).
+pub const TRAIN_SHARE: f64 = 0.8;
+/// The train/test split is fixed, whatever the run's seed, so runs compare on one test set.
+pub const SPLIT_SEED: u64 = 0x5917;
+
+/// The first `n` records (all when `None`), split 80/20 with the fixed split seed.
+fn split_day(records: Vec<Record>, n: Option<usize>, stream: u64) -> (Vec<Record>, Vec<Record>) {
+    let mut records = records;
+    if let Some(n) = n {
+        records.truncate(n);
+    }
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    Rng::derive(SPLIT_SEED, stream).shuffle(&mut order);
+    let n_train = (records.len() as f64 * TRAIN_SHARE).round() as usize;
+    let mut train: Vec<usize> = order[..n_train].to_vec();
+    let mut test: Vec<usize> = order[n_train..].to_vec();
+    train.sort_unstable();
+    test.sort_unstable();
+    (train.iter().map(|&i| records[i].clone()).collect(), test.iter().map(|&i| records[i].clone()).collect())
+}
+
+fn image_list(root: &Path, records: &[Record], classes: &[String]) -> ImageList {
+    ImageList {
+        files: records.iter().map(|r| root.join(&r.image_path)).collect(),
+        recorded_paths: records.iter().map(|r| r.image_path.clone()).collect(),
+        targets: records.iter().map(|r| r.target as i64).collect(),
+        ids: Some(records.iter().map(|r| r.id as i64).collect()),
+        classes: classes.to_vec(),
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub run: registry::RunDir,
+    pub metrics: serde_json::Value,
+}
+
+/// Checks flag combinations before any work starts (the reference's rules and ours).
+pub fn validate(cfg: &RunConfig) -> Result<()> {
+    if cfg.target_day == Day::Tuesday && cfg.tuesday_num.is_none() {
+        bail!("--tuesday-num is required when --target-day is tuesday");
+    }
+    if cfg.sampling != Sampling::None && cfg.target_day == Day::Monday {
+        bail!("--sampling-type {} replays Monday data into Tuesday training; it needs --target-day tuesday", sampling_name(cfg.sampling));
+    }
+    if cfg.label == LabelSource::UserFeedback && cfg.target_day == Day::Monday {
+        bail!("--label user_feedback applies to Tuesday's labels; it needs --target-day tuesday");
+    }
+    ensure!((0.0..=1.0).contains(&cfg.user_accuracy), "--user-accuracy {} must lie in [0, 1]", cfg.user_accuracy);
+    ensure!((0.0..=1.0).contains(&cfg.ratio), "--ratio {} must lie in [0, 1]", cfg.ratio);
+    ensure!(cfg.mc_passes >= 2, "--mc-passes must be 2 or more (variances need two passes)");
+    ensure!(cfg.train.epochs >= 1, "--epochs must be 1 or more");
+    ensure!(cfg.train.batch_size >= 1, "--batch-size must be 1 or more");
+    ensure!(cfg.train.lr > 0.0 && cfg.train.lr.is_finite(), "--lr must be a positive number");
+    if cfg.monday_num == Some(0) || cfg.tuesday_num == Some(0) {
+        bail!("--monday-num and --tuesday-num must be 1 or more");
+    }
+    if let Some(size) = cfg.image_size {
+        ensure!(size >= 32, "--image-size {size} is too small; 32 or more");
+    }
+    zoo::find(&cfg.backbone)?;
+    ensure!(cfg.dataset.join("monday.jsonl").is_file(), "{} is not a prepared dataset (no monday.jsonl); make one with bccp prepare", cfg.dataset.display());
+    Ok(())
+}
+
+fn sampling_name(s: Sampling) -> &'static str {
+    match s {
+        Sampling::None => "none",
+        Sampling::Random => "random",
+        Sampling::ClosestPair(crate::distance::Metric::L1) => "l1_norm",
+        Sampling::ClosestPair(crate::distance::Metric::L2) => "l2_norm",
+        Sampling::ClosestPair(crate::distance::Metric::Cosine) => "cosine_similarity",
+    }
+}
+
+/// Runs the whole pipeline and registers the result; `progress` shows each stage.
+pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
+    validate(cfg)?;
+    let mut seconds = BTreeMap::new();
+    let started = Instant::now();
+    let info = crate::data::prepare::read_dataset_info(&cfg.dataset)?;
+    let classes = info.classes.clone();
+    let (mon_train, mon_test) = split_day(read_manifest(&cfg.dataset.join("monday.jsonl"))?, cfg.monday_num, 0);
+    let (tue_train, tue_test) = if cfg.target_day == Day::Tuesday {
+        split_day(read_manifest(&cfg.dataset.join("tuesday.jsonl"))?, cfg.tuesday_num, 1)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+
+    // Embeddings of every image the run needs (cached).
+    let spec = zoo::find(&cfg.backbone)?;
+    let mut pre = spec.preprocess();
+    if let Some(size) = cfg.image_size {
+        pre.width = size;
+        pre.height = size;
+    }
+    let weights = resolve_weights(&spec, cfg.weights.as_deref(), cfg.offline)?;
+    let weights_sha = cache::weights_hash(cfg.cache_dir.as_deref(), &weights)?;
+    let all: Vec<Record> = mon_train.iter().chain(&mon_test).chain(&tue_train).chain(&tue_test).cloned().collect();
+    let list = image_list(&cfg.dataset, &all, &classes);
+    let opts = EmbedOptions { batch: 64, device: &cfg.device, skip_bad: false, cache_dir: cfg.cache_dir.as_deref(), progress };
+    let (set, embed_stats) = embed_images(&list, &spec.name, &weights_sha, &pre, spec.embedding_dim, || Backbone::load(&spec, &weights, &cfg.device), &opts)?;
+    let features = set.embeddings.to_device(&cfg.device)?;
+    let (n1, n2, n3) = (mon_train.len(), mon_test.len(), tue_train.len());
+    let part = |start: usize, len: usize| features.narrow(0, start, len);
+    seconds.insert("embed", started.elapsed().as_secs_f64());
+
+    // Training candidates: Tuesday (labels as users gave them) + replayed Monday images, or
+    // Monday alone.
+    let stage = Instant::now();
+    let truth = |r: &[Record]| r.iter().map(|x| x.target as u32).collect::<Vec<u32>>();
+    let (mut x_train, mut given, mut true_labels, mut replayed) = (part(0, n1)?, truth(&mon_train), truth(&mon_train), 0usize);
+    if cfg.target_day == Day::Tuesday {
+        let t_true = truth(&tue_train);
+        let t_given = match cfg.label {
+            LabelSource::GroundTruth => t_true.clone(),
+            LabelSource::UserFeedback => {
+                let targets: Vec<usize> = t_true.iter().map(|&t| t as usize).collect();
+                user_feedback_labels(&targets, classes.len(), cfg.user_accuracy, cfg.train.seed)?.given.iter().map(|&g| g as u32).collect()
+            }
+        };
+        let buffer_emb = part(0, n1)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let buffer_targets: Vec<i64> = mon_train.iter().map(|r| r.target as i64).collect();
+        let buffer = ReuseBuffer { embeddings: &buffer_emb, dim: spec.embedding_dim, targets: &buffer_targets };
+        let chosen = sampling::select(&buffer, cfg.sampling, cfg.ratio, cfg.sampling_mode, cfg.train.seed)?;
+        replayed = chosen.len();
+        let idx: Vec<u32> = chosen.iter().map(|s| s.index as u32).collect();
+        let replay_x = part(0, n1)?.index_select(&Tensor::new(idx.as_slice(), &cfg.device)?, 0)?;
+        x_train = Tensor::cat(&[part(n1 + n2, n3)?, replay_x], 0)?;
+        let replay_labels: Vec<u32> = idx.iter().map(|&i| mon_train[i as usize].target as u32).collect();
+        given = t_given.into_iter().chain(replay_labels.iter().copied()).collect();
+        true_labels = t_true.into_iter().chain(replay_labels).collect();
+    }
+    seconds.insert("sample", stage.elapsed().as_secs_f64());
+
+    // Bayesian cut-off.
+    let stage = Instant::now();
+    let noisy: Vec<bool> = given.iter().zip(&true_labels).map(|(g, t)| g != t).collect();
+    let mut metrics = serde_json::Map::new();
+    let (mut keep_idx, mut labels): (Vec<u32>, Vec<u32>) = ((0..given.len() as u32).collect(), given.clone());
+    let mut removed = 0usize;
+    if cfg.bayesian_cutoff {
+        let mc_cfg = TrainConfig { dropout: 0.5, ..cfg.train.clone() };
+        let mc_head = train_head(&x_train, &given, classes.len(), &mc_cfg, progress)?;
+        let stats = cutoff::mc_stats(&mc_head, &x_train, &given, cfg.mc_passes, 0.5, cfg.train.seed)?;
+        let scores = cutoff::score(&stats, cfg.cutoff_score, &x_train, &given)?;
+        let predicted: Vec<u32> = stats.mean_probs.argmax(1)?.to_vec1::<u32>()?;
+        let result = cutoff::cut(scores, &given, &predicted, cfg.cutoff_percentile, cfg.cutoff_action);
+        let mut flagged = vec![false; given.len()];
+        for &i in &result.dropped {
+            flagged[i] = true;
+        }
+        for &(i, _) in &result.relabelled {
+            flagged[i] = true;
+        }
+        removed = result.dropped.len();
+        if noisy.iter().any(|&n| n) {
+            let d = detection(&flagged, &noisy);
+            metrics.insert("noise_precision".into(), json!(d.precision));
+            metrics.insert("noise_recall".into(), json!(d.recall));
+            metrics.insert("noise_f1".into(), json!(d.f1));
+            metrics.insert("noise_score_auc".into(), json!(roc_auc(&result.scores, &noisy)));
+        }
+        metrics.insert("relabelled_by_cutoff".into(), json!(result.relabelled.len()));
+        keep_idx = result.kept.iter().map(|&i| i as u32).collect();
+        labels = result.labels;
+    }
+    seconds.insert("cutoff", stage.elapsed().as_secs_f64());
+
+    // Final head on the kept samples.
+    let stage = Instant::now();
+    let keep_t = Tensor::new(keep_idx.as_slice(), &cfg.device)?;
+    let x_final = x_train.index_select(&keep_t, 0)?;
+    let y_final: Vec<u32> = keep_idx.iter().map(|&i| labels[i as usize]).collect();
+    let head = train_head(&x_final, &y_final, classes.len(), &cfg.train, progress)?;
+    seconds.insert("train", stage.elapsed().as_secs_f64());
+
+    // Evaluation: Monday test, plus Tuesday test for a Tuesday run.
+    let eval_part = |start: usize, records: &[Record]| -> Result<crate::train::eval::Evaluation> {
+        let pred = head.predict(&part(start, records.len())?)?;
+        Ok(evaluate(&pred, &truth(records), classes.len()))
+    };
+    let mon_eval = eval_part(n1, &mon_test)?;
+    let (overall, tue_acc) = if cfg.target_day == Day::Tuesday {
+        let tue_eval = eval_part(n1 + n2 + n3, &tue_test)?;
+        let both: Vec<Record> = mon_test.iter().chain(&tue_test).cloned().collect();
+        let pred: Vec<u32> = [head.predict(&part(n1, n2)?)?, head.predict(&part(n1 + n2 + n3, tue_test.len())?)?].concat();
+        (evaluate(&pred, &truth(&both), classes.len()), Some(tue_eval.accuracy))
+    } else {
+        (mon_eval.clone(), None)
+    };
+    seconds.insert("total", started.elapsed().as_secs_f64());
+    metrics.insert("test_accuracy".into(), json!(overall.accuracy));
+    metrics.insert("test_accuracy_monday".into(), json!(mon_eval.accuracy));
+    if let Some(a) = tue_acc {
+        metrics.insert("test_accuracy_tuesday".into(), json!(a));
+    }
+    metrics.insert("per_class_accuracy".into(), json!(overall.per_class));
+    metrics.insert("confusion".into(), json!(overall.confusion));
+    metrics.insert("train_size".into(), json!(keep_idx.len()));
+    metrics.insert("removed_by_cutoff".into(), json!(removed));
+    metrics.insert("replayed".into(), json!(replayed));
+    metrics.insert("noisy_labels".into(), json!(noisy.iter().filter(|&&n| n).count()));
+    metrics.insert("embeddings_from_cache".into(), json!(embed_stats.cached));
+    metrics.insert("seconds".into(), json!(seconds));
+    let metrics = serde_json::Value::Object(metrics);
+
+    let manifest_hash = |name: &str| -> Result<String> {
+        let bytes = std::fs::read(cfg.dataset.join(name)).with_context(|| format!("cannot read {name}"))?;
+        Ok(cache::hex(&cache::sha256(&bytes)))
+    };
+    let params = json!({
+        "dataset": cfg.dataset.display().to_string(),
+        "monday_manifest_sha256": manifest_hash("monday.jsonl")?,
+        "tuesday_manifest_sha256": manifest_hash("tuesday.jsonl").ok(),
+        "target_day": cfg.target_day.as_str(),
+        "label": match cfg.label { LabelSource::GroundTruth => "ground_truth", LabelSource::UserFeedback => "user_feedback" },
+        "user_accuracy": cfg.user_accuracy,
+        "bayesian_cut_off": cfg.bayesian_cutoff,
+        "sampling_type": sampling_name(cfg.sampling),
+        "sampling_mode": match cfg.sampling_mode { PairMode::Faithful => "faithful", PairMode::Buffer => "buffer" },
+        "ratio": cfg.ratio,
+        "monday_num": cfg.monday_num,
+        "tuesday_num": cfg.tuesday_num,
+        "backbone": spec.name,
+        "weights": weights.display().to_string(),
+        "weights_sha256": weights_sha,
+        "image_size": pre.width,
+        "cutoff_score": cfg.cutoff_score.name(),
+        "cutoff_percentile": match cfg.cutoff_percentile { Percentile::Auto => json!("auto"), Percentile::Fixed(p) => json!(p) },
+        "cutoff_action": match cfg.cutoff_action { Action::Drop => "drop", Action::Relabel => "relabel" },
+        "mc_passes": cfg.mc_passes,
+        "epochs": cfg.train.epochs,
+        "batch_size": cfg.train.batch_size,
+        "lr": cfg.train.lr,
+        "lr_decay": cfg.train.lr_decay,
+        "loss": match cfg.train.loss { crate::train::Loss::CrossEntropy => "ce", crate::train::Loss::AnlCe => "anl_ce" },
+        "seed": cfg.train.seed,
+    });
+    let docs = BTreeMap::from([("params.json", params), ("metrics.json", metrics.clone()), ("labels.json", json!(classes))]);
+    let run = registry::register(&cfg.runs_dir, &cfg.model_name, &docs, &head.tensors())?;
+    Ok(RunOutcome { run, metrics })
+}
