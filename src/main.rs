@@ -633,8 +633,16 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
     }
     let cfg = RunConfig {
         dataset: args.dataset,
-        target_day: if args.target_day == "tuesday" { Day::Tuesday } else { Day::Monday },
-        label: if args.label == "user_feedback" { LabelSource::UserFeedback } else { LabelSource::GroundTruth },
+        target_day: if args.target_day == "tuesday" {
+            Day::Tuesday
+        } else {
+            Day::Monday
+        },
+        label: if args.label == "user_feedback" {
+            LabelSource::UserFeedback
+        } else {
+            LabelSource::GroundTruth
+        },
         user_accuracy: args.user_accuracy,
         bayesian_cutoff: args.bayesian_cut_off.eq_ignore_ascii_case("y"),
         sampling: args.sampling_type,
@@ -659,7 +667,10 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
             ..Default::default()
         },
         device: bccp::device::parse_device(&args.device)?,
-        cache_dir: (!args.no_cache).then(|| args.cache_dir.unwrap_or_else(backbone::cache::default_cache_dir)),
+        cache_dir: (!args.no_cache).then(|| {
+            args.cache_dir
+                .unwrap_or_else(backbone::cache::default_cache_dir)
+        }),
         runs_dir: args.runs_dir,
         offline: args.offline,
     };
@@ -667,17 +678,54 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
     println!("==================== configuration ====================");
     println!("dataset            {}", cfg.dataset.display());
     println!("target day         {}", cfg.target_day.as_str());
-    println!("label              {:?} (user accuracy {})", cfg.label, cfg.user_accuracy);
-    println!("bayesian cut-off   {} (score {}, percentile {:?}, action {:?}, {} passes)", if cfg.bayesian_cutoff { "Y" } else { "N" }, cfg.cutoff_score.name(), cfg.cutoff_percentile, cfg.cutoff_action, cfg.mc_passes);
-    println!("sampling           {:?} ({:?}), ratio {}", cfg.sampling, cfg.sampling_mode, cfg.ratio);
-    println!("monday / tuesday   {:?} / {:?} records", cfg.monday_num, cfg.tuesday_num);
-    println!("backbone           {} (image size {:?}) on {:?}", cfg.backbone, cfg.image_size, cfg.device.location());
-    println!("training           {} epochs, batch {}, lr {}, loss {:?}, seed {}", cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.loss, cfg.train.seed);
+    println!(
+        "label              {:?} (user accuracy {})",
+        cfg.label, cfg.user_accuracy
+    );
+    println!(
+        "bayesian cut-off   {} (score {}, percentile {:?}, action {:?}, {} passes)",
+        if cfg.bayesian_cutoff { "Y" } else { "N" },
+        cfg.cutoff_score.name(),
+        cfg.cutoff_percentile,
+        cfg.cutoff_action,
+        cfg.mc_passes
+    );
+    println!(
+        "sampling           {:?} ({:?}), ratio {}",
+        cfg.sampling, cfg.sampling_mode, cfg.ratio
+    );
+    println!(
+        "monday / tuesday   {:?} / {:?} records",
+        cfg.monday_num, cfg.tuesday_num
+    );
+    println!(
+        "backbone           {} (image size {:?}) on {:?}",
+        cfg.backbone,
+        cfg.image_size,
+        cfg.device.location()
+    );
+    println!(
+        "training           {} epochs, batch {}, lr {}, loss {:?}, seed {}",
+        cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.loss, cfg.train.seed
+    );
     println!("=======================================================");
     let outcome = bccp::pipeline::run(&cfg, &progress(quiet))?;
     let m = &outcome.metrics;
     println!("\n| metric | value |\n|---|---|");
-    for key in ["test_accuracy", "test_accuracy_monday", "test_accuracy_tuesday", "train_size", "replayed", "removed_by_cutoff", "relabelled_by_cutoff", "noisy_labels", "noise_precision", "noise_recall", "noise_f1", "noise_score_auc"] {
+    for key in [
+        "test_accuracy",
+        "test_accuracy_monday",
+        "test_accuracy_tuesday",
+        "train_size",
+        "replayed",
+        "removed_by_cutoff",
+        "relabelled_by_cutoff",
+        "noisy_labels",
+        "noise_precision",
+        "noise_recall",
+        "noise_f1",
+        "noise_score_auc",
+    ] {
         if let Some(v) = m.get(key) {
             match v.as_f64() {
                 Some(f) if v.is_f64() => println!("| {key} | {f:.4} |"),
@@ -688,21 +736,38 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
     if let Some(total) = m["seconds"].get("total").and_then(|v| v.as_f64()) {
         println!("| seconds | {total:.1} |");
     }
-    println!("\nregistered {}:{} in {}", outcome.run.name, outcome.run.version, outcome.run.path.display());
+    println!(
+        "\nregistered {}:{} in {}",
+        outcome.run.name,
+        outcome.run.version,
+        outcome.run.path.display()
+    );
     Ok(())
 }
 
 fn run_predict(args: PredictArgs) -> Result<()> {
     let run = bccp::registry::resolve(&args.runs_dir, &args.model)?;
     let params = bccp::registry::read_json(&run, "params.json")?;
-    let classes: Vec<String> = serde_json::from_value(bccp::registry::read_json(&run, "labels.json")?)?;
+    let classes: Vec<String> =
+        serde_json::from_value(bccp::registry::read_json(&run, "labels.json")?)?;
     let device = bccp::device::parse_device(&args.device)?;
-    let name = params["backbone"].as_str().context("params.json has no backbone")?;
+    let name = params["backbone"]
+        .as_str()
+        .context("params.json has no backbone")?;
     let spec = backbone::zoo::find(name)?;
-    let weights = PathBuf::from(params["weights"].as_str().context("params.json has no weights")?);
+    let weights = PathBuf::from(
+        params["weights"]
+            .as_str()
+            .context("params.json has no weights")?,
+    );
     let model = backbone::Backbone::load(&spec, &weights, &device)?;
     let tensors = candle_core::safetensors::load(run.path.join("model.safetensors"), &device)?;
-    let get = |k: &str| tensors.get(k).cloned().with_context(|| format!("{} has no {k}", run.path.display()));
+    let get = |k: &str| {
+        tensors
+            .get(k)
+            .cloned()
+            .with_context(|| format!("{} has no {k}", run.path.display()))
+    };
     let head = bccp::train::Head::from_tensors(get("head.weight")?, get("head.bias")?)?;
     let mut pre = spec.preprocess();
     if let Some(size) = params["image_size"].as_u64() {
@@ -711,20 +776,41 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     }
     let batch = bccp::data::loader::load_batch(&args.images, 0, &pre, false)?;
     let features = model.embed(&batch.to_tensor(&pre, &device)?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&head.logits(&features)?)?.to_device(&candle_core::Device::Cpu)?;
+    let probs = candle_nn::ops::softmax_last_dim(&head.logits(&features)?)?
+        .to_device(&candle_core::Device::Cpu)?;
     for (path, row) in args.images.iter().zip(probs.to_vec2::<f32>()?) {
         let (class, p) = backbone::imagenet::top_k(&row, 1)[0];
-        println!("{}\t{}\t{:.3}", path.display(), classes.get(class).map_or("?", String::as_str), p);
+        println!(
+            "{}\t{}\t{:.3}",
+            path.display(),
+            classes.get(class).map_or("?", String::as_str),
+            p
+        );
     }
     Ok(())
 }
 
 fn run_runs(args: RunsArgs) -> Result<()> {
-    println!("{:<24} {:>7} {:>9} {:>9} {:>9} {:>9}", "run", "version", "test_acc", "monday", "tuesday", "noise_f1");
+    println!(
+        "{:<24} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "run", "version", "test_acc", "monday", "tuesday", "noise_f1"
+    );
     for run in bccp::registry::list(&args.runs_dir) {
         let m = bccp::registry::read_json(&run, "metrics.json").unwrap_or_default();
-        let f = |k: &str| m.get(k).and_then(|v| v.as_f64()).map_or("-".to_owned(), |v| format!("{v:.4}"));
-        println!("{:<24} {:>7} {:>9} {:>9} {:>9} {:>9}", run.name, run.version, f("test_accuracy"), f("test_accuracy_monday"), f("test_accuracy_tuesday"), f("noise_f1"));
+        let f = |k: &str| {
+            m.get(k)
+                .and_then(|v| v.as_f64())
+                .map_or("-".to_owned(), |v| format!("{v:.4}"))
+        };
+        println!(
+            "{:<24} {:>7} {:>9} {:>9} {:>9} {:>9}",
+            run.name,
+            run.version,
+            f("test_accuracy"),
+            f("test_accuracy_monday"),
+            f("test_accuracy_tuesday"),
+            f("noise_f1")
+        );
     }
     Ok(())
 }

@@ -74,7 +74,10 @@ fn split_day(records: Vec<Record>, n: Option<usize>, stream: u64) -> (Vec<Record
     let mut test: Vec<usize> = order[n_train..].to_vec();
     train.sort_unstable();
     test.sort_unstable();
-    (train.iter().map(|&i| records[i].clone()).collect(), test.iter().map(|&i| records[i].clone()).collect())
+    (
+        train.iter().map(|&i| records[i].clone()).collect(),
+        test.iter().map(|&i| records[i].clone()).collect(),
+    )
 }
 
 fn image_list(root: &Path, records: &[Record], classes: &[String]) -> ImageList {
@@ -105,12 +108,26 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
     if cfg.label == LabelSource::UserFeedback && cfg.target_day == Day::Monday {
         bail!("--label user_feedback applies to Tuesday's labels; it needs --target-day tuesday");
     }
-    ensure!((0.0..=1.0).contains(&cfg.user_accuracy), "--user-accuracy {} must lie in [0, 1]", cfg.user_accuracy);
-    ensure!((0.0..=1.0).contains(&cfg.ratio), "--ratio {} must lie in [0, 1]", cfg.ratio);
-    ensure!(cfg.mc_passes >= 2, "--mc-passes must be 2 or more (variances need two passes)");
+    ensure!(
+        (0.0..=1.0).contains(&cfg.user_accuracy),
+        "--user-accuracy {} must lie in [0, 1]",
+        cfg.user_accuracy
+    );
+    ensure!(
+        (0.0..=1.0).contains(&cfg.ratio),
+        "--ratio {} must lie in [0, 1]",
+        cfg.ratio
+    );
+    ensure!(
+        cfg.mc_passes >= 2,
+        "--mc-passes must be 2 or more (variances need two passes)"
+    );
     ensure!(cfg.train.epochs >= 1, "--epochs must be 1 or more");
     ensure!(cfg.train.batch_size >= 1, "--batch-size must be 1 or more");
-    ensure!(cfg.train.lr > 0.0 && cfg.train.lr.is_finite(), "--lr must be a positive number");
+    ensure!(
+        cfg.train.lr > 0.0 && cfg.train.lr.is_finite(),
+        "--lr must be a positive number"
+    );
     if cfg.monday_num == Some(0) || cfg.tuesday_num == Some(0) {
         bail!("--monday-num and --tuesday-num must be 1 or more");
     }
@@ -118,7 +135,11 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
         ensure!(size >= 32, "--image-size {size} is too small; 32 or more");
     }
     zoo::find(&cfg.backbone)?;
-    ensure!(cfg.dataset.join("monday.jsonl").is_file(), "{} is not a prepared dataset (no monday.jsonl); make one with bccp prepare", cfg.dataset.display());
+    ensure!(
+        cfg.dataset.join("monday.jsonl").is_file(),
+        "{} is not a prepared dataset (no monday.jsonl); make one with bccp prepare",
+        cfg.dataset.display()
+    );
     Ok(())
 }
 
@@ -139,9 +160,17 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     let started = Instant::now();
     let info = crate::data::prepare::read_dataset_info(&cfg.dataset)?;
     let classes = info.classes.clone();
-    let (mon_train, mon_test) = split_day(read_manifest(&cfg.dataset.join("monday.jsonl"))?, cfg.monday_num, 0);
+    let (mon_train, mon_test) = split_day(
+        read_manifest(&cfg.dataset.join("monday.jsonl"))?,
+        cfg.monday_num,
+        0,
+    );
     let (tue_train, tue_test) = if cfg.target_day == Day::Tuesday {
-        split_day(read_manifest(&cfg.dataset.join("tuesday.jsonl"))?, cfg.tuesday_num, 1)
+        split_day(
+            read_manifest(&cfg.dataset.join("tuesday.jsonl"))?,
+            cfg.tuesday_num,
+            1,
+        )
     } else {
         (Vec::new(), Vec::new())
     };
@@ -155,10 +184,30 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     }
     let weights = resolve_weights(&spec, cfg.weights.as_deref(), cfg.offline)?;
     let weights_sha = cache::weights_hash(cfg.cache_dir.as_deref(), &weights)?;
-    let all: Vec<Record> = mon_train.iter().chain(&mon_test).chain(&tue_train).chain(&tue_test).cloned().collect();
+    let all: Vec<Record> = mon_train
+        .iter()
+        .chain(&mon_test)
+        .chain(&tue_train)
+        .chain(&tue_test)
+        .cloned()
+        .collect();
     let list = image_list(&cfg.dataset, &all, &classes);
-    let opts = EmbedOptions { batch: 64, device: &cfg.device, skip_bad: false, cache_dir: cfg.cache_dir.as_deref(), progress };
-    let (set, embed_stats) = embed_images(&list, &spec.name, &weights_sha, &pre, spec.embedding_dim, || Backbone::load(&spec, &weights, &cfg.device), &opts)?;
+    let opts = EmbedOptions {
+        batch: 64,
+        device: &cfg.device,
+        skip_bad: false,
+        cache_dir: cfg.cache_dir.as_deref(),
+        progress,
+    };
+    let (set, _) = embed_images(
+        &list,
+        &spec.name,
+        &weights_sha,
+        &pre,
+        spec.embedding_dim,
+        || Backbone::load(&spec, &weights, &cfg.device),
+        &opts,
+    )?;
     let features = set.embeddings.to_device(&cfg.device)?;
     let (n1, n2, n3) = (mon_train.len(), mon_test.len(), tue_train.len());
     let part = |start: usize, len: usize| features.narrow(0, start, len);
@@ -168,43 +217,88 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     // Monday alone.
     let stage = Instant::now();
     let truth = |r: &[Record]| r.iter().map(|x| x.target as u32).collect::<Vec<u32>>();
-    let (mut x_train, mut given, mut true_labels, mut replayed) = (part(0, n1)?, truth(&mon_train), truth(&mon_train), 0usize);
+    let (mut x_train, mut given, mut true_labels, mut replayed) =
+        (part(0, n1)?, truth(&mon_train), truth(&mon_train), 0usize);
     if cfg.target_day == Day::Tuesday {
         let t_true = truth(&tue_train);
         let t_given = match cfg.label {
             LabelSource::GroundTruth => t_true.clone(),
             LabelSource::UserFeedback => {
                 let targets: Vec<usize> = t_true.iter().map(|&t| t as usize).collect();
-                user_feedback_labels(&targets, classes.len(), cfg.user_accuracy, cfg.train.seed)?.given.iter().map(|&g| g as u32).collect()
+                user_feedback_labels(&targets, classes.len(), cfg.user_accuracy, cfg.train.seed)?
+                    .given
+                    .iter()
+                    .map(|&g| g as u32)
+                    .collect()
             }
         };
-        let buffer_emb = part(0, n1)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let buffer_emb = part(0, n1)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let buffer_targets: Vec<i64> = mon_train.iter().map(|r| r.target as i64).collect();
-        let buffer = ReuseBuffer { embeddings: &buffer_emb, dim: spec.embedding_dim, targets: &buffer_targets };
-        let chosen = sampling::select(&buffer, cfg.sampling, cfg.ratio, cfg.sampling_mode, cfg.train.seed)?;
+        let buffer = ReuseBuffer {
+            embeddings: &buffer_emb,
+            dim: spec.embedding_dim,
+            targets: &buffer_targets,
+        };
+        let chosen = sampling::select(
+            &buffer,
+            cfg.sampling,
+            cfg.ratio,
+            cfg.sampling_mode,
+            cfg.train.seed,
+        )?;
         replayed = chosen.len();
         let idx: Vec<u32> = chosen.iter().map(|s| s.index as u32).collect();
         let replay_x = part(0, n1)?.index_select(&Tensor::new(idx.as_slice(), &cfg.device)?, 0)?;
         x_train = Tensor::cat(&[part(n1 + n2, n3)?, replay_x], 0)?;
-        let replay_labels: Vec<u32> = idx.iter().map(|&i| mon_train[i as usize].target as u32).collect();
-        given = t_given.into_iter().chain(replay_labels.iter().copied()).collect();
+        let replay_labels: Vec<u32> = idx
+            .iter()
+            .map(|&i| mon_train[i as usize].target as u32)
+            .collect();
+        given = t_given
+            .into_iter()
+            .chain(replay_labels.iter().copied())
+            .collect();
         true_labels = t_true.into_iter().chain(replay_labels).collect();
     }
     seconds.insert("sample", stage.elapsed().as_secs_f64());
 
     // Bayesian cut-off.
     let stage = Instant::now();
-    let noisy: Vec<bool> = given.iter().zip(&true_labels).map(|(g, t)| g != t).collect();
+    let noisy: Vec<bool> = given
+        .iter()
+        .zip(&true_labels)
+        .map(|(g, t)| g != t)
+        .collect();
     let mut metrics = serde_json::Map::new();
-    let (mut keep_idx, mut labels): (Vec<u32>, Vec<u32>) = ((0..given.len() as u32).collect(), given.clone());
+    let (mut keep_idx, mut labels): (Vec<u32>, Vec<u32>) =
+        ((0..given.len() as u32).collect(), given.clone());
     let mut removed = 0usize;
     if cfg.bayesian_cutoff {
-        let mc_cfg = TrainConfig { dropout: 0.5, ..cfg.train.clone() };
+        let mc_cfg = TrainConfig {
+            dropout: 0.5,
+            ..cfg.train.clone()
+        };
         let mc_head = train_head(&x_train, &given, classes.len(), &mc_cfg, progress)?;
-        let stats = cutoff::mc_stats(&mc_head, &x_train, &given, cfg.mc_passes, 0.5, cfg.train.seed)?;
+        let stats = cutoff::mc_stats(
+            &mc_head,
+            &x_train,
+            &given,
+            cfg.mc_passes,
+            0.5,
+            cfg.train.seed,
+        )?;
         let scores = cutoff::score(&stats, cfg.cutoff_score, &x_train, &given)?;
         let predicted: Vec<u32> = stats.mean_probs.argmax(1)?.to_vec1::<u32>()?;
-        let result = cutoff::cut(scores, &given, &predicted, cfg.cutoff_percentile, cfg.cutoff_action);
+        let result = cutoff::cut(
+            scores,
+            &given,
+            &predicted,
+            cfg.cutoff_percentile,
+            cfg.cutoff_action,
+        );
         let mut flagged = vec![false; given.len()];
         for &i in &result.dropped {
             flagged[i] = true;
@@ -218,9 +312,15 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
             metrics.insert("noise_precision".into(), json!(d.precision));
             metrics.insert("noise_recall".into(), json!(d.recall));
             metrics.insert("noise_f1".into(), json!(d.f1));
-            metrics.insert("noise_score_auc".into(), json!(roc_auc(&result.scores, &noisy)));
+            metrics.insert(
+                "noise_score_auc".into(),
+                json!(roc_auc(&result.scores, &noisy)),
+            );
         }
-        metrics.insert("relabelled_by_cutoff".into(), json!(result.relabelled.len()));
+        metrics.insert(
+            "relabelled_by_cutoff".into(),
+            json!(result.relabelled.len()),
+        );
         keep_idx = result.kept.iter().map(|&i| i as u32).collect();
         labels = result.labels;
     }
@@ -243,8 +343,15 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     let (overall, tue_acc) = if cfg.target_day == Day::Tuesday {
         let tue_eval = eval_part(n1 + n2 + n3, &tue_test)?;
         let both: Vec<Record> = mon_test.iter().chain(&tue_test).cloned().collect();
-        let pred: Vec<u32> = [head.predict(&part(n1, n2)?)?, head.predict(&part(n1 + n2 + n3, tue_test.len())?)?].concat();
-        (evaluate(&pred, &truth(&both), classes.len()), Some(tue_eval.accuracy))
+        let pred: Vec<u32> = [
+            head.predict(&part(n1, n2)?)?,
+            head.predict(&part(n1 + n2 + n3, tue_test.len())?)?,
+        ]
+        .concat();
+        (
+            evaluate(&pred, &truth(&both), classes.len()),
+            Some(tue_eval.accuracy),
+        )
     } else {
         (mon_eval.clone(), None)
     };
@@ -259,13 +366,16 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     metrics.insert("train_size".into(), json!(keep_idx.len()));
     metrics.insert("removed_by_cutoff".into(), json!(removed));
     metrics.insert("replayed".into(), json!(replayed));
-    metrics.insert("noisy_labels".into(), json!(noisy.iter().filter(|&&n| n).count()));
-    metrics.insert("embeddings_from_cache".into(), json!(embed_stats.cached));
+    metrics.insert(
+        "noisy_labels".into(),
+        json!(noisy.iter().filter(|&&n| n).count()),
+    );
     metrics.insert("seconds".into(), json!(seconds));
     let metrics = serde_json::Value::Object(metrics);
 
     let manifest_hash = |name: &str| -> Result<String> {
-        let bytes = std::fs::read(cfg.dataset.join(name)).with_context(|| format!("cannot read {name}"))?;
+        let bytes =
+            std::fs::read(cfg.dataset.join(name)).with_context(|| format!("cannot read {name}"))?;
         Ok(cache::hex(&cache::sha256(&bytes)))
     };
     let params = json!({
@@ -296,7 +406,11 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         "loss": match cfg.train.loss { crate::train::Loss::CrossEntropy => "ce", crate::train::Loss::AnlCe => "anl_ce" },
         "seed": cfg.train.seed,
     });
-    let docs = BTreeMap::from([("params.json", params), ("metrics.json", metrics.clone()), ("labels.json", json!(classes))]);
+    let docs = BTreeMap::from([
+        ("params.json", params),
+        ("metrics.json", metrics.clone()),
+        ("labels.json", json!(classes)),
+    ]);
     let run = registry::register(&cfg.runs_dir, &cfg.model_name, &docs, &head.tensors())?;
     Ok(RunOutcome { run, metrics })
 }
