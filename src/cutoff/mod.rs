@@ -307,7 +307,7 @@ pub struct CutResult {
     pub labels: Vec<u32>,
 }
 
-/// Linear-interpolated percentile (numpy's default) of `values`.
+/// Linear-interpolated percentile (numpy's default) of `values` (for reports).
 pub fn percentile(values: &[f32], q: f64) -> f32 {
     let mut v = values.to_vec();
     v.sort_by(f32::total_cmp);
@@ -320,7 +320,8 @@ pub fn percentile(values: &[f32], q: f64) -> f32 {
     v[lo] + (v[hi] - v[lo]) * frac
 }
 
-/// Cuts the samples whose score is above the chosen percentile.
+/// Cuts the samples ranked above the chosen percentile: the top ⌊n·(1 − q/100)⌉ scores, ties
+/// broken to the lower index, so discrete scores (k-NN shares) cut exactly that many too.
 pub fn cut(
     scores: Vec<f32>,
     labels: &[u32],
@@ -335,7 +336,21 @@ pub fn cut(
             100.0 * (1.0 - disagree / labels.len().max(1) as f64)
         }
     };
-    let threshold = percentile(&scores, q);
+    let n = scores.len();
+    let n_cut = ((n as f64) * (1.0 - q / 100.0))
+        .round()
+        .clamp(0.0, n as f64) as usize;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut is_cut = vec![false; n];
+    for &i in &order[..n_cut] {
+        is_cut[i] = true;
+    }
+    let threshold = if n_cut > 0 {
+        scores[order[n_cut - 1]]
+    } else {
+        f32::INFINITY
+    };
     let mut result = CutResult {
         threshold,
         kept: Vec::new(),
@@ -344,18 +359,18 @@ pub fn cut(
         labels: labels.to_vec(),
         scores: Vec::new(),
     };
-    for (i, &s) in scores.iter().enumerate() {
-        if s > threshold {
-            match action {
-                Action::Drop => result.dropped.push(i),
-                Action::Relabel => {
-                    result.labels[i] = predicted[i];
-                    result.relabelled.push((i, predicted[i]));
-                    result.kept.push(i);
-                }
-            }
-        } else {
+    for i in 0..n {
+        if !is_cut[i] {
             result.kept.push(i);
+            continue;
+        }
+        match action {
+            Action::Drop => result.dropped.push(i),
+            Action::Relabel => {
+                result.labels[i] = predicted[i];
+                result.relabelled.push((i, predicted[i]));
+                result.kept.push(i);
+            }
         }
     }
     result.scores = scores;
