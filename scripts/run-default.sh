@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the built-in default: fetch the assets; prepare a Fashion-MNIST Monday/Tuesday
-# dataset (mixed corruption, seed 42) under runs/default; embed both days with the real
-# MobileNetV2 weights (cached: a rerun takes seconds); check a pretrained classifier on real
-# photos. Later stages (sampling, cut-off, training) join this script as they land.
+# dataset (mixed corruption, seed 42) under runs/default; then a full Monday→Tuesday run with
+# users 70% right: first without cleansing, then BCCP (label-aware Bayesian cut-off + buffer
+# closest-pair replay), real MobileNetV2 features at 64×64, and the registry's summary. A check
+# of a pretrained classifier on real photos comes first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-assets.sh
@@ -10,13 +11,19 @@ cargo build --release --locked --quiet --bin bccp
 bccp=target/release/bccp
 out=runs/default
 days=$out/fashion-mnist-days
+$bccp classify --model efficientnet_lite0 --top 1 assets/photos/chelsea.png assets/photos/coffee.png
 if [ -f "$days/dataset.json" ]; then
   echo "run-default: $days exists (delete it to prepare again)"
 else
   $bccp prepare --source assets/fashion-mnist/train --out "$days" --corruption mixed --seed 42
 fi
 $bccp info "$days"
-for day in monday tuesday; do
-  $bccp embed --data "$days/$day.jsonl" --model mobilenet_v2 --out "$out/$day-mobilenet_v2.safetensors"
-done
-$bccp classify --model efficientnet_lite0 assets/photos/chelsea.png assets/photos/coffee.png
+common=(-d "$days" -t tuesday --tuesday-num 30000 -l user_feedback --user-accuracy 0.7
+        --image-size 64 --runs-dir "$out/registry" --seed 42)
+echo; echo "### Tuesday, 30% wrong user labels, no cleansing"
+$bccp train "${common[@]}" -b N -s none --model-name fashion-mnist-none
+echo; echo "### Tuesday, 30% wrong user labels, BCCP (cut-off + closest-pair replay)"
+$bccp train "${common[@]}" -b Y --cutoff-percentile auto --cutoff-action relabel -s l2_norm -r 0.2 \
+  --model-name fashion-mnist-bccp
+echo
+$bccp runs --runs-dir "$out/registry"
