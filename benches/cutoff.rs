@@ -34,7 +34,9 @@ fn cutoff(c: &mut Criterion) {
     let mut group = c.benchmark_group("cutoff");
     group.sample_size(10);
     group.throughput(Throughput::Elements(N as u64));
-    group.bench_function("fused_t10", |b| b.iter(|| mc_stats(&head, &x, &labels, T, 0.5, 7).expect("mc")));
+    group.bench_function("fused_t10", |b| {
+        b.iter(|| mc_stats(&head, &x, &labels, T, 0.5, 7).expect("mc"))
+    });
     group.bench_function("separate_t10", |b| {
         b.iter(|| {
             // One pass at a time, each pass's logits copied to the host, statistics there.
@@ -42,7 +44,10 @@ fn cutoff(c: &mut Criterion) {
             let mut sq = vec![0f64; N];
             for t in 0..T {
                 let masks = mc_masks(7 + t as u64, 1, 0, N, F, 0.5, &dev).expect("masks");
-                let logits = mc_logits(&head, &x, &masks).expect("logits").squeeze(0).expect("squeeze");
+                let logits = mc_logits(&head, &x, &masks)
+                    .expect("logits")
+                    .squeeze(0)
+                    .expect("squeeze");
                 let host = logits.to_vec2::<f32>().expect("to host");
                 for (i, row) in host.iter().enumerate() {
                     let s: f64 = row.iter().map(|&v| f64::from(v)).sum();
@@ -50,7 +55,10 @@ fn cutoff(c: &mut Criterion) {
                     sq[i] += s * s;
                 }
             }
-            sums.iter().zip(&sq).map(|(s, q)| q / T as f64 - (s / T as f64).powi(2)).collect::<Vec<f64>>()
+            sums.iter()
+                .zip(&sq)
+                .map(|(s, q)| q / T as f64 - (s / T as f64).powi(2))
+                .collect::<Vec<f64>>()
         })
     });
     group.finish();
