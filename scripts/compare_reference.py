@@ -290,8 +290,7 @@ def main():
         print(f"projected {FULL_EPOCHS}-epoch time = {outside:.1f} s outside the epochs + first epoch {first:.1f} s "
               f"+ {FULL_EPOCHS - 1} x {steady:.1f} s (mean of the measured epochs after the first)")
     info["torch_epoch_seconds"] = epoch_times
-    info["loadavg_1min_after"] = os.getloadavg()[0]
-    print(f"1-minute load average: {info['loadavg_1min_before']:.2f} before, {info['loadavg_1min_after']:.2f} after "
+    print(f"1-minute load average before the runs: {info['loadavg_1min_before']:.2f} "
           f"(other work on the machine skews both timings)")
 
     print("\n| pipeline | wall s | test accuracy | PyTorch s / bccp s |\n|---|---:|---:|---:|")

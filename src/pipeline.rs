@@ -406,10 +406,18 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         "loss": match cfg.train.loss { crate::train::Loss::CrossEntropy => "ce", crate::train::Loss::AnlCe => "anl_ce" },
         "seed": cfg.train.seed,
     });
+    let ids = |r: &[Record]| r.iter().map(|x| x.id).collect::<Vec<u64>>();
+    let split = json!({
+        "monday_train": ids(&mon_train),
+        "monday_test": ids(&mon_test),
+        "tuesday_train": ids(&tue_train),
+        "tuesday_test": ids(&tue_test),
+    });
     let docs = BTreeMap::from([
         ("params.json", params),
         ("metrics.json", metrics.clone()),
         ("labels.json", json!(classes)),
+        ("split.json", split),
     ]);
     let run = registry::register(&cfg.runs_dir, &cfg.model_name, &docs, &head.tensors())?;
     Ok(RunOutcome { run, metrics })
