@@ -10,7 +10,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::layers::{global_avg_pool, ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding};
+use super::layers::{
+    global_avg_pool, ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding, ResidualChain,
+};
 
 /// One stage: (kernel, stride, expansion, output channels, repeats).
 type Stage = (usize, usize, usize, usize, usize);
@@ -44,78 +46,61 @@ impl Config {
 
 const BN_EPS: f64 = 1e-3;
 
-#[derive(Debug, Clone)]
-struct MbConv {
-    layers: Vec<ConvBn>,
-    residual: bool,
-}
-
-impl MbConv {
-    fn load(vb: VarBuilder, cin: usize, (kernel, stride, expand, cout, _): Stage) -> Result<Self> {
-        let hidden = cin * expand;
-        let spec = |cin, cout, kernel, stride, kind, relu6| ConvSpec {
-            in_channels: cin,
-            out_channels: cout,
-            kernel,
-            stride,
-            padding: Padding::TfSame,
-            kind,
-            relu6,
-            bn_eps: BN_EPS,
-        };
-        let load = |s: ConvSpec, conv: &str, bn: &str| {
-            ConvBn::load(
-                s,
-                ConvBnNames {
-                    conv: vb.pp(conv),
-                    bn: vb.pp(bn),
-                },
-            )
-        };
-        let mut layers = Vec::with_capacity(3);
-        if expand != 1 {
-            layers.push(load(
-                spec(cin, hidden, 1, 1, ConvKind::Pointwise, true),
-                "_expand_conv",
-                "_bn0",
-            )?);
-        }
+/// One MBConv block (no squeeze-excite): expand (when e ≠ 1), depthwise k×k, projection.
+fn mb_conv(
+    vb: VarBuilder,
+    cin: usize,
+    (kernel, stride, expand, cout, _): Stage,
+) -> Result<ResidualChain> {
+    let hidden = cin * expand;
+    let spec = |cin, cout, kernel, stride, kind, relu6| ConvSpec {
+        in_channels: cin,
+        out_channels: cout,
+        kernel,
+        stride,
+        padding: Padding::TfSame,
+        kind,
+        relu6,
+        bn_eps: BN_EPS,
+    };
+    let load = |s: ConvSpec, conv: &str, bn: &str| {
+        ConvBn::load(
+            s,
+            ConvBnNames {
+                conv: vb.pp(conv),
+                bn: vb.pp(bn),
+            },
+        )
+    };
+    let mut layers = Vec::with_capacity(3);
+    if expand != 1 {
         layers.push(load(
-            spec(hidden, hidden, kernel, stride, ConvKind::Depthwise, true),
-            "_depthwise_conv",
-            "_bn1",
+            spec(cin, hidden, 1, 1, ConvKind::Pointwise, true),
+            "_expand_conv",
+            "_bn0",
         )?);
-        layers.push(load(
-            spec(hidden, cout, 1, 1, ConvKind::Pointwise, false),
-            "_project_conv",
-            "_bn2",
-        )?);
-        Ok(Self {
-            layers,
-            residual: stride == 1 && cin == cout,
-        })
     }
-}
-
-impl Module for MbConv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.clone();
-        for layer in &self.layers {
-            y = layer.forward(&y)?;
-        }
-        if self.residual {
-            y + x
-        } else {
-            Ok(y)
-        }
-    }
+    layers.push(load(
+        spec(hidden, hidden, kernel, stride, ConvKind::Depthwise, true),
+        "_depthwise_conv",
+        "_bn1",
+    )?);
+    layers.push(load(
+        spec(hidden, cout, 1, 1, ConvKind::Pointwise, false),
+        "_project_conv",
+        "_bn2",
+    )?);
+    Ok(ResidualChain {
+        layers,
+        residual: stride == 1 && cin == cout,
+    })
 }
 
 /// An EfficientNet-Lite network; the embedding is the pooled head (1280-d for Lite0).
 #[derive(Debug, Clone)]
 pub struct EfficientNetLite {
     stem: ConvBn,
-    blocks: Vec<MbConv>,
+    blocks: Vec<ResidualChain>,
     head: ConvBn,
     classifier: Option<Linear>,
     embedding_dim: usize,
@@ -147,7 +132,7 @@ impl EfficientNetLite {
             let (kernel, stride, expand, cout, repeats) = stage;
             for r in 0..repeats {
                 let s = if r == 0 { stride } else { 1 };
-                blocks.push(MbConv::load(
+                blocks.push(mb_conv(
                     vb.pp("_blocks").pp(blocks.len()),
                     cin,
                     (kernel, s, expand, cout, repeats),

@@ -155,6 +155,28 @@ impl Module for ConvBn {
     }
 }
 
+/// An inverted-residual block (MobileNetV2's and EfficientNet's): its convolutions in order,
+/// plus the input when the block keeps the shape (stride 1, same channels).
+#[derive(Debug, Clone)]
+pub struct ResidualChain {
+    pub layers: Vec<ConvBn>,
+    pub residual: bool,
+}
+
+impl Module for ResidualChain {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.clone();
+        for layer in &self.layers {
+            y = layer.forward(&y)?;
+        }
+        if self.residual {
+            y + x
+        } else {
+            Ok(y)
+        }
+    }
+}
+
 /// Global average pool: [N, C, H, W] → [N, C].
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean(D::Minus1)?.mean(D::Minus1)

@@ -9,7 +9,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::layers::{global_avg_pool, ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding};
+use super::layers::{
+    global_avg_pool, ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding, ResidualChain,
+};
 
 /// (expansion t, output channels c, repeats n, first stride s) of each stage.
 const STAGES: [(usize, usize, usize, usize); 7] = [
@@ -53,89 +55,68 @@ fn block_names(layout: Layout, expand: bool) -> &'static [(&'static str, &'stati
     }
 }
 
-#[derive(Debug, Clone)]
-struct InvertedResidual {
-    layers: Vec<ConvBn>,
-    residual: bool,
-}
-
-impl InvertedResidual {
-    fn load(
-        vb: VarBuilder,
-        layout: Layout,
-        cin: usize,
-        cout: usize,
-        stride: usize,
-        t: usize,
-    ) -> Result<Self> {
-        let hidden = cin * t;
-        let names = block_names(layout, t != 1);
-        let conv = |i: usize, spec: ConvSpec| {
-            let (c, b) = names[i];
-            ConvBn::load(
-                spec,
-                ConvBnNames {
-                    conv: vb.pp(c),
-                    bn: vb.pp(b),
-                },
-            )
-        };
-        let base = ConvSpec {
-            in_channels: cin,
-            out_channels: hidden,
-            kernel: 1,
-            stride: 1,
-            padding: Padding::Symmetric(0),
-            kind: ConvKind::Pointwise,
-            relu6: true,
-            bn_eps: BN_EPS,
-        };
-        let mut layers = Vec::with_capacity(3);
-        if t != 1 {
-            layers.push(conv(0, base)?);
-        }
-        let dw = ConvSpec {
-            in_channels: hidden,
-            kernel: 3,
-            stride,
-            padding: Padding::Symmetric(1),
-            kind: ConvKind::Depthwise,
-            ..base
-        };
-        layers.push(conv(layers.len(), dw)?);
-        let project = ConvSpec {
-            in_channels: hidden,
-            out_channels: cout,
-            relu6: false,
-            ..base
-        };
-        layers.push(conv(layers.len(), project)?);
-        Ok(Self {
-            layers,
-            residual: stride == 1 && cin == cout,
-        })
+/// One inverted-residual block: expand (when t ≠ 1), depthwise 3×3, linear projection.
+fn inverted_residual(
+    vb: VarBuilder,
+    layout: Layout,
+    cin: usize,
+    cout: usize,
+    stride: usize,
+    t: usize,
+) -> Result<ResidualChain> {
+    let hidden = cin * t;
+    let names = block_names(layout, t != 1);
+    let conv = |i: usize, spec: ConvSpec| {
+        let (c, b) = names[i];
+        ConvBn::load(
+            spec,
+            ConvBnNames {
+                conv: vb.pp(c),
+                bn: vb.pp(b),
+            },
+        )
+    };
+    let base = ConvSpec {
+        in_channels: cin,
+        out_channels: hidden,
+        kernel: 1,
+        stride: 1,
+        padding: Padding::Symmetric(0),
+        kind: ConvKind::Pointwise,
+        relu6: true,
+        bn_eps: BN_EPS,
+    };
+    let mut layers = Vec::with_capacity(3);
+    if t != 1 {
+        layers.push(conv(0, base)?);
     }
-}
-
-impl Module for InvertedResidual {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.clone();
-        for layer in &self.layers {
-            y = layer.forward(&y)?;
-        }
-        if self.residual {
-            y + x
-        } else {
-            Ok(y)
-        }
-    }
+    let dw = ConvSpec {
+        in_channels: hidden,
+        kernel: 3,
+        stride,
+        padding: Padding::Symmetric(1),
+        kind: ConvKind::Depthwise,
+        ..base
+    };
+    layers.push(conv(layers.len(), dw)?);
+    let project = ConvSpec {
+        in_channels: hidden,
+        out_channels: cout,
+        relu6: false,
+        ..base
+    };
+    layers.push(conv(layers.len(), project)?);
+    Ok(ResidualChain {
+        layers,
+        residual: stride == 1 && cin == cout,
+    })
 }
 
 /// MobileNetV2 with ImageNet width 1.0.
 #[derive(Debug, Clone)]
 pub struct MobileNetV2 {
     stem: ConvBn,
-    blocks: Vec<InvertedResidual>,
+    blocks: Vec<ResidualChain>,
     head: ConvBn,
     classifier: Option<Linear>,
 }
@@ -179,7 +160,7 @@ impl MobileNetV2 {
         for (t, c, n, s) in STAGES {
             for r in 0..n {
                 let stride = if r == 0 { s } else { 1 };
-                blocks.push(InvertedResidual::load(
+                blocks.push(inverted_residual(
                     fvb.pp(blocks.len() + 1),
                     layout,
                     cin,
