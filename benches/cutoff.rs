@@ -19,7 +19,7 @@ fn random(rng: &mut Rng, len: usize) -> Vec<f32> {
 }
 
 fn cutoff(c: &mut Criterion) {
-    bccp::alloc::tune_for_tensors();
+    bccp::runtime::init();
     let dev = Device::Cpu;
     let mut rng = Rng::new(1);
     let x = Tensor::from_vec(random(&mut rng, N * F), (N, F), &dev).expect("x");

@@ -21,7 +21,7 @@ fn randn(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
 }
 
 fn distance(c: &mut Criterion) {
-    bccp::alloc::tune_for_tensors();
+    bccp::runtime::init();
     eprintln!("L1 kernel: {}", l1_simd::selected_name());
     let mut group = c.benchmark_group("distance");
     group.sample_size(10);

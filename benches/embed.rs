@@ -18,7 +18,7 @@ fn input() -> Tensor {
 }
 
 fn embed(c: &mut Criterion) {
-    bccp::alloc::tune_for_tensors();
+    bccp::runtime::init();
     let mut group = c.benchmark_group("embed");
     group.sample_size(10);
     group.throughput(Throughput::Elements(BATCH as u64));

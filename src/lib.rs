@@ -15,5 +15,6 @@ pub mod pipeline;
 pub mod progress;
 pub mod registry;
 pub mod rng;
+pub mod runtime;
 pub mod sampling;
 pub mod train;

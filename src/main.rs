@@ -832,7 +832,7 @@ fn run_models() {
 }
 
 fn main() -> ExitCode {
-    bccp::alloc::tune_for_tensors();
+    bccp::runtime::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Import(ImportCommand::Idx(args)) => run_import_idx(args, cli.quiet),
