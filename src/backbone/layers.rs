@@ -6,6 +6,10 @@ use candle_nn::VarBuilder;
 
 use crate::ops::{bias_act, depthwise_conv2d, DepthwiseParams};
 
+/// Below this many pixels per map, a 1×1 convolution runs as one matrix product over the
+/// whole batch (per-image products are too thin for the GEMM kernels).
+const SMALL_MAP: usize = 100;
+
 /// How a [`ConvBn`] convolves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvKind {
@@ -124,10 +128,19 @@ impl Module for ConvBn {
         let y = match self.kind {
             ConvKind::Pointwise => {
                 let (cout, cin) = self.weight.dims2()?;
-                let flat = x.reshape((n, cin, h * w))?;
-                self.weight
-                    .broadcast_matmul(&flat)?
-                    .reshape((n, cout, h, w))?
+                if h * w >= SMALL_MAP {
+                    let flat = x.reshape((n, cin, h * w))?;
+                    self.weight
+                        .broadcast_matmul(&flat)?
+                        .reshape((n, cout, h, w))?
+                } else {
+                    // Small maps: one [Cout, Cin] × [Cin, N·H·W] product instead of N thin ones.
+                    let cols = x.permute((1, 0, 2, 3))?.reshape((cin, n * h * w))?;
+                    self.weight
+                        .matmul(&cols)?
+                        .reshape((cout, n, h, w))?
+                        .permute((1, 0, 2, 3))?
+                }
             }
             ConvKind::Depthwise => {
                 let (pt, pb, pl, pr) = self.padding.resolve(h, w, self.kernel, self.stride);
