@@ -164,42 +164,48 @@ fn forward(x: &[f32], weight: &[f32], d: Dims, p: &DepthwiseParams) -> Vec<f32> 
         .scan(0, |acc, &l| Some(std::mem::replace(acc, *acc + l)))
         .collect();
     let mut out = vec![0f32; d.n * d.c * d.oh * d.ow];
-    out.par_chunks_mut(d.oh * d.ow)
+    let plane_len = d.oh * d.ow;
+    // Several small planes per task, so tiny late-layer maps do not drown in task overhead.
+    let planes_per_task = (PLANE_WORK / plane_len.max(1)).max(1);
+    out.par_chunks_mut(plane_len * planes_per_task)
         .enumerate()
-        .for_each(|(plane, out)| {
-            let c = plane % d.c;
-            let input = &x[plane * d.h * d.w..(plane + 1) * d.h * d.w];
-            let filter = &weight[c * d.kh * d.kw..(c + 1) * d.kh * d.kw];
-            let phased: Vec<f32>;
-            let input = if sw == 1 && std::env::var_os("BCCP_DW_EXPERIMENT").is_none() {
-                input
-            } else {
-                let mut buf = vec![0f32; d.h * d.w];
-                for (src, dst) in input.chunks_exact(d.w).zip(buf.chunks_exact_mut(d.w)) {
-                    for q in 0..sw {
-                        for (j, v) in dst[phase_offset[q]..phase_offset[q] + phase_len[q]]
-                            .iter_mut()
-                            .enumerate()
-                        {
-                            *v = src[q + j * sw];
+        .for_each(|(task, outs)| {
+            for (k, out) in outs.chunks_mut(plane_len).enumerate() {
+                let plane = task * planes_per_task + k;
+                let c = plane % d.c;
+                let input = &x[plane * d.h * d.w..(plane + 1) * d.h * d.w];
+                let filter = &weight[c * d.kh * d.kw..(c + 1) * d.kh * d.kw];
+                let phased: Vec<f32>;
+                let input = if sw == 1 {
+                    input
+                } else {
+                    let mut buf = vec![0f32; d.h * d.w];
+                    for (src, dst) in input.chunks_exact(d.w).zip(buf.chunks_exact_mut(d.w)) {
+                        for q in 0..sw {
+                            for (j, v) in dst[phase_offset[q]..phase_offset[q] + phase_len[q]]
+                                .iter_mut()
+                                .enumerate()
+                            {
+                                *v = src[q + j * sw];
+                            }
                         }
                     }
-                }
-                phased = buf;
-                &phased
-            };
-            for (oy, out_row) in out.chunks_exact_mut(d.ow).enumerate() {
-                for ky in 0..d.kh {
-                    if !rows[ky].contains(&oy) {
-                        continue;
-                    }
-                    let row = &input[(oy * sh + ky - p.pad_top) * d.w..][..d.w];
-                    for tap in &taps {
-                        let weight = filter[ky * d.kw + tap.kx];
-                        let begin = phase_offset[tap.phase] + tap.start;
-                        let src = &row[begin..begin + tap.cols.len()];
-                        for (o, &v) in out_row[tap.cols.clone()].iter_mut().zip(src) {
-                            *o += weight * v;
+                    phased = buf;
+                    &phased
+                };
+                for (oy, out_row) in out.chunks_exact_mut(d.ow).enumerate() {
+                    for ky in 0..d.kh {
+                        if !rows[ky].contains(&oy) {
+                            continue;
+                        }
+                        let row = &input[(oy * sh + ky - p.pad_top) * d.w..][..d.w];
+                        for tap in &taps {
+                            let weight = filter[ky * d.kw + tap.kx];
+                            let begin = phase_offset[tap.phase] + tap.start;
+                            let src = &row[begin..begin + tap.cols.len()];
+                            for (o, &v) in out_row[tap.cols.clone()].iter_mut().zip(src) {
+                                *o += weight * v;
+                            }
                         }
                     }
                 }
@@ -207,6 +213,9 @@ fn forward(x: &[f32], weight: &[f32], d: Dims, p: &DepthwiseParams) -> Vec<f32> 
         });
     out
 }
+
+/// Output values per parallel task of the forward pass.
+const PLANE_WORK: usize = 4096;
 
 /// Input gradient: scatters `grad[n,c,oy,ox] · w[c,0,ky,kx]` back to the input positions.
 fn backward_input(grad: &[f32], weight: &[f32], d: Dims, p: &DepthwiseParams) -> Vec<f32> {
