@@ -165,6 +165,9 @@ fn forward(x: &[f32], weight: &[f32], d: Dims, p: &DepthwiseParams) -> Vec<f32> 
         .collect();
     let mut out = vec![0f32; d.n * d.c * d.oh * d.ow];
     let plane_len = d.oh * d.ow;
+    // MobileNet's most common layer (3×3, stride 1, padding 1) has its own kernel.
+    let pads = (p.pad_top, p.pad_bottom, p.pad_left, p.pad_right);
+    let same_3x3 = d.kh == 3 && d.kw == 3 && p.stride == (1, 1) && pads == (1, 1, 1, 1) && d.w >= 3;
     // Several small planes per task, so tiny late-layer maps do not drown in task overhead.
     let planes_per_task = (PLANE_WORK / plane_len.max(1)).max(1);
     out.par_chunks_mut(plane_len * planes_per_task)
@@ -175,6 +178,10 @@ fn forward(x: &[f32], weight: &[f32], d: Dims, p: &DepthwiseParams) -> Vec<f32> 
                 let c = plane % d.c;
                 let input = &x[plane * d.h * d.w..(plane + 1) * d.h * d.w];
                 let filter = &weight[c * d.kh * d.kw..(c + 1) * d.kh * d.kw];
+                if same_3x3 {
+                    conv3x3_same_plane(input, d.h, d.w, filter, out);
+                    continue;
+                }
                 let phased: Vec<f32>;
                 let input = if sw == 1 {
                     input
@@ -212,6 +219,38 @@ fn forward(x: &[f32], weight: &[f32], d: Dims, p: &DepthwiseParams) -> Vec<f32> 
             }
         });
     out
+}
+
+/// 3×3 depthwise, stride 1, padding 1, on one plane: each output is its nine products summed
+/// in registers (one write instead of nine read-modify-write passes). Rows outside the plane
+/// read as zeros. Needs `w ≥ 3`.
+fn conv3x3_same_plane(input: &[f32], h: usize, w: usize, f: &[f32], out: &mut [f32]) {
+    let zeros = vec![0f32; w];
+    for (oy, out_row) in out.chunks_exact_mut(w).enumerate() {
+        let row = |iy: Option<usize>| {
+            iy.filter(|&r| r < h)
+                .map_or(&zeros[..], |r| &input[r * w..(r + 1) * w])
+        };
+        let rows = [row(oy.checked_sub(1)), row(Some(oy)), row(Some(oy + 1))];
+        // Interior columns 1..w−1: taps at x−1, x, x+1.
+        let inner = &mut out_row[1..w - 1];
+        inner.fill(0.0);
+        for (ky, r) in rows.iter().enumerate() {
+            let (f0, f1, f2) = (f[3 * ky], f[3 * ky + 1], f[3 * ky + 2]);
+            let (left, mid, right) = (&r[..w - 2], &r[1..w - 1], &r[2..]);
+            for (((o, &a), &b), &c) in inner.iter_mut().zip(left).zip(mid).zip(right) {
+                *o += f0 * a + f1 * b + f2 * c;
+            }
+        }
+        // Border columns: the tap outside the plane reads zero.
+        let (mut first, mut last) = (0f32, 0f32);
+        for (ky, r) in rows.iter().enumerate() {
+            first += f[3 * ky + 1] * r[0] + f[3 * ky + 2] * r[1];
+            last += f[3 * ky] * r[w - 2] + f[3 * ky + 1] * r[w - 1];
+        }
+        out_row[0] = first;
+        out_row[w - 1] = last;
+    }
 }
 
 /// Output values per parallel task of the forward pass.
