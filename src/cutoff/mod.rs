@@ -445,19 +445,6 @@ pub struct CutResult {
     pub labels: Vec<u32>,
 }
 
-/// Linear-interpolated percentile (numpy's default) of `values` (for reports).
-pub fn percentile(values: &[f32], q: f64) -> f32 {
-    let mut v = values.to_vec();
-    v.sort_by(f32::total_cmp);
-    if v.is_empty() {
-        return f32::NAN;
-    }
-    let pos = q / 100.0 * (v.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    let frac = (pos - lo as f64) as f32;
-    v[lo] + (v[hi] - v[lo]) * frac
-}
-
 /// Cuts the samples ranked above the chosen percentile: the top ⌊n·(1 − q/100)⌉ scores, ties
 /// broken to the lower index, so discrete scores (k-NN shares) cut exactly that many too.
 pub fn cut(
@@ -621,7 +608,6 @@ mod tests {
         let bald = score(&s, Score::Bald, &x, &[1]).unwrap()[0];
         assert!((bald - (h(0.625, 0.375) - (h(0.5, 0.5) + h(0.75, 0.25)) / 2.0)).abs() < 1e-5);
 
-        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0, 5.0], 90.0), 4.6);
         let r = cut(
             vec![0.1, 0.9, 0.5, 0.95],
             &[0, 1, 1, 0],
