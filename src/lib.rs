@@ -18,3 +18,6 @@ pub mod rng;
 pub mod runtime;
 pub mod sampling;
 pub mod train;
+
+#[cfg(test)]
+mod testutil;

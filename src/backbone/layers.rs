@@ -198,6 +198,7 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_abs_diff;
 
     #[test]
     fn tf_same_padding() {
@@ -267,14 +268,7 @@ mod tests {
         .unwrap();
         let expected = candle_nn::ModuleT::forward_t(&bn, &conv, false).unwrap();
         let got = layer.forward(&x).unwrap();
-        let diff: f32 = (got - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = max_abs_diff(&got, &expected);
         assert!(diff < 1e-5, "{diff}");
 
         // A wrong shape names the tensor and both shapes.

@@ -505,6 +505,7 @@ pub fn cut(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_abs_diff;
     use candle_nn::Linear;
 
     fn head(classes: usize, f: usize, seed: u64) -> Head {
@@ -541,49 +542,24 @@ mod tests {
             let explicit = h
                 .logits(&(x.clone() * masks.get(pass).unwrap()).unwrap())
                 .unwrap();
-            let d: f32 = (fused.get(pass).unwrap() - explicit)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d: f32 = max_abs_diff(&fused.get(pass).unwrap(), &explicit);
             assert!(d < 1e-5, "pass {pass}: {d}");
         }
         // The direct masked features equal masks ⊙ x.
         let host = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let direct = mc_masked(9, t, 0, &host, f, 0.5, &Device::Cpu).unwrap();
-        let d: f32 = (direct - masks.broadcast_mul(&x.unsqueeze(0).unwrap()).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d: f32 = max_abs_diff(
+            &direct,
+            &masks.broadcast_mul(&x.unsqueeze(0).unwrap()).unwrap(),
+        );
         assert_eq!(d, 0.0);
         // The CPU path (no masked tensor) gives the same logits.
         let cpu = mc_logits_cpu(&h, 9, t, 0, &host, f, 0.5).unwrap();
-        let d: f32 = (cpu - &fused)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d: f32 = max_abs_diff(&cpu, &fused);
         assert!(d < 1e-5, "cpu path: {d}");
         // Chunking does not change the masks.
         let part = mc_masks(9, t, 5, 3, f, 0.5, &Device::Cpu).unwrap();
-        let d: f32 = (part - masks.narrow(1, 5, 3).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d: f32 = max_abs_diff(&part, &masks.narrow(1, 5, 3).unwrap());
         assert_eq!(d, 0.0);
     }
 

@@ -94,6 +94,7 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, relu6: bool) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_abs_diff;
     use candle_core::{Device, Var};
 
     #[test]
@@ -110,14 +111,7 @@ mod tests {
             if relu6 {
                 plain = plain.clamp(0f32, 6f32).unwrap();
             }
-            let diff: f32 = (&fused - &plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff: f32 = max_abs_diff(&fused, &plain);
             assert_eq!(diff, 0.0);
             let probe = Tensor::randn(0f32, 1., fused.dims(), &dev).unwrap();
             let g1 = (fused * &probe)
@@ -133,14 +127,10 @@ mod tests {
                 .backward()
                 .unwrap();
             for v in [&x, &b] {
-                let d: f32 = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let d: f32 = max_abs_diff(
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
                 assert!(d < 1e-4, "relu6={relu6}: {d}");
             }
         }

@@ -540,17 +540,11 @@ pub fn grouped_conv_fallback(x: &Tensor, weight: &Tensor, p: DepthwiseParams) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_abs_diff;
     use candle_core::{Device, Var};
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let diff: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = max_abs_diff(a, b);
         let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         diff / scale.max(1e-6)
     }

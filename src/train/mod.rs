@@ -173,6 +173,7 @@ pub fn train_head(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_abs_diff;
 
     /// Two Gaussian blobs per class in 8-D: a linear head separates them.
     fn blobs(n: usize, seed: u64) -> (Tensor, Vec<u32>) {
@@ -210,14 +211,7 @@ mod tests {
                 &y[..6]
             );
             let again = train_head(&x, &y, 3, &cfg, &Progress::hidden()).unwrap();
-            let d: f32 = (head.linear.weight() - again.linear.weight())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d: f32 = max_abs_diff(&head.linear.weight(), &again.linear.weight());
             assert_eq!(d, 0.0, "same seed, same weights");
         }
         let err = train_head(
