@@ -211,7 +211,7 @@ mod tests {
                 &y[..6]
             );
             let again = train_head(&x, &y, 3, &cfg, &Progress::hidden()).unwrap();
-            let d: f32 = max_abs_diff(&head.linear.weight(), &again.linear.weight());
+            let d: f32 = max_abs_diff(head.linear.weight(), again.linear.weight());
             assert_eq!(d, 0.0, "same seed, same weights");
         }
         let err = train_head(
