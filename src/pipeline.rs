@@ -103,7 +103,7 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
         bail!("--tuesday-num is required when --target-day is tuesday");
     }
     if cfg.sampling != Sampling::None && cfg.target_day == Day::Monday {
-        bail!("--sampling-type {} replays Monday data into Tuesday training; it needs --target-day tuesday", sampling_name(cfg.sampling));
+        bail!("--sampling-type {} replays Monday data into Tuesday training; it needs --target-day tuesday", cfg.sampling.name());
     }
     if cfg.label == LabelSource::UserFeedback && cfg.target_day == Day::Monday {
         bail!("--label user_feedback applies to Tuesday's labels; it needs --target-day tuesday");
@@ -141,16 +141,6 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
         cfg.dataset.display()
     );
     Ok(())
-}
-
-fn sampling_name(s: Sampling) -> &'static str {
-    match s {
-        Sampling::None => "none",
-        Sampling::Random => "random",
-        Sampling::ClosestPair(crate::distance::Metric::L1) => "l1_norm",
-        Sampling::ClosestPair(crate::distance::Metric::L2) => "l2_norm",
-        Sampling::ClosestPair(crate::distance::Metric::Cosine) => "cosine_similarity",
-    }
 }
 
 /// Runs the whole pipeline and registers the result; `progress` shows each stage.
@@ -386,8 +376,8 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         "label": match cfg.label { LabelSource::GroundTruth => "ground_truth", LabelSource::UserFeedback => "user_feedback" },
         "user_accuracy": cfg.user_accuracy,
         "bayesian_cut_off": cfg.bayesian_cutoff,
-        "sampling_type": sampling_name(cfg.sampling),
-        "sampling_mode": match cfg.sampling_mode { PairMode::Faithful => "faithful", PairMode::Buffer => "buffer" },
+        "sampling_type": cfg.sampling.name(),
+        "sampling_mode": cfg.sampling_mode.name(),
         "ratio": cfg.ratio,
         "monday_num": cfg.monday_num,
         "tuesday_num": cfg.tuesday_num,
@@ -397,13 +387,13 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         "image_size": pre.width,
         "cutoff_score": cfg.cutoff_score.name(),
         "cutoff_percentile": match cfg.cutoff_percentile { Percentile::Auto => json!("auto"), Percentile::Fixed(p) => json!(p) },
-        "cutoff_action": match cfg.cutoff_action { Action::Drop => "drop", Action::Relabel => "relabel" },
+        "cutoff_action": cfg.cutoff_action.name(),
         "mc_passes": cfg.mc_passes,
         "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size,
         "lr": cfg.train.lr,
         "lr_decay": cfg.train.lr_decay,
-        "loss": match cfg.train.loss { crate::train::Loss::CrossEntropy => "ce", crate::train::Loss::AnlCe => "anl_ce" },
+        "loss": cfg.train.loss.name(),
         "seed": cfg.train.seed,
     });
     let ids = |r: &[Record]| r.iter().map(|x| x.id).collect::<Vec<u64>>();

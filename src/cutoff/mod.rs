@@ -393,6 +393,16 @@ pub enum Action {
     Relabel,
 }
 
+impl Action {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Drop => "drop",
+            Action::Relabel => "relabel",
+        }
+    }
+}
+
 impl FromStr for Action {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

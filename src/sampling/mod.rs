@@ -18,6 +18,19 @@ pub enum Sampling {
     ClosestPair(Metric),
 }
 
+impl Sampling {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampling::None => "none",
+            Sampling::Random => "random",
+            Sampling::ClosestPair(Metric::L1) => "l1_norm",
+            Sampling::ClosestPair(Metric::L2) => "l2_norm",
+            Sampling::ClosestPair(Metric::Cosine) => "cosine_similarity",
+        }
+    }
+}
+
 impl FromStr for Sampling {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -43,6 +56,16 @@ pub enum PairMode {
     /// Ours: every image's nearest other-class neighbour over the whole buffer, then the
     /// closest disjoint pairs until the budget is filled.
     Buffer,
+}
+
+impl PairMode {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PairMode::Faithful => "faithful",
+            PairMode::Buffer => "buffer",
+        }
+    }
 }
 
 impl FromStr for PairMode {
@@ -107,13 +130,19 @@ impl ReuseBuffer<'_> {
 
     /// Buffer indices per class, classes in ascending order.
     fn by_class(&self) -> Vec<Vec<usize>> {
-        let mut classes: Vec<i64> = self.targets.to_vec();
-        classes.sort_unstable();
-        classes.dedup();
-        classes
+        let mut groups: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
+        for (i, &t) in self.targets.iter().enumerate() {
+            groups.entry(t).or_default().push(i);
+        }
+        groups.into_values().collect()
+    }
+
+    /// Number of distinct classes.
+    fn class_count(&self) -> usize {
+        self.targets
             .iter()
-            .map(|&c| (0..self.len()).filter(|&i| self.targets[i] == c).collect())
-            .collect()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
     }
 }
 
@@ -241,7 +270,7 @@ fn buffer_pairs(
     if pairs == 0 {
         return Ok(Vec::new());
     }
-    if buffer.by_class().len() < 2 {
+    if buffer.class_count() < 2 {
         return Err(SamplingError::OneClass);
     }
     let k = BUFFER_NEIGHBOURS.min(buffer.len() - 1).max(1);

@@ -14,6 +14,16 @@ pub enum Loss {
     AnlCe,
 }
 
+impl Loss {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::CrossEntropy => "ce",
+            Loss::AnlCe => "anl_ce",
+        }
+    }
+}
+
 impl FromStr for Loss {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
