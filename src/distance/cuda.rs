@@ -4,7 +4,9 @@
 //! (Q × k values per tile). Returns `None` where the kernels do not apply (k > 16, or an L1
 //! query block that does not fit in shared memory); the caller then uses the generic path.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Storage, Tensor, D};
 
@@ -43,6 +45,33 @@ fn with_slice<R>(
         return with_slice(&copy, f);
     }
     f(cuda.as_cuda_slice::<f32>()?)
+}
+
+/// Pushes the arguments both kernels share after their two inputs: the class arrays (or two
+/// null pointers), the output keys and indices, then the integer parameters.
+fn push_tail<'a>(
+    b: &mut LaunchArgs<'a>,
+    classes: &'a Option<(CudaSlice<i64>, CudaSlice<i64>)>,
+    null: &'a u64,
+    keys: &'a mut CudaSlice<f32>,
+    idx: &'a mut CudaSlice<i64>,
+    ints: &'a [i32],
+) {
+    match classes {
+        Some((qc, cc)) => {
+            b.arg(qc);
+            b.arg(cc);
+        }
+        None => {
+            b.arg(null);
+            b.arg(null);
+        }
+    }
+    b.arg(keys);
+    b.arg(idx);
+    for v in ints {
+        b.arg(v);
+    }
 }
 
 fn shared_bytes(floats: usize, k: usize) -> usize {
@@ -85,21 +114,7 @@ pub fn search(
                     let mut b = func.builder();
                     b.arg(qs);
                     b.arg(cs);
-                    match &classes {
-                        Some((qc, cc)) => {
-                            b.arg(qc);
-                            b.arg(cc);
-                        }
-                        None => {
-                            b.arg(&null);
-                            b.arg(&null);
-                        }
-                    }
-                    b.arg(&mut keys);
-                    b.arg(&mut idx);
-                    for v in &ints {
-                        b.arg(v);
-                    }
+                    push_tail(&mut b, &classes, &null, &mut keys, &mut idx, &ints);
                     let cfg = LaunchConfig {
                         grid_dim: (nq.div_ceil(L1_QUERIES) as u32, 1, 1),
                         block_dim: (THREADS, 1, 1),
@@ -145,21 +160,7 @@ pub fn search(
                         let mut b = func.builder();
                         b.arg(ds);
                         b.arg(ns);
-                        match &classes {
-                            Some((qc, cc)) => {
-                                b.arg(qc);
-                                b.arg(cc);
-                            }
-                            None => {
-                                b.arg(&null);
-                                b.arg(&null);
-                            }
-                        }
-                        b.arg(&mut keys);
-                        b.arg(&mut idx);
-                        for v in &ints {
-                            b.arg(v);
-                        }
+                        push_tail(&mut b, &classes, &null, &mut keys, &mut idx, &ints);
                         let cfg = LaunchConfig {
                             grid_dim: (nq as u32, 1, 1),
                             block_dim: (THREADS, 1, 1),
