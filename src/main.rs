@@ -113,6 +113,13 @@ struct TrainArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// head (a linear probe on frozen, cached features) or full (back-propagate through the
+    /// backbone; mobilenet_v2 and efficientnet_lite0).
+    #[arg(long, default_value = "head")]
+    finetune: bccp::train::finetune::Finetune,
+    /// Learning rate of the backbone with --finetune full.
+    #[arg(long, default_value_t = 1e-4)]
+    backbone_lr: f64,
     /// ce or anl_ce.
     #[arg(long, default_value = "ce")]
     loss: bccp::train::Loss,
@@ -658,6 +665,8 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
         cutoff_percentile: args.cutoff_percentile,
         cutoff_action: args.cutoff_action,
         mc_passes: args.mc_passes,
+        finetune: args.finetune,
+        backbone_lr: args.backbone_lr,
         train: bccp::train::TrainConfig {
             epochs: args.epochs,
             batch_size: args.batch_size,
@@ -705,9 +714,22 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
         cfg.device.location()
     );
     println!(
-        "training           {} epochs, batch {}, lr {}, loss {:?}, seed {}",
-        cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.loss, cfg.train.seed
+        "training           {} epochs, batch {}, lr {}, loss {}, seed {}",
+        cfg.train.epochs,
+        cfg.train.batch_size,
+        cfg.train.lr,
+        cfg.train.loss.name(),
+        cfg.train.seed
     );
+    match cfg.finetune {
+        bccp::train::finetune::Finetune::Head => {
+            println!("fine-tuning        head (linear probe on cached features)")
+        }
+        bccp::train::finetune::Finetune::Full => println!(
+            "fine-tuning        full (backbone lr {}, batch-norm statistics frozen)",
+            cfg.backbone_lr
+        ),
+    }
     println!("=======================================================");
     let outcome = bccp::pipeline::run(&cfg, &progress(quiet))?;
     let m = &outcome.metrics;
@@ -760,8 +782,12 @@ fn run_predict(args: PredictArgs) -> Result<()> {
             .as_str()
             .context("params.json has no weights")?,
     );
-    let model = backbone::Backbone::load(&spec, &weights, &device)?;
     let tensors = candle_core::safetensors::load(run.path.join("model.safetensors"), &device)?;
+    // A fine-tuned run carries its backbone; a linear probe uses the pretrained weights.
+    let model = match backbone::Backbone::from_tuned(&spec, &tensors, &device)? {
+        Some(tuned) => tuned,
+        None => backbone::Backbone::load(&spec, &weights, &device)?,
+    };
     let get = |k: &str| {
         tensors
             .get(k)

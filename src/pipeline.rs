@@ -18,7 +18,8 @@ use crate::registry;
 use crate::rng::Rng;
 use crate::sampling::{self, PairMode, ReuseBuffer, Sampling};
 use crate::train::eval::{detection, evaluate, roc_auc};
-use crate::train::{train_head, TrainConfig};
+use crate::train::finetune::{embed_files, finetune, Finetune};
+use crate::train::{train_head, Head, TrainConfig};
 
 /// Where training labels come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,10 @@ pub struct RunConfig {
     pub cutoff_percentile: Percentile,
     pub cutoff_action: Action,
     pub mc_passes: usize,
+    /// Head only (cached features) or the whole backbone.
+    pub finetune: Finetune,
+    /// Learning rate of the backbone with [`Finetune::Full`].
+    pub backbone_lr: f64,
     pub train: TrainConfig,
     pub device: Device,
     pub cache_dir: Option<PathBuf>,
@@ -134,7 +139,18 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
     if let Some(size) = cfg.image_size {
         ensure!(size >= 32, "--image-size {size} is too small; 32 or more");
     }
-    zoo::find(&cfg.backbone)?;
+    let spec = zoo::find(&cfg.backbone)?;
+    if cfg.finetune == Finetune::Full {
+        ensure!(
+            Backbone::can_finetune(spec.architecture),
+            "--finetune full is not supported for --backbone {} yet; use mobilenet_v2 or efficientnet_lite0, or --finetune head",
+            spec.name
+        );
+        ensure!(
+            cfg.backbone_lr > 0.0 && cfg.backbone_lr.is_finite(),
+            "--backbone-lr must be a positive number"
+        );
+    }
     ensure!(
         cfg.dataset.join("monday.jsonl").is_file(),
         "{} is not a prepared dataset (no monday.jsonl); make one with bccp prepare",
@@ -207,8 +223,13 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     // Monday alone.
     let stage = Instant::now();
     let truth = |r: &[Record]| r.iter().map(|x| x.target as u32).collect::<Vec<u32>>();
+    let files = |r: &[Record]| -> Vec<PathBuf> {
+        r.iter().map(|x| cfg.dataset.join(&x.image_path)).collect()
+    };
     let (mut x_train, mut given, mut true_labels, mut replayed) =
         (part(0, n1)?, truth(&mon_train), truth(&mon_train), 0usize);
+    // The image of every training row (fine-tuning reads them again).
+    let mut train_files = files(&mon_train);
     if cfg.target_day == Day::Tuesday {
         let t_true = truth(&tue_train);
         let t_given = match cfg.label {
@@ -243,6 +264,11 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         let idx: Vec<u32> = chosen.iter().map(|s| s.index as u32).collect();
         let replay_x = part(0, n1)?.index_select(&Tensor::new(idx.as_slice(), &cfg.device)?, 0)?;
         x_train = Tensor::cat(&[part(n1 + n2, n3)?, replay_x], 0)?;
+        train_files = files(&tue_train);
+        train_files.extend(
+            idx.iter()
+                .map(|&i| cfg.dataset.join(&mon_train[i as usize].image_path)),
+        );
         let replay_labels: Vec<u32> = idx
             .iter()
             .map(|&i| mon_train[i as usize].target as u32)
@@ -321,23 +347,49 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     let keep_t = Tensor::new(keep_idx.as_slice(), &cfg.device)?;
     let x_final = x_train.index_select(&keep_t, 0)?;
     let y_final: Vec<u32> = keep_idx.iter().map(|&i| labels[i as usize]).collect();
-    let head = train_head(&x_final, &y_final, classes.len(), &cfg.train, progress)?;
+    let (head, tuned): (Head, Option<Backbone>) = match cfg.finetune {
+        Finetune::Head => (
+            train_head(&x_final, &y_final, classes.len(), &cfg.train, progress)?,
+            None,
+        ),
+        Finetune::Full => {
+            let mut model = Backbone::load(&spec, &weights, &cfg.device)?;
+            let kept_files: Vec<PathBuf> = keep_idx
+                .iter()
+                .map(|&i| train_files[i as usize].clone())
+                .collect();
+            let head = finetune(
+                &mut model,
+                &kept_files,
+                &y_final,
+                classes.len(),
+                &pre,
+                &cfg.train,
+                cfg.backbone_lr,
+                &cfg.device,
+                progress,
+            )?;
+            (head, Some(model))
+        }
+    };
     seconds.insert("train", stage.elapsed().as_secs_f64());
 
-    // Evaluation: Monday test, plus Tuesday test for a Tuesday run.
-    let eval_part = |start: usize, records: &[Record]| -> Result<crate::train::eval::Evaluation> {
-        let pred = head.predict(&part(start, records.len())?)?;
-        Ok(evaluate(&pred, &truth(records), classes.len()))
+    // Evaluation: Monday test, plus Tuesday test for a Tuesday run, on the cached features or,
+    // after fine-tuning, on the tuned backbone's.
+    let stage = Instant::now();
+    let test_features = |start: usize, records: &[Record]| -> Result<Tensor> {
+        match &tuned {
+            None => Ok(part(start, records.len())?),
+            Some(model) => embed_files(model, &files(records), &pre, 64, &cfg.device),
+        }
     };
-    let mon_eval = eval_part(n1, &mon_test)?;
+    let mon_pred = head.predict(&test_features(n1, &mon_test)?)?;
+    let mon_eval = evaluate(&mon_pred, &truth(&mon_test), classes.len());
     let (overall, tue_acc) = if cfg.target_day == Day::Tuesday {
-        let tue_eval = eval_part(n1 + n2 + n3, &tue_test)?;
+        let tue_pred = head.predict(&test_features(n1 + n2 + n3, &tue_test)?)?;
+        let tue_eval = evaluate(&tue_pred, &truth(&tue_test), classes.len());
         let both: Vec<Record> = mon_test.iter().chain(&tue_test).cloned().collect();
-        let pred: Vec<u32> = [
-            head.predict(&part(n1, n2)?)?,
-            head.predict(&part(n1 + n2 + n3, tue_test.len())?)?,
-        ]
-        .concat();
+        let pred: Vec<u32> = [mon_pred, tue_pred].concat();
         (
             evaluate(&pred, &truth(&both), classes.len()),
             Some(tue_eval.accuracy),
@@ -345,6 +397,7 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     } else {
         (mon_eval.clone(), None)
     };
+    seconds.insert("evaluate", stage.elapsed().as_secs_f64());
     seconds.insert("total", started.elapsed().as_secs_f64());
     metrics.insert("test_accuracy".into(), json!(overall.accuracy));
     metrics.insert("test_accuracy_monday".into(), json!(mon_eval.accuracy));
@@ -389,6 +442,8 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         "cutoff_percentile": match cfg.cutoff_percentile { Percentile::Auto => json!("auto"), Percentile::Fixed(p) => json!(p) },
         "cutoff_action": cfg.cutoff_action.name(),
         "mc_passes": cfg.mc_passes,
+        "finetune": cfg.finetune.name(),
+        "backbone_lr": (cfg.finetune == Finetune::Full).then_some(cfg.backbone_lr),
         "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size,
         "lr": cfg.train.lr,
@@ -409,6 +464,10 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         ("labels.json", json!(classes)),
         ("split.json", split),
     ]);
-    let run = registry::register(&cfg.runs_dir, &cfg.model_name, &docs, &head.tensors())?;
+    let mut tensors = head.tensors();
+    if let Some(model) = &tuned {
+        tensors.extend(model.export_tuned()?);
+    }
+    let run = registry::register(&cfg.runs_dir, &cfg.model_name, &docs, &tensors)?;
     Ok(RunOutcome { run, metrics })
 }

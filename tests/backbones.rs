@@ -109,3 +109,52 @@ fn efficientnet_lite0_recognises_a_cat_and_an_espresso() {
     assert!(first.contains("967") && first.contains("espresso"), "{out}");
     assert_eq!(out.lines().count(), 6, "{out}");
 }
+
+#[test]
+fn fine_tuning_reaches_every_layer_and_exports_losslessly() {
+    for (name, weights) in [
+        ("mobilenet_v2", "weights/mobilenet_v2.safetensors"),
+        (
+            "efficientnet_lite0",
+            "weights/efficientnet_lite0.safetensors",
+        ),
+    ] {
+        let spec = zoo::find(name).unwrap();
+        let mut model = load(name, weights);
+        let x = Tensor::randn(0f32, 1., (2, 3, 64, 64), &Device::Cpu).unwrap();
+        let before = model.embed(&x).unwrap();
+
+        // Export, then rebuild from the export: the same network.
+        let exported: std::collections::HashMap<String, Tensor> =
+            model.export_tuned().unwrap().into_iter().collect();
+        let rebuilt = Backbone::from_tuned(&spec, &exported, &Device::Cpu)
+            .unwrap()
+            .expect("tensors under backbone.");
+        let err = rel_err(&rebuilt.embed(&x).unwrap(), &before);
+        assert!(err < 1e-6, "{name}: export round trip {err}");
+
+        // Every parameter receives a gradient through the whole network.
+        let vars = model.make_trainable().unwrap();
+        assert_eq!(
+            vars.len(),
+            exported.len() * 2 / 5,
+            "{name}: weight + bias per conv"
+        );
+        let after = model.embed(&x).unwrap();
+        assert!(rel_err(&after, &before) < 1e-6);
+        let grads = after.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, var) in vars.iter().enumerate() {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name}: no gradient for var {i}"));
+            let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{name}: var {i} gradient {norm}"
+            );
+        }
+    }
+    // Architectures we cannot train yet say so.
+    let spec = zoo::find("resnet18").unwrap();
+    assert!(!Backbone::can_finetune(spec.architecture));
+}

@@ -7,12 +7,10 @@
 //! weights: `_conv_stem`, `_bn0`, `_blocks.N.{_expand_conv,_bn0,_depthwise_conv,_bn1,
 //! _project_conv,_bn2}`, `_conv_head`, `_bn1`, `_fc`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::layers::{
-    global_avg_pool, ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding, ResidualChain,
-};
+use super::layers::{ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding, ResidualChain, Trunk};
 
 /// One stage: (kernel, stride, expansion, output channels, repeats).
 type Stage = (usize, usize, usize, usize, usize);
@@ -99,9 +97,7 @@ fn mb_conv(
 /// An EfficientNet-Lite network; the embedding is the pooled head (1280-d for Lite0).
 #[derive(Debug, Clone)]
 pub struct EfficientNetLite {
-    stem: ConvBn,
-    blocks: Vec<ResidualChain>,
-    head: ConvBn,
+    trunk: Trunk,
     classifier: Option<Linear>,
     embedding_dim: usize,
 }
@@ -154,9 +150,7 @@ impl EfficientNetLite {
             None
         };
         Ok(Self {
-            stem,
-            blocks,
-            head,
+            trunk: Trunk { stem, blocks, head },
             classifier,
             embedding_dim: cfg.head,
         })
@@ -164,16 +158,22 @@ impl EfficientNetLite {
 
     /// The pooled head features.
     pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.stem.forward(x)?;
-        for block in &self.blocks {
-            y = block.forward(&y)?;
-        }
-        global_avg_pool(&self.head.forward(&y)?)
+        self.trunk.embed(x)
     }
 
     /// Width of the embedding.
     pub fn embedding_dim(&self) -> usize {
         self.embedding_dim
+    }
+
+    /// The convolutional trunk (what fine-tuning trains).
+    pub fn trunk_mut(&mut self) -> &mut Trunk {
+        &mut self.trunk
+    }
+
+    /// The convolutional trunk.
+    pub fn trunk(&self) -> &Trunk {
+        &self.trunk
     }
 
     /// The ImageNet classifier, when the checkpoint has one.

@@ -1,7 +1,8 @@
 //! Building blocks of the convolutional backbones written here: a convolution with its
-//! batch-norm folded in (inference), in three flavours — dense, depthwise, pointwise.
+//! batch-norm folded in, in three flavours — dense, depthwise, pointwise — and the
+//! [`Tunable`] interface that fine-tuning uses.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
 use crate::ops::{bias_act, depthwise_conv2d, DepthwiseParams};
@@ -50,12 +51,25 @@ impl Padding {
     }
 }
 
+/// A network whose parameters can be fine-tuned and saved back in checkpoint layout.
+pub trait Tunable {
+    /// Turns every parameter into a trainable variable and appends it to `vars`.
+    fn make_trainable(&mut self, vars: &mut Vec<Var>) -> Result<()>;
+    /// The parameters under their checkpoint names, loadable by the same network's `load`.
+    fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()>;
+}
+
 /// Conv → batch-norm (→ ReLU6), with the batch-norm folded into the convolution's weight and
-/// bias when loaded: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`.
+/// bias when loaded: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`. Fine-tuning trains `w'` and
+/// `b'`, i.e. the batch-norm statistics stay frozen (its affine part is trained).
 #[derive(Debug, Clone)]
 pub struct ConvBn {
     weight: Tensor,
     bias: Tensor,
+    /// Checkpoint prefixes of the convolution and the batch-norm.
+    conv_name: String,
+    bn_name: String,
+    bn_eps: f64,
     kind: ConvKind,
     kernel: usize,
     stride: usize,
@@ -113,12 +127,47 @@ impl ConvBn {
         Ok(Self {
             weight,
             bias,
+            conv_name: names.conv.prefix(),
+            bn_name: names.bn.prefix(),
+            bn_eps: spec.bn_eps,
             kind: spec.kind,
             kernel: spec.kernel,
             stride: spec.stride,
             padding: spec.padding,
             relu6: spec.relu6,
         })
+    }
+}
+
+impl Tunable for ConvBn {
+    fn make_trainable(&mut self, vars: &mut Vec<Var>) -> Result<()> {
+        for t in [&mut self.weight, &mut self.bias] {
+            let var = Var::from_tensor(t)?;
+            *t = var.as_tensor().clone();
+            vars.push(var);
+        }
+        Ok(())
+    }
+
+    /// The folded weight as the convolution and an identity batch-norm (γ = √(1+ε), β = b',
+    /// μ = 0, σ² = 1), so that loading folds it back to exactly `w'` and `b'`.
+    fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+        let c = self.bias.dim(0)?;
+        let weight = match self.kind {
+            ConvKind::Pointwise => {
+                let (cout, cin) = self.weight.dims2()?;
+                self.weight.reshape((cout, cin, 1, 1))?
+            }
+            _ => self.weight.clone(),
+        };
+        let ones = Tensor::ones(c, DType::F32, self.bias.device())?;
+        let key = |prefix: &str, name: &str| format!("{prefix}.{name}");
+        out.push((key(&self.conv_name, "weight"), weight.detach()));
+        out.push((key(&self.bn_name, "weight"), (&ones + self.bn_eps)?.sqrt()?));
+        out.push((key(&self.bn_name, "bias"), self.bias.detach()));
+        out.push((key(&self.bn_name, "running_mean"), ones.zeros_like()?));
+        out.push((key(&self.bn_name, "running_var"), ones));
+        Ok(())
     }
 }
 
@@ -187,6 +236,54 @@ impl Module for ResidualChain {
         } else {
             Ok(y)
         }
+    }
+}
+
+impl Tunable for ResidualChain {
+    fn make_trainable(&mut self, vars: &mut Vec<Var>) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|l| l.make_trainable(vars))
+    }
+
+    fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+        self.layers.iter().try_for_each(|l| l.export(out))
+    }
+}
+
+/// The convolutional trunk shared by MobileNetV2 and EfficientNet-Lite: a stem, the
+/// inverted-residual blocks, a 1×1 head, then global average pooling.
+#[derive(Debug, Clone)]
+pub struct Trunk {
+    pub stem: ConvBn,
+    pub blocks: Vec<ResidualChain>,
+    pub head: ConvBn,
+}
+
+impl Trunk {
+    /// The pooled features `[N, C]` of images `[N, 3, H, W]`.
+    pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = self.stem.forward(x)?;
+        for block in &self.blocks {
+            y = block.forward(&y)?;
+        }
+        global_avg_pool(&self.head.forward(&y)?)
+    }
+}
+
+impl Tunable for Trunk {
+    fn make_trainable(&mut self, vars: &mut Vec<Var>) -> Result<()> {
+        self.stem.make_trainable(vars)?;
+        self.blocks
+            .iter_mut()
+            .try_for_each(|b| b.make_trainable(vars))?;
+        self.head.make_trainable(vars)
+    }
+
+    fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+        self.stem.export(out)?;
+        self.blocks.iter().try_for_each(|b| b.export(out))?;
+        self.head.export(out)
     }
 }
 

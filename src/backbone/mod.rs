@@ -14,10 +14,14 @@ pub mod zoo;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use layers::{Trunk, Tunable};
 use zoo::{Architecture, BackboneSpec, WeightSource};
+
+/// Prefix of a fine-tuned backbone's tensors in a run's `model.safetensors`.
+pub const TUNED_PREFIX: &str = "backbone";
 
 /// The folder of locally installed assets: `BCCP_ASSETS`, else `./assets`.
 pub fn assets_dir() -> PathBuf {
@@ -104,6 +108,72 @@ impl Backbone {
                 spec.name
             )
         })
+    }
+
+    /// Whether `--finetune full` can train this architecture.
+    pub fn can_finetune(arch: Architecture) -> bool {
+        matches!(
+            arch,
+            Architecture::MobilenetV2 | Architecture::EfficientnetLite0
+        )
+    }
+
+    fn trunk(&self) -> Option<&Trunk> {
+        match &self.network {
+            Network::MobileNetV2(m) => Some(m.trunk()),
+            Network::EfficientNetLite(m) => Some(m.trunk()),
+            _ => None,
+        }
+    }
+
+    /// Makes the backbone's parameters trainable and returns them (batch-norm statistics stay
+    /// frozen). Only the convolutional backbones written here support it.
+    pub fn make_trainable(&mut self) -> Result<Vec<Var>> {
+        let name = self.spec.name.clone();
+        let trunk = match &mut self.network {
+            Network::MobileNetV2(m) => m.trunk_mut(),
+            Network::EfficientNetLite(m) => m.trunk_mut(),
+            _ => anyhow::bail!(
+                "--finetune full is not supported for {name} yet (only mobilenet_v2 and efficientnet_lite0)"
+            ),
+        };
+        let mut vars = Vec::new();
+        trunk.make_trainable(&mut vars)?;
+        Ok(vars)
+    }
+
+    /// The backbone's parameters in checkpoint layout, names prefixed with [`TUNED_PREFIX`].
+    pub fn export_tuned(&self) -> Result<Vec<(String, Tensor)>> {
+        let trunk = self
+            .trunk()
+            .with_context(|| format!("{} cannot be exported", self.spec.name))?;
+        let mut out = Vec::new();
+        trunk.export(&mut out)?;
+        Ok(out
+            .into_iter()
+            .map(|(k, t)| (format!("{TUNED_PREFIX}.{k}"), t))
+            .collect())
+    }
+
+    /// Rebuilds a fine-tuned backbone from a run's tensors (those under [`TUNED_PREFIX`]);
+    /// `None` when the run has none (a linear probe).
+    pub fn from_tuned(
+        spec: &BackboneSpec,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let prefix = format!("{TUNED_PREFIX}.");
+        let own: std::collections::HashMap<String, Tensor> = tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(&prefix).map(|k| (k.to_owned(), t.clone())))
+            .collect();
+        if own.is_empty() {
+            return Ok(None);
+        }
+        let vb = VarBuilder::from_tensors(own, DType::F32, device);
+        Ok(Some(Self::from_var_builder(spec, vb).with_context(
+            || format!("the fine-tuned tensors do not fit model {}", spec.name),
+        )?))
     }
 
     /// The zoo entry this backbone was built from.

@@ -3,6 +3,7 @@
 //! seeded dropout, and evaluation (accuracy, per class, confusion matrix).
 
 pub mod eval;
+pub mod finetune;
 pub mod loss;
 
 use candle_core::{Device, Module, Result, Tensor, Var};
@@ -78,6 +79,37 @@ impl Head {
     }
 }
 
+/// A fresh linear head with PyTorch's default `nn.Linear` bounds, drawn from `seed`; returns
+/// its trainable variables (weight, bias) and the layer.
+pub fn init_head(
+    classes: usize,
+    features: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<(Vec<Var>, Linear)> {
+    let mut rng = Rng::derive(seed, 0x1417);
+    let bound = 1.0 / (features as f64).sqrt();
+    let mut init = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| ((rng.unit_f64() * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    };
+    let w = Var::from_vec(init(classes * features), (classes, features), device)?;
+    let b = Var::from_vec(init(classes), classes, device)?;
+    let linear = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+    Ok((vec![w, b], linear))
+}
+
+/// Adam at learning rate `lr` (AdamW without weight decay).
+pub fn adam(vars: Vec<Var>, lr: f64) -> Result<candle_nn::AdamW> {
+    let params = candle_nn::ParamsAdamW {
+        lr,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    candle_nn::AdamW::new(vars, params)
+}
+
 /// A dropout mask [rows, cols] with keep probability 1 − p, scaled by 1 / (1 − p), drawn from
 /// `rng` (so runs are reproducible; candle's CPU generator cannot be seeded).
 pub fn dropout_mask(
@@ -120,24 +152,8 @@ pub fn train_head(
         candle_core::bail!("no training samples");
     }
     let device = features.device();
-    // Deterministic initialisation (PyTorch's default bounds for nn.Linear) from the seed.
-    let mut rng = Rng::derive(cfg.seed, 0x1417);
-    let bound = 1.0 / (f as f64).sqrt();
-    let init = |rng: &mut Rng, len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| ((rng.unit_f64() * 2.0 - 1.0) * bound) as f32)
-            .collect()
-    };
-    let w = Var::from_vec(init(&mut rng, classes * f), (classes, f), device)?;
-    let b = Var::from_vec(init(&mut rng, classes), classes, device)?;
-    let linear = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
-    // AdamW without weight decay is Adam.
-    let params = candle_nn::ParamsAdamW {
-        lr: cfg.lr,
-        weight_decay: 0.0,
-        ..Default::default()
-    };
-    let mut opt = candle_nn::AdamW::new(vec![w, b], params)?;
+    let (vars, linear) = init_head(classes, f, cfg.seed, device)?;
+    let mut opt = adam(vars, cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
