@@ -5,6 +5,8 @@
 
 pub mod alloc;
 pub mod backbone;
+pub mod baselines;
+pub mod cleanse;
 pub mod cutoff;
 pub mod data;
 pub mod device;

@@ -65,9 +65,20 @@ struct TrainArgs {
     /// Probability that a user's label is right.
     #[arg(long, default_value_t = 0.7)]
     user_accuracy: f64,
-    /// Bayesian cut-off: Y or N.
-    #[arg(short = 'b', long, default_value = "N", value_parser = ["Y", "N", "y", "n"])]
-    bayesian_cut_off: String,
+    /// Bayesian cut-off: Y (the same as --method bccp) or N.
+    #[arg(short = 'b', long, value_parser = ["Y", "N", "y", "n"])]
+    bayesian_cut_off: Option<String>,
+    /// Noisy-label handling: none, bccp (the Bayesian cut-off), cleanlab (drop what confident
+    /// learning flags) or anl_ce (train with the ANL-CE loss).
+    #[arg(long)]
+    method: Option<bccp::cleanse::Method>,
+    /// Confident learning's filter: prune_by_noise_rate, prune_by_class, both,
+    /// confident_learning or predicted_neq_given.
+    #[arg(long, default_value = "prune_by_noise_rate")]
+    filter_by: bccp::baselines::FilterBy,
+    /// Folds of confident learning's cross-validated probabilities.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
     /// none, random, l1_norm, l2_norm or cosine_similarity.
     #[arg(short = 's', long, default_value = "none")]
     sampling_type: bccp::sampling::Sampling,
@@ -632,12 +643,34 @@ fn run_sample(args: SampleArgs) -> Result<()> {
     Ok(())
 }
 
+/// The method from `-b` (the reference's flag) and `--method`, refusing contradictions.
+fn train_method(
+    cut_off: Option<&str>,
+    method: Option<bccp::cleanse::Method>,
+) -> Result<bccp::cleanse::Method> {
+    use bccp::cleanse::Method;
+    let cut_off = cut_off.map(|b| b.eq_ignore_ascii_case("y"));
+    match (cut_off, method) {
+        (Some(true), Some(m)) if m != Method::Bccp => anyhow::bail!(
+            "-b Y is the bccp method's cut-off; it cannot be combined with --method {}",
+            m.name()
+        ),
+        (Some(false), Some(Method::Bccp)) => {
+            anyhow::bail!("--method bccp is the Bayesian cut-off; it cannot be combined with -b N")
+        }
+        (Some(true), _) => Ok(Method::Bccp),
+        (_, Some(m)) => Ok(m),
+        _ => Ok(Method::None),
+    }
+}
+
 fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
     use bccp::data::Day;
     use bccp::pipeline::{LabelSource, RunConfig};
     if args.sampling_type != bccp::sampling::Sampling::None && args.ratio.is_none() {
         anyhow::bail!("--ratio is required when --sampling-type is not none");
     }
+    let method = train_method(args.bayesian_cut_off.as_deref(), args.method)?;
     let cfg = RunConfig {
         dataset: args.dataset,
         target_day: if args.target_day == "tuesday" {
@@ -651,7 +684,6 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
             LabelSource::GroundTruth
         },
         user_accuracy: args.user_accuracy,
-        bayesian_cutoff: args.bayesian_cut_off.eq_ignore_ascii_case("y"),
         sampling: args.sampling_type,
         sampling_mode: args.sampling_mode,
         ratio: args.ratio.unwrap_or(0.0),
@@ -661,10 +693,15 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
         backbone: args.backbone,
         weights: args.weights,
         image_size: args.image_size,
-        cutoff_score: args.cutoff_score,
-        cutoff_percentile: args.cutoff_percentile,
-        cutoff_action: args.cutoff_action,
-        mc_passes: args.mc_passes,
+        cleanse: bccp::cleanse::CleanseConfig {
+            method,
+            cutoff_score: args.cutoff_score,
+            cutoff_percentile: args.cutoff_percentile,
+            cutoff_action: args.cutoff_action,
+            mc_passes: args.mc_passes,
+            filter_by: args.filter_by,
+            folds: args.folds,
+        },
         finetune: args.finetune,
         backbone_lr: args.backbone_lr,
         train: bccp::train::TrainConfig {
@@ -691,14 +728,27 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
         "label              {:?} (user accuracy {})",
         cfg.label, cfg.user_accuracy
     );
+    let c = &cfg.cleanse;
+    println!("method             {}", c.method.name());
     println!(
-        "bayesian cut-off   {} (score {}, percentile {:?}, action {:?}, {} passes)",
-        if cfg.bayesian_cutoff { "Y" } else { "N" },
-        cfg.cutoff_score.name(),
-        cfg.cutoff_percentile,
-        cfg.cutoff_action,
-        cfg.mc_passes
+        "bayesian cut-off   {} (score {}, percentile {:?}, action {}, {} passes)",
+        if c.method == bccp::cleanse::Method::Bccp {
+            "Y"
+        } else {
+            "N"
+        },
+        c.cutoff_score.name(),
+        c.cutoff_percentile,
+        c.cutoff_action.name(),
+        c.mc_passes
     );
+    if c.method == bccp::cleanse::Method::Cleanlab {
+        println!(
+            "confident learning filter_by {}, {}-fold probabilities",
+            c.filter_by.name(),
+            c.folds
+        );
+    }
     println!(
         "sampling           {:?} ({:?}), ratio {}",
         cfg.sampling, cfg.sampling_mode, cfg.ratio

@@ -11,7 +11,8 @@ use serde_json::json;
 
 use crate::backbone::embed::{embed_images, EmbedOptions, ImageList};
 use crate::backbone::{cache, resolve_weights, zoo, Backbone};
-use crate::cutoff::{self, Action, Percentile, Score};
+use crate::cleanse::{cleanse, CleanseConfig, Method};
+use crate::cutoff::Percentile;
 use crate::data::{read_manifest, user_feedback_labels, Day, Record};
 use crate::progress::Progress;
 use crate::registry;
@@ -36,7 +37,6 @@ pub struct RunConfig {
     pub target_day: Day,
     pub label: LabelSource,
     pub user_accuracy: f64,
-    pub bayesian_cutoff: bool,
     pub sampling: Sampling,
     pub sampling_mode: PairMode,
     pub ratio: f64,
@@ -46,10 +46,8 @@ pub struct RunConfig {
     pub backbone: String,
     pub weights: Option<PathBuf>,
     pub image_size: Option<u32>,
-    pub cutoff_score: Score,
-    pub cutoff_percentile: Percentile,
-    pub cutoff_action: Action,
-    pub mc_passes: usize,
+    /// The cleansing method and its settings (cut-off, confident learning).
+    pub cleanse: CleanseConfig,
     /// Head only (cached features) or the whole backbone.
     pub finetune: Finetune,
     /// Learning rate of the backbone with [`Finetune::Full`].
@@ -124,9 +122,16 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
         cfg.ratio
     );
     ensure!(
-        cfg.mc_passes >= 2,
+        cfg.cleanse.mc_passes >= 2,
         "--mc-passes must be 2 or more (variances need two passes)"
     );
+    if cfg.cleanse.method == Method::Cleanlab {
+        ensure!(
+            cfg.cleanse.folds >= 2,
+            "--folds {} must be 2 or more for --method cleanlab",
+            cfg.cleanse.folds
+        );
+    }
     ensure!(cfg.train.epochs >= 1, "--epochs must be 1 or more");
     ensure!(cfg.train.batch_size >= 1, "--batch-size must be 1 or more");
     ensure!(
@@ -281,7 +286,7 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     }
     seconds.insert("sample", stage.elapsed().as_secs_f64());
 
-    // Bayesian cut-off.
+    // Cleansing: the Bayesian cut-off, confident learning, or nothing.
     let stage = Instant::now();
     let noisy: Vec<bool> = given
         .iter()
@@ -289,67 +294,42 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         .map(|(g, t)| g != t)
         .collect();
     let mut metrics = serde_json::Map::new();
-    let (mut keep_idx, mut labels): (Vec<u32>, Vec<u32>) =
-        ((0..given.len() as u32).collect(), given.clone());
-    let mut removed = 0usize;
-    if cfg.bayesian_cutoff {
-        let mc_cfg = TrainConfig {
-            dropout: 0.5,
-            ..cfg.train.clone()
-        };
-        let mc_head = train_head(&x_train, &given, classes.len(), &mc_cfg, progress)?;
-        let stats = cutoff::mc_stats(
-            &mc_head,
-            &x_train,
-            &given,
-            cfg.mc_passes,
-            0.5,
-            cfg.train.seed,
-        )?;
-        let scores = cutoff::score(&stats, cfg.cutoff_score, &x_train, &given)?;
-        let predicted: Vec<u32> = stats.mean_probs.argmax(1)?.to_vec1::<u32>()?;
-        let result = cutoff::cut(
-            scores,
-            &given,
-            &predicted,
-            cfg.cutoff_percentile,
-            cfg.cutoff_action,
-        );
-        let mut flagged = vec![false; given.len()];
-        for &i in &result.dropped {
-            flagged[i] = true;
-        }
-        for &(i, _) in &result.relabelled {
-            flagged[i] = true;
-        }
-        removed = result.dropped.len();
-        if noisy.iter().any(|&n| n) {
-            let d = detection(&flagged, &noisy);
-            metrics.insert("noise_precision".into(), json!(d.precision));
-            metrics.insert("noise_recall".into(), json!(d.recall));
-            metrics.insert("noise_f1".into(), json!(d.f1));
-            metrics.insert(
-                "noise_score_auc".into(),
-                json!(roc_auc(&result.scores, &noisy)),
-            );
-        }
-        metrics.insert(
-            "relabelled_by_cutoff".into(),
-            json!(result.relabelled.len()),
-        );
-        keep_idx = result.kept.iter().map(|&i| i as u32).collect();
-        labels = result.labels;
+    let cleansed = cleanse(
+        &cfg.cleanse,
+        &x_train,
+        &given,
+        classes.len(),
+        &cfg.train,
+        progress,
+    )?;
+    if cleansed.scores.is_some() && noisy.iter().any(|&n| n) {
+        let d = detection(&cleansed.flagged, &noisy);
+        metrics.insert("noise_precision".into(), json!(d.precision));
+        metrics.insert("noise_recall".into(), json!(d.recall));
+        metrics.insert("noise_f1".into(), json!(d.f1));
     }
-    seconds.insert("cutoff", stage.elapsed().as_secs_f64());
+    if let (Some(scores), true) = (&cleansed.scores, noisy.iter().any(|&n| n)) {
+        metrics.insert("noise_score_auc".into(), json!(roc_auc(scores, &noisy)));
+    }
+    if cfg.cleanse.method == Method::Bccp {
+        metrics.insert("relabelled_by_cutoff".into(), json!(cleansed.relabelled));
+    }
+    let removed = cleansed.removed;
+    let (keep_idx, labels) = (cleansed.kept, cleansed.labels);
+    seconds.insert("cleanse", stage.elapsed().as_secs_f64());
 
     // Final head on the kept samples.
     let stage = Instant::now();
     let keep_t = Tensor::new(keep_idx.as_slice(), &cfg.device)?;
     let x_final = x_train.index_select(&keep_t, 0)?;
     let y_final: Vec<u32> = keep_idx.iter().map(|&i| labels[i as usize]).collect();
+    let final_cfg = TrainConfig {
+        loss: cfg.cleanse.method.loss(cfg.train.loss),
+        ..cfg.train.clone()
+    };
     let (head, tuned): (Head, Option<Backbone>) = match cfg.finetune {
         Finetune::Head => (
-            train_head(&x_final, &y_final, classes.len(), &cfg.train, progress)?,
+            train_head(&x_final, &y_final, classes.len(), &final_cfg, progress)?,
             None,
         ),
         Finetune::Full => {
@@ -364,7 +344,7 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
                 &y_final,
                 classes.len(),
                 &pre,
-                &cfg.train,
+                &final_cfg,
                 cfg.backbone_lr,
                 &cfg.device,
                 progress,
@@ -428,7 +408,8 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         "target_day": cfg.target_day.as_str(),
         "label": match cfg.label { LabelSource::GroundTruth => "ground_truth", LabelSource::UserFeedback => "user_feedback" },
         "user_accuracy": cfg.user_accuracy,
-        "bayesian_cut_off": cfg.bayesian_cutoff,
+        "method": cfg.cleanse.method.name(),
+        "bayesian_cut_off": cfg.cleanse.method == Method::Bccp,
         "sampling_type": cfg.sampling.name(),
         "sampling_mode": cfg.sampling_mode.name(),
         "ratio": cfg.ratio,
@@ -438,17 +419,19 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         "weights": weights.display().to_string(),
         "weights_sha256": weights_sha,
         "image_size": pre.width,
-        "cutoff_score": cfg.cutoff_score.name(),
-        "cutoff_percentile": match cfg.cutoff_percentile { Percentile::Auto => json!("auto"), Percentile::Fixed(p) => json!(p) },
-        "cutoff_action": cfg.cutoff_action.name(),
-        "mc_passes": cfg.mc_passes,
+        "cutoff_score": cfg.cleanse.cutoff_score.name(),
+        "cutoff_percentile": match cfg.cleanse.cutoff_percentile { Percentile::Auto => json!("auto"), Percentile::Fixed(p) => json!(p) },
+        "cutoff_action": cfg.cleanse.cutoff_action.name(),
+        "mc_passes": cfg.cleanse.mc_passes,
+        "filter_by": cfg.cleanse.filter_by.name(),
+        "folds": cfg.cleanse.folds,
         "finetune": cfg.finetune.name(),
         "backbone_lr": (cfg.finetune == Finetune::Full).then_some(cfg.backbone_lr),
         "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size,
         "lr": cfg.train.lr,
         "lr_decay": cfg.train.lr_decay,
-        "loss": cfg.train.loss.name(),
+        "loss": cfg.cleanse.method.loss(cfg.train.loss).name(),
         "seed": cfg.train.seed,
     });
     let ids = |r: &[Record]| r.iter().map(|x| x.id).collect::<Vec<u64>>();

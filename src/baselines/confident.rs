@@ -1,0 +1,1321 @@
+//! Confident learning (Northcutt, Jiang & Chuang, "Confident Learning: Estimating Uncertainty
+//! in Dataset Labels", JAIR 2021): a pure-Rust port of cleanlab's
+//! `cleanlab.filter.find_label_issues(labels, pred_probs, filter_by=...)` (cleanlab 2.9) for
+//! single-label multi-class data, with every other argument at cleanlab's default
+//! (`frac_noise=1.0`, `num_to_remove_per_class=None`, `min_examples_per_class=1`,
+//! `multi_label=False`, `return_indices_ranked_by=None`).
+//!
+//! The steps, as in cleanlab:
+//! 1. per-class thresholds `t_k` = mean self-confidence of the samples labelled `k`;
+//! 2. the confident joint `C[given][true]`: a sample counts for the class(es) whose probability
+//!    reaches `t_k − 1e-6` (the arg-max among them when several do); its diagonal is raised to
+//!    at least 1, then it is calibrated to the label counts and rounded preserving row totals;
+//! 3. the prune-count matrix (`C` transposed, at least one sample kept per class);
+//! 4. the filter: `prune_by_noise_rate` flags, for every off-diagonal `(given k, true j)`, the
+//!    `C[k][j]` samples labelled `k` with the largest margin `p_j − p_k`; `prune_by_class` flags
+//!    the `n_k − C[k][k]` samples labelled `k` with the smallest `p_k`; `both` is their
+//!    intersection; `confident_learning` flags the off-diagonal samples of the confident joint;
+//!    `predicted_neq_given` flags `argmax p ≠ label`;
+//! 5. samples whose given label is (within 1e-6) the arg-max are never flagged.
+//!
+//! Numerics follow numpy, so the masks are bit-for-bit cleanlab's (checked against a fixture
+//! in `tests/cleanlab_parity.rs`): computations happen in the probabilities' own precision
+//! ([`Prob`]: `f32` as cleanlab does on a float32 array, or `f64`), means use numpy's pairwise
+//! summation, rounding is half-to-even, and the thresholds are widened to `f64` exactly when a
+//! class has no sample (cleanlab's fill value `2` is a Python int). The one thing numpy itself
+//! does not pin down is the order of exactly tied values in its (unstable, SIMD) `argsort`; we
+//! break ties by sample index (a stable sort), which numpy's scalar sort also does for short
+//! arrays. Ties decide the result only when equal margins, probabilities or rounding residues
+//! straddle a cut-off.
+
+use std::fmt;
+use std::ops::{Add, Div, Neg, Sub};
+use std::str::FromStr;
+
+/// cleanlab's `FLOATING_POINT_COMPARISON`.
+const FLOATING_POINT_COMPARISON: f64 = 1e-6;
+/// cleanlab's `CONFIDENT_THRESHOLDS_LOWER_BOUND`.
+const CONFIDENT_THRESHOLDS_LOWER_BOUND: f64 = 2.0 * FLOATING_POINT_COMPARISON;
+/// cleanlab's `TINY_VALUE`, the floor of denominators in the calibration.
+const TINY_VALUE: f64 = 1e-100;
+/// Threshold of a class with no sample (cleanlab's `BIG_VALUE`): no probability reaches it.
+const BIG_VALUE: f64 = 2.0;
+/// cleanlab's default `min_examples_per_class`.
+pub const MIN_EXAMPLES_PER_CLASS: usize = 1;
+
+/// Bad input to confident learning.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfidentError {
+    #[error("no samples: confident learning needs at least one labelled sample")]
+    Empty,
+    #[error("the number of classes must be positive")]
+    NoClasses,
+    #[error("pred_probs has {len} values, not {n} samples x {classes} classes")]
+    Shape {
+        len: usize,
+        n: usize,
+        classes: usize,
+    },
+    #[error("label {label} of sample {index} is not below the number of classes {classes}")]
+    LabelOutOfRange {
+        index: usize,
+        label: u32,
+        classes: usize,
+    },
+    #[error("pred_probs[{index}][{class}] is not finite ({value})")]
+    NotFinite {
+        index: usize,
+        class: usize,
+        value: f64,
+    },
+    #[error("pred_probs[{index}][{class}] = {value} is not a probability (outside [0, 1] by more than 1e-6)")]
+    NotProbability {
+        index: usize,
+        class: usize,
+        value: f64,
+    },
+    #[error(
+        "the confident joint must be square: row {row} has {len} entries for {classes} classes"
+    )]
+    JointNotSquare {
+        row: usize,
+        len: usize,
+        classes: usize,
+    },
+    #[error(
+        "labels must contain at least 2 classes (or be all 0, as cleanlab allows); all are {0}"
+    )]
+    OneClass(u32),
+}
+
+/// How [`find_label_issues`] decides which samples are label issues (cleanlab's `filter_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FilterBy {
+    /// For every off-diagonal (given k, true j) of the confident joint, the samples labelled k
+    /// with the largest margin p_j − p_k (cleanlab's default).
+    #[default]
+    PruneByNoiseRate,
+    /// For every class k, the samples labelled k with the smallest p_k.
+    PruneByClass,
+    /// Flagged by both `PruneByNoiseRate` and `PruneByClass`.
+    Both,
+    /// The samples counted in the off-diagonals of the confident joint.
+    ConfidentLearning,
+    /// The samples whose arg-max prediction is not their label.
+    PredictedNeqGiven,
+}
+
+impl FilterBy {
+    /// Every filter, in cleanlab's documentation order.
+    pub const ALL: [FilterBy; 5] = [
+        FilterBy::PruneByNoiseRate,
+        FilterBy::PruneByClass,
+        FilterBy::Both,
+        FilterBy::ConfidentLearning,
+        FilterBy::PredictedNeqGiven,
+    ];
+
+    /// cleanlab's name (also the command-line name).
+    pub fn name(self) -> &'static str {
+        match self {
+            FilterBy::PruneByNoiseRate => "prune_by_noise_rate",
+            FilterBy::PruneByClass => "prune_by_class",
+            FilterBy::Both => "both",
+            FilterBy::ConfidentLearning => "confident_learning",
+            FilterBy::PredictedNeqGiven => "predicted_neq_given",
+        }
+    }
+}
+
+impl fmt::Display for FilterBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for FilterBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                let valid: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown filter_by {s:?}; valid: {}", valid.join(", "))
+            })
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+/// The element type of `pred_probs` (`f32` or `f64`): arithmetic happens in this precision,
+/// as numpy does on an array of that dtype.
+pub trait Prob:
+    sealed::Sealed
+    + Copy
+    + PartialOrd
+    + fmt::Debug
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+{
+    /// A Python float converted to this type (round to nearest).
+    fn from_f64(x: f64) -> Self;
+    /// Exact widening to `f64`.
+    fn to_f64(self) -> f64;
+    /// A count converted to this type.
+    fn from_count(n: usize) -> Self;
+}
+
+impl Prob for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn from_count(n: usize) -> Self {
+        n as f32
+    }
+}
+
+impl Prob for f64 {
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_count(n: usize) -> Self {
+        n as f64
+    }
+}
+
+/// numpy's pairwise summation (`np.sum` / `np.add.reduce` over a contiguous array): blocks of
+/// up to 128 summed with 8 accumulators, halves (multiples of 8) summed recursively.
+fn pairwise_sum<T: Prob>(a: &[T]) -> T {
+    let n = a.len();
+    if n < 8 {
+        // numpy starts from -0.0 so that a sum of -0.0 stays -0.0.
+        a.iter().fold(T::from_f64(-0.0), |s, &x| s + x)
+    } else if n <= 128 {
+        let mut r = [a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]];
+        let whole = n - n % 8;
+        let mut i = 8;
+        while i < whole {
+            for (j, acc) in r.iter_mut().enumerate() {
+                *acc = *acc + a[i + j];
+            }
+            i += 8;
+        }
+        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for &x in &a[whole..] {
+            res = res + x;
+        }
+        res
+    } else {
+        let half = n / 2;
+        let half = half - half % 8;
+        pairwise_sum(&a[..half]) + pairwise_sum(&a[half..])
+    }
+}
+
+/// `np.mean` of a non-empty array: the pairwise sum divided by the count, in `T`.
+fn mean<T: Prob>(a: &[T]) -> T {
+    pairwise_sum(a) / T::from_count(a.len())
+}
+
+/// numpy's `np.argsort` (default `kind="quicksort"`) as numpy 2.x computes it on x86-64 with
+/// AVX-512 (Intel's x86-simd-sort, `avx512_argsort`), emulated lane by lane so that exactly
+/// tied values come out in the same order. cleanlab's cut-offs (rounding residues, margins,
+/// probabilities) are taken from such orders, and ties there are common (equal counts in a
+/// row of the confident joint give equal residues).
+///
+/// The algorithm: an already sorted array is left as it is; up to 256 values go through a
+/// bitonic network of 8-lane registers (a compare-exchange keeps its own index on a tie);
+/// longer arrays are partitioned around the median of 8 samples, with libstdc++'s `std::sort`
+/// once 2·log2(n) partition levels have not finished the job.
+///
+/// Values must not be NaN (numpy then takes another path). numpy on CPUs without AVX-512
+/// (AVX2 networks, or its scalar introsort) may order ties differently.
+pub fn numpy_argsort<T: Prob>(values: &[T]) -> Vec<usize> {
+    let n = values.len();
+    let mut arg: Vec<usize> = (0..n).collect();
+    let sorted = values.windows(2).all(|w| !(w[1] < w[0]));
+    if n > 1 && !sorted {
+        let max_iters = 2 * (usize::BITS - 1 - n.leading_zeros()) as i64;
+        npsort::quicksort(values, &mut arg, 0, n - 1, max_iters);
+    }
+    arg
+}
+
+/// The pieces of [`numpy_argsort`].
+mod npsort {
+    use super::Prob;
+
+    const LANES: usize = 8;
+    /// Padding index of partly filled registers (`UINT64_MAX`).
+    const PAD: usize = usize::MAX;
+
+    // Lane permutations `out[l] = in[P[l]]` of the 64-bit networks.
+    const SWAP1: [usize; LANES] = [1, 0, 3, 2, 5, 4, 7, 6];
+    const SWAP2: [usize; LANES] = [2, 3, 0, 1, 6, 7, 4, 5];
+    const SWAP4: [usize; LANES] = [4, 5, 6, 7, 0, 1, 2, 3];
+    const REV4: [usize; LANES] = [3, 2, 1, 0, 7, 6, 5, 4];
+    const REV8: [usize; LANES] = [7, 6, 5, 4, 3, 2, 1, 0];
+
+    /// A key register and its index register.
+    #[derive(Clone, Copy)]
+    struct Reg<T> {
+        key: [T; LANES],
+        idx: [usize; LANES],
+    }
+
+    fn min<T: Prob>(a: T, b: T) -> T {
+        // _mm512_min_pd: the second operand unless the first is smaller.
+        if a < b {
+            a
+        } else {
+            b
+        }
+    }
+
+    fn max<T: Prob>(a: T, b: T) -> T {
+        if a > b {
+            a
+        } else {
+            b
+        }
+    }
+
+    /// `cmp_merge`: every lane meets lane `perm[l]`, takes the max where `mask` has a bit and
+    /// the min elsewhere, and keeps its index if its key did not change.
+    fn cmp_merge<T: Prob>(r: &mut Reg<T>, perm: &[usize; LANES], mask: u8) {
+        let (key, idx) = (r.key, r.idx);
+        for l in 0..LANES {
+            let (k2, i2) = (key[perm[l]], idx[perm[l]]);
+            let t = if mask >> l & 1 == 1 {
+                max(k2, key[l])
+            } else {
+                min(k2, key[l])
+            };
+            r.key[l] = t;
+            r.idx[l] = if t == key[l] { idx[l] } else { i2 };
+        }
+    }
+
+    /// `sort_zmm_64bit`: sorts one register.
+    fn sort_reg<T: Prob>(r: &mut Reg<T>) {
+        for (perm, mask) in [
+            (&SWAP1, 0xAA),
+            (&REV4, 0xCC),
+            (&SWAP1, 0xAA),
+            (&REV8, 0xF0),
+            (&SWAP2, 0xCC),
+            (&SWAP1, 0xAA),
+        ] {
+            cmp_merge(r, perm, mask);
+        }
+    }
+
+    /// `bitonic_merge_zmm_64bit`: sorts a bitonic register.
+    fn merge_reg<T: Prob>(r: &mut Reg<T>) {
+        for (perm, mask) in [(&SWAP4, 0xF0), (&SWAP2, 0xCC), (&SWAP1, 0xAA)] {
+            cmp_merge(r, perm, mask);
+        }
+    }
+
+    fn reverse<T: Prob>(r: &mut Reg<T>) {
+        r.key.reverse();
+        r.idx.reverse();
+    }
+
+    /// `COEX` of registers `a` and `b`: lane-wise min into `a`, max into `b`; indices swap
+    /// only where `a`'s key changed.
+    fn coex<T: Prob>(regs: &mut [Reg<T>], a: usize, b: usize) {
+        let (ra, rb) = (regs[a], regs[b]);
+        for l in 0..LANES {
+            let (k1, k2) = (ra.key[l], rb.key[l]);
+            let lo = min(k1, k2);
+            let keep = lo == k1;
+            regs[a].key[l] = lo;
+            regs[b].key[l] = max(k1, k2);
+            regs[a].idx[l] = if keep { ra.idx[l] } else { rb.idx[l] };
+            regs[b].idx[l] = if keep { rb.idx[l] } else { ra.idx[l] };
+        }
+    }
+
+    /// `bitonic_merge_n_vec` of the `n` sorted registers from `off`.
+    fn merge_regs<T: Prob>(regs: &mut [Reg<T>], off: usize, n: usize) {
+        for i in 0..n / 2 {
+            let b = off + n - i - 1;
+            reverse(&mut regs[b]);
+            coex(regs, off + i, b);
+            reverse(&mut regs[b]);
+        }
+        let mut num = n / 2;
+        while num >= 2 {
+            for j in (0..n).step_by(num) {
+                for i in 0..num / 2 {
+                    coex(regs, off + i + j, off + i + j + num / 2);
+                }
+            }
+            num /= 2;
+        }
+        for r in &mut regs[off..off + n] {
+            merge_reg(r);
+        }
+    }
+
+    /// `argsort_n<256>`: the bitonic network for up to 256 values.
+    fn network<T: Prob>(values: &[T], arg: &mut [usize]) {
+        let n = arg.len();
+        let mut regs_n = 32;
+        while regs_n > 1 && n * 2 <= regs_n * LANES {
+            regs_n /= 2;
+        }
+        let pad = T::from_f64(f64::INFINITY);
+        let mut regs: Vec<Reg<T>> = (0..regs_n)
+            .map(|r| {
+                let mut reg = Reg {
+                    key: [pad; LANES],
+                    idx: [PAD; LANES],
+                };
+                for l in 0..LANES {
+                    if let Some(&i) = arg.get(r * LANES + l) {
+                        reg.idx[l] = i;
+                        reg.key[l] = values[i];
+                    }
+                }
+                reg
+            })
+            .collect();
+        for r in &mut regs {
+            sort_reg(r);
+        }
+        let mut per = 2;
+        while per <= regs_n {
+            for g in 0..regs_n / per {
+                merge_regs(&mut regs, g * per, per);
+            }
+            per *= 2;
+        }
+        for (slot, i) in arg.iter_mut().zip(regs.iter().flat_map(|r| r.idx)) {
+            *slot = i;
+        }
+    }
+
+    /// `argpartition_unrolled<4>` of `arg[left..right]` around `pivot`: returns the first
+    /// position of the values `>= pivot`.
+    fn partition<T: Prob>(
+        values: &[T],
+        arg: &mut [usize],
+        mut left: usize,
+        mut right: usize,
+        pivot: T,
+    ) -> usize {
+        const UNROLL: usize = 4;
+        const BLOCK: usize = UNROLL * LANES;
+        for _ in 0..(right - left) % BLOCK {
+            if !(values[arg[left]] < pivot) {
+                right -= 1;
+                arg.swap(left, right);
+            } else {
+                left += 1;
+            }
+        }
+        if left == right {
+            return left;
+        }
+        let load = |arg: &[usize], pos: usize| -> [usize; LANES] {
+            let mut v = [0; LANES];
+            v.copy_from_slice(&arg[pos..pos + LANES]);
+            v
+        };
+        // Compress-stores the lanes below the pivot at `lo`, the others just below `hi`.
+        let store = |arg: &mut [usize], lo: usize, hi: usize, v: &[usize; LANES]| -> usize {
+            let high = v.iter().filter(|&&i| values[i] >= pivot).count();
+            let (mut l, mut h) = (lo, hi - high);
+            for &i in v {
+                if values[i] >= pivot {
+                    arg[h] = i;
+                    h += 1;
+                } else {
+                    arg[l] = i;
+                    l += 1;
+                }
+            }
+            high
+        };
+        let first: Vec<[usize; LANES]> = (0..UNROLL)
+            .map(|u| load(arg, left + LANES * u))
+            .chain((0..UNROLL).map(|u| load(arg, right - LANES * (UNROLL - u))))
+            .collect();
+        let mut r_store = right - LANES;
+        let mut l_store = left;
+        left += BLOCK;
+        right -= BLOCK;
+        while right != left {
+            let at = if r_store.wrapping_add(LANES).wrapping_sub(right) < left - l_store {
+                right -= BLOCK;
+                right
+            } else {
+                left += BLOCK;
+                left - BLOCK
+            };
+            let block: Vec<[usize; LANES]> =
+                (0..UNROLL).map(|u| load(arg, at + u * LANES)).collect();
+            for v in &block {
+                let high = store(arg, l_store, r_store.wrapping_add(LANES), v);
+                l_store += LANES - high;
+                r_store = r_store.wrapping_sub(high);
+            }
+        }
+        for v in &first {
+            let high = store(arg, l_store, r_store.wrapping_add(LANES), v);
+            l_store += LANES - high;
+            // Unsigned as in C++: may wrap below zero on the last register.
+            r_store = r_store.wrapping_sub(high);
+        }
+        l_store
+    }
+
+    /// `argsort_` on `arg[left..=right]`.
+    pub(super) fn quicksort<T: Prob>(
+        values: &[T],
+        arg: &mut [usize],
+        left: usize,
+        right: usize,
+        iters: i64,
+    ) {
+        if iters <= 0 {
+            std_sort(values, &mut arg[left..=right]);
+            return;
+        }
+        if right + 1 - left <= 256 {
+            network(values, &mut arg[left..=right]);
+            return;
+        }
+        let step = (right - left) / 8;
+        let mut sample: Vec<T> = (1..=8).map(|s| values[arg[left + s * step]]).collect();
+        sample.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        let pivot = sample[4];
+        let range = arg[left..=right].iter().map(|&i| values[i]);
+        let smallest = range.clone().fold(pivot, min);
+        let biggest = range.fold(pivot, max);
+        let split = partition(values, arg, left, right + 1, pivot);
+        if pivot != smallest {
+            quicksort(values, arg, left, split - 1, iters - 1);
+        }
+        if pivot != biggest {
+            quicksort(values, arg, split, right, iters - 1);
+        }
+    }
+
+    /// libstdc++'s `std::sort` (introsort, then insertion sort) of indices by value.
+    fn std_sort<T: Prob>(values: &[T], a: &mut [usize]) {
+        let less = |x: usize, y: usize| values[x] < values[y];
+        let n = a.len();
+        if n < 2 {
+            return;
+        }
+        introsort_loop(a, 0, n, 2 * (usize::BITS - 1 - n.leading_zeros()), &less);
+        if n > 16 {
+            insertion_sort(a, 0, 16, &less);
+            for i in 16..n {
+                linear_insert(a, i, &less);
+            }
+        } else {
+            insertion_sort(a, 0, n, &less);
+        }
+    }
+
+    fn introsort_loop(
+        a: &mut [usize],
+        first: usize,
+        mut last: usize,
+        mut depth: u32,
+        less: &impl Fn(usize, usize) -> bool,
+    ) {
+        while last - first > 16 {
+            if depth == 0 {
+                heap_sort(&mut a[first..last], less);
+                return;
+            }
+            depth -= 1;
+            let mid = first + (last - first) / 2;
+            move_median_to_first(a, first, first + 1, mid, last - 1, less);
+            let cut = unguarded_partition(a, first + 1, last, first, less);
+            introsort_loop(a, cut, last, depth, less);
+            last = cut;
+        }
+    }
+
+    fn move_median_to_first(
+        a: &mut [usize],
+        result: usize,
+        x: usize,
+        y: usize,
+        z: usize,
+        less: &impl Fn(usize, usize) -> bool,
+    ) {
+        let c = |p: usize, q: usize| less(a[p], a[q]);
+        let median = if c(x, y) {
+            if c(y, z) {
+                y
+            } else if c(x, z) {
+                z
+            } else {
+                x
+            }
+        } else if c(x, z) {
+            x
+        } else if c(y, z) {
+            z
+        } else {
+            y
+        };
+        a.swap(result, median);
+    }
+
+    fn unguarded_partition(
+        a: &mut [usize],
+        mut first: usize,
+        mut last: usize,
+        pivot: usize,
+        less: &impl Fn(usize, usize) -> bool,
+    ) -> usize {
+        loop {
+            while less(a[first], a[pivot]) {
+                first += 1;
+            }
+            last -= 1;
+            while less(a[pivot], a[last]) {
+                last -= 1;
+            }
+            if first >= last {
+                return first;
+            }
+            a.swap(first, last);
+            first += 1;
+        }
+    }
+
+    fn insertion_sort(
+        a: &mut [usize],
+        first: usize,
+        last: usize,
+        less: &impl Fn(usize, usize) -> bool,
+    ) {
+        for i in first + 1..last {
+            if less(a[i], a[first]) {
+                a[first..=i].rotate_right(1);
+            } else {
+                linear_insert(a, i, less);
+            }
+        }
+    }
+
+    fn linear_insert(a: &mut [usize], mut i: usize, less: &impl Fn(usize, usize) -> bool) {
+        let v = a[i];
+        while less(v, a[i - 1]) {
+            a[i] = a[i - 1];
+            i -= 1;
+        }
+        a[i] = v;
+    }
+
+    /// `std::__partial_sort(first, last, last)`: make_heap, then sort_heap.
+    fn heap_sort(a: &mut [usize], less: &impl Fn(usize, usize) -> bool) {
+        let len = a.len();
+        if len >= 2 {
+            let mut parent = (len - 2) / 2;
+            loop {
+                let v = a[parent];
+                adjust_heap(a, parent, len, v, less);
+                if parent == 0 {
+                    break;
+                }
+                parent -= 1;
+            }
+        }
+        let mut last = len;
+        while last > 1 {
+            last -= 1;
+            let v = a[last];
+            a[last] = a[0];
+            adjust_heap(a, 0, last, v, less);
+        }
+    }
+
+    fn adjust_heap(
+        a: &mut [usize],
+        mut hole: usize,
+        len: usize,
+        value: usize,
+        less: &impl Fn(usize, usize) -> bool,
+    ) {
+        let top = hole;
+        let mut child = hole;
+        while child < (len.saturating_sub(1)) / 2 {
+            child = 2 * (child + 1);
+            if less(a[child], a[child - 1]) {
+                child -= 1;
+            }
+            a[hole] = a[child];
+            hole = child;
+        }
+        if len % 2 == 0 && len >= 2 && child == (len - 2) / 2 {
+            child = 2 * (child + 1);
+            a[hole] = a[child - 1];
+            hole = child - 1;
+        }
+        while hole > top {
+            let parent = (hole - 1) / 2;
+            if !less(a[parent], value) {
+                break;
+            }
+            a[hole] = a[parent];
+            hole = parent;
+        }
+        a[hole] = value;
+    }
+}
+
+/// Index of the first maximum (`np.argmax`).
+fn argmax<T: Prob>(row: &[T]) -> usize {
+    let mut best = 0;
+    for (j, &v) in row.iter().enumerate().skip(1) {
+        if v > row[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+/// Validated input: `n` rows of `classes` probabilities and their labels.
+struct Input<'a, T> {
+    probs: &'a [T],
+    labels: &'a [u32],
+    n: usize,
+    classes: usize,
+}
+
+impl<'a, T: Prob> Input<'a, T> {
+    /// The checks of cleanlab's `assert_valid_inputs`, plus non-finite values (which cleanlab
+    /// lets through).
+    fn new(probs: &'a [T], labels: &'a [u32], classes: usize) -> Result<Self, ConfidentError> {
+        let n = labels.len();
+        if n == 0 {
+            return Err(ConfidentError::Empty);
+        }
+        if classes == 0 {
+            return Err(ConfidentError::NoClasses);
+        }
+        if n.checked_mul(classes) != Some(probs.len()) {
+            return Err(ConfidentError::Shape {
+                len: probs.len(),
+                n,
+                classes,
+            });
+        }
+        if let Some((index, &label)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= classes)
+        {
+            return Err(ConfidentError::LabelOutOfRange {
+                index,
+                label,
+                classes,
+            });
+        }
+        let low = T::from_f64(-FLOATING_POINT_COMPARISON);
+        let high = T::from_f64(1.0 + FLOATING_POINT_COMPARISON);
+        for (at, &p) in probs.iter().enumerate() {
+            let (index, class, value) = (at / classes, at % classes, p.to_f64());
+            if !value.is_finite() {
+                return Err(ConfidentError::NotFinite {
+                    index,
+                    class,
+                    value,
+                });
+            }
+            if p < low || p > high {
+                return Err(ConfidentError::NotProbability {
+                    index,
+                    class,
+                    value,
+                });
+            }
+        }
+        let first = labels[0];
+        if first != 0 && labels.iter().all(|&l| l == first) {
+            return Err(ConfidentError::OneClass(first));
+        }
+        Ok(Self {
+            probs,
+            labels,
+            n,
+            classes,
+        })
+    }
+
+    fn row(&self, i: usize) -> &'a [T] {
+        &self.probs[i * self.classes..(i + 1) * self.classes]
+    }
+
+    fn at(&self, i: usize, class: usize) -> T {
+        self.probs[i * self.classes + class]
+    }
+
+    fn label(&self, i: usize) -> usize {
+        self.labels[i] as usize
+    }
+
+    /// The samples of every given label, in index order.
+    fn members(&self) -> Vec<Vec<usize>> {
+        let mut members = vec![Vec::new(); self.classes];
+        for i in 0..self.n {
+            members[self.label(i)].push(i);
+        }
+        members
+    }
+}
+
+/// Per-class thresholds in the dtype numpy ends up with: `T` when every class has a sample,
+/// `f64` when one is missing (its threshold is the Python int 2, which widens the array).
+enum Thresholds<T> {
+    Native(Vec<T>),
+    Wide(Vec<f64>),
+}
+
+impl<T: Prob> Thresholds<T> {
+    /// cleanlab's `get_confident_thresholds`.
+    fn new(x: &Input<T>) -> Self {
+        let members = x.members();
+        let means: Vec<Option<T>> = members
+            .iter()
+            .enumerate()
+            .map(|(k, idx)| {
+                if idx.is_empty() {
+                    return None;
+                }
+                let column: Vec<T> = idx.iter().map(|&i| x.at(i, k)).collect();
+                Some(mean(&column))
+            })
+            .collect();
+        if means.iter().all(Option::is_some) {
+            let floor = T::from_f64(CONFIDENT_THRESHOLDS_LOWER_BOUND);
+            Thresholds::Native(
+                means
+                    .into_iter()
+                    .flatten()
+                    .map(|m| if m < floor { floor } else { m })
+                    .collect(),
+            )
+        } else {
+            Thresholds::Wide(
+                means
+                    .into_iter()
+                    .map(|m| {
+                        m.map_or(BIG_VALUE, T::to_f64)
+                            .max(CONFIDENT_THRESHOLDS_LOWER_BOUND)
+                    })
+                    .collect(),
+            )
+        }
+    }
+
+    fn to_f64(&self) -> Vec<f64> {
+        match self {
+            Thresholds::Native(t) => t.iter().map(|&v| v.to_f64()).collect(),
+            Thresholds::Wide(t) => t.clone(),
+        }
+    }
+
+    /// Whether `p` reaches class `k`'s threshold, `p >= threshold - 1e-6` evaluated in the
+    /// thresholds' dtype.
+    fn reaches(&self, k: usize, p: T) -> bool {
+        match self {
+            Thresholds::Native(t) => p >= t[k] - T::from_f64(FLOATING_POINT_COMPARISON),
+            Thresholds::Wide(t) => p.to_f64() >= t[k] - FLOATING_POINT_COMPARISON,
+        }
+    }
+}
+
+/// The per-class thresholds of confident learning: the mean self-confidence (probability of the
+/// given label) of the samples with each label, floored at 2e-6; 2 for a class no sample has
+/// (cleanlab's `count.get_confident_thresholds`).
+pub fn confident_thresholds<T: Prob>(
+    pred_probs: &[T],
+    labels: &[u32],
+    classes: usize,
+) -> Result<Vec<f64>, ConfidentError> {
+    let x = Input::new(pred_probs, labels, classes)?;
+    Ok(Thresholds::new(&x).to_f64())
+}
+
+/// The confident joint of cleanlab's `count.compute_confident_joint`; matrices are
+/// `[given label][true label]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfidentJoint {
+    /// Confident counts, diagonal raised to at least 1, before calibration.
+    pub counts: Vec<Vec<i64>>,
+    /// `counts` calibrated to the label counts ([`calibrate_confident_joint`]).
+    pub calibrated: Vec<Vec<i64>>,
+    /// Samples counted off the diagonal (their confident class is not their label), ascending.
+    pub off_diagonal: Vec<usize>,
+}
+
+fn confident_joint<T: Prob>(x: &Input<T>) -> ConfidentJoint {
+    let thresholds = Thresholds::new(x);
+    let mut counts = vec![vec![0i64; x.classes]; x.classes];
+    let mut off_diagonal = Vec::new();
+    for i in 0..x.n {
+        let row = x.row(i);
+        let mut bins = 0usize;
+        let mut first = 0usize;
+        for (k, &p) in row.iter().enumerate() {
+            if thresholds.reaches(k, p) {
+                if bins == 0 {
+                    first = k;
+                }
+                bins += 1;
+            }
+        }
+        if bins == 0 {
+            continue;
+        }
+        let guess = if bins > 1 { argmax(row) } else { first };
+        counts[x.label(i)][guess] += 1;
+        if guess != x.label(i) {
+            off_diagonal.push(i);
+        }
+    }
+    for (k, row) in counts.iter_mut().enumerate() {
+        row[k] = row[k].max(1);
+    }
+    let calibrated = calibrate(&counts, &label_counts(x.labels, x.classes));
+    ConfidentJoint {
+        counts,
+        calibrated,
+        off_diagonal,
+    }
+}
+
+/// cleanlab's `count.compute_confident_joint(labels, pred_probs, calibrate=True,
+/// return_indices_of_off_diagonals=True)`.
+pub fn compute_confident_joint<T: Prob>(
+    pred_probs: &[T],
+    labels: &[u32],
+    classes: usize,
+) -> Result<ConfidentJoint, ConfidentError> {
+    let x = Input::new(pred_probs, labels, classes)?;
+    Ok(confident_joint(&x))
+}
+
+fn label_counts(labels: &[u32], classes: usize) -> Vec<i64> {
+    let mut counts = vec![0i64; classes];
+    for &l in labels {
+        counts[l as usize] += 1;
+    }
+    counts
+}
+
+/// cleanlab's `count.calibrate_confident_joint`: scales every row of `joint`
+/// (`[given][true]`, square) to its label count, then the whole matrix to the number of
+/// labels, and rounds preserving row totals.
+pub fn calibrate_confident_joint(
+    joint: &[Vec<i64>],
+    labels: &[u32],
+) -> Result<Vec<Vec<i64>>, ConfidentError> {
+    let classes = joint.len();
+    if let Some((index, &label)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= classes)
+    {
+        return Err(ConfidentError::LabelOutOfRange {
+            index,
+            label,
+            classes,
+        });
+    }
+    if let Some((row, r)) = joint.iter().enumerate().find(|(_, r)| r.len() != classes) {
+        return Err(ConfidentError::JointNotSquare {
+            row,
+            len: r.len(),
+            classes,
+        });
+    }
+    Ok(calibrate(joint, &label_counts(labels, classes)))
+}
+
+fn calibrate(joint: &[Vec<i64>], label_counts: &[i64]) -> Vec<Vec<i64>> {
+    let classes = joint.len();
+    let mut flat = Vec::with_capacity(classes * classes);
+    for (row, &count) in joint.iter().zip(label_counts) {
+        let total = (row.iter().sum::<i64>() as f64).max(TINY_VALUE);
+        flat.extend(row.iter().map(|&c| c as f64 / total * count as f64));
+    }
+    let total = pairwise_sum(&flat).max(TINY_VALUE);
+    let labels = label_counts.iter().sum::<i64>() as f64;
+    for v in &mut flat {
+        *v = *v / total * labels;
+    }
+    flat.chunks(classes.max(1))
+        .map(round_preserving_sum)
+        .collect()
+}
+
+/// cleanlab's `internal.util.round_preserving_sum`: rounds half-to-even, then moves the entries
+/// with the largest rounding residue up (or the smallest down) until the integers add up to
+/// the rounded sum of `values`.
+pub fn round_preserving_sum(values: &[f64]) -> Vec<i64> {
+    let mut ints: Vec<f64> = values.iter().map(|v| v.round_ties_even()).collect();
+    let target = pairwise_sum(values).round_ties_even();
+    // One pass always suffices for finite input; the bound only guards against a hang.
+    for _ in 0..=values.len() {
+        let sum = pairwise_sum(&ints).round_ties_even();
+        if (sum - target).abs() <= FLOATING_POINT_COMPARISON {
+            break;
+        }
+        let diff = (target - sum).round_ties_even();
+        let step = if diff < 0.0 { -1.0 } else { 1.0 };
+        let changes = (diff.abs() as usize).min(values.len());
+        let residues: Vec<f64> = values.iter().zip(&ints).map(|(v, i)| v - i).collect();
+        let mut order = numpy_argsort(&residues);
+        if step > 0.0 {
+            // numpy reverses the ascending order: largest residue first, ties by last index.
+            order.reverse();
+        }
+        for &i in order.iter().take(changes) {
+            ints[i] += step;
+        }
+    }
+    ints.iter().map(|&v| v as i64).collect()
+}
+
+/// cleanlab's `filter._keep_at_least_n_per_class` (with `frac_noise=1`): the prune-count
+/// matrix `[true][given]` from a calibrated joint `[given][true]`, with every diagonal raised to
+/// at least `n`, the increase taken evenly from the column's non-zero noise counts (truncated to
+/// integers, as numpy's `astype(int)`).
+pub fn prune_count_matrix(joint: &[Vec<i64>], n: usize) -> Vec<Vec<i64>> {
+    let classes = joint.len();
+    // prune[true][given] = joint[given][true]
+    let prune: Vec<Vec<i64>> = (0..classes)
+        .map(|t| (0..classes).map(|g| joint[g][t]).collect())
+        .collect();
+    let n = n as i64;
+    let diagonal: Vec<i64> = (0..classes).map(|k| prune[k][k].max(n)).collect();
+    let shift: Vec<f64> = (0..classes)
+        .map(|col| {
+            let nonzero = (0..classes).filter(|&r| prune[r][col] != 0).count() as f64;
+            (diagonal[col] - prune[col][col]) as f64 / (nonzero - 1.0).max(1.0)
+        })
+        .collect();
+    (0..classes)
+        .map(|r| {
+            (0..classes)
+                .map(|c| {
+                    if r == c {
+                        diagonal[c]
+                    } else {
+                        (prune[r][c] as f64 - shift[c]).max(0.0).trunc() as i64
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Samples labelled k with the largest margin p_j − p_k, `prune[j][k]` of them for every j ≠ k
+/// (cleanlab's `_prune_by_count`).
+fn prune_by_noise_rate<T: Prob>(
+    x: &Input<T>,
+    members: &[Vec<usize>],
+    prune: &[Vec<i64>],
+) -> Vec<bool> {
+    let mut mask = vec![false; x.n];
+    for (k, idx) in members.iter().enumerate() {
+        if idx.len() <= MIN_EXAMPLES_PER_CLASS {
+            continue;
+        }
+        for (j, row) in prune.iter().enumerate() {
+            let count = usize::try_from(row[k]).unwrap_or(0);
+            if j == k || count == 0 {
+                continue;
+            }
+            let neg_margins: Vec<T> = idx.iter().map(|&i| -(x.at(i, j) - x.at(i, k))).collect();
+            // np.argsort(-margin): largest margin first.
+            for &o in numpy_argsort(&neg_margins).iter().take(count) {
+                mask[idx[o]] = true;
+            }
+        }
+    }
+    mask
+}
+
+/// Samples labelled k with the smallest p_k, `n_k − prune[k][k]` of them (cleanlab's
+/// `_prune_by_class`).
+fn prune_by_class<T: Prob>(x: &Input<T>, members: &[Vec<usize>], prune: &[Vec<i64>]) -> Vec<bool> {
+    let mut mask = vec![false; x.n];
+    for (k, idx) in members.iter().enumerate() {
+        if idx.len() <= MIN_EXAMPLES_PER_CLASS {
+            continue;
+        }
+        let count = usize::try_from(idx.len() as i64 - prune[k][k]).unwrap_or(0);
+        let probs: Vec<T> = idx.iter().map(|&i| x.at(i, k)).collect();
+        for &o in numpy_argsort(&probs).iter().take(count) {
+            mask[idx[o]] = true;
+        }
+    }
+    mask
+}
+
+/// cleanlab's `filter.find_label_issues(labels, pred_probs, filter_by=filter_by)`: a mask,
+/// `true` for the samples whose label is likely wrong. `pred_probs` is row-major
+/// `[labels.len(), classes]`, ideally out-of-sample probabilities (e.g. from K-fold
+/// cross-validation).
+pub fn find_label_issues<T: Prob>(
+    pred_probs: &[T],
+    labels: &[u32],
+    classes: usize,
+    filter_by: FilterBy,
+) -> Result<Vec<bool>, ConfidentError> {
+    let x = Input::new(pred_probs, labels, classes)?;
+    let mut mask = match filter_by {
+        FilterBy::ConfidentLearning => {
+            let mut mask = vec![false; x.n];
+            for i in confident_joint(&x).off_diagonal {
+                mask[i] = true;
+            }
+            mask
+        }
+        FilterBy::PredictedNeqGiven => (0..x.n).map(|i| argmax(x.row(i)) != x.label(i)).collect(),
+        FilterBy::PruneByNoiseRate | FilterBy::PruneByClass | FilterBy::Both => {
+            let joint = confident_joint(&x);
+            let prune = prune_count_matrix(&joint.calibrated, MIN_EXAMPLES_PER_CLASS);
+            let members = x.members();
+            match filter_by {
+                FilterBy::PruneByNoiseRate => prune_by_noise_rate(&x, &members, &prune),
+                FilterBy::PruneByClass => prune_by_class(&x, &members, &prune),
+                _ => {
+                    let by_class = prune_by_class(&x, &members, &prune);
+                    let by_noise = prune_by_noise_rate(&x, &members, &prune);
+                    by_class
+                        .iter()
+                        .zip(&by_noise)
+                        .map(|(a, b)| *a && *b)
+                        .collect()
+                }
+            }
+        }
+    };
+    // cleanlab's `_reduce_issues`: never flag a sample whose label is the arg-max once its
+    // probability is raised by 1e-6.
+    let bump = T::from_f64(FLOATING_POINT_COMPARISON);
+    for (i, flagged) in mask.iter_mut().enumerate() {
+        if *flagged {
+            let mut row = x.row(i).to_vec();
+            let label = x.label(i);
+            row[label] = row[label] + bump;
+            if argmax(&row) == label {
+                *flagged = false;
+            }
+        }
+    }
+    Ok(mask)
+}
+
+/// Self-confidence of every sample: the predicted probability of its given label.
+pub fn self_confidence<T: Prob>(
+    pred_probs: &[T],
+    labels: &[u32],
+    classes: usize,
+) -> Result<Vec<f64>, ConfidentError> {
+    let x = Input::new(pred_probs, labels, classes)?;
+    Ok((0..x.n).map(|i| x.at(i, x.label(i)).to_f64()).collect())
+}
+
+/// The suggested label of every sample: the arg-max class (the first one on ties).
+pub fn suggested_labels<T: Prob>(
+    pred_probs: &[T],
+    labels: &[u32],
+    classes: usize,
+) -> Result<Vec<u32>, ConfidentError> {
+    let x = Input::new(pred_probs, labels, classes)?;
+    Ok((0..x.n).map(|i| argmax(x.row(i)) as u32).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 8 samples, 3 classes (hand-checked below).
+    #[rustfmt::skip]
+    const PROBS: [f64; 24] = [
+        0.90, 0.05, 0.05, // 0: label 0
+        0.80, 0.10, 0.10, // 1: label 0
+        0.20, 0.70, 0.10, // 2: label 0, looks like 1
+        0.10, 0.80, 0.10, // 3: label 1
+        0.05, 0.90, 0.05, // 4: label 1
+        0.60, 0.30, 0.10, // 5: label 1, looks like 0
+        0.10, 0.10, 0.80, // 6: label 2
+        0.20, 0.20, 0.60, // 7: label 2
+    ];
+    const LABELS: [u32; 8] = [0, 0, 0, 1, 1, 1, 2, 2];
+
+    #[test]
+    fn hand_checked_thresholds_joint_and_masks() {
+        // Thresholds: class 0 (0.9 + 0.8 + 0.2) / 3 = 0.6333..., class 1 (0.8 + 0.9 + 0.3) / 3
+        // = 0.6666..., class 2 (0.8 + 0.6) / 2 = 0.7.
+        let t = confident_thresholds(&PROBS, &LABELS, 3).unwrap();
+        let expect = [1.9 / 3.0, 2.0 / 3.0, 0.7];
+        for (a, b) in t.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-12, "{t:?}");
+        }
+        // Confident classes (p >= t - 1e-6): 0 → {0}, 1 → {0}, 2 → {1}, 3 → {1}, 4 → {1},
+        // 5 → none (0.6 < 0.633), 6 → {2}, 7 → none (0.6 < 0.7).
+        // counts[given][true] = [[2, 1, 0], [0, 2, 0], [0, 0, 1]]; sample 2 is off-diagonal.
+        let cj = compute_confident_joint(&PROBS, &LABELS, 3).unwrap();
+        assert_eq!(cj.counts, vec![vec![2, 1, 0], vec![0, 2, 0], vec![0, 0, 1]]);
+        assert_eq!(cj.off_diagonal, vec![2]);
+        // Calibration: rows scaled to the label counts 3, 3, 2 → [[2, 1, 0], [0, 3, 0],
+        // [0, 0, 2]], already summing to 8.
+        assert_eq!(
+            cj.calibrated,
+            vec![vec![2, 1, 0], vec![0, 3, 0], vec![0, 0, 2]]
+        );
+        // Prune counts [true][given]: one sample labelled 0 is truly 1.
+        let prune = prune_count_matrix(&cj.calibrated, 1);
+        assert_eq!(prune, vec![vec![2, 0, 0], vec![1, 3, 0], vec![0, 0, 2]]);
+        // prune_by_noise_rate: among label 0, largest p1 - p0 is sample 2 (0.5).
+        let noise = find_label_issues(&PROBS, &LABELS, 3, FilterBy::PruneByNoiseRate).unwrap();
+        assert_eq!(
+            noise,
+            [false, false, true, false, false, false, false, false]
+        );
+        // prune_by_class: class 0 drops 3 - 2 = 1 lowest p0 (sample 2); class 1 drops
+        // 3 - 3 = 0; class 2 drops 2 - 2 = 0.
+        let class = find_label_issues(&PROBS, &LABELS, 3, FilterBy::PruneByClass).unwrap();
+        assert_eq!(class, noise);
+        let both = find_label_issues(&PROBS, &LABELS, 3, FilterBy::Both).unwrap();
+        assert_eq!(both, noise);
+        let cl = find_label_issues(&PROBS, &LABELS, 3, FilterBy::ConfidentLearning).unwrap();
+        assert_eq!(cl, noise);
+        // predicted ≠ given: samples 2 and 5.
+        let neq = find_label_issues(&PROBS, &LABELS, 3, FilterBy::PredictedNeqGiven).unwrap();
+        assert_eq!(neq, [false, false, true, false, false, true, false, false]);
+        assert_eq!(
+            self_confidence(&PROBS, &LABELS, 3).unwrap(),
+            [0.9, 0.8, 0.2, 0.8, 0.9, 0.3, 0.8, 0.6]
+        );
+        assert_eq!(
+            suggested_labels(&PROBS, &LABELS, 3).unwrap(),
+            [0, 0, 1, 1, 1, 0, 2, 2]
+        );
+        // The same values as f32 give the same masks here.
+        let p32: Vec<f32> = PROBS.iter().map(|&v| v as f32).collect();
+        for f in FilterBy::ALL {
+            assert_eq!(
+                find_label_issues(&p32, &LABELS, 3, f).unwrap(),
+                find_label_issues(&PROBS, &LABELS, 3, f).unwrap(),
+                "{f}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_class_gets_threshold_two() {
+        // Class 2 has no sample: its threshold is 2 and nothing is counted as class 2.
+        let probs = [
+            0.7f32, 0.2, 0.1, 0.6, 0.3, 0.1, 0.2, 0.7, 0.1, 0.1, 0.1, 0.8,
+        ];
+        let labels = [0, 0, 1, 1];
+        let t = confident_thresholds(&probs, &labels, 3).unwrap();
+        assert_eq!(t[2], 2.0);
+        assert_eq!(t[0], f64::from((0.7f32 + 0.6f32) / 2.0));
+        let cj = compute_confident_joint(&probs, &labels, 3).unwrap();
+        // Sample 3 (label 1, p1 = 0.1) is confident of nothing; row 2 has no label.
+        assert_eq!(cj.counts, vec![vec![1, 0, 0], vec![0, 1, 0], vec![0, 0, 1]]);
+        assert_eq!(
+            cj.calibrated,
+            vec![vec![2, 0, 0], vec![0, 2, 0], vec![0, 0, 0]]
+        );
+        assert_eq!(
+            find_label_issues(&probs, &labels, 3, FilterBy::PredictedNeqGiven).unwrap(),
+            [false, false, false, true]
+        );
+    }
+
+    #[test]
+    fn rounding_preserves_totals_like_numpy() {
+        // round(2.5) = 2 (half to even); the sum 6.5 + ... is restored by the largest residue.
+        assert_eq!(round_preserving_sum(&[2.5, 1.4, 1.1]), vec![3, 1, 1]);
+        assert_eq!(round_preserving_sum(&[0.4, 0.4, 0.2]), vec![1, 0, 0]);
+        // Sum 1.0 from residues 0.4, 0.4: tie, numpy's reversed order picks the last index.
+        assert_eq!(
+            round_preserving_sum(&[0.4, 0.4, 0.2, 0.0]),
+            vec![0, 1, 0, 0]
+        );
+        assert_eq!(round_preserving_sum(&[0.6, 0.6, 0.8]), vec![1, 1, 0]);
+        assert_eq!(round_preserving_sum(&[3.0, 0.0]), vec![3, 0]);
+    }
+
+    #[test]
+    fn pairwise_sum_matches_numpy_grouping() {
+        // 1e8 + 1 + ... is not associative in f32: numpy's 8 accumulators give a fixed answer.
+        let v: Vec<f32> = (0..200)
+            .map(|i| if i % 9 == 0 { 1e7 } else { 0.7 })
+            .collect();
+        let sequential: f32 = v.iter().sum();
+        let pairwise = pairwise_sum(&v);
+        // Reference value from `np.sum(np.array(v, np.float32))`.
+        assert_eq!(pairwise, 230000096.0);
+        assert_ne!(pairwise, sequential);
+    }
+
+    #[test]
+    fn keeps_at_least_one_per_class() {
+        // Calibrated diagonal 0 for class 1: raised to 1, taking 1 / 1 from its noise count.
+        let joint = vec![vec![5, 0], vec![3, 0]];
+        assert_eq!(prune_count_matrix(&joint, 1), vec![vec![5, 3], vec![0, 1]]);
+    }
+
+    #[test]
+    fn bad_input_errors() {
+        let p = [0.5f32, 0.5, 0.2, 0.8];
+        let e = |r: Result<Vec<bool>, ConfidentError>| r.unwrap_err().to_string();
+        let f = FilterBy::default();
+        assert!(e(find_label_issues::<f32>(&[], &[], 2, f)).contains("no samples"));
+        assert!(e(find_label_issues(&p, &[0, 1], 0, f)).contains("classes must be positive"));
+        assert!(e(find_label_issues(&p[..3], &[0, 1], 2, f)).contains("3 values, not 2 samples"));
+        assert!(e(find_label_issues(&p, &[0, 2], 2, f)).contains("label 2 of sample 1"));
+        let nan = [0.5f32, f32::NAN, 0.2, 0.8];
+        assert!(
+            e(find_label_issues(&nan, &[0, 1], 2, f)).contains("pred_probs[0][1] is not finite")
+        );
+        let big = [0.5f32, 0.5, 1.1, 0.8];
+        assert!(e(find_label_issues(&big, &[0, 1], 2, f)).contains("not a probability"));
+        assert!(e(find_label_issues(&p, &[1, 1], 2, f)).contains("at least 2 classes"));
+        // All-zero labels are allowed, as in cleanlab.
+        assert!(find_label_issues(&p, &[0, 0], 2, f).is_ok());
+        let err = "prune".parse::<FilterBy>().unwrap_err();
+        assert!(
+            err.contains("prune_by_noise_rate, prune_by_class, both"),
+            "{err}"
+        );
+        for f in FilterBy::ALL {
+            assert_eq!(f.name().parse::<FilterBy>(), Ok(f));
+        }
+        assert!(calibrate_confident_joint(&[vec![1, 0], vec![0, 1]], &[0, 3]).is_err());
+        assert!(self_confidence(&p, &[0], 2).is_err());
+    }
+}

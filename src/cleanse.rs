@@ -1,0 +1,196 @@
+//! Cleansing a candidate training set before the final training: the methods `bccp train
+//! --method` compares (none, the Bayesian cut-off, confident learning, the ANL-CE loss), each
+//! reduced to which samples it flags and which labels it keeps.
+
+use std::str::FromStr;
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use crate::baselines::{find_label_issues, kfold_pred_probs, FilterBy};
+use crate::cutoff::{self, Action, Percentile, Score};
+use crate::progress::Progress;
+use crate::train::{train_head, Loss, TrainConfig};
+
+/// How noisy labels are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// Train on every label as given.
+    #[default]
+    None,
+    /// The Bayesian (MC-dropout) cut-off (`-b Y`).
+    Bccp,
+    /// Confident learning: drop what cleanlab's `find_label_issues` flags on K-fold
+    /// out-of-sample probabilities.
+    Cleanlab,
+    /// Train on every label with the noise-robust ANL-CE loss.
+    AnlCe,
+}
+
+impl Method {
+    /// Every method, in command-line order.
+    pub const ALL: [Method; 4] = [Method::None, Method::Bccp, Method::Cleanlab, Method::AnlCe];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::None => "none",
+            Method::Bccp => "bccp",
+            Method::Cleanlab => "cleanlab",
+            Method::AnlCe => "anl_ce",
+        }
+    }
+
+    /// The loss the final training uses with this method, given the one asked for.
+    pub fn loss(self, asked: Loss) -> Loss {
+        match self {
+            Method::AnlCe => Loss::AnlCe,
+            _ => asked,
+        }
+    }
+}
+
+impl FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown method {s:?}; valid: none, bccp, cleanlab, anl_ce"))
+    }
+}
+
+/// Settings of the cleansing methods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CleanseConfig {
+    pub method: Method,
+    pub cutoff_score: Score,
+    pub cutoff_percentile: Percentile,
+    pub cutoff_action: Action,
+    pub mc_passes: usize,
+    /// cleanlab's `filter_by`.
+    pub filter_by: FilterBy,
+    /// Folds of the cross-validated probabilities confident learning ranks.
+    pub folds: usize,
+}
+
+/// What a method did to the candidate set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cleansed {
+    /// Samples the method considers mislabelled (dropped or relabelled).
+    pub flagged: Vec<bool>,
+    /// Indices trained on, in order.
+    pub kept: Vec<u32>,
+    /// The label of every sample after cleansing.
+    pub labels: Vec<u32>,
+    pub removed: usize,
+    pub relabelled: usize,
+    /// The per-sample noise score, when the method ranks samples by one.
+    pub scores: Option<Vec<f32>>,
+}
+
+impl Cleansed {
+    /// Everything kept, labels as given.
+    fn untouched(given: &[u32]) -> Self {
+        Self {
+            flagged: vec![false; given.len()],
+            kept: (0..given.len() as u32).collect(),
+            labels: given.to_vec(),
+            removed: 0,
+            relabelled: 0,
+            scores: None,
+        }
+    }
+}
+
+/// Applies `cfg.method` to the candidates `features` [n, F] with labels `given`; `train` holds
+/// the head-training settings (and the seed).
+pub fn cleanse(
+    cfg: &CleanseConfig,
+    features: &Tensor,
+    given: &[u32],
+    classes: usize,
+    train: &TrainConfig,
+    progress: &Progress,
+) -> Result<Cleansed> {
+    match cfg.method {
+        Method::None | Method::AnlCe => Ok(Cleansed::untouched(given)),
+        Method::Bccp => {
+            let mc_cfg = TrainConfig {
+                dropout: 0.5,
+                ..train.clone()
+            };
+            let mc_head = train_head(features, given, classes, &mc_cfg, progress)?;
+            let stats =
+                cutoff::mc_stats(&mc_head, features, given, cfg.mc_passes, 0.5, train.seed)?;
+            let scores = cutoff::score(&stats, cfg.cutoff_score, features, given)?;
+            let predicted: Vec<u32> = stats.mean_probs.argmax(1)?.to_vec1::<u32>()?;
+            let result = cutoff::cut(
+                scores,
+                given,
+                &predicted,
+                cfg.cutoff_percentile,
+                cfg.cutoff_action,
+            );
+            let mut flagged = vec![false; given.len()];
+            for &i in result
+                .dropped
+                .iter()
+                .chain(result.relabelled.iter().map(|(i, _)| i))
+            {
+                flagged[i] = true;
+            }
+            Ok(Cleansed {
+                flagged,
+                kept: result.kept.iter().map(|&i| i as u32).collect(),
+                labels: result.labels,
+                removed: result.dropped.len(),
+                relabelled: result.relabelled.len(),
+                scores: Some(result.scores),
+            })
+        }
+        Method::Cleanlab => {
+            let probs = kfold_pred_probs(features, given, classes, cfg.folds, train, progress)?;
+            let flagged = find_label_issues(&probs.probs, given, classes, cfg.filter_by)?;
+            let kept: Vec<u32> = (0..given.len() as u32)
+                .filter(|&i| !flagged[i as usize])
+                .collect();
+            // 1 − self-confidence ranks the samples for the detection AUC.
+            let scores = given
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| 1.0 - probs.probs[i * classes + l as usize])
+                .collect();
+            Ok(Cleansed {
+                removed: given.len() - kept.len(),
+                flagged,
+                kept,
+                labels: given.to_vec(),
+                relabelled: 0,
+                scores: Some(scores),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_list_the_valid_ones() {
+        for m in Method::ALL {
+            assert_eq!(m.name().parse::<Method>().unwrap(), m);
+        }
+        let err = "clean".parse::<Method>().unwrap_err();
+        assert!(
+            err.contains("\"clean\"") && err.contains("cleanlab, anl_ce"),
+            "{err}"
+        );
+        assert_eq!(Method::AnlCe.loss(Loss::CrossEntropy), Loss::AnlCe);
+        assert_eq!(
+            Method::Cleanlab.loss(Loss::CrossEntropy),
+            Loss::CrossEntropy
+        );
+    }
+}
