@@ -49,6 +49,68 @@ enum Command {
     Predict(PredictArgs),
     /// List registered runs with their key metrics.
     Runs(RunsArgs),
+    /// Find likely wrong labels with confident learning (cleanlab's find_label_issues).
+    LabelIssues(LabelIssuesArgs),
+    /// Run a grid of train runs from a TOML file; write results.csv, results.md and charts.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(Args, Debug)]
+struct LabelIssuesArgs {
+    /// Out-of-sample predicted probabilities, .npy [samples, classes] (with --labels).
+    #[arg(long, requires = "labels", conflicts_with = "dataset")]
+    pred_probs: Option<PathBuf>,
+    /// Given labels, .npy [samples] of class indices (with --pred-probs).
+    #[arg(long, requires = "pred_probs")]
+    labels: Option<PathBuf>,
+    /// Or: an image folder ROOT/<class>/<file> or a JSON Lines manifest; bccp embeds it and
+    /// computes K-fold probabilities itself.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// prune_by_noise_rate, prune_by_class, both, confident_learning or predicted_neq_given.
+    #[arg(long, default_value = "prune_by_noise_rate")]
+    filter_by: bccp::baselines::FilterBy,
+    /// Output: a boolean mask .npy (with --pred-probs) or a JSON Lines report (with --dataset).
+    #[arg(long)]
+    out: PathBuf,
+    /// Backbone from the zoo (with --dataset).
+    #[arg(long, default_value = "mobilenet_v2")]
+    backbone: String,
+    /// Local backbone weights instead of the zoo's source.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Input size override (e.g. 64 for 28×28 images).
+    #[arg(long)]
+    image_size: Option<u32>,
+    /// Cross-validation folds.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    #[arg(long, default_value_t = 15)]
+    epochs: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Embedding cache folder (default: BCCP_CACHE, else ~/.cache/bccp).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Never touch the network for hub weights.
+    #[arg(long)]
+    offline: bool,
+}
+
+#[derive(Args, Debug)]
+struct ExperimentArgs {
+    /// The experiment file (see experiments/fashion-mnist.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Output folder (default: the file's `out`, else runs/experiments/<file stem>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only write results.md and the charts from the existing results.csv.
+    #[arg(long)]
+    report_only: bool,
 }
 
 #[derive(Args, Debug)]
@@ -866,6 +928,127 @@ fn run_predict(args: PredictArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_label_issues(args: LabelIssuesArgs, quiet: bool) -> Result<()> {
+    use bccp::label_issues::{dataset_report, mask_from_npy, write_jsonl};
+    if let (Some(probs), Some(labels)) = (&args.pred_probs, &args.labels) {
+        let mask = mask_from_npy(probs, labels, args.filter_by)?;
+        bccp::npy::write_bool(&args.out, &mask)?;
+        println!(
+            "{} of {} samples flagged ({}); wrote {}",
+            mask.iter().filter(|&&m| m).count(),
+            mask.len(),
+            args.filter_by.name(),
+            args.out.display()
+        );
+        return Ok(());
+    }
+    let dataset = args
+        .dataset
+        .as_ref()
+        .context("give --pred-probs P.npy --labels L.npy, or --dataset DIR")?;
+    anyhow::ensure!(args.folds >= 2, "--folds {} must be 2 or more", args.folds);
+    anyhow::ensure!(args.epochs >= 1, "--epochs must be 1 or more");
+    let spec = backbone::zoo::find(&args.backbone)?;
+    let weights = backbone::resolve_weights(&spec, args.weights.as_deref(), args.offline)?;
+    let device = bccp::device::parse_device(&args.device)?;
+    let list = backbone::embed::ImageList::from_path(dataset)?;
+    anyhow::ensure!(
+        list.files.len() > args.folds,
+        "{} holds {} images; --folds {} needs more",
+        dataset.display(),
+        list.files.len(),
+        args.folds
+    );
+    let mut pre = spec.preprocess();
+    if let Some(size) = args.image_size {
+        anyhow::ensure!(size >= 32, "--image-size {size} is too small; 32 or more");
+        pre.width = size;
+        pre.height = size;
+    }
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(backbone::cache::default_cache_dir);
+    let weights_sha256 = backbone::cache::weights_hash(Some(&cache_dir), &weights)?;
+    let progress = progress(quiet);
+    let opts = backbone::embed::EmbedOptions {
+        batch: 64,
+        device: &device,
+        skip_bad: false,
+        cache_dir: Some(&cache_dir),
+        progress: &progress,
+    };
+    let (set, _) = backbone::embed::embed_images(
+        &list,
+        &spec.name,
+        &weights_sha256,
+        &pre,
+        spec.embedding_dim,
+        || backbone::Backbone::load(&spec, &weights, &device),
+        &opts,
+    )?;
+    let labels: Vec<u32> = set.targets.iter().map(|&t| t as u32).collect();
+    let cfg = bccp::train::TrainConfig {
+        epochs: args.epochs,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let features = set.embeddings.to_device(&device)?;
+    let probs = bccp::baselines::kfold_pred_probs(
+        &features,
+        &labels,
+        set.classes.len(),
+        args.folds,
+        &cfg,
+        &progress,
+    )?;
+    let (records, summary) = dataset_report(
+        &set.paths,
+        &set.classes,
+        &labels,
+        &probs.probs,
+        args.filter_by,
+    )?;
+    write_jsonl(&args.out, &records)?;
+    println!("| class | samples | issues |\n|---|---:|---:|");
+    for c in &summary {
+        println!("| {} | {} | {} |", c.class, c.samples, c.issues);
+    }
+    let issues: usize = summary.iter().map(|c| c.issues).sum();
+    println!(
+        "\n{issues} of {} samples flagged ({}, {}-fold probabilities of a linear head on {} features); wrote {}",
+        records.len(),
+        args.filter_by.name(),
+        args.folds,
+        spec.name,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn run_experiment(args: ExperimentArgs) -> Result<()> {
+    use bccp::experiment;
+    let file = experiment::ExperimentFile::read(&args.config)?;
+    let out = experiment::output_dir(&file, &args.config, args.out.as_deref());
+    if args.report_only {
+        let rows = experiment::report::read_csv(&out.join(experiment::RESULTS_CSV))?;
+        anyhow::ensure!(!rows.is_empty(), "{} has no results yet", out.display());
+        experiment::write_reports(&rows, &out)?;
+        println!("wrote the reports in {}", out.display());
+        return Ok(());
+    }
+    let summary = experiment::run(&file, &out, |line| println!("{line}"))?;
+    println!(
+        "\n{} runs: {} run now, {} already in {}; results.csv, results.md, accuracy.png and detection.png in {}",
+        summary.total,
+        summary.ran,
+        summary.skipped,
+        experiment::RESULTS_CSV,
+        out.display()
+    );
+    Ok(())
+}
+
 fn run_runs(args: RunsArgs) -> Result<()> {
     println!(
         "{:<24} {:>7} {:>9} {:>9} {:>9} {:>9}",
@@ -921,6 +1104,8 @@ fn main() -> ExitCode {
         Command::Train(args) => run_train(args, cli.quiet),
         Command::Predict(args) => run_predict(args),
         Command::Runs(args) => run_runs(args),
+        Command::LabelIssues(args) => run_label_issues(args, cli.quiet),
+        Command::Experiment(args) => run_experiment(args),
         Command::Models => {
             run_models();
             Ok(())

@@ -1,0 +1,381 @@
+//! The experiment file (`bccp experiment --config FILE.toml`) and its expansion into cells:
+//! every `[[grid]]` table is a Cartesian product, settings a method ignores are collapsed, and
+//! duplicate cells are run once.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+
+use crate::baselines::FilterBy;
+use crate::cleanse::Method;
+use crate::cutoff::{Action, Percentile, Score};
+use crate::sampling::{PairMode, Sampling};
+
+/// The experiment file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentFile {
+    /// Output folder (results, plots, registry), relative to the working directory.
+    pub out: Option<PathBuf>,
+    pub dataset: DatasetSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    /// Seeds every cell runs with (user labels, replay, dropout, initialisation).
+    pub seeds: Vec<u64>,
+    /// Users' label accuracies (noise levels).
+    pub user_accuracy: Vec<f64>,
+    /// Also train on the clean labels (method none), the ceiling of every table.
+    #[serde(default = "yes")]
+    pub ceiling: bool,
+    #[serde(default)]
+    pub grid: Vec<GridTable>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[dataset]`: what every run trains on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSection {
+    /// A folder made by `bccp prepare`.
+    pub path: PathBuf,
+    pub monday_num: Option<usize>,
+    pub tuesday_num: usize,
+    #[serde(default = "default_backbone")]
+    pub backbone: String,
+    pub weights: Option<PathBuf>,
+    pub image_size: Option<u32>,
+    /// Embedding cache (default: the usual cache folder).
+    pub cache_dir: Option<PathBuf>,
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_backbone() -> String {
+    "mobilenet_v2".into()
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// `[train]`: head training, as `bccp train`'s flags.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub mc_passes: usize,
+    pub folds: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            epochs: 15,
+            batch_size: 64,
+            lr: 1e-3,
+            mc_passes: 10,
+            folds: 5,
+        }
+    }
+}
+
+/// One `[[grid]]` table: lists of values, all combinations run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridTable {
+    pub method: Vec<String>,
+    #[serde(default = "default_sampling")]
+    pub sampling: Vec<String>,
+    #[serde(default = "default_mode")]
+    pub sampling_mode: Vec<String>,
+    #[serde(default)]
+    pub ratio: Vec<f64>,
+    #[serde(default = "default_score")]
+    pub cutoff_score: Vec<String>,
+    #[serde(default = "default_percentile")]
+    pub cutoff_percentile: Vec<String>,
+    #[serde(default = "default_action")]
+    pub cutoff_action: Vec<String>,
+    #[serde(default = "default_filter")]
+    pub filter_by: Vec<String>,
+}
+
+fn default_sampling() -> Vec<String> {
+    vec!["none".into()]
+}
+fn default_mode() -> Vec<String> {
+    vec!["buffer".into()]
+}
+fn default_score() -> Vec<String> {
+    vec!["label_prob_mean".into()]
+}
+fn default_percentile() -> Vec<String> {
+    vec!["90".into()]
+}
+fn default_action() -> Vec<String> {
+    vec!["drop".into()]
+}
+fn default_filter() -> Vec<String> {
+    vec!["prune_by_noise_rate".into()]
+}
+
+/// One configuration of the grid (without seed): settings a method ignores are `None`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    pub method: Method,
+    pub sampling: Sampling,
+    pub sampling_mode: Option<PairMode>,
+    pub ratio: Option<f64>,
+    pub cutoff: Option<(Score, Percentile, Action)>,
+    pub filter_by: Option<FilterBy>,
+    /// `None`: the clean labels (ground truth).
+    pub user_accuracy: Option<f64>,
+}
+
+/// The text of a percentile setting (`90`, `auto`).
+pub fn percentile_name(p: Percentile) -> String {
+    match p {
+        Percentile::Auto => "auto".into(),
+        Percentile::Fixed(v) => format!("{v}"),
+    }
+}
+
+impl Cell {
+    /// The configuration without its noise level, e.g. `bccp(label_prob_mean,auto,relabel)
+    /// + l2_norm/buffer@0.2`; equal for the same method at every user accuracy.
+    pub fn config(&self) -> String {
+        let mut s = match (self.method, self.user_accuracy) {
+            (Method::None, None) => "clean labels".to_owned(),
+            (Method::Bccp, _) => match self.cutoff {
+                Some((score, p, a)) => {
+                    format!("bccp({},{},{})", score.name(), percentile_name(p), a.name())
+                }
+                None => "bccp".into(),
+            },
+            (Method::Cleanlab, _) => match self.filter_by {
+                Some(f) => format!("cleanlab({})", f.name()),
+                None => "cleanlab".into(),
+            },
+            (m, _) => m.name().to_owned(),
+        };
+        if self.sampling != Sampling::None {
+            s.push_str(" + ");
+            s.push_str(self.sampling.name());
+            if let Some(mode) = self.sampling_mode {
+                s.push('/');
+                s.push_str(mode.name());
+            }
+            if let Some(r) = self.ratio {
+                s.push_str(&format!("@{r}"));
+            }
+        }
+        s
+    }
+
+    /// The noise level as written in reports: the user accuracy, or `clean`.
+    pub fn noise(&self) -> String {
+        self.user_accuracy
+            .map_or_else(|| "clean".to_owned(), |a| format!("{a}"))
+    }
+
+    /// A unique key of the cell (configuration and noise level).
+    pub fn key(&self) -> String {
+        format!("{} | {}", self.config(), self.noise())
+    }
+
+    /// The family of methods the cell belongs to, for plots.
+    pub fn family(&self) -> &'static str {
+        let replay = self.sampling != Sampling::None;
+        let pairs = replay && self.sampling != Sampling::Random;
+        match (self.method, self.user_accuracy) {
+            (Method::None, None) => "clean labels",
+            (Method::None, _) if pairs => "closest-pair replay",
+            (Method::None, _) if replay => "random replay",
+            (Method::None, _) => "no cleansing",
+            (Method::Bccp, _) if pairs => "BCCP (cut-off + CP)",
+            (Method::Bccp, _) => "cut-off",
+            (Method::Cleanlab, _) => "cleanlab",
+            (Method::AnlCe, _) => "ANL-CE",
+        }
+    }
+}
+
+fn parse_all<T: FromStr<Err = String>>(values: &[String], what: &str) -> Result<Vec<T>> {
+    ensure!(!values.is_empty(), "{what} is empty");
+    values
+        .iter()
+        .map(|v| v.parse::<T>().map_err(|e| anyhow::anyhow!("{what}: {e}")))
+        .collect()
+}
+
+impl ExperimentFile {
+    /// Reads and checks an experiment file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read experiment file {}", path.display()))?;
+        let file: ExperimentFile = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid experiment file", path.display()))?;
+        Ok(file)
+    }
+
+    /// Every cell, in file order, without duplicates. Errors name the table and the field.
+    pub fn cells(&self) -> Result<Vec<Cell>> {
+        ensure!(
+            !self.grid.is_empty(),
+            "empty grid: the experiment file has no [[grid]] table"
+        );
+        ensure!(!self.seeds.is_empty(), "seeds is empty; give at least one");
+        ensure!(
+            !self.user_accuracy.is_empty(),
+            "user_accuracy is empty; give at least one level, e.g. [0.7]"
+        );
+        for &a in &self.user_accuracy {
+            ensure!(
+                (0.0..=1.0).contains(&a),
+                "user_accuracy {a} must lie in [0, 1]"
+            );
+        }
+        let mut cells = Vec::new();
+        if self.ceiling {
+            cells.push(Cell {
+                method: Method::None,
+                sampling: Sampling::None,
+                sampling_mode: None,
+                ratio: None,
+                cutoff: None,
+                filter_by: None,
+                user_accuracy: None,
+            });
+        }
+        for (g, table) in self.grid.iter().enumerate() {
+            let at = |field: &str| format!("grid[{g}].{field}");
+            let methods: Vec<Method> = parse_all(&table.method, &at("method"))?;
+            let samplings: Vec<Sampling> = parse_all(&table.sampling, &at("sampling"))?;
+            let modes: Vec<PairMode> = parse_all(&table.sampling_mode, &at("sampling_mode"))?;
+            let scores: Vec<Score> = parse_all(&table.cutoff_score, &at("cutoff_score"))?;
+            let percentiles: Vec<Percentile> =
+                parse_all(&table.cutoff_percentile, &at("cutoff_percentile"))?;
+            let actions: Vec<Action> = parse_all(&table.cutoff_action, &at("cutoff_action"))?;
+            let filters: Vec<FilterBy> = parse_all(&table.filter_by, &at("filter_by"))?;
+            if samplings.iter().any(|&s| s != Sampling::None) && table.ratio.is_empty() {
+                bail!("{}: replay needs ratio = [...]", at("sampling"));
+            }
+            for &r in &table.ratio {
+                ensure!(
+                    (0.0..=1.0).contains(&r),
+                    "{} {r} must lie in [0, 1]",
+                    at("ratio")
+                );
+            }
+            let ratios: Vec<Option<f64>> = if table.ratio.is_empty() {
+                vec![None]
+            } else {
+                table.ratio.iter().map(|&r| Some(r)).collect()
+            };
+            for &method in &methods {
+                for &sampling in &samplings {
+                    for &mode in &modes {
+                        for &ratio in &ratios {
+                            for &score in &scores {
+                                for &percentile in &percentiles {
+                                    for &action in &actions {
+                                        for &filter in &filters {
+                                            for &ua in &self.user_accuracy {
+                                                let replay = sampling != Sampling::None;
+                                                let pairs = replay && sampling != Sampling::Random;
+                                                cells.push(Cell {
+                                                    method,
+                                                    sampling,
+                                                    sampling_mode: pairs.then_some(mode),
+                                                    ratio: if replay { ratio } else { None },
+                                                    cutoff: (method == Method::Bccp)
+                                                        .then_some((score, percentile, action)),
+                                                    filter_by: (method == Method::Cleanlab)
+                                                        .then_some(filter),
+                                                    user_accuracy: Some(ua),
+                                                });
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        cells.retain(|c| seen.insert(c.key()));
+        Ok(cells)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(grid: &str) -> ExperimentFile {
+        let text = format!(
+            "seeds = [1, 2, 3]\nuser_accuracy = [0.5, 0.7]\n[dataset]\npath = \"d\"\ntuesday_num = 10\n{grid}"
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn grid_expands_collapses_and_dedupes() {
+        let f = file(
+            "[[grid]]\nmethod = [\"none\", \"cleanlab\"]\ncutoff_score = [\"label_prob_mean\", \"entropy\"]\n\
+             [[grid]]\nmethod = [\"bccp\", \"none\"]\nsampling = [\"none\", \"random\", \"l2_norm\"]\n\
+             sampling_mode = [\"faithful\", \"buffer\"]\nratio = [0.1]\n",
+        );
+        let cells = f.cells().unwrap();
+        let keys: Vec<String> = cells.iter().map(Cell::key).collect();
+        // Ceiling (1) + table 0: none, cleanlab × 2 levels (the scores collapse) = 4;
+        // table 1: 2 methods × (none + random + l2 × 2 modes) × 2 levels = 16, of which
+        // none/no-replay × 2 levels are duplicates of table 0 → 14.
+        assert_eq!(cells.len(), 1 + 4 + 14, "{keys:#?}");
+        assert_eq!(keys[0], "clean labels | clean");
+        assert!(keys.contains(&"cleanlab(prune_by_noise_rate) | 0.5".to_owned()));
+        assert!(
+            keys.contains(&"bccp(label_prob_mean,90,drop) + l2_norm/faithful@0.1 | 0.7".to_owned())
+        );
+        assert!(keys.contains(&"none + random@0.1 | 0.5".to_owned()));
+        let families: BTreeSet<&str> = cells.iter().map(Cell::family).collect();
+        assert_eq!(families.len(), 7, "{families:?}");
+    }
+
+    #[test]
+    fn bad_grids_name_the_field() {
+        let cases = [
+            ("", "empty grid"),
+            (
+                "[[grid]]\nmethod = [\"magic\"]\n",
+                "grid[0].method: unknown method \"magic\"",
+            ),
+            ("[[grid]]\nmethod = []\n", "grid[0].method is empty"),
+            (
+                "[[grid]]\nmethod = [\"none\"]\nsampling = [\"random\"]\n",
+                "replay needs ratio",
+            ),
+            (
+                "[[grid]]\nmethod = [\"bccp\"]\ncutoff_percentile = [\"120\"]\n",
+                "grid[0].cutoff_percentile",
+            ),
+        ];
+        for (grid, needle) in cases {
+            let err = file(grid).cells().unwrap_err().to_string();
+            assert!(err.contains(needle), "{grid:?}: {err}");
+        }
+        let unknown: Result<ExperimentFile, _> =
+            toml::from_str("seeds = [1]\nuser_accuracy = [0.7]\ncolour = 1\n[dataset]\npath = \"d\"\ntuesday_num = 1\n");
+        assert!(unknown.unwrap_err().to_string().contains("colour"));
+    }
+}

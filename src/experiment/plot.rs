@@ -1,0 +1,265 @@
+//! PNG charts of an experiment, drawn with `plotters` into memory and encoded by `image`:
+//! test accuracy by method family and noise level, and noise-detection precision vs recall.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use super::report::{group, Row};
+use crate::fsutil::write_atomic;
+
+/// Size of every chart, in pixels.
+pub const SIZE: (u32, u32) = (900, 560);
+
+/// Fonts tried for the labels, after `BCCP_FONT`.
+const FONT_CANDIDATES: [&str; 4] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/lato/Lato-Regular.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+];
+
+/// One colour per method family, in a fixed order.
+const FAMILIES: [(&str, RGBColor); 8] = [
+    ("clean labels", RGBColor(0, 0, 0)),
+    ("no cleansing", RGBColor(127, 127, 127)),
+    ("random replay", RGBColor(140, 86, 75)),
+    ("closest-pair replay", RGBColor(31, 119, 180)),
+    ("cut-off", RGBColor(255, 127, 14)),
+    ("BCCP (cut-off + CP)", RGBColor(214, 39, 40)),
+    ("cleanlab", RGBColor(44, 160, 44)),
+    ("ANL-CE", RGBColor(148, 103, 189)),
+];
+
+fn colour(family: &str) -> RGBColor {
+    FAMILIES
+        .iter()
+        .find(|(f, _)| *f == family)
+        .map_or(RGBColor(23, 190, 207), |(_, c)| *c)
+}
+
+fn find_font() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("BCCP_FONT").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    FONT_CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// Registers a TrueType font for the labels once per process.
+fn ensure_font() -> Result<()> {
+    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let path = find_font().ok_or_else(|| {
+                format!(
+                    "no TrueType font for the chart labels: install one (apt install fonts-dejavu-core) or set BCCP_FONT=/path/to/font.ttf (tried {})",
+                    FONT_CANDIDATES.join(", ")
+                )
+            })?;
+            let bytes = std::fs::read(&path)
+                .map_err(|e| format!("cannot read font {}: {e}", path.display()))?;
+            let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            plotters::style::register_font("sans-serif", FontStyle::Normal, leaked)
+                .map_err(|_| format!("{} is not a usable TrueType font", path.display()))
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Renders into an RGB buffer with `draw`, then writes a PNG atomically.
+fn render(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>,
+) -> Result<()> {
+    ensure_font()?;
+    let (w, h) = SIZE;
+    let mut pixels = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
+        draw(&root)?;
+        root.present().map_err(|e| anyhow!("drawing failed: {e}"))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, pixels).context("chart buffer of the wrong size")?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    write_atomic(path, &png).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow!("drawing failed: {e}")
+}
+
+/// `accuracy.png`: for each family, the configuration with the best mean test accuracy over
+/// the noise levels, as a line over the user accuracy; the clean-label accuracy as a dashed
+/// ceiling.
+pub fn accuracy_chart(rows: &[Row], path: &Path) -> Result<()> {
+    let g = group(rows);
+    let levels: Vec<(f64, &String)> = g
+        .levels
+        .iter()
+        .filter_map(|l| l.parse::<f64>().ok().map(|v| (v, l)))
+        .collect();
+    let mut lines: Vec<(String, String, Vec<(f64, f64)>)> = Vec::new();
+    for (family, _) in FAMILIES.iter().skip(1) {
+        let best = g
+            .configs
+            .iter()
+            .filter(|(_, f)| f == family)
+            .map(|(c, _)| {
+                let pts: Vec<(f64, f64)> = levels
+                    .iter()
+                    .filter_map(|(v, l)| g.stat(c, l, "test_accuracy").map(|s| (*v, s.0)))
+                    .collect();
+                let mean = pts.iter().map(|p| p.1).sum::<f64>() / pts.len().max(1) as f64;
+                (c, pts, mean)
+            })
+            .filter(|(_, pts, _)| !pts.is_empty())
+            .max_by(|a, b| a.2.total_cmp(&b.2));
+        if let Some((c, pts, _)) = best {
+            lines.push((family.to_string(), c.clone(), pts));
+        }
+    }
+    let ceiling = g
+        .configs
+        .iter()
+        .find(|(_, f)| f == "clean labels")
+        .and_then(|(c, _)| g.stat(c, "clean", "test_accuracy"))
+        .map(|s| s.0);
+    let ys = lines
+        .iter()
+        .flat_map(|l| l.2.iter().map(|p| p.1))
+        .chain(ceiling);
+    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+        (a.min(y), b.max(y))
+    });
+    let (lo, hi) = if lo.is_finite() {
+        ((lo - 0.02).max(0.0), (hi + 0.02).min(1.0))
+    } else {
+        (0.0, 1.0)
+    };
+    let (x0, x1) = levels
+        .iter()
+        .fold((1.0f64, 0.0f64), |(a, b), (v, _)| (a.min(*v), b.max(*v)));
+    let (x0, x1) = if x0 < x1 {
+        (x0 - 0.02, x1 + 0.02)
+    } else {
+        (x0 - 0.1, x0 + 0.1)
+    };
+    render(path, |root| {
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                "Test accuracy by method and label noise (best configuration per family)",
+                ("sans-serif", 20),
+            )
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1, lo..hi)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("users' label accuracy")
+            .y_desc("test accuracy")
+            .draw()
+            .map_err(err)?;
+        if let Some(c) = ceiling {
+            let style = ShapeStyle::from(&BLACK).stroke_width(1);
+            chart
+                .draw_series(DashedLineSeries::new(vec![(x0, c), (x1, c)], 8, 6, style))
+                .map_err(err)?
+                .label(format!("clean labels ({c:.3})"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        }
+        for (family, _config, pts) in &lines {
+            let col = colour(family);
+            chart
+                .draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))
+                .map_err(err)?
+                .label(family.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, col.filled())))
+                .map_err(err)?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        Ok(())
+    })
+}
+
+/// `detection.png`: precision against recall of every configuration that flags samples, one
+/// point per noise level, coloured by family.
+pub fn detection_chart(rows: &[Row], path: &Path) -> Result<()> {
+    let g = group(rows);
+    let mut points: Vec<(String, (f64, f64))> = Vec::new();
+    for (config, family) in &g.configs {
+        for level in g.levels.iter().filter(|l| *l != "clean") {
+            let p = g.stat(config, level, "noise_precision");
+            let r = g.stat(config, level, "noise_recall");
+            if let (Some(p), Some(r)) = (p, r) {
+                points.push((family.clone(), (r.0, p.0)));
+            }
+        }
+    }
+    render(path, |root| {
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                "Noise detection: precision vs recall of the flagged samples",
+                ("sans-serif", 20),
+            )
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("recall (share of wrong labels flagged)")
+            .y_desc("precision (share of flagged that are wrong)")
+            .draw()
+            .map_err(err)?;
+        for (family, col) in FAMILIES {
+            let pts: Vec<(f64, f64)> = points
+                .iter()
+                .filter(|(f, _)| f == family)
+                .map(|(_, p)| *p)
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            chart
+                .draw_series(
+                    pts.into_iter()
+                        .map(move |p| Circle::new(p, 5, col.filled())),
+                )
+                .map_err(err)?
+                .label(family)
+                .legend(move |(x, y)| Circle::new((x + 10, y), 5, col.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerLeft)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        Ok(())
+    })
+}

@@ -1,0 +1,325 @@
+//! The experiment's results: `results.csv` (one row per run, read back to resume) and
+//! `results.md` (mean ± standard deviation over seeds per cell).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+/// Columns of `results.csv`, in order.
+pub const COLUMNS: [&str; 24] = [
+    "config",
+    "family",
+    "user_accuracy",
+    "seed",
+    "method",
+    "sampling",
+    "sampling_mode",
+    "ratio",
+    "cutoff_score",
+    "cutoff_percentile",
+    "cutoff_action",
+    "filter_by",
+    "test_accuracy",
+    "test_accuracy_monday",
+    "test_accuracy_tuesday",
+    "train_size",
+    "removed",
+    "replayed",
+    "noise_precision",
+    "noise_recall",
+    "noise_f1",
+    "noise_score_auc",
+    "seconds",
+    "error",
+];
+
+/// One run: a value (possibly empty) per column of [`COLUMNS`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row(pub Vec<String>);
+
+impl Row {
+    /// The value of `column` ("" when absent).
+    pub fn get(&self, column: &str) -> &str {
+        COLUMNS
+            .iter()
+            .position(|c| *c == column)
+            .and_then(|i| self.0.get(i))
+            .map_or("", String::as_str)
+    }
+
+    /// The value of `column` as a number, when it is one.
+    pub fn number(&self, column: &str) -> Option<f64> {
+        self.get(column).parse().ok()
+    }
+
+    /// (config, user accuracy, seed): what identifies a run for resuming.
+    pub fn run_key(&self) -> (String, String, String) {
+        (
+            self.get("config").to_owned(),
+            self.get("user_accuracy").to_owned(),
+            self.get("seed").to_owned(),
+        )
+    }
+}
+
+fn quote(field: &str) -> String {
+    if field.contains([',', '"', '\n']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_owned()
+    }
+}
+
+/// The CSV text of `rows` with its header.
+pub fn to_csv(rows: &[Row]) -> String {
+    let mut out = COLUMNS.join(",") + "\n";
+    for row in rows {
+        let fields: Vec<String> = row.0.iter().map(|f| quote(f)).collect();
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// Splits one CSV line (RFC 4180 quoting, no embedded newlines).
+fn split_line(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => fields.push(std::mem::take(&mut field)),
+            _ => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+}
+
+/// Reads a `results.csv` written by [`to_csv`]; an absent file is no rows.
+pub fn read_csv(path: &Path) -> Result<Vec<Row>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    if header != COLUMNS.join(",") {
+        bail!(
+            "{} has other columns than this version of bccp writes; move it away to start afresh",
+            path.display()
+        );
+    }
+    lines
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| {
+            let fields = split_line(l);
+            if fields.len() != COLUMNS.len() {
+                bail!(
+                    "{} line {}: {} fields, expected {}",
+                    path.display(),
+                    i + 2,
+                    fields.len(),
+                    COLUMNS.len()
+                );
+            }
+            Ok(Row(fields))
+        })
+        .collect()
+}
+
+/// Mean and sample standard deviation (0 for one value).
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// Per configuration (in first-appearance order) and noise level: the rows of that cell.
+pub struct Grouped<'a> {
+    pub configs: Vec<(String, String)>,
+    pub levels: Vec<String>,
+    pub cells: BTreeMap<(String, String), Vec<&'a Row>>,
+}
+
+/// Noise levels in report order: `clean` first, then by accuracy.
+fn level_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let v = |s: &str| s.parse::<f64>().unwrap_or(f64::NEG_INFINITY);
+    v(a).total_cmp(&v(b))
+}
+
+/// Groups `rows` by configuration and noise level.
+pub fn group(rows: &[Row]) -> Grouped<'_> {
+    let mut configs: Vec<(String, String)> = Vec::new();
+    let mut levels: Vec<String> = Vec::new();
+    let mut cells: BTreeMap<(String, String), Vec<&Row>> = BTreeMap::new();
+    for row in rows {
+        let config = row.get("config").to_owned();
+        if !configs.iter().any(|(c, _)| *c == config) {
+            configs.push((config.clone(), row.get("family").to_owned()));
+        }
+        let level = row.get("user_accuracy").to_owned();
+        if !levels.contains(&level) {
+            levels.push(level.clone());
+        }
+        cells.entry((config, level)).or_default().push(row);
+    }
+    levels.sort_by(|a, b| level_order(a, b));
+    Grouped {
+        configs,
+        levels,
+        cells,
+    }
+}
+
+impl Grouped<'_> {
+    /// Mean ± std of `column` over the cell's runs that have it, with their count.
+    pub fn stat(&self, config: &str, level: &str, column: &str) -> Option<(f64, f64, usize)> {
+        let rows = self.cells.get(&(config.to_owned(), level.to_owned()))?;
+        let values: Vec<f64> = rows.iter().filter_map(|r| r.number(column)).collect();
+        (!values.is_empty()).then(|| {
+            let (m, s) = mean_std(&values);
+            (m, s, values.len())
+        })
+    }
+
+    /// The error of a cell whose runs all failed.
+    fn error(&self, config: &str, level: &str) -> Option<&str> {
+        let rows = self.cells.get(&(config.to_owned(), level.to_owned()))?;
+        rows.iter()
+            .all(|r| !r.get("error").is_empty())
+            .then(|| rows[0].get("error"))
+    }
+}
+
+/// `results.md`: test accuracy and noise detection per cell.
+pub fn markdown(rows: &[Row]) -> String {
+    let g = group(rows);
+    let noisy: Vec<&String> = g.levels.iter().filter(|l| *l != "clean").collect();
+    let mut out = String::from("# Experiment results\n\n");
+    let seeds = rows
+        .iter()
+        .map(|r| r.get("seed"))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    out.push_str(&format!(
+        "{} runs, {} configurations, {seeds} seed(s). Test accuracy on Monday test ∪ Tuesday test, mean ± standard deviation over seeds; columns are the users' label accuracy (`clean`: true labels).\n\n",
+        rows.len(),
+        g.configs.len()
+    ));
+    out.push_str("| configuration | family |");
+    for l in &g.levels {
+        out.push_str(&format!(" {l} |"));
+    }
+    out.push_str("\n|---|---|");
+    out.push_str(&"---:|".repeat(g.levels.len()));
+    out.push('\n');
+    for (config, family) in &g.configs {
+        out.push_str(&format!("| {config} | {family} |"));
+        for l in &g.levels {
+            let cell = match (g.stat(config, l, "test_accuracy"), g.error(config, l)) {
+                (Some((m, s, _)), _) => format!("{m:.4} ± {s:.4}"),
+                (None, Some(e)) => e.to_owned(),
+                (None, None) => "".to_owned(),
+            };
+            out.push_str(&format!(" {cell} |"));
+        }
+        out.push('\n');
+    }
+    let detectors: Vec<&(String, String)> = g
+        .configs
+        .iter()
+        .filter(|(c, _)| noisy.iter().any(|l| g.stat(c, l, "noise_f1").is_some()))
+        .collect();
+    if !detectors.is_empty() {
+        out.push_str("\nNoise detection: precision / recall / F1 of the flagged samples as a detector of the wrong user labels (means over seeds).\n\n| configuration |");
+        for l in &noisy {
+            out.push_str(&format!(" {l} |"));
+        }
+        out.push_str("\n|---|");
+        out.push_str(&"---:|".repeat(noisy.len()));
+        out.push('\n');
+        for (config, _) in detectors {
+            out.push_str(&format!("| {config} |"));
+            for l in &noisy {
+                let f = |c: &str| g.stat(config, l, c).map_or(f64::NAN, |s| s.0);
+                out.push_str(&format!(
+                    " {:.3} / {:.3} / {:.3} |",
+                    f("noise_precision"),
+                    f("noise_recall"),
+                    f("noise_f1")
+                ));
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(config: &str, ua: &str, seed: &str, acc: &str, f1: &str) -> Row {
+        let mut r = Row(vec![String::new(); COLUMNS.len()]);
+        let mut set = |c: &str, v: &str| {
+            let i = COLUMNS.iter().position(|x| *x == c).unwrap();
+            r.0[i] = v.to_owned();
+        };
+        set("config", config);
+        set("family", "f");
+        set("user_accuracy", ua);
+        set("seed", seed);
+        set("test_accuracy", acc);
+        set("noise_f1", f1);
+        r
+    }
+
+    #[test]
+    fn csv_round_trips_quoted_fields() {
+        let rows = vec![
+            row("bccp(a,90,drop)", "0.7", "1", "0.5", "0.25"),
+            row("say \"hi\"", "clean", "2", "0.75", ""),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.csv");
+        std::fs::write(&path, to_csv(&rows)).unwrap();
+        assert_eq!(read_csv(&path).unwrap(), rows);
+        std::fs::write(&path, "a,b\n").unwrap();
+        assert!(read_csv(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("other columns"));
+    }
+
+    #[test]
+    fn markdown_has_mean_and_std_per_cell() {
+        let rows = vec![
+            row("none", "0.7", "1", "0.5", ""),
+            row("none", "0.7", "2", "0.7", ""),
+            row("none", "clean", "1", "0.9", ""),
+            row("cl", "0.7", "1", "0.6", "0.5"),
+        ];
+        let md = markdown(&rows);
+        // mean 0.6, sample std of {0.5, 0.7} = 0.1414.
+        assert!(
+            md.contains("| none | f | 0.9000 ± 0.0000 | 0.6000 ± 0.1414 |"),
+            "{md}"
+        );
+        assert!(md.contains("| cl | NaN / NaN / 0.500 |"), "{md}");
+        assert_eq!(mean_std(&[1.0, 2.0, 3.0]), (2.0, 1.0));
+    }
+}

@@ -1,0 +1,151 @@
+//! `bccp label-issues`: confident learning as a tool — on cleanlab-style `.npy` inputs, or on
+//! an image dataset whose out-of-sample probabilities bccp computes (embeddings, K-fold heads).
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use serde::Serialize;
+
+use crate::baselines::{find_label_issues, self_confidence, suggested_labels, FilterBy};
+use crate::fsutil::write_atomic;
+use crate::npy;
+
+/// The issue mask of `pred_probs` [n, k] and `labels` [n] read from `.npy` files.
+pub fn mask_from_npy(pred_probs: &Path, labels: &Path, filter_by: FilterBy) -> Result<Vec<bool>> {
+    let probs = npy::read(pred_probs)?;
+    let given = npy::read(labels)?;
+    ensure!(
+        probs.shape.len() == 2,
+        "--pred-probs {} has shape {:?}; expected [samples, classes]",
+        pred_probs.display(),
+        probs.shape
+    );
+    let (n, k) = (probs.shape[0], probs.shape[1]);
+    ensure!(
+        given.shape == [n],
+        "--labels {} has shape {:?}; expected [{n}] to match --pred-probs",
+        labels.display(),
+        given.shape
+    );
+    let labels_u32: Vec<u32> = given
+        .values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            ensure!(
+                v >= 0.0 && v.fract() == 0.0 && (v as usize) < k,
+                "--labels {}: label {v} at index {i} is not a class index in 0..{k}",
+                labels.display()
+            );
+            Ok(v as u32)
+        })
+        .collect::<Result<_>>()?;
+    Ok(find_label_issues(&probs.values, &labels_u32, k, filter_by)?)
+}
+
+/// One line of the dataset report.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssueRecord {
+    pub path: String,
+    pub given_label: String,
+    pub suggested_label: String,
+    pub self_confidence: f64,
+    pub is_issue: bool,
+}
+
+/// Issues per class of a dataset report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClassSummary {
+    pub class: String,
+    pub samples: usize,
+    pub issues: usize,
+}
+
+/// The per-sample report and the per-class summary of a labelled image list.
+pub fn dataset_report(
+    paths: &[String],
+    classes: &[String],
+    labels: &[u32],
+    probs: &[f32],
+    filter_by: FilterBy,
+) -> Result<(Vec<IssueRecord>, Vec<ClassSummary>)> {
+    let k = classes.len();
+    let mask = find_label_issues(probs, labels, k, filter_by)?;
+    let confidence = self_confidence(probs, labels, k)?;
+    let suggested = suggested_labels(probs, labels, k)?;
+    let records: Vec<IssueRecord> = (0..labels.len())
+        .map(|i| IssueRecord {
+            path: paths[i].clone(),
+            given_label: classes[labels[i] as usize].clone(),
+            suggested_label: classes[suggested[i] as usize].clone(),
+            self_confidence: confidence[i],
+            is_issue: mask[i],
+        })
+        .collect();
+    let summary = classes
+        .iter()
+        .enumerate()
+        .map(|(c, name)| ClassSummary {
+            class: name.clone(),
+            samples: labels.iter().filter(|&&l| l as usize == c).count(),
+            issues: (0..labels.len())
+                .filter(|&i| mask[i] && labels[i] as usize == c)
+                .count(),
+        })
+        .collect();
+    Ok((records, summary))
+}
+
+/// Writes `records` as JSON Lines, atomically.
+pub fn write_jsonl(path: &Path, records: &[IssueRecord]) -> Result<()> {
+    let mut out = Vec::new();
+    for r in records {
+        serde_json::to_writer(&mut out, r)?;
+        out.write_all(b"\n")?;
+    }
+    write_atomic(path, &out).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_inputs_are_checked_and_flag_the_odd_one_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let write_f64 = |name: &str, shape: &str, values: &[f64]| {
+            let dict = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
+            let pad = (64 - (10 + dict.len() + 1) % 64) % 64;
+            let header = format!("{dict}{}\n", " ".repeat(pad));
+            let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+            bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        // Eight confident samples of two classes; sample 3 is labelled 0 but looks like 1.
+        let mut probs = Vec::new();
+        let labels = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+        for i in 0..8 {
+            let p1 = if i < 3 { 0.1 } else { 0.9 };
+            probs.extend_from_slice(&[1.0 - p1, p1]);
+        }
+        let p = write_f64("p.npy", "(8, 2)", &probs);
+        let l = write_f64("l.npy", "(8,)", &labels);
+        let mask = mask_from_npy(&p, &l, FilterBy::PredictedNeqGiven).unwrap();
+        assert_eq!(
+            mask,
+            vec![false, false, false, true, false, false, false, false]
+        );
+
+        let short = write_f64("s.npy", "(7,)", &labels[..7]);
+        let err = mask_from_npy(&p, &short, FilterBy::default()).unwrap_err();
+        assert!(err.to_string().contains("expected [8]"), "{err}");
+        let bad = write_f64("b.npy", "(8,)", &[0.0, 0.0, 0.0, 2.0, 1.0, 1.0, 1.0, 1.0]);
+        let err = mask_from_npy(&p, &bad, FilterBy::default()).unwrap_err();
+        assert!(err.to_string().contains("label 2 at index 3"), "{err}");
+    }
+}
