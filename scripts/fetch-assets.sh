@@ -20,7 +20,7 @@ die() { printf 'fetch-assets: error: %s\n' "$*" >&2; exit 1; }
 
 sudo_cmd=()
 if [ "$(id -u)" != 0 ]; then
-  command -v sudo >/dev/null || die "not root and no sudo: install dataset-fashion-mnist and python3-skimage by hand"
+  command -v sudo >/dev/null || die "not root and no sudo: install dataset-fashion-mnist, python3-skimage and fonts-dejavu-core by hand"
   sudo_cmd=(sudo)
 fi
 
@@ -39,7 +39,8 @@ apt_install() {
   fi
 }
 
-apt_install dataset-fashion-mnist python3-skimage
+# fonts-dejavu-core: the labels of `bccp experiment`'s charts.
+apt_install dataset-fashion-mnist python3-skimage fonts-dejavu-core
 
 # --- bccp binary (for the IDX import) -------------------------------------------------------
 bccp="${BCCP_BIN:-}"
