@@ -18,15 +18,19 @@
 //!    `predicted_neq_given` flags `argmax p ≠ label`;
 //! 5. samples whose given label is (within 1e-6) the arg-max are never flagged.
 //!
-//! Numerics follow numpy, so the masks are bit-for-bit cleanlab's (checked against a fixture
-//! in `tests/cleanlab_parity.rs`): computations happen in the probabilities' own precision
-//! ([`Prob`]: `f32` as cleanlab does on a float32 array, or `f64`), means use numpy's pairwise
-//! summation, rounding is half-to-even, and the thresholds are widened to `f64` exactly when a
-//! class has no sample (cleanlab's fill value `2` is a Python int). The one thing numpy itself
-//! does not pin down is the order of exactly tied values in its (unstable, SIMD) `argsort`; we
-//! break ties by sample index (a stable sort), which numpy's scalar sort also does for short
-//! arrays. Ties decide the result only when equal margins, probabilities or rounding residues
-//! straddle a cut-off.
+//! Numerics follow numpy, so the masks are bit-for-bit cleanlab's (`tests/cleanlab_parity.rs`
+//! checks a fixture; its ignored `stress_cases` test checks any number of generated cases):
+//! - arithmetic happens in the probabilities' own precision ([`Prob`]: `f32` as cleanlab on a
+//!   float32 array, or `f64`); the thresholds are widened to `f64` exactly when a class has no
+//!   sample (cleanlab's fill value `2` is a Python int, which makes numpy build a float64 array);
+//! - sums use numpy's pairwise summation in numpy's memory order (the confident joint is a
+//!   transposed, column-major, matrix when cleanlab sums it); rounding is half-to-even;
+//! - orders are numpy's `argsort`, which is not stable: [`numpy_argsort`] reproduces the order
+//!   it gives exactly tied values on x86-64 with AVX-512 (where the fixture was made). Ties at
+//!   a cut-off are common (equal counts in a row of the confident joint round alike): in about
+//!   half of random 400 × 10 cases some flag depends on them. numpy on other CPUs (AVX2 only,
+//!   or not x86) orders ties differently, so cleanlab's own masks there can differ from these
+//!   by a few samples.
 
 use std::fmt;
 use std::ops::{Add, Div, Neg, Sub};
@@ -246,7 +250,7 @@ fn mean<T: Prob>(a: &[T]) -> T {
 pub fn numpy_argsort<T: Prob>(values: &[T]) -> Vec<usize> {
     let n = values.len();
     let mut arg: Vec<usize> = (0..n).collect();
-    let sorted = values.windows(2).all(|w| !(w[1] < w[0]));
+    let sorted = values.windows(2).all(|w| w[0] <= w[1]); // no NaN: `!(w[1] < w[0])`
     if n > 1 && !sorted {
         let max_iters = 2 * (usize::BITS - 1 - n.leading_zeros()) as i64;
         npsort::quicksort(values, &mut arg, 0, n - 1, max_iters);
@@ -422,7 +426,7 @@ mod npsort {
         const UNROLL: usize = 4;
         const BLOCK: usize = UNROLL * LANES;
         for _ in 0..(right - left) % BLOCK {
-            if !(values[arg[left]] < pivot) {
+            if values[arg[left]] >= pivot {
                 right -= 1;
                 arg.swap(left, right);
             } else {
@@ -670,7 +674,7 @@ mod npsort {
             a[hole] = a[child];
             hole = child;
         }
-        if len % 2 == 0 && len >= 2 && child == (len - 2) / 2 {
+        if len.is_multiple_of(2) && len >= 2 && child == (len - 2) / 2 {
             child = 2 * (child + 1);
             a[hole] = a[child - 1];
             hole = child - 1;
@@ -867,7 +871,8 @@ pub fn confident_thresholds<T: Prob>(
 pub struct ConfidentJoint {
     /// Confident counts, diagonal raised to at least 1, before calibration.
     pub counts: Vec<Vec<i64>>,
-    /// `counts` calibrated to the label counts ([`calibrate_confident_joint`]).
+    /// `counts` calibrated to the label counts (as [`calibrate_confident_joint`], summing in
+    /// the column-major order numpy uses on cleanlab's transposed confusion matrix).
     pub calibrated: Vec<Vec<i64>>,
     /// Samples counted off the diagonal (their confident class is not their label), ascending.
     pub off_diagonal: Vec<usize>,
@@ -901,7 +906,7 @@ fn confident_joint<T: Prob>(x: &Input<T>) -> ConfidentJoint {
     for (k, row) in counts.iter_mut().enumerate() {
         row[k] = row[k].max(1);
     }
-    let calibrated = calibrate(&counts, &label_counts(x.labels, x.classes));
+    let calibrated = calibrate(&counts, &label_counts(x.labels, x.classes), true);
     ConfidentJoint {
         counts,
         calibrated,
@@ -930,7 +935,8 @@ fn label_counts(labels: &[u32], classes: usize) -> Vec<i64> {
 
 /// cleanlab's `count.calibrate_confident_joint`: scales every row of `joint`
 /// (`[given][true]`, square) to its label count, then the whole matrix to the number of
-/// labels, and rounds preserving row totals.
+/// labels, and rounds preserving row totals. Bit-exact for a row-major (C-ordered) numpy
+/// array; [`compute_confident_joint`] calibrates its own, column-major, joint.
 pub fn calibrate_confident_joint(
     joint: &[Vec<i64>],
     labels: &[u32],
@@ -954,17 +960,29 @@ pub fn calibrate_confident_joint(
             classes,
         });
     }
-    Ok(calibrate(joint, &label_counts(labels, classes)))
+    Ok(calibrate(joint, &label_counts(labels, classes), false))
 }
 
-fn calibrate(joint: &[Vec<i64>], label_counts: &[i64]) -> Vec<Vec<i64>> {
+/// The calibration; `column_major` sums the matrix in column-major order, as numpy does for
+/// the Fortran-ordered joint inside `compute_confident_joint`.
+fn calibrate(joint: &[Vec<i64>], label_counts: &[i64], column_major: bool) -> Vec<Vec<i64>> {
     let classes = joint.len();
     let mut flat = Vec::with_capacity(classes * classes);
     for (row, &count) in joint.iter().zip(label_counts) {
         let total = (row.iter().sum::<i64>() as f64).max(TINY_VALUE);
         flat.extend(row.iter().map(|&c| c as f64 / total * count as f64));
     }
-    let total = pairwise_sum(&flat).max(TINY_VALUE);
+    // np.sum adds in memory order: the joint of `compute_confident_joint` is a transposed
+    // (column-major) confusion matrix, and that order changes the last bits of the total.
+    let total = if column_major {
+        let columns: Vec<f64> = (0..classes * classes)
+            .map(|i| flat[(i % classes) * classes + i / classes])
+            .collect();
+        pairwise_sum(&columns)
+    } else {
+        pairwise_sum(&flat)
+    }
+    .max(TINY_VALUE);
     let labels = label_counts.iter().sum::<i64>() as f64;
     for v in &mut flat {
         *v = *v / total * labels;
@@ -1257,36 +1275,93 @@ mod tests {
 
     #[test]
     fn rounding_preserves_totals_like_numpy() {
-        // round(2.5) = 2 (half to even); the sum 6.5 + ... is restored by the largest residue.
+        // Expected values from cleanlab's `round_preserving_sum` (numpy 2.4, AVX-512).
+        // round(2.5) = 2 (half to even); the lost unit goes to the largest residue.
         assert_eq!(round_preserving_sum(&[2.5, 1.4, 1.1]), vec![3, 1, 1]);
-        assert_eq!(round_preserving_sum(&[0.4, 0.4, 0.2]), vec![1, 0, 0]);
-        // Sum 1.0 from residues 0.4, 0.4: tie, numpy's reversed order picks the last index.
+        assert_eq!(round_preserving_sum(&[0.6, 0.6, 0.8]), vec![0, 1, 1]);
+        assert_eq!(round_preserving_sum(&[3.0, 0.0]), vec![3, 0]);
+        // Tied residues: numpy's sorting network decides, not the index order.
+        assert_eq!(round_preserving_sum(&[0.4, 0.4, 0.2]), vec![0, 1, 0]);
         assert_eq!(
             round_preserving_sum(&[0.4, 0.4, 0.2, 0.0]),
-            vec![0, 1, 0, 0]
+            vec![1, 0, 0, 0]
         );
-        assert_eq!(round_preserving_sum(&[0.6, 0.6, 0.8]), vec![1, 1, 0]);
-        assert_eq!(round_preserving_sum(&[3.0, 0.0]), vec![3, 0]);
+        let row = [30.0, 0.0, 0.0, 2.25, 0.0, 1.375, 2.25, 1.375, 0.0, 0.0];
+        // A stable sort would raise index 7; numpy raises index 5.
+        assert_eq!(
+            round_preserving_sum(&row),
+            vec![30, 0, 0, 2, 0, 2, 2, 1, 0, 0]
+        );
+    }
+
+    #[test]
+    fn argsort_follows_numpy_on_ties() {
+        // `np.argsort` results (numpy 2.4, AVX-512).
+        assert_eq!(numpy_argsort(&[0.4, 0.4, 0.2, 0.0]), [3, 2, 1, 0]);
+        let residues = [0.0, 0.0, 0.0, 0.25, 0.0, 0.375, 0.25, 0.375, -0.125, -0.125];
+        let expected = [9, 8, 0, 1, 2, 4, 3, 6, 7, 5];
+        assert_eq!(numpy_argsort(&residues), expected);
+        let r32: Vec<f32> = residues.iter().map(|&v| v as f32).collect();
+        assert_eq!(numpy_argsort(&r32), expected);
+        // Already sorted: untouched.
+        assert_eq!(numpy_argsort(&[1.0, 1.0, 2.0, 2.0]), [0, 1, 2, 3]);
+        // Long arrays (partitioning, std::sort fallback) are a permutation in sorted order.
+        for n in [257, 1000, 3000] {
+            let mut rng = crate::rng::Rng::new(n as u64);
+            let v: Vec<f64> = (0..n).map(|_| rng.below(7) as f64).collect();
+            let order = numpy_argsort(&v);
+            let mut seen = order.clone();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>());
+            assert!(order.windows(2).all(|w| v[w[0]] <= v[w[1]]));
+            let mut ones = vec![0.0; n];
+            ones[0] = 1.0;
+            let order = numpy_argsort(&ones);
+            assert_eq!(order[n - 1], 0, "the one value sorts last");
+        }
     }
 
     #[test]
     fn pairwise_sum_matches_numpy_grouping() {
-        // 1e8 + 1 + ... is not associative in f32: numpy's 8 accumulators give a fixed answer.
+        // f32 addition is not associative: numpy's 8 accumulators give a fixed answer.
         let v: Vec<f32> = (0..200)
             .map(|i| if i % 9 == 0 { 1e7 } else { 0.7 })
             .collect();
+        // `np.sum(np.array(v, np.float32))`
+        assert_eq!(pairwise_sum(&v), 230000144.0);
         let sequential: f32 = v.iter().sum();
-        let pairwise = pairwise_sum(&v);
-        // Reference value from `np.sum(np.array(v, np.float32))`.
-        assert_eq!(pairwise, 230000096.0);
-        assert_ne!(pairwise, sequential);
+        assert_ne!(sequential, 230000144.0);
+    }
+
+    #[test]
+    fn calibration_sums_in_numpy_memory_order() {
+        // From a 150 x 6 case: the four equal counts of row 0 round differently depending on
+        // the order of the total. Expected rows from cleanlab's `calibrate_confident_joint` on
+        // a C-ordered and on a Fortran-ordered copy of this joint (numpy 2.4).
+        let joint = vec![
+            vec![12, 0, 1, 1, 1, 1],
+            vec![4, 14, 2, 3, 1, 2],
+            vec![2, 1, 10, 1, 3, 2],
+            vec![1, 4, 1, 14, 0, 1],
+            vec![0, 4, 4, 1, 14, 1],
+            vec![2, 1, 1, 1, 2, 14],
+        ];
+        let counts = [26, 27, 21, 26, 26, 24];
+        let labels: Vec<u32> = (0..6u32)
+            .flat_map(|c| std::iter::repeat_n(c, counts[c as usize]))
+            .collect();
+        let c_order = calibrate_confident_joint(&joint, &labels).unwrap();
+        assert_eq!(c_order[0], [19, 0, 1, 2, 2, 2]);
+        let f_order = calibrate(&joint, &label_counts(&labels, 6), true);
+        assert_eq!(f_order[0], [19, 0, 2, 1, 2, 2]);
     }
 
     #[test]
     fn keeps_at_least_one_per_class() {
-        // Calibrated diagonal 0 for class 1: raised to 1, taking 1 / 1 from its noise count.
+        // Calibrated diagonal 0 for class 1: raised to 1, taking 1 / 1 from its noise count
+        // (cleanlab's `_keep_at_least_n_per_class(joint.T, 1)`).
         let joint = vec![vec![5, 0], vec![3, 0]];
-        assert_eq!(prune_count_matrix(&joint, 1), vec![vec![5, 3], vec![0, 1]]);
+        assert_eq!(prune_count_matrix(&joint, 1), vec![vec![5, 2], vec![0, 1]]);
     }
 
     #[test]

@@ -7,8 +7,8 @@ pub mod kfold;
 
 pub use confident::{
     calibrate_confident_joint, compute_confident_joint, confident_thresholds, find_label_issues,
-    prune_count_matrix, round_preserving_sum, self_confidence, suggested_labels, ConfidentError,
-    ConfidentJoint, FilterBy, Prob,
+    numpy_argsort, prune_count_matrix, round_preserving_sum, self_confidence, suggested_labels,
+    ConfidentError, ConfidentJoint, FilterBy, Prob,
 };
 pub use kfold::{
     assign_folds, fold_holdout_indices, fold_train_indices, kfold_pred_probs, KFoldProbs,

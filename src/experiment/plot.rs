@@ -105,7 +105,8 @@ pub fn accuracy_chart(rows: &[Row], path: &Path) -> Result<()> {
         .iter()
         .filter_map(|l| l.parse::<f64>().ok().map(|v| (v, l)))
         .collect();
-    let mut lines: Vec<(String, String, Vec<(f64, f64)>)> = Vec::new();
+    // (family, its best configuration's points)
+    let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for (family, _) in FAMILIES.iter().skip(1) {
         let best = g
             .configs
@@ -121,8 +122,8 @@ pub fn accuracy_chart(rows: &[Row], path: &Path) -> Result<()> {
             })
             .filter(|(_, pts, _)| !pts.is_empty())
             .max_by(|a, b| a.2.total_cmp(&b.2));
-        if let Some((c, pts, _)) = best {
-            lines.push((family.to_string(), c.clone(), pts));
+        if let Some((_, pts, _)) = best {
+            lines.push((family.to_string(), pts));
         }
     }
     let ceiling = g
@@ -133,7 +134,7 @@ pub fn accuracy_chart(rows: &[Row], path: &Path) -> Result<()> {
         .map(|s| s.0);
     let ys = lines
         .iter()
-        .flat_map(|l| l.2.iter().map(|p| p.1))
+        .flat_map(|l| l.1.iter().map(|p| p.1))
         .chain(ceiling);
     let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
         (a.min(y), b.max(y))
@@ -177,7 +178,7 @@ pub fn accuracy_chart(rows: &[Row], path: &Path) -> Result<()> {
                 .label(format!("clean labels ({c:.3})"))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
         }
-        for (family, _config, pts) in &lines {
+        for (family, pts) in &lines {
             let col = colour(family);
             chart
                 .draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))
