@@ -4,6 +4,7 @@
 
 pub mod confident;
 pub mod kfold;
+pub mod numpy_compat;
 
 pub use confident::{
     calibrate_confident_joint, compute_confident_joint, confident_thresholds, find_label_issues,
