@@ -289,7 +289,19 @@ fn bad_flag_combinations_are_refused_before_work() {
     std::fs::create_dir_all(&days).unwrap();
     let runs = tmp.path().join("runs");
     let cache = tmp.path().join("cache");
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 12] = [
+        (
+            &["-t", "monday", "-b", "Y", "--method", "cleanlab"],
+            "cannot be combined with --method cleanlab",
+        ),
+        (
+            &["-t", "monday", "--method", "magic"],
+            "valid: none, bccp, cleanlab, anl_ce",
+        ),
+        (
+            &["-t", "monday", "--method", "cleanlab", "--folds", "1"],
+            "--folds 1 must be 2 or more",
+        ),
         (
             &[
                 "-t",
