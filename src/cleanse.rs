@@ -7,8 +7,11 @@ use std::str::FromStr;
 use anyhow::Result;
 use candle_core::Tensor;
 
-use crate::baselines::{find_label_issues, kfold_pred_probs, FilterBy};
-use crate::cutoff::{self, Action, Percentile, Score};
+use crate::baselines::{
+    assign_folds, find_label_issues, fold_holdout_indices, fold_train_indices, kfold_pred_probs,
+    FilterBy,
+};
+use crate::cutoff::{self, Action, McStats, Percentile, Score};
 use crate::progress::Progress;
 use crate::train::{train_head, Loss, TrainConfig};
 
@@ -68,6 +71,9 @@ pub struct CleanseConfig {
     pub cutoff_percentile: Percentile,
     pub cutoff_action: Action,
     pub mc_passes: usize,
+    /// 1: the MC-dropout head scores the samples it was trained on (the reference); K ≥ 2:
+    /// each sample is scored by a head trained on the other K − 1 folds (out of sample).
+    pub cutoff_folds: usize,
     /// cleanlab's `filter_by`.
     pub filter_by: FilterBy,
     /// Folds of the cross-validated probabilities confident learning ranks.
@@ -120,9 +126,12 @@ pub fn cleanse(
                 dropout: 0.5,
                 ..train.clone()
             };
-            let mc_head = train_head(features, given, classes, &mc_cfg, progress)?;
-            let stats =
-                cutoff::mc_stats(&mc_head, features, given, cfg.mc_passes, 0.5, train.seed)?;
+            let stats = if cfg.cutoff_folds >= 2 {
+                out_of_sample_stats(features, given, classes, cfg, &mc_cfg, progress)?
+            } else {
+                let mc_head = train_head(features, given, classes, &mc_cfg, progress)?;
+                cutoff::mc_stats(&mc_head, features, given, cfg.mc_passes, 0.5, train.seed)?
+            };
             let scores = cutoff::score(&stats, cfg.cutoff_score, features, given)?;
             let predicted: Vec<u32> = stats.mean_probs.argmax(1)?.to_vec1::<u32>()?;
             let result = cutoff::cut(
@@ -171,6 +180,65 @@ pub fn cleanse(
             })
         }
     }
+}
+
+/// MC-dropout statistics of every sample from a head that never saw it: K folds, each scored
+/// by a head trained on the others, put back in sample order.
+fn out_of_sample_stats(
+    features: &Tensor,
+    given: &[u32],
+    classes: usize,
+    cfg: &CleanseConfig,
+    mc_cfg: &TrainConfig,
+    progress: &Progress,
+) -> Result<McStats> {
+    let n = given.len();
+    anyhow::ensure!(
+        cfg.cutoff_folds <= n,
+        "--cutoff-folds {} exceeds the {n} training samples",
+        cfg.cutoff_folds
+    );
+    let fold = assign_folds(given, cfg.cutoff_folds, mc_cfg.seed);
+    let device = features.device();
+    let mut order: Vec<u32> = Vec::with_capacity(n);
+    let mut parts = Vec::with_capacity(cfg.cutoff_folds);
+    for f in 0..cfg.cutoff_folds {
+        let (train_idx, held) = (fold_train_indices(&fold, f), fold_holdout_indices(&fold, f));
+        let pick = |idx: &[u32]| features.index_select(&Tensor::new(idx, device)?, 0);
+        let labels_of = |idx: &[u32]| idx.iter().map(|&i| given[i as usize]).collect::<Vec<_>>();
+        let head = train_head(
+            &pick(&train_idx)?,
+            &labels_of(&train_idx),
+            classes,
+            mc_cfg,
+            progress,
+        )?;
+        parts.push(cutoff::mc_stats(
+            &head,
+            &pick(&held)?,
+            &labels_of(&held),
+            cfg.mc_passes,
+            0.5,
+            mc_cfg.seed ^ f as u64,
+        )?);
+        order.extend(held);
+    }
+    // Row r of the concatenation is sample order[r]; invert to sample order.
+    let mut inverse = vec![0u32; n];
+    for (r, &i) in order.iter().enumerate() {
+        inverse[i as usize] = r as u32;
+    }
+    let inverse = Tensor::new(inverse.as_slice(), device)?;
+    let gather = |get: fn(&McStats) -> &Tensor| -> Result<Tensor> {
+        let all = Tensor::cat(&parts.iter().map(get).collect::<Vec<_>>(), 0)?;
+        Ok(all.index_select(&inverse, 0)?)
+    };
+    Ok(McStats {
+        mean_probs: gather(|s| &s.mean_probs)?,
+        logit_sum_var: gather(|s| &s.logit_sum_var)?,
+        label_prob_var: gather(|s| &s.label_prob_var)?,
+        mean_entropy: gather(|s| &s.mean_entropy)?,
+    })
 }
 
 #[cfg(test)]

@@ -4,19 +4,24 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 /// Parses a device name. `auto` picks CUDA device 0, then Metal, then the CPU, among what this
-/// build supports (`cuda` / `metal` features).
+/// build supports (`cuda` / `metal` features) and this machine has: a CUDA build on a machine
+/// without a GPU (or driver) falls back to the CPU.
 pub fn parse_device(name: &str) -> Result<Device> {
     let name = name.trim().to_ascii_lowercase();
     match name.as_str() {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             if candle_core::utils::cuda_is_available() {
-                Ok(Device::new_cuda(0)?)
-            } else if candle_core::utils::metal_is_available() {
-                Ok(Device::new_metal(0)?)
-            } else {
-                Ok(Device::Cpu)
+                if let Ok(device) = Device::new_cuda(0) {
+                    return Ok(device);
+                }
             }
+            if candle_core::utils::metal_is_available() {
+                if let Ok(device) = Device::new_metal(0) {
+                    return Ok(device);
+                }
+            }
+            Ok(Device::Cpu)
         }
         "metal" => {
             if !candle_core::utils::metal_is_available() {

@@ -180,6 +180,10 @@ struct TrainArgs {
     /// MC-dropout passes.
     #[arg(long, default_value_t = 10)]
     mc_passes: usize,
+    /// 1: score samples with the MC-dropout head trained on them (the reference's); K ≥ 2:
+    /// out of sample, each fold scored by a head trained on the other K − 1.
+    #[arg(long, default_value_t = 1)]
+    cutoff_folds: usize,
     #[arg(long, default_value_t = 15)]
     epochs: usize,
     #[arg(long, default_value_t = 64)]
@@ -761,6 +765,7 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
             cutoff_percentile: args.cutoff_percentile,
             cutoff_action: args.cutoff_action,
             mc_passes: args.mc_passes,
+            cutoff_folds: args.cutoff_folds,
             filter_by: args.filter_by,
             folds: args.folds,
         },

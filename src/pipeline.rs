@@ -125,6 +125,10 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
         cfg.cleanse.mc_passes >= 2,
         "--mc-passes must be 2 or more (variances need two passes)"
     );
+    ensure!(
+        cfg.cleanse.cutoff_folds >= 1,
+        "--cutoff-folds must be 1 (in sample) or more"
+    );
     if cfg.cleanse.method == Method::Cleanlab {
         ensure!(
             cfg.cleanse.folds >= 2,
@@ -423,6 +427,7 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         "cutoff_percentile": match cfg.cleanse.cutoff_percentile { Percentile::Auto => json!("auto"), Percentile::Fixed(p) => json!(p) },
         "cutoff_action": cfg.cleanse.cutoff_action.name(),
         "mc_passes": cfg.cleanse.mc_passes,
+        "cutoff_folds": cfg.cleanse.cutoff_folds,
         "filter_by": cfg.cleanse.filter_by.name(),
         "folds": cfg.cleanse.folds,
         "finetune": cfg.finetune.name(),

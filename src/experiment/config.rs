@@ -106,6 +106,13 @@ pub struct GridTable {
     pub cutoff_action: Vec<String>,
     #[serde(default = "default_filter")]
     pub filter_by: Vec<String>,
+    /// Folds of the out-of-sample cut-off (1: in sample, the reference's).
+    #[serde(default = "default_cutoff_folds")]
+    pub cutoff_folds: Vec<usize>,
+}
+
+fn default_cutoff_folds() -> Vec<usize> {
+    vec![1]
 }
 
 fn default_sampling() -> Vec<String> {
@@ -136,6 +143,8 @@ pub struct Cell {
     pub ratio: Option<f64>,
     pub cutoff: Option<(Score, Percentile, Action)>,
     pub filter_by: Option<FilterBy>,
+    /// Folds of the cut-off's scoring heads (bccp only).
+    pub cutoff_folds: Option<usize>,
     /// `None`: the clean labels (ground truth).
     pub user_accuracy: Option<f64>,
 }
@@ -156,7 +165,16 @@ impl Cell {
             (Method::None, None) => "clean labels".to_owned(),
             (Method::Bccp, _) => match self.cutoff {
                 Some((score, p, a)) => {
-                    format!("bccp({},{},{})", score.name(), percentile_name(p), a.name())
+                    let folds = match self.cutoff_folds {
+                        Some(k) if k > 1 => format!(",{k}-fold"),
+                        _ => String::new(),
+                    };
+                    format!(
+                        "bccp({},{},{}{folds})",
+                        score.name(),
+                        percentile_name(p),
+                        a.name()
+                    )
                 }
                 None => "bccp".into(),
             },
@@ -252,6 +270,7 @@ impl ExperimentFile {
                 ratio: None,
                 cutoff: None,
                 filter_by: None,
+                cutoff_folds: None,
                 user_accuracy: None,
             });
         }
@@ -265,6 +284,14 @@ impl ExperimentFile {
                 parse_all(&table.cutoff_percentile, &at("cutoff_percentile"))?;
             let actions: Vec<Action> = parse_all(&table.cutoff_action, &at("cutoff_action"))?;
             let filters: Vec<FilterBy> = parse_all(&table.filter_by, &at("filter_by"))?;
+            ensure!(
+                !table.cutoff_folds.is_empty(),
+                "{} is empty",
+                at("cutoff_folds")
+            );
+            if let Some(&k) = table.cutoff_folds.iter().find(|&&k| k == 0) {
+                bail!("{} {k}: 1 (in sample) or more", at("cutoff_folds"));
+            }
             if samplings.iter().any(|&s| s != Sampling::None) && table.ratio.is_empty() {
                 bail!("{}: replay needs ratio = [...]", at("sampling"));
             }
@@ -287,7 +314,9 @@ impl ExperimentFile {
                             for &score in &scores {
                                 for &percentile in &percentiles {
                                     for &action in &actions {
-                                        for &filter in &filters {
+                                        for (&filter, &folds) in filters.iter().flat_map(|f| {
+                                            table.cutoff_folds.iter().map(move |k| (f, k))
+                                        }) {
                                             for &ua in &self.user_accuracy {
                                                 let replay = sampling != Sampling::None;
                                                 let pairs = replay && sampling != Sampling::Random;
@@ -300,6 +329,8 @@ impl ExperimentFile {
                                                         .then_some((score, percentile, action)),
                                                     filter_by: (method == Method::Cleanlab)
                                                         .then_some(filter),
+                                                    cutoff_folds: (method == Method::Bccp)
+                                                        .then_some(folds),
                                                     user_accuracy: Some(ua),
                                                 });
                                             }

@@ -72,6 +72,7 @@ fn run_config(file: &ExperimentFile, cell: &Cell, seed: u64, out: &Path) -> Resu
             cutoff_percentile: percentile,
             cutoff_action: action,
             mc_passes: file.train.mc_passes,
+            cutoff_folds: cell.cutoff_folds.unwrap_or(1),
             filter_by: cell.filter_by.unwrap_or_default(),
             folds: file.train.folds,
         },
