@@ -244,6 +244,52 @@ fn out_of_sample_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
+    use candle_core::Device;
+
+    /// Random features with random labels: in sample the MC head has memorised every label
+    /// (mean probability of the given label high); out of sample it is near chance.
+    #[test]
+    fn out_of_sample_cutoff_stats_cannot_memorise() {
+        let (n, dim, classes) = (200, 256, 10);
+        let mut rng = Rng::new(5);
+        let x: Vec<f32> = (0..n * dim).map(|_| rng.unit_f64() as f32 - 0.5).collect();
+        let given: Vec<u32> = (0..n).map(|_| rng.below(classes as u64) as u32).collect();
+        let features = Tensor::from_vec(x, (n, dim), &Device::Cpu).unwrap();
+        let train = TrainConfig {
+            epochs: 60,
+            batch_size: 16,
+            lr: 1e-2,
+            dropout: 0.5,
+            ..Default::default()
+        };
+        let cfg = CleanseConfig {
+            method: Method::Bccp,
+            cutoff_score: Score::LabelProbMean,
+            cutoff_percentile: Percentile::Fixed(90.0),
+            cutoff_action: Action::Drop,
+            mc_passes: 4,
+            cutoff_folds: 5,
+            filter_by: FilterBy::default(),
+            folds: 5,
+        };
+        let hidden = Progress::hidden();
+        let label_prob = |stats: &McStats| -> f32 {
+            let p = stats.mean_probs.to_vec2::<f32>().unwrap();
+            p.iter()
+                .zip(&given)
+                .map(|(row, &l)| row[l as usize])
+                .sum::<f32>()
+                / n as f32
+        };
+        let oos = out_of_sample_stats(&features, &given, classes, &cfg, &train, &hidden).unwrap();
+        assert_eq!(oos.mean_probs.dims(), &[n, classes]);
+        let head = train_head(&features, &given, classes, &train, &hidden).unwrap();
+        let ins = cutoff::mc_stats(&head, &features, &given, 4, 0.5, 1).unwrap();
+        let (p_oos, p_ins) = (label_prob(&oos), label_prob(&ins));
+        assert!(p_ins > 0.5, "in sample, mean p(given label) {p_ins}");
+        assert!(p_oos < 0.2, "out of sample, mean p(given label) {p_oos}");
+    }
 
     #[test]
     fn names_round_trip_and_unknown_names_list_the_valid_ones() {
