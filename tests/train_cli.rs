@@ -48,6 +48,45 @@ fn metrics(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap()
 }
 
+/// Runs `bccp predict --model model` on 20 Monday images (the first ones, or those with `ids`)
+/// and counts the right answers.
+fn predicted_right(days: &Path, runs: &Path, model: &str, ids: Option<&[u64]>) -> usize {
+    let manifest = std::fs::read_to_string(days.join("monday.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = manifest
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| ids.is_none_or(|ids| ids.contains(&r["id"].as_u64().unwrap())))
+        .take(20)
+        .collect();
+    let images: Vec<String> = records
+        .iter()
+        .map(|r| {
+            days.join(r["image_path"].as_str().unwrap())
+                .display()
+                .to_string()
+        })
+        .collect();
+    let mut args = vec![
+        "predict",
+        "--model",
+        model,
+        "--runs-dir",
+        runs.to_str().unwrap(),
+    ];
+    args.extend(images.iter().map(String::as_str));
+    let out = success(&bccp(&args));
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(days.join("dataset.json")).unwrap()).unwrap();
+    let classes: Vec<String> = serde_json::from_value(info["classes"].clone()).unwrap();
+    out.lines()
+        .zip(&records)
+        .filter(|(line, r)| {
+            line.split('\t').nth(1)
+                == Some(classes[r["target"].as_u64().unwrap() as usize].as_str())
+        })
+        .count()
+}
+
 #[test]
 fn monday_probe_tuesday_cutoff_predict_and_registry() {
     let tmp = tempfile::tempdir().unwrap();
@@ -147,45 +186,9 @@ fn monday_probe_tuesday_cutoff_predict_and_registry() {
         "the reference's score should be near chance, AUC {reference}"
     );
 
-    // Predict with the registered Monday run on its training images: mostly right.
-    let manifest = std::fs::read_to_string(days.join("monday.jsonl")).unwrap();
-    let records: Vec<serde_json::Value> = manifest
-        .lines()
-        .take(20)
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let images: Vec<String> = records
-        .iter()
-        .map(|r| {
-            days.join(r["image_path"].as_str().unwrap())
-                .display()
-                .to_string()
-        })
-        .collect();
-    let mut args = vec![
-        "predict",
-        "--model",
-        "mon:1",
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ];
-    args.extend(images.iter().map(String::as_str));
-    let out = success(&bccp(&args));
-    let classes: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(days.join("dataset.json")).unwrap())
-            .map(|v: serde_json::Value| serde_json::from_value(v["classes"].clone()).unwrap())
-            .unwrap();
-    let right = out
-        .lines()
-        .zip(&records)
-        .filter(|(line, r)| {
-            line.split('\t').nth(1)
-                == Some(classes[r["target"].as_u64().unwrap() as usize].as_str())
-        })
-        .count();
-    assert!(right >= 16, "{right}/20 right:\n{out}");
+    // Predict with the registered Monday run on its first training images: mostly right.
+    let right = predicted_right(&days, &runs, "mon:1", None);
+    assert!(right >= 16, "{right}/20 right");
 
     let listing = success(&bccp(&["runs", "--runs-dir", runs.to_str().unwrap()]));
     assert!(
@@ -231,55 +234,37 @@ fn full_finetune_trains_the_backbone_and_predict_uses_it() {
     let tuned =
         candle_core::safetensors::load(run.join("model.safetensors"), &candle_core::Device::Cpu)
             .unwrap();
-    let pretrained = candle_core::safetensors::load(
-        asset("weights/mobilenet_v2.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let key = "features.18.0.weight";
-    let (a, b) = (&tuned[&format!("backbone.{key}")], &pretrained[key]);
-    assert_eq!(a.dims(), b.dims());
+    let spec = bccp::backbone::zoo::find("mobilenet_v2").unwrap();
+    let pretrained: std::collections::HashMap<String, candle_core::Tensor> =
+        bccp::backbone::Backbone::load(
+            &spec,
+            &asset("weights/mobilenet_v2.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .export_tuned()
+        .unwrap()
+        .into_iter()
+        .collect();
+    let key = "backbone.features.18.0.weight";
+    let moved: f32 = (&tuned[key] - &pretrained[key])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(moved > 0.0, "the last convolution did not change");
     assert!(tuned.contains_key("head.weight"));
     assert!(tuned.keys().filter(|k| k.starts_with("backbone.")).count() > 200);
 
     // Predict reads the tuned backbone: its training images come out mostly right.
-    let manifest = std::fs::read_to_string(days.join("monday.jsonl")).unwrap();
     let split: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).unwrap()).unwrap();
     let train_ids: Vec<u64> = serde_json::from_value(split["monday_train"].clone()).unwrap();
-    let records: Vec<serde_json::Value> = manifest
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| train_ids[..20].contains(&r["id"].as_u64().unwrap()))
-        .collect();
-    let images: Vec<String> = records
-        .iter()
-        .map(|r| {
-            days.join(r["image_path"].as_str().unwrap())
-                .display()
-                .to_string()
-        })
-        .collect();
-    let mut args = vec![
-        "predict",
-        "--model",
-        "full",
-        "--runs-dir",
-        runs.to_str().unwrap(),
-    ];
-    args.extend(images.iter().map(String::as_str));
-    let out = success(&bccp(&args));
-    let classes: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(run.join("labels.json")).unwrap()).unwrap();
-    let right = out
-        .lines()
-        .zip(&records)
-        .filter(|(line, r)| {
-            line.split('\t').nth(1)
-                == Some(classes[r["target"].as_u64().unwrap() as usize].as_str())
-        })
-        .count();
-    assert!(right >= 15, "{right}/20 right:\n{out}");
+    let right = predicted_right(&days, &runs, "full", Some(&train_ids[..20]));
+    assert!(right >= 15, "{right}/20 right");
 }
 
 #[test]
