@@ -150,11 +150,12 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
     }
     let spec = zoo::find(&cfg.backbone)?;
     if cfg.finetune == Finetune::Full {
-        ensure!(
-            Backbone::can_finetune(spec.architecture),
-            "--finetune full is not supported for --backbone {} yet; use mobilenet_v2 or efficientnet_lite0, or --finetune head",
-            spec.name
-        );
+        if let Some(why) = Backbone::finetune_blocker(spec.architecture) {
+            bail!(
+                "--finetune full is not supported for --backbone {} yet: {why}; use mobilenet_v2 or efficientnet_lite0, or --finetune head",
+                spec.name
+            );
+        }
         ensure!(
             cfg.backbone_lr > 0.0 && cfg.backbone_lr.is_finite(),
             "--backbone-lr must be a positive number"
@@ -337,13 +338,14 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
             None,
         ),
         Finetune::Full => {
-            let mut model = Backbone::load(&spec, &weights, &cfg.device)?;
+            let (model, vars) = Backbone::load_trainable(&spec, &weights, &cfg.device)?;
             let kept_files: Vec<PathBuf> = keep_idx
                 .iter()
                 .map(|&i| train_files[i as usize].clone())
                 .collect();
             let head = finetune(
-                &mut model,
+                &model,
+                vars,
                 &kept_files,
                 &y_final,
                 classes.len(),

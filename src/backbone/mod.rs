@@ -110,12 +110,19 @@ impl Backbone {
         })
     }
 
-    /// Whether `--finetune full` can train this architecture.
-    pub fn can_finetune(arch: Architecture) -> bool {
-        matches!(
-            arch,
-            Architecture::MobilenetV2 | Architecture::EfficientnetLite0
-        )
+    /// Why `--finetune full` cannot train an architecture yet, if it cannot.
+    pub fn finetune_blocker(arch: Architecture) -> Option<&'static str> {
+        match arch {
+            Architecture::MobilenetV2 | Architecture::EfficientnetLite0 => None,
+            Architecture::Resnet18 | Architecture::Resnet34 | Architecture::Resnet50 => {
+                Some("candle has no backward pass for its 3×3 stride-2 max-pool")
+            }
+            Architecture::VitBasePatch16_224
+            | Architecture::ClipVitB32
+            | Architecture::Dinov2Small => Some(
+                "candle-nn's fused layer-norm has no backward pass, so no gradient would reach the layers below it",
+            ),
+        }
     }
 
     fn trunk(&self) -> Option<&Trunk> {
@@ -126,20 +133,27 @@ impl Backbone {
         }
     }
 
-    /// Makes the backbone's parameters trainable and returns them (batch-norm statistics stay
-    /// frozen). Only the convolutional backbones written here support it.
-    pub fn make_trainable(&mut self) -> Result<Vec<Var>> {
-        let name = self.spec.name.clone();
-        let trunk = match &mut self.network {
-            Network::MobileNetV2(m) => m.trunk_mut(),
-            Network::EfficientNetLite(m) => m.trunk_mut(),
-            _ => anyhow::bail!(
-                "--finetune full is not supported for {name} yet (only mobilenet_v2 and efficientnet_lite0)"
-            ),
-        };
+    /// Loads `spec`'s network with trainable parameters and returns them: the folded
+    /// convolutions of the backbones written here (batch-norm statistics frozen).
+    pub fn load_trainable(
+        spec: &BackboneSpec,
+        weights: &Path,
+        device: &Device,
+    ) -> Result<(Self, Vec<Var>)> {
+        if let Some(why) = Self::finetune_blocker(spec.architecture) {
+            anyhow::bail!(
+                "--finetune full is not supported for {} yet: {why}",
+                spec.name
+            );
+        }
+        let mut model = Self::load(spec, weights, device)?;
         let mut vars = Vec::new();
-        trunk.make_trainable(&mut vars)?;
-        Ok(vars)
+        match &mut model.network {
+            Network::MobileNetV2(m) => m.trunk_mut().make_trainable(&mut vars)?,
+            Network::EfficientNetLite(m) => m.trunk_mut().make_trainable(&mut vars)?,
+            _ => unreachable!("finetune_blocker lets only these through"),
+        }
+        Ok((model, vars))
     }
 
     /// The backbone's parameters in checkpoint layout, names prefixed with [`TUNED_PREFIX`].

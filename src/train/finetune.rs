@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use anyhow::{ensure, Result};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor, Var};
 use candle_nn::Optimizer;
 
 use super::{adam, dropout_mask, init_head, Head, TrainConfig};
@@ -45,12 +45,14 @@ impl FromStr for Finetune {
     }
 }
 
-/// Fine-tunes `backbone` (made trainable here) and trains a fresh head on the images `files`
-/// with `labels`. The head learns at `cfg.lr`, the backbone at `backbone_lr`; both decay by
-/// `cfg.lr_decay` per epoch. `progress` advances once per batch.
+/// Fine-tunes `backbone` (its trainable `backbone_vars`, from [`Backbone::load_trainable`]) and
+/// trains a fresh head on the images `files` with `labels`. The head learns at `cfg.lr`, the
+/// backbone at `backbone_lr`; both decay by `cfg.lr_decay` per epoch. `progress` advances once
+/// per batch.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
-    backbone: &mut Backbone,
+    backbone: &Backbone,
+    backbone_vars: Vec<Var>,
     files: &[PathBuf],
     labels: &[u32],
     classes: usize,
@@ -71,7 +73,7 @@ pub fn finetune(
         anyhow::bail!("label {bad} is not below the number of classes {classes}");
     }
     let dim = backbone.spec().embedding_dim;
-    let mut backbone_opt = adam(backbone.make_trainable()?, backbone_lr)?;
+    let mut backbone_opt = adam(backbone_vars, backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
     let mut head_opt = adam(head_vars, cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
