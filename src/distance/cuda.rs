@@ -3,6 +3,12 @@
 //! (cuBLAS through candle), then the fused top-k epilogue kernel; tiles are merged on the host
 //! (Q × k values per tile). Returns `None` where the kernels do not apply (k > 16, or an L1
 //! query block that does not fit in shared memory); the caller then uses the generic path.
+//!
+//! Precision: the L2 / cosine GEMMs run in TF32 on the tensor cores (10-bit mantissa). They
+//! only pre-select `k + RERANK` candidates per query; those are re-ranked by their exact f32
+//! values on the host, so results equal an f32 search unless the true k-th neighbour is beaten
+//! by more than `RERANK` others within TF32's rounding. Only the queries and the chosen
+//! candidates are read back: the inputs are checked (finite, non-zero for cosine) on the device.
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg,
@@ -11,7 +17,7 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Storage, Tensor, D};
 
 use super::topk::RunningTopK;
-use super::{Metric, Search};
+use super::{finish, validate_sizes, DistanceError, Metric, Neighbors, Search};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/distance.ptx"));
 const MODULE: &str = "bccp_distance";
@@ -21,6 +27,8 @@ const THREADS: u32 = 256;
 const SHARED_LIMIT: usize = 48 * 1024;
 /// Candidate columns per GEMM tile.
 const TILE: usize = 16_384;
+/// Extra candidates the TF32 GEMM pre-selects per query for the exact re-ranking.
+const RERANK: usize = 8;
 
 fn device_of(t: &Tensor) -> candle_core::Result<CudaDevice> {
     match t.device() {
@@ -79,18 +87,114 @@ fn shared_bytes(floats: usize, k: usize) -> usize {
     4 * (floats + keys + keys % 2) + 8 * keys
 }
 
-/// Top-k keys and indices [Q × k] on the host, or `None` when the kernels do not apply.
-pub fn search(
+/// `a · b` with cuBLAS allowed to use TF32 tensor cores (candle's process-wide switch, set
+/// for this call and restored).
+fn tf32_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let before = candle_core::cuda_backend::gemm_reduced_precision_f32();
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
+    let product = a.matmul(b);
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(before);
+    product
+}
+
+/// The first row of `t` [rows, dim] holding a non-finite value (or, when `nonzero`, only
+/// zeros), found on the device; only one flag per row is read back.
+fn first_bad_row(t: &Tensor, nonzero: bool) -> candle_core::Result<(Option<usize>, Option<usize>)> {
+    let t = t.to_dtype(DType::F32)?;
+    // 0·x is 0 for finite x and NaN otherwise; a row sum of NaN is not equal to itself.
+    let z = (&t * 0.0)?.sum(D::Minus1)?;
+    let bad: Vec<u8> = z.ne(&z)?.to_vec1()?;
+    let zero = if nonzero {
+        let norms: Vec<u8> = t.sqr()?.sum(D::Minus1)?.eq(0f32)?.to_vec1()?;
+        norms.iter().position(|&b| b != 0)
+    } else {
+        None
+    };
+    Ok((bad.iter().position(|&b| b != 0), zero))
+}
+
+/// The whole CUDA search: the checks of `validate` (on the device), the kernels, then the
+/// exact f32 values of the chosen pairs, re-ranked. `None` when the kernels do not apply.
+pub fn search_checked(
     queries: &Tensor,
     candidates: &Tensor,
     s: &Search,
-) -> anyhow::Result<Option<(Vec<f32>, Vec<i64>)>> {
+) -> anyhow::Result<Option<Neighbors>> {
     let (nq, dim) = queries.dims2()?;
     let (nc, _) = candidates.dims2()?;
+    validate_sizes(nq, nc, s)?;
+    for (t, what) in [(queries, "queries"), (candidates, "candidates")] {
+        match first_bad_row(t, s.metric == Metric::Cosine)? {
+            (Some(row), _) => return Err(DistanceError::NonFinite { what, row }.into()),
+            (None, Some(row)) => return Err(DistanceError::ZeroNorm { what, row }.into()),
+            _ => {}
+        }
+    }
+    let Some((picked, indices)) = search(queries, candidates, s)? else {
+        return Ok(None);
+    };
+    // Exact values: the queries and only the picked candidate rows come to the host.
+    let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+        t.to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    };
+    let q = host(queries)?;
+    let rows: Vec<u32> = indices.iter().map(|&i| i.max(0) as u32).collect();
+    let rows_t = Tensor::new(rows.as_slice(), queries.device())?;
+    let gathered = host(&candidates.index_select(&rows_t, 0)?)?;
+    // `finish` over the gathered rows: slot j's candidate is gathered row j.
+    let slots: Vec<i64> = indices
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| if i < 0 { -1 } else { j as i64 })
+        .collect();
+    let exact = finish(&q, &gathered, dim, s.metric, picked, slots);
+    // Re-rank each query's picked candidates by exact value (ties to the lower index), keep k.
     let k = s.k;
-    if k > MAX_K {
+    let mut out = Neighbors {
+        k,
+        indices: Vec::with_capacity(nq * k),
+        values: Vec::with_capacity(nq * k),
+    };
+    for qi in 0..nq {
+        let mut cands: Vec<(f32, i64)> = (0..picked)
+            .map(|j| qi * picked + j)
+            .filter(|&slot| indices[slot] >= 0)
+            .map(|slot| (exact.values[slot], indices[slot]))
+            .collect();
+        let key = |v: f32| if s.metric == Metric::Cosine { -v } else { v };
+        cands.sort_by(|a, b| key(a.0).total_cmp(&key(b.0)).then(a.1.cmp(&b.1)));
+        cands.dedup_by_key(|c| c.1);
+        for j in 0..k {
+            let (v, i) = cands
+                .get(j)
+                .copied()
+                .unwrap_or((s.metric.empty_value(), -1));
+            out.indices.push(i);
+            out.values.push(v);
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Per query, how many candidates the kernels return (`k`, or `k + RERANK` for the TF32
+/// GEMMs), with their keys and indices on the host; `None` when the kernels do not apply.
+fn search(
+    queries: &Tensor,
+    candidates: &Tensor,
+    s: &Search,
+) -> anyhow::Result<Option<(usize, Vec<i64>)>> {
+    let (nq, dim) = queries.dims2()?;
+    let (nc, _) = candidates.dims2()?;
+    if s.k > MAX_K {
         return Ok(None);
     }
+    let k = match s.metric {
+        Metric::L1 => s.k,
+        Metric::L2 | Metric::Cosine => (s.k + RERANK).min(MAX_K).min(nc),
+    };
     let dev = device_of(queries)?;
     let classes = match s.other_class {
         Some((qc, cc)) => Some((dev.clone_htod(qc)?, dev.clone_htod(cc)?)),
@@ -126,7 +230,8 @@ pub fn search(
                     Ok(())
                 })
             })?;
-            Ok(Some((dev.clone_dtoh(&keys)?, dev.clone_dtoh(&idx)?)))
+            drop(keys);
+            Ok(Some((k, dev.clone_dtoh(&idx)?)))
         }
         Metric::L2 | Metric::Cosine => {
             let normalise = |t: &Tensor| -> candle_core::Result<Tensor> {
@@ -150,7 +255,7 @@ pub fn search(
                 .collect();
             for c0 in (0..nc).step_by(TILE) {
                 let cn = TILE.min(nc - c0);
-                let dots = q.matmul(&c.narrow(0, c0, cn)?.t()?)?.contiguous()?;
+                let dots = tf32_matmul(&q, &c.narrow(0, c0, cn)?.t()?)?.contiguous()?;
                 let mut keys = dev.alloc_zeros::<f32>(nq * k)?;
                 let mut idx = dev.alloc_zeros::<i64>(nq * k)?;
                 with_slice(&dots, |ds| {
@@ -182,7 +287,8 @@ pub fn search(
                 }
             }
             drop(tops);
-            Ok(Some((all_keys, all_idx)))
+            drop(all_keys);
+            Ok(Some((k, all_idx)))
         }
     }
 }

@@ -162,6 +162,13 @@ fn validate(
 ) -> Result<(), DistanceError> {
     let nc = candidates.len() / dim.max(1);
     let nq = queries.len() / dim.max(1);
+    validate_sizes(nq, nc, s)?;
+    check_matrix(queries, dim, "queries", s.metric)?;
+    check_matrix(candidates, dim, "candidates", s.metric)
+}
+
+/// The checks of [`validate`] that need only the sizes: k, and the class arrays' lengths.
+fn validate_sizes(nq: usize, nc: usize, s: &Search) -> Result<(), DistanceError> {
     if s.k == 0 {
         return Err(DistanceError::KZero);
     }
@@ -187,12 +194,11 @@ fn validate(
             });
         }
     }
-    check_matrix(queries, dim, "queries", s.metric)?;
-    check_matrix(candidates, dim, "candidates", s.metric)
+    Ok(())
 }
 
 /// Replaces search keys by exact metric values of the chosen pairs.
-fn finish(
+pub(crate) fn finish(
     queries: &[f32],
     candidates: &[f32],
     dim: usize,
@@ -286,11 +292,8 @@ pub fn search(queries: &Tensor, candidates: &Tensor, s: &Search) -> anyhow::Resu
     }
     #[cfg(feature = "cuda")]
     if queries.device().is_cuda() {
-        let (q, _, d) = host_matrix(queries, "queries")?;
-        let (c, _, _) = host_matrix(candidates, "candidates")?;
-        validate(&q, &c, d, s)?;
-        if let Some((_, indices)) = cuda::search(queries, candidates, s)? {
-            return Ok(finish(&q, &c, d, s.metric, s.k, indices));
+        if let Some(found) = cuda::search_checked(queries, candidates, s)? {
+            return Ok(found);
         }
     }
     generic::search(queries, candidates, s)
