@@ -14,16 +14,7 @@ fn load(name: &str, weights: &str) -> Backbone {
 
 /// max |a − b| / max |b| over all elements.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    diff / scale
+    common::rel_diff(a, b, 0.0)
 }
 
 #[test]

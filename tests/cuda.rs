@@ -2,10 +2,13 @@
 //! see the GPU issue's `scripts/gpu-check.sh`). Without a usable device these tests fail.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use bccp::distance::{search, search_host, Metric, Search};
 use bccp::ops::{depthwise_conv2d, DepthwiseParams};
 use bccp::rng::Rng;
 use candle_core::{Device, Tensor, Var};
+use common::{max_abs_diff, rel_diff};
 
 fn gpu() -> Device {
     // BCCP_CUDA_TESTS_DEVICE=cpu runs everything on the CPU instead: a logic check of the tests
@@ -81,16 +84,7 @@ fn depthwise_matches_cpu_forward_and_backward() {
         let y_cpu = depthwise_conv2d(cpu_x.as_tensor(), cpu_w.as_tensor(), p).unwrap();
         let y_gpu = depthwise_conv2d(gpu_x.as_tensor(), gpu_w.as_tensor(), p).unwrap();
         let probe = Tensor::randn(0f32, 1., y_cpu.dims(), &Device::Cpu).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a.to_device(&Device::Cpu).unwrap() - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = |a: &Tensor, b: &Tensor| -> f32 { max_abs_diff(a, b) };
         assert!(diff(&y_gpu, &y_cpu) < 1e-4);
         let g_cpu = (y_cpu * &probe)
             .unwrap()
@@ -117,22 +111,6 @@ fn depthwise_matches_cpu_forward_and_backward() {
             ) < 1e-3
         );
     }
-}
-
-/// max |a − b| / max(max |b|, floor) over all elements (`a` may live on the GPU).
-fn rel_diff(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
-    let a = a.to_device(&Device::Cpu).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap();
-    let diff: f32 = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    diff / scale.max(floor)
 }
 
 /// A random linear head over `f` features and `c` classes on `dev`.

@@ -107,14 +107,7 @@ fn embeds_in_order_and_caches() {
         .embed(&one.to_tensor(&pre, &Device::Cpu).unwrap())
         .unwrap();
     let stored = set.embeddings.get(2).unwrap().unsqueeze(0).unwrap();
-    let diff: f32 = (direct - stored)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = common::max_abs_diff(&direct, &stored);
     assert!(diff < 1e-4, "{diff}");
 }
 

@@ -247,14 +247,7 @@ fn full_finetune_trains_the_backbone_and_predict_uses_it() {
         .into_iter()
         .collect();
     let key = "backbone.features.18.0.weight";
-    let moved: f32 = (&tuned[key] - &pretrained[key])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let moved = common::max_abs_diff(&tuned[key], &pretrained[key]);
     assert!(moved > 0.0, "the last convolution did not change");
     assert!(tuned.contains_key("head.weight"));
     assert!(tuned.keys().filter(|k| k.starts_with("backbone.")).count() > 200);
