@@ -97,6 +97,17 @@ pub fn dataset_report(
     Ok((records, summary))
 }
 
+/// Where the per-class summary of a report goes: `REPORT.summary.json` beside it.
+pub fn summary_path(report: &Path) -> std::path::PathBuf {
+    report.with_extension("summary.json")
+}
+
+/// Writes the per-class summary as pretty JSON, atomically.
+pub fn write_summary(path: &Path, summary: &[ClassSummary]) -> Result<()> {
+    let text = serde_json::to_string_pretty(summary)? + "\n";
+    write_atomic(path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Writes `records` as JSON Lines, atomically.
 pub fn write_jsonl(path: &Path, records: &[IssueRecord]) -> Result<()> {
     let mut out = Vec::new();

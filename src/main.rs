@@ -1015,18 +1015,21 @@ fn run_label_issues(args: LabelIssuesArgs, quiet: bool) -> Result<()> {
         args.filter_by,
     )?;
     write_jsonl(&args.out, &records)?;
+    let summary_file = bccp::label_issues::summary_path(&args.out);
+    bccp::label_issues::write_summary(&summary_file, &summary)?;
     println!("| class | samples | issues |\n|---|---:|---:|");
     for c in &summary {
         println!("| {} | {} | {} |", c.class, c.samples, c.issues);
     }
     let issues: usize = summary.iter().map(|c| c.issues).sum();
     println!(
-        "\n{issues} of {} samples flagged ({}, {}-fold probabilities of a linear head on {} features); wrote {}",
+        "\n{issues} of {} samples flagged ({}, {}-fold probabilities of a linear head on {} features); wrote {} and {}",
         records.len(),
         args.filter_by.name(),
         args.folds,
         spec.name,
-        args.out.display()
+        args.out.display(),
+        summary_file.display()
     );
     Ok(())
 }

@@ -219,6 +219,21 @@ fn label_issues_on_a_dataset_report_and_npy_mask() {
         "{found} of {} flagged are planted",
         flagged.len()
     );
+    // The per-class summary beside the report adds up to the flagged samples.
+    let summary: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("issues.summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary.len(), 3);
+    let issues: u64 = summary.iter().map(|c| c["issues"].as_u64().unwrap()).sum();
+    assert_eq!(issues as usize, flagged.len());
+    assert_eq!(
+        summary
+            .iter()
+            .map(|c| c["samples"].as_u64().unwrap())
+            .sum::<u64>(),
+        300
+    );
     let sneaker_as_pullover = flagged
         .iter()
         .filter(|r| r["given_label"] == "pullover" && r["suggested_label"] == "sneaker")
