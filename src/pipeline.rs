@@ -13,7 +13,7 @@ use crate::backbone::embed::{embed_images, EmbedOptions, ImageList};
 use crate::backbone::{cache, resolve_weights, zoo, Backbone};
 use crate::cleanse::{cleanse, CleanseConfig, Method};
 use crate::cutoff::Percentile;
-use crate::data::{read_manifest, user_feedback_labels, Day, Record};
+use crate::data::{read_manifest, user_feedback_labels, Day, Preprocess, Record};
 use crate::progress::Progress;
 use crate::registry;
 use crate::rng::Rng;
@@ -169,29 +169,43 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// Runs the whole pipeline and registers the result; `progress` shows each stage.
-pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
-    validate(cfg)?;
-    let mut seconds = BTreeMap::new();
+/// What every run on the same data shares: the day splits, the backbone and the embeddings
+/// of every image (in the order Monday train, Monday test, Tuesday train, Tuesday test).
+pub struct Embedded {
+    pub classes: Vec<String>,
+    pub mon_train: Vec<Record>,
+    pub mon_test: Vec<Record>,
+    pub tue_train: Vec<Record>,
+    pub tue_test: Vec<Record>,
+    pub spec: zoo::BackboneSpec,
+    pub pre: Preprocess,
+    pub weights: PathBuf,
+    pub weights_sha: String,
+    pub monday_manifest_sha: String,
+    pub tuesday_manifest_sha: Option<String>,
+    /// `[all images, D]` on the run's device.
+    pub features: Tensor,
+    pub seconds: f64,
+}
+
+fn manifest_sha(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(cache::hex(&cache::sha256(&bytes)))
+}
+
+/// Splits the days and embeds every image `cfg` needs (cached). Depends only on the dataset,
+/// `monday_num` / `tuesday_num`, the target day, the backbone, its weights and the input size.
+pub fn embed_stage(cfg: &RunConfig, progress: &Progress) -> Result<Embedded> {
     let started = Instant::now();
     let info = crate::data::prepare::read_dataset_info(&cfg.dataset)?;
-    let classes = info.classes.clone();
-    let (mon_train, mon_test) = split_day(
-        read_manifest(&cfg.dataset.join("monday.jsonl"))?,
-        cfg.monday_num,
-        0,
-    );
+    let monday = cfg.dataset.join("monday.jsonl");
+    let tuesday = cfg.dataset.join("tuesday.jsonl");
+    let (mon_train, mon_test) = split_day(read_manifest(&monday)?, cfg.monday_num, 0);
     let (tue_train, tue_test) = if cfg.target_day == Day::Tuesday {
-        split_day(
-            read_manifest(&cfg.dataset.join("tuesday.jsonl"))?,
-            cfg.tuesday_num,
-            1,
-        )
+        split_day(read_manifest(&tuesday)?, cfg.tuesday_num, 1)
     } else {
         (Vec::new(), Vec::new())
     };
-
-    // Embeddings of every image the run needs (cached).
     let spec = zoo::find(&cfg.backbone)?;
     let mut pre = spec.preprocess();
     if let Some(size) = cfg.image_size {
@@ -207,7 +221,7 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         .chain(&tue_test)
         .cloned()
         .collect();
-    let list = image_list(&cfg.dataset, &all, &classes);
+    let list = image_list(&cfg.dataset, &all, &info.classes);
     let opts = EmbedOptions {
         batch: 64,
         device: &cfg.device,
@@ -224,10 +238,43 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         || Backbone::load(&spec, &weights, &cfg.device),
         &opts,
     )?;
-    let features = set.embeddings.to_device(&cfg.device)?;
+    Ok(Embedded {
+        classes: info.classes,
+        features: set.embeddings.to_device(&cfg.device)?,
+        monday_manifest_sha: manifest_sha(&monday)?,
+        tuesday_manifest_sha: manifest_sha(&tuesday).ok(),
+        mon_train,
+        mon_test,
+        tue_train,
+        tue_test,
+        spec,
+        pre,
+        weights,
+        weights_sha,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Runs the whole pipeline and registers the result; `progress` shows each stage.
+pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
+    validate(cfg)?;
+    let embedded = embed_stage(cfg, progress)?;
+    run_embedded(cfg, &embedded, progress)
+}
+
+/// The stages after [`embed_stage`]: replay, cleansing, training, evaluation, registration.
+/// `embedded` must come from a configuration with the same data settings as `cfg` (as the
+/// cells of one experiment have), so runs can share it.
+pub fn run_embedded(cfg: &RunConfig, e: &Embedded, progress: &Progress) -> Result<RunOutcome> {
+    validate(cfg)?;
+    let started = Instant::now();
+    let mut seconds = BTreeMap::from([("embed", e.seconds)]);
+    let (classes, spec, pre) = (&e.classes, &e.spec, &e.pre);
+    let (mon_train, mon_test, tue_train, tue_test) =
+        (&e.mon_train, &e.mon_test, &e.tue_train, &e.tue_test);
+    let features = &e.features;
     let (n1, n2, n3) = (mon_train.len(), mon_test.len(), tue_train.len());
     let part = |start: usize, len: usize| features.narrow(0, start, len);
-    seconds.insert("embed", started.elapsed().as_secs_f64());
 
     // Training candidates: Tuesday (labels as users gave them) + replayed Monday images, or
     // Monday alone.
@@ -237,11 +284,11 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         r.iter().map(|x| cfg.dataset.join(&x.image_path)).collect()
     };
     let (mut x_train, mut given, mut true_labels, mut replayed) =
-        (part(0, n1)?, truth(&mon_train), truth(&mon_train), 0usize);
+        (part(0, n1)?, truth(mon_train), truth(mon_train), 0usize);
     // The image of every training row (fine-tuning reads them again).
-    let mut train_files = files(&mon_train);
+    let mut train_files = files(mon_train);
     if cfg.target_day == Day::Tuesday {
-        let t_true = truth(&tue_train);
+        let t_true = truth(tue_train);
         let t_given = match cfg.label {
             LabelSource::GroundTruth => t_true.clone(),
             LabelSource::UserFeedback => {
@@ -274,7 +321,7 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         let idx: Vec<u32> = chosen.iter().map(|s| s.index as u32).collect();
         let replay_x = part(0, n1)?.index_select(&Tensor::new(idx.as_slice(), &cfg.device)?, 0)?;
         x_train = Tensor::cat(&[part(n1 + n2, n3)?, replay_x], 0)?;
-        train_files = files(&tue_train);
+        train_files = files(tue_train);
         train_files.extend(
             idx.iter()
                 .map(|&i| cfg.dataset.join(&mon_train[i as usize].image_path)),
@@ -307,13 +354,12 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         &cfg.train,
         progress,
     )?;
-    if cleansed.scores.is_some() && noisy.iter().any(|&n| n) {
+    // Detection figures for the methods that flag samples, when some labels are wrong.
+    if let (Some(scores), true) = (&cleansed.scores, noisy.contains(&true)) {
         let d = detection(&cleansed.flagged, &noisy);
         metrics.insert("noise_precision".into(), json!(d.precision));
         metrics.insert("noise_recall".into(), json!(d.recall));
         metrics.insert("noise_f1".into(), json!(d.f1));
-    }
-    if let (Some(scores), true) = (&cleansed.scores, noisy.iter().any(|&n| n)) {
         metrics.insert("noise_score_auc".into(), json!(roc_auc(scores, &noisy)));
     }
     if cfg.cleanse.method == Method::Bccp {
@@ -338,7 +384,7 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
             None,
         ),
         Finetune::Full => {
-            let (model, vars) = Backbone::load_trainable(&spec, &weights, &cfg.device)?;
+            let (model, vars) = Backbone::load_trainable(spec, &e.weights, &cfg.device)?;
             let kept_files: Vec<PathBuf> = keep_idx
                 .iter()
                 .map(|&i| train_files[i as usize].clone())
@@ -349,7 +395,7 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
                 &kept_files,
                 &y_final,
                 classes.len(),
-                &pre,
+                pre,
                 &final_cfg,
                 cfg.backbone_lr,
                 &cfg.device,
@@ -366,15 +412,15 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     let test_features = |start: usize, records: &[Record]| -> Result<Tensor> {
         match &tuned {
             None => Ok(part(start, records.len())?),
-            Some(model) => embed_files(model, &files(records), &pre, 64, &cfg.device),
+            Some(model) => embed_files(model, &files(records), pre, 64, &cfg.device),
         }
     };
-    let mon_pred = head.predict(&test_features(n1, &mon_test)?)?;
-    let mon_eval = evaluate(&mon_pred, &truth(&mon_test), classes.len());
+    let mon_pred = head.predict(&test_features(n1, mon_test)?)?;
+    let mon_eval = evaluate(&mon_pred, &truth(mon_test), classes.len());
     let (overall, tue_acc) = if cfg.target_day == Day::Tuesday {
-        let tue_pred = head.predict(&test_features(n1 + n2 + n3, &tue_test)?)?;
-        let tue_eval = evaluate(&tue_pred, &truth(&tue_test), classes.len());
-        let both: Vec<Record> = mon_test.iter().chain(&tue_test).cloned().collect();
+        let tue_pred = head.predict(&test_features(n1 + n2 + n3, tue_test)?)?;
+        let tue_eval = evaluate(&tue_pred, &truth(tue_test), classes.len());
+        let both: Vec<Record> = mon_test.iter().chain(tue_test).cloned().collect();
         let pred: Vec<u32> = [mon_pred, tue_pred].concat();
         (
             evaluate(&pred, &truth(&both), classes.len()),
@@ -402,15 +448,10 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     metrics.insert("seconds".into(), json!(seconds));
     let metrics = serde_json::Value::Object(metrics);
 
-    let manifest_hash = |name: &str| -> Result<String> {
-        let bytes =
-            std::fs::read(cfg.dataset.join(name)).with_context(|| format!("cannot read {name}"))?;
-        Ok(cache::hex(&cache::sha256(&bytes)))
-    };
     let params = json!({
         "dataset": cfg.dataset.display().to_string(),
-        "monday_manifest_sha256": manifest_hash("monday.jsonl")?,
-        "tuesday_manifest_sha256": manifest_hash("tuesday.jsonl").ok(),
+        "monday_manifest_sha256": e.monday_manifest_sha,
+        "tuesday_manifest_sha256": e.tuesday_manifest_sha,
         "target_day": cfg.target_day.as_str(),
         "label": match cfg.label { LabelSource::GroundTruth => "ground_truth", LabelSource::UserFeedback => "user_feedback" },
         "user_accuracy": cfg.user_accuracy,
@@ -422,8 +463,8 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
         "monday_num": cfg.monday_num,
         "tuesday_num": cfg.tuesday_num,
         "backbone": spec.name,
-        "weights": weights.display().to_string(),
-        "weights_sha256": weights_sha,
+        "weights": e.weights.display().to_string(),
+        "weights_sha256": e.weights_sha,
         "image_size": pre.width,
         "cutoff_score": cfg.cleanse.cutoff_score.name(),
         "cutoff_percentile": match cfg.cleanse.cutoff_percentile { Percentile::Auto => json!("auto"), Percentile::Fixed(p) => json!(p) },
@@ -443,10 +484,10 @@ pub fn run(cfg: &RunConfig, progress: &Progress) -> Result<RunOutcome> {
     });
     let ids = |r: &[Record]| r.iter().map(|x| x.id).collect::<Vec<u64>>();
     let split = json!({
-        "monday_train": ids(&mon_train),
-        "monday_test": ids(&mon_test),
-        "tuesday_train": ids(&tue_train),
-        "tuesday_test": ids(&tue_test),
+        "monday_train": ids(mon_train),
+        "monday_test": ids(mon_test),
+        "tuesday_train": ids(tue_train),
+        "tuesday_test": ids(tue_test),
     });
     let docs = BTreeMap::from([
         ("params.json", params),

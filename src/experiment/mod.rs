@@ -159,13 +159,16 @@ pub fn plan(file: &ExperimentFile, out: &Path) -> Result<Vec<(Cell, u64, RunConf
 }
 
 /// Runs every cell × seed not yet in `out/results.csv`, rewriting it after each run, then
-/// writes `results.md` and the charts. `log` receives one line per run.
+/// writes `results.md` and the charts. The embeddings are computed (or read from the cache)
+/// once for all runs. `log` receives one line per run.
 pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Result<Summary> {
     let runs = plan(file, out)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let csv = out.join(RESULTS_CSV);
     let mut rows = report::read_csv(&csv)?;
     let done: BTreeSet<(String, String, String)> = rows.iter().map(Row::run_key).collect();
+    // Every cell shares the [dataset] section, hence the splits and the embeddings: once.
+    let mut embedded: Option<pipeline::Embedded> = None;
     let mut summary = Summary {
         total: runs.len(),
         ran: 0,
@@ -178,7 +181,11 @@ pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Resu
             continue;
         }
         let started = Instant::now();
-        let new_row = match pipeline::run(cfg, &Progress::hidden()) {
+        if embedded.is_none() {
+            embedded = Some(pipeline::embed_stage(cfg, &Progress::hidden())?);
+        }
+        let shared = embedded.as_ref().context("embeddings computed above")?;
+        let new_row = match pipeline::run_embedded(cfg, shared, &Progress::hidden()) {
             Ok(outcome) => {
                 let acc = outcome.metrics["test_accuracy"]
                     .as_f64()
