@@ -198,6 +198,25 @@ impl Cell {
         s
     }
 
+    /// The cell with the settings its method ignores cleared, so equal runs compare equal.
+    fn canonical(mut self) -> Self {
+        let replay = self.sampling != Sampling::None;
+        if !replay || self.sampling == Sampling::Random {
+            self.sampling_mode = None;
+        }
+        if !replay {
+            self.ratio = None;
+        }
+        if self.method != Method::Bccp {
+            self.cutoff = None;
+            self.cutoff_folds = None;
+        }
+        if self.method != Method::Cleanlab {
+            self.filter_by = None;
+        }
+        self
+    }
+
     /// The noise level as written in reports: the user accuracy, or `clean`.
     pub fn noise(&self) -> String {
         self.user_accuracy
@@ -223,6 +242,27 @@ impl Cell {
             (Method::Cleanlab, _) => "cleanlab",
             (Method::AnlCe, _) => "ANL-CE",
         }
+    }
+}
+
+/// Every cell of `cells` once per value, with `set` applied (outer axes vary slowest).
+fn expand<T: Copy>(cells: Vec<Cell>, values: &[T], set: impl Fn(&mut Cell, T)) -> Vec<Cell> {
+    cells
+        .iter()
+        .flat_map(|cell| {
+            values.iter().map(|&v| {
+                let mut c = cell.clone();
+                set(&mut c, v);
+                c
+            })
+        })
+        .collect()
+}
+
+/// Changes the cut-off settings (score, percentile, action) of a cell.
+fn set_cutoff(cell: &mut Cell, change: impl FnOnce(&mut (Score, Percentile, Action))) {
+    if let Some(t) = cell.cutoff.as_mut() {
+        change(t);
     }
 }
 
@@ -262,17 +302,19 @@ impl ExperimentFile {
             );
         }
         let mut cells = Vec::new();
+        // Every axis starts at its default; `canonical` then clears what a method ignores.
+        let base = Cell {
+            method: Method::None,
+            sampling: Sampling::None,
+            sampling_mode: Some(PairMode::Buffer),
+            ratio: None,
+            cutoff: Some((Score::LabelProbMean, Percentile::Fixed(90.0), Action::Drop)),
+            filter_by: Some(FilterBy::default()),
+            cutoff_folds: Some(1),
+            user_accuracy: None,
+        };
         if self.ceiling {
-            cells.push(Cell {
-                method: Method::None,
-                sampling: Sampling::None,
-                sampling_mode: None,
-                ratio: None,
-                cutoff: None,
-                filter_by: None,
-                cutoff_folds: None,
-                user_accuracy: None,
-            });
+            cells.push(base.clone().canonical());
         }
         for (g, table) in self.grid.iter().enumerate() {
             let at = |field: &str| format!("grid[{g}].{field}");
@@ -307,41 +349,18 @@ impl ExperimentFile {
             } else {
                 table.ratio.iter().map(|&r| Some(r)).collect()
             };
-            for &method in &methods {
-                for &sampling in &samplings {
-                    for &mode in &modes {
-                        for &ratio in &ratios {
-                            for &score in &scores {
-                                for &percentile in &percentiles {
-                                    for &action in &actions {
-                                        for (&filter, &folds) in filters.iter().flat_map(|f| {
-                                            table.cutoff_folds.iter().map(move |k| (f, k))
-                                        }) {
-                                            for &ua in &self.user_accuracy {
-                                                let replay = sampling != Sampling::None;
-                                                let pairs = replay && sampling != Sampling::Random;
-                                                cells.push(Cell {
-                                                    method,
-                                                    sampling,
-                                                    sampling_mode: pairs.then_some(mode),
-                                                    ratio: if replay { ratio } else { None },
-                                                    cutoff: (method == Method::Bccp)
-                                                        .then_some((score, percentile, action)),
-                                                    filter_by: (method == Method::Cleanlab)
-                                                        .then_some(filter),
-                                                    cutoff_folds: (method == Method::Bccp)
-                                                        .then_some(folds),
-                                                    user_accuracy: Some(ua),
-                                                });
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+            let mut grid = vec![base.clone()];
+            grid = expand(grid, &methods, |c, m| c.method = m);
+            grid = expand(grid, &samplings, |c, v| c.sampling = v);
+            grid = expand(grid, &modes, |c, m| c.sampling_mode = Some(m));
+            grid = expand(grid, &ratios, |c, r| c.ratio = r);
+            grid = expand(grid, &scores, |c, v| set_cutoff(c, |t| t.0 = v));
+            grid = expand(grid, &percentiles, |c, v| set_cutoff(c, |t| t.1 = v));
+            grid = expand(grid, &actions, |c, v| set_cutoff(c, |t| t.2 = v));
+            grid = expand(grid, &filters, |c, f| c.filter_by = Some(f));
+            grid = expand(grid, &table.cutoff_folds, |c, k| c.cutoff_folds = Some(k));
+            grid = expand(grid, &self.user_accuracy, |c, a| c.user_accuracy = Some(a));
+            cells.extend(grid.into_iter().map(Cell::canonical));
         }
         let mut seen = BTreeSet::new();
         cells.retain(|c| seen.insert(c.key()));
