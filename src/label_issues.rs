@@ -125,16 +125,9 @@ mod tests {
     #[test]
     fn npy_inputs_are_checked_and_flag_the_odd_one_out() {
         let dir = tempfile::tempdir().unwrap();
-        let write_f64 = |name: &str, shape: &str, values: &[f64]| {
-            let dict = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
-            let pad = (64 - (10 + dict.len() + 1) % 64) % 64;
-            let header = format!("{dict}{}\n", " ".repeat(pad));
-            let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-            bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-            bytes.extend_from_slice(header.as_bytes());
-            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        let write_f64 = |name: &str, shape: &[usize], values: &[f64]| {
             let p = dir.path().join(name);
-            std::fs::write(&p, bytes).unwrap();
+            npy::write_f64(&p, shape, values).unwrap();
             p
         };
         // Eight confident samples of two classes; sample 3 is labelled 0 but looks like 1.
@@ -144,18 +137,18 @@ mod tests {
             let p1 = if i < 3 { 0.1 } else { 0.9 };
             probs.extend_from_slice(&[1.0 - p1, p1]);
         }
-        let p = write_f64("p.npy", "(8, 2)", &probs);
-        let l = write_f64("l.npy", "(8,)", &labels);
+        let p = write_f64("p.npy", &[8, 2], &probs);
+        let l = write_f64("l.npy", &[8], &labels);
         let mask = mask_from_npy(&p, &l, FilterBy::PredictedNeqGiven).unwrap();
         assert_eq!(
             mask,
             vec![false, false, false, true, false, false, false, false]
         );
 
-        let short = write_f64("s.npy", "(7,)", &labels[..7]);
+        let short = write_f64("s.npy", &[7], &labels[..7]);
         let err = mask_from_npy(&p, &short, FilterBy::default()).unwrap_err();
         assert!(err.to_string().contains("expected [8]"), "{err}");
-        let bad = write_f64("b.npy", "(8,)", &[0.0, 0.0, 0.0, 2.0, 1.0, 1.0, 1.0, 1.0]);
+        let bad = write_f64("b.npy", &[8], &[0.0, 0.0, 0.0, 2.0, 1.0, 1.0, 1.0, 1.0]);
         let err = mask_from_npy(&p, &bad, FilterBy::default()).unwrap_err();
         assert!(err.to_string().contains("label 2 at index 3"), "{err}");
     }

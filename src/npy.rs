@@ -108,26 +108,48 @@ pub fn read(path: &Path) -> Result<Array> {
     Ok(Array { shape, values })
 }
 
-/// Writes a 1-D boolean array (`dtype=bool`) atomically.
-pub fn write_bool(path: &Path, mask: &[bool]) -> Result<()> {
-    let dict = format!(
-        "{{'descr': '|b1', 'fortran_order': False, 'shape': ({},), }}",
-        mask.len()
-    );
-    // Header padded with spaces to a multiple of 64 bytes, ending in a newline.
+/// The bytes of a format-1.0 `.npy` file: header (padded with spaces to a multiple of 64
+/// bytes, ending in a newline), then `data` in C order.
+fn encode(descr: &str, shape: &[usize], data: &[u8]) -> Result<Vec<u8>> {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let shape = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     let unpadded = MAGIC.len() + 4 + dict.len() + 1;
-    let padding = (64 - unpadded % 64) % 64;
-    let header = format!("{dict}{}\n", " ".repeat(padding));
+    let header = format!("{dict}{}\n", " ".repeat((64 - unpadded % 64) % 64));
     let Ok(len) = u16::try_from(header.len()) else {
         bail!("npy header too long");
     };
-    let mut out = Vec::with_capacity(unpadded + padding + mask.len());
+    let mut out = Vec::with_capacity(MAGIC.len() + 4 + header.len() + data.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    out.extend(mask.iter().map(|&b| b as u8));
-    write_atomic(path, &out).with_context(|| format!("cannot write {}", path.display()))
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes a 1-D boolean array (`dtype=bool`) atomically.
+pub fn write_bool(path: &Path, mask: &[bool]) -> Result<()> {
+    let data: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+    write(path, &encode("|b1", &[mask.len()], &data)?)
+}
+
+/// Writes a float64 array of `shape` (C order) atomically.
+pub fn write_f64(path: &Path, shape: &[usize], values: &[f64]) -> Result<()> {
+    ensure!(
+        shape.iter().product::<usize>() == values.len(),
+        "{} values for shape {shape:?}",
+        values.len()
+    );
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write(path, &encode("<f8", shape, &data)?)
 }
 
 #[cfg(test)]

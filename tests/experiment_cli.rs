@@ -241,28 +241,10 @@ fn label_issues_on_a_dataset_report_and_npy_mask() {
     assert!(sneaker_as_pullover >= 12, "{sneaker_as_pullover}");
 
     // .npy in, .npy out (a NumPy bool mask), on a hand-made case.
-    let write = |name: &str, descr: &str, shape: &str, data: Vec<u8>| {
-        let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        let pad = (64 - (10 + dict.len() + 1) % 64) % 64;
-        let header = format!("{dict}{}\n", " ".repeat(pad));
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend(data);
-        let p = tmp.path().join(name);
-        std::fs::write(&p, bytes).unwrap();
-        p
-    };
-    let probs: Vec<u8> = [0.9f32, 0.1, 0.8, 0.2, 0.2, 0.8, 0.1, 0.9]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let labels: Vec<u8> = [0i64, 1, 1, 1]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let p = write("p.npy", "<f4", "(4, 2)", probs);
-    let l = write("l.npy", "<i8", "(4,)", labels);
+    // (float32 / int64 inputs are read in `npy`'s unit tests.)
+    let (p, l) = (tmp.path().join("p.npy"), tmp.path().join("l.npy"));
+    bccp::npy::write_f64(&p, &[4, 2], &[0.9, 0.1, 0.8, 0.2, 0.2, 0.8, 0.1, 0.9]).unwrap();
+    bccp::npy::write_f64(&l, &[4], &[0.0, 1.0, 1.0, 1.0]).unwrap();
     let mask = tmp.path().join("mask.npy");
     success(&bccp(&[
         "label-issues",

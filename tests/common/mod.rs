@@ -100,10 +100,9 @@ pub fn asset(rel: &str) -> PathBuf {
     path
 }
 
-/// max |a − b| over all elements, on the CPU (either may live on another device).
-pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    let cpu = |t: &candle_core::Tensor| t.to_device(&candle_core::Device::Cpu).unwrap();
-    (cpu(a) - cpu(b))
+/// max |t| over all elements, on the CPU.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.to_device(&candle_core::Device::Cpu)
         .unwrap()
         .abs()
         .unwrap()
@@ -113,16 +112,13 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
+/// max |a − b| over all elements (either may live on another device).
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let cpu = |t: &candle_core::Tensor| t.to_device(&candle_core::Device::Cpu).unwrap();
+    max_abs(&(cpu(a) - cpu(b)).unwrap())
+}
+
 /// max |a − b| / max(max |b|, floor) over all elements.
 pub fn rel_diff(a: &candle_core::Tensor, b: &candle_core::Tensor, floor: f32) -> f32 {
-    let scale: f32 = b
-        .to_device(&candle_core::Device::Cpu)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    max_abs_diff(a, b) / scale.max(floor)
+    max_abs_diff(a, b) / max_abs(b).max(floor)
 }
