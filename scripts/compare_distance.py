@@ -39,13 +39,10 @@ Usage (from the repository root):
 """
 
 import argparse
-import json
 import multiprocessing
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,7 +51,7 @@ from pathlib import Path
 # into the environment: OpenBLAS reads OPENBLAS_NUM_THREADS only when it is loaded.
 np = torch = scipy = cdist = faiss = None
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import bench_ns, cpu_model, run_cargo_bench, write_json
 N_FULL = 65536
 Q_FULL = {"l2": 2048, "cosine": 2048, "l1": 256}
 DIMS = [512, 1280]
@@ -72,16 +69,6 @@ def die(msg):
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_libraries(threads):
@@ -305,20 +292,12 @@ def time_case(search, q, seconds, max_runs):
 
 def rust_pairs_per_s(threads):
     """Run the criterion bench and return {(metric, d): pairs/s} at the full sizes."""
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    log(f"  running: RAYON_NUM_THREADS={threads} {' '.join(RUST_CMD)}")
-    try:
-        proc = subprocess.run(RUST_CMD, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    except FileNotFoundError:
-        die("cargo not found: install Rust, or pass --skip-rust")
-    sys.stderr.write(proc.stdout)
-    if proc.returncode != 0:
-        die(f"cargo bench failed with exit status {proc.returncode}")
+    out = run_cargo_bench(RUST_CMD, threads, die)
     result = {}
-    for line in proc.stdout.splitlines():
+    for line in out.splitlines():
         m = BENCH_LINE.match(line.strip())
         if m:
-            ns = float(m.group(3).replace(",", "").replace("_", ""))
+            ns = bench_ns(m.group(3))
             metric, d = m.group(1), int(m.group(2))
             if metric in Q_FULL:
                 result[(metric, d)] = Q_FULL[metric] * N_FULL / (ns * 1e-9)
@@ -453,10 +432,7 @@ def main():
     else:
         print(f"\ncross-check: all implementations agree with float64 on the first {args.check} queries")
 
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**info, "results": rows, "warnings": warnings}, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(args.json, {**info, "results": rows, "warnings": warnings})
 
 
 if __name__ == "__main__":

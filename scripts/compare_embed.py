@@ -17,12 +17,9 @@ Usage (from the repository root):
 """
 
 import argparse
-import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +27,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import bench_ns, cpu_model, run_cargo_bench, write_json
 BATCH = 32
 MODELS = ["mobilenet_v2", "resnet18"]
 RUST_CMD = ["cargo", "bench", "--bench", "embed", "--", "--output-format", "bencher", "embed/"]
@@ -39,16 +36,6 @@ BENCH_LINE = re.compile(r"^test\s+embed/(\S+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+n
 
 def die(msg):
     sys.exit(f"compare_embed: error: {msg}")
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def torch_images_per_s(name, seconds, warmup):
@@ -72,20 +59,12 @@ def torch_images_per_s(name, seconds, warmup):
 
 def rust_images_per_s(threads):
     """Run the criterion bench and return {model: images/s}."""
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    print(f"  running: RAYON_NUM_THREADS={threads} {' '.join(RUST_CMD)}", file=sys.stderr)
-    try:
-        proc = subprocess.run(RUST_CMD, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    except FileNotFoundError:
-        die("cargo not found: install Rust, or pass --skip-rust")
-    sys.stderr.write(proc.stdout)
-    if proc.returncode != 0:
-        die(f"cargo bench failed with exit status {proc.returncode}")
+    out = run_cargo_bench(RUST_CMD, threads, die)
     result = {}
-    for line in proc.stdout.splitlines():
+    for line in out.splitlines():
         m = BENCH_LINE.match(line.strip())
         if m:
-            ns = float(m.group(2).replace(",", "").replace("_", ""))
+            ns = bench_ns(m.group(2))
             result[m.group(1)] = BATCH / (ns * 1e-9)
     missing = [name for name in MODELS if name not in result]
     if missing:
@@ -134,10 +113,7 @@ def main():
         rows.append({"model": "mobilenet_v2_grouped_conv", "pytorch_img_s": t, "bccp_img_s": before, "ratio": before / t})
         print(f"| mobilenet_v2, candle grouped conv (before the depthwise op) | {t:.1f} | {before:.1f} | {before / t:.2f} |")
 
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**info, "results": rows}, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(args.json, {**info, "results": rows})
 
 
 if __name__ == "__main__":

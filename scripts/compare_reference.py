@@ -44,7 +44,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from compare_embed import cpu_model
+from benchlib import cpu_model, write_json
 from mobilenet_v2_reference import load_features
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,10 +298,7 @@ def main():
         acc = "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
         print(f"| {r['pipeline']} | {r['seconds']:.1f} | {acc} | {r['ratio']:.1f} |")
 
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**info, "results": rows}, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(args.json, {**info, "results": rows})
 
 
 if __name__ == "__main__":
