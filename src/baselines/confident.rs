@@ -163,6 +163,18 @@ fn argmax<T: Prob>(row: &[T]) -> usize {
     best
 }
 
+/// Every label must be a class index below `classes`.
+fn check_labels(labels: &[u32], classes: usize) -> Result<(), ConfidentError> {
+    match labels.iter().position(|&l| l as usize >= classes) {
+        Some(index) => Err(ConfidentError::LabelOutOfRange {
+            index,
+            label: labels[index],
+            classes,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Validated input: `n` rows of `classes` probabilities and their labels.
 struct Input<'a, T> {
     probs: &'a [T],
@@ -189,17 +201,7 @@ impl<'a, T: Prob> Input<'a, T> {
                 classes,
             });
         }
-        if let Some((index, &label)) = labels
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l as usize >= classes)
-        {
-            return Err(ConfidentError::LabelOutOfRange {
-                index,
-                label,
-                classes,
-            });
-        }
+        check_labels(labels, classes)?;
         let low = T::from_f64(-FLOATING_POINT_COMPARISON);
         let high = T::from_f64(1.0 + FLOATING_POINT_COMPARISON);
         for (at, &p) in probs.iter().enumerate() {
@@ -403,17 +405,7 @@ pub fn calibrate_confident_joint(
     labels: &[u32],
 ) -> Result<Vec<Vec<i64>>, ConfidentError> {
     let classes = joint.len();
-    if let Some((index, &label)) = labels
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l as usize >= classes)
-    {
-        return Err(ConfidentError::LabelOutOfRange {
-            index,
-            label,
-            classes,
-        });
-    }
+    check_labels(labels, classes)?;
     if let Some((row, r)) = joint.iter().enumerate().find(|(_, r)| r.len() != classes) {
         return Err(ConfidentError::JointNotSquare {
             row,
