@@ -113,7 +113,7 @@ fn row(cell: &Cell, seed: u64, metrics: Option<&serde_json::Value>, error: &str)
             .unwrap_or_default()
     };
     let seconds = metrics
-        .and_then(|m| m["seconds"]["total"].as_f64())
+        .and_then(|m| Some(m["seconds"]["total"].as_f64()? - m["seconds"]["embed"].as_f64()?))
         .map_or_else(String::new, |s| format!("{s:.3}"));
     let values: Vec<String> = COLUMNS
         .iter()
