@@ -32,7 +32,8 @@ pub enum Padding {
 }
 
 impl Padding {
-    fn resolve(
+    /// (top, bottom, left, right) for an `h × w` input.
+    pub(crate) fn resolve(
         self,
         h: usize,
         w: usize,
@@ -64,17 +65,17 @@ pub trait Tunable {
 /// `b'`, i.e. the batch-norm statistics stay frozen (its affine part is trained).
 #[derive(Debug, Clone)]
 pub struct ConvBn {
-    weight: Tensor,
-    bias: Tensor,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
     /// Checkpoint prefixes of the convolution and the batch-norm.
     conv_name: String,
     bn_name: String,
     bn_eps: f64,
-    kind: ConvKind,
-    kernel: usize,
-    stride: usize,
-    padding: Padding,
-    relu6: bool,
+    pub(crate) kind: ConvKind,
+    pub(crate) kernel: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: Padding,
+    pub(crate) relu6: bool,
 }
 
 /// Where a [`ConvBn`]'s tensors live in a checkpoint.

@@ -2,6 +2,7 @@
 //! batched embedding with a cache.
 
 pub mod cache;
+pub mod channels_last;
 pub mod efficientnet_lite;
 pub mod embed;
 pub mod hub;
@@ -17,6 +18,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use channels_last::ChannelsLastTrunk;
 use layers::{Trunk, Tunable};
 use zoo::{Architecture, BackboneSpec, WeightSource};
 
@@ -70,6 +72,9 @@ enum Network {
 pub struct Backbone {
     spec: BackboneSpec,
     network: Network,
+    /// The trunk laid out for channels-last CPU inference (CPU-loaded MobileNetV2 and
+    /// EfficientNet-Lite with fixed weights).
+    channels_last: Option<ChannelsLastTrunk>,
 }
 
 impl Backbone {
@@ -78,6 +83,7 @@ impl Backbone {
         spec: &BackboneSpec,
         vb: VarBuilder<'static>,
     ) -> candle_core::Result<Self> {
+        let on_cpu = vb.device().is_cpu();
         let network = match spec.architecture {
             Architecture::MobilenetV2 => Network::MobileNetV2(mobilenet_v2::MobileNetV2::load(vb)?),
             Architecture::EfficientnetLite0 => Network::EfficientNetLite(
@@ -90,10 +96,15 @@ impl Backbone {
             Architecture::ClipVitB32 => Network::Clip(hub_models::ClipEmbedder::load(vb)?),
             Architecture::Dinov2Small => Network::Dinov2(hub_models::Dinov2Embedder::load(vb)?),
         };
-        Ok(Self {
+        let mut model = Self {
             spec: spec.clone(),
             network,
-        })
+            channels_last: None,
+        };
+        if on_cpu {
+            model.channels_last = model.trunk().map(ChannelsLastTrunk::new).transpose()?;
+        }
+        Ok(model)
     }
 
     /// Loads `spec`'s network from a safetensors file onto `device` (f32).
@@ -147,6 +158,8 @@ impl Backbone {
             );
         }
         let mut model = Self::load(spec, weights, device)?;
+        // Training changes the weights: embed through candle's ops, which follow them.
+        model.channels_last = None;
         let mut vars = Vec::new();
         match &mut model.network {
             Network::MobileNetV2(m) => m.trunk_mut().make_trainable(&mut vars)?,
@@ -197,6 +210,9 @@ impl Backbone {
 
     /// Embeddings `[N, D]` of preprocessed images `[N, 3, H, W]`.
     pub fn embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let (Some(fast), true) = (&self.channels_last, x.device().is_cpu()) {
+            return fast.embed(x);
+        }
         match &self.network {
             Network::MobileNetV2(m) => m.embed(x),
             Network::EfficientNetLite(m) => m.embed(x),

@@ -5,6 +5,7 @@ pub mod bias_act;
 pub mod depthwise;
 #[cfg(feature = "cuda")]
 mod depthwise_cuda;
+pub mod nhwc;
 
 pub use bias_act::bias_act;
 pub use depthwise::{depthwise_conv2d, DepthwiseParams};

@@ -1,0 +1,440 @@
+//! Channels-last (NHWC) f32 kernels for CPU inference of the convolutional backbones: a 1×1
+//! convolution is one matrix product over every pixel of a chunk of images, and a depthwise
+//! convolution vectorises across channels (which stay long at every depth, while the maps
+//! shrink to 2×2). Each kernel is single-threaded: the caller splits the batch across threads.
+
+/// Channels per vector block of the depthwise kernel (one AVX-512 register).
+const LANES: usize = 16;
+/// The largest depthwise kernel (5×5, EfficientNet).
+const MAX_TAPS: usize = 25;
+
+/// `out[m, j] = Σ_k a[m, k] · w[j, k]`: `a` is `[m, k]` row-major (pixels × input channels),
+/// `w` is `[n, k]` row-major (a 1×1 convolution's weight), `out` is `[m, n]` row-major.
+pub fn matmul_wt(a: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert!(
+        a.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "matmul_wt: buffers too small for [{m}, {k}] x [{n}, {k}]^T"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
+    // SAFETY: the assertion above keeps every access of the [m, k], [k, n] (w transposed by
+    // strides) and [m, n] views inside its slice; `out` is exclusively borrowed and does not
+    // alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Adds the per-channel `bias` to every row of `x` (`[rows, bias.len()]`), then clamps to
+/// [0, 6] when `relu6`.
+pub fn bias_act_rows(x: &mut [f32], bias: &[f32], relu6: bool) {
+    let c = bias.len();
+    for row in x.chunks_exact_mut(c) {
+        if relu6 {
+            row.iter_mut()
+                .zip(bias)
+                .for_each(|(v, b)| *v = (*v + b).clamp(0.0, 6.0));
+        } else {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+    }
+}
+
+/// `x += bias + residual`, row by row (`x` and `residual` are `[rows, bias.len()]`): a linear
+/// projection that closes an inverted-residual block.
+pub fn bias_residual_rows(x: &mut [f32], bias: &[f32], residual: &[f32]) {
+    let c = bias.len();
+    for (row, res) in x.chunks_exact_mut(c).zip(residual.chunks_exact(c)) {
+        row.iter_mut()
+            .zip(bias.iter().zip(res))
+            .for_each(|(v, (b, r))| *v += b + r);
+    }
+}
+
+/// Geometry of a convolution over one `h × w` map: kernel, stride and padding (top, left;
+/// bottom and right only shape the output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub h: usize,
+    pub w: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl ConvGeometry {
+    /// The geometry for padding (top, bottom, left, right); `None` when the kernel does not
+    /// fit the padded map.
+    pub fn new(
+        h: usize,
+        w: usize,
+        kernel: usize,
+        stride: usize,
+        (pt, pb, pl, pr): (usize, usize, usize, usize),
+    ) -> Option<Self> {
+        let (ph, pw) = (h + pt + pb, w + pl + pr);
+        if kernel == 0 || stride == 0 || ph < kernel || pw < kernel {
+            return None;
+        }
+        Some(Self {
+            h,
+            w,
+            kernel,
+            stride,
+            pad_top: pt,
+            pad_left: pl,
+            out_h: (ph - kernel) / stride + 1,
+            out_w: (pw - kernel) / stride + 1,
+        })
+    }
+
+    /// The kernel taps `[lo, hi)` of output row (or column) `o` that land inside a map of
+    /// `size` pixels padded by `pad` before it.
+    fn taps(&self, o: usize, pad: usize, size: usize) -> (usize, usize) {
+        let start = o * self.stride;
+        let lo = pad.saturating_sub(start);
+        let hi = (size + pad).saturating_sub(start).min(self.kernel);
+        (lo, hi.max(lo))
+    }
+}
+
+/// The im2col matrix of one image `x` (`[c, h, w]`, channels first, as images arrive) for a
+/// dense convolution: `[out_h · out_w, c · k · k]`, columns ordered as a `[cout, c, k, k]`
+/// weight flattens, zeros where the kernel hangs over the padding.
+pub fn im2col_chw(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
+    let k = g.kernel;
+    let cols = c * k * k;
+    assert!(
+        x.len() >= c * g.h * g.w && out.len() >= g.out_h * g.out_w * cols,
+        "im2col: buffers too small"
+    );
+    for oy in 0..g.out_h {
+        for ox in 0..g.out_w {
+            let row = &mut out[(oy * g.out_w + ox) * cols..][..cols];
+            for ci in 0..c {
+                for ky in 0..k {
+                    let iy = (oy * g.stride + ky).wrapping_sub(g.pad_top);
+                    for kx in 0..k {
+                        let ix = (ox * g.stride + kx).wrapping_sub(g.pad_left);
+                        row[(ci * k + ky) * k + kx] = if iy < g.h && ix < g.w {
+                            x[(ci * g.h + iy) * g.w + ix]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A depthwise convolution's weight rearranged tap-major, `[k·k, c]`, from `[c, 1, k, k]`.
+pub fn depthwise_taps_major(weight: &[f32], c: usize, kernel: usize) -> Vec<f32> {
+    let taps = kernel * kernel;
+    let mut out = vec![0f32; taps * c];
+    for ch in 0..c {
+        for t in 0..taps {
+            out[t * c + ch] = weight[ch * taps + t];
+        }
+    }
+    out
+}
+
+/// A depthwise convolution over one image, channels last: `x` is `[h, w, c]`, `taps` is
+/// `[k·k, c]` (see [`depthwise_taps_major`]), `out` is `[out_h, out_w, c]`, with the bias
+/// added and ReLU6 applied when `relu6`.
+pub type DepthwiseFn = fn(&[f32], &[f32], &[f32], &ConvGeometry, bool, &mut [f32]);
+
+/// The fastest depthwise kernel this CPU runs (AVX-512, AVX2 + FMA, or portable code).
+pub fn depthwise_kernel() -> DepthwiseFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            return x86::depthwise_avx512;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return x86::depthwise_avx2;
+        }
+    }
+    depthwise_portable
+}
+
+/// The depthwise kernel in portable code (FMA where the target always has it).
+pub fn depthwise_portable(
+    x: &[f32],
+    taps: &[f32],
+    bias: &[f32],
+    g: &ConvGeometry,
+    relu6: bool,
+    out: &mut [f32],
+) {
+    depthwise_body::<{ cfg!(target_arch = "aarch64") }>(x, taps, bias, g, relu6, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{depthwise_body, ConvGeometry};
+
+    #[target_feature(enable = "avx512f,fma")]
+    fn avx512(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, r: bool, o: &mut [f32]) {
+        depthwise_body::<true>(x, t, b, g, r, o)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn avx2(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, r: bool, o: &mut [f32]) {
+        depthwise_body::<true>(x, t, b, g, r, o)
+    }
+
+    pub fn depthwise_avx512(
+        x: &[f32],
+        t: &[f32],
+        b: &[f32],
+        g: &ConvGeometry,
+        r: bool,
+        o: &mut [f32],
+    ) {
+        // SAFETY: only handed out by `depthwise_kernel` after detecting AVX-512F and FMA.
+        unsafe { avx512(x, t, b, g, r, o) }
+    }
+
+    pub fn depthwise_avx2(
+        x: &[f32],
+        t: &[f32],
+        b: &[f32],
+        g: &ConvGeometry,
+        r: bool,
+        o: &mut [f32],
+    ) {
+        // SAFETY: only handed out by `depthwise_kernel` after detecting AVX2 and FMA.
+        unsafe { avx2(x, t, b, g, r, o) }
+    }
+}
+
+/// The depthwise loop: per block of [`LANES`] channels, the block's weights are gathered once,
+/// then every output pixel accumulates its in-map taps in registers.
+#[inline(always)]
+fn depthwise_body<const FMA: bool>(
+    x: &[f32],
+    taps: &[f32],
+    bias: &[f32],
+    g: &ConvGeometry,
+    relu6: bool,
+    out: &mut [f32],
+) {
+    let c = bias.len();
+    let k = g.kernel;
+    assert!(
+        k * k <= MAX_TAPS
+            && taps.len() >= k * k * c
+            && x.len() >= g.h * g.w * c
+            && out.len() >= g.out_h * g.out_w * c,
+        "depthwise: kernel {k} or buffers do not fit {c} channels"
+    );
+    let act = |v: f32| if relu6 { v.clamp(0.0, 6.0) } else { v };
+    let blocks = c / LANES;
+    for cb in 0..blocks {
+        let c0 = cb * LANES;
+        let mut wb = [[0f32; LANES]; MAX_TAPS];
+        for (t, wt) in wb.iter_mut().enumerate().take(k * k) {
+            wt.copy_from_slice(&taps[t * c + c0..][..LANES]);
+        }
+        let mut b0 = [0f32; LANES];
+        b0.copy_from_slice(&bias[c0..c0 + LANES]);
+        for oy in 0..g.out_h {
+            let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+            for ox in 0..g.out_w {
+                let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+                let mut acc = b0;
+                for ky in ky0..ky1 {
+                    let iy = oy * g.stride + ky - g.pad_top;
+                    for kx in kx0..kx1 {
+                        let ix = ox * g.stride + kx - g.pad_left;
+                        let xv: &[f32; LANES] = x[(iy * g.w + ix) * c + c0..][..LANES]
+                            .try_into()
+                            .expect("LANES-long slice");
+                        let wv = &wb[ky * k + kx];
+                        for j in 0..LANES {
+                            acc[j] = if FMA {
+                                wv[j].mul_add(xv[j], acc[j])
+                            } else {
+                                acc[j] + wv[j] * xv[j]
+                            };
+                        }
+                    }
+                }
+                let o = &mut out[(oy * g.out_w + ox) * c + c0..][..LANES];
+                for j in 0..LANES {
+                    o[j] = act(acc[j]);
+                }
+            }
+        }
+    }
+    // Channels past the last full block, one at a time.
+    for ch in blocks * LANES..c {
+        for oy in 0..g.out_h {
+            let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+            for ox in 0..g.out_w {
+                let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+                let mut acc = bias[ch];
+                for ky in ky0..ky1 {
+                    let iy = oy * g.stride + ky - g.pad_top;
+                    for kx in kx0..kx1 {
+                        let ix = ox * g.stride + kx - g.pad_left;
+                        acc += taps[(ky * k + kx) * c + ch] * x[(iy * g.w + ix) * c + ch];
+                    }
+                }
+                out[(oy * g.out_w + ox) * c + ch] = act(acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct NCHW-free reference: out[oy, ox, ch] = b + Σ w[ch, ky, kx]·x[iy, ix, ch].
+    fn naive_depthwise(
+        x: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        g: &ConvGeometry,
+        relu6: bool,
+    ) -> Vec<f32> {
+        let c = bias.len();
+        let k = g.kernel;
+        let mut out = vec![0f32; g.out_h * g.out_w * c];
+        for oy in 0..g.out_h {
+            for ox in 0..g.out_w {
+                for ch in 0..c {
+                    let mut acc = bias[ch] as f64;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * g.stride + ky) as isize - g.pad_top as isize;
+                            let ix = (ox * g.stride + kx) as isize - g.pad_left as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                let xi = (iy as usize * g.w + ix as usize) * c + ch;
+                                acc += weight[(ch * k + ky) * k + kx] as f64 * x[xi] as f64;
+                            }
+                        }
+                    }
+                    let v = acc as f32;
+                    out[(oy * g.out_w + ox) * c + ch] = if relu6 { v.clamp(0.0, 6.0) } else { v };
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 500.0 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn depthwise_matches_naive_for_every_kernel_variant() {
+        let kernels: Vec<(&str, DepthwiseFn)> = vec![
+            ("portable", depthwise_portable),
+            ("detected", depthwise_kernel()),
+        ];
+        // Channels with and without a remainder past the vector blocks; maps down to 1×1.
+        for &(h, w, c, k, s, pads) in &[
+            (5, 6, 16, 3, 1, (1, 1, 1, 1)),
+            (7, 7, 35, 3, 2, (1, 1, 1, 1)),
+            (2, 2, 48, 3, 1, (1, 1, 1, 1)),
+            (1, 1, 20, 3, 1, (1, 1, 1, 1)),
+            (9, 8, 32, 5, 2, (1, 2, 1, 2)),
+            (4, 4, 17, 5, 1, (2, 2, 2, 2)),
+            (6, 6, 3, 3, 2, (0, 1, 0, 1)),
+        ] {
+            let g = ConvGeometry::new(h, w, k, s, pads).unwrap();
+            let x = values(h * w * c, 1);
+            let weight = values(c * k * k, 2);
+            let bias = values(c, 3);
+            let taps = depthwise_taps_major(&weight, c, k);
+            for relu6 in [false, true] {
+                let want = naive_depthwise(&x, &weight, &bias, &g, relu6);
+                for (name, f) in &kernels {
+                    let mut got = vec![f32::NAN; want.len()];
+                    f(&x, &taps, &bias, &g, relu6, &mut got);
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(err < 1e-5, "{name} {h}x{w}x{c} k{k} s{s}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hand_checked_depthwise_and_geometry() {
+        // One channel, 3×3 ones kernel, padding 1: each output sums its in-map neighbours.
+        let g = ConvGeometry::new(2, 2, 3, 1, (1, 1, 1, 1)).unwrap();
+        assert_eq!((g.out_h, g.out_w), (2, 2));
+        let x = [1.0, 2.0, 3.0, 4.0];
+        let mut out = [0f32; 4];
+        depthwise_portable(&x, &[1.0; 9], &[0.5], &g, false, &mut out);
+        assert_eq!(out, [10.5; 4]);
+        depthwise_portable(&x, &[1.0; 9], &[0.5], &g, true, &mut out);
+        assert_eq!(out, [6.0; 4]);
+        // A kernel bigger than the padded map has no geometry.
+        assert!(ConvGeometry::new(2, 2, 5, 1, (1, 1, 1, 1)).is_none());
+    }
+
+    #[test]
+    fn im2col_then_matmul_is_a_dense_convolution() {
+        // 1 input channel 3×3, 2×2 kernel, stride 1, no padding; weights [2, 1, 2, 2].
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0];
+        let g = ConvGeometry::new(3, 3, 2, 1, (0, 0, 0, 0)).unwrap();
+        let mut cols = vec![0f32; 4 * 4];
+        im2col_chw(&x, 1, &g, &mut cols);
+        assert_eq!(&cols[..4], &[1.0, 2.0, 4.0, 5.0]);
+        let w = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+        let mut out = vec![0f32; 4 * 2];
+        matmul_wt(&cols, &w, &mut out, 4, 4, 2);
+        // Channel 0: x[y][x] + x[y+1][x+1]; channel 1: the 2×2 sum.
+        assert_eq!(out, [6.0, 12.0, 8.0, 16.0, 12.0, 24.0, 14.0, 28.0]);
+        bias_act_rows(&mut out, &[-7.0, -10.0], true);
+        assert_eq!(out, [0.0, 2.0, 1.0, 6.0, 5.0, 6.0, 6.0, 6.0]);
+        let mut y = vec![1.0, 2.0];
+        bias_residual_rows(&mut y, &[0.5, -0.5], &[10.0, 20.0]);
+        assert_eq!(y, [11.5, 21.5]);
+    }
+}
