@@ -1,9 +1,13 @@
 //! Embedding throughput on the CPU at 224×224, batch 32: `embed/mobilenet_v2` (real weights,
-//! our depthwise op), `embed/mobilenet_v2_grouped_conv` (the same with candle's grouped conv,
-//! i.e. before the op), `embed/resnet18` (random weights), and the depthwise layers alone.
-//! `scripts/compare_embed.py` runs PyTorch on the same shapes in the same run.
+//! the channels-last engine that `bccp` runs), `embed/mobilenet_v2_candle_ops` (the same
+//! network through candle's tensor ops and our depthwise op, i.e. before the engine),
+//! `embed/mobilenet_v2_grouped_conv` (candle's ops with its grouped conv, before the depthwise
+//! op), `embed/resnet18` (random weights); `embed64/…` the same MobileNetV2 paths at 64×64,
+//! batch 64 (the Fashion-MNIST setting); and the depthwise layers alone.
+//! `scripts/compare_embed.py` runs PyTorch on the 224×224 shapes in the same run.
 //! Needs `scripts/fetch-assets.sh` (MobileNetV2 weights). Threads: RAYON_NUM_THREADS.
 
+use bccp::backbone::mobilenet_v2::MobileNetV2;
 use bccp::backbone::{zoo, Backbone};
 use bccp::ops::depthwise::{grouped_conv_fallback, set_grouped_conv_reference};
 use bccp::ops::{depthwise_conv2d, DepthwiseParams};
@@ -13,8 +17,21 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const BATCH: usize = 32;
 
-fn input() -> Tensor {
-    Tensor::randn(0f32, 1., (BATCH, 3, 224, 224), &Device::Cpu).expect("input")
+fn input(batch: usize, size: usize) -> Tensor {
+    Tensor::randn(0f32, 1., (batch, 3, size, size), &Device::Cpu).expect("input")
+}
+
+/// MobileNetV2 with the real weights: as `bccp` loads it (channels-last engine) and as a bare
+/// network (candle's tensor ops).
+fn mobilenets() -> (Backbone, MobileNetV2) {
+    let weights = bccp::backbone::assets_dir().join("weights/mobilenet_v2.safetensors");
+    let spec = zoo::find("mobilenet_v2").expect("zoo");
+    let engine = Backbone::load(&spec, &weights, &Device::Cpu)
+        .expect("MobileNetV2 weights: run scripts/fetch-assets.sh");
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).expect("weights");
+    let ops = MobileNetV2::load(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
+        .expect("MobileNetV2");
+    (engine, ops)
 }
 
 fn embed(c: &mut Criterion) {
@@ -22,22 +39,18 @@ fn embed(c: &mut Criterion) {
     let mut group = c.benchmark_group("embed");
     group.sample_size(10);
     group.throughput(Throughput::Elements(BATCH as u64));
-    let x = input();
+    let x = input(BATCH, 224);
 
-    let assets = bccp::backbone::assets_dir();
-    let spec = zoo::find("mobilenet_v2").expect("zoo");
-    let mobilenet = Backbone::load(
-        &spec,
-        &assets.join("weights/mobilenet_v2.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("MobileNetV2 weights: run scripts/fetch-assets.sh");
+    let (mobilenet, mobilenet_ops) = mobilenets();
     group.bench_function("mobilenet_v2", |b| {
         b.iter(|| mobilenet.embed(&x).expect("forward"))
     });
+    group.bench_function("mobilenet_v2_candle_ops", |b| {
+        b.iter(|| mobilenet_ops.embed(&x).expect("forward"))
+    });
     set_grouped_conv_reference(true);
     group.bench_function("mobilenet_v2_grouped_conv", |b| {
-        b.iter(|| mobilenet.embed(&x).expect("forward"))
+        b.iter(|| mobilenet_ops.embed(&x).expect("forward"))
     });
     set_grouped_conv_reference(false);
 
@@ -49,6 +62,23 @@ fn embed(c: &mut Criterion) {
     .expect("resnet18");
     group.bench_function("resnet18", |b| {
         b.iter(|| resnet.embed(&x).expect("forward"))
+    });
+    group.finish();
+}
+
+fn embed_small(c: &mut Criterion) {
+    const SMALL_BATCH: usize = 64;
+    bccp::runtime::init();
+    let mut group = c.benchmark_group("embed64");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(SMALL_BATCH as u64));
+    let x = input(SMALL_BATCH, 64);
+    let (mobilenet, mobilenet_ops) = mobilenets();
+    group.bench_function("mobilenet_v2", |b| {
+        b.iter(|| mobilenet.embed(&x).expect("forward"))
+    });
+    group.bench_function("mobilenet_v2_candle_ops", |b| {
+        b.iter(|| mobilenet_ops.embed(&x).expect("forward"))
     });
     group.finish();
 }
@@ -72,5 +102,5 @@ fn depthwise_layers(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, embed, depthwise_layers);
+criterion_group!(benches, embed, embed_small, depthwise_layers);
 criterion_main!(benches);
