@@ -6,7 +6,9 @@ torch.inference_mode(), torch.set_num_threads(--threads); a few warm-up forwards
 median of timed forwards (about --seconds per model).
 bccp side: `cargo bench --bench embed -- --output-format bencher embed/` (criterion ids
 embed/mobilenet_v2 and embed/resnet18, one iteration = one forward of 32 images), run with
-RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s.
+RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s. Two more bccp rows show the
+earlier MobileNetV2 paths: candle's tensor ops with bccp's depthwise op (before the channels-last
+engine), and candle's grouped convolution (before the depthwise op).
 
 Prints a markdown table (model, PyTorch img/s, bccp img/s, bccp/PyTorch) and, with --json FILE,
 writes the same as JSON.
@@ -106,12 +108,16 @@ def main():
         rows.append({"model": name, "pytorch_img_s": t, "bccp_img_s": r, "ratio": ratio})
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
         print(f"| {name} | {t:.1f} | {fmt(r, '.1f')} | {fmt(ratio, '.2f')} |")
-    # The same MobileNetV2 with candle's grouped convolution instead of bccp's depthwise op.
-    before = rust_ips.get("mobilenet_v2_grouped_conv")
-    if before is not None:
-        t = torch_ips["mobilenet_v2"]
-        rows.append({"model": "mobilenet_v2_grouped_conv", "pytorch_img_s": t, "bccp_img_s": before, "ratio": before / t})
-        print(f"| mobilenet_v2, candle grouped conv (before the depthwise op) | {t:.1f} | {before:.1f} | {before / t:.2f} |")
+    # The same MobileNetV2 through the earlier paths.
+    for key, label in [
+        ("mobilenet_v2_candle_ops", "mobilenet_v2, candle ops + depthwise op (before the channels-last engine)"),
+        ("mobilenet_v2_grouped_conv", "mobilenet_v2, candle grouped conv (before the depthwise op)"),
+    ]:
+        before = rust_ips.get(key)
+        if before is not None:
+            t = torch_ips["mobilenet_v2"]
+            rows.append({"model": key, "pytorch_img_s": t, "bccp_img_s": before, "ratio": before / t})
+            print(f"| {label} | {t:.1f} | {before:.1f} | {before / t:.2f} |")
 
     write_json(args.json, {**info, "results": rows})
 

@@ -149,7 +149,10 @@ pub fn embed_images(
         let paths: Vec<PathBuf> = missing.iter().map(|&i| list.files[i].clone()).collect();
         opts.progress.start(paths.len() as u64, "embedding");
         let mut fresh = Vec::with_capacity(missing.len());
-        let threads = if opts.device.is_cpu() {
+        // candle's CPU ops synchronise their threads with spinning barriers that decode
+        // threads would stall; the channels-last engine's tasks share the pool well (measured
+        // on 2 cores, 3000 images at 64×64: 1.25 s → 1.18 s for the whole `bccp train`).
+        let threads = if opts.device.is_cpu() && !backbone.runs_channels_last() {
             DecodeThreads::Calling
         } else {
             DecodeThreads::Rayon

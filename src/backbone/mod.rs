@@ -208,6 +208,11 @@ impl Backbone {
         &self.spec
     }
 
+    /// Whether CPU embedding runs the channels-last engine (else candle's tensor ops).
+    pub fn runs_channels_last(&self) -> bool {
+        self.channels_last.is_some()
+    }
+
     /// Embeddings `[N, D]` of preprocessed images `[N, 3, H, W]`.
     pub fn embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let (Some(fast), true) = (&self.channels_last, x.device().is_cpu()) {

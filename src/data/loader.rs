@@ -112,7 +112,7 @@ impl HostBatch {
 pub enum DecodeThreads {
     /// In parallel on rayon's pool (the default; best when the model runs on a GPU).
     Rayon,
-    /// On the calling thread only. Use it when the model runs on the CPU: candle's CPU ops
+    /// On the calling thread only. Use it when the model runs on candle's CPU ops: they
     /// synchronise their threads with spinning barriers, which decode threads competing for
     /// the same cores stall (measured: `bccp embed` on 2 cores, about 5% faster this way).
     Calling,
