@@ -231,10 +231,20 @@ fn channels_last_engine_matches_candle_ops() {
                 efficientnet.embed(&x).unwrap(),
             ),
         ] {
-            let fast = ChannelsLastTrunk::new(trunk).unwrap().embed(&x).unwrap();
+            let engine = ChannelsLastTrunk::new(trunk).unwrap();
+            let fast = engine.embed(&x).unwrap();
             assert_eq!(fast.dims(), reference.dims(), "{name}");
             let err = rel_err(&fast, &reference);
             assert!(err < 1e-5, "{name} {n}×{h}×{w}: relative error {err}");
+            // An image's embedding does not depend on the batch around it, to the bit: the
+            // cache may mix embeddings computed in different batches.
+            let last = engine.embed(&x.narrow(0, n - 1, 1).unwrap()).unwrap();
+            let in_batch = fast.narrow(0, n - 1, 1).unwrap();
+            assert_eq!(
+                last.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                in_batch.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{name} {n}×{h}×{w}: batch-dependent embedding"
+            );
         }
     }
 }
