@@ -118,30 +118,10 @@ pub fn mc_masks(
 /// Writes the dropout mask of pass `t` for sample `i` into `out` — or, given the sample's
 /// features, the masked features directly (one pass over memory instead of three).
 fn fill_mask_row(seed: u64, t: usize, i: usize, p: f32, out: &mut [f32], features: Option<&[f32]>) {
-    let scale = 1.0 / (1.0 - p);
     let mut rng = Rng::derive(seed, ((t as u64) << 40) | i as u64);
-    if p == 0.5 {
-        // Each random bit is a fair coin: 64 mask entries per draw (branch-free).
-        for (c, chunk) in out.chunks_mut(64).enumerate() {
-            let bits = rng.next_u64();
-            for (j, v) in chunk.iter_mut().enumerate() {
-                *v = ((bits >> j) & 1) as f32 * scale;
-            }
-            if let Some(x) = features {
-                for (v, &xv) in chunk.iter_mut().zip(&x[c * 64..]) {
-                    *v *= xv;
-                }
-            }
-        }
-    } else {
-        for (j, v) in out.iter_mut().enumerate() {
-            let keep = if rng.unit_f64() < f64::from(p) {
-                0.0
-            } else {
-                scale
-            };
-            *v = features.map_or(keep, |x| keep * x[j]);
-        }
+    crate::train::fill_dropout(&mut rng, p, out);
+    if let Some(x) = features {
+        out.iter_mut().zip(x).for_each(|(v, &xv)| *v *= xv);
     }
 }
 

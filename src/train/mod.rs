@@ -6,7 +6,7 @@ pub mod eval;
 pub mod finetune;
 pub mod loss;
 
-use candle_core::{Device, Module, Result, Tensor, Var};
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Linear, Optimizer};
 
 use crate::progress::Progress;
@@ -110,8 +110,31 @@ pub fn adam(vars: Vec<Var>, lr: f64) -> Result<candle_nn::AdamW> {
     candle_nn::AdamW::new(vars, params)
 }
 
-/// A dropout mask [rows, cols] with keep probability 1 − p, scaled by 1 / (1 − p), drawn from
-/// `rng` (so runs are reproducible; candle's CPU generator cannot be seeded).
+/// Fills `out` with a dropout mask drawn from `rng`: each entry 0 with probability `p`, else
+/// 1 / (1 − p). At p = 0.5 every random bit is a fair coin, so one draw covers 64 entries; other
+/// rates draw once per entry.
+pub fn fill_dropout(rng: &mut Rng, p: f32, out: &mut [f32]) {
+    let scale = 1.0 / (1.0 - p);
+    if p == 0.5 {
+        for chunk in out.chunks_mut(64) {
+            let bits = rng.next_u64();
+            for (j, v) in chunk.iter_mut().enumerate() {
+                *v = ((bits >> j) & 1) as f32 * scale;
+            }
+        }
+    } else {
+        for v in out.iter_mut() {
+            *v = if rng.unit_f64() < f64::from(p) {
+                0.0
+            } else {
+                scale
+            };
+        }
+    }
+}
+
+/// A dropout mask [rows, cols] (see [`fill_dropout`]), drawn from `rng` (so runs are
+/// reproducible; candle's CPU generator cannot be seeded).
 pub fn dropout_mask(
     rng: &mut Rng,
     rows: usize,
@@ -119,17 +142,28 @@ pub fn dropout_mask(
     p: f32,
     device: &Device,
 ) -> Result<Tensor> {
-    let scale = 1.0 / (1.0 - p);
-    let values: Vec<f32> = (0..rows * cols)
-        .map(|_| {
-            if rng.unit_f64() < f64::from(p) {
-                0.0
-            } else {
-                scale
-            }
-        })
-        .collect();
+    let mut values = vec![0f32; rows * cols];
+    fill_dropout(rng, p, &mut values);
     Tensor::from_vec(values, (rows, cols), device)
+}
+
+/// The rows `idx` of host features `[_, f]` with a dropout mask from `rng` applied when
+/// `dropout > 0`: the batch built in one pass on the host (the same values as gathering the
+/// rows, then multiplying by [`dropout_mask`]).
+fn host_batch(features: &[f32], f: usize, idx: &[u32], dropout: f32, rng: &mut Rng) -> Vec<f32> {
+    let mut batch = vec![0f32; idx.len() * f];
+    if dropout > 0.0 {
+        fill_dropout(rng, dropout, &mut batch);
+        for (row, &i) in batch.chunks_exact_mut(f).zip(idx) {
+            let x = &features[i as usize * f..][..f];
+            row.iter_mut().zip(x).for_each(|(m, x)| *m *= x);
+        }
+    } else {
+        for (row, &i) in batch.chunks_exact_mut(f).zip(idx) {
+            row.copy_from_slice(&features[i as usize * f..][..f]);
+        }
+    }
+    batch
 }
 
 /// Trains a head on `features` [N, F] (f32) with integer `labels`; `progress` advances once per
@@ -159,21 +193,33 @@ pub fn train_head(
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
     let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
     let mut lr = cfg.lr;
+    // On the CPU each batch is gathered (and masked) on the host in one pass: per step that
+    // replaces three small tensor ops, whose overhead dominates a linear head's step.
+    let host = match device.is_cpu() {
+        true => Some(
+            features
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ),
+        false => None,
+    };
     progress.start(cfg.epochs as u64, "epochs");
     for _ in 0..cfg.epochs {
         shuffle_rng.shuffle(&mut order);
         for chunk in order.chunks(cfg.batch_size.max(1)) {
             let idx = Tensor::new(chunk, device)?;
-            let mut x = features.index_select(&idx, 0)?;
-            if cfg.dropout > 0.0 {
-                x = x.mul(&dropout_mask(
-                    &mut dropout_rng,
-                    chunk.len(),
-                    f,
-                    cfg.dropout,
-                    device,
-                )?)?;
-            }
+            let x =
+                match &host {
+                    Some(h) => {
+                        let batch = host_batch(h, f, chunk, cfg.dropout, &mut dropout_rng);
+                        Tensor::from_vec(batch, (chunk.len(), f), device)?
+                    }
+                    None if cfg.dropout > 0.0 => features.index_select(&idx, 0)?.mul(
+                        &dropout_mask(&mut dropout_rng, chunk.len(), f, cfg.dropout, device)?,
+                    )?,
+                    None => features.index_select(&idx, 0)?,
+                };
             let y = targets.index_select(&idx, 0)?;
             let loss = cfg.loss.compute(&linear.forward(&x)?, &y)?;
             opt.backward_step(&loss)?;
@@ -243,11 +289,42 @@ mod tests {
     }
 
     #[test]
+    fn host_batches_equal_gathered_rows_times_the_mask() {
+        let (n, f) = (20, 70); // 70 features: the 64-entry mask words straddle rows
+        let x = Tensor::randn(0f32, 1., (n, f), &Device::Cpu).unwrap();
+        let host = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let idx = [3u32, 17, 0, 3, 9];
+        for p in [0.0f32, 0.5, 0.3] {
+            let got = host_batch(&host, f, &idx, p, &mut Rng::new(5));
+            let rows = x
+                .index_select(&Tensor::new(&idx, &Device::Cpu).unwrap(), 0)
+                .unwrap();
+            let want = if p > 0.0 {
+                let mask = dropout_mask(&mut Rng::new(5), idx.len(), f, p, &Device::Cpu).unwrap();
+                rows.mul(&mask).unwrap()
+            } else {
+                rows
+            };
+            assert_eq!(
+                got,
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "p {p}"
+            );
+        }
+    }
+
+    #[test]
     fn dropout_mask_keeps_half_scaled_by_two() {
         let m = dropout_mask(&mut Rng::new(3), 100, 100, 0.5, &Device::Cpu).unwrap();
         let v = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|&x| x == 0.0 || x == 2.0));
         let kept = v.iter().filter(|&&x| x == 2.0).count();
         assert!((4700..5300).contains(&kept), "{kept}");
+        // Other rates: about 1 − p kept, scaled by 1 / (1 − p).
+        let m = dropout_mask(&mut Rng::new(4), 100, 100, 0.2, &Device::Cpu).unwrap();
+        let v = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|&x| x == 0.0 || x == 1.25));
+        let kept = v.iter().filter(|&&x| x == 1.25).count();
+        assert!((7700..8300).contains(&kept), "{kept}");
     }
 }
