@@ -203,39 +203,36 @@ pub fn depthwise_portable(
 mod x86 {
     use super::{depthwise_body, ConvGeometry};
 
-    #[target_feature(enable = "avx512f,fma")]
-    fn avx512(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, r: bool, o: &mut [f32]) {
-        depthwise_body::<true>(x, t, b, g, r, o)
+    /// A safe `DepthwiseFn` around [`depthwise_body`] compiled with `features`.
+    macro_rules! depthwise_with {
+        ($name:ident, $features:literal) => {
+            pub fn $name(
+                x: &[f32],
+                t: &[f32],
+                b: &[f32],
+                g: &ConvGeometry,
+                r: bool,
+                o: &mut [f32],
+            ) {
+                #[target_feature(enable = $features)]
+                fn inner(
+                    x: &[f32],
+                    t: &[f32],
+                    b: &[f32],
+                    g: &ConvGeometry,
+                    r: bool,
+                    o: &mut [f32],
+                ) {
+                    depthwise_body::<true>(x, t, b, g, r, o)
+                }
+                // SAFETY: only handed out by `depthwise_kernel` after detecting `$features`.
+                unsafe { inner(x, t, b, g, r, o) }
+            }
+        };
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    fn avx2(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, r: bool, o: &mut [f32]) {
-        depthwise_body::<true>(x, t, b, g, r, o)
-    }
-
-    pub fn depthwise_avx512(
-        x: &[f32],
-        t: &[f32],
-        b: &[f32],
-        g: &ConvGeometry,
-        r: bool,
-        o: &mut [f32],
-    ) {
-        // SAFETY: only handed out by `depthwise_kernel` after detecting AVX-512F and FMA.
-        unsafe { avx512(x, t, b, g, r, o) }
-    }
-
-    pub fn depthwise_avx2(
-        x: &[f32],
-        t: &[f32],
-        b: &[f32],
-        g: &ConvGeometry,
-        r: bool,
-        o: &mut [f32],
-    ) {
-        // SAFETY: only handed out by `depthwise_kernel` after detecting AVX2 and FMA.
-        unsafe { avx2(x, t, b, g, r, o) }
-    }
+    depthwise_with!(depthwise_avx512, "avx512f,fma");
+    depthwise_with!(depthwise_avx2, "avx2,fma");
 }
 
 /// The depthwise loop: per block of [`LANES`] channels, the block's weights are gathered once,
