@@ -9,7 +9,7 @@
 //! and the depthwise kernel vectorises across channels. Same weights and arithmetic as the
 //! candle path (tested to agree within float tolerance); inference only.
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -17,9 +17,12 @@ use rayon::prelude::*;
 use super::layers::{ConvBn, ConvKind, Padding, Trunk};
 use crate::ops::nhwc::{self, ConvGeometry, DepthwiseFn};
 
-/// Images per task. Enough pixels at the 2×2 end of the network for a useful matrix product,
-/// few enough that a chunk's activations stay near the core's L2 cache.
-const CHUNK: usize = 8;
+/// Most images per task: enough pixels at the 2×2 end of a 64×64 input for a useful matrix
+/// product (chunks of 4–32 measured within noise of each other).
+const MAX_CHUNK: usize = 8;
+/// Floats a chunk's largest activation may take (16 MiB): bounds the buffers at large inputs,
+/// e.g. one 224×224 image per task (its 112×112×96 map is 1.2 M floats).
+const CHUNK_FLOATS: usize = 4 << 20;
 
 /// The four activation buffers of a task: block input, two scratch buffers, block output.
 const X: usize = 0;
@@ -27,9 +30,8 @@ const E: usize = 1;
 const D: usize = 2;
 const P: usize = 3;
 
-thread_local! {
-    static WORKSPACE: RefCell<[Vec<f32>; 4]> = RefCell::new(Default::default());
-}
+/// The activation buffers of one running task.
+type Workspace = [Vec<f32>; 4];
 
 /// One convolution with its folded batch-norm, weights on the host.
 #[derive(Debug, Clone)]
@@ -148,12 +150,15 @@ struct Block {
 
 /// A [`Trunk`]'s weights laid out for channels-last CPU inference. Build it once per loaded
 /// network; it does not follow later changes to the trunk's weights.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ChannelsLastTrunk {
     stem: Layer,
     blocks: Vec<Block>,
     head: Layer,
     depthwise: DepthwiseFn,
+    /// Buffers of finished tasks, reused by the next ones (at most one per concurrent task;
+    /// freed with the network).
+    workspaces: Mutex<Vec<Workspace>>,
 }
 
 impl ChannelsLastTrunk {
@@ -188,6 +193,7 @@ impl ChannelsLastTrunk {
             blocks,
             head,
             depthwise: nhwc::depthwise_kernel(),
+            workspaces: Mutex::new(Vec::new()),
         })
     }
 
@@ -228,21 +234,35 @@ impl ChannelsLastTrunk {
         let dim = self.dim();
         let mut out = vec![0f32; n * dim];
         let image = c * h * w;
-        out.par_chunks_mut(CHUNK * dim)
-            .zip(input.par_chunks(CHUNK * image))
+        // Chunks within the memory bound, and at least one per thread when the batch allows.
+        let chunk = (CHUNK_FLOATS / per.max(1))
+            .min(n.div_ceil(rayon::current_num_threads()))
+            .clamp(1, MAX_CHUNK);
+        out.par_chunks_mut(chunk * dim)
+            .zip(input.par_chunks(chunk * image))
             .try_for_each(|(out, x)| {
-                WORKSPACE.with(|ws| {
-                    let mut ws = ws.borrow_mut();
-                    let m = x.len() / image;
-                    for buf in ws.iter_mut() {
-                        if buf.len() < m * per {
-                            buf.resize(m * per, 0.0);
-                        }
+                let mut ws = self.take_workspace();
+                let m = x.len() / image;
+                for buf in ws.iter_mut() {
+                    if buf.len() < m * per {
+                        buf.resize(m * per, 0.0);
                     }
-                    self.run_chunk(x, m, (h, w), &mut ws, out)
-                })
+                }
+                let done = self.run_chunk(x, m, (h, w), &mut ws, out);
+                self.return_workspace(ws);
+                done
             })?;
         Tensor::from_vec(out, (n, dim), &Device::Cpu)
+    }
+
+    fn take_workspace(&self) -> Workspace {
+        let mut pool = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+        pool.pop().unwrap_or_default()
+    }
+
+    fn return_workspace(&self, ws: Workspace) {
+        let mut pool = self.workspaces.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(ws);
     }
 
     /// The whole network on `n` images `x` (`[n, C, H, W]`), pooled features into `out`.
@@ -251,7 +271,7 @@ impl ChannelsLastTrunk {
         x: &[f32],
         n: usize,
         size: (usize, usize),
-        ws: &mut [Vec<f32>; 4],
+        ws: &mut Workspace,
         out: &mut [f32],
     ) -> Result<()> {
         // Stem: im2col of each image, then one product over the chunk's pixels.
@@ -329,7 +349,7 @@ impl ChannelsLastTrunk {
 }
 
 /// Buffer `src` to read and buffer `dst` to write (distinct).
-fn pair(ws: &mut [Vec<f32>; 4], src: usize, dst: usize) -> (&[f32], &mut [f32]) {
+fn pair(ws: &mut Workspace, src: usize, dst: usize) -> (&[f32], &mut [f32]) {
     debug_assert_ne!(src, dst);
     if src < dst {
         let (lo, hi) = ws.split_at_mut(dst);
