@@ -248,3 +248,53 @@ fn channels_last_engine_matches_candle_ops() {
         }
     }
 }
+
+#[test]
+fn channels_last_resnets_match_candle_transformers() {
+    use bccp::backbone::channels_last::ChannelsLastResNet;
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+
+    let mut rng = bccp::rng::Rng::new(3);
+    for (depth, n, h, w) in [(18, 2, 224, 224), (34, 3, 45, 37), (50, 3, 64, 64)] {
+        // Random weights under the checkpoint's names, with batch-norm statistics far from the
+        // identity so that folding them is tested.
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let candle = match depth {
+            18 => candle_transformers::models::resnet::resnet18_no_final_layer(vb.clone()),
+            34 => candle_transformers::models::resnet::resnet34_no_final_layer(vb.clone()),
+            _ => candle_transformers::models::resnet::resnet50_no_final_layer(vb.clone()),
+        }
+        .unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let dims = var.as_tensor().dims().to_vec();
+            let len: usize = dims.iter().product();
+            let (lo, hi) = match name.rsplit('.').next() {
+                Some("running_var") => (0.5, 2.0),
+                Some("running_mean") | Some("bias") => (-0.2, 0.2),
+                Some("weight") if dims.len() == 1 => (0.5, 1.5),
+                _ => continue,
+            };
+            let values: Vec<f32> = (0..len)
+                .map(|_| (lo + (hi - lo) * rng.unit_f64()) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(values, dims, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let engine = ChannelsLastResNet::load(depth, vb).unwrap();
+        let pixels: Vec<f32> = (0..n * 3 * h * w)
+            .map(|_| rng.unit_f64() as f32 * 4.0 - 2.0)
+            .collect();
+        let x = Tensor::from_vec(pixels, (n, 3, h, w), &Device::Cpu).unwrap();
+        let want = candle_core::Module::forward(&candle, &x).unwrap();
+        let got = engine.embed(&x).unwrap();
+        assert_eq!(got.dims(), want.dims(), "ResNet-{depth}");
+        assert_eq!(engine.dim(), want.dim(1).unwrap());
+        let err = rel_err(&got, &want);
+        assert!(
+            err < 1e-4,
+            "ResNet-{depth} {n}×{h}×{w}: relative error {err}"
+        );
+    }
+}

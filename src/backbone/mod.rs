@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use channels_last::ChannelsLastTrunk;
+use channels_last::{ChannelsLastResNet, ChannelsLastTrunk};
 use layers::{Trunk, Tunable};
 use zoo::{Architecture, BackboneSpec, WeightSource};
 
@@ -68,13 +68,28 @@ enum Network {
     Dinov2(hub_models::Dinov2Embedder),
 }
 
+/// A network laid out for channels-last CPU inference.
+enum CpuEngine {
+    Trunk(ChannelsLastTrunk),
+    ResNet(ChannelsLastResNet),
+}
+
+impl CpuEngine {
+    fn embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            CpuEngine::Trunk(t) => t.embed(x),
+            CpuEngine::ResNet(r) => r.embed(x),
+        }
+    }
+}
+
 /// A loaded backbone: embeds preprocessed images `[N, 3, H, W]` into `[N, D]`.
 pub struct Backbone {
     spec: BackboneSpec,
     network: Network,
-    /// The trunk laid out for channels-last CPU inference (CPU-loaded MobileNetV2 and
-    /// EfficientNet-Lite with fixed weights).
-    channels_last: Option<ChannelsLastTrunk>,
+    /// The network on the channels-last engine: CPU-loaded MobileNetV2, EfficientNet-Lite and
+    /// ResNets with fixed weights.
+    channels_last: Option<CpuEngine>,
 }
 
 impl Backbone {
@@ -84,6 +99,13 @@ impl Backbone {
         vb: VarBuilder<'static>,
     ) -> candle_core::Result<Self> {
         let on_cpu = vb.device().is_cpu();
+        let resnet_depth = match spec.architecture {
+            Architecture::Resnet18 => Some(18),
+            Architecture::Resnet34 => Some(34),
+            Architecture::Resnet50 => Some(50),
+            _ => None,
+        };
+        let engine_vb = vb.clone();
         let network = match spec.architecture {
             Architecture::MobilenetV2 => Network::MobileNetV2(mobilenet_v2::MobileNetV2::load(vb)?),
             Architecture::EfficientnetLite0 => Network::EfficientNetLite(
@@ -101,8 +123,17 @@ impl Backbone {
             network,
             channels_last: None,
         };
-        if on_cpu {
-            model.channels_last = model.trunk().map(ChannelsLastTrunk::new).transpose()?;
+        // After the network: a VarMap-backed builder then hands out the variables that
+        // candle's layers created with their initialisers.
+        if let (Some(depth), true) = (resnet_depth, on_cpu) {
+            let engine = ChannelsLastResNet::load(depth, engine_vb)?;
+            model.channels_last = Some(CpuEngine::ResNet(engine));
+        } else if on_cpu {
+            model.channels_last = model
+                .trunk()
+                .map(ChannelsLastTrunk::new)
+                .transpose()?
+                .map(CpuEngine::Trunk);
         }
         Ok(model)
     }

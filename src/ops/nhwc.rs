@@ -50,29 +50,52 @@ pub fn matmul_wt(a: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: u
     }
 }
 
-/// Adds the per-channel `bias` to every row of `x` (`[rows, bias.len()]`), then clamps to
-/// [0, 6] when `relu6`.
-pub fn bias_act_rows(x: &mut [f32], bias: &[f32], relu6: bool) {
-    let c = bias.len();
-    for row in x.chunks_exact_mut(c) {
-        if relu6 {
-            row.iter_mut()
-                .zip(bias)
-                .for_each(|(v, b)| *v = (*v + b).clamp(0.0, 6.0));
-        } else {
-            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+/// The activation after a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    Identity,
+    Relu,
+    /// min(max(v, 0), 6): MobileNet's and EfficientNet-Lite's.
+    Relu6,
+}
+
+impl Act {
+    #[inline(always)]
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Act::Identity => v,
+            Act::Relu => v.max(0.0),
+            Act::Relu6 => v.clamp(0.0, 6.0),
         }
     }
 }
 
-/// `x += bias + residual`, row by row (`x` and `residual` are `[rows, bias.len()]`): a linear
-/// projection that closes an inverted-residual block.
-pub fn bias_residual_rows(x: &mut [f32], bias: &[f32], residual: &[f32]) {
+/// Adds the per-channel `bias` to every row of `x` (`[rows, bias.len()]`), then applies `act`.
+pub fn bias_act_rows(x: &mut [f32], bias: &[f32], act: Act) {
     let c = bias.len();
-    for (row, res) in x.chunks_exact_mut(c).zip(residual.chunks_exact(c)) {
-        row.iter_mut()
-            .zip(bias.iter().zip(res))
-            .for_each(|(v, (b, r))| *v += b + r);
+    for row in x.chunks_exact_mut(c) {
+        match act {
+            Act::Identity => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
+            Act::Relu => row
+                .iter_mut()
+                .zip(bias)
+                .for_each(|(v, b)| *v = (*v + b).max(0.0)),
+            Act::Relu6 => row
+                .iter_mut()
+                .zip(bias)
+                .for_each(|(v, b)| *v = (*v + b).clamp(0.0, 6.0)),
+        }
+    }
+}
+
+/// `x = act(x + other)`, element-wise: a residual connection.
+pub fn add_act(x: &mut [f32], other: &[f32], act: Act) {
+    match act {
+        Act::Identity => x.iter_mut().zip(other).for_each(|(v, o)| *v += o),
+        _ => x
+            .iter_mut()
+            .zip(other)
+            .for_each(|(v, o)| *v = act.apply(*v + o)),
     }
 }
 
@@ -156,6 +179,70 @@ pub fn im2col_chw(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
     }
 }
 
+/// The im2col matrix of one channels-last image `x` (`[h, w, c]`) for a dense convolution:
+/// `[out_h · out_w, k · k · c]`, columns ordered (ky, kx, channel) — a `[cout, k, k, c]` weight
+/// (see [`weight_hwc`]) — zeros where the kernel hangs over the padding.
+pub fn im2col_hwc(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
+    let k = g.kernel;
+    let cols = k * k * c;
+    assert!(
+        x.len() >= g.h * g.w * c && out.len() >= g.out_h * g.out_w * cols,
+        "im2col: buffers too small"
+    );
+    for oy in 0..g.out_h {
+        for ox in 0..g.out_w {
+            let row = &mut out[(oy * g.out_w + ox) * cols..][..cols];
+            for ky in 0..k {
+                let iy = (oy * g.stride + ky).wrapping_sub(g.pad_top);
+                for kx in 0..k {
+                    let ix = (ox * g.stride + kx).wrapping_sub(g.pad_left);
+                    let dst = &mut row[(ky * k + kx) * c..][..c];
+                    if iy < g.h && ix < g.w {
+                        dst.copy_from_slice(&x[(iy * g.w + ix) * c..][..c]);
+                    } else {
+                        dst.fill(0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A dense convolution's weight `[cout, c, k, k]` reordered to `[cout, k, k, c]`, the column
+/// order of [`im2col_hwc`].
+pub fn weight_hwc(weight: &[f32], cout: usize, c: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; weight.len()];
+    for o in 0..cout {
+        for ci in 0..c {
+            for t in 0..k * k {
+                out[(o * k * k + t) * c + ci] = weight[(o * c + ci) * k * k + t];
+            }
+        }
+    }
+    out
+}
+
+/// Max pooling of one channels-last image (`[h, w, c]` → `[out_h, out_w, c]`); the padding
+/// never wins (as PyTorch's −∞ padding).
+pub fn max_pool_hwc(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
+    for oy in 0..g.out_h {
+        let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+        for ox in 0..g.out_w {
+            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+            let o = &mut out[(oy * g.out_w + ox) * c..][..c];
+            o.fill(f32::NEG_INFINITY);
+            for ky in ky0..ky1 {
+                let iy = oy * g.stride + ky - g.pad_top;
+                for kx in kx0..kx1 {
+                    let ix = ox * g.stride + kx - g.pad_left;
+                    let xs = &x[(iy * g.w + ix) * c..][..c];
+                    o.iter_mut().zip(xs).for_each(|(o, &v)| *o = o.max(v));
+                }
+            }
+        }
+    }
+}
+
 /// A depthwise convolution's weight rearranged tap-major, `[k·k, c]`, from `[c, 1, k, k]`.
 pub fn depthwise_taps_major(weight: &[f32], c: usize, kernel: usize) -> Vec<f32> {
     let taps = kernel * kernel;
@@ -170,8 +257,8 @@ pub fn depthwise_taps_major(weight: &[f32], c: usize, kernel: usize) -> Vec<f32>
 
 /// A depthwise convolution over one image, channels last: `x` is `[h, w, c]`, `taps` is
 /// `[k·k, c]` (see [`depthwise_taps_major`]), `out` is `[out_h, out_w, c]`, with the bias
-/// added and ReLU6 applied when `relu6`.
-pub type DepthwiseFn = fn(&[f32], &[f32], &[f32], &ConvGeometry, bool, &mut [f32]);
+/// added and `act` applied.
+pub type DepthwiseFn = fn(&[f32], &[f32], &[f32], &ConvGeometry, Act, &mut [f32]);
 
 /// The fastest depthwise kernel this CPU runs (AVX-512, AVX2 + FMA, or portable code).
 pub fn depthwise_kernel() -> DepthwiseFn {
@@ -193,36 +280,22 @@ pub fn depthwise_portable(
     taps: &[f32],
     bias: &[f32],
     g: &ConvGeometry,
-    relu6: bool,
+    act: Act,
     out: &mut [f32],
 ) {
-    depthwise_body::<{ cfg!(target_arch = "aarch64") }>(x, taps, bias, g, relu6, out)
+    depthwise_body::<{ cfg!(target_arch = "aarch64") }>(x, taps, bias, g, act, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{depthwise_body, ConvGeometry};
+    use super::{depthwise_body, Act, ConvGeometry};
 
     /// A safe `DepthwiseFn` around [`depthwise_body`] compiled with `features`.
     macro_rules! depthwise_with {
         ($name:ident, $features:literal) => {
-            pub fn $name(
-                x: &[f32],
-                t: &[f32],
-                b: &[f32],
-                g: &ConvGeometry,
-                r: bool,
-                o: &mut [f32],
-            ) {
+            pub fn $name(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, r: Act, o: &mut [f32]) {
                 #[target_feature(enable = $features)]
-                fn inner(
-                    x: &[f32],
-                    t: &[f32],
-                    b: &[f32],
-                    g: &ConvGeometry,
-                    r: bool,
-                    o: &mut [f32],
-                ) {
+                fn inner(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, r: Act, o: &mut [f32]) {
                     depthwise_body::<true>(x, t, b, g, r, o)
                 }
                 // SAFETY: only handed out by `depthwise_kernel` after detecting `$features`.
@@ -243,7 +316,7 @@ fn depthwise_body<const FMA: bool>(
     taps: &[f32],
     bias: &[f32],
     g: &ConvGeometry,
-    relu6: bool,
+    act: Act,
     out: &mut [f32],
 ) {
     let c = bias.len();
@@ -255,7 +328,6 @@ fn depthwise_body<const FMA: bool>(
             && out.len() >= g.out_h * g.out_w * c,
         "depthwise: kernel {k} or buffers do not fit {c} channels"
     );
-    let act = |v: f32| if relu6 { v.clamp(0.0, 6.0) } else { v };
     let blocks = c / LANES;
     for cb in 0..blocks {
         let c0 = cb * LANES;
@@ -289,7 +361,7 @@ fn depthwise_body<const FMA: bool>(
                 }
                 let o = &mut out[(oy * g.out_w + ox) * c + c0..][..LANES];
                 for j in 0..LANES {
-                    o[j] = act(acc[j]);
+                    o[j] = act.apply(acc[j]);
                 }
             }
         }
@@ -308,7 +380,7 @@ fn depthwise_body<const FMA: bool>(
                         acc += taps[(ky * k + kx) * c + ch] * x[(iy * g.w + ix) * c + ch];
                     }
                 }
-                out[(oy * g.out_w + ox) * c + ch] = act(acc);
+                out[(oy * g.out_w + ox) * c + ch] = act.apply(acc);
             }
         }
     }
@@ -324,7 +396,7 @@ mod tests {
         weight: &[f32],
         bias: &[f32],
         g: &ConvGeometry,
-        relu6: bool,
+        act: Act,
     ) -> Vec<f32> {
         let c = bias.len();
         let k = g.kernel;
@@ -344,7 +416,7 @@ mod tests {
                         }
                     }
                     let v = acc as f32;
-                    out[(oy * g.out_w + ox) * c + ch] = if relu6 { v.clamp(0.0, 6.0) } else { v };
+                    out[(oy * g.out_w + ox) * c + ch] = act.apply(v);
                 }
             }
         }
@@ -384,11 +456,11 @@ mod tests {
             let weight = values(c * k * k, 2);
             let bias = values(c, 3);
             let taps = depthwise_taps_major(&weight, c, k);
-            for relu6 in [false, true] {
-                let want = naive_depthwise(&x, &weight, &bias, &g, relu6);
+            for act in [Act::Identity, Act::Relu, Act::Relu6] {
+                let want = naive_depthwise(&x, &weight, &bias, &g, act);
                 for (name, f) in &kernels {
                     let mut got = vec![f32::NAN; want.len()];
-                    f(&x, &taps, &bias, &g, relu6, &mut got);
+                    f(&x, &taps, &bias, &g, act, &mut got);
                     let err = got
                         .iter()
                         .zip(&want)
@@ -407,12 +479,55 @@ mod tests {
         assert_eq!((g.out_h, g.out_w), (2, 2));
         let x = [1.0, 2.0, 3.0, 4.0];
         let mut out = [0f32; 4];
-        depthwise_portable(&x, &[1.0; 9], &[0.5], &g, false, &mut out);
+        depthwise_portable(&x, &[1.0; 9], &[0.5], &g, Act::Identity, &mut out);
         assert_eq!(out, [10.5; 4]);
-        depthwise_portable(&x, &[1.0; 9], &[0.5], &g, true, &mut out);
+        depthwise_portable(&x, &[1.0; 9], &[0.5], &g, Act::Relu6, &mut out);
         assert_eq!(out, [6.0; 4]);
         // A kernel bigger than the padded map has no geometry.
         assert!(ConvGeometry::new(2, 2, 5, 1, (1, 1, 1, 1)).is_none());
+    }
+
+    #[test]
+    fn channels_last_im2col_equals_channels_first() {
+        // The same convolution through both layouts: 3 channels 7×6, 3×3, stride 2, padding 1.
+        let (c, h, w, cout, k) = (3, 7, 6, 4, 3);
+        let chw = values(c * h * w, 7);
+        let hwc: Vec<f32> = (0..h * w * c)
+            .map(|i| chw[(i % c) * h * w + i / c])
+            .collect();
+        let weight = values(cout * c * k * k, 8);
+        let g = ConvGeometry::new(h, w, k, 2, (1, 1, 1, 1)).unwrap();
+        let (rows, cols) = (g.out_h * g.out_w, c * k * k);
+        let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+        im2col_chw(&chw, c, &g, &mut a);
+        im2col_hwc(&hwc, c, &g, &mut b);
+        let (mut ya, mut yb) = (vec![0f32; rows * cout], vec![0f32; rows * cout]);
+        matmul_wt(&a, &weight, &mut ya, rows, cols, cout);
+        matmul_wt(
+            &b,
+            &weight_hwc(&weight, cout, c, k),
+            &mut yb,
+            rows,
+            cols,
+            cout,
+        );
+        let err = ya
+            .iter()
+            .zip(&yb)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-5, "{err}");
+    }
+
+    #[test]
+    fn max_pool_by_hand() {
+        // One channel 3×3, 3×3 window, stride 2, padding 1 → 2×2; negatives show the padding
+        // never wins.
+        let x = [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0];
+        let g = ConvGeometry::new(3, 3, 3, 2, (1, 1, 1, 1)).unwrap();
+        let mut out = [0f32; 4];
+        max_pool_hwc(&x, 1, &g, &mut out);
+        assert_eq!(out, [-1.0, -2.0, -4.0, -5.0]);
     }
 
     #[test]
@@ -428,10 +543,15 @@ mod tests {
         matmul_wt(&cols, &w, &mut out, 4, 4, 2);
         // Channel 0: x[y][x] + x[y+1][x+1]; channel 1: the 2×2 sum.
         assert_eq!(out, [6.0, 12.0, 8.0, 16.0, 12.0, 24.0, 14.0, 28.0]);
-        bias_act_rows(&mut out, &[-7.0, -10.0], true);
+        let mut relu = out.clone();
+        bias_act_rows(&mut out, &[-7.0, -10.0], Act::Relu6);
         assert_eq!(out, [0.0, 2.0, 1.0, 6.0, 5.0, 6.0, 6.0, 6.0]);
-        let mut y = vec![1.0, 2.0];
-        bias_residual_rows(&mut y, &[0.5, -0.5], &[10.0, 20.0]);
-        assert_eq!(y, [11.5, 21.5]);
+        bias_act_rows(&mut relu, &[-7.0, -10.0], Act::Relu);
+        assert_eq!(relu, [0.0, 2.0, 1.0, 6.0, 5.0, 14.0, 7.0, 18.0]);
+        let mut y = vec![1.0, -2.0];
+        add_act(&mut y, &[0.5, 1.0], Act::Relu);
+        assert_eq!(y, [1.5, 0.0]);
+        add_act(&mut y, &[0.5, -1.0], Act::Identity);
+        assert_eq!(y, [2.0, -1.0]);
     }
 }

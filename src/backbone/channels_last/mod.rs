@@ -1,0 +1,288 @@
+//! CPU inference of the convolutional backbones in channels-last layout: MobileNetV2 and
+//! EfficientNet-Lite ([`ChannelsLastTrunk`]) and ResNet-18/34/50 ([`ChannelsLastResNet`]).
+//!
+//! candle runs these networks channels-first, one tensor op at a time, each op spreading
+//! itself over the thread pool: at small maps the time goes to thin matrix products, per-plane
+//! loops, fresh buffers and thread wake-ups, and every batch-norm, activation and residual add
+//! is a pass of its own. Here a batch is split into chunks of images, one chunk per task; a task
+//! runs the whole network on its chunk single-threaded, keeping activations channels-last
+//! (`[pixels, channels]`) in a few reused buffers. A convolution is then one matrix product over
+//! every pixel of the chunk (after im2col for k > 1), with the batch-norm folded in and the
+//! bias and activation applied in one pass; the depthwise kernel vectorises across channels.
+//! Same weights and arithmetic as the candle path (tested to agree within float tolerance);
+//! inference only.
+
+mod resnet;
+mod trunk;
+
+pub use resnet::ChannelsLastResNet;
+pub use trunk::ChannelsLastTrunk;
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+use super::layers::{ConvBn, ConvKind, Padding};
+use crate::ops::nhwc::{self, Act, ConvGeometry, DepthwiseFn};
+
+/// Most images per task: enough pixels at the 2×2 end of a 64×64 MobileNetV2 for a useful
+/// matrix product (chunks of 4–32 measured within noise of each other).
+const MAX_CHUNK: usize = 8;
+/// Floats a chunk's largest buffer may take (16 MiB): bounds the buffers at large inputs,
+/// e.g. three 224×224 images per MobileNetV2 task (its 112×112×96 map is 1.2 M floats).
+const CHUNK_FLOATS: usize = 4 << 20;
+
+/// The activation buffers of one running task.
+type Workspace = Vec<Vec<f32>>;
+
+/// Buffers of finished tasks, reused by the next ones (at most one set per concurrent task;
+/// freed with the network that owns the pool).
+#[derive(Debug, Default)]
+struct WorkspacePool(Mutex<Vec<Workspace>>);
+
+impl WorkspacePool {
+    /// Runs `chunk_fn(images, n, workspace, out)` over chunks of the images `x` `[N, C, H, W]`
+    /// in parallel and returns the rows it writes, `[N, dim]`. Each workspace holds `buffers`
+    /// buffers of `per_image` floats per image.
+    fn run_chunked(
+        &self,
+        x: &Tensor,
+        buffers: usize,
+        per_image: usize,
+        dim: usize,
+        chunk_fn: impl Fn(&[f32], usize, &mut Workspace, &mut [f32]) -> Result<()> + Sync,
+    ) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let input = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; n * dim];
+        let image = c * h * w;
+        // Chunks within the memory bound, and at least one per thread when the batch allows.
+        let chunk = (CHUNK_FLOATS / per_image.max(1))
+            .min(n.div_ceil(rayon::current_num_threads()))
+            .clamp(1, MAX_CHUNK);
+        out.par_chunks_mut(chunk * dim)
+            .zip(input.par_chunks(chunk * image))
+            .try_for_each(|(out, x)| {
+                let mut ws = self.take();
+                let m = x.len() / image;
+                ws.resize_with(buffers.max(ws.len()), Vec::new);
+                for buf in ws.iter_mut() {
+                    if buf.len() < m * per_image {
+                        buf.resize(m * per_image, 0.0);
+                    }
+                }
+                let done = chunk_fn(x, m, &mut ws, out);
+                self.give_back(ws);
+                done
+            })?;
+        Tensor::from_vec(out, (n, dim), &Device::Cpu)
+    }
+
+    fn take(&self) -> Workspace {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        pool.pop().unwrap_or_default()
+    }
+
+    fn give_back(&self, ws: Workspace) {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(ws);
+    }
+}
+
+/// How a dense layer's input is laid out, which fixes its weight's column order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DenseInput {
+    /// Images as they arrive, channels first (a stem).
+    Chw,
+    /// Activations, channels last.
+    Hwc,
+}
+
+/// One convolution with its folded batch-norm, weights on the host.
+#[derive(Debug, Clone)]
+struct Layer {
+    kind: ConvKind,
+    /// Pointwise `[cout, cin]`; depthwise tap-major `[k·k, c]`; dense `[cout, cin·k·k]` in the
+    /// column order of its input's im2col.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    padding: Padding,
+    act: Act,
+    input: DenseInput,
+}
+
+impl Layer {
+    /// The layer of `conv`, with activation `act`; `input` matters for dense layers only.
+    fn from_conv(conv: &ConvBn, act: Act, input: DenseInput) -> Result<Self> {
+        let w = conv.weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let bias = conv.bias.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let bias = bias.to_vec1::<f32>()?;
+        let cout = bias.len();
+        let flat = w.flatten_all()?.to_vec1::<f32>()?;
+        let k = conv.kernel;
+        let (cin, weight) = match conv.kind {
+            ConvKind::Pointwise => (w.dim(1)?, flat),
+            ConvKind::Depthwise => (cout, nhwc::depthwise_taps_major(&flat, cout, k)),
+            ConvKind::Dense => {
+                let cin = w.dim(1)?;
+                match input {
+                    DenseInput::Chw => (cin, flat),
+                    DenseInput::Hwc => (cin, nhwc::weight_hwc(&flat, cout, cin, k)),
+                }
+            }
+        };
+        let expected = match conv.kind {
+            ConvKind::Depthwise => k * k * cout,
+            _ => cout * cin * k * k,
+        };
+        if weight.len() != expected {
+            candle_core::bail!("channels-last: weight {:?} for {cout} outputs", w.dims());
+        }
+        Ok(Self {
+            kind: conv.kind,
+            weight,
+            bias,
+            cin,
+            cout,
+            kernel: k,
+            stride: conv.stride,
+            padding: conv.padding,
+            act,
+            input,
+        })
+    }
+
+    fn geometry(&self, (h, w): (usize, usize)) -> Result<ConvGeometry> {
+        let pads = self.padding.resolve(h, w, self.kernel, self.stride);
+        ConvGeometry::new(h, w, self.kernel, self.stride, pads).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "a {k}×{k} convolution does not fit a {h}×{w} map",
+                k = self.kernel
+            ))
+        })
+    }
+
+    /// Output map size for an input map.
+    fn out_size(&self, size: (usize, usize)) -> Result<(usize, usize)> {
+        match self.kind {
+            ConvKind::Pointwise => Ok(size),
+            _ => {
+                let g = self.geometry(size)?;
+                Ok((g.out_h, g.out_w))
+            }
+        }
+    }
+
+    /// Floats one image needs for this layer's output and, for a dense layer, its im2col
+    /// matrix; with the output size.
+    fn footprint(&self, size: (usize, usize)) -> Result<(usize, (usize, usize))> {
+        let out = self.out_size(size)?;
+        let pixels = out.0 * out.1;
+        let cols = match self.kind {
+            ConvKind::Dense => self.cin * self.kernel * self.kernel,
+            _ => 0,
+        };
+        Ok((pixels * self.cout.max(cols), out))
+    }
+
+    /// Applies the layer to `n` images of `size` in `src` (channels last; channels first for a
+    /// [`DenseInput::Chw`] stem) into `dst`; dense layers build their im2col in `scratch`.
+    fn apply(
+        &self,
+        src: &[f32],
+        dst: &mut [f32],
+        scratch: &mut [f32],
+        n: usize,
+        size: (usize, usize),
+        depthwise: DepthwiseFn,
+    ) -> Result<()> {
+        let pixels = size.0 * size.1;
+        match self.kind {
+            ConvKind::Pointwise => {
+                let m = n * pixels;
+                let out = &mut dst[..m * self.cout];
+                nhwc::matmul_wt(src, &self.weight, out, m, self.cin, self.cout);
+                nhwc::bias_act_rows(out, &self.bias, self.act);
+            }
+            ConvKind::Depthwise => {
+                let g = self.geometry(size)?;
+                let (inp, outp) = (pixels * self.cin, g.out_h * g.out_w * self.cout);
+                for i in 0..n {
+                    depthwise(
+                        &src[i * inp..][..inp],
+                        &self.weight,
+                        &self.bias,
+                        &g,
+                        self.act,
+                        &mut dst[i * outp..][..outp],
+                    );
+                }
+            }
+            ConvKind::Dense => {
+                let g = self.geometry(size)?;
+                let (rows, cols) = (g.out_h * g.out_w, self.cin * self.kernel * self.kernel);
+                let image = pixels * self.cin;
+                for i in 0..n {
+                    let (x, m) = (&src[i * image..][..image], &mut scratch[i * rows * cols..]);
+                    if self.input == DenseInput::Chw {
+                        nhwc::im2col_chw(x, self.cin, &g, m);
+                    } else {
+                        nhwc::im2col_hwc(x, self.cin, &g, m);
+                    }
+                }
+                let out = &mut dst[..n * rows * self.cout];
+                nhwc::matmul_wt(scratch, &self.weight, out, n * rows, cols, self.cout);
+                nhwc::bias_act_rows(out, &self.bias, self.act);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Buffer `src` to read and buffer `dst` to write (distinct).
+fn pair(ws: &mut Workspace, src: usize, dst: usize) -> (&[f32], &mut [f32]) {
+    debug_assert_ne!(src, dst);
+    if src < dst {
+        let (lo, hi) = ws.split_at_mut(dst);
+        (&lo[src], &mut hi[0])
+    } else {
+        let (lo, hi) = ws.split_at_mut(src);
+        (&hi[0], &mut lo[dst])
+    }
+}
+
+/// `layer` from buffer `src` into buffer `dst`, with buffer `scratch` for its im2col.
+#[allow(clippy::too_many_arguments)]
+fn apply_in(
+    layer: &Layer,
+    ws: &mut Workspace,
+    src: usize,
+    dst: usize,
+    scratch: usize,
+    n: usize,
+    size: (usize, usize),
+    depthwise: DepthwiseFn,
+) -> Result<()> {
+    let mut cols = std::mem::take(&mut ws[scratch]);
+    let (s, d) = pair(ws, src, dst);
+    let done = layer.apply(s, d, &mut cols, n, size, depthwise);
+    ws[scratch] = cols;
+    done
+}
+
+/// The mean over each image's `pixels` rows of `x` (`[n · pixels, dim]`) into `out` `[n, dim]`.
+fn global_avg_pool(x: &[f32], n: usize, pixels: usize, dim: usize, out: &mut [f32]) {
+    let scale = 1.0 / pixels as f32;
+    for (i, o) in out.chunks_exact_mut(dim).enumerate().take(n) {
+        o.fill(0.0);
+        for row in x[i * pixels * dim..][..pixels * dim].chunks_exact(dim) {
+            o.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+        }
+        o.iter_mut().for_each(|o| *o *= scale);
+    }
+}

@@ -1,0 +1,165 @@
+//! MobileNetV2 / EfficientNet-Lite ([`Trunk`]) on the channels-last engine.
+
+use candle_core::{Result, Tensor};
+
+use super::{apply_in, global_avg_pool, Layer, WorkspacePool};
+use super::{Act, ConvKind, DenseInput};
+use crate::backbone::layers::{ConvBn, Trunk};
+use crate::ops::nhwc::{self, DepthwiseFn};
+
+/// Buffers of a task: block input, two scratch buffers, block output, im2col.
+const X: usize = 0;
+const E: usize = 1;
+const D: usize = 2;
+const P: usize = 3;
+const C: usize = 4;
+const BUFFERS: usize = 5;
+
+/// An inverted-residual block.
+#[derive(Debug, Clone)]
+struct Block {
+    layers: Vec<Layer>,
+    residual: bool,
+}
+
+/// A [`Trunk`]'s weights laid out for channels-last CPU inference. Build it once per loaded
+/// network; it does not follow later changes to the trunk's weights.
+#[derive(Debug)]
+pub struct ChannelsLastTrunk {
+    stem: Layer,
+    blocks: Vec<Block>,
+    head: Layer,
+    depthwise: DepthwiseFn,
+    workspaces: WorkspacePool,
+}
+
+fn layer(conv: &ConvBn, input: DenseInput) -> Result<Layer> {
+    let act = if conv.relu6 {
+        Act::Relu6
+    } else {
+        Act::Identity
+    };
+    Layer::from_conv(conv, act, input)
+}
+
+impl ChannelsLastTrunk {
+    /// Copies `trunk`'s weights; errors when its shape is not stem (dense) → blocks of
+    /// pointwise/depthwise layers → pointwise head.
+    pub fn new(trunk: &Trunk) -> Result<Self> {
+        let stem = layer(&trunk.stem, DenseInput::Chw)?;
+        let head = layer(&trunk.head, DenseInput::Hwc)?;
+        let blocks = trunk
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(Block {
+                    layers: b
+                        .layers
+                        .iter()
+                        .map(|l| layer(l, DenseInput::Hwc))
+                        .collect::<Result<_>>()?,
+                    residual: b.residual,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let inner_ok = blocks
+            .iter()
+            .flat_map(|b| &b.layers)
+            .all(|l| l.kind != ConvKind::Dense);
+        if stem.kind != ConvKind::Dense || head.kind != ConvKind::Pointwise || !inner_ok {
+            candle_core::bail!("channels-last: unsupported trunk layout");
+        }
+        Ok(Self {
+            stem,
+            blocks,
+            head,
+            depthwise: nhwc::depthwise_kernel(),
+            workspaces: WorkspacePool::default(),
+        })
+    }
+
+    /// Width of the embedding.
+    pub fn dim(&self) -> usize {
+        self.head.cout
+    }
+
+    /// The largest buffer one image needs (activations and the stem's im2col matrix), in f32.
+    fn per_image(&self, size: (usize, usize)) -> Result<usize> {
+        let (mut most, mut size) = self.stem.footprint(size)?;
+        for layer in self
+            .blocks
+            .iter()
+            .flat_map(|b| &b.layers)
+            .chain([&self.head])
+        {
+            let (floats, out) = layer.footprint(size)?;
+            most = most.max(floats);
+            size = out;
+        }
+        Ok(most)
+    }
+
+    /// Pooled features `[N, D]` of images `[N, C, H, W]` (f32, on the CPU).
+    pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        if c != self.stem.cin {
+            candle_core::bail!(
+                "channels-last: {c}-channel images for a {}-channel stem",
+                self.stem.cin
+            );
+        }
+        let per = self.per_image((h, w))?;
+        self.workspaces
+            .run_chunked(x, BUFFERS, per, self.dim(), |x, n, ws, out| {
+                self.run_chunk(x, n, (h, w), ws, out)
+            })
+    }
+
+    /// The whole network on `n` images `x` (`[n, C, H, W]`), pooled features into `out`.
+    fn run_chunk(
+        &self,
+        x: &[f32],
+        n: usize,
+        size: (usize, usize),
+        ws: &mut super::Workspace,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let dw = self.depthwise;
+        // The stem reads the images as they are; it needs no source buffer.
+        let mut cols = std::mem::take(&mut ws[C]);
+        let done = self.stem.apply(x, &mut ws[X], &mut cols, n, size, dw);
+        ws[C] = cols;
+        done?;
+        let mut size = self.stem.out_size(size)?;
+        for block in &self.blocks {
+            let (mut src, in_size) = (X, size);
+            for (i, layer) in block.layers.iter().enumerate() {
+                let dst = if i + 1 == block.layers.len() {
+                    P
+                } else if src == E {
+                    D
+                } else {
+                    E
+                };
+                apply_in(layer, ws, src, dst, C, n, size, dw)?;
+                size = layer.out_size(size)?;
+                src = dst;
+            }
+            let cout = block.layers.last().map_or(0, |l| l.cout);
+            if block.residual {
+                if size != in_size {
+                    candle_core::bail!("channels-last: a residual block changed the map size");
+                }
+                let len = n * size.0 * size.1 * cout;
+                let (x_buf, p_buf) = super::pair(ws, X, P);
+                nhwc::add_act(&mut p_buf[..len], &x_buf[..len], Act::Identity);
+            }
+            if !block.layers.is_empty() {
+                ws.swap(X, P);
+            }
+        }
+        apply_in(&self.head, ws, X, E, C, n, size, dw)?;
+        global_avg_pool(&ws[E], n, size.0 * size.1, self.head.cout, out);
+        Ok(())
+    }
+}
