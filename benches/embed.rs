@@ -2,7 +2,8 @@
 //! the channels-last engine that `bccp` runs), `embed/mobilenet_v2_candle_ops` (the same
 //! network through candle's tensor ops and our depthwise op, i.e. before the engine),
 //! `embed/mobilenet_v2_grouped_conv` (candle's ops with its grouped conv, before the depthwise
-//! op), `embed/resnet18` (random weights); `embed64/…` the same MobileNetV2 paths at 64×64,
+//! op), `embed/resnet18` (random weights; `resnet18_candle_ops` the same through
+//! candle-transformers' ResNet, before the engine); `embed64/…` the same MobileNetV2 paths at 64×64,
 //! batch 64 (the Fashion-MNIST setting); and the depthwise layers alone.
 //! `scripts/compare_embed.py` runs PyTorch on the 224×224 shapes in the same run.
 //! Needs `scripts/fetch-assets.sh` (MobileNetV2 weights). Threads: RAYON_NUM_THREADS.
@@ -62,6 +63,13 @@ fn embed(c: &mut Criterion) {
     .expect("resnet18");
     group.bench_function("resnet18", |b| {
         b.iter(|| resnet.embed(&x).expect("forward"))
+    });
+    let resnet_ops = candle_transformers::models::resnet::resnet18_no_final_layer(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .expect("resnet18");
+    group.bench_function("resnet18_candle_ops", |b| {
+        b.iter(|| candle_core::Module::forward(&resnet_ops, &x).expect("forward"))
     });
     group.finish();
 }

@@ -6,9 +6,10 @@ torch.inference_mode(), torch.set_num_threads(--threads); a few warm-up forwards
 median of timed forwards (about --seconds per model).
 bccp side: `cargo bench --bench embed -- --output-format bencher embed/` (criterion ids
 embed/mobilenet_v2 and embed/resnet18, one iteration = one forward of 32 images), run with
-RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s. Two more bccp rows show the
-earlier MobileNetV2 paths: candle's tensor ops with bccp's depthwise op (before the channels-last
-engine), and candle's grouped convolution (before the depthwise op).
+RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s. Three more bccp rows show the
+earlier paths: MobileNetV2 through candle's tensor ops with bccp's depthwise op (before the
+channels-last engine) and with candle's grouped convolution (before the depthwise op), and
+ResNet-18 through candle-transformers' model (before the engine).
 
 Prints a markdown table (model, PyTorch img/s, bccp img/s, bccp/PyTorch) and, with --json FILE,
 writes the same as JSON.
@@ -108,14 +109,15 @@ def main():
         rows.append({"model": name, "pytorch_img_s": t, "bccp_img_s": r, "ratio": ratio})
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
         print(f"| {name} | {t:.1f} | {fmt(r, '.1f')} | {fmt(ratio, '.2f')} |")
-    # The same MobileNetV2 through the earlier paths.
+    # The same models through the earlier paths.
     for key, label in [
         ("mobilenet_v2_candle_ops", "mobilenet_v2, candle ops + depthwise op (before the channels-last engine)"),
         ("mobilenet_v2_grouped_conv", "mobilenet_v2, candle grouped conv (before the depthwise op)"),
+        ("resnet18_candle_ops", "resnet18, candle-transformers' ResNet (before the channels-last engine)"),
     ]:
         before = rust_ips.get(key)
         if before is not None:
-            t = torch_ips["mobilenet_v2"]
+            t = torch_ips[key.split("_candle")[0].split("_grouped")[0]]
             rows.append({"model": key, "pytorch_img_s": t, "bccp_img_s": before, "ratio": before / t})
             print(f"| {label} | {t:.1f} | {before:.1f} | {before / t:.2f} |")
 
