@@ -423,6 +423,13 @@ mod tests {
         out
     }
 
+    fn max_err(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max)
+    }
+
     fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..n)
@@ -461,11 +468,7 @@ mod tests {
                 for (name, f) in &kernels {
                     let mut got = vec![f32::NAN; want.len()];
                     f(&x, &taps, &bias, &g, act, &mut got);
-                    let err = got
-                        .iter()
-                        .zip(&want)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0f32, f32::max);
+                    let err = max_err(&got, &want);
                     assert!(err < 1e-5, "{name} {h}x{w}x{c} k{k} s{s}: {err}");
                 }
             }
@@ -511,11 +514,7 @@ mod tests {
             cols,
             cout,
         );
-        let err = ya
-            .iter()
-            .zip(&yb)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
+        let err = max_err(&ya, &yb);
         assert!(err < 1e-5, "{err}");
     }
 

@@ -244,6 +244,36 @@ impl Layer {
     }
 }
 
+/// The `(h, w)` of images `x` `[N, C, H, W]`, checking `C` against the stem's input channels.
+fn input_size(stem: &Layer, x: &Tensor) -> Result<(usize, usize)> {
+    let (_, c, h, w) = x.dims4()?;
+    if c != stem.cin {
+        candle_core::bail!(
+            "channels-last: {c}-channel images for a {}-channel stem",
+            stem.cin
+        );
+    }
+    Ok((h, w))
+}
+
+/// The stem on `n` images as they arrive (channels first, not in a buffer) into buffer `dst`,
+/// its im2col in buffer `scratch`; returns the output map size.
+fn apply_stem(
+    stem: &Layer,
+    images: &[f32],
+    ws: &mut Workspace,
+    (dst, scratch): (usize, usize),
+    n: usize,
+    size: (usize, usize),
+    depthwise: DepthwiseFn,
+) -> Result<(usize, usize)> {
+    let mut cols = std::mem::take(&mut ws[scratch]);
+    let done = stem.apply(images, &mut ws[dst], &mut cols, n, size, depthwise);
+    ws[scratch] = cols;
+    done?;
+    stem.out_size(size)
+}
+
 /// Buffer `src` to read and buffer `dst` to write (distinct).
 fn pair(ws: &mut Workspace, src: usize, dst: usize) -> (&[f32], &mut [f32]) {
     debug_assert_ne!(src, dst);

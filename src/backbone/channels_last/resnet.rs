@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{apply_in, global_avg_pool, pair, Layer, WorkspacePool};
+use super::{apply_in, apply_stem, global_avg_pool, input_size, pair, Layer, WorkspacePool};
 use super::{Act, ConvKind, DenseInput, Padding};
 use crate::backbone::layers::{ConvBn, ConvBnNames, ConvSpec};
 use crate::ops::nhwc::{self, ConvGeometry, DepthwiseFn};
@@ -170,10 +170,7 @@ impl ChannelsLastResNet {
 
     /// Pooled features `[N, D]` of images `[N, 3, H, W]` (f32, on the CPU).
     pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, c, h, w) = x.dims4()?;
-        if c != self.stem.cin {
-            candle_core::bail!("ResNet: {c}-channel images, expected 3");
-        }
+        let (h, w) = input_size(&self.stem, x)?;
         let per = self.per_image((h, w))?;
         self.workspaces
             .run_chunked(x, BUFFERS, per, self.dim, |x, n, ws, out| {
@@ -190,11 +187,7 @@ impl ChannelsLastResNet {
         out: &mut [f32],
     ) -> Result<()> {
         let dw = self.depthwise;
-        let mut cols = std::mem::take(&mut ws[C]);
-        let done = self.stem.apply(x, &mut ws[A], &mut cols, n, size, dw);
-        ws[C] = cols;
-        done?;
-        let size = self.stem.out_size(size)?;
+        let size = apply_stem(&self.stem, x, ws, (A, C), n, size, dw)?;
         let g = Self::pool_geometry(size)?;
         let (inp, outp) = (size.0 * size.1 * 64, g.out_h * g.out_w * 64);
         {

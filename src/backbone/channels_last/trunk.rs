@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{apply_in, global_avg_pool, Layer, WorkspacePool};
+use super::{apply_in, apply_stem, global_avg_pool, input_size, Layer, WorkspacePool};
 use super::{Act, ConvKind, DenseInput};
 use crate::backbone::layers::{ConvBn, Trunk};
 use crate::ops::nhwc::{self, DepthwiseFn};
@@ -101,13 +101,7 @@ impl ChannelsLastTrunk {
 
     /// Pooled features `[N, D]` of images `[N, C, H, W]` (f32, on the CPU).
     pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, c, h, w) = x.dims4()?;
-        if c != self.stem.cin {
-            candle_core::bail!(
-                "channels-last: {c}-channel images for a {}-channel stem",
-                self.stem.cin
-            );
-        }
+        let (h, w) = input_size(&self.stem, x)?;
         let per = self.per_image((h, w))?;
         self.workspaces
             .run_chunked(x, BUFFERS, per, self.dim(), |x, n, ws, out| {
@@ -125,12 +119,7 @@ impl ChannelsLastTrunk {
         out: &mut [f32],
     ) -> Result<()> {
         let dw = self.depthwise;
-        // The stem reads the images as they are; it needs no source buffer.
-        let mut cols = std::mem::take(&mut ws[C]);
-        let done = self.stem.apply(x, &mut ws[X], &mut cols, n, size, dw);
-        ws[C] = cols;
-        done?;
-        let mut size = self.stem.out_size(size)?;
+        let mut size = apply_stem(&self.stem, x, ws, (X, C), n, size, dw)?;
         for block in &self.blocks {
             let (mut src, in_size) = (X, size);
             for (i, layer) in block.layers.iter().enumerate() {
