@@ -19,6 +19,8 @@ const S: usize = 3;
 const C: usize = 4;
 const BUFFERS: usize = 5;
 const BN_EPS: f64 = 1e-5;
+/// Stem width, then the width of each stage.
+const STEM: usize = 64;
 const WIDTHS: [usize; 4] = [64, 128, 256, 512];
 
 /// One residual block: its convolutions in order (the last without activation) and the
@@ -78,12 +80,12 @@ impl ChannelsLastResNet {
         let stem = conv_bn(
             vb.pp("conv1"),
             vb.pp("bn1"),
-            (3, 64, 7, 2),
+            (3, STEM, 7, 2),
             Act::Relu,
             DenseInput::Chw,
         )?;
         let mut blocks = Vec::new();
-        let mut cin = 64;
+        let mut cin = STEM;
         for (stage, (&count, &width)) in counts.iter().zip(&WIDTHS).enumerate() {
             let lvb = vb.pp(format!("layer{}", stage + 1));
             for i in 0..count {
@@ -189,11 +191,16 @@ impl ChannelsLastResNet {
         let dw = self.depthwise;
         let size = apply_stem(&self.stem, x, ws, (A, C), n, size, dw)?;
         let g = Self::pool_geometry(size)?;
-        let (inp, outp) = (size.0 * size.1 * 64, g.out_h * g.out_w * 64);
+        let (inp, outp) = (size.0 * size.1 * STEM, g.out_h * g.out_w * STEM);
         {
             let (a, x_buf) = pair(ws, A, X);
             for i in 0..n {
-                nhwc::max_pool_hwc(&a[i * inp..][..inp], 64, &g, &mut x_buf[i * outp..][..outp]);
+                nhwc::max_pool_hwc(
+                    &a[i * inp..][..inp],
+                    STEM,
+                    &g,
+                    &mut x_buf[i * outp..][..outp],
+                );
             }
         }
         let mut size = (g.out_h, g.out_w);
