@@ -264,7 +264,7 @@ pub type DepthwiseFn = fn(&[f32], &[f32], &[f32], &ConvGeometry, Act, &mut [f32]
 pub fn depthwise_kernel() -> DepthwiseFn {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx512f") {
             return x86::depthwise_avx512;
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -283,90 +283,229 @@ pub fn depthwise_portable(
     act: Act,
     out: &mut [f32],
 ) {
-    depthwise_body::<{ cfg!(target_arch = "aarch64") }>(x, taps, bias, g, act, out)
+    type Lanes = [f32; LANES];
+    const FMA: bool = cfg!(target_arch = "aarch64");
+    depthwise_body(
+        x,
+        taps,
+        bias,
+        g,
+        act,
+        out,
+        |s: &Lanes| *s,
+        |acc: Lanes, w: Lanes, x: Lanes| {
+            std::array::from_fn(|j| {
+                if FMA {
+                    w[j].mul_add(x[j], acc[j])
+                } else {
+                    acc[j] + w[j] * x[j]
+                }
+            })
+        },
+        |v: Lanes, o: &mut Lanes| {
+            for j in 0..LANES {
+                o[j] = act.apply(v[j]);
+            }
+        },
+    )
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{depthwise_body, Act, ConvGeometry};
+/// The lowest and highest value `act` lets through (a clamp).
+fn act_bounds(act: Act) -> (f32, f32) {
+    match act {
+        Act::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+        Act::Relu => (0.0, f32::INFINITY),
+        Act::Relu6 => (0.0, 6.0),
+    }
+}
 
-    /// A safe `DepthwiseFn` around [`depthwise_body`] compiled with `features`.
-    macro_rules! depthwise_with {
-        ($name:ident, $features:literal) => {
-            pub fn $name(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, r: Act, o: &mut [f32]) {
-                #[target_feature(enable = $features)]
-                fn inner(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, r: Act, o: &mut [f32]) {
-                    depthwise_body::<true>(x, t, b, g, r, o)
-                }
-                // SAFETY: only handed out by `depthwise_kernel` after detecting `$features`.
-                unsafe { inner(x, t, b, g, r, o) }
-            }
-        };
+/// The depthwise kernel with explicit AVX-512 and AVX2 vectors (the compiler splits a
+/// 16-lane array into 128/256-bit pieces when left to itself).
+#[cfg(target_arch = "x86_64")]
+#[allow(unused_unsafe)] // intrinsics are safe in a `target_feature` context on newer compilers
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{act_bounds, depthwise_body, Act, ConvGeometry, LANES};
+
+    type Lanes = [f32; LANES];
+
+    #[target_feature(enable = "avx512f")]
+    fn avx512(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, act: Act, o: &mut [f32]) {
+        let (lo, hi) = act_bounds(act);
+        let (lo, hi) = unsafe { (_mm512_set1_ps(lo), _mm512_set1_ps(hi)) };
+        depthwise_body(
+            x,
+            t,
+            b,
+            g,
+            act,
+            o,
+            // SAFETY: each pointer comes from a reference to 16 floats.
+            |s: &Lanes| unsafe { _mm512_loadu_ps(s.as_ptr()) },
+            |acc, w, x| unsafe { _mm512_fmadd_ps(w, x, acc) },
+            |v, d: &mut Lanes| unsafe {
+                _mm512_storeu_ps(d.as_mut_ptr(), _mm512_min_ps(_mm512_max_ps(v, lo), hi))
+            },
+        )
     }
 
-    depthwise_with!(depthwise_avx512, "avx512f,fma");
-    depthwise_with!(depthwise_avx2, "avx2,fma");
+    #[target_feature(enable = "avx2,fma")]
+    fn avx2(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, act: Act, o: &mut [f32]) {
+        let (lo, hi) = act_bounds(act);
+        let (lo, hi) = unsafe { (_mm256_set1_ps(lo), _mm256_set1_ps(hi)) };
+        depthwise_body(
+            x,
+            t,
+            b,
+            g,
+            act,
+            o,
+            // SAFETY: each pointer comes from a reference to 16 floats; the halves are 8 each.
+            |s: &Lanes| unsafe {
+                (
+                    _mm256_loadu_ps(s.as_ptr()),
+                    _mm256_loadu_ps(s[8..].as_ptr()),
+                )
+            },
+            |acc: (__m256, __m256), w: (__m256, __m256), x: (__m256, __m256)| unsafe {
+                (
+                    _mm256_fmadd_ps(w.0, x.0, acc.0),
+                    _mm256_fmadd_ps(w.1, x.1, acc.1),
+                )
+            },
+            |v: (__m256, __m256), d: &mut Lanes| unsafe {
+                let clamp = |v| _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+                _mm256_storeu_ps(d.as_mut_ptr(), clamp(v.0));
+                _mm256_storeu_ps(d[8..].as_mut_ptr(), clamp(v.1));
+            },
+        )
+    }
+
+    pub fn depthwise_avx512(
+        x: &[f32],
+        t: &[f32],
+        b: &[f32],
+        g: &ConvGeometry,
+        r: Act,
+        o: &mut [f32],
+    ) {
+        // SAFETY: only handed out by `depthwise_kernel` after detecting AVX-512F.
+        unsafe { avx512(x, t, b, g, r, o) }
+    }
+
+    pub fn depthwise_avx2(
+        x: &[f32],
+        t: &[f32],
+        b: &[f32],
+        g: &ConvGeometry,
+        r: Act,
+        o: &mut [f32],
+    ) {
+        // SAFETY: only handed out by `depthwise_kernel` after detecting AVX2 and FMA.
+        unsafe { avx2(x, t, b, g, r, o) }
+    }
 }
 
-/// The depthwise loop: per block of [`LANES`] channels, the block's weights are gathered once,
-/// then every output pixel accumulates its in-map taps in registers.
+/// The [`LANES`] floats of `s` from `at`.
 #[inline(always)]
-fn depthwise_body<const FMA: bool>(
+fn lanes(s: &[f32], at: usize) -> &[f32; LANES] {
+    s[at..at + LANES].try_into().expect("LANES-long slice")
+}
+
+/// Inputs of [`block_group`]: image, taps, bias, geometry, first channel.
+type GroupArgs<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a ConvGeometry, usize);
+
+/// `G` consecutive blocks of [`LANES`] channels from channel `c0`, every output pixel; returns
+/// `G`.
+#[inline(always)]
+fn block_group<V: Copy, const G: usize>(
+    (x, taps, bias, g, c0): GroupArgs,
+    (load, fma, store): (
+        &impl Fn(&[f32; LANES]) -> V,
+        &impl Fn(V, V, V) -> V,
+        &impl Fn(V, &mut [f32; LANES]),
+    ),
+    out: &mut [f32],
+) -> usize {
+    let (c, k) = (bias.len(), g.kernel);
+    let first = load(lanes(bias, c0));
+    let mut wb = [[first; G]; MAX_TAPS];
+    for (t, wt) in wb.iter_mut().enumerate().take(k * k) {
+        for (j, w) in wt.iter_mut().enumerate() {
+            *w = load(lanes(taps, t * c + c0 + j * LANES));
+        }
+    }
+    let b0: [V; G] = std::array::from_fn(|j| load(lanes(bias, c0 + j * LANES)));
+    for oy in 0..g.out_h {
+        let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+        for ox in 0..g.out_w {
+            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+            let mut acc = b0;
+            for ky in ky0..ky1 {
+                let iy = oy * g.stride + ky - g.pad_top;
+                for kx in kx0..kx1 {
+                    let ix = ox * g.stride + kx - g.pad_left;
+                    let at = (iy * g.w + ix) * c + c0;
+                    let w = &wb[ky * k + kx];
+                    for j in 0..G {
+                        acc[j] = fma(acc[j], w[j], load(lanes(x, at + j * LANES)));
+                    }
+                }
+            }
+            let at = (oy * g.out_w + ox) * c + c0;
+            for (j, a) in acc.into_iter().enumerate() {
+                let o: &mut [f32; LANES] = (&mut out[at + j * LANES..at + (j + 1) * LANES])
+                    .try_into()
+                    .expect("LANES-long slice");
+                store(a, o);
+            }
+        }
+    }
+    G
+}
+
+/// The depthwise loop over vectors `V` of [`LANES`] channels, given how to load one, multiply-
+/// add (`acc + w · x`) and store one with the activation: per group of channel blocks the
+/// weights are loaded once, then every output pixel accumulates its in-map taps in registers.
+/// Channels past the last full block are computed one at a time.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_body<V: Copy>(
     x: &[f32],
     taps: &[f32],
     bias: &[f32],
     g: &ConvGeometry,
     act: Act,
     out: &mut [f32],
+    load: impl Fn(&[f32; LANES]) -> V,
+    fma: impl Fn(V, V, V) -> V,
+    store: impl Fn(V, &mut [f32; LANES]),
 ) {
     let c = bias.len();
     let k = g.kernel;
     assert!(
-        k * k <= MAX_TAPS
+        (1..=MAX_TAPS).contains(&(k * k))
             && taps.len() >= k * k * c
             && x.len() >= g.h * g.w * c
             && out.len() >= g.out_h * g.out_w * c,
         "depthwise: kernel {k} or buffers do not fit {c} channels"
     );
     let blocks = c / LANES;
-    for cb in 0..blocks {
-        let c0 = cb * LANES;
-        let mut wb = [[0f32; LANES]; MAX_TAPS];
-        for (t, wt) in wb.iter_mut().enumerate().take(k * k) {
-            wt.copy_from_slice(&taps[t * c + c0..][..LANES]);
-        }
-        let mut b0 = [0f32; LANES];
-        b0.copy_from_slice(&bias[c0..c0 + LANES]);
-        for oy in 0..g.out_h {
-            let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
-            for ox in 0..g.out_w {
-                let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
-                let mut acc = b0;
-                for ky in ky0..ky1 {
-                    let iy = oy * g.stride + ky - g.pad_top;
-                    for kx in kx0..kx1 {
-                        let ix = ox * g.stride + kx - g.pad_left;
-                        let xv: &[f32; LANES] = x[(iy * g.w + ix) * c + c0..][..LANES]
-                            .try_into()
-                            .expect("LANES-long slice");
-                        let wv = &wb[ky * k + kx];
-                        for j in 0..LANES {
-                            acc[j] = if FMA {
-                                wv[j].mul_add(xv[j], acc[j])
-                            } else {
-                                acc[j] + wv[j] * xv[j]
-                            };
-                        }
-                    }
-                }
-                let o = &mut out[(oy * g.out_w + ox) * c + c0..][..LANES];
-                for j in 0..LANES {
-                    o[j] = act.apply(acc[j]);
-                }
-            }
-        }
+    // Groups of 4, 2, then 1 blocks: independent accumulators hide the multiply-add latency.
+    let mut cb = 0;
+    while cb < blocks {
+        let left = blocks - cb;
+        let ops = (&load, &fma, &store);
+        let args = (x, taps, bias, g, cb * LANES);
+        cb += if left >= 4 {
+            block_group::<V, 4>(args, ops, out)
+        } else if left >= 2 {
+            block_group::<V, 2>(args, ops, out)
+        } else {
+            block_group::<V, 1>(args, ops, out)
+        };
     }
-    // Channels past the last full block, one at a time.
     for ch in blocks * LANES..c {
         for oy in 0..g.out_h {
             let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
@@ -444,10 +583,16 @@ mod tests {
 
     #[test]
     fn depthwise_matches_naive_for_every_kernel_variant() {
-        let kernels: Vec<(&str, DepthwiseFn)> = vec![
+        #[allow(unused_mut)]
+        let mut kernels: Vec<(&str, DepthwiseFn)> = vec![
             ("portable", depthwise_portable),
             ("detected", depthwise_kernel()),
         ];
+        // Every x86 kernel this CPU can run, not only the fastest.
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            kernels.push(("avx2", x86::depthwise_avx2));
+        }
         // Channels with and without a remainder past the vector blocks; maps down to 1×1.
         for &(h, w, c, k, s, pads) in &[
             (5, 6, 16, 3, 1, (1, 1, 1, 1)),
@@ -457,6 +602,9 @@ mod tests {
             (9, 8, 32, 5, 2, (1, 2, 1, 2)),
             (4, 4, 17, 5, 1, (2, 2, 2, 2)),
             (6, 6, 3, 3, 2, (0, 1, 0, 1)),
+            // Groups of 4 + 2 + 1 and 4 + 1 channel blocks.
+            (4, 5, 112, 3, 1, (1, 1, 1, 1)),
+            (5, 4, 80, 5, 2, (1, 2, 1, 2)),
         ] {
             let g = ConvGeometry::new(h, w, k, s, pads).unwrap();
             let x = values(h * w * c, 1);
