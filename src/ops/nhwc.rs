@@ -310,7 +310,8 @@ pub fn depthwise_portable(
     )
 }
 
-/// The lowest and highest value `act` lets through (a clamp).
+/// The lowest and highest value `act` lets through (the vector kernels clamp to them, and
+/// leave `Identity` outputs untouched).
 fn act_bounds(act: Act) -> (f32, f32) {
     match act {
         Act::Identity => (f32::NEG_INFINITY, f32::INFINITY),
@@ -345,7 +346,11 @@ mod x86 {
             |s: &Lanes| unsafe { _mm512_loadu_ps(s.as_ptr()) },
             |acc, w, x| unsafe { _mm512_fmadd_ps(w, x, acc) },
             |v, d: &mut Lanes| unsafe {
-                _mm512_storeu_ps(d.as_mut_ptr(), _mm512_min_ps(_mm512_max_ps(v, lo), hi))
+                let v = match act {
+                    Act::Identity => v,
+                    _ => _mm512_min_ps(_mm512_max_ps(v, lo), hi),
+                };
+                _mm512_storeu_ps(d.as_mut_ptr(), v)
             },
         )
     }
@@ -375,7 +380,10 @@ mod x86 {
                 )
             },
             |v: (__m256, __m256), d: &mut Lanes| unsafe {
-                let clamp = |v| _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+                let clamp = |v| match act {
+                    Act::Identity => v,
+                    _ => _mm256_min_ps(_mm256_max_ps(v, lo), hi),
+                };
                 _mm256_storeu_ps(d.as_mut_ptr(), clamp(v.0));
                 _mm256_storeu_ps(d[8..].as_mut_ptr(), clamp(v.1));
             },
