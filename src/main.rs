@@ -73,15 +73,9 @@ struct LabelIssuesArgs {
     /// Output: a boolean mask .npy (with --pred-probs) or a JSON Lines report (with --dataset).
     #[arg(long)]
     out: PathBuf,
-    /// Backbone from the zoo (with --dataset).
-    #[arg(long, default_value = "mobilenet_v2")]
-    backbone: String,
-    /// Local backbone weights instead of the zoo's source.
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Input size override (e.g. 64 for 28×28 images).
-    #[arg(long)]
-    image_size: Option<u32>,
+    /// The backbone that embeds --dataset.
+    #[command(flatten)]
+    net: BackboneArgs,
     /// Cross-validation folds.
     #[arg(long, default_value_t = 5)]
     folds: usize,
@@ -95,6 +89,20 @@ struct LabelIssuesArgs {
     /// Embedding cache folder (default: BCCP_CACHE, else ~/.cache/bccp).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+}
+
+/// The backbone flags `train` and `label-issues` share.
+#[derive(Args, Debug)]
+struct BackboneArgs {
+    /// Backbone from the zoo.
+    #[arg(long, default_value = "mobilenet_v2")]
+    backbone: String,
+    /// Local backbone weights instead of the zoo's source.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Input size override (e.g. 64 for 28×28 images).
+    #[arg(long)]
+    image_size: Option<u32>,
     /// Never touch the network for hub weights.
     #[arg(long)]
     offline: bool,
@@ -159,15 +167,8 @@ struct TrainArgs {
     /// Name of the run in the registry.
     #[arg(long, default_value = "bccp")]
     model_name: String,
-    /// Backbone from the zoo.
-    #[arg(long, default_value = "mobilenet_v2")]
-    backbone: String,
-    /// Local backbone weights instead of the zoo's source.
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Input size override (e.g. 64 for 28×28 images).
-    #[arg(long)]
-    image_size: Option<u32>,
+    #[command(flatten)]
+    net: BackboneArgs,
     /// Cut-off score: label_prob_mean (default), margin, knn_disagreement, logit_sum_var (the reference's), label_prob_var, entropy, bald.
     #[arg(long, default_value = "label_prob_mean")]
     cutoff_score: bccp::cutoff::Score,
@@ -214,9 +215,6 @@ struct TrainArgs {
     /// Do not use the embedding cache.
     #[arg(long)]
     no_cache: bool,
-    /// Never touch the network for hub weights.
-    #[arg(long)]
-    offline: bool,
 }
 
 #[derive(Args, Debug)]
@@ -756,9 +754,9 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
         monday_num: args.monday_num,
         tuesday_num: args.tuesday_num,
         model_name: args.model_name,
-        backbone: args.backbone,
-        weights: args.weights,
-        image_size: args.image_size,
+        backbone: args.net.backbone,
+        weights: args.net.weights,
+        image_size: args.net.image_size,
         cleanse: bccp::cleanse::CleanseConfig {
             method,
             cutoff_score: args.cutoff_score,
@@ -785,7 +783,7 @@ fn run_train(args: TrainArgs, quiet: bool) -> Result<()> {
                 .unwrap_or_else(backbone::cache::default_cache_dir)
         }),
         runs_dir: args.runs_dir,
-        offline: args.offline,
+        offline: args.net.offline,
     };
     bccp::pipeline::validate(&cfg)?;
     println!("==================== configuration ====================");
@@ -912,11 +910,7 @@ fn run_predict(args: PredictArgs) -> Result<()> {
             .with_context(|| format!("{} has no {k}", run.path.display()))
     };
     let head = bccp::train::Head::from_tensors(get("head.weight")?, get("head.bias")?)?;
-    let mut pre = spec.preprocess();
-    if let Some(size) = params["image_size"].as_u64() {
-        pre.width = size as u32;
-        pre.height = size as u32;
-    }
+    let pre = spec.preprocess_at(params["image_size"].as_u64().map(|s| s as u32))?;
     let batch = bccp::data::loader::load_batch(&args.images, 0, &pre, false)?;
     let features = model.embed(&batch.to_tensor(&pre, &device)?)?;
     let probs = candle_nn::ops::softmax_last_dim(&head.logits(&features)?)?
@@ -953,8 +947,8 @@ fn run_label_issues(args: LabelIssuesArgs, quiet: bool) -> Result<()> {
         .context("give --pred-probs P.npy --labels L.npy, or --dataset DIR")?;
     anyhow::ensure!(args.folds >= 2, "--folds {} must be 2 or more", args.folds);
     anyhow::ensure!(args.epochs >= 1, "--epochs must be 1 or more");
-    let spec = backbone::zoo::find(&args.backbone)?;
-    let weights = backbone::resolve_weights(&spec, args.weights.as_deref(), args.offline)?;
+    let spec = backbone::zoo::find(&args.net.backbone)?;
+    let weights = backbone::resolve_weights(&spec, args.net.weights.as_deref(), args.net.offline)?;
     let device = bccp::device::parse_device(&args.device)?;
     let list = backbone::embed::ImageList::from_path(dataset)?;
     anyhow::ensure!(
@@ -964,12 +958,7 @@ fn run_label_issues(args: LabelIssuesArgs, quiet: bool) -> Result<()> {
         list.files.len(),
         args.folds
     );
-    let mut pre = spec.preprocess();
-    if let Some(size) = args.image_size {
-        anyhow::ensure!(size >= 32, "--image-size {size} is too small; 32 or more");
-        pre.width = size;
-        pre.height = size;
-    }
+    let pre = spec.preprocess_at(args.net.image_size)?;
     let cache_dir = args
         .cache_dir
         .clone()

@@ -145,10 +145,8 @@ pub fn validate(cfg: &RunConfig) -> Result<()> {
     if cfg.monday_num == Some(0) || cfg.tuesday_num == Some(0) {
         bail!("--monday-num and --tuesday-num must be 1 or more");
     }
-    if let Some(size) = cfg.image_size {
-        ensure!(size >= 32, "--image-size {size} is too small; 32 or more");
-    }
     let spec = zoo::find(&cfg.backbone)?;
+    spec.preprocess_at(cfg.image_size)?;
     if cfg.finetune == Finetune::Full {
         if let Some(why) = Backbone::finetune_blocker(spec.architecture) {
             bail!(
@@ -207,11 +205,7 @@ pub fn embed_stage(cfg: &RunConfig, progress: &Progress) -> Result<Embedded> {
         (Vec::new(), Vec::new())
     };
     let spec = zoo::find(&cfg.backbone)?;
-    let mut pre = spec.preprocess();
-    if let Some(size) = cfg.image_size {
-        pre.width = size;
-        pre.height = size;
-    }
+    let pre = spec.preprocess_at(cfg.image_size)?;
     let weights = resolve_weights(&spec, cfg.weights.as_deref(), cfg.offline)?;
     let weights_sha = cache::weights_hash(cfg.cache_dir.as_deref(), &weights)?;
     let all: Vec<Record> = mon_train

@@ -63,6 +63,18 @@ impl BackboneSpec {
             std: self.std,
         }
     }
+
+    /// [`BackboneSpec::preprocess`] at `size` × `size` instead of the backbone's input size
+    /// (`--image-size`); sizes under 32 are refused.
+    pub fn preprocess_at(&self, size: Option<u32>) -> anyhow::Result<Preprocess> {
+        let mut pre = self.preprocess();
+        if let Some(size) = size {
+            anyhow::ensure!(size >= 32, "--image-size {size} is too small; 32 or more");
+            pre.width = size;
+            pre.height = size;
+        }
+        Ok(pre)
+    }
 }
 
 #[derive(Deserialize)]
