@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, Context, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -95,6 +96,45 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing failed: {e}")
 }
 
+/// A chart of f64 × f64 on the whole of `root`, with its caption and axis descriptions drawn.
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+fn chart<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    (x, y): (std::ops::Range<f64>, std::ops::Range<f64>),
+    (x_desc, y_desc): (&str, &str),
+) -> Result<Chart<'a, 'b>> {
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x, y)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(err)?;
+    Ok(chart)
+}
+
+/// The legend of the labelled series, at `position`.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(position)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(err)
+}
+
 /// `accuracy.png`: for each family, the configuration with the best mean test accuracy over
 /// the noise levels, as a line over the user accuracy; the clean-label accuracy as a dashed
 /// ceiling.
@@ -153,23 +193,12 @@ pub fn accuracy_chart(rows: &[Row], path: &Path) -> Result<()> {
         (x0 - 0.1, x0 + 0.1)
     };
     render(path, |root| {
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                "Test accuracy by method and label noise (best configuration per family)",
-                ("sans-serif", 20),
-            )
-            .margin(15)
-            .x_label_area_size(45)
-            .y_label_area_size(60)
-            .build_cartesian_2d(x0..x1, lo..hi)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("users' label accuracy")
-            .y_desc("test accuracy")
-            .draw()
-            .map_err(err)?;
+        let mut chart = chart(
+            root,
+            "Test accuracy by method and label noise (best configuration per family)",
+            (x0..x1, lo..hi),
+            ("users' label accuracy", "test accuracy"),
+        )?;
         if let Some(c) = ceiling {
             let style = ShapeStyle::from(&BLACK).stroke_width(1);
             chart
@@ -191,15 +220,7 @@ pub fn accuracy_chart(rows: &[Row], path: &Path) -> Result<()> {
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 4, col.filled())))
                 .map_err(err)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(err)?;
-        Ok(())
+        legend(&mut chart, SeriesLabelPosition::LowerRight)
     })
 }
 
@@ -218,23 +239,15 @@ pub fn detection_chart(rows: &[Row], path: &Path) -> Result<()> {
         }
     }
     render(path, |root| {
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                "Noise detection: precision vs recall of the flagged samples",
-                ("sans-serif", 20),
-            )
-            .margin(15)
-            .x_label_area_size(45)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("recall (share of wrong labels flagged)")
-            .y_desc("precision (share of flagged that are wrong)")
-            .draw()
-            .map_err(err)?;
+        let mut chart = chart(
+            root,
+            "Noise detection: precision vs recall of the flagged samples",
+            (0.0..1.0, 0.0..1.0),
+            (
+                "recall (share of wrong labels flagged)",
+                "precision (share of flagged that are wrong)",
+            ),
+        )?;
         for (family, col) in FAMILIES {
             let pts: Vec<(f64, f64)> = points
                 .iter()
@@ -253,14 +266,6 @@ pub fn detection_chart(rows: &[Row], path: &Path) -> Result<()> {
                 .label(family)
                 .legend(move |(x, y)| Circle::new((x + 10, y), 5, col.filled()));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerLeft)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(err)?;
-        Ok(())
+        legend(&mut chart, SeriesLabelPosition::LowerLeft)
     })
 }
