@@ -244,18 +244,13 @@ fn out_of_sample_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
-    use candle_core::Device;
 
     /// Random features with random labels: in sample the MC head has memorised every label
     /// (mean probability of the given label high); out of sample it is near chance.
     #[test]
     fn out_of_sample_cutoff_stats_cannot_memorise() {
-        let (n, dim, classes) = (200, 256, 10);
-        let mut rng = Rng::new(5);
-        let x: Vec<f32> = (0..n * dim).map(|_| rng.unit_f64() as f32 - 0.5).collect();
-        let given: Vec<u32> = (0..n).map(|_| rng.below(classes as u64) as u32).collect();
-        let features = Tensor::from_vec(x, (n, dim), &Device::Cpu).unwrap();
+        let (n, classes) = (200, 10);
+        let (features, given) = crate::testutil::random_labelled(n, 256, classes, 5);
         let train = TrainConfig {
             epochs: 60,
             batch_size: 16,

@@ -174,11 +174,8 @@ mod tests {
     /// high) but nothing generalises, so out-of-sample accuracy is near chance.
     #[test]
     fn out_of_sample_probabilities_cannot_memorise() {
-        let (n, dim, classes) = (200, 256, 10);
-        let mut rng = Rng::new(11);
-        let x: Vec<f32> = (0..n * dim).map(|_| rng.unit_f64() as f32 - 0.5).collect();
-        let labels: Vec<u32> = (0..n).map(|_| rng.below(classes as u64) as u32).collect();
-        let features = Tensor::from_vec(x, (n, dim), &Device::Cpu).unwrap();
+        let (n, classes) = (200, 10);
+        let (features, labels) = crate::testutil::random_labelled(n, 256, classes, 11);
         let cfg = TrainConfig {
             epochs: 60,
             batch_size: 16,
