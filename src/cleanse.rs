@@ -2,21 +2,20 @@
 //! --method` compares (none, the Bayesian cut-off, confident learning, the ANL-CE loss), each
 //! reduced to which samples it flags and which labels it keeps.
 
-use std::str::FromStr;
-
 use anyhow::Result;
 use candle_core::Tensor;
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
-use crate::baselines::{
-    assign_folds, find_label_issues, fold_holdout_indices, fold_train_indices, kfold_pred_probs,
-    FilterBy,
-};
+use crate::baselines::{cross_fit, find_label_issues, kfold_pred_probs, FilterBy};
 use crate::cutoff::{self, Action, McStats, Percentile, Score};
 use crate::progress::Progress;
 use crate::train::{train_head, Loss, TrainConfig};
 
 /// How noisy labels are handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Method {
     /// Train on every label as given.
     #[default]
@@ -50,16 +49,6 @@ impl Method {
             Method::AnlCe => Loss::AnlCe,
             _ => asked,
         }
-    }
-}
-
-impl FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown method {s:?}; valid: none, bccp, cleanlab, anl_ce"))
     }
 }
 
@@ -198,31 +187,31 @@ fn out_of_sample_stats(
         "--cutoff-folds {} exceeds the {n} training samples",
         cfg.cutoff_folds
     );
-    let fold = assign_folds(given, cfg.cutoff_folds, mc_cfg.seed);
     let device = features.device();
-    let mut order: Vec<u32> = Vec::with_capacity(n);
-    let mut parts = Vec::with_capacity(cfg.cutoff_folds);
-    for f in 0..cfg.cutoff_folds {
-        let (train_idx, held) = (fold_train_indices(&fold, f), fold_holdout_indices(&fold, f));
-        let pick = |idx: &[u32]| features.index_select(&Tensor::new(idx, device)?, 0);
-        let labels_of = |idx: &[u32]| idx.iter().map(|&i| given[i as usize]).collect::<Vec<_>>();
-        let head = train_head(
-            &pick(&train_idx)?,
-            &labels_of(&train_idx),
-            classes,
-            mc_cfg,
-            progress,
-        )?;
-        parts.push(cutoff::mc_stats(
-            &head,
-            &pick(&held)?,
-            &labels_of(&held),
-            cfg.mc_passes,
-            0.5,
-            mc_cfg.seed ^ f as u64,
-        )?);
-        order.extend(held);
-    }
+    let (_, folds) = cross_fit(
+        features,
+        given,
+        classes,
+        cfg.cutoff_folds,
+        mc_cfg,
+        progress,
+        |f, head, held, held_x| {
+            let labels: Vec<u32> = held.iter().map(|&i| given[i as usize]).collect();
+            cutoff::mc_stats(
+                head,
+                held_x,
+                &labels,
+                cfg.mc_passes,
+                0.5,
+                mc_cfg.seed ^ f as u64,
+            )
+        },
+    )?;
+    let order: Vec<u32> = folds
+        .iter()
+        .flat_map(|(held, _)| held.iter().copied())
+        .collect();
+    let parts: Vec<McStats> = folds.into_iter().map(|(_, stats)| stats).collect();
     // Row r of the concatenation is sample order[r]; invert to sample order.
     let mut inverse = vec![0u32; n];
     for (r, &i) in order.iter().enumerate() {
@@ -288,10 +277,8 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_unknown_names_list_the_valid_ones() {
-        for m in Method::ALL {
-            assert_eq!(m.name().parse::<Method>().unwrap(), m);
-        }
-        let err = "clean".parse::<Method>().unwrap_err();
+        crate::config::choice::assert_names_agree(|m: &Method| m.name());
+        let err = crate::config::choice::parse::<Method>("method", "clean").unwrap_err();
         assert!(
             err.contains("\"clean\"") && err.contains("cleanlab, anl_ce"),
             "{err}"

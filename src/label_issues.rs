@@ -7,9 +7,15 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 
-use crate::baselines::{find_label_issues, self_confidence, suggested_labels, FilterBy};
+use crate::backbone::Embedder;
+use crate::baselines::{
+    find_label_issues, kfold_pred_probs, self_confidence, suggested_labels, FilterBy,
+};
+use crate::data::ImageList;
 use crate::fsutil::write_atomic;
 use crate::npy;
+use crate::progress::Progress;
+use crate::train::TrainConfig;
 
 /// The issue mask of `pred_probs` [n, k] and `labels` [n] read from `.npy` files.
 pub fn mask_from_npy(pred_probs: &Path, labels: &Path, filter_by: FilterBy) -> Result<Vec<bool>> {
@@ -95,6 +101,72 @@ pub fn dataset_report(
         })
         .collect();
     Ok((records, summary))
+}
+
+/// Settings of [`dataset_issues`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetIssueOptions {
+    pub filter_by: FilterBy,
+    /// Cross-validation folds (2 or more).
+    pub folds: usize,
+    /// Epochs of each fold's head.
+    pub epochs: usize,
+    pub seed: u64,
+}
+
+/// A labelled image dataset's issues: the per-sample report and the per-class summary.
+#[derive(Debug, Clone)]
+pub struct DatasetIssues {
+    pub records: Vec<IssueRecord>,
+    pub summary: Vec<ClassSummary>,
+}
+
+/// Confident learning on an image folder or manifest: embeds it with `embedder`, computes
+/// K-fold out-of-sample probabilities of a linear head, and reports the label issues.
+pub fn dataset_issues(
+    dataset: &Path,
+    embedder: &Embedder,
+    opts: &DatasetIssueOptions,
+    progress: &Progress,
+) -> Result<DatasetIssues> {
+    ensure!(
+        opts.folds >= 2,
+        "the number of folds {} must be 2 or more",
+        opts.folds
+    );
+    ensure!(opts.epochs >= 1, "the number of epochs must be 1 or more");
+    let list = ImageList::from_path(dataset)?;
+    ensure!(
+        list.len() > opts.folds,
+        "{} holds {} images; {} folds need more",
+        dataset.display(),
+        list.len(),
+        opts.folds
+    );
+    let (set, _) = embedder.embed(&list, progress)?;
+    let labels: Vec<u32> = set.targets.iter().map(|&t| t as u32).collect();
+    let cfg = TrainConfig {
+        epochs: opts.epochs,
+        seed: opts.seed,
+        ..Default::default()
+    };
+    let features = set.embeddings.to_device(embedder.device())?;
+    let probs = kfold_pred_probs(
+        &features,
+        &labels,
+        set.classes.len(),
+        opts.folds,
+        &cfg,
+        progress,
+    )?;
+    let (records, summary) = dataset_report(
+        &set.paths,
+        &set.classes,
+        &labels,
+        &probs.probs,
+        opts.filter_by,
+    )?;
+    Ok(DatasetIssues { records, summary })
 }
 
 /// Where the per-class summary of a report goes: `REPORT.summary.json` beside it.

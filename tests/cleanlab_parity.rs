@@ -87,7 +87,7 @@ fn same_mask(what: &str, ours: &[bool], theirs: &[bool]) {
 }
 
 fn check_masks<T: Prob>(what: &str, probs: &[T], c: &Case, masks: &Value) {
-    for f in FilterBy::ALL {
+    for &f in <FilterBy as clap::ValueEnum>::value_variants() {
         let ours = find_label_issues(probs, &c.labels, c.k, f).expect("valid input");
         same_mask(&format!("{what} {f}"), &ours, &bools(&masks[f.name()]));
     }

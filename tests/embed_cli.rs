@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
-use bccp::backbone::embed::EmbeddingSet;
 use bccp::backbone::{zoo, Backbone};
+use bccp::embeddings::EmbeddingSet;
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use common::{asset, bccp, failure, make_folder, success};

@@ -25,15 +25,14 @@ fn config(dir: &Path, days: &Path, grid: &str) -> PathBuf {
     let text = format!(
         r#"seeds = [1, 2]
 user_accuracy = [0.7]
-[dataset]
-path = "{days}"
+cache_dir = "{cache}"
+device = "cpu"
+[run]
+dataset = "{days}"
 monday_num = 300
 tuesday_num = 300
 image_size = 64
 weights = "{weights}"
-cache_dir = "{cache}"
-device = "cpu"
-[train]
 epochs = 3
 batch_size = 64
 lr = 1e-3

@@ -4,8 +4,8 @@ mod common;
 
 use std::path::Path;
 
-use bccp::backbone::embed::EmbeddingSet;
 use bccp::distance::{search_naive, Metric, Search};
+use bccp::embeddings::EmbeddingSet;
 use bccp::rng::Rng;
 use candle_core::{Device, Tensor};
 use common::{bccp, failure, success};
@@ -64,7 +64,7 @@ fn closest_matches_the_naive_search() {
             .to_vec1::<i64>()
             .unwrap();
         assert_eq!(t["values"].dims(), &[37, 3]);
-        let m: Metric = metric.parse().unwrap();
+        let m = <Metric as clap::ValueEnum>::from_str(metric, false).unwrap();
         let want = search_naive(
             &qv,
             &cv,

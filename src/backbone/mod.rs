@@ -4,13 +4,15 @@
 pub mod cache;
 pub mod channels_last;
 pub mod efficientnet_lite;
-pub mod embed;
+pub mod embedder;
 pub mod hub;
 pub mod hub_models;
 pub mod imagenet;
 pub mod layers;
 pub mod mobilenet_v2;
 pub mod zoo;
+
+pub use embedder::{EmbedStats, Embedder, EmbedderConfig};
 
 use std::path::{Path, PathBuf};
 

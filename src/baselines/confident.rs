@@ -33,7 +33,9 @@
 //!   by a few samples.
 
 use std::fmt;
-use std::str::FromStr;
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
 use super::numpy_compat::{mean, pairwise_sum};
 pub use super::numpy_compat::{numpy_argsort, Prob};
@@ -95,7 +97,9 @@ pub enum ConfidentError {
 }
 
 /// How [`find_label_issues`] decides which samples are label issues (cleanlab's `filter_by`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum FilterBy {
     /// For every off-diagonal (given k, true j) of the confident joint, the samples labelled k
     /// with the largest margin p_j − p_k (cleanlab's default).
@@ -112,15 +116,6 @@ pub enum FilterBy {
 }
 
 impl FilterBy {
-    /// Every filter, in cleanlab's documentation order.
-    pub const ALL: [FilterBy; 5] = [
-        FilterBy::PruneByNoiseRate,
-        FilterBy::PruneByClass,
-        FilterBy::Both,
-        FilterBy::ConfidentLearning,
-        FilterBy::PredictedNeqGiven,
-    ];
-
     /// cleanlab's name (also the command-line name).
     pub fn name(self) -> &'static str {
         match self {
@@ -136,19 +131,6 @@ impl FilterBy {
 impl fmt::Display for FilterBy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl FromStr for FilterBy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| {
-                let valid: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
-                format!("unknown filter_by {s:?}; valid: {}", valid.join(", "))
-            })
     }
 }
 
@@ -694,7 +676,7 @@ mod tests {
         );
         // The same values as f32 give the same masks here.
         let p32: Vec<f32> = PROBS.iter().map(|&v| v as f32).collect();
-        for f in FilterBy::ALL {
+        for &f in FilterBy::value_variants() {
             assert_eq!(
                 find_label_issues(&p32, &LABELS, 3, f).unwrap(),
                 find_label_issues(&PROBS, &LABELS, 3, f).unwrap(),
@@ -835,14 +817,12 @@ mod tests {
         assert!(e(find_label_issues(&p, &[1, 1], 2, f)).contains("at least 2 classes"));
         // All-zero labels are allowed, as in cleanlab.
         assert!(find_label_issues(&p, &[0, 0], 2, f).is_ok());
-        let err = "prune".parse::<FilterBy>().unwrap_err();
+        let err = crate::config::choice::parse::<FilterBy>("filter_by", "prune").unwrap_err();
         assert!(
             err.contains("prune_by_noise_rate, prune_by_class, both"),
             "{err}"
         );
-        for f in FilterBy::ALL {
-            assert_eq!(f.name().parse::<FilterBy>(), Ok(f));
-        }
+        crate::config::choice::assert_names_agree(|f: &FilterBy| f.name());
         assert!(calibrate_confident_joint(&[vec![1, 0], vec![0, 1]], &[0, 3]).is_err());
         assert!(self_confidence(&p, &[0], 2).is_err());
     }

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::progress::Progress;
 use crate::rng::Rng;
-use crate::train::{train_head, TrainConfig};
+use crate::train::{train_head, Head, TrainConfig};
 
 /// The default number of folds.
 pub const DEFAULT_FOLDS: usize = 5;
@@ -61,9 +61,43 @@ pub fn fold_holdout_indices(fold: &[usize], f: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Out-of-sample probabilities of `features` [n, F] (f32) by `folds`-fold cross-validation:
-/// for every fold a head is trained with `cfg` on the other folds ([`fold_train_indices`]) and
-/// predicts the held-out samples. Folds come from [`assign_folds`] with `cfg.seed`.
+/// The held-out samples of one fold (indices ascending) with what [`cross_fit`]'s closure
+/// made of them.
+pub type FoldOutput<T> = (Vec<u32>, T);
+
+/// K-fold cross-fitting: samples are dealt into `folds` stratified folds ([`assign_folds`] with
+/// `cfg.seed`); for every fold a head is trained with `cfg` on the other folds and `apply`
+/// receives the fold number, that head, and the held-out samples' indices and features. Returns
+/// the fold of every sample and each fold's output, in fold order. Confident learning's
+/// probabilities and the out-of-sample cut-off both stand on it.
+pub fn cross_fit<T>(
+    features: &Tensor,
+    labels: &[u32],
+    classes: usize,
+    folds: usize,
+    cfg: &TrainConfig,
+    progress: &Progress,
+    mut apply: impl FnMut(usize, &Head, &[u32], &Tensor) -> Result<T>,
+) -> Result<(Vec<usize>, Vec<FoldOutput<T>>)> {
+    let device = features.device();
+    let fold = assign_folds(labels, folds, cfg.seed);
+    let mut outputs = Vec::with_capacity(folds);
+    for f in 0..folds {
+        let train = fold_train_indices(&fold, f);
+        let held = fold_holdout_indices(&fold, f);
+        let train_x = features.index_select(&Tensor::new(train.as_slice(), device)?, 0)?;
+        let train_y: Vec<u32> = train.iter().map(|&i| labels[i as usize]).collect();
+        let head = train_head(&train_x, &train_y, classes, cfg, progress)?;
+        let held_x = features.index_select(&Tensor::new(held.as_slice(), device)?, 0)?;
+        let out = apply(f, &head, &held, &held_x)?;
+        outputs.push((held, out));
+    }
+    Ok((fold, outputs))
+}
+
+/// Out-of-sample probabilities of `features` [n, F] (f32) by `folds`-fold cross-validation
+/// ([`cross_fit`]): every sample's probabilities come from the head of the fold it was held out
+/// in.
 pub fn kfold_pred_probs(
     features: &Tensor,
     labels: &[u32],
@@ -85,19 +119,21 @@ pub fn kfold_pred_probs(
     if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
         candle_core::bail!("label {bad} is not below the number of classes {classes}");
     }
-    let device = features.device();
-    let fold = assign_folds(labels, folds, cfg.seed);
+    let (fold, parts) = cross_fit(
+        features,
+        labels,
+        classes,
+        folds,
+        cfg,
+        progress,
+        |_, head, _, held_x| {
+            candle_nn::ops::softmax_last_dim(&head.logits(held_x)?)?
+                .to_device(&Device::Cpu)?
+                .to_vec2::<f32>()
+        },
+    )?;
     let mut probs = vec![0f32; n * classes];
-    for f in 0..folds {
-        let train = fold_train_indices(&fold, f);
-        let held = fold_holdout_indices(&fold, f);
-        let train_x = features.index_select(&Tensor::new(train.as_slice(), device)?, 0)?;
-        let train_y: Vec<u32> = train.iter().map(|&i| labels[i as usize]).collect();
-        let head = train_head(&train_x, &train_y, classes, cfg, progress)?;
-        let held_x = features.index_select(&Tensor::new(held.as_slice(), device)?, 0)?;
-        let p = candle_nn::ops::softmax_last_dim(&head.logits(&held_x)?)?
-            .to_device(&Device::Cpu)?
-            .to_vec2::<f32>()?;
+    for (held, p) in parts {
         for (row, &i) in p.iter().zip(&held) {
             let i = i as usize;
             probs[i * classes..(i + 1) * classes].copy_from_slice(row);

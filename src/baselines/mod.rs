@@ -12,6 +12,6 @@ pub use confident::{
     ConfidentError, ConfidentJoint, FilterBy, Prob,
 };
 pub use kfold::{
-    assign_folds, fold_holdout_indices, fold_train_indices, kfold_pred_probs, KFoldProbs,
-    DEFAULT_FOLDS,
+    assign_folds, cross_fit, fold_holdout_indices, fold_train_indices, kfold_pred_probs,
+    KFoldProbs, DEFAULT_FOLDS,
 };

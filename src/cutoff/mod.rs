@@ -5,17 +5,22 @@
 //! batched product per chunk of samples, then per-sample reductions — no per-pass loop, no host
 //! round trip per pass.
 
+use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Result, Tensor, D};
+use clap::ValueEnum;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::distance::{search_host, Metric, Search};
 use crate::rng::Rng;
 use crate::train::Head;
 
 /// How uncertain / suspicious a training sample is (higher = more likely noisy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Score {
     /// The reference's: variance over passes of the sum of logits.
     LogitSumVar,
@@ -26,6 +31,7 @@ pub enum Score {
     /// Mutual information between prediction and weights (BALD).
     Bald,
     /// 1 − MC-mean probability of the given label (the default).
+    #[default]
     LabelProbMean,
     /// Top MC-mean probability minus the given label's.
     Margin,
@@ -34,45 +40,17 @@ pub enum Score {
 }
 
 impl Score {
-    /// Command-line names, in declaration order.
-    pub const NAMES: [&'static str; 7] = [
-        "logit_sum_var",
-        "label_prob_var",
-        "entropy",
-        "bald",
-        "label_prob_mean",
-        "margin",
-        "knn_disagreement",
-    ];
-    const ALL: [Score; 7] = [
-        Score::LogitSumVar,
-        Score::LabelProbVar,
-        Score::Entropy,
-        Score::Bald,
-        Score::LabelProbMean,
-        Score::Margin,
-        Score::KnnDisagreement,
-    ];
-
     /// The command-line name.
     pub fn name(self) -> &'static str {
-        Self::NAMES[Self::ALL.iter().position(|&s| s == self).unwrap_or(0)]
-    }
-}
-
-impl FromStr for Score {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Self::NAMES
-            .iter()
-            .position(|&n| n == s)
-            .map(|i| Self::ALL[i])
-            .ok_or_else(|| {
-                format!(
-                    "unknown cut-off score {s:?}; valid: {}",
-                    Self::NAMES.join(", ")
-                )
-            })
+        match self {
+            Score::LogitSumVar => "logit_sum_var",
+            Score::LabelProbVar => "label_prob_var",
+            Score::Entropy => "entropy",
+            Score::Bald => "bald",
+            Score::LabelProbMean => "label_prob_mean",
+            Score::Margin => "margin",
+            Score::KnnDisagreement => "knn_disagreement",
+        }
     }
 }
 
@@ -366,8 +344,12 @@ pub fn knn_disagreement(features: &Tensor, labels: &[u32]) -> anyhow::Result<Vec
 }
 
 /// What to do with the samples above the cut.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Action {
+    /// Leave the sample out of training.
+    #[default]
     Drop,
     /// Replace the label by the MC-mean prediction.
     Relabel,
@@ -379,19 +361,6 @@ impl Action {
         match self {
             Action::Drop => "drop",
             Action::Relabel => "relabel",
-        }
-    }
-}
-
-impl FromStr for Action {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "drop" => Ok(Action::Drop),
-            "relabel" => Ok(Action::Relabel),
-            _ => Err(format!(
-                "unknown cut-off action {s:?}; valid: drop, relabel"
-            )),
         }
     }
 }
@@ -418,6 +387,48 @@ impl FromStr for Percentile {
                 "invalid cut-off percentile {s:?}; expected a number in [0, 100] or auto"
             )),
         }
+    }
+}
+
+impl Default for Percentile {
+    /// The reference's 90th percentile.
+    fn default() -> Self {
+        Percentile::Fixed(90.0)
+    }
+}
+
+impl fmt::Display for Percentile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Percentile::Auto => f.write_str("auto"),
+            Percentile::Fixed(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+/// A number (`90`, `97.5`) or `"auto"`, in TOML and JSON alike.
+impl Serialize for Percentile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Percentile::Auto => s.serialize_str("auto"),
+            Percentile::Fixed(p) => s.serialize_f64(*p),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Percentile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Number(p) => p.to_string(),
+            Raw::Text(t) => t,
+        };
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -4,14 +4,16 @@
 //! Each function draws on an 8-bit image of any channel count and returns the shapes it drew,
 //! so callers (and tests) can see exactly what changed.
 
-use std::str::FromStr;
-
+use clap::ValueEnum;
 use image::{ImageBuffer, Pixel};
+use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;
 
 /// Which corruption `prepare` applies to Tuesday's images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Corruption {
     /// Leave images untouched (byte-identical copies).
     None,
@@ -26,36 +28,15 @@ pub enum Corruption {
 }
 
 impl Corruption {
-    /// Names accepted on the command line, in the order of [`Corruption::ALL`].
-    pub const NAMES: [&'static str; 5] = ["none", "random_boxes", "mosaic", "random_line", "mixed"];
-    const ALL: [Corruption; 5] = [
-        Corruption::None,
-        Corruption::RandomBoxes,
-        Corruption::Mosaic,
-        Corruption::RandomLine,
-        Corruption::Mixed,
-    ];
-
     /// The command-line name.
     pub fn name(self) -> &'static str {
-        let i = Self::ALL.iter().position(|&c| c == self).unwrap_or(0);
-        Self::NAMES[i]
-    }
-}
-
-impl FromStr for Corruption {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::NAMES
-            .iter()
-            .position(|&n| n == s)
-            .map(|i| Self::ALL[i])
-            .ok_or_else(|| {
-                format!(
-                    "unknown corruption {s:?}; valid: {}",
-                    Self::NAMES.join(", ")
-                )
-            })
+        match self {
+            Corruption::None => "none",
+            Corruption::RandomBoxes => "random_boxes",
+            Corruption::Mosaic => "mosaic",
+            Corruption::RandomLine => "random_line",
+            Corruption::Mixed => "mixed",
+        }
     }
 }
 
@@ -398,10 +379,8 @@ mod tests {
             }
         }
         assert_eq!(seen, [true; 3]);
-        for name in Corruption::NAMES {
-            assert_eq!(name.parse::<Corruption>().unwrap().name(), name);
-        }
-        let err = "snow".parse::<Corruption>().unwrap_err();
+        crate::config::choice::assert_names_agree(|c: &Corruption| c.name());
+        let err = crate::config::choice::parse::<Corruption>("corruption", "snow").unwrap_err();
         assert!(err.contains("snow") && err.contains("random_boxes"));
     }
 }

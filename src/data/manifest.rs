@@ -9,9 +9,12 @@ use super::error::{DataError, Result};
 use super::timestamp::is_rfc3339;
 
 /// The day an image arrived: Monday data is clean, Tuesday data is corrupted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Day {
+    #[default]
     Monday,
     Tuesday,
 }

@@ -16,31 +16,26 @@ pub mod generic;
 pub mod l1_simd;
 pub mod topk;
 
-use std::str::FromStr;
-
 use candle_core::{DType, Device, Tensor};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
 /// A distance or similarity between embeddings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Metric {
     /// Σ|a − x| (smaller is closer).
+    #[value(alias = "l1_norm")]
+    #[serde(alias = "l1_norm")]
     L1,
     /// sqrt(Σ(a − x)²) (smaller is closer).
+    #[value(alias = "l2_norm")]
+    #[serde(alias = "l2_norm")]
     L2,
     /// a·x / (‖a‖‖x‖) (larger is closer).
+    #[value(alias = "cosine_similarity")]
+    #[serde(alias = "cosine_similarity")]
     Cosine,
-}
-
-impl FromStr for Metric {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "l1" | "l1_norm" => Ok(Metric::L1),
-            "l2" | "l2_norm" => Ok(Metric::L2),
-            "cosine" | "cosine_similarity" => Ok(Metric::Cosine),
-            _ => Err(format!("unknown metric {s:?}; valid: l1, l2, cosine")),
-        }
-    }
 }
 
 impl Metric {

@@ -4,13 +4,14 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::ValueEnum;
 use serde::Deserialize;
 
 use crate::baselines::FilterBy;
 use crate::cleanse::Method;
+use crate::config::{choice, RunConfig};
 use crate::cutoff::{Action, Percentile, Score};
 use crate::sampling::{PairMode, Sampling};
 
@@ -20,9 +21,15 @@ use crate::sampling::{PairMode, Sampling};
 pub struct ExperimentFile {
     /// Output folder (results, plots, registry), relative to the working directory.
     pub out: Option<PathBuf>,
-    pub dataset: DatasetSection,
-    #[serde(default)]
-    pub train: TrainSection,
+    /// `[run]`: the settings every run shares, named as `bccp train`'s flags and `params.json`
+    /// (`dataset`, `tuesday_num`, `image_size`, `epochs`, …); the grid and the noise levels
+    /// set the rest.
+    pub run: RunConfig,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Embedding cache (default: the usual cache folder).
+    pub cache_dir: Option<PathBuf>,
     /// Seeds every cell runs with (user labels, replay, dropout, initialisation).
     pub seeds: Vec<u64>,
     /// Users' label accuracies (noise levels).
@@ -38,53 +45,8 @@ fn yes() -> bool {
     true
 }
 
-/// `[dataset]`: what every run trains on.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DatasetSection {
-    /// A folder made by `bccp prepare`.
-    pub path: PathBuf,
-    pub monday_num: Option<usize>,
-    pub tuesday_num: usize,
-    #[serde(default = "default_backbone")]
-    pub backbone: String,
-    pub weights: Option<PathBuf>,
-    pub image_size: Option<u32>,
-    /// Embedding cache (default: the usual cache folder).
-    pub cache_dir: Option<PathBuf>,
-    #[serde(default = "default_device")]
-    pub device: String,
-}
-
-fn default_backbone() -> String {
-    "mobilenet_v2".into()
-}
-
 fn default_device() -> String {
     "auto".into()
-}
-
-/// `[train]`: head training, as `bccp train`'s flags.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainSection {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub mc_passes: usize,
-    pub folds: usize,
-}
-
-impl Default for TrainSection {
-    fn default() -> Self {
-        Self {
-            epochs: 15,
-            batch_size: 64,
-            lr: 1e-3,
-            mc_passes: 10,
-            folds: 5,
-        }
-    }
 }
 
 /// One `[[grid]]` table: lists of values, all combinations run.
@@ -266,11 +228,25 @@ fn set_cutoff(cell: &mut Cell, change: impl FnOnce(&mut (Score, Percentile, Acti
     }
 }
 
-fn parse_all<T: FromStr<Err = String>>(values: &[String], what: &str) -> Result<Vec<T>> {
+/// Parses the names of one grid axis (`what` is `grid[i].field`).
+fn parse_all<T: ValueEnum>(values: &[String], what: &str) -> Result<Vec<T>> {
+    ensure!(!values.is_empty(), "{what} is empty");
+    let setting = what.rsplit('.').next().unwrap_or(what).replace('_', " ");
+    values
+        .iter()
+        .map(|v| choice::parse::<T>(&setting, v).map_err(|e| anyhow::anyhow!("{what}: {e}")))
+        .collect()
+}
+
+/// Parses the percentiles of the grid (numbers or `auto`).
+fn parse_percentiles(values: &[String], what: &str) -> Result<Vec<Percentile>> {
     ensure!(!values.is_empty(), "{what} is empty");
     values
         .iter()
-        .map(|v| v.parse::<T>().map_err(|e| anyhow::anyhow!("{what}: {e}")))
+        .map(|v| {
+            v.parse::<Percentile>()
+                .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+        })
         .collect()
 }
 
@@ -322,8 +298,8 @@ impl ExperimentFile {
             let samplings: Vec<Sampling> = parse_all(&table.sampling, &at("sampling"))?;
             let modes: Vec<PairMode> = parse_all(&table.sampling_mode, &at("sampling_mode"))?;
             let scores: Vec<Score> = parse_all(&table.cutoff_score, &at("cutoff_score"))?;
-            let percentiles: Vec<Percentile> =
-                parse_all(&table.cutoff_percentile, &at("cutoff_percentile"))?;
+            let percentiles =
+                parse_percentiles(&table.cutoff_percentile, &at("cutoff_percentile"))?;
             let actions: Vec<Action> = parse_all(&table.cutoff_action, &at("cutoff_action"))?;
             let filters: Vec<FilterBy> = parse_all(&table.filter_by, &at("filter_by"))?;
             ensure!(
@@ -374,7 +350,7 @@ mod tests {
 
     fn file(grid: &str) -> ExperimentFile {
         let text = format!(
-            "seeds = [1, 2, 3]\nuser_accuracy = [0.5, 0.7]\n[dataset]\npath = \"d\"\ntuesday_num = 10\n{grid}"
+            "seeds = [1, 2, 3]\nuser_accuracy = [0.5, 0.7]\n[run]\ndataset = \"d\"\ntuesday_num = 10\n{grid}"
         );
         toml::from_str(&text).unwrap()
     }
@@ -425,7 +401,7 @@ mod tests {
             assert!(err.contains(needle), "{grid:?}: {err}");
         }
         let unknown: Result<ExperimentFile, _> =
-            toml::from_str("seeds = [1]\nuser_accuracy = [0.7]\ncolour = 1\n[dataset]\npath = \"d\"\ntuesday_num = 1\n");
+            toml::from_str("seeds = [1]\nuser_accuracy = [0.7]\ncolour = 1\n[run]\ndataset = \"d\"\ntuesday_num = 1\n");
         assert!(unknown.unwrap_err().to_string().contains("colour"));
     }
 }

@@ -13,15 +13,14 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::backbone::cache::default_cache_dir;
-use crate::cleanse::CleanseConfig;
+use crate::config::{LabelSource, RunConfig};
 use crate::cutoff::{Action, Percentile, Score};
 use crate::data::Day;
 use crate::fsutil::write_atomic;
-use crate::pipeline::{self, LabelSource, RunConfig};
+use crate::pipeline::{self, RunEnv};
 use crate::progress::Progress;
+use crate::registry::{metric, Registry, RunMetrics};
 use crate::sampling::{PairMode, SamplingError};
-use crate::train::finetune::Finetune;
-use crate::train::TrainConfig;
 
 pub use config::{Cell, ExperimentFile};
 use report::{Row, COLUMNS};
@@ -43,77 +42,62 @@ pub struct Summary {
     pub skipped: usize,
 }
 
-/// The `bccp train` settings of one cell and seed.
-fn run_config(file: &ExperimentFile, cell: &Cell, seed: u64, out: &Path) -> Result<RunConfig> {
-    let d = &file.dataset;
+/// The `bccp train` settings of one cell and seed: the file's `[run]` table with the cell's
+/// choices on top.
+fn run_config(file: &ExperimentFile, cell: &Cell, seed: u64) -> RunConfig {
     let (score, percentile, action) =
         cell.cutoff
             .unwrap_or((Score::LabelProbMean, Percentile::Fixed(90.0), Action::Drop));
-    Ok(RunConfig {
-        dataset: d.path.clone(),
+    RunConfig {
         target_day: Day::Tuesday,
         label: match cell.user_accuracy {
             None => LabelSource::GroundTruth,
             Some(_) => LabelSource::UserFeedback,
         },
         user_accuracy: cell.user_accuracy.unwrap_or(1.0),
+        method: cell.method,
         sampling: cell.sampling,
         sampling_mode: cell.sampling_mode.unwrap_or(PairMode::Buffer),
-        ratio: cell.ratio.unwrap_or(0.0),
-        monday_num: d.monday_num,
-        tuesday_num: Some(d.tuesday_num),
+        ratio: cell.ratio,
+        cutoff_score: score,
+        cutoff_percentile: percentile,
+        cutoff_action: action,
+        cutoff_folds: cell.cutoff_folds.unwrap_or(1),
+        filter_by: cell.filter_by.unwrap_or_default(),
+        seed,
         model_name: "experiment".into(),
-        backbone: d.backbone.clone(),
-        weights: d.weights.clone(),
-        image_size: d.image_size,
-        cleanse: CleanseConfig {
-            method: cell.method,
-            cutoff_score: score,
-            cutoff_percentile: percentile,
-            cutoff_action: action,
-            mc_passes: file.train.mc_passes,
-            cutoff_folds: cell.cutoff_folds.unwrap_or(1),
-            filter_by: cell.filter_by.unwrap_or_default(),
-            folds: file.train.folds,
-        },
-        finetune: Finetune::Head,
-        backbone_lr: 1e-4,
-        train: TrainConfig {
-            epochs: file.train.epochs,
-            batch_size: file.train.batch_size,
-            lr: file.train.lr,
-            seed,
-            ..Default::default()
-        },
-        device: crate::device::parse_device(&d.device)?,
-        cache_dir: Some(d.cache_dir.clone().unwrap_or_else(default_cache_dir)),
-        runs_dir: out.join("registry"),
+        ..file.run.clone()
+    }
+}
+
+/// Where the runs of an experiment happen: the file's device and cache, offline, registered
+/// under `out/registry`.
+fn run_env(file: &ExperimentFile, out: &Path) -> Result<RunEnv> {
+    Ok(RunEnv {
+        device: crate::device::parse_device(&file.device)?,
+        cache_dir: Some(file.cache_dir.clone().unwrap_or_else(default_cache_dir)),
         offline: true,
+        registry: Registry::open(out.join("registry")),
     })
 }
 
 /// The CSV row of a finished (or refused) run.
-fn row(cell: &Cell, seed: u64, metrics: Option<&serde_json::Value>, error: &str) -> Row {
+fn row(cell: &Cell, seed: u64, metrics: Option<&RunMetrics>, error: &str) -> Row {
     let opt = |v: Option<String>| v.unwrap_or_default();
     let (score, percentile, action) = match cell.cutoff {
-        Some((s, p, a)) => (
-            s.name().to_owned(),
-            config::percentile_name(p),
-            a.name().to_owned(),
-        ),
+        Some((s, p, a)) => (s.name().to_owned(), p.to_string(), a.name().to_owned()),
         None => Default::default(),
     };
-    let metric = |k: &str| -> String {
-        metrics
-            .and_then(|m| m.get(k))
-            .map(|v| match v {
-                serde_json::Value::Number(n) => n.to_string(),
-                _ => String::new(),
-            })
-            .unwrap_or_default()
+    // Counts print as integers, rates with serde_json's shortest round-trip form.
+    let value = |k: &str| -> String {
+        match metrics.and_then(|m| m.scalar(k)) {
+            Some(v) if RunMetrics::is_count(k) => format!("{}", v as u64),
+            Some(v) => serde_json::Number::from_f64(v).map_or_else(String::new, |n| n.to_string()),
+            None => String::new(),
+        }
     };
     let seconds = metrics
-        .and_then(|m| Some(m["seconds"]["total"].as_f64()? - m["seconds"]["embed"].as_f64()?))
+        .map(|m| m.seconds.total - m.seconds.embed)
         .map_or_else(String::new, |s| format!("{s:.3}"));
     let values: Vec<String> = COLUMNS
         .iter()
@@ -130,28 +114,29 @@ fn row(cell: &Cell, seed: u64, metrics: Option<&serde_json::Value>, error: &str)
             "cutoff_percentile" => percentile.clone(),
             "cutoff_action" => action.clone(),
             "filter_by" => opt(cell.filter_by.map(|f| f.name().to_owned())),
-            "removed" => metric("removed_by_cutoff"),
+            report::REMOVED => value(metric::REMOVED_BY_CUTOFF),
             "seconds" => seconds.clone(),
             "error" => error.to_owned(),
-            other => metric(other),
+            other => value(other),
         })
         .collect();
     Row(values)
 }
 
 /// Checks everything a grid needs before any run: the cells, the dataset, every run's flags.
-pub fn plan(file: &ExperimentFile, out: &Path) -> Result<Vec<(Cell, u64, RunConfig)>> {
+pub fn plan(file: &ExperimentFile) -> Result<Vec<(Cell, u64, RunConfig)>> {
     let cells = file.cells()?;
     anyhow::ensure!(
-        file.dataset.path.join("tuesday.jsonl").is_file(),
-        "dataset.path {} is not a prepared dataset (no tuesday.jsonl); make one with bccp prepare",
-        file.dataset.path.display()
+        file.run.dataset.join("tuesday.jsonl").is_file(),
+        "run.dataset {} is not a prepared dataset (no tuesday.jsonl); make one with bccp prepare",
+        file.run.dataset.display()
     );
     let mut runs = Vec::new();
     for cell in cells {
         for &seed in &file.seeds {
-            let cfg = run_config(file, &cell, seed, out)?;
-            pipeline::validate(&cfg).with_context(|| format!("cell {}", cell.key()))?;
+            let cfg = run_config(file, &cell, seed);
+            cfg.validate()
+                .with_context(|| format!("cell {}", cell.key()))?;
             runs.push((cell.clone(), seed, cfg));
         }
     }
@@ -162,7 +147,8 @@ pub fn plan(file: &ExperimentFile, out: &Path) -> Result<Vec<(Cell, u64, RunConf
 /// writes `results.md` and the charts. The embeddings are computed (or read from the cache)
 /// once for all runs. `log` receives one line per run.
 pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Result<Summary> {
-    let runs = plan(file, out)?;
+    let runs = plan(file)?;
+    let env = run_env(file, out)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let csv = out.join(RESULTS_CSV);
     let mut rows = report::read_csv(&csv)?;
@@ -182,14 +168,12 @@ pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Resu
         }
         let started = Instant::now();
         if embedded.is_none() {
-            embedded = Some(pipeline::embed_stage(cfg, &Progress::hidden())?);
+            embedded = Some(pipeline::embed_stage(cfg, &env, &Progress::hidden())?);
         }
         let shared = embedded.as_ref().context("embeddings computed above")?;
-        let new_row = match pipeline::run_embedded(cfg, shared, &Progress::hidden()) {
+        let new_row = match pipeline::run_embedded(cfg, &env, shared, &Progress::hidden()) {
             Ok(outcome) => {
-                let acc = outcome.metrics["test_accuracy"]
-                    .as_f64()
-                    .unwrap_or(f64::NAN);
+                let acc = outcome.metrics.test_accuracy;
                 log(&format!(
                     "[{}/{}] {} seed {seed}: test accuracy {acc:.4} ({:.1} s)",
                     i + 1,

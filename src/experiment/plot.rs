@@ -11,6 +11,7 @@ use plotters::style::FontStyle;
 
 use super::report::{group, Row};
 use crate::fsutil::write_atomic;
+use crate::registry::metric;
 
 /// Size of every chart, in pixels.
 pub const SIZE: (u32, u32) = (900, 560);
@@ -155,7 +156,7 @@ pub fn accuracy_chart(rows: &[Row], path: &Path) -> Result<()> {
             .map(|(c, _)| {
                 let pts: Vec<(f64, f64)> = levels
                     .iter()
-                    .filter_map(|(v, l)| g.stat(c, l, "test_accuracy").map(|s| (*v, s.0)))
+                    .filter_map(|(v, l)| g.stat(c, l, metric::TEST_ACCURACY).map(|s| (*v, s.0)))
                     .collect();
                 let mean = pts.iter().map(|p| p.1).sum::<f64>() / pts.len().max(1) as f64;
                 (c, pts, mean)
@@ -170,7 +171,7 @@ pub fn accuracy_chart(rows: &[Row], path: &Path) -> Result<()> {
         .configs
         .iter()
         .find(|(_, f)| f == "clean labels")
-        .and_then(|(c, _)| g.stat(c, "clean", "test_accuracy"))
+        .and_then(|(c, _)| g.stat(c, "clean", metric::TEST_ACCURACY))
         .map(|s| s.0);
     let ys = lines
         .iter()
@@ -231,8 +232,8 @@ pub fn detection_chart(rows: &[Row], path: &Path) -> Result<()> {
     let mut points: Vec<(String, (f64, f64))> = Vec::new();
     for (config, family) in &g.configs {
         for level in g.levels.iter().filter(|l| *l != "clean") {
-            let p = g.stat(config, level, "noise_precision");
-            let r = g.stat(config, level, "noise_recall");
+            let p = g.stat(config, level, metric::NOISE_PRECISION);
+            let r = g.stat(config, level, metric::NOISE_RECALL);
             if let (Some(p), Some(r)) = (p, r) {
                 points.push((family.clone(), (r.0, p.0)));
             }

@@ -6,6 +6,11 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use crate::registry::metric;
+
+/// The column of the samples the cut-off removed (the run's `removed_by_cutoff`).
+pub const REMOVED: &str = "removed";
+
 /// Columns of `results.csv`, in order.
 pub const COLUMNS: [&str; 24] = [
     "config",
@@ -20,16 +25,16 @@ pub const COLUMNS: [&str; 24] = [
     "cutoff_percentile",
     "cutoff_action",
     "filter_by",
-    "test_accuracy",
-    "test_accuracy_monday",
-    "test_accuracy_tuesday",
-    "train_size",
-    "removed",
-    "replayed",
-    "noise_precision",
-    "noise_recall",
-    "noise_f1",
-    "noise_score_auc",
+    metric::TEST_ACCURACY,
+    metric::TEST_ACCURACY_MONDAY,
+    metric::TEST_ACCURACY_TUESDAY,
+    metric::TRAIN_SIZE,
+    REMOVED,
+    metric::REPLAYED,
+    metric::NOISE_PRECISION,
+    metric::NOISE_RECALL,
+    metric::NOISE_F1,
+    metric::NOISE_SCORE_AUC,
     "seconds",
     "error",
 ];
@@ -230,7 +235,7 @@ pub fn markdown(rows: &[Row]) -> String {
     for (config, family) in &g.configs {
         out.push_str(&format!("| {config} | {family} |"));
         for l in &g.levels {
-            let cell = match (g.stat(config, l, "test_accuracy"), g.error(config, l)) {
+            let cell = match (g.stat(config, l, metric::TEST_ACCURACY), g.error(config, l)) {
                 (Some((m, s, _)), _) => format!("{m:.4} ± {s:.4}"),
                 (None, Some(e)) => e.to_owned(),
                 (None, None) => "".to_owned(),
@@ -242,7 +247,11 @@ pub fn markdown(rows: &[Row]) -> String {
     let detectors: Vec<&(String, String)> = g
         .configs
         .iter()
-        .filter(|(c, _)| noisy.iter().any(|l| g.stat(c, l, "noise_f1").is_some()))
+        .filter(|(c, _)| {
+            noisy
+                .iter()
+                .any(|l| g.stat(c, l, metric::NOISE_F1).is_some())
+        })
         .collect();
     if !detectors.is_empty() {
         out.push_str("\nNoise detection: precision / recall / F1 of the flagged samples as a detector of the wrong user labels (means over seeds).\n\n| configuration |");
@@ -258,9 +267,9 @@ pub fn markdown(rows: &[Row]) -> String {
                 let f = |c: &str| g.stat(config, l, c).map_or(f64::NAN, |s| s.0);
                 out.push_str(&format!(
                     " {:.3} / {:.3} / {:.3} |",
-                    f("noise_precision"),
-                    f("noise_recall"),
-                    f("noise_f1")
+                    f(metric::NOISE_PRECISION),
+                    f(metric::NOISE_RECALL),
+                    f(metric::NOISE_F1)
                 ));
             }
             out.push('\n');
@@ -283,8 +292,8 @@ mod tests {
         set("family", "f");
         set("user_accuracy", ua);
         set("seed", seed);
-        set("test_accuracy", acc);
-        set("noise_f1", f1);
+        set(metric::TEST_ACCURACY, acc);
+        set(metric::NOISE_F1, f1);
         r
     }
 

@@ -2,20 +2,28 @@
 //! replay, and closest-pair (CP) replay — the reference's procedure (`faithful`) and ours
 //! (`buffer`), see DESIGN.md.
 
-use std::str::FromStr;
-
+use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use crate::distance::{search_host, Metric, Search};
 use crate::rng::Rng;
 
 /// What to replay from the buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Sampling {
+    /// No replay.
+    #[default]
     None,
+    /// A uniform random share of the buffer.
     Random,
-    /// Closest pairs under a metric (`l1_norm`, `l2_norm`, `cosine_similarity`).
-    ClosestPair(Metric),
+    /// Closest pairs under the L1 distance.
+    L1Norm,
+    /// Closest pairs under the L2 distance.
+    L2Norm,
+    /// Closest pairs under the cosine similarity.
+    CosineSimilarity,
 }
 
 impl Sampling {
@@ -24,37 +32,43 @@ impl Sampling {
         match self {
             Sampling::None => "none",
             Sampling::Random => "random",
-            Sampling::ClosestPair(Metric::L1) => "l1_norm",
-            Sampling::ClosestPair(Metric::L2) => "l2_norm",
-            Sampling::ClosestPair(Metric::Cosine) => "cosine_similarity",
+            Sampling::L1Norm => "l1_norm",
+            Sampling::L2Norm => "l2_norm",
+            Sampling::CosineSimilarity => "cosine_similarity",
         }
     }
-}
 
-impl FromStr for Sampling {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(Sampling::None),
-            "random" => Ok(Sampling::Random),
-            "l1_norm" => Ok(Sampling::ClosestPair(Metric::L1)),
-            "l2_norm" => Ok(Sampling::ClosestPair(Metric::L2)),
-            "cosine_similarity" => Ok(Sampling::ClosestPair(Metric::Cosine)),
-            _ => Err(format!(
-                "unknown sampling {s:?}; valid: none, random, l1_norm, l2_norm, cosine_similarity"
-            )),
+    /// The metric of closest-pair replay (`None` for no or random replay).
+    pub fn metric(self) -> Option<Metric> {
+        match self {
+            Sampling::None | Sampling::Random => None,
+            Sampling::L1Norm => Some(Metric::L1),
+            Sampling::L2Norm => Some(Metric::L2),
+            Sampling::CosineSimilarity => Some(Metric::Cosine),
+        }
+    }
+
+    /// Closest-pair replay under `metric`.
+    pub fn closest_pair(metric: Metric) -> Self {
+        match metric {
+            Metric::L1 => Sampling::L1Norm,
+            Metric::L2 => Sampling::L2Norm,
+            Metric::Cosine => Sampling::CosineSimilarity,
         }
     }
 }
 
 /// How closest pairs are found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum PairMode {
     /// The reference's procedure: per step, one image drawn from each class, a random anchor
     /// and its closest drawn image; every drawn image is used up.
     Faithful,
     /// Ours: every image's nearest other-class neighbour over the whole buffer, then the
     /// closest disjoint pairs until the budget is filled.
+    #[default]
     Buffer,
 }
 
@@ -64,17 +78,6 @@ impl PairMode {
         match self {
             PairMode::Faithful => "faithful",
             PairMode::Buffer => "buffer",
-        }
-    }
-}
-
-impl FromStr for PairMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "faithful" => Ok(PairMode::Faithful),
-            "buffer" => Ok(PairMode::Buffer),
-            _ => Err(format!("unknown mode {s:?}; valid: faithful, buffer")),
         }
     }
 }
@@ -175,9 +178,12 @@ pub fn select(
         });
     }
     let budget = (ratio * buffer.len() as f64).floor() as usize;
-    match sampling {
-        Sampling::None => Ok(Vec::new()),
-        Sampling::Random => {
+    match (sampling, sampling.metric()) {
+        (_, Some(metric)) => match mode {
+            PairMode::Faithful => faithful_pairs(buffer, metric, budget / 2, seed),
+            PairMode::Buffer => buffer_pairs(buffer, metric, budget / 2),
+        },
+        (Sampling::Random, None) => {
             let mut order: Vec<usize> = (0..buffer.len()).collect();
             Rng::new(seed).shuffle(&mut order);
             order.truncate(budget);
@@ -191,10 +197,7 @@ pub fn select(
                 })
                 .collect())
         }
-        Sampling::ClosestPair(metric) => match mode {
-            PairMode::Faithful => faithful_pairs(buffer, metric, budget / 2, seed),
-            PairMode::Buffer => buffer_pairs(buffer, metric, budget / 2),
-        },
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -386,14 +389,7 @@ mod tests {
             targets: &t,
         };
         for seed in 0..20 {
-            let s = select(
-                &b,
-                Sampling::ClosestPair(Metric::L2),
-                0.67,
-                PairMode::Faithful,
-                seed,
-            )
-            .unwrap();
+            let s = select(&b, Sampling::L2Norm, 0.67, PairMode::Faithful, seed).unwrap();
             assert_eq!(s.len(), 2);
             let (a, p) = (s[0].index, s[0].partner.unwrap());
             let expected = match a {
@@ -419,25 +415,12 @@ mod tests {
         };
         // Two images per class: at most two steps (4 images = 0.67 of the buffer).
         assert_eq!(
-            select(
-                &b,
-                Sampling::ClosestPair(Metric::L1),
-                0.67,
-                PairMode::Faithful,
-                1
-            )
-            .unwrap()
-            .len(),
+            select(&b, Sampling::L1Norm, 0.67, PairMode::Faithful, 1)
+                .unwrap()
+                .len(),
             4
         );
-        let err = select(
-            &b,
-            Sampling::ClosestPair(Metric::L1),
-            1.0,
-            PairMode::Faithful,
-            1,
-        )
-        .unwrap_err();
+        let err = select(&b, Sampling::L1Norm, 1.0, PairMode::Faithful, 1).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -461,36 +444,15 @@ mod tests {
             dim: 2,
             targets: &t,
         };
-        let s = select(
-            &b,
-            Sampling::ClosestPair(Metric::L2),
-            0.34,
-            PairMode::Buffer,
-            0,
-        )
-        .unwrap();
+        let s = select(&b, Sampling::L2Norm, 0.34, PairMode::Buffer, 0).unwrap();
         // The closest other-class pair is 1 (x=0.1) ↔ 2 (x=1.0).
         assert_eq!((s[0].index, s[0].partner), (1, Some(2)));
-        let all = select(
-            &b,
-            Sampling::ClosestPair(Metric::L2),
-            0.67,
-            PairMode::Buffer,
-            0,
-        )
-        .unwrap();
+        let all = select(&b, Sampling::L2Norm, 0.67, PairMode::Buffer, 0).unwrap();
         assert_eq!(all.len(), 4);
         assert_eq!((all[2].index, all[2].partner), (0, Some(3)));
         // Both class-2 images are far from everything and cannot pair with each other once
         // the others are used: a full buffer cannot be paired.
-        let err = select(
-            &b,
-            Sampling::ClosestPair(Metric::L2),
-            1.0,
-            PairMode::Buffer,
-            0,
-        )
-        .unwrap_err();
+        let err = select(&b, Sampling::L2Norm, 1.0, PairMode::Buffer, 0).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -521,14 +483,14 @@ mod tests {
             targets: &t,
         };
         for metric in [Metric::L1, Metric::L2, Metric::Cosine] {
-            let s = select(&b, Sampling::ClosestPair(metric), 0.5, PairMode::Buffer, 0).unwrap();
+            let s = select(&b, Sampling::closest_pair(metric), 0.5, PairMode::Buffer, 0).unwrap();
             assert_eq!(s.len(), 150);
             let unique: std::collections::HashSet<_> = s.iter().map(|x| x.index).collect();
             assert_eq!(unique.len(), 150);
             assert!(s.iter().all(|x| t[x.index] != t[x.partner.unwrap()]));
             assert_eq!(
                 s,
-                select(&b, Sampling::ClosestPair(metric), 0.5, PairMode::Buffer, 9).unwrap()
+                select(&b, Sampling::closest_pair(metric), 0.5, PairMode::Buffer, 9).unwrap()
             );
         }
     }

@@ -3,11 +3,12 @@
 //! into the convolutions, whose weights and biases are trained), which suits small batches.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use anyhow::{ensure, Result};
 use candle_core::{Device, Module, Tensor, Var};
 use candle_nn::Optimizer;
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
 use super::{adam, dropout_mask, init_head, Head, TrainConfig};
 use crate::backbone::Backbone;
@@ -16,9 +17,12 @@ use crate::progress::Progress;
 use crate::rng::Rng;
 
 /// What training updates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Finetune {
     /// A linear head on cached frozen features (the default).
+    #[default]
     Head,
     /// The backbone and the head, by back-propagation through the backbone.
     Full,
@@ -30,17 +34,6 @@ impl Finetune {
         match self {
             Finetune::Head => "head",
             Finetune::Full => "full",
-        }
-    }
-}
-
-impl FromStr for Finetune {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "head" => Ok(Finetune::Head),
-            "full" => Ok(Finetune::Full),
-            _ => Err(format!("unknown fine-tuning mode {s:?}; valid: head, full")),
         }
     }
 }

@@ -2,13 +2,19 @@
 //! Learning with Noisy Labels", NeurIPS 2023): normalised cross-entropy plus normalised negative
 //! cross-entropy, α = β = 1, probabilities clamped to [1e-7, 1].
 
-use std::str::FromStr;
-
 use candle_core::{DType, Result, Tensor, D};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
 /// A classification loss over logits [N, C] and targets [N] (u32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Loss {
+    /// Cross-entropy.
+    #[default]
+    #[value(name = "ce")]
+    #[serde(rename = "ce")]
     CrossEntropy,
     /// NCE + NNCE.
     AnlCe,
@@ -20,17 +26,6 @@ impl Loss {
         match self {
             Loss::CrossEntropy => "ce",
             Loss::AnlCe => "anl_ce",
-        }
-    }
-}
-
-impl FromStr for Loss {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "ce" => Ok(Loss::CrossEntropy),
-            "anl_ce" => Ok(Loss::AnlCe),
-            _ => Err(format!("unknown loss {s:?}; valid: ce, anl_ce")),
         }
     }
 }
@@ -90,6 +85,9 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert!((f64::from(ce) + p1.ln()).abs() < 1e-6);
-        assert!("focal".parse::<Loss>().unwrap_err().contains("anl_ce"));
+        assert!(crate::config::choice::parse::<Loss>("loss", "focal")
+            .unwrap_err()
+            .contains("anl_ce"));
+        crate::config::choice::assert_names_agree(|l: &Loss| l.name());
     }
 }

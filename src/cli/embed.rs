@@ -1,0 +1,66 @@
+//! `bccp embed`: embed an image folder or manifest into a safetensors file.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::{BackboneArgs, CacheArgs, DeviceArgs};
+use bccp::backbone::Embedder;
+use bccp::data::ImageList;
+
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    /// An image folder ROOT/<class>/<file>, or a JSON Lines manifest (paths relative to it).
+    #[arg(long)]
+    data: PathBuf,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Output safetensors file (`embeddings` f32 [N, D], `targets` i64 [N]).
+    #[arg(long)]
+    out: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, alias = "batch", default_value_t = 32)]
+    batch_size: usize,
+    /// Skip images that cannot be decoded (with a warning and a count) instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+pub fn run(args: EmbedArgs, quiet: bool) -> Result<()> {
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be 1 or more");
+    let list = ImageList::from_path(&args.data)?;
+    anyhow::ensure!(!list.is_empty(), "{} holds no images", args.data.display());
+    let started = std::time::Instant::now();
+    let config = args.backbone.embedder(
+        &args.device,
+        args.cache.dir(),
+        args.batch_size,
+        args.skip_bad,
+    )?;
+    let embedder = Embedder::new(&config)?;
+    let (set, stats) = embedder.embed(&list, &super::progress(quiet))?;
+    set.save(&args.out)?;
+    for (path, why) in &stats.skipped {
+        eprintln!("warning: skipped {}: {why}", path.display());
+    }
+    let (n, d) = set.embeddings.dims2()?;
+    let skipped = match stats.skipped.len() {
+        0 => String::new(),
+        k => format!(", {k} unreadable skipped"),
+    };
+    println!(
+        "embedded {n} images with {} ({d}-d) on {:?} in {:.1}s: {} from cache, {} computed{skipped}; wrote {}",
+        embedder.spec().name,
+        embedder.device().location(),
+        started.elapsed().as_secs_f64(),
+        stats.cached,
+        stats.computed,
+        args.out.display()
+    );
+    Ok(())
+}

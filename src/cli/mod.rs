@@ -1,0 +1,125 @@
+//! The commands of the `bccp` binary, one file each: parse → library call → print. The
+//! argument groups several commands share are defined here once and flattened.
+
+pub mod classify;
+pub mod closest;
+pub mod embed;
+pub mod experiment;
+pub mod import;
+pub mod info;
+pub mod label_issues;
+pub mod models;
+pub mod predict;
+pub mod prepare;
+pub mod runs;
+pub mod sample;
+pub mod train;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use bccp::backbone::EmbedderConfig;
+use bccp::progress::Progress;
+use bccp::registry::Registry;
+
+/// `--device`.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl DeviceArgs {
+    /// The device named.
+    pub fn device(&self) -> Result<candle_core::Device> {
+        bccp::device::parse_device(&self.device)
+    }
+}
+
+/// The embedding cache flags.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// Embedding cache folder (default: BCCP_CACHE, else the per-user cache folder).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Recompute every embedding and leave the cache untouched.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+impl CacheArgs {
+    /// The cache folder, or `None` with `--no-cache`.
+    pub fn dir(&self) -> Option<PathBuf> {
+        (!self.no_cache).then(|| {
+            self.cache_dir
+                .clone()
+                .unwrap_or_else(bccp::backbone::cache::default_cache_dir)
+        })
+    }
+}
+
+/// The registry folder.
+#[derive(Args, Debug, Clone)]
+pub struct RegistryArgs {
+    /// Registry folder.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+}
+
+impl RegistryArgs {
+    /// The registry.
+    pub fn registry(&self) -> Registry {
+        Registry::open(&self.runs_dir)
+    }
+}
+
+/// A pretrained backbone: which one, its weights and input size.
+#[derive(Args, Debug, Clone)]
+pub struct BackboneArgs {
+    /// Backbone from the zoo (`bccp models` lists them).
+    #[arg(long, alias = "model", default_value = "mobilenet_v2")]
+    pub backbone: String,
+    /// Local weights (.safetensors) instead of the zoo's source.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Input size override (e.g. 64 for 28×28 images).
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    /// Never touch the network for hub weights (also: HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+}
+
+impl BackboneArgs {
+    /// An embedder configuration for this backbone on `device`, through `cache_dir`.
+    pub fn embedder(
+        &self,
+        device: &DeviceArgs,
+        cache_dir: Option<PathBuf>,
+        batch_size: usize,
+        skip_bad: bool,
+    ) -> Result<EmbedderConfig> {
+        Ok(EmbedderConfig {
+            backbone: self.backbone.clone(),
+            weights: self.weights.clone(),
+            image_size: self.image_size,
+            offline: self.offline,
+            device: device.device()?,
+            cache_dir,
+            batch_size,
+            skip_bad,
+        })
+    }
+}
+
+/// Progress bars on standard error, or none with `--quiet`.
+pub fn progress(quiet: bool) -> Progress {
+    if quiet {
+        Progress::hidden()
+    } else {
+        Progress::stderr()
+    }
+}

@@ -1,0 +1,148 @@
+//! `bccp train`: the full run — embed, replay, cleanse, train, evaluate, register.
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+
+use super::{CacheArgs, DeviceArgs, RegistryArgs};
+use bccp::cleanse::Method;
+use bccp::config::RunConfig;
+use bccp::pipeline::{self, RunEnv};
+use bccp::registry::{metric, RunMetrics};
+use bccp::train::finetune::Finetune;
+
+/// `-b Y|N`, the reference's Bayesian cut-off switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum YesNo {
+    #[value(name = "Y", alias = "y")]
+    Yes,
+    #[value(name = "N", alias = "n")]
+    No,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    run: RunConfig,
+    /// Bayesian cut-off: Y (the same as --method bccp) or N.
+    #[arg(short = 'b', long, value_enum)]
+    bayesian_cut_off: Option<YesNo>,
+    /// Never touch the network for hub weights (also: HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// The method from `-b` (the reference's flag) and `--method`, refusing contradictions.
+fn with_cut_off(mut cfg: RunConfig, cut_off: Option<YesNo>) -> Result<RunConfig> {
+    match (cut_off, cfg.method) {
+        (Some(YesNo::Yes), Method::None | Method::Bccp) => cfg.method = Method::Bccp,
+        (Some(YesNo::Yes), m) => bail!(
+            "-b Y is the bccp method's cut-off; it cannot be combined with --method {}",
+            m.name()
+        ),
+        (Some(YesNo::No), Method::Bccp) => {
+            bail!("--method bccp is the Bayesian cut-off; it cannot be combined with -b N")
+        }
+        _ => {}
+    }
+    Ok(cfg)
+}
+
+fn print_config(cfg: &RunConfig, device: &candle_core::Device) {
+    println!("==================== configuration ====================");
+    println!("dataset            {}", cfg.dataset.display());
+    println!("target day         {}", cfg.target_day.as_str());
+    println!(
+        "label              {} (user accuracy {})",
+        cfg.label.name(),
+        cfg.user_accuracy
+    );
+    println!("method             {}", cfg.method.name());
+    println!(
+        "bayesian cut-off   {} (score {}, percentile {}, action {}, {} passes, {} fold(s))",
+        if cfg.method == Method::Bccp { "Y" } else { "N" },
+        cfg.cutoff_score.name(),
+        cfg.cutoff_percentile,
+        cfg.cutoff_action.name(),
+        cfg.mc_passes,
+        cfg.cutoff_folds
+    );
+    if cfg.method == Method::Cleanlab {
+        println!(
+            "confident learning filter_by {}, {}-fold probabilities",
+            cfg.filter_by.name(),
+            cfg.folds
+        );
+    }
+    println!(
+        "sampling           {} ({}), ratio {}",
+        cfg.sampling.name(),
+        cfg.sampling_mode.name(),
+        cfg.replay_ratio()
+    );
+    println!(
+        "monday / tuesday   {:?} / {:?} records",
+        cfg.monday_num, cfg.tuesday_num
+    );
+    println!(
+        "backbone           {} (image size {:?}) on {:?}",
+        cfg.backbone,
+        cfg.image_size,
+        device.location()
+    );
+    println!(
+        "training           {} epochs, batch {}, lr {}, loss {}, seed {}",
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.final_loss().name(),
+        cfg.seed
+    );
+    match cfg.finetune {
+        Finetune::Head => println!("fine-tuning        head (linear probe on cached features)"),
+        Finetune::Full => println!(
+            "fine-tuning        full (backbone lr {}, batch-norm statistics frozen)",
+            cfg.backbone_lr
+        ),
+    }
+    println!("=======================================================");
+}
+
+/// The closing table of a run's figures.
+pub fn print_metrics(m: &RunMetrics) {
+    println!("\n| metric | value |\n|---|---|");
+    for name in metric::ALL {
+        match m.scalar(name) {
+            Some(v) if RunMetrics::is_count(name) => println!("| {name} | {} |", v as u64),
+            Some(v) => println!("| {name} | {v:.4} |"),
+            None => {}
+        }
+    }
+    println!("| seconds | {:.1} |", m.seconds.total);
+}
+
+pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
+    let cfg = with_cut_off(args.run, args.bayesian_cut_off)?;
+    cfg.validate().map_err(|e| anyhow::anyhow!(e.for_flags()))?;
+    let env = RunEnv {
+        device: args.device.device()?,
+        cache_dir: args.cache.dir(),
+        offline: args.offline,
+        registry: args.registry.registry(),
+    };
+    print_config(&cfg, &env.device);
+    let outcome = pipeline::run(&cfg, &env, &super::progress(quiet))?;
+    print_metrics(&outcome.metrics);
+    println!(
+        "\nregistered {}:{} in {}",
+        outcome.run.name,
+        outcome.run.version,
+        outcome.run.path.display()
+    );
+    Ok(())
+}

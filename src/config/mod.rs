@@ -1,0 +1,548 @@
+//! One typed definition of a run's settings: [`RunConfig`]. The command line's flags, an
+//! experiment file's `[run]` table, the HTTP API and the re-training loop all fill it;
+//! `params.json` in the registry is its serialisation. Defaults live in [`RunConfig::default`]
+//! and checks in [`RunConfig::validate`], nowhere else.
+
+pub mod choice;
+
+use std::path::PathBuf;
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::zoo;
+use crate::baselines::FilterBy;
+use crate::cleanse::{CleanseConfig, Method};
+use crate::cutoff::{Action, Percentile, Score};
+use crate::data::Day;
+use crate::sampling::{PairMode, Sampling};
+use crate::train::finetune::Finetune;
+use crate::train::{Loss, TrainConfig};
+
+/// Where training labels come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum LabelSource {
+    /// The true labels.
+    #[default]
+    GroundTruth,
+    /// Users right with probability `user_accuracy`, otherwise another class.
+    UserFeedback,
+}
+
+impl LabelSource {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LabelSource::GroundTruth => "ground_truth",
+            LabelSource::UserFeedback => "user_feedback",
+        }
+    }
+}
+
+/// A setting that does not hold together with the others. The message marks setting names
+/// with backticks; [`Display`](std::fmt::Display) writes them as in a file (`tuesday_num`) and
+/// [`ConfigError::for_flags`] as on the command line (`--tuesday-num`), so it reads right from
+/// either.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", render(.0, |name| name.to_owned()))]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    /// The message with setting names written as command-line flags.
+    pub fn for_flags(&self) -> String {
+        render(&self.0, |name| format!("--{}", name.replace('_', "-")))
+    }
+}
+
+/// Replaces every `` `name` `` in `message` by `write(name)`.
+fn render(message: &str, write: impl Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('`');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        if i % 2 == 0 {
+            out.push_str(&write(part));
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+/// Every setting of a run (the reference's flags plus ours), flat, named as the command-line
+/// flags (`--cutoff-score` ⇔ `cutoff_score`). Deriving clap's `Args` here makes `bccp train`'s
+/// flags this very struct; every default comes from [`RunConfig::default`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// A folder made by `bccp prepare`.
+    #[arg(short = 'd', long)]
+    pub dataset: PathBuf,
+    /// monday (train and test on Monday) or tuesday (train on Tuesday + replay, test on both).
+    #[arg(short = 't', long, default_value_t = d().target_day, value_enum)]
+    pub target_day: Day,
+    /// Where training labels come from (user_feedback: Tuesday's labels right with probability
+    /// --user-accuracy).
+    #[arg(short = 'l', long, default_value_t = d().label, value_enum)]
+    pub label: LabelSource,
+    /// Probability that a user's label is right.
+    #[arg(long, default_value_t = d().user_accuracy)]
+    pub user_accuracy: f64,
+    /// Use the first N records of Monday's manifest.
+    #[arg(long)]
+    pub monday_num: Option<usize>,
+    /// Use the first N records of Tuesday's manifest (required for --target-day tuesday).
+    #[arg(long)]
+    pub tuesday_num: Option<usize>,
+    /// Noisy-label handling.
+    #[arg(long, default_value_t = d().method, value_enum)]
+    pub method: Method,
+    /// What to replay from the reuse buffer (Monday's training data).
+    #[arg(short = 's', long, alias = "sampling-type", default_value_t = d().sampling, value_enum)]
+    pub sampling: Sampling,
+    /// How closest pairs are found: faithful (the reference's procedure) or buffer (ours).
+    #[arg(long, default_value_t = d().sampling_mode, value_enum)]
+    pub sampling_mode: PairMode,
+    /// Share of the reuse buffer to replay, in [0, 1] (required when --sampling is not none).
+    #[arg(short = 'r', long)]
+    pub ratio: Option<f64>,
+    /// Backbone from the zoo (`bccp models` lists them).
+    #[arg(long, default_value_t = d().backbone)]
+    pub backbone: String,
+    /// Local backbone weights (.safetensors) instead of the zoo's source.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Input size override (e.g. 64 for 28×28 images; 32 or more).
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    /// Cut-off score (label_prob_mean is the default; logit_sum_var is the reference's).
+    #[arg(long, default_value_t = d().cutoff_score, value_enum)]
+    pub cutoff_score: Score,
+    /// Percentile above which samples are cut (0–100), or auto (the estimated noise share).
+    #[arg(long, default_value_t = d().cutoff_percentile)]
+    pub cutoff_percentile: Percentile,
+    /// What to do with the cut samples.
+    #[arg(long, default_value_t = d().cutoff_action, value_enum)]
+    pub cutoff_action: Action,
+    /// MC-dropout passes.
+    #[arg(long, default_value_t = d().mc_passes)]
+    pub mc_passes: usize,
+    /// 1: score samples with the MC-dropout head trained on them (the reference's); K ≥ 2: out
+    /// of sample, each fold scored by a head trained on the other K − 1.
+    #[arg(long, default_value_t = d().cutoff_folds)]
+    pub cutoff_folds: usize,
+    /// Confident learning's filter (cleanlab's filter_by).
+    #[arg(long, default_value_t = d().filter_by, value_enum)]
+    pub filter_by: FilterBy,
+    /// Folds of confident learning's cross-validated probabilities.
+    #[arg(long, default_value_t = d().folds)]
+    pub folds: usize,
+    /// head (a linear probe on frozen, cached features) or full (back-propagate through the
+    /// backbone; mobilenet_v2 and efficientnet_lite0).
+    #[arg(long, default_value_t = d().finetune, value_enum)]
+    pub finetune: Finetune,
+    /// Learning rate of the backbone with --finetune full.
+    #[arg(long, default_value_t = d().backbone_lr)]
+    pub backbone_lr: f64,
+    #[arg(long, default_value_t = d().epochs)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = d().batch_size)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = d().lr)]
+    pub lr: f64,
+    /// Multiplies the learning rate after every epoch.
+    #[arg(long, default_value_t = d().lr_decay)]
+    pub lr_decay: f64,
+    /// The training loss (methods may override it: anl_ce trains with ANL-CE).
+    #[arg(long, default_value_t = d().loss, value_enum)]
+    pub loss: Loss,
+    /// Seed of every random choice (user labels, replay, dropout, initialisation).
+    #[arg(long, default_value_t = d().seed)]
+    pub seed: u64,
+    /// Name of the run in the registry.
+    #[arg(long, default_value_t = d().model_name)]
+    pub model_name: String,
+}
+
+/// The defaults, for clap's `default_value_t`.
+fn d() -> RunConfig {
+    RunConfig::default()
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        let train = TrainConfig::default();
+        Self {
+            dataset: PathBuf::new(),
+            target_day: Day::Monday,
+            label: LabelSource::GroundTruth,
+            user_accuracy: 0.7,
+            monday_num: None,
+            tuesday_num: None,
+            method: Method::None,
+            sampling: Sampling::None,
+            sampling_mode: PairMode::Buffer,
+            ratio: None,
+            backbone: "mobilenet_v2".into(),
+            weights: None,
+            image_size: None,
+            cutoff_score: Score::LabelProbMean,
+            cutoff_percentile: Percentile::Fixed(90.0),
+            cutoff_action: Action::Drop,
+            mc_passes: 10,
+            cutoff_folds: 1,
+            filter_by: FilterBy::PruneByNoiseRate,
+            folds: 5,
+            finetune: Finetune::Head,
+            backbone_lr: 1e-4,
+            epochs: train.epochs,
+            batch_size: train.batch_size,
+            lr: train.lr,
+            lr_decay: train.lr_decay,
+            loss: train.loss,
+            seed: train.seed,
+            model_name: "bccp".into(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// The replay share (0 without replay).
+    pub fn replay_ratio(&self) -> f64 {
+        self.ratio.unwrap_or(0.0)
+    }
+
+    /// The cleansing method's settings.
+    pub fn cleanse(&self) -> CleanseConfig {
+        CleanseConfig {
+            method: self.method,
+            cutoff_score: self.cutoff_score,
+            cutoff_percentile: self.cutoff_percentile,
+            cutoff_action: self.cutoff_action,
+            mc_passes: self.mc_passes,
+            cutoff_folds: self.cutoff_folds,
+            filter_by: self.filter_by,
+            folds: self.folds,
+        }
+    }
+
+    /// Head-training settings (the loss as asked; the method may override it).
+    pub fn train(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            lr_decay: self.lr_decay,
+            loss: self.loss,
+            seed: self.seed,
+            ..TrainConfig::default()
+        }
+    }
+
+    /// The loss the final training uses (ANL-CE for that method, else `loss`).
+    pub fn final_loss(&self) -> Loss {
+        self.method.loss(self.loss)
+    }
+
+    /// Checks that the settings hold together (the reference's rules and ours), before any
+    /// work. Looks the backbone up in the zoo and the dataset up on disk.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let tuesday = self.target_day == Day::Tuesday;
+        if tuesday && self.tuesday_num.is_none() {
+            return Err(invalid(
+                "`tuesday_num` is required when `target_day` is tuesday (how many Tuesday records to use)",
+            ));
+        }
+        if self.sampling != Sampling::None && !tuesday {
+            return Err(invalid(format!(
+                "`sampling` {} replays Monday data into Tuesday training; it needs `target_day` tuesday",
+                self.sampling.name()
+            )));
+        }
+        if self.label == LabelSource::UserFeedback && !tuesday {
+            return Err(invalid(
+                "`label` user_feedback applies to Tuesday's labels; it needs `target_day` tuesday",
+            ));
+        }
+        unit_interval("user_accuracy", self.user_accuracy)?;
+        match self.ratio {
+            None if self.sampling != Sampling::None => {
+                return Err(invalid(
+                    "`ratio` is required when `sampling` is not none (the share of the reuse buffer to replay)",
+                ))
+            }
+            Some(r) => unit_interval("ratio", r)?,
+            None => {}
+        }
+        at_least("mc_passes", self.mc_passes, 2, "variances need two passes")?;
+        at_least("cutoff_folds", self.cutoff_folds, 1, "1 scores in sample")?;
+        if self.method == Method::Cleanlab {
+            at_least("folds", self.folds, 2, "confident learning cross-validates")?;
+        }
+        at_least("epochs", self.epochs, 1, "")?;
+        at_least("batch_size", self.batch_size, 1, "")?;
+        positive("lr", self.lr)?;
+        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
+            return Err(invalid(format!(
+                "`lr_decay` {} must lie in (0, 1]",
+                self.lr_decay
+            )));
+        }
+        if self.monday_num == Some(0) || self.tuesday_num == Some(0) {
+            return Err(invalid("`monday_num` and `tuesday_num` must be 1 or more"));
+        }
+        let spec = zoo::find(&self.backbone).map_err(|e| invalid(e.to_string()))?;
+        spec.preprocess_at(self.image_size)
+            .map_err(|e| invalid(e.to_string()))?;
+        if self.finetune == Finetune::Full {
+            if let Some(why) = crate::backbone::Backbone::finetune_blocker(spec.architecture) {
+                return Err(invalid(format!(
+                    "`finetune` full is not supported for `backbone` {} yet: {why}; use mobilenet_v2 or efficientnet_lite0, or `finetune` head",
+                    spec.name
+                )));
+            }
+            positive("backbone_lr", self.backbone_lr)?;
+        }
+        if self.dataset.as_os_str().is_empty() {
+            return Err(invalid(
+                "`dataset` is not set: give a folder made by bccp prepare",
+            ));
+        }
+        if !self.dataset.join("monday.jsonl").is_file() {
+            return Err(invalid(format!(
+                "`dataset` {} is not a prepared dataset (no monday.jsonl); make one with bccp prepare",
+                self.dataset.display()
+            )));
+        }
+        crate::registry::check_name(&self.model_name).map_err(|e| invalid(e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn unit_interval(name: &str, v: f64) -> Result<(), ConfigError> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(())
+    } else {
+        Err(invalid(format!("`{name}` {v} must lie in [0, 1]")))
+    }
+}
+
+fn at_least(name: &str, v: usize, min: usize, why: &str) -> Result<(), ConfigError> {
+    if v >= min {
+        return Ok(());
+    }
+    let why = if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({why})")
+    };
+    Err(invalid(format!("`{name}` {v} must be {min} or more{why}")))
+}
+
+fn positive(name: &str, v: f64) -> Result<(), ConfigError> {
+    if v > 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err(invalid(format!("`{name}` {v} must be a positive number")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `bccp train`'s settings as the command line parses them.
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        run: RunConfig,
+    }
+
+    fn parse(args: &[&str]) -> RunConfig {
+        let argv = std::iter::once("bccp").chain(args.iter().copied());
+        Flags::try_parse_from(argv).unwrap().run
+    }
+
+    #[test]
+    fn flag_defaults_are_the_struct_defaults() {
+        let cfg = parse(&["-d", "days"]);
+        assert_eq!(
+            cfg,
+            RunConfig {
+                dataset: "days".into(),
+                ..RunConfig::default()
+            }
+        );
+        assert_eq!(cfg.train(), TrainConfig::default());
+    }
+
+    #[test]
+    fn flags_to_params_json_and_back() {
+        let cfg = parse(&[
+            "-d",
+            "days",
+            "-t",
+            "tuesday",
+            "--tuesday-num",
+            "300",
+            "-l",
+            "user_feedback",
+            "--user-accuracy",
+            "0.6",
+            "--method",
+            "bccp",
+            "--sampling-type",
+            "l2_norm",
+            "--sampling-mode",
+            "faithful",
+            "-r",
+            "0.25",
+            "--cutoff-score",
+            "knn_disagreement",
+            "--cutoff-percentile",
+            "auto",
+            "--cutoff-action",
+            "relabel",
+            "--cutoff-folds",
+            "5",
+            "--filter-by",
+            "both",
+            "--loss",
+            "anl_ce",
+            "--image-size",
+            "64",
+            "--seed",
+            "7",
+        ]);
+        assert_eq!(cfg.sampling, Sampling::L2Norm);
+        assert_eq!(cfg.sampling_mode, PairMode::Faithful);
+        assert_eq!(cfg.cutoff_percentile, Percentile::Auto);
+        assert_eq!(cfg.ratio, Some(0.25));
+        assert_eq!(cfg.loss, Loss::AnlCe);
+        let json = serde_json::to_string_pretty(&cfg).unwrap();
+        assert!(json.contains("\"sampling\": \"l2_norm\""), "{json}");
+        assert!(json.contains("\"cutoff_percentile\": \"auto\""), "{json}");
+        let back: RunConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cfg);
+        // A fixed percentile is a number in JSON and TOML.
+        let fixed = parse(&["-d", "x", "--cutoff-percentile", "97.5"]);
+        let json = serde_json::to_value(&fixed).unwrap();
+        assert_eq!(json["cutoff_percentile"], serde_json::json!(97.5));
+        assert_eq!(serde_json::from_value::<RunConfig>(json).unwrap(), fixed);
+    }
+
+    #[test]
+    fn toml_fills_the_same_struct() {
+        let text = r#"
+            dataset = "days"
+            target_day = "tuesday"
+            tuesday_num = 300
+            label = "user_feedback"
+            method = "cleanlab"
+            sampling = "cosine_similarity"
+            ratio = 0.5
+            cutoff_percentile = 75
+            epochs = 3
+        "#;
+        let cfg: RunConfig = toml::from_str(text).unwrap();
+        let flags = parse(&[
+            "-d",
+            "days",
+            "-t",
+            "tuesday",
+            "--tuesday-num",
+            "300",
+            "-l",
+            "user_feedback",
+            "--method",
+            "cleanlab",
+            "-s",
+            "cosine_similarity",
+            "-r",
+            "0.5",
+            "--cutoff-percentile",
+            "75",
+            "--epochs",
+            "3",
+        ]);
+        assert_eq!(cfg, flags);
+        let err = toml::from_str::<RunConfig>("method = \"magic\"").unwrap_err();
+        assert!(err.to_string().contains("magic"), "{err}");
+        let err = toml::from_str::<RunConfig>("colour = 1").unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = toml::from_str::<RunConfig>("cutoff_percentile = 120").unwrap_err();
+        assert!(err.to_string().contains("[0, 100]"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_setting_as_flag_or_key() {
+        let cfg = RunConfig {
+            dataset: "days".into(),
+            target_day: Day::Tuesday,
+            ..RunConfig::default()
+        };
+        let err = cfg.validate().unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("tuesday_num is required when target_day is tuesday"),
+            "{err}"
+        );
+        assert!(
+            err.for_flags()
+                .starts_with("--tuesday-num is required when --target-day is tuesday"),
+            "{}",
+            err.for_flags()
+        );
+        let cfg = RunConfig {
+            user_accuracy: 1.5,
+            ..cfg
+        };
+        let cfg = RunConfig {
+            tuesday_num: Some(3),
+            ..cfg
+        };
+        assert_eq!(
+            cfg.validate().unwrap_err().for_flags(),
+            "--user-accuracy 1.5 must lie in [0, 1]"
+        );
+        let cfg = RunConfig {
+            user_accuracy: 0.7,
+            sampling: Sampling::Random,
+            ..cfg
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("ratio is required"));
+        let cfg = RunConfig {
+            sampling: Sampling::None,
+            mc_passes: 1,
+            ..cfg
+        };
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "mc_passes 1 must be 2 or more (variances need two passes)"
+        );
+    }
+
+    #[test]
+    fn every_enum_has_one_spelling() {
+        choice::assert_names_agree(|v: &LabelSource| v.name());
+        choice::assert_names_agree(|v: &Sampling| v.name());
+        choice::assert_names_agree(|v: &PairMode| v.name());
+        choice::assert_names_agree(|v: &Score| v.name());
+        choice::assert_names_agree(|v: &Action| v.name());
+        choice::assert_names_agree(|v: &Finetune| v.name());
+        choice::assert_names_agree(|v: &Day| v.as_str());
+    }
+}

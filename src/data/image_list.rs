@@ -1,0 +1,77 @@
+//! A list of images to embed: files, their labels and the paths to record, from an image
+//! folder, a JSON Lines manifest or manifest records.
+
+use std::path::{Path, PathBuf};
+
+use super::error::Result;
+use super::{read_manifest, ImageFolder, Record};
+
+/// Images to embed: absolute paths, labels, and the paths to record (relative to the dataset).
+#[derive(Debug, Clone, Default)]
+pub struct ImageList {
+    pub files: Vec<PathBuf>,
+    pub recorded_paths: Vec<String>,
+    pub targets: Vec<i64>,
+    /// Manifest ids, when the list came from a manifest.
+    pub ids: Option<Vec<i64>>,
+    pub classes: Vec<String>,
+}
+
+impl ImageList {
+    /// All images of an image folder, in scan order.
+    pub fn from_folder(root: &Path) -> Result<Self> {
+        let folder = ImageFolder::scan(root)?;
+        Ok(Self {
+            files: folder.items.iter().map(|i| root.join(&i.path)).collect(),
+            recorded_paths: folder
+                .items
+                .iter()
+                .map(|i| i.path.to_string_lossy().replace('\\', "/"))
+                .collect(),
+            targets: folder.items.iter().map(|i| i.target as i64).collect(),
+            ids: None,
+            classes: folder.classes,
+        })
+    }
+
+    /// Manifest records whose image paths are relative to `root`.
+    pub fn from_records(root: &Path, records: &[Record], classes: &[String]) -> Self {
+        Self {
+            files: records.iter().map(|r| root.join(&r.image_path)).collect(),
+            recorded_paths: records.iter().map(|r| r.image_path.clone()).collect(),
+            targets: records.iter().map(|r| r.target as i64).collect(),
+            ids: Some(records.iter().map(|r| r.id as i64).collect()),
+            classes: classes.to_vec(),
+        }
+    }
+
+    /// The records of a JSON Lines manifest; image paths are relative to the manifest's folder,
+    /// class names come from `dataset.json` beside it when present.
+    pub fn from_manifest(path: &Path) -> Result<Self> {
+        let records = read_manifest(path)?;
+        let root = path.parent().unwrap_or(Path::new("."));
+        let classes = super::prepare::read_dataset_info(root)
+            .map(|i| i.classes)
+            .unwrap_or_default();
+        Ok(Self::from_records(root, &records, &classes))
+    }
+
+    /// A folder or a `.jsonl` manifest.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            Self::from_manifest(path)
+        } else {
+            Self::from_folder(path)
+        }
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// True when the list holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}

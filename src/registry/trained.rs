@@ -1,0 +1,185 @@
+//! A registered run rebuilt as a classifier: its head on its backbone (the fine-tuned one it
+//! carries, or the pretrained weights it names), checked file by file before it predicts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::record::{files, RunRecord};
+use super::{corrupt, io, Registry, RegistryError, RunDir};
+use crate::backbone::cache::{hex, sha256};
+use crate::backbone::{Backbone, Embedder, EmbedderConfig};
+use crate::data::Preprocess;
+use crate::train::Head;
+
+/// One image's prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Class index (the reference's `target`).
+    pub target: usize,
+    pub class: String,
+    pub probability: f32,
+    /// Every class's probability.
+    pub probabilities: Vec<f32>,
+}
+
+/// A registered run loaded for prediction.
+pub struct TrainedRun {
+    pub run: RunDir,
+    pub record: RunRecord,
+    features: Features,
+    pre: Preprocess,
+    device: Device,
+    head: Head,
+}
+
+/// Where a run's features come from.
+enum Features {
+    /// The backbone fine-tuned with the run.
+    Tuned(Box<Backbone>),
+    /// The pretrained backbone the run names.
+    Pretrained(Box<Embedder>),
+}
+
+impl TrainedRun {
+    /// Loads `spec` (`NAME`, `NAME:VERSION` or `NAME@ALIAS`) from `registry` onto `device`.
+    /// Every file is checked: the JSON documents parse, `model.safetensors` has the checksum
+    /// recorded at registration and a head whose class count matches `labels.json`, and the
+    /// backbone weights are the ones the run was trained with.
+    pub fn load(
+        registry: &Registry,
+        spec: &str,
+        device: &Device,
+        cache_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let run = registry.resolve(spec)?;
+        let record = registry.read(&run)?;
+        let model_path = run.path.join(files::MODEL);
+        let bytes = std::fs::read(&model_path).map_err(io(&model_path))?;
+        let sha = hex(&sha256(&bytes));
+        if sha != record.provenance.model_sha256 {
+            return Err(corrupt(
+                &model_path,
+                format!(
+                    "its SHA-256 is {sha}, {} recorded {} at registration",
+                    files::PROVENANCE,
+                    record.provenance.model_sha256
+                ),
+            )
+            .into());
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| corrupt(&model_path, e))?;
+        let head = head_of(&tensors, &model_path, &run.path, record.labels.len())?;
+        let params = &record.params;
+        let spec = crate::backbone::zoo::find(&params.backbone)?;
+        let pre = spec.preprocess_at(Some(record.provenance.image_size))?;
+        let features = match Backbone::from_tuned(&spec, &tensors, device)? {
+            // The run carries its fine-tuned backbone: the pretrained weights are not needed.
+            Some(tuned) => Features::Tuned(Box::new(tuned)),
+            None => {
+                let embedder = Embedder::new(&EmbedderConfig {
+                    weights: params.weights.clone(),
+                    image_size: Some(record.provenance.image_size),
+                    offline: true,
+                    device: device.clone(),
+                    cache_dir: cache_dir.map(Path::to_path_buf),
+                    ..EmbedderConfig::new(&params.backbone)
+                })?;
+                if embedder.weights_sha256() != record.provenance.weights_sha256 {
+                    anyhow::bail!(
+                        "{} was trained on backbone weights with SHA-256 {} ({}), but {} has {}; its predictions would be wrong",
+                        run.path.display(),
+                        record.provenance.weights_sha256,
+                        record.provenance.weights,
+                        embedder.weights().display(),
+                        embedder.weights_sha256()
+                    );
+                }
+                Features::Pretrained(Box::new(embedder))
+            }
+        };
+        Ok(Self {
+            run,
+            record,
+            features,
+            pre,
+            device: device.clone(),
+            head,
+        })
+    }
+
+    /// The class names, in head order.
+    pub fn classes(&self) -> &[String] {
+        &self.record.labels
+    }
+
+    /// Predicts every image (all must decode).
+    pub fn predict(&self, images: &[PathBuf]) -> anyhow::Result<Vec<Prediction>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = crate::data::loader::load_batch(images, 0, &self.pre, false)?;
+        let x = batch.to_tensor(&self.pre, &self.device)?;
+        let features = match &self.features {
+            Features::Tuned(model) => model.embed(&x)?,
+            Features::Pretrained(embedder) => embedder.backbone()?.embed(&x)?,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&self.head.logits(&features)?)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        Ok(probs
+            .into_iter()
+            .map(|row| {
+                let (target, probability) =
+                    row.iter()
+                        .copied()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |best, (k, p)| {
+                            if p > best.1 {
+                                (k, p)
+                            } else {
+                                best
+                            }
+                        });
+                Prediction {
+                    target,
+                    class: self.record.labels.get(target).cloned().unwrap_or_default(),
+                    probability,
+                    probabilities: row,
+                }
+            })
+            .collect())
+    }
+}
+
+/// The head in a run's tensors, checked against the class count of `labels.json`.
+fn head_of(
+    tensors: &HashMap<String, Tensor>,
+    model_path: &Path,
+    run_path: &Path,
+    classes: usize,
+) -> Result<Head, RegistryError> {
+    let get = |k: &str| {
+        tensors
+            .get(k)
+            .cloned()
+            .ok_or_else(|| corrupt(model_path, format!("no `{k}` tensor")))
+    };
+    let (weight, bias) = (get("head.weight")?, get("head.bias")?);
+    let (rows, _) = weight
+        .dims2()
+        .map_err(|_| corrupt(model_path, "`head.weight` is not a matrix"))?;
+    if rows != classes || bias.dims() != [rows] {
+        return Err(corrupt(
+            &run_path.join(files::LABELS),
+            format!(
+                "it names {classes} classes but the head in {} has {rows} outputs (bias {:?})",
+                files::MODEL,
+                bias.dims()
+            ),
+        ));
+    }
+    Ok(Head::from_tensors(weight, bias)?)
+}
