@@ -12,7 +12,7 @@ cargo build --release --locked --quiet --bin bccp
 bccp=target/release/bccp
 out=runs/default
 days=$out/fashion-mnist-days
-$bccp classify --model efficientnet_lite0 --top 1 assets/photos/chelsea.png assets/photos/coffee.png
+$bccp classify --backbone efficientnet_lite0 --top 1 assets/photos/chelsea.png assets/photos/coffee.png
 if [ -f "$days/dataset.json" ]; then
   echo "run-default: $days exists (delete it to prepare again)"
 else

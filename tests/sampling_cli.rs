@@ -154,7 +154,7 @@ fn sample_writes_selections() {
     // 50 images per class: the faithful procedure stops after 50 steps (100 images = 0.5).
     let err = failure(&run("l1_norm", "0.6", "faithful"));
     assert!(
-        err.contains("ratio too high") && err.contains("--mode buffer"),
+        err.contains("ratio too high") && err.contains("--sampling-mode buffer"),
         "{err}"
     );
     success(&run("l1_norm", "0.6", "buffer"));

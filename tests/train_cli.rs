@@ -274,7 +274,7 @@ fn bad_flag_combinations_are_refused_before_work() {
         ),
         (
             &["-t", "monday", "--method", "magic"],
-            "valid: none, bccp, cleanlab, anl_ce",
+            "possible values: none, bccp, cleanlab, anl_ce",
         ),
         (
             &["-t", "monday", "--method", "cleanlab", "--folds", "1"],
@@ -293,7 +293,7 @@ fn bad_flag_combinations_are_refused_before_work() {
         ),
         (
             &["-t", "monday", "--finetune", "partial"],
-            "valid: head, full",
+            "possible values: head, full",
         ),
         (&["-t", "tuesday"], "--tuesday-num is required"),
         (

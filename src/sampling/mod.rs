@@ -87,7 +87,7 @@ impl PairMode {
 pub enum SamplingError {
     #[error("--ratio {0} must lie in [0, 1]")]
     BadRatio(f64),
-    #[error("ratio too high: after {pairs} of {wanted} pairs only {classes} class(es) still have unused images; the faithful procedure uses up one image per class per step, so it cannot select more than about {max_ratio:.3} of this buffer (try --mode buffer or a lower --ratio)")]
+    #[error("ratio too high: after {pairs} of {wanted} pairs only {classes} class(es) still have unused images; the faithful procedure uses up one image per class per step, so it cannot select more than about {max_ratio:.3} of this buffer (try --sampling-mode buffer or a lower --ratio)")]
     RatioTooHigh {
         pairs: usize,
         wanted: usize,
