@@ -1,7 +1,25 @@
 //! `--device auto|cpu|cuda[:N]|metal`.
 
-use anyhow::{bail, Context, Result};
 use candle_core::Device;
+
+/// A `--device` that this build or machine cannot provide.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown --device {0:?}; valid: auto, cpu, cuda, cuda:N, metal")]
+    Unknown(String),
+    #[error("invalid --device {0:?}: the CUDA ordinal must be a number, e.g. cuda:0")]
+    BadOrdinal(String),
+    #[error("--device {0}: this build has no CUDA support (build with --features cuda)")]
+    NoCuda(String),
+    #[error(
+        "--device metal: this build has no Metal support (build with --features metal on macOS)"
+    )]
+    NoMetal,
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+type Result<T> = std::result::Result<T, DeviceError>;
 
 /// Parses a device name. `auto` picks CUDA device 0, then Metal, then the CPU, among what this
 /// build supports (`cuda` / `metal` features) and this machine has: a CUDA build on a machine
@@ -25,27 +43,23 @@ pub fn parse_device(name: &str) -> Result<Device> {
         }
         "metal" => {
             if !candle_core::utils::metal_is_available() {
-                bail!("--device metal: this build has no Metal support (build with --features metal on macOS)");
+                return Err(DeviceError::NoMetal);
             }
             Ok(Device::new_metal(0)?)
         }
         _ => {
             let Some(rest) = name.strip_prefix("cuda") else {
-                bail!("unknown --device {name:?}; valid: auto, cpu, cuda, cuda:N, metal");
+                return Err(DeviceError::Unknown(name));
             };
             let ordinal = match rest.strip_prefix(':') {
                 None if rest.is_empty() => 0,
-                Some(n) => n.parse::<usize>().with_context(|| {
-                    format!(
-                        "invalid --device {name:?}: the CUDA ordinal must be a number, e.g. cuda:0"
-                    )
-                })?,
-                None => bail!("unknown --device {name:?}; valid: auto, cpu, cuda, cuda:N, metal"),
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| DeviceError::BadOrdinal(name.clone()))?,
+                None => return Err(DeviceError::Unknown(name)),
             };
             if !candle_core::utils::cuda_is_available() {
-                bail!(
-                    "--device {name}: this build has no CUDA support (build with --features cuda)"
-                );
+                return Err(DeviceError::NoCuda(name));
             }
             Ok(Device::new_cuda(ordinal)?)
         }

@@ -3,9 +3,27 @@
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
-
 use crate::fsutil::write_atomic;
+
+/// Why a `.npy` file cannot be read or written; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum NpyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a usable .npy file: {why}")]
+    Format {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    #[error("cannot write a .npy array: {0}")]
+    Write(String),
+}
+
+type Result<T> = std::result::Result<T, NpyError>;
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 
@@ -40,8 +58,14 @@ fn parse_shape(text: &str) -> Option<Vec<usize>> {
 
 /// Reads a numeric or boolean `.npy` array; errors name the file and what is wrong.
 pub fn read(path: &Path) -> Result<Array> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let bad = |why: &str| anyhow::anyhow!("{} is not a usable .npy file: {why}", path.display());
+    let bytes = std::fs::read(path).map_err(|source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |why: &str| NpyError::Format {
+        path: path.to_path_buf(),
+        why: why.to_owned(),
+    };
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err(bad("no NumPy magic header"));
     }
@@ -84,12 +108,12 @@ pub fn read(path: &Path) -> Result<Array> {
     if width > 1 && descr.starts_with('>') {
         return Err(bad("big-endian data is not supported"));
     }
-    ensure!(
-        data.len() >= count * width,
-        "{}: {} bytes of data for shape {shape:?} of {descr}",
-        path.display(),
-        data.len()
-    );
+    if data.len() < count * width {
+        return Err(bad(&format!(
+            "{} bytes of data for shape {shape:?} of {descr}",
+            data.len()
+        )));
+    }
     let values = data[..count * width]
         .chunks_exact(width)
         .map(|c| match (&descr[1..], c) {
@@ -120,7 +144,7 @@ fn encode(descr: &str, shape: &[usize], data: &[u8]) -> Result<Vec<u8>> {
     let unpadded = MAGIC.len() + 4 + dict.len() + 1;
     let header = format!("{dict}{}\n", " ".repeat((64 - unpadded % 64) % 64));
     let Ok(len) = u16::try_from(header.len()) else {
-        bail!("npy header too long");
+        return Err(NpyError::Write("header too long".into()));
     };
     let mut out = Vec::with_capacity(MAGIC.len() + 4 + header.len() + data.len());
     out.extend_from_slice(MAGIC);
@@ -132,7 +156,10 @@ fn encode(descr: &str, shape: &[usize], data: &[u8]) -> Result<Vec<u8>> {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    write_atomic(path, bytes).map_err(|source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Writes a 1-D boolean array (`dtype=bool`) atomically.
@@ -143,11 +170,12 @@ pub fn write_bool(path: &Path, mask: &[bool]) -> Result<()> {
 
 /// Writes a float64 array of `shape` (C order) atomically.
 pub fn write_f64(path: &Path, shape: &[usize], values: &[f64]) -> Result<()> {
-    ensure!(
-        shape.iter().product::<usize>() == values.len(),
-        "{} values for shape {shape:?}",
-        values.len()
-    );
+    if shape.iter().product::<usize>() != values.len() {
+        return Err(NpyError::Write(format!(
+            "{} values for shape {shape:?}",
+            values.len()
+        )));
+    }
     let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     write(path, &encode("<f8", shape, &data)?)
 }

@@ -35,7 +35,7 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// The device named.
     pub fn device(&self) -> Result<candle_core::Device> {
-        bccp::device::parse_device(&self.device)
+        Ok(bccp::device::parse_device(&self.device)?)
     }
 }
 

@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::distance::{search_host, Metric, Search};
+use crate::distance::{search_host, DistanceError, Metric, Search};
 use crate::rng::Rng;
 use crate::train::Head;
 
@@ -284,7 +284,7 @@ pub fn score(
     which: Score,
     features: &Tensor,
     labels: &[u32],
-) -> anyhow::Result<Vec<f32>> {
+) -> std::result::Result<Vec<f32>, DistanceError> {
     let labels_t = Tensor::new(labels, stats.mean_probs.device())?;
     let label_mean = stats
         .mean_probs
@@ -309,7 +309,10 @@ pub fn score(
 
 /// Share of each sample's `KNN` nearest neighbours (cosine, itself excluded) whose label
 /// differs from its own.
-pub fn knn_disagreement(features: &Tensor, labels: &[u32]) -> anyhow::Result<Vec<f32>> {
+pub fn knn_disagreement(
+    features: &Tensor,
+    labels: &[u32],
+) -> std::result::Result<Vec<f32>, DistanceError> {
     let (n, f) = features.dims2()?;
     let k = KNN.min(n.saturating_sub(1)).max(1);
     let x = features

@@ -11,7 +11,11 @@ use super::{finish, validate, Metric, Neighbors, Search};
 const TILE_ELEMENTS: usize = 1 << 24;
 
 /// Searches with tensor ops on the inputs' device.
-pub fn search(queries: &Tensor, candidates: &Tensor, s: &Search) -> anyhow::Result<Neighbors> {
+pub fn search(
+    queries: &Tensor,
+    candidates: &Tensor,
+    s: &Search,
+) -> Result<Neighbors, super::DistanceError> {
     let queries = queries.to_dtype(DType::F32)?;
     let candidates = candidates.to_dtype(DType::F32)?;
     let (nq, dim) = queries.dims2()?;

@@ -90,6 +90,18 @@ pub enum DistanceError {
         found: usize,
         rows: usize,
     },
+    /// A tensor operation failed (the message of candle's error).
+    #[error("{0}")]
+    Tensor(String),
+    /// A failure of the CUDA search (its launcher reports driver errors as text).
+    #[error("CUDA search: {0}")]
+    Cuda(String),
+}
+
+impl From<candle_core::Error> for DistanceError {
+    fn from(e: candle_core::Error) -> Self {
+        DistanceError::Tensor(e.to_string())
+    }
 }
 
 /// The k best candidates of every query.
@@ -249,7 +261,7 @@ pub fn search_host(
     Ok(finish(queries, candidates, dim, s.metric, s.k, indices))
 }
 
-fn host_matrix(t: &Tensor, what: &'static str) -> anyhow::Result<(Vec<f32>, usize, usize)> {
+fn host_matrix(t: &Tensor, what: &'static str) -> Result<(Vec<f32>, usize, usize), DistanceError> {
     let (rows, dim) = t.dims2().map_err(|_| DistanceError::BadShape {
         what,
         found: format!("{:?}", t.dims()),
@@ -264,7 +276,11 @@ fn host_matrix(t: &Tensor, what: &'static str) -> anyhow::Result<(Vec<f32>, usiz
 
 /// Searches tensors: the CPU path for CPU tensors; the CUDA kernels for CUDA tensors (feature
 /// `cuda`); elsewhere (Metal) candle's generic tensor ops tile by tile (correct, not fast).
-pub fn search(queries: &Tensor, candidates: &Tensor, s: &Search) -> anyhow::Result<Neighbors> {
+pub fn search(
+    queries: &Tensor,
+    candidates: &Tensor,
+    s: &Search,
+) -> Result<Neighbors, DistanceError> {
     let (_, dq) = queries.dims2().map_err(|_| DistanceError::BadShape {
         what: "queries",
         found: format!("{:?}", queries.dims()),
@@ -277,8 +293,7 @@ pub fn search(queries: &Tensor, candidates: &Tensor, s: &Search) -> anyhow::Resu
         return Err(DistanceError::DimMismatch {
             queries: dq,
             candidates: dc,
-        }
-        .into());
+        });
     }
     if queries.device().is_cpu() {
         let (q, _, d) = host_matrix(queries, "queries")?;
@@ -287,7 +302,9 @@ pub fn search(queries: &Tensor, candidates: &Tensor, s: &Search) -> anyhow::Resu
     }
     #[cfg(feature = "cuda")]
     if queries.device().is_cuda() {
-        if let Some(found) = cuda::search_checked(queries, candidates, s)? {
+        let found = cuda::search_checked(queries, candidates, s)
+            .map_err(|e| DistanceError::Cuda(format!("{e:#}")))?;
+        if let Some(found) = found {
             return Ok(found);
         }
     }
