@@ -14,6 +14,7 @@ pub mod scan;
 pub mod timestamp;
 
 pub use corrupt::Corruption;
+pub use decode::MAX_IMAGE_PIXELS;
 pub use error::{DataError, Result};
 pub use loader::{BatchLoader, HostBatch, Preprocess};
 pub use manifest::{read_manifest, write_manifest, Day, Record};
