@@ -20,4 +20,4 @@ pub use loader::{BatchLoader, HostBatch, Preprocess};
 pub use manifest::{read_manifest, write_manifest, Day, Record};
 pub use noise::{user_feedback_labels, NoisyLabels};
 pub use prepare::{prepare, DatasetInfo, PrepareOptions, PrepareSummary};
-pub use scan::{ImageFolder, ImageItem};
+pub use scan::{ImageFolder, ImageItem, SkipCount, SkipReason, SkippedEntry};
