@@ -35,6 +35,7 @@ pub fn run(args: EmbedArgs, quiet: bool) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be 1 or more");
     let list = ImageList::from_path(&args.data)?;
     anyhow::ensure!(!list.is_empty(), "{} holds no images", args.data.display());
+    super::print_skipped(&list.skipped);
     let started = std::time::Instant::now();
     let config = args.backbone.embedder(
         &args.device,

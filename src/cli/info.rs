@@ -42,6 +42,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
                 println!("{name:<20} {n:>8}");
             }
             println!("{:<20} {:>8}", "total", folder.items.len());
+            super::print_skipped(&folder.skipped_summary());
         }
     }
     Ok(())

@@ -115,6 +115,16 @@ impl BackboneArgs {
     }
 }
 
+/// Notes on standard error of what a folder scan skipped, per class and reason.
+pub fn print_skipped(skipped: &[bccp::data::SkipCount]) {
+    for s in skipped {
+        eprintln!(
+            "note: class {}: {} file(s) skipped ({})",
+            s.class, s.count, s.reason
+        );
+    }
+}
+
 /// Progress bars on standard error, or none with `--quiet`.
 pub fn progress(quiet: bool) -> Progress {
     if quiet {

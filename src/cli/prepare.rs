@@ -80,5 +80,6 @@ pub fn run(args: PrepareArgs, quiet: bool) -> Result<()> {
             summary.ignored_files
         );
     }
+    super::print_skipped(&summary.scan_skipped);
     Ok(())
 }

@@ -15,6 +15,17 @@ pub enum DataError {
     EmptyClass(PathBuf),
     #[error("cannot decode image {path}: {message}")]
     Decode { path: PathBuf, message: String },
+    #[error(
+        "image {path} is {width}×{height} = {pixels} pixels, over the limit \
+         MAX_IMAGE_PIXELS = {max}; it may be a decompression bomb",
+        pixels = u64::from(*.width) * u64::from(*.height),
+        max = crate::data::decode::MAX_IMAGE_PIXELS
+    )]
+    ImageTooLarge {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -46,6 +57,12 @@ impl DataError {
             path: path.into(),
             source,
         }
+    }
+
+    /// True for an image that cannot be decoded or is over the size limit: the errors that
+    /// `skip_bad` skips.
+    pub fn is_bad_image(&self) -> bool {
+        matches!(self, Self::Decode { .. } | Self::ImageTooLarge { .. })
     }
 
     /// An invalid parameter value and what would be valid.

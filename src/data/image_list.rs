@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::error::Result;
-use super::{read_manifest, ImageFolder, Record};
+use super::{read_manifest, ImageFolder, Record, SkipCount};
 
 /// Images to embed: absolute paths, labels, and the paths to record (relative to the dataset).
 #[derive(Debug, Clone, Default)]
@@ -15,6 +15,8 @@ pub struct ImageList {
     /// Manifest ids, when the list came from a manifest.
     pub ids: Option<Vec<i64>>,
     pub classes: Vec<String>,
+    /// What the folder scan skipped, per class and reason (empty for manifests).
+    pub skipped: Vec<SkipCount>,
 }
 
 impl ImageList {
@@ -30,6 +32,7 @@ impl ImageList {
                 .collect(),
             targets: folder.items.iter().map(|i| i.target as i64).collect(),
             ids: None,
+            skipped: folder.skipped_summary(),
             classes: folder.classes,
         })
     }
@@ -42,6 +45,7 @@ impl ImageList {
             targets: records.iter().map(|r| r.target as i64).collect(),
             ids: Some(records.iter().map(|r| r.id as i64).collect()),
             classes: classes.to_vec(),
+            skipped: Vec::new(),
         }
     }
 

@@ -152,7 +152,7 @@ pub fn load_batch_on(
                 batch.pixels.extend_from_slice(&values);
                 batch.indices.push(offset + k);
             }
-            Err(e @ DataError::Decode { .. }) if skip_bad => {
+            Err(e) if skip_bad && e.is_bad_image() => {
                 batch.skipped.push((path.clone(), e.to_string()))
             }
             Err(e) => return Err(e),
@@ -326,6 +326,43 @@ mod tests {
         let first: f32 = t.get(0).unwrap().mean_all().unwrap().to_scalar().unwrap();
         assert!((first - 60.0 / 255.0).abs() < 1e-6);
         assert_eq!(batches[2].indices, vec![6]);
+    }
+
+    #[test]
+    fn oversized_image_is_refused_or_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = write_pngs(dir.path(), 2);
+        let bomb = dir.path().join("bomb.png");
+        std::fs::write(
+            &bomb,
+            crate::data::decode::tests::png_declaring(16000, 14464),
+        )
+        .unwrap();
+        paths.insert(1, bomb.clone());
+        let pre = Preprocess::imagenet(4);
+        for threads in [DecodeThreads::Rayon, DecodeThreads::Calling] {
+            let err = load_batch_on(&paths, 0, &pre, false, threads).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    DataError::ImageTooLarge {
+                        width: 16000,
+                        height: 14464,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains("bomb.png") && message.contains("MAX_IMAGE_PIXELS = 67108864"),
+                "{message}"
+            );
+            let batch = load_batch_on(&paths, 10, &pre, true, threads).unwrap();
+            assert_eq!(batch.indices, vec![10, 12]);
+            assert_eq!(batch.skipped, vec![(bomb.clone(), message)]);
+            assert_eq!(batch.pixels.len(), 2 * pre.len());
+        }
     }
 
     #[test]

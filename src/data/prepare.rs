@@ -2,12 +2,13 @@
 //!
 //! Output layout (all paths in the manifests are relative to the output folder):
 //! ```text
-//! OUT/monday/<class>/<file>            clean copies (Monday)
-//! OUT/tuesday_original/<class>/<file>  clean copies of Tuesday's images
-//! OUT/tuesday/<class>/<file>           Tuesday's images, corrupted (PNG)
+//! OUT/monday/<class>/<path>            clean copies (Monday)
+//! OUT/tuesday_original/<class>/<path>  clean copies of Tuesday's images
+//! OUT/tuesday/<class>/<path>           Tuesday's images, corrupted (PNG)
 //! OUT/monday.jsonl, OUT/tuesday.jsonl  manifests; Tuesday's ids continue after Monday's
 //! OUT/dataset.json                     class names and the parameters of the run
 //! ```
+//! `<path>` is the image's path below its class folder in the source, sub-folders included.
 //! The whole folder is built in a staging sibling and renamed into place at the end, so an
 //! interrupted or failed run leaves nothing behind. The same seed gives the same bytes.
 
@@ -22,7 +23,7 @@ use super::corrupt::{corrupt, Corruption};
 use super::decode::decode_bytes;
 use super::error::{DataError, Result};
 use super::manifest::{to_jsonl, Day, Record};
-use super::scan::{ImageFolder, ImageItem};
+use super::scan::{ImageFolder, ImageItem, SkipCount};
 use crate::fsutil::{is_absent_or_empty, StagedDir};
 use crate::progress::Progress;
 use crate::rng::Rng;
@@ -64,6 +65,9 @@ pub struct PrepareSummary {
     pub skipped: Vec<(PathBuf, String)>,
     /// Files in class folders ignored because their extension is not an image's.
     pub ignored_files: usize,
+    /// Entries of the source not taken as images, counted per class and reason
+    /// ([`ImageFolder::skipped_summary`]; includes the `ignored_files`).
+    pub scan_skipped: Vec<SkipCount>,
 }
 
 /// File name of the dataset description inside a prepared folder.
@@ -216,9 +220,15 @@ pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSumm
 
     let staged = StagedDir::create(&opts.out).map_err(|e| DataError::io(&opts.out, e))?;
     let root = staged.path().to_path_buf();
+    // The folder of every image (every class has one), sub-folders included, in each day.
+    let image_dirs: std::collections::BTreeSet<&Path> = folder
+        .items
+        .iter()
+        .filter_map(|item| item.path.parent())
+        .collect();
     for day in ["monday", "tuesday_original", "tuesday"] {
-        for class in &folder.classes {
-            let dir = root.join(day).join(class);
+        for sub in &image_dirs {
+            let dir = root.join(day).join(sub);
             std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
         }
     }
@@ -377,7 +387,8 @@ pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSumm
     Ok(PrepareSummary {
         info,
         skipped,
-        ignored_files: folder.ignored_files,
+        ignored_files: folder.ignored_files(),
+        scan_skipped: folder.skipped_summary(),
     })
 }
 
@@ -429,6 +440,76 @@ mod tests {
         assert_ne!(split_by_class(&items, 4, 0.5, 43).0, m);
         let (m8, _) = split_by_class(&items, 4, 0.8, 42);
         assert_eq!(count(&m8, 0), 80);
+    }
+
+    #[test]
+    fn nested_source_keeps_its_sub_folders_and_skips_an_oversized_image() {
+        use crate::data::decode::tests::png_declaring;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let images = [
+            "cat/a.png",
+            "cat/sub/b.png",
+            "cat/sub/deep/c.png",
+            "dog/e.png",
+            "dog/x/d.png",
+        ];
+        for (k, rel) in images.iter().enumerate() {
+            let path = src.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            image::GrayImage::from_pixel(4, 4, image::Luma([k as u8 * 40]))
+                .save(&path)
+                .unwrap();
+        }
+        let bomb = src.join("cat/sub/deep/bomb.png");
+        std::fs::write(&bomb, png_declaring(16000, 14464)).unwrap();
+        std::fs::write(src.join("dog/notes.txt"), b"x").unwrap();
+        let out = dir.path().join("out");
+        let opts = PrepareOptions {
+            source: src.clone(),
+            out: out.clone(),
+            split: 0.5,
+            corruption: Corruption::RandomLine,
+            seed: 1,
+            force: false,
+            skip_bad: true,
+            monday_start: 1_704_067_200,
+        };
+        let summary = prepare(&opts, &Progress::hidden()).unwrap();
+        assert_eq!(summary.skipped.len(), 1);
+        assert_eq!(summary.skipped[0].0, bomb);
+        assert!(
+            summary.skipped[0].1.contains("MAX_IMAGE_PIXELS"),
+            "{}",
+            summary.skipped[0].1
+        );
+        assert_eq!(summary.ignored_files, 1);
+        assert_eq!(
+            summary.scan_skipped,
+            vec![SkipCount {
+                class: "dog".into(),
+                reason: "unsupported extension",
+                count: 1
+            }]
+        );
+        let monday = crate::data::read_manifest(&out.join("monday.jsonl")).unwrap();
+        let tuesday = crate::data::read_manifest(&out.join("tuesday.jsonl")).unwrap();
+        let mut originals: Vec<String> = Vec::new();
+        for r in monday.iter().chain(&tuesday) {
+            assert!(out.join(&r.image_path).is_file(), "{}", r.image_path);
+            let original = match &r.original_path {
+                Some(p) => {
+                    assert!(out.join(p).is_file(), "{p}");
+                    p.strip_prefix("tuesday_original/").unwrap()
+                }
+                None => r.image_path.strip_prefix("monday/").unwrap(),
+            };
+            let class = if original.starts_with("cat/") { 0 } else { 1 };
+            assert_eq!(r.target, class, "{original}");
+            originals.push(original.to_owned());
+        }
+        originals.sort();
+        assert_eq!(originals, images);
     }
 
     #[test]

@@ -1,5 +1,23 @@
-//! Scanning an image folder `ROOT/<class>/<file>` into a list of labelled images.
+//! Scanning an image folder `ROOT/<class>/**/<file>` into a list of labelled images.
+//!
+//! The rules, as torchvision's `ImageFolder` with `os.walk(followlinks=True)`, plus loop safety:
+//! - every visible folder directly under the root is a class; files directly under the root
+//!   (manifests, notes) are not part of the dataset;
+//! - a class holds the image files anywhere below its folder, at any depth;
+//! - names starting with `.` (files and folders) are invisible at every level;
+//! - symbolic links are followed, to files and to folders; paths are recorded through the link
+//!   names, relative to the root. A link to a folder that is already on the current path (an
+//!   ancestor, or the root) is not followed and is reported as a [`SkipReason::SymlinkLoop`];
+//!   a link to a folder elsewhere is followed, so its images are listed under both names;
+//! - classes are sorted by name; the items of a class by their relative path (component by
+//!   component, so `cat/a/x.png` comes before `cat/b.png`, where torchvision lists a folder's
+//!   files before its sub-folders');
+//! - everything else under a class folder that is not taken is recorded in
+//!   [`ImageFolder::skipped`] with a [`SkipReason`].
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::error::{DataError, Result};
@@ -14,15 +32,71 @@ pub struct ImageItem {
     pub target: usize,
 }
 
-/// An image folder: class names (sorted; the class index is the position here) and the images,
-/// ordered by class, then by file name.
+/// Why an entry below a class folder is not an image of the dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A file whose extension is not one of [`IMAGE_EXTENSIONS`].
+    UnsupportedExtension,
+    /// A symbolic link to a folder that is already on the path being scanned.
+    SymlinkLoop,
+    /// A name that is not valid UTF-8 (manifests could not record it).
+    InvalidName,
+    /// Neither a file nor a folder (a socket, a pipe, a device).
+    NotAFile,
+    /// The entry could not be inspected or the folder listed (a broken link, no permission);
+    /// the message is the operating system's.
+    Unreadable(String),
+}
+
+impl SkipReason {
+    /// The reason without its details, as counted by [`ImageFolder::skipped_summary`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UnsupportedExtension => "unsupported extension",
+            Self::SymlinkLoop => "symlink loop",
+            Self::InvalidName => "name not UTF-8",
+            Self::NotAFile => "not a file or folder",
+            Self::Unreadable(_) => "unreadable",
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreadable(message) => write!(f, "unreadable: {message}"),
+            other => f.write_str(other.kind()),
+        }
+    }
+}
+
+/// An entry below a class folder that was not taken: its path relative to the dataset root
+/// (through link names), its class index and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEntry {
+    pub path: PathBuf,
+    pub target: usize,
+    pub reason: SkipReason,
+}
+
+/// How many entries of one class were skipped for one kind of reason ([`SkipReason::kind`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkipCount {
+    pub class: String,
+    pub reason: &'static str,
+    pub count: usize,
+}
+
+/// An image folder: class names (sorted; the class index is the position here), the images,
+/// ordered by class, then by relative path, and the entries that were skipped, in the same order.
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
     pub root: PathBuf,
     pub classes: Vec<String>,
     pub items: Vec<ImageItem>,
-    /// Files in class folders whose extension is not an image extension (they are skipped).
-    pub ignored_files: usize,
+    /// Entries below class folders that are not images of the dataset, with the reason
+    /// (hidden names are not listed: they are invisible by design).
+    pub skipped: Vec<SkippedEntry>,
 }
 
 /// True when `path` has one of [`IMAGE_EXTENSIONS`] (any case).
@@ -32,40 +106,119 @@ pub fn is_image_file(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
-fn is_hidden(name: &str) -> bool {
-    name.starts_with('.')
+fn is_hidden(name: &OsString) -> bool {
+    name.as_encoded_bytes().starts_with(b".")
 }
 
-/// Sorted, visible entries of a folder as (file name, full path, is_dir).
-fn visible_entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
-    let reader = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
+/// What a folder entry is, links followed.
+enum Kind {
+    Dir,
+    File,
+    Other,
+}
+
+/// A visible folder entry; `kind` is an error when the entry cannot be inspected (a broken
+/// link, no permission).
+struct Entry {
+    name: OsString,
+    path: PathBuf,
+    kind: std::io::Result<Kind>,
+}
+
+/// The visible entries of a folder, sorted by name (byte order).
+fn visible_entries(dir: &Path) -> std::io::Result<Vec<Entry>> {
     let mut entries = Vec::new();
-    for entry in reader {
-        let entry = entry.map_err(|e| DataError::io(dir, e))?;
-        let path = entry.path();
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            return Err(DataError::invalid(
-                "file name",
-                path.display(),
-                "names must be valid UTF-8",
-            ));
-        };
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
         if is_hidden(&name) {
             continue;
         }
-        // Follow symlinks so linked class folders and images work.
-        let is_dir = std::fs::metadata(&path)
-            .map_err(|e| DataError::io(&path, e))?
-            .is_dir();
-        entries.push((name, path, is_dir));
+        let path = entry.path();
+        // `fs::metadata` follows links, so linked folders and images work.
+        let kind = std::fs::metadata(&path).map(|m| {
+            if m.is_dir() {
+                Kind::Dir
+            } else if m.is_file() {
+                Kind::File
+            } else {
+                Kind::Other
+            }
+        });
+        entries.push(Entry { name, path, kind });
     }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(entries)
 }
 
+/// The walk below one class folder.
+struct ClassWalk<'a> {
+    target: usize,
+    items: &'a mut Vec<ImageItem>,
+    skipped: &'a mut Vec<SkippedEntry>,
+    /// Canonical paths of the root and of the folders from the class folder down to the one
+    /// being listed: a link back to any of them would recurse forever.
+    ancestors: Vec<PathBuf>,
+}
+
+impl ClassWalk<'_> {
+    fn skip(&mut self, path: PathBuf, reason: SkipReason) {
+        self.skipped.push(SkippedEntry {
+            path,
+            target: self.target,
+            reason,
+        });
+    }
+
+    /// Takes the images among `entries` (of the folder at `rel`) and walks the sub-folders.
+    /// Entries come sorted by name, so items come out sorted by relative path.
+    fn visit(&mut self, rel: &Path, entries: Vec<Entry>) {
+        for entry in entries {
+            let rel = rel.join(&entry.name);
+            if entry.name.to_str().is_none() {
+                self.skip(rel, SkipReason::InvalidName);
+                continue;
+            }
+            match entry.kind {
+                Err(e) => self.skip(rel, SkipReason::Unreadable(e.to_string())),
+                Ok(Kind::Other) => self.skip(rel, SkipReason::NotAFile),
+                Ok(Kind::File) if is_image_file(&entry.path) => self.items.push(ImageItem {
+                    path: rel,
+                    target: self.target,
+                }),
+                Ok(Kind::File) => self.skip(rel, SkipReason::UnsupportedExtension),
+                Ok(Kind::Dir) => self.enter(&entry.path, rel),
+            }
+        }
+    }
+
+    /// Walks the sub-folder at `path` (`rel` relative to the root) unless it closes a loop.
+    fn enter(&mut self, path: &Path, rel: PathBuf) {
+        let canonical = match std::fs::canonicalize(path) {
+            Ok(c) => c,
+            Err(e) => return self.skip(rel, SkipReason::Unreadable(e.to_string())),
+        };
+        if self.ancestors.contains(&canonical) {
+            return self.skip(rel, SkipReason::SymlinkLoop);
+        }
+        match visible_entries(path) {
+            Ok(entries) => {
+                self.ancestors.push(canonical);
+                self.visit(&rel, entries);
+                self.ancestors.pop();
+            }
+            Err(e) => self.skip(rel, SkipReason::Unreadable(e.to_string())),
+        }
+    }
+}
+
 impl ImageFolder {
-    /// Scans `root`: every visible sub-folder is a class; every visible image file in it is an
-    /// item. Files directly under `root` (manifests, notes) are ignored.
+    /// Scans `root` by the rules of this module: every visible sub-folder is a class, every
+    /// visible image file below it, at any depth, is an item of that class.
+    ///
+    /// Fails when the root is missing or not a folder, holds no class folder, a class folder
+    /// cannot be listed, or a class holds no image at all. Problems below a class folder do
+    /// not fail the scan; they are recorded in [`ImageFolder::skipped`].
     pub fn scan(root: &Path) -> Result<Self> {
         if !root.exists() {
             return Err(DataError::MissingRoot(root.to_path_buf()));
@@ -73,31 +226,46 @@ impl ImageFolder {
         if !root.is_dir() {
             return Err(DataError::NotADirectory(root.to_path_buf()));
         }
-        let class_dirs: Vec<_> = visible_entries(root)?
-            .into_iter()
-            .filter(|(_, _, is_dir)| *is_dir)
-            .collect();
+        let root_canonical = std::fs::canonicalize(root).map_err(|e| DataError::io(root, e))?;
+        let mut class_dirs = Vec::new();
+        for entry in visible_entries(root).map_err(|e| DataError::io(root, e))? {
+            match entry.kind.map_err(|e| DataError::io(&entry.path, e))? {
+                Kind::Dir => {}
+                Kind::File | Kind::Other => continue,
+            }
+            let Some(name) = entry.name.to_str().map(str::to_owned) else {
+                return Err(DataError::invalid(
+                    "class folder name",
+                    entry.path.display(),
+                    "names must be valid UTF-8",
+                ));
+            };
+            class_dirs.push((name, entry.path));
+        }
         if class_dirs.is_empty() {
             return Err(DataError::NoClasses(root.to_path_buf()));
         }
         let mut classes = Vec::with_capacity(class_dirs.len());
         let mut items = Vec::new();
-        let mut ignored_files = 0;
-        for (target, (name, dir, _)) in class_dirs.into_iter().enumerate() {
-            let before = items.len();
-            for (file, path, is_dir) in visible_entries(&dir)? {
-                if is_dir {
-                    continue;
-                }
-                if is_image_file(&path) {
-                    items.push(ImageItem {
-                        path: Path::new(&name).join(file),
-                        target,
-                    });
-                } else {
-                    ignored_files += 1;
-                }
+        let mut skipped = Vec::new();
+        for (target, (name, dir)) in class_dirs.into_iter().enumerate() {
+            let canonical = std::fs::canonicalize(&dir).map_err(|e| DataError::io(&dir, e))?;
+            if root_canonical.starts_with(&canonical) {
+                return Err(DataError::invalid(
+                    "class folder",
+                    dir.display(),
+                    "a folder, not a link to the dataset folder or above it (a symlink loop)",
+                ));
             }
+            let entries = visible_entries(&dir).map_err(|e| DataError::io(&dir, e))?;
+            let before = items.len();
+            ClassWalk {
+                target,
+                items: &mut items,
+                skipped: &mut skipped,
+                ancestors: vec![root_canonical.clone(), canonical],
+            }
+            .visit(Path::new(&name), entries);
             if items.len() == before {
                 return Err(DataError::EmptyClass(dir));
             }
@@ -107,7 +275,7 @@ impl ImageFolder {
             root: root.to_path_buf(),
             classes,
             items,
-            ignored_files,
+            skipped,
         })
     }
 
@@ -119,6 +287,31 @@ impl ImageFolder {
         }
         counts
     }
+
+    /// Files below class folders skipped because their extension is not an image's.
+    pub fn ignored_files(&self) -> usize {
+        self.skipped
+            .iter()
+            .filter(|s| s.reason == SkipReason::UnsupportedExtension)
+            .count()
+    }
+
+    /// Skipped entries counted per class and kind of reason, ordered by class index, then
+    /// reason; only non-zero counts are listed.
+    pub fn skipped_summary(&self) -> Vec<SkipCount> {
+        let mut counts: BTreeMap<(usize, &'static str), usize> = BTreeMap::new();
+        for s in &self.skipped {
+            *counts.entry((s.target, s.reason.kind())).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|((target, reason), count)| SkipCount {
+                class: self.classes[target].clone(),
+                reason,
+                count,
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +321,29 @@ mod tests {
     fn touch(path: &Path) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, b"x").unwrap();
+    }
+
+    fn item_list(folder: &ImageFolder) -> Vec<(String, usize)> {
+        folder
+            .items
+            .iter()
+            .map(|i| (i.path.to_str().unwrap().to_owned(), i.target))
+            .collect()
+    }
+
+    fn skip_list(folder: &ImageFolder) -> Vec<(String, usize, String)> {
+        folder
+            .skipped
+            .iter()
+            .map(|s| {
+                let reason = s.reason.kind().to_owned();
+                (s.path.to_str().unwrap().to_owned(), s.target, reason)
+            })
+            .collect()
+    }
+
+    fn owned(v: &[(&str, usize)]) -> Vec<(String, usize)> {
+        v.iter().map(|(p, t)| (p.to_string(), *t)).collect()
     }
 
     #[test]
@@ -156,7 +372,7 @@ mod tests {
                 ("zebra/b.PNG".to_owned(), 1)
             ]
         );
-        assert_eq!(folder.ignored_files, 1);
+        assert_eq!(folder.ignored_files(), 1);
         assert_eq!(folder.class_counts(), vec![1, 2]);
     }
 
@@ -179,5 +395,201 @@ mod tests {
             err.contains("holds no images") && err.contains("cat"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn nested_folders_belong_to_their_top_level_class_in_path_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for f in [
+            "cat/z.png",
+            "cat/a.png",
+            "cat/sub/b.jpg",
+            "cat/sub/deeper/c.png",
+            "cat/sub/deeper/d.txt",
+            "dog/x/y/z/w.bmp",
+            "dog/m-n.png",
+            "dog/m/o.png",
+            "dog/a.gif",
+            // Hidden at every depth: neither items nor reported.
+            "cat/sub/.hidden/e.png",
+            "cat/sub/deeper/.f.png",
+            "dog/.git/objects/h.png",
+            "dog/x/.y/i.png",
+            // Only in a sub-folder: still an image of its class.
+            "owl/2024/05/p.webp",
+        ] {
+            touch(&root.join(f));
+        }
+        let folder = ImageFolder::scan(root).unwrap();
+        assert_eq!(folder.classes, vec!["cat", "dog", "owl"]);
+        assert_eq!(
+            item_list(&folder),
+            owned(&[
+                ("cat/a.png", 0),
+                ("cat/sub/b.jpg", 0),
+                ("cat/sub/deeper/c.png", 0),
+                ("cat/z.png", 0),
+                ("dog/a.gif", 1),
+                ("dog/m/o.png", 1),
+                ("dog/m-n.png", 1),
+                ("dog/x/y/z/w.bmp", 1),
+                ("owl/2024/05/p.webp", 2),
+            ])
+        );
+        assert_eq!(
+            skip_list(&folder),
+            vec![(
+                "cat/sub/deeper/d.txt".to_owned(),
+                0,
+                "unsupported extension".to_owned()
+            )]
+        );
+        assert_eq!(folder.class_counts(), vec![4, 4, 1]);
+        assert_eq!(folder.ignored_files(), 1);
+        // The same tree scans to the same lists.
+        assert_eq!(ImageFolder::scan(root).unwrap().items, folder.items);
+    }
+
+    #[test]
+    fn unsupported_extensions_are_reported_per_class() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for f in [
+            "cat/a.png",
+            "cat/notes.txt",
+            "cat/raw/b.tiff",
+            "dog/c.jpg",
+            "dog/d.csv",
+            "emu/e.bmp",
+        ] {
+            touch(&root.join(f));
+        }
+        let folder = ImageFolder::scan(root).unwrap();
+        assert_eq!(
+            skip_list(&folder),
+            vec![
+                (
+                    "cat/notes.txt".to_owned(),
+                    0,
+                    "unsupported extension".to_owned()
+                ),
+                (
+                    "cat/raw/b.tiff".to_owned(),
+                    0,
+                    "unsupported extension".to_owned()
+                ),
+                (
+                    "dog/d.csv".to_owned(),
+                    1,
+                    "unsupported extension".to_owned()
+                ),
+            ]
+        );
+        assert_eq!(
+            folder.skipped_summary(),
+            vec![
+                SkipCount {
+                    class: "cat".into(),
+                    reason: "unsupported extension",
+                    count: 2
+                },
+                SkipCount {
+                    class: "dog".into(),
+                    reason: "unsupported extension",
+                    count: 1
+                },
+            ]
+        );
+        assert_eq!(folder.ignored_files(), 3);
+        assert_eq!(
+            SkipReason::Unreadable("Permission denied".into()).to_string(),
+            "unreadable: Permission denied"
+        );
+        assert_eq!(SkipReason::SymlinkLoop.to_string(), "symlink loop");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_are_followed_through_their_names_and_loops_stop() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        touch(&root.join("cat/real/a.png"));
+        touch(&root.join("dog/b.png"));
+        std::fs::create_dir_all(root.join("dog/deep")).unwrap();
+        // A linked folder and a linked file inside a class.
+        symlink("../cat/real", root.join("dog/linked")).unwrap();
+        symlink("../cat/real/a.png", root.join("dog/pic.png")).unwrap();
+        // Links back to an ancestor: the class folder itself, and the dataset root.
+        symlink(".", root.join("dog/loop")).unwrap();
+        symlink(root, root.join("dog/deep/up")).unwrap();
+        // A broken link.
+        symlink("missing.png", root.join("dog/broken.png")).unwrap();
+        // A linked class folder.
+        symlink("cat", root.join("bird")).unwrap();
+
+        let folder = ImageFolder::scan(root).unwrap();
+        assert_eq!(folder.classes, vec!["bird", "cat", "dog"]);
+        assert_eq!(
+            item_list(&folder),
+            owned(&[
+                ("bird/real/a.png", 0),
+                ("cat/real/a.png", 1),
+                ("dog/b.png", 2),
+                ("dog/linked/a.png", 2),
+                ("dog/pic.png", 2),
+            ])
+        );
+        assert_eq!(
+            skip_list(&folder),
+            vec![
+                ("dog/broken.png".to_owned(), 2, "unreadable".to_owned()),
+                ("dog/deep/up".to_owned(), 2, "symlink loop".to_owned()),
+                ("dog/loop".to_owned(), 2, "symlink loop".to_owned()),
+            ]
+        );
+        assert!(
+            matches!(&folder.skipped[0].reason, SkipReason::Unreadable(m) if m.contains("No such file")),
+            "{:?}",
+            folder.skipped[0]
+        );
+        assert_eq!(
+            folder.skipped_summary(),
+            vec![
+                SkipCount {
+                    class: "dog".into(),
+                    reason: "symlink loop",
+                    count: 2
+                },
+                SkipCount {
+                    class: "dog".into(),
+                    reason: "unreadable",
+                    count: 1
+                },
+            ]
+        );
+        assert_eq!(folder.ignored_files(), 0);
+
+        // A class folder that is a link to the root itself is refused, not walked.
+        symlink(".", root.join("all")).unwrap();
+        let err = ImageFolder::scan(root).unwrap_err().to_string();
+        assert!(err.contains("all") && err.contains("symlink loop"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn names_that_are_not_utf8_are_reported() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        touch(&root.join("cat/a.png"));
+        let bad = std::ffi::OsStr::from_bytes(b"\xffb.png");
+        touch(&root.join("cat").join(bad));
+        let folder = ImageFolder::scan(root).unwrap();
+        assert_eq!(item_list(&folder), owned(&[("cat/a.png", 0)]));
+        assert_eq!(folder.skipped.len(), 1);
+        assert_eq!(folder.skipped[0].path, Path::new("cat").join(bad));
+        assert_eq!(folder.skipped[0].reason, SkipReason::InvalidName);
     }
 }
