@@ -86,7 +86,7 @@ struct LabelIssuesArgs {
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Embedding cache folder (default: BCCP_CACHE, else ~/.cache/bccp).
+    /// Embedding cache folder (default: BCCP_CACHE, else BCCP_HOME/cache, else ~/.cache/bccp).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
 }
@@ -209,7 +209,7 @@ struct TrainArgs {
     /// Registry folder.
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
-    /// Embedding cache folder (default: BCCP_CACHE, else ~/.cache/bccp).
+    /// Embedding cache folder (default: BCCP_CACHE, else BCCP_HOME/cache, else ~/.cache/bccp).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// Do not use the embedding cache.
@@ -377,7 +377,7 @@ struct EmbedArgs {
     /// Recompute every embedding and leave the cache untouched.
     #[arg(long)]
     no_cache: bool,
-    /// Cache folder (default: BCCP_CACHE, else ~/.cache/bccp).
+    /// Cache folder (default: BCCP_CACHE, else BCCP_HOME/cache, else ~/.cache/bccp).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// Skip images that cannot be decoded (with a warning and a count) instead of failing.
@@ -1078,7 +1078,9 @@ fn run_models() {
             backbone::zoo::WeightSource::Hub(h) => {
                 format!("hub {}:{} ({})", h.repo, h.file, h.revision)
             }
-            backbone::zoo::WeightSource::Local(p) => format!("assets/{p}"),
+            backbone::zoo::WeightSource::Local(p) => {
+                backbone::assets_dir().join(p).display().to_string()
+            }
         };
         println!(
             "{:<22} {:>5} {:>6}  {source}",
