@@ -11,6 +11,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def assets_dir():
+    """bccp's assets folder, the rules of src/paths.rs and scripts/paths.sh: BCCP_ASSETS, else
+    BCCP_HOME/assets, else the per-user data folder's bccp/assets (XDG_DATA_HOME or
+    ~/.local/share; macOS ~/Library/Application Support; Windows %LOCALAPPDATA%)."""
+    if os.environ.get("BCCP_ASSETS"):
+        return Path(os.environ["BCCP_ASSETS"])
+    if os.environ.get("BCCP_HOME"):
+        return Path(os.environ["BCCP_HOME"]) / "assets"
+    if sys.platform == "darwin":
+        data = Path.home() / "Library" / "Application Support"
+    elif sys.platform == "win32":
+        data = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME", "")
+        data = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return data / "bccp" / "assets"
+
+
 def cpu_model():
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:

@@ -35,8 +35,9 @@
 #   2. Builds in release mode for sm_$CUDA_COMPUTE_CAP: the bccp binary, the test executables
 #      (`cargo test --no-run`) and the bench executables (`cargo bench --no-run`).
 #   3. Copies the chosen executables (stripped) into OUT_DIR with scripts/gpu-check.sh,
-#      scripts/gpu_compare.py, tests/fixtures/, models/, assets/weights/mobilenet_v2.safetensors
-#      (tests/cuda.rs embeds with it) and three photos (gpu-check's command-line step). Every
+#      scripts/gpu_compare.py, tests/fixtures/, models/, weights/mobilenet_v2.safetensors from the
+#      assets folder (scripts/paths.sh: BCCP_ASSETS, BCCP_HOME, else the per-user one) as the
+#      bundle's assets/ (tests/cuda.rs embeds with it) and three photos (gpu-check's command-line step). Every
 #      executable carries the same ~50 MB of CUDA code, so they go into one bin.tar.xz (a
 #      192 MiB xz dictionary stores that code about once; gpu-check.sh unpacks it to a temporary
 #      folder). Prints the size; fails over BCCP_BUNDLE_MAX_MIB. No rpath points at this
@@ -278,7 +279,9 @@ fi
 cp scripts/gpu-check.sh scripts/gpu_compare.py "$OUT_DIR/scripts/"
 cp -r tests/fixtures "$OUT_DIR/tests/"
 cp -r models "$OUT_DIR/"
-weights=${BCCP_ASSETS:-assets}/weights/mobilenet_v2.safetensors
+. "$ROOT/scripts/paths.sh"
+assets_src=$(bccp_assets_dir)
+weights=$assets_src/weights/mobilenet_v2.safetensors
 if [[ -f $weights ]]; then
     cp "$weights" "$OUT_DIR/assets/weights/"
 else
@@ -286,7 +289,7 @@ else
 fi
 # Three photos in class folders for the command-line check (bccp embed / closest on CUDA).
 for photo in chelsea.png coffee.png rocket.jpg; do
-    src=${BCCP_ASSETS:-assets}/photos/$photo
+    src=$assets_src/photos/$photo
     [[ -f $src ]] || continue
     mkdir -p "$OUT_DIR/tests/images/${photo%.*}"
     cp "$src" "$OUT_DIR/tests/images/${photo%.*}/"

@@ -44,7 +44,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from benchlib import cpu_model, write_json
+from benchlib import assets_dir, cpu_model, write_json
 from mobilenet_v2_reference import load_features
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,7 +222,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", type=Path, default=ROOT / "runs/default/fashion-mnist-days",
                     help="folder made by `bccp prepare`")
-    ap.add_argument("--weights", type=Path, default=ROOT / "assets/weights/mobilenet_v2.safetensors")
+    ap.add_argument("--weights", type=Path, default=assets_dir() / "weights/mobilenet_v2.safetensors")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both (default: all)")
     ap.add_argument("--monday-num", type=int, default=3000, help="first N Monday records (default 3000)")
     ap.add_argument("--image-size", type=int, default=64, help="input size S x S (default 64)")

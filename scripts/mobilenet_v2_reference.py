@@ -27,6 +27,8 @@ from PIL import Image
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
+from benchlib import assets_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ["chelsea.png", "coffee.png", "astronaut.png"]
 SIZE = 64
@@ -80,8 +82,8 @@ def load_features(weights):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", type=Path, default=ROOT / "assets/weights/mobilenet_v2.safetensors")
-    ap.add_argument("--photos", type=Path, default=ROOT / "assets/photos")
+    ap.add_argument("--weights", type=Path, default=assets_dir() / "weights/mobilenet_v2.safetensors")
+    ap.add_argument("--photos", type=Path, default=assets_dir() / "photos")
     ap.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/mobilenet_v2_reference.safetensors")
     args = ap.parse_args()
 

@@ -8,15 +8,17 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-assets.sh
+. scripts/paths.sh
+assets=$(bccp_assets_dir) # where fetch-assets.sh installed them (BCCP_ASSETS, BCCP_HOME, per-user)
 cargo build --release --locked --quiet --bin bccp
 bccp=target/release/bccp
 out=runs/default
 days=$out/fashion-mnist-days
-$bccp classify --backbone efficientnet_lite0 --top 1 assets/photos/chelsea.png assets/photos/coffee.png
+$bccp classify --backbone efficientnet_lite0 --top 1 "$assets/photos/chelsea.png" "$assets/photos/coffee.png"
 if [ -f "$days/dataset.json" ]; then
   echo "run-default: $days exists (delete it to prepare again)"
 else
-  $bccp prepare --source assets/fashion-mnist/train --out "$days" --corruption mixed --seed 42
+  $bccp prepare --source "$assets/fashion-mnist/train" --out "$days" --corruption mixed --seed 42
 fi
 $bccp info "$days"
 common=(-d "$days" -t tuesday --tuesday-num 30000 -l user_feedback --user-accuracy 0.7

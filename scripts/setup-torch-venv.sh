@@ -5,12 +5,18 @@
 # never by bccp itself. Idempotent: an existing venv that already imports all packages is kept.
 # CPU use is all the scripts need.
 # Usage: scripts/setup-torch-venv.sh   (env: BCCP_TORCH_VENV for another folder, default
-# assets/torch-venv; PYTHON for the interpreter that creates it, default python3)
+# torch-venv in the assets folder (scripts/paths.sh), which the checkout's ./assets links to, so
+# assets/torch-venv/bin/python; an existing ./assets/torch-venv is kept; PYTHON for the
+# interpreter that creates it, default python3)
 # Prints the venv's python path on the last line.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${BCCP_TORCH_VENV:-$here/assets/torch-venv}"
+# shellcheck source=scripts/paths.sh
+. "$here/scripts/paths.sh"
+default_venv="$(bccp_assets_dir)/torch-venv"
+[ -x "$here/assets/torch-venv/bin/python" ] && default_venv="$here/assets/torch-venv"
+venv="${BCCP_TORCH_VENV:-$default_venv}"
 python="${PYTHON:-python3}"
 log() { printf 'setup-torch-venv: %s\n' "$*" >&2; }
 die() { printf 'setup-torch-venv: error: %s\n' "$*" >&2; exit 1; }

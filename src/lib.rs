@@ -18,6 +18,7 @@ pub mod fsutil;
 pub mod label_issues;
 pub mod npy;
 pub mod ops;
+pub mod paths;
 pub mod pipeline;
 pub mod progress;
 pub mod registry;

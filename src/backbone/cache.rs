@@ -27,17 +27,9 @@ pub fn hex(d: &Digest32) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The default cache folder: `BCCP_CACHE`, else `$XDG_CACHE_HOME/bccp`, else `~/.cache/bccp`.
+/// The default cache folder: see [`crate::paths::cache_dir`].
 pub fn default_cache_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    env("BCCP_CACHE")
-        .or_else(|| env("XDG_CACHE_HOME").map(|p| p.join("bccp")))
-        .or_else(|| env("HOME").map(|p| p.join(".cache").join("bccp")))
-        .unwrap_or_else(|| PathBuf::from(".bccp-cache"))
+    crate::paths::cache_dir()
 }
 
 /// SHA-256 of a weights file, memoised in `cache_dir` by (path, size, modification time) so

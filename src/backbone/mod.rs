@@ -27,12 +27,9 @@ use zoo::{Architecture, BackboneSpec, WeightSource};
 /// Prefix of a fine-tuned backbone's tensors in a run's `model.safetensors`.
 pub const TUNED_PREFIX: &str = "backbone";
 
-/// The folder of locally installed assets: `BCCP_ASSETS`, else `./assets`.
+/// The folder of locally installed assets: see [`crate::paths::assets_dir`].
 pub fn assets_dir() -> PathBuf {
-    std::env::var_os("BCCP_ASSETS")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("assets"))
+    crate::paths::assets_dir()
 }
 
 /// The weights file of `spec`: `override_path` when given, else the zoo's source (a local
@@ -48,12 +45,14 @@ pub fn resolve_weights(
     }
     match &spec.weights {
         WeightSource::Local(rel) => {
-            let path = assets_dir().join(rel);
+            let dir = assets_dir();
+            let path = dir.join(rel);
             anyhow::ensure!(
                 path.is_file(),
-                "weights of {} not found at {} (run scripts/fetch-assets.sh, set BCCP_ASSETS, or pass --weights FILE.safetensors)",
+                "weights of {} not found: no {} in the assets folder {} (to fix: run scripts/fetch-assets.sh, which installs them there; or set BCCP_ASSETS to the assets folder, or BCCP_HOME to the folder above it; or pass --weights FILE.safetensors)",
                 spec.name,
-                path.display()
+                rel,
+                dir.display()
             );
             Ok(path)
         }

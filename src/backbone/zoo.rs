@@ -33,7 +33,7 @@ pub struct HubFile {
 pub enum WeightSource {
     /// From the hub through `hf-hub`.
     Hub(HubFile),
-    /// A file relative to the assets folder (`BCCP_ASSETS`, default `./assets`).
+    /// A file relative to the assets folder (see `crate::paths::assets_dir`).
     Local(String),
 }
 

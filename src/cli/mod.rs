@@ -42,7 +42,8 @@ impl DeviceArgs {
 /// The embedding cache flags.
 #[derive(Args, Debug, Clone)]
 pub struct CacheArgs {
-    /// Embedding cache folder (default: BCCP_CACHE, else the per-user cache folder).
+    /// Embedding cache folder (default: BCCP_CACHE, else BCCP_HOME/cache, else the per-user cache
+    /// folder, e.g. ~/.cache/bccp).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
     /// Recompute every embedding and leave the cache untouched.

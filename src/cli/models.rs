@@ -7,7 +7,7 @@ pub fn run() -> anyhow::Result<()> {
     for b in zoo() {
         let source = match &b.weights {
             WeightSource::Hub(h) => format!("hub {}:{} ({})", h.repo, h.file, h.revision),
-            WeightSource::Local(p) => format!("assets/{p}"),
+            WeightSource::Local(p) => bccp::backbone::assets_dir().join(p).display().to_string(),
         };
         println!(
             "{:<22} {:>5} {:>6}  {source}",

@@ -82,11 +82,11 @@ pub fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
-/// The folder holding fetched real assets (`scripts/fetch-assets.sh`), or `BCCP_ASSETS`.
+/// The folder holding fetched real assets: the one the binary reads, `bccp::paths::assets_dir()`
+/// (`BCCP_ASSETS`, else `BCCP_HOME/assets`, else the per-user folder `scripts/fetch-assets.sh`
+/// installs into).
 pub fn assets_dir() -> PathBuf {
-    std::env::var_os("BCCP_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"))
+    bccp::paths::assets_dir()
 }
 
 /// A fetched asset; panics with the command to run when it is missing.
@@ -94,7 +94,7 @@ pub fn asset(rel: &str) -> PathBuf {
     let path = assets_dir().join(rel);
     assert!(
         path.exists(),
-        "missing asset {}: run scripts/fetch-assets.sh (the README's test command does)",
+        "missing asset {}: run scripts/fetch-assets.sh (the README's test command does), or set BCCP_ASSETS or BCCP_HOME",
         path.display()
     );
     path
