@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use bccp::backbone::embed::EmbeddingSet;
+use bccp::embeddings::EmbeddingSet;
 use common::{asset, assets_dir, failure, make_folder, success};
 
 /// A fresh temporary folder outside the checkout, to run commands in.

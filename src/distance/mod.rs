@@ -298,7 +298,7 @@ pub fn search(
     if queries.device().is_cpu() {
         let (q, _, d) = host_matrix(queries, "queries")?;
         let (c, _, _) = host_matrix(candidates, "candidates")?;
-        return Ok(search_host(&q, &c, d, s)?);
+        return search_host(&q, &c, d, s);
     }
     #[cfg(feature = "cuda")]
     if queries.device().is_cuda() {
