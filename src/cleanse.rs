@@ -2,7 +2,6 @@
 //! --method` compares (none, the Bayesian cut-off, confident learning, the ANL-CE loss), each
 //! reduced to which samples it flags and which labels it keeps.
 
-use anyhow::Result;
 use candle_core::Tensor;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
@@ -51,6 +50,21 @@ impl Method {
         }
     }
 }
+
+/// Why a cleansing method could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanseError {
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Distance(#[from] crate::distance::DistanceError),
+    #[error(transparent)]
+    Confident(#[from] crate::baselines::ConfidentError),
+    #[error("cutoff_folds {folds} exceeds the {samples} training samples")]
+    TooManyFolds { folds: usize, samples: usize },
+}
+
+type Result<T> = std::result::Result<T, CleanseError>;
 
 /// Settings of the cleansing methods.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,11 +196,12 @@ fn out_of_sample_stats(
     progress: &Progress,
 ) -> Result<McStats> {
     let n = given.len();
-    anyhow::ensure!(
-        cfg.cutoff_folds <= n,
-        "--cutoff-folds {} exceeds the {n} training samples",
-        cfg.cutoff_folds
-    );
+    if cfg.cutoff_folds > n {
+        return Err(CleanseError::TooManyFolds {
+            folds: cfg.cutoff_folds,
+            samples: n,
+        });
+    }
     let device = features.device();
     let (_, folds) = cross_fit(
         features,

@@ -1,10 +1,8 @@
 //! `bccp label-issues`: confident learning as a tool — on cleanlab-style `.npy` inputs, or on
 //! an image dataset whose out-of-sample probabilities bccp computes (embeddings, K-fold heads).
 
-use std::io::Write;
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 
 use crate::backbone::Embedder;
@@ -16,6 +14,47 @@ use crate::fsutil::write_atomic;
 use crate::npy;
 use crate::progress::Progress;
 use crate::train::TrainConfig;
+
+/// Why a label-issue report could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelIssuesError {
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Npy(#[from] crate::npy::NpyError),
+    #[error(transparent)]
+    Confident(#[from] crate::baselines::ConfidentError),
+    #[error(transparent)]
+    Backbone(#[from] crate::backbone::BackboneError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, LabelIssuesError>;
+
+/// `ensure!` with a [`LabelIssuesError::Input`].
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)*) => {
+        if !$cond {
+            return Err(LabelIssuesError::Input(format!($($fmt)*)));
+        }
+    };
+}
+
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> LabelIssuesError + '_ {
+    move |source| LabelIssuesError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// The issue mask of `pred_probs` [n, k] and `labels` [n] read from `.npy` files.
 pub fn mask_from_npy(pred_probs: &Path, labels: &Path, filter_by: FilterBy) -> Result<Vec<bool>> {
@@ -176,18 +215,21 @@ pub fn summary_path(report: &Path) -> std::path::PathBuf {
 
 /// Writes the per-class summary as pretty JSON, atomically.
 pub fn write_summary(path: &Path, summary: &[ClassSummary]) -> Result<()> {
-    let text = serde_json::to_string_pretty(summary)? + "\n";
-    write_atomic(path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+    let text = serde_json::to_string_pretty(summary)
+        .map_err(|e| write_error(path)(std::io::Error::other(e)))?
+        + "\n";
+    write_atomic(path, text.as_bytes()).map_err(write_error(path))
 }
 
 /// Writes `records` as JSON Lines, atomically.
 pub fn write_jsonl(path: &Path, records: &[IssueRecord]) -> Result<()> {
     let mut out = Vec::new();
     for r in records {
-        serde_json::to_writer(&mut out, r)?;
-        out.write_all(b"\n")?;
+        serde_json::to_writer(&mut out, r)
+            .map_err(|e| write_error(path)(std::io::Error::other(e)))?;
+        out.push(b'\n');
     }
-    write_atomic(path, &out).with_context(|| format!("cannot write {}", path.display()))
+    write_atomic(path, &out).map_err(write_error(path))
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
 use crate::backbone::{cache, Backbone, Embedder, EmbedderConfig};
@@ -18,6 +17,35 @@ use crate::sampling::{self, ReuseBuffer};
 use crate::train::eval::{detection, evaluate, roc_auc};
 use crate::train::finetune::{embed_files, finetune, Finetune};
 use crate::train::{train_head, Head, TrainConfig};
+
+/// Why a run failed; each layer's error as it reported it.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{}", .0.for_flags())]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Backbone(#[from] crate::backbone::BackboneError),
+    #[error(transparent)]
+    Sampling(#[from] crate::sampling::SamplingError),
+    #[error(transparent)]
+    Cleanse(#[from] crate::cleanse::CleanseError),
+    #[error(transparent)]
+    Finetune(#[from] crate::train::finetune::FinetuneError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, PipelineError>;
 
 /// Where a run happens, as opposed to what it is ([`RunConfig`]): the device, the embedding
 /// cache, hub access and the registry it is written to.
@@ -80,7 +108,10 @@ pub struct Embedded {
 }
 
 fn manifest_sha(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|source| PipelineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(cache::hex(&cache::sha256(&bytes)))
 }
 
@@ -296,7 +327,7 @@ pub fn run_embedded(
     let test_features = |start: usize, records: &[Record]| -> Result<Tensor> {
         match &tuned {
             None => Ok(part(start, records.len())?),
-            Some(model) => embed_files(model, &files(records), pre, 64, device),
+            Some(model) => Ok(embed_files(model, &files(records), pre, 64, device)?),
         }
     };
     let mon_pred = head.predict(&test_features(n1, mon_test)?)?;
@@ -357,10 +388,7 @@ pub fn run_embedded(
     if let Some(model) = &tuned {
         tensors.extend(model.export_tuned()?);
     }
-    let run = env
-        .registry
-        .register(&cfg.model_name, &record, &tensors)
-        .with_context(|| format!("cannot register {}", cfg.model_name))?;
+    let run = env.registry.register(&cfg.model_name, &record, &tensors)?;
     Ok(RunOutcome {
         run,
         metrics: record.metrics,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use super::error::{BackboneError, Result};
 use sha2::{Digest, Sha256};
 
 use crate::data::Preprocess;
@@ -35,8 +35,7 @@ pub fn default_cache_dir() -> PathBuf {
 /// SHA-256 of a weights file, memoised in `cache_dir` by (path, size, modification time) so
 /// large checkpoints are hashed once.
 pub fn weights_hash(cache_dir: Option<&Path>, weights: &Path) -> Result<String> {
-    let meta =
-        std::fs::metadata(weights).with_context(|| format!("cannot read {}", weights.display()))?;
+    let meta = std::fs::metadata(weights).map_err(BackboneError::io("read", weights))?;
     let mtime = meta
         .modified()
         .ok()
@@ -53,18 +52,16 @@ pub fn weights_hash(cache_dir: Option<&Path>, weights: &Path) -> Result<String> 
         }
     }
     let mut hasher = Sha256::new();
-    let mut file = std::fs::File::open(weights)
-        .with_context(|| format!("cannot read {}", weights.display()))?;
-    std::io::copy(&mut file, &mut hasher)
-        .with_context(|| format!("cannot read {}", weights.display()))?;
+    let mut file = std::fs::File::open(weights).map_err(BackboneError::io("read", weights))?;
+    std::io::copy(&mut file, &mut hasher).map_err(BackboneError::io("read", weights))?;
     let hash = hex(&hasher.finalize().into());
     if let Some(memo) = memo {
         if let Some(parent) = memo.parent() {
             std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create cache folder {}", parent.display()))?;
+                .map_err(BackboneError::io("create cache folder", parent))?;
         }
         crate::fsutil::write_atomic(&memo, hash.as_bytes())
-            .with_context(|| format!("cannot write {}", memo.display()))?;
+            .map_err(BackboneError::io("write", &memo))?;
     }
     Ok(hash)
 }
@@ -106,9 +103,7 @@ impl EmbeddingCache {
                         .write(true)
                         .open(&path)
                         .and_then(|f| f.set_len(whole as u64))
-                        .with_context(|| {
-                            format!("cannot repair embedding cache {}", path.display())
-                        })?;
+                        .map_err(BackboneError::io("repair embedding cache", &path))?;
                 }
                 for chunk in bytes.chunks_exact(record) {
                     let mut digest = [0u8; 32];
@@ -122,8 +117,7 @@ impl EmbeddingCache {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot read embedding cache {}", path.display()))
+                return Err(BackboneError::io("read embedding cache", &path)(e));
             }
         }
         Ok(Self { path, dim, entries })
@@ -151,16 +145,20 @@ impl EmbeddingCache {
         }
         if let Some(parent) = self.path.parent() {
             std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create cache folder {}", parent.display()))?;
+                .map_err(BackboneError::io("create cache folder", parent))?;
         }
         let mut bytes = Vec::with_capacity(new.len() * (32 + 4 * self.dim));
         for (digest, values) in new {
-            anyhow::ensure!(
-                values.len() == self.dim,
-                "embedding of width {} in a cache of width {}",
-                values.len(),
-                self.dim
-            );
+            if values.len() != self.dim {
+                return Err(BackboneError::Cache {
+                    path: self.path.clone(),
+                    message: format!(
+                        "embedding of width {} in a cache of width {}",
+                        values.len(),
+                        self.dim
+                    ),
+                });
+            }
             bytes.extend_from_slice(digest);
             for v in values {
                 bytes.extend_from_slice(&v.to_le_bytes());
@@ -170,9 +168,9 @@ impl EmbeddingCache {
             .create(true)
             .append(true)
             .open(&self.path)
-            .with_context(|| format!("cannot open embedding cache {}", self.path.display()))?;
+            .map_err(BackboneError::io("open embedding cache", &self.path))?;
         file.write_all(&bytes)
-            .with_context(|| format!("cannot write embedding cache {}", self.path.display()))?;
+            .map_err(BackboneError::io("write embedding cache", &self.path))?;
         for (digest, values) in new {
             self.entries.insert(*digest, values.clone());
         }

@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::cache::{sha256, weights_hash, Digest32, EmbeddingCache};
+use super::error::{BackboneError, Result};
 use super::zoo::{self, BackboneSpec};
 use super::{resolve_weights, Backbone};
 use crate::data::loader::DecodeThreads;
@@ -68,7 +68,9 @@ impl Embedder {
     /// Resolves the backbone, its preprocessing and its weights (hub or local), and hashes the
     /// weights (memoised in the cache folder). The network itself loads on first use.
     pub fn new(config: &EmbedderConfig) -> Result<Self> {
-        anyhow::ensure!(config.batch_size > 0, "the batch size must be 1 or more");
+        if config.batch_size == 0 {
+            return Err(BackboneError::BatchSize);
+        }
         let spec = zoo::find(&config.backbone)?;
         let pre = spec.preprocess_at(config.image_size)?;
         let weights = resolve_weights(&spec, config.weights.as_deref(), config.offline)?;
@@ -123,10 +125,7 @@ impl Embedder {
         let batch = crate::data::loader::load_batch(images, 0, &self.pre, false)?;
         let x = batch.to_tensor(&self.pre, &self.config.device)?;
         let Some(logits) = self.backbone()?.logits(&x)? else {
-            bail!(
-                "backbone {} has no classifier head; classify needs one (e.g. efficientnet_lite0)",
-                self.spec.name
-            );
+            return Err(BackboneError::NoClassifier(self.spec.name.clone()));
         };
         Ok(candle_nn::ops::softmax_last_dim(&logits)?
             .to_device(&Device::Cpu)?
@@ -168,13 +167,13 @@ fn embed_images(
         embedder.spec.embedding_dim,
     );
     let cfg = &embedder.config;
-    let digests: Vec<std::result::Result<Digest32, (PathBuf, String)>> = list
+    let digests: Vec<std::result::Result<Digest32, (PathBuf, std::io::Error)>> = list
         .files
         .par_iter()
         .map(|p| {
             std::fs::read(p)
                 .map(|b| sha256(&b))
-                .map_err(|e| (p.clone(), e.to_string()))
+                .map_err(|e| (p.clone(), e))
         })
         .collect();
     let mut stats = EmbedStats::default();
@@ -193,7 +192,13 @@ fn embed_images(
                 }
                 None => missing.push(i),
             },
-            Err((path, why)) => bail!("cannot read image {}: {why}", path.display()),
+            Err((path, source)) => {
+                return Err(BackboneError::Io {
+                    action: "read image",
+                    path: path.clone(),
+                    source: std::io::Error::new(source.kind(), source.to_string()),
+                })
+            }
         }
     }
     if !missing.is_empty() {
@@ -221,7 +226,11 @@ fn embed_images(
                     .to_device(&Device::Cpu)?;
                 let (n, d) = y.dims2()?;
                 if d != dim {
-                    bail!("model {model} produced {d}-d embeddings, the zoo says {dim}");
+                    return Err(BackboneError::Width {
+                        name: model.to_owned(),
+                        found: d,
+                        expected: dim,
+                    });
                 }
                 let values = y.flatten_all()?.to_vec1::<f32>()?;
                 for (k, &pos) in batch.indices.iter().enumerate().take(n) {

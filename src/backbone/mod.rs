@@ -5,6 +5,7 @@ pub mod cache;
 pub mod channels_last;
 pub mod efficientnet_lite;
 pub mod embedder;
+pub mod error;
 pub mod hub;
 pub mod hub_models;
 pub mod imagenet;
@@ -13,10 +14,10 @@ pub mod mobilenet_v2;
 pub mod zoo;
 
 pub use embedder::{EmbedStats, Embedder, EmbedderConfig};
+pub use error::{BackboneError, Result};
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
@@ -40,20 +41,22 @@ pub fn resolve_weights(
     offline: bool,
 ) -> Result<PathBuf> {
     if let Some(path) = override_path {
-        anyhow::ensure!(path.is_file(), "--weights {}: no such file", path.display());
+        if !path.is_file() {
+            return Err(BackboneError::NoWeightsFile(path.to_path_buf()));
+        }
         return Ok(path.to_path_buf());
     }
     match &spec.weights {
         WeightSource::Local(rel) => {
             let dir = assets_dir();
             let path = dir.join(rel);
-            anyhow::ensure!(
-                path.is_file(),
-                "weights of {} not found: no {} in the assets folder {} (to fix: run scripts/fetch-assets.sh, which installs them there; or set BCCP_ASSETS to the assets folder, or BCCP_HOME to the folder above it; or pass --weights FILE.safetensors)",
-                spec.name,
-                rel,
-                dir.display()
-            );
+            if !path.is_file() {
+                return Err(BackboneError::WeightsNotFound {
+                    name: spec.name.clone(),
+                    file: rel.clone(),
+                    dir,
+                });
+            }
             Ok(path)
         }
         WeightSource::Hub(hub) => Ok(hub::resolve(hub, offline)?),
@@ -141,15 +144,17 @@ impl Backbone {
 
     /// Loads `spec`'s network from a safetensors file onto `device` (f32).
     pub fn load(spec: &BackboneSpec, weights: &Path, device: &Device) -> Result<Self> {
-        let tensors = candle_core::safetensors::load(weights, device)
-            .with_context(|| format!("cannot read weights {}", weights.display()))?;
+        let tensors = candle_core::safetensors::load(weights, device).map_err(|e| {
+            BackboneError::BadWeights {
+                path: weights.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        Self::from_var_builder(spec, vb).with_context(|| {
-            format!(
-                "weights {} do not fit model {}",
-                weights.display(),
-                spec.name
-            )
+        Self::from_var_builder(spec, vb).map_err(|e| BackboneError::Mismatch {
+            what: format!("weights {}", weights.display()),
+            name: spec.name.clone(),
+            message: e.to_string(),
         })
     }
 
@@ -184,10 +189,10 @@ impl Backbone {
         device: &Device,
     ) -> Result<(Self, Vec<Var>)> {
         if let Some(why) = Self::finetune_blocker(spec.architecture) {
-            anyhow::bail!(
-                "--finetune full is not supported for {} yet: {why}",
-                spec.name
-            );
+            return Err(BackboneError::NotTrainable {
+                name: spec.name.clone(),
+                why,
+            });
         }
         let mut model = Self::load(spec, weights, device)?;
         // Training changes the weights: embed through candle's ops, which follow them.
@@ -203,9 +208,10 @@ impl Backbone {
 
     /// The backbone's parameters in checkpoint layout, names prefixed with [`TUNED_PREFIX`].
     pub fn export_tuned(&self) -> Result<Vec<(String, Tensor)>> {
-        let trunk = self
-            .trunk()
-            .with_context(|| format!("{} cannot be exported", self.spec.name))?;
+        let trunk = self.trunk().ok_or_else(|| BackboneError::NotTrainable {
+            name: self.spec.name.clone(),
+            why: "only the backbones written here can be exported",
+        })?;
         let mut out = Vec::new();
         trunk.export(&mut out)?;
         Ok(out
@@ -230,9 +236,12 @@ impl Backbone {
             return Ok(None);
         }
         let vb = VarBuilder::from_tensors(own, DType::F32, device);
-        Ok(Some(Self::from_var_builder(spec, vb).with_context(
-            || format!("the fine-tuned tensors do not fit model {}", spec.name),
-        )?))
+        let model = Self::from_var_builder(spec, vb).map_err(|e| BackboneError::Mismatch {
+            what: "the fine-tuned tensors".into(),
+            name: spec.name.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Some(model))
     }
 
     /// The zoo entry this backbone was built from.

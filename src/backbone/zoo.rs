@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use super::BackboneError;
 use crate::data::Preprocess;
 
 /// The network a zoo entry builds.
@@ -66,10 +67,12 @@ impl BackboneSpec {
 
     /// [`BackboneSpec::preprocess`] at `size` × `size` instead of the backbone's input size
     /// (`--image-size`); sizes under 32 are refused.
-    pub fn preprocess_at(&self, size: Option<u32>) -> anyhow::Result<Preprocess> {
+    pub fn preprocess_at(&self, size: Option<u32>) -> Result<Preprocess, BackboneError> {
         let mut pre = self.preprocess();
         if let Some(size) = size {
-            anyhow::ensure!(size >= 32, "--image-size {size} is too small; 32 or more");
+            if size < 32 {
+                return Err(BackboneError::ImageTooSmall(size));
+            }
             pre.width = size;
             pre.height = size;
         }
@@ -94,11 +97,14 @@ pub fn zoo() -> Vec<BackboneSpec> {
 }
 
 /// The backbone named `name`, or an error listing the valid names.
-pub fn find(name: &str) -> anyhow::Result<BackboneSpec> {
+pub fn find(name: &str) -> Result<BackboneSpec, BackboneError> {
     let all = zoo();
     all.iter().find(|b| b.name == name).cloned().ok_or_else(|| {
         let names: Vec<_> = all.iter().map(|b| b.name.as_str()).collect();
-        anyhow::anyhow!("unknown model {name:?}; valid: {}", names.join(", "))
+        BackboneError::Unknown {
+            name: name.to_owned(),
+            valid: names.join(", "),
+        }
     })
 }
 

@@ -300,8 +300,12 @@ impl RunConfig {
             return Err(invalid("`monday_num` and `tuesday_num` must be 1 or more"));
         }
         let spec = zoo::find(&self.backbone).map_err(|e| invalid(e.to_string()))?;
-        spec.preprocess_at(self.image_size)
-            .map_err(|e| invalid(e.to_string()))?;
+        spec.preprocess_at(self.image_size).map_err(|e| match e {
+            crate::backbone::BackboneError::ImageTooSmall(size) => {
+                invalid(format!("`image_size` {size} is too small; 32 or more"))
+            }
+            e => invalid(e.to_string()),
+        })?;
         if self.finetune == Finetune::Full {
             if let Some(why) = crate::backbone::Backbone::finetune_blocker(spec.architecture) {
                 return Err(invalid(format!(

@@ -5,10 +5,10 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 use serde::Deserialize;
 
+use super::error::{ensure_valid, ExperimentError, Result};
 use crate::baselines::FilterBy;
 use crate::cleanse::Method;
 use crate::config::{choice, RunConfig};
@@ -230,22 +230,25 @@ fn set_cutoff(cell: &mut Cell, change: impl FnOnce(&mut (Score, Percentile, Acti
 
 /// Parses the names of one grid axis (`what` is `grid[i].field`).
 fn parse_all<T: ValueEnum>(values: &[String], what: &str) -> Result<Vec<T>> {
-    ensure!(!values.is_empty(), "{what} is empty");
+    ensure_valid!(!values.is_empty(), "{what} is empty");
     let setting = what.rsplit('.').next().unwrap_or(what).replace('_', " ");
     values
         .iter()
-        .map(|v| choice::parse::<T>(&setting, v).map_err(|e| anyhow::anyhow!("{what}: {e}")))
+        .map(|v| {
+            choice::parse::<T>(&setting, v)
+                .map_err(|e| ExperimentError::Invalid(format!("{what}: {e}")))
+        })
         .collect()
 }
 
 /// Parses the percentiles of the grid (numbers or `auto`).
 fn parse_percentiles(values: &[String], what: &str) -> Result<Vec<Percentile>> {
-    ensure!(!values.is_empty(), "{what} is empty");
+    ensure_valid!(!values.is_empty(), "{what} is empty");
     values
         .iter()
         .map(|v| {
             v.parse::<Percentile>()
-                .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+                .map_err(|e| ExperimentError::Invalid(format!("{what}: {e}")))
         })
         .collect()
 }
@@ -254,25 +257,27 @@ impl ExperimentFile {
     /// Reads and checks an experiment file.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read experiment file {}", path.display()))?;
-        let file: ExperimentFile = toml::from_str(&text)
-            .with_context(|| format!("{} is not a valid experiment file", path.display()))?;
+            .map_err(ExperimentError::io("read experiment file", path))?;
+        let file: ExperimentFile = toml::from_str(&text).map_err(|e| ExperimentError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         Ok(file)
     }
 
     /// Every cell, in file order, without duplicates. Errors name the table and the field.
     pub fn cells(&self) -> Result<Vec<Cell>> {
-        ensure!(
+        ensure_valid!(
             !self.grid.is_empty(),
             "empty grid: the experiment file has no [[grid]] table"
         );
-        ensure!(!self.seeds.is_empty(), "seeds is empty; give at least one");
-        ensure!(
+        ensure_valid!(!self.seeds.is_empty(), "seeds is empty; give at least one");
+        ensure_valid!(
             !self.user_accuracy.is_empty(),
             "user_accuracy is empty; give at least one level, e.g. [0.7]"
         );
         for &a in &self.user_accuracy {
-            ensure!(
+            ensure_valid!(
                 (0.0..=1.0).contains(&a),
                 "user_accuracy {a} must lie in [0, 1]"
             );
@@ -302,19 +307,25 @@ impl ExperimentFile {
                 parse_percentiles(&table.cutoff_percentile, &at("cutoff_percentile"))?;
             let actions: Vec<Action> = parse_all(&table.cutoff_action, &at("cutoff_action"))?;
             let filters: Vec<FilterBy> = parse_all(&table.filter_by, &at("filter_by"))?;
-            ensure!(
+            ensure_valid!(
                 !table.cutoff_folds.is_empty(),
                 "{} is empty",
                 at("cutoff_folds")
             );
             if let Some(&k) = table.cutoff_folds.iter().find(|&&k| k == 0) {
-                bail!("{} {k}: 1 (in sample) or more", at("cutoff_folds"));
+                return Err(ExperimentError::Invalid(format!(
+                    "{} {k}: 1 (in sample) or more",
+                    at("cutoff_folds")
+                )));
             }
             if samplings.iter().any(|&s| s != Sampling::None) && table.ratio.is_empty() {
-                bail!("{}: replay needs ratio = [...]", at("sampling"));
+                return Err(ExperimentError::Invalid(format!(
+                    "{}: replay needs ratio = [...]",
+                    at("sampling")
+                )));
             }
             for &r in &table.ratio {
-                ensure!(
+                ensure_valid!(
                     (0.0..=1.0).contains(&r),
                     "{} {r} must lie in [0, 1]",
                     at("ratio")
@@ -400,7 +411,7 @@ mod tests {
             let err = file(grid).cells().unwrap_err().to_string();
             assert!(err.contains(needle), "{grid:?}: {err}");
         }
-        let unknown: Result<ExperimentFile, _> =
+        let unknown: std::result::Result<ExperimentFile, _> =
             toml::from_str("seeds = [1]\nuser_accuracy = [0.7]\ncolour = 1\n[run]\ndataset = \"d\"\ntuesday_num = 1\n");
         assert!(unknown.unwrap_err().to_string().contains("colour"));
     }

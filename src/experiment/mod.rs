@@ -3,6 +3,7 @@
 //! `results.md` and PNG charts.
 
 pub mod config;
+mod error;
 pub mod plot;
 pub mod report;
 
@@ -10,19 +11,18 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-
 use crate::backbone::cache::default_cache_dir;
 use crate::config::{LabelSource, RunConfig};
 use crate::cutoff::{Action, Percentile, Score};
 use crate::data::Day;
 use crate::fsutil::write_atomic;
-use crate::pipeline::{self, RunEnv};
+use crate::pipeline::{self, PipelineError, RunEnv};
 use crate::progress::Progress;
 use crate::registry::{metric, Registry, RunMetrics};
 use crate::sampling::{PairMode, SamplingError};
 
 pub use config::{Cell, ExperimentFile};
+pub use error::{ExperimentError, Result};
 use report::{Row, COLUMNS};
 
 /// The files an experiment writes into its output folder.
@@ -126,7 +126,7 @@ fn row(cell: &Cell, seed: u64, metrics: Option<&RunMetrics>, error: &str) -> Row
 /// Checks everything a grid needs before any run: the cells, the dataset, every run's flags.
 pub fn plan(file: &ExperimentFile) -> Result<Vec<(Cell, u64, RunConfig)>> {
     let cells = file.cells()?;
-    anyhow::ensure!(
+    error::ensure_valid!(
         file.run.dataset.join("tuesday.jsonl").is_file(),
         "run.dataset {} is not a prepared dataset (no tuesday.jsonl); make one with bccp prepare",
         file.run.dataset.display()
@@ -135,8 +135,10 @@ pub fn plan(file: &ExperimentFile) -> Result<Vec<(Cell, u64, RunConfig)>> {
     for cell in cells {
         for &seed in &file.seeds {
             let cfg = run_config(file, &cell, seed);
-            cfg.validate()
-                .with_context(|| format!("cell {}", cell.key()))?;
+            cfg.validate().map_err(|e| ExperimentError::Cell {
+                cell: cell.key(),
+                message: e.to_string(),
+            })?;
             runs.push((cell.clone(), seed, cfg));
         }
     }
@@ -149,7 +151,7 @@ pub fn plan(file: &ExperimentFile) -> Result<Vec<(Cell, u64, RunConfig)>> {
 pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Result<Summary> {
     let runs = plan(file)?;
     let env = run_env(file, out)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(ExperimentError::io("create", out))?;
     let csv = out.join(RESULTS_CSV);
     let mut rows = report::read_csv(&csv)?;
     let done: BTreeSet<(String, String, String)> = rows.iter().map(Row::run_key).collect();
@@ -168,9 +170,12 @@ pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Resu
         }
         let started = Instant::now();
         if embedded.is_none() {
-            embedded = Some(pipeline::embed_stage(cfg, &env, &Progress::hidden())?);
+            let shared = pipeline::embed_stage(cfg, &env, &Progress::hidden()).map_err(Box::new)?;
+            embedded = Some(shared);
         }
-        let shared = embedded.as_ref().context("embeddings computed above")?;
+        let Some(shared) = embedded.as_ref() else {
+            continue;
+        };
         let new_row = match pipeline::run_embedded(cfg, &env, shared, &Progress::hidden()) {
             Ok(outcome) => {
                 let acc = outcome.metrics.test_accuracy;
@@ -183,14 +188,7 @@ pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Resu
                 ));
                 row(cell, *seed, Some(&outcome.metrics), "")
             }
-            Err(e)
-                if e.chain().any(|c| {
-                    matches!(
-                        c.downcast_ref::<SamplingError>(),
-                        Some(SamplingError::RatioTooHigh { .. })
-                    )
-                }) =>
-            {
+            Err(PipelineError::Sampling(SamplingError::RatioTooHigh { .. })) => {
                 log(&format!(
                     "[{}/{}] {} seed {seed}: ratio too high",
                     i + 1,
@@ -200,12 +198,16 @@ pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Resu
                 row(cell, *seed, None, "ratio too high")
             }
             Err(e) => {
-                return Err(e.context(format!("cell {} seed {seed}", cell.key())));
+                return Err(ExperimentError::Run {
+                    cell: cell.key(),
+                    seed: *seed,
+                    source: Box::new(e),
+                });
             }
         };
         rows.push(new_row);
         write_atomic(&csv, report::to_csv(&rows).as_bytes())
-            .with_context(|| format!("cannot write {}", csv.display()))?;
+            .map_err(ExperimentError::io("write", &csv))?;
         summary.ran += 1;
     }
     write_reports(&rows, out)?;
@@ -216,7 +218,7 @@ pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Resu
 pub fn write_reports(rows: &[Row], out: &Path) -> Result<()> {
     let md = out.join(RESULTS_MD);
     write_atomic(&md, report::markdown(rows).as_bytes())
-        .with_context(|| format!("cannot write {}", md.display()))?;
+        .map_err(ExperimentError::io("write", &md))?;
     plot::accuracy_chart(rows, &out.join(ACCURACY_PNG))?;
     plot::detection_chart(rows, &out.join(DETECTION_PNG))
 }

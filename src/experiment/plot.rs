@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, Context, Result};
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use super::error::{ExperimentError, Result};
 use super::report::{group, Row};
 use crate::fsutil::write_atomic;
 use crate::registry::metric;
@@ -71,7 +71,7 @@ fn ensure_font() -> Result<()> {
                 .map_err(|_| format!("{} is not a usable TrueType font", path.display()))
         })
         .clone()
-        .map_err(|e| anyhow!(e))
+        .map_err(ExperimentError::Plot)
 }
 
 /// Renders into an RGB buffer with `draw`, then writes a PNG atomically.
@@ -85,16 +85,18 @@ fn render(
     {
         let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
         draw(&root)?;
-        root.present().map_err(|e| anyhow!("drawing failed: {e}"))?;
+        root.present().map_err(err)?;
     }
-    let img = image::RgbImage::from_raw(w, h, pixels).context("chart buffer of the wrong size")?;
+    let img = image::RgbImage::from_raw(w, h, pixels)
+        .ok_or_else(|| ExperimentError::Plot("chart buffer of the wrong size".into()))?;
     let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    write_atomic(path, &png).with_context(|| format!("cannot write {}", path.display()))
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(err)?;
+    write_atomic(path, &png).map_err(ExperimentError::io("write", path))
 }
 
-fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("drawing failed: {e}")
+fn err<E: std::fmt::Display>(e: E) -> ExperimentError {
+    ExperimentError::Plot(e.to_string())
 }
 
 /// A chart of f64 × f64 on the whole of `root`, with its caption and axis descriptions drawn.

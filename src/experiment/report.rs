@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use super::error::{ExperimentError, Result};
 
 use crate::registry::metric;
 
@@ -113,15 +113,15 @@ pub fn read_csv(path: &Path) -> Result<Vec<Row>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(ExperimentError::io("read", path))?;
     let mut lines = text.lines();
     let header = lines.next().unwrap_or_default();
     if header != COLUMNS.join(",") {
-        bail!(
-            "{} has other columns than this version of bccp writes; move it away to start afresh",
-            path.display()
-        );
+        return Err(ExperimentError::Results {
+            path: path.to_path_buf(),
+            message: "other columns than this version of bccp writes; move it away to start afresh"
+                .into(),
+        });
     }
     lines
         .enumerate()
@@ -129,13 +129,15 @@ pub fn read_csv(path: &Path) -> Result<Vec<Row>> {
         .map(|(i, l)| {
             let fields = split_line(l);
             if fields.len() != COLUMNS.len() {
-                bail!(
-                    "{} line {}: {} fields, expected {}",
-                    path.display(),
-                    i + 2,
-                    fields.len(),
-                    COLUMNS.len()
-                );
+                return Err(ExperimentError::Results {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "line {}: {} fields, expected {}",
+                        i + 2,
+                        fields.len(),
+                        COLUMNS.len()
+                    ),
+                });
             }
             Ok(Row(fields))
         })

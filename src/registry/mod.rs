@@ -56,6 +56,12 @@ pub enum RegistryError {
     },
     #[error("{path} is corrupt or incomplete: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error("{run} was trained on backbone weights {detail}; its predictions would be wrong")]
+    WeightsChanged { run: PathBuf, detail: String },
+    #[error(transparent)]
+    Backbone(#[from] crate::backbone::BackboneError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
     #[error("{0}")]
     Tensor(#[from] candle_core::Error),
 }

@@ -52,7 +52,7 @@ impl TrainedRun {
         spec: &str,
         device: &Device,
         cache_dir: Option<&Path>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, RegistryError> {
         let run = registry.resolve(spec)?;
         let record = registry.read(&run)?;
         let model_path = run.path.join(files::MODEL);
@@ -66,8 +66,7 @@ impl TrainedRun {
                     files::PROVENANCE,
                     record.provenance.model_sha256
                 ),
-            )
-            .into());
+            ));
         }
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| corrupt(&model_path, e))?;
@@ -88,14 +87,16 @@ impl TrainedRun {
                     ..EmbedderConfig::new(&params.backbone)
                 })?;
                 if embedder.weights_sha256() != record.provenance.weights_sha256 {
-                    anyhow::bail!(
-                        "{} was trained on backbone weights with SHA-256 {} ({}), but {} has {}; its predictions would be wrong",
-                        run.path.display(),
-                        record.provenance.weights_sha256,
-                        record.provenance.weights,
-                        embedder.weights().display(),
-                        embedder.weights_sha256()
-                    );
+                    return Err(RegistryError::WeightsChanged {
+                        run: run.path.clone(),
+                        detail: format!(
+                            "with SHA-256 {} ({}), but {} has {}",
+                            record.provenance.weights_sha256,
+                            record.provenance.weights,
+                            embedder.weights().display(),
+                            embedder.weights_sha256()
+                        ),
+                    });
                 }
                 Features::Pretrained(Box::new(embedder))
             }
@@ -116,7 +117,7 @@ impl TrainedRun {
     }
 
     /// Predicts every image (all must decode).
-    pub fn predict(&self, images: &[PathBuf]) -> anyhow::Result<Vec<Prediction>> {
+    pub fn predict(&self, images: &[PathBuf]) -> Result<Vec<Prediction>, RegistryError> {
         if images.is_empty() {
             return Ok(Vec::new());
         }

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::{ensure, Result};
 use candle_core::{Device, Module, Tensor, Var};
 use candle_nn::Optimizer;
 use clap::ValueEnum;
@@ -15,6 +14,19 @@ use crate::backbone::Backbone;
 use crate::data::loader::{load_batch, Preprocess};
 use crate::progress::Progress;
 use crate::rng::Rng;
+
+/// Why fine-tuning could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum FinetuneError {
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error("{0}")]
+    Input(String),
+}
+
+type Result<T> = std::result::Result<T, FinetuneError>;
 
 /// What training updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
@@ -55,15 +67,20 @@ pub fn finetune(
     device: &Device,
     progress: &Progress,
 ) -> Result<Head> {
-    ensure!(
-        files.len() == labels.len(),
-        "{} labels for {} training images",
-        labels.len(),
-        files.len()
-    );
-    ensure!(!files.is_empty(), "no training images");
+    if files.len() != labels.len() {
+        return Err(FinetuneError::Input(format!(
+            "{} labels for {} training images",
+            labels.len(),
+            files.len()
+        )));
+    }
+    if files.is_empty() {
+        return Err(FinetuneError::Input("no training images".into()));
+    }
     if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-        anyhow::bail!("label {bad} is not below the number of classes {classes}");
+        return Err(FinetuneError::Input(format!(
+            "label {bad} is not below the number of classes {classes}"
+        )));
     }
     let dim = backbone.spec().embedding_dim;
     let mut backbone_opt = adam(backbone_vars, backbone_lr)?;
@@ -119,6 +136,8 @@ pub fn embed_files(
         let images = load_batch(chunk, 0, pre, false)?.to_tensor(pre, device)?;
         parts.push(backbone.embed(&images)?.detach());
     }
-    ensure!(!parts.is_empty(), "no images to embed");
+    if parts.is_empty() {
+        return Err(FinetuneError::Input("no images to embed".into()));
+    }
     Ok(Tensor::cat(&parts, 0)?)
 }

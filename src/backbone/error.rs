@@ -1,0 +1,82 @@
+//! Errors of the backbone layer: the zoo, weights (local or hub), the networks, the embedding
+//! cache and the embedder. Each names the backbone, file or tensor at fault.
+
+use std::path::{Path, PathBuf};
+
+use super::hub::HubError;
+use crate::data::DataError;
+
+/// What can go wrong between a backbone's name and an image's embedding.
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneError {
+    #[error("unknown backbone {name:?}; valid: {valid}")]
+    Unknown { name: String, valid: String },
+    #[error("image size {0} is too small; 32 or more")]
+    ImageTooSmall(u32),
+    #[error("--weights {0}: no such file")]
+    NoWeightsFile(PathBuf),
+    #[error("weights of {name} not found: no {file} in the assets folder {dir} (to fix: run scripts/fetch-assets.sh, which installs them there; or set BCCP_ASSETS to the assets folder, or BCCP_HOME to the folder above it; or pass --weights FILE.safetensors)")]
+    WeightsNotFound {
+        name: String,
+        file: String,
+        dir: PathBuf,
+    },
+    #[error("cannot read weights {path}: {message}")]
+    BadWeights { path: PathBuf, message: String },
+    #[error("{what} do not fit backbone {name}: {message}")]
+    Mismatch {
+        what: String,
+        name: String,
+        message: String,
+    },
+    #[error("finetune full is not supported for {name} yet: {why}")]
+    NotTrainable { name: String, why: &'static str },
+    #[error("backbone {name} produced {found}-d embeddings, the zoo says {expected}")]
+    Width {
+        name: String,
+        found: usize,
+        expected: usize,
+    },
+    #[error("backbone {0} has no classifier head; classify needs one (e.g. efficientnet_lite0)")]
+    NoClassifier(String),
+    #[error("the batch size must be 1 or more")]
+    BatchSize,
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("embedding cache {path}: {message}")]
+    Cache { path: PathBuf, message: String },
+    #[error(transparent)]
+    Hub(Box<HubError>),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl BackboneError {
+    /// An I/O error while doing `action` ("read", "write", …) on `path`.
+    pub fn io<'a>(
+        action: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> Self + 'a {
+        move |source| Self::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl From<HubError> for BackboneError {
+    fn from(e: HubError) -> Self {
+        Self::Hub(Box::new(e))
+    }
+}
+
+/// Result alias of the backbone layer.
+pub type Result<T> = std::result::Result<T, BackboneError>;
