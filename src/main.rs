@@ -71,6 +71,9 @@ fn main() -> ExitCode {
         Command::LabelIssues(args) => cli::label_issues::run(args, quiet),
         Command::Experiment(args) => cli::experiment::run(args),
     };
+    // A command that failed because its outputs were removed under it by the SIGINT/SIGTERM
+    // clean-up waits for that clean-up to end the process with the signal's exit code.
+    bccp::runtime::await_exit();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

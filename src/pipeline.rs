@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use crate::backbone::{cache, Backbone, Embedder, EmbedderConfig};
 use crate::cleanse::{cleanse, Method};
 use crate::config::{LabelSource, RunConfig};
-use crate::data::{read_manifest, user_feedback_labels, Day, ImageList, Record};
+use crate::data::{read_manifest_for, user_feedback_labels, Day, ImageList, Record};
 use crate::progress::Progress;
 use crate::registry::{Provenance, Registry, RunDir, RunMetrics, RunRecord, Split, StageSeconds};
 use crate::rng::Rng;
@@ -37,6 +37,12 @@ pub enum PipelineError {
     Registry(#[from] crate::registry::RegistryError),
     #[error("{0}")]
     Tensor(#[from] candle_core::Error),
+    #[error("the cleansing method {method} removed all {candidates} candidate samples (with the bccp method, cutoff percentile {percentile} cuts every sample scored above that percentile); nothing is left to train on — raise --cutoff-percentile or use more data")]
+    NothingLeft {
+        candidates: usize,
+        method: &'static str,
+        percentile: String,
+    },
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -122,9 +128,10 @@ pub fn embed_stage(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result
     let info = crate::data::prepare::read_dataset_info(&cfg.dataset)?;
     let monday = cfg.dataset.join("monday.jsonl");
     let tuesday = cfg.dataset.join("tuesday.jsonl");
-    let (mon_train, mon_test) = split_day(read_manifest(&monday)?, cfg.monday_num, 0);
+    let classes = info.classes.len();
+    let (mon_train, mon_test) = split_day(read_manifest_for(&monday, classes)?, cfg.monday_num, 0);
     let (tue_train, tue_test) = if cfg.target_day == Day::Tuesday {
-        split_day(read_manifest(&tuesday)?, cfg.tuesday_num, 1)
+        split_day(read_manifest_for(&tuesday, classes)?, cfg.tuesday_num, 1)
     } else {
         (Vec::new(), Vec::new())
     };
@@ -282,6 +289,13 @@ pub fn run_embedded(
     }
     let removed = cleansed.removed;
     let (keep_idx, labels) = (cleansed.kept, cleansed.labels);
+    if keep_idx.is_empty() {
+        return Err(PipelineError::NothingLeft {
+            candidates: given.len(),
+            method: cfg.method.name(),
+            percentile: cfg.cutoff_percentile.to_string(),
+        });
+    }
     seconds.cleanse = stage.elapsed().as_secs_f64();
 
     // Final head on the kept samples.

@@ -63,11 +63,9 @@ pub fn run(args: ClosestArgs) -> Result<()> {
         ("indices".to_owned(), indices),
         ("values".to_owned(), values),
     ]);
-    let tmp = args.out.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &args.out)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let bytes = safetensors::serialize(&tensors, None)?;
+    bccp::fsutil::write_atomic(&args.out, &bytes)
+        .with_context(|| format!("cannot write --out {}", args.out.display()))?;
     let empty = neighbors.indices.iter().filter(|&&i| i < 0).count();
     let note = match empty {
         0 => String::new(),

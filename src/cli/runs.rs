@@ -41,12 +41,14 @@ pub fn run(args: RunsArgs) -> Result<()> {
         "run", "version", "test_acc", "monday", "tuesday", "noise_f1"
     );
     for run in registry.list() {
+        let complete = registry.is_complete(&run);
         let record = registry.read(&run);
         let f = |name: &str| match &record {
             Ok(r) => r
                 .metrics
                 .scalar(name)
                 .map_or("-".to_owned(), |v| format!("{v:.4}")),
+            Err(_) if !complete => "incomplete".to_owned(),
             Err(_) => "corrupt".to_owned(),
         };
         let aliases: Vec<String> = registry

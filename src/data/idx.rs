@@ -133,6 +133,12 @@ pub fn import_idx(opts: &IdxImport, progress: &Progress) -> Result<Vec<usize>> {
         });
     }
     let (count, rows, cols) = (images.dims[0], images.dims[1], images.dims[2]);
+    if rows == 0 || cols == 0 {
+        return Err(DataError::Idx {
+            path: opts.images.clone(),
+            message: format!("its images are {rows}×{cols} pixels; both sides must be 1 or more"),
+        });
+    }
     if labels.dims[0] != count {
         return Err(DataError::invalid(
             "--labels",

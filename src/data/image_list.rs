@@ -52,21 +52,35 @@ impl ImageList {
     /// The records of a JSON Lines manifest; image paths are relative to the manifest's folder,
     /// class names come from `dataset.json` beside it when present.
     pub fn from_manifest(path: &Path) -> Result<Self> {
-        let records = read_manifest(path)?;
         let root = path.parent().unwrap_or(Path::new("."));
         let classes = super::prepare::read_dataset_info(root)
             .map(|i| i.classes)
             .unwrap_or_default();
+        let records = if classes.is_empty() {
+            read_manifest(path)?
+        } else {
+            super::read_manifest_for(path, classes.len())?
+        };
         Ok(Self::from_records(root, &records, &classes))
     }
 
     /// A folder or a `.jsonl` manifest.
     pub fn from_path(path: &Path) -> Result<Self> {
-        if path.is_file() {
-            Self::from_manifest(path)
-        } else {
-            Self::from_folder(path)
+        if !path.is_file() {
+            return Self::from_folder(path);
         }
+        let manifest = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"));
+        if !manifest {
+            return Err(super::DataError::invalid(
+                "image list",
+                path.display(),
+                "expected an image folder ROOT/<class>/<image> or a JSON Lines manifest (.jsonl), not a single file",
+            ));
+        }
+        Self::from_manifest(path)
     }
 
     /// Number of images.

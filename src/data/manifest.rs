@@ -126,6 +126,34 @@ pub fn read_manifest(path: &Path) -> Result<Vec<Record>> {
     parse_manifest(&text, path)
 }
 
+/// Reads a manifest of a dataset with `classes` classes: every record's target must name one
+/// of them (an error names the manifest, the line and the record otherwise), so a bad target
+/// is refused when the dataset is opened, before any work.
+pub fn read_manifest_for(path: &Path, classes: usize) -> Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    let records = parse_manifest(&text, path)?;
+    let lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, _)| i + 1);
+    for (r, line) in records.iter().zip(lines) {
+        if r.target >= classes {
+            return Err(DataError::Manifest {
+                path: path.to_path_buf(),
+                line,
+                message: format!(
+                    "record {} has target {} but the dataset has {classes} classes (0..{})",
+                    r.id,
+                    r.target,
+                    classes.saturating_sub(1)
+                ),
+            });
+        }
+    }
+    Ok(records)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

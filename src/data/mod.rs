@@ -20,7 +20,7 @@ pub use decode::MAX_IMAGE_PIXELS;
 pub use error::{DataError, Result};
 pub use image_list::ImageList;
 pub use loader::{BatchLoader, HostBatch, Preprocess};
-pub use manifest::{read_manifest, write_manifest, Day, Record};
+pub use manifest::{read_manifest, read_manifest_for, write_manifest, Day, Record};
 pub use noise::{user_feedback_labels, NoisyLabels};
 pub use prepare::{prepare, DatasetInfo, PrepareOptions, PrepareSummary};
 pub use scan::{ImageFolder, ImageItem, SkipCount, SkipReason, SkippedEntry};

@@ -217,6 +217,18 @@ pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSumm
     }
     let (monday, tuesday) =
         split_by_class(&folder.items, folder.classes.len(), opts.split, opts.seed);
+    if monday.is_empty() || tuesday.is_empty() {
+        return Err(DataError::invalid(
+            "--split",
+            opts.split,
+            format!(
+                "it gives Monday {} and Tuesday {} of the {} images; both days need images (try a split nearer 0.5)",
+                monday.len(),
+                tuesday.len(),
+                folder.items.len()
+            ),
+        ));
+    }
 
     let staged = StagedDir::create(&opts.out).map_err(|e| DataError::io(&opts.out, e))?;
     let root = staged.path().to_path_buf();

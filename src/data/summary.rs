@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use super::error::{DataError, Result};
+use super::error::Result;
 use super::prepare::{read_dataset_info, DatasetInfo, DATASET_INFO_FILE};
-use super::{read_manifest, ImageFolder, Record};
+use super::{read_manifest_for, ImageFolder, Record};
 
 /// Images per class of a dataset.
 #[derive(Debug, Clone)]
@@ -22,24 +22,13 @@ pub enum DatasetSummary {
     },
 }
 
-/// Counts `records` per class; a target outside the class list is an error naming the
-/// manifest and the record.
-fn count(records: &[Record], classes: usize, manifest: &Path) -> Result<Vec<usize>> {
+/// Records per class.
+fn count(records: &[Record], classes: usize) -> Vec<usize> {
     let mut counts = vec![0; classes];
-    for (i, r) in records.iter().enumerate() {
-        let slot = counts
-            .get_mut(r.target)
-            .ok_or_else(|| DataError::Manifest {
-                path: manifest.to_path_buf(),
-                line: i + 1,
-                message: format!(
-                    "record {} has target {} but the dataset has {classes} classes",
-                    r.id, r.target
-                ),
-            })?;
-        *slot += 1;
+    for r in records {
+        counts[r.target] += 1;
     }
-    Ok(counts)
+    counts
 }
 
 impl DatasetSummary {
@@ -53,8 +42,8 @@ impl DatasetSummary {
         let info = read_dataset_info(dir)?;
         let k = info.classes.len();
         let days = ["monday.jsonl", "tuesday.jsonl"].map(|f| dir.join(f));
-        let monday = count(&read_manifest(&days[0])?, k, &days[0])?;
-        let tuesday = count(&read_manifest(&days[1])?, k, &days[1])?;
+        let monday = count(&read_manifest_for(&days[0], k)?, k);
+        let tuesday = count(&read_manifest_for(&days[1], k)?, k);
         Ok(Self::Prepared {
             info,
             per_class: monday.into_iter().zip(tuesday).collect(),

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::backbone::cache::{hex, sha256};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{write_atomic, TempPath};
 pub use record::{files, metric, Provenance, RunMetrics, RunRecord, Split, StageSeconds};
 pub use trained::{Prediction, TrainedRun};
 
@@ -53,6 +53,14 @@ pub enum RegistryError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "{name} has no complete version in {root} (incomplete: {versions:?}); register a new run"
+    )]
+    Incomplete {
+        name: String,
+        root: PathBuf,
+        versions: Vec<u32>,
     },
     #[error("{path} is corrupt or incomplete: {message}")]
     Corrupt { path: PathBuf, message: String },
@@ -203,6 +211,29 @@ impl Registry {
         v
     }
 
+    /// Whether a version folder holds every file of a run (a folder made by hand or by an
+    /// older bccp may not).
+    pub fn is_complete(&self, run: &RunDir) -> bool {
+        [
+            files::PARAMS,
+            files::PROVENANCE,
+            files::METRICS,
+            files::LABELS,
+            files::SPLIT,
+            files::MODEL,
+        ]
+        .iter()
+        .all(|f| run.path.join(f).is_file())
+    }
+
+    fn run_dir(&self, name: &str, version: u32) -> RunDir {
+        RunDir {
+            name: name.to_owned(),
+            version,
+            path: self.root.join(name).join(version.to_string()),
+        }
+    }
+
     /// Writes `record` and `tensors` as the next version of `name`.
     pub fn register(
         &self,
@@ -219,20 +250,20 @@ impl Registry {
             .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
         let model = safetensors::serialize(&map, None)
-            .map_err(|e| corrupt(&staging.0.join(files::MODEL), e))?;
+            .map_err(|e| corrupt(&staging.path.join(files::MODEL), e))?;
         let mut record = record.clone();
         record.provenance.model_sha256 = hex(&sha256(&model));
-        let model_path = staging.0.join(files::MODEL);
+        let model_path = staging.path.join(files::MODEL);
         std::fs::write(&model_path, &model).map_err(io(&model_path))?;
-        let docs = record.documents().map_err(|e| corrupt(&staging.0, e))?;
+        let docs = record.documents().map_err(|e| corrupt(&staging.path, e))?;
         for (file, text) in docs {
-            let path = staging.0.join(file);
+            let path = staging.path.join(file);
             std::fs::write(&path, text).map_err(io(&path))?;
         }
         let _lock = self.lock(name)?;
         let version = self.versions(name).last().map_or(1, |v| v + 1);
         let path = dir.join(version.to_string());
-        std::fs::rename(&staging.0, &path).map_err(io(&path))?;
+        std::fs::rename(&staging.path, &path).map_err(io(&path))?;
         staging.release();
         Ok(RunDir {
             name: name.to_owned(),
@@ -287,10 +318,27 @@ impl Registry {
         let (name, wanted) = parse_spec(spec)?;
         let all = self.versions(&name);
         let version = match wanted {
-            VersionRef::Latest => *all.last().ok_or_else(|| RegistryError::NoRun {
-                name: name.clone(),
-                root: self.root.clone(),
-            })?,
+            // The latest complete version: an incomplete folder is skipped, not predicted with.
+            VersionRef::Latest => match all
+                .iter()
+                .rev()
+                .find(|&&v| self.is_complete(&self.run_dir(&name, v)))
+            {
+                Some(&v) => v,
+                None if all.is_empty() => {
+                    return Err(RegistryError::NoRun {
+                        name,
+                        root: self.root.clone(),
+                    })
+                }
+                None => {
+                    return Err(RegistryError::Incomplete {
+                        name,
+                        root: self.root.clone(),
+                        versions: all,
+                    })
+                }
+            },
             VersionRef::Number(v) if all.contains(&v) => v,
             VersionRef::Number(v) => return Err(self.no_version(&name, v, all)),
             VersionRef::Alias(alias) => {
@@ -362,29 +410,42 @@ impl Registry {
     }
 }
 
-/// A hidden staging folder for a new version, removed unless renamed into place.
-struct Staging(PathBuf);
+/// A hidden staging folder for a new version (`.staging-PID-NANOS`), removed unless renamed
+/// into place; tracked so an interrupted command removes it, and removed by the next
+/// registration when its process is gone.
+struct Staging {
+    path: PathBuf,
+    tracked: Option<TempPath>,
+}
+
+const STAGING_PREFIX: &str = ".staging-";
 
 impl Staging {
     fn create(dir: &Path) -> Result<Self> {
+        crate::fsutil::remove_stale(dir, STAGING_PREFIX);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let path = dir.join(format!(".staging-{}-{nanos}", std::process::id()));
+        let path = dir.join(format!("{STAGING_PREFIX}{}-{nanos}", std::process::id()));
+        let tracked = TempPath::track(path.clone());
         std::fs::create_dir(&path).map_err(io(&path))?;
-        Ok(Self(path))
+        Ok(Self {
+            path,
+            tracked: Some(tracked),
+        })
     }
 
     /// The folder has been moved into place: nothing to clean up.
     fn release(mut self) {
-        self.0 = PathBuf::new();
+        self.tracked = None;
+        self.path = PathBuf::new();
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.0.as_os_str().is_empty() {
-            let _ = std::fs::remove_dir_all(&self.0);
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.path);
         }
     }
 }

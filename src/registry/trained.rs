@@ -169,6 +169,19 @@ fn head_of(
             .ok_or_else(|| corrupt(model_path, format!("no `{k}` tensor")))
     };
     let (weight, bias) = (get("head.weight")?, get("head.bias")?);
+    for (name, t) in [("head.weight", &weight), ("head.bias", &bias)] {
+        let values = t
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(corrupt(
+                model_path,
+                format!("`{name}` holds a NaN or infinite value (element {i})"),
+            ));
+        }
+    }
     let (rows, _) = weight
         .dims2()
         .map_err(|_| corrupt(model_path, "`head.weight` is not a matrix"))?;
