@@ -330,3 +330,64 @@ fn messages_name_the_cause() {
     assert!(err.contains("images.idx") && err.contains("0×0"), "{err}");
     assert!(!err.contains("staging"), "{err}");
 }
+
+#[test]
+fn predict_refuses_changed_backbone_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let days = prepared(tmp.path());
+    let runs = tmp.path().join("runs");
+    let weights = tmp.path().join("w.safetensors");
+    std::fs::copy(asset("weights/mobilenet_v2.safetensors"), &weights).unwrap();
+    let cache = tmp.path().join("cache");
+    success(&bccp(&[
+        "train",
+        "-d",
+        days.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--model-name",
+        "w",
+    ]));
+    let image = std::fs::read_dir(days.join("monday/class0"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let predict = || {
+        bccp(&[
+            "predict",
+            "--model",
+            "w",
+            "--runs-dir",
+            runs.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ])
+    };
+    success(&predict());
+    // The same file name with other weights: refused, naming both hashes' files.
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let name = "features.0.0.weight";
+    let scaled = (tensors[name].clone() * 1.5).unwrap();
+    tensors.insert(name.into(), scaled);
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let err = failure(&predict());
+    assert!(
+        err.contains("SHA-256") && err.contains("w.safetensors") && err.contains("would be wrong"),
+        "{err}"
+    );
+}
