@@ -33,20 +33,67 @@ pub fn default_cache_dir() -> PathBuf {
     crate::paths::cache_dir()
 }
 
-/// SHA-256 of a weights file, memoised in `cache_dir` by (path, size, modification time) so
-/// large checkpoints are hashed once.
+/// A file changed less than this long ago is hashed but not memoised: file timestamps tick
+/// coarsely (a few milliseconds on Linux, more on some filesystems), so a second edit within
+/// the same tick would leave every timestamp as it was (git's "racily clean" problem).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What identifies one version of a file's content without reading it, when the platform can
+/// tell and the file has settled (see [`SETTLE`]): on unix the size, modification time, inode
+/// and status-change time (ctime). Users can set a file's mtime back after editing it in
+/// place, but not its ctime, which any write moves forward. `None` otherwise: the content is
+/// hashed and not memoised.
+#[cfg(unix)]
+fn content_stamp(meta: &std::fs::Metadata, settle: std::time::Duration) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ctime = std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(
+        u64::try_from(meta.ctime()).ok()?,
+        u32::try_from(meta.ctime_nsec()).ok()?,
+    ))?;
+    // In the future (clock skew) or too recent: not to be trusted.
+    if std::time::SystemTime::now().duration_since(ctime).ok()? < settle {
+        return None;
+    }
+    Some(format!(
+        "{}\0{}.{}\0{}:{}\0{}.{}",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.dev(),
+        meta.ino(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    ))
+}
+
+#[cfg(not(unix))]
+fn content_stamp(_meta: &std::fs::Metadata, _settle: std::time::Duration) -> Option<String> {
+    None
+}
+
+/// SHA-256 of a weights file, memoised in `cache_dir` by (canonical path, size, modification
+/// time, inode, status-change time) so large checkpoints (hundreds of MB for the hub models)
+/// are hashed once. A file edited in place always gets a new ctime, hence is hashed anew even
+/// when its mtime was restored; a file changed in the last two seconds is not memoised. On
+/// platforms without ctime (non-unix) the content is hashed every time.
 pub fn weights_hash(cache_dir: Option<&Path>, weights: &Path) -> Result<String> {
+    weights_hash_settled(cache_dir, weights, SETTLE)
+}
+
+/// [`weights_hash`], memoising files unchanged for `settle`.
+fn weights_hash_settled(
+    cache_dir: Option<&Path>,
+    weights: &Path,
+    settle: std::time::Duration,
+) -> Result<String> {
     let meta = std::fs::metadata(weights).map_err(BackboneError::io("read", weights))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
     let canonical = std::fs::canonicalize(weights).unwrap_or_else(|_| weights.to_path_buf());
-    let memo_key = hex(&sha256(
-        format!("{}\0{}\0{mtime}", canonical.display(), meta.len()).as_bytes(),
-    ));
-    let memo = cache_dir.map(|d| d.join("weights").join(memo_key));
+    let memo = match (cache_dir, content_stamp(&meta, settle)) {
+        (Some(dir), Some(stamp)) => Some(dir.join("weights").join(hex(&sha256(
+            format!("{}\0{stamp}", canonical.display()).as_bytes(),
+        )))),
+        _ => None,
+    };
     if let Some(hash) = memo.as_ref().and_then(|m| std::fs::read_to_string(m).ok()) {
         if hash.len() == 64 {
             return Ok(hash);
@@ -393,20 +440,73 @@ mod tests {
         assert_eq!(std::fs::read(&old).unwrap(), v1, "old file left alone");
     }
 
+    /// Rewrites `w` in place with `bytes` and puts its modification time back.
+    fn edit_keeping_mtime(w: &Path, bytes: &[u8]) {
+        let mtime = std::fs::metadata(w).unwrap().modified().unwrap();
+        std::fs::write(w, bytes).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(w)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let meta = std::fs::metadata(w).unwrap();
+        assert_eq!(
+            (meta.modified().unwrap(), meta.len()),
+            (mtime, bytes.len() as u64)
+        );
+    }
+
     #[test]
-    fn weights_hash_is_memoised() {
+    fn weights_edited_in_place_with_mtime_restored_hash_anew() {
         let dir = tempfile::tempdir().unwrap();
         let w = dir.path().join("w.safetensors");
         std::fs::write(&w, b"abc").unwrap();
-        let expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(weights_hash(Some(dir.path()), &w).unwrap(), expected);
         assert_eq!(
-            std::fs::read_dir(dir.path().join("weights"))
-                .unwrap()
-                .count(),
-            1
+            weights_hash(Some(dir.path()), &w).unwrap(),
+            hex(&sha256(b"abc"))
         );
-        assert_eq!(weights_hash(Some(dir.path()), &w).unwrap(), expected);
+        edit_keeping_mtime(&w, b"abd");
+        assert_eq!(
+            weights_hash(Some(dir.path()), &w).unwrap(),
+            hex(&sha256(b"abd"))
+        );
+        // Both hashes came from the content: a file this fresh is never memoised.
+        assert!(!dir.path().join("weights").exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn weights_hash_is_memoised_by_ctime() {
+        let dir = tempfile::tempdir().unwrap();
+        let memos = || {
+            std::fs::read_dir(dir.path().join("weights"))
+                .map(Iterator::count)
+                .unwrap_or(0)
+        };
+        let w = dir.path().join("w.safetensors");
+        std::fs::write(&w, b"abc").unwrap();
+        let settle = std::time::Duration::ZERO;
+        let expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(
+            weights_hash_settled(Some(dir.path()), &w, settle).unwrap(),
+            expected
+        );
+        assert_eq!(memos(), 1);
+        assert_eq!(
+            weights_hash_settled(Some(dir.path()), &w, settle).unwrap(),
+            expected
+        );
+        assert_eq!(memos(), 1);
         assert_eq!(weights_hash(None, &w).unwrap(), expected);
+        // Past the filesystem's timestamp tick, an in-place edit with the mtime put back
+        // still changes the ctime, so the memo of the old content is not used.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        edit_keeping_mtime(&w, b"abd");
+        assert_eq!(
+            weights_hash_settled(Some(dir.path()), &w, settle).unwrap(),
+            hex(&sha256(b"abd"))
+        );
+        assert_eq!(memos(), 2);
     }
 }
