@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::backbone::Embedder;
+use crate::backbone::{EmbedStats, Embedder};
 use crate::baselines::{
     find_label_issues, kfold_pred_probs, self_confidence, suggested_labels, FilterBy,
 };
@@ -158,6 +158,8 @@ pub struct DatasetIssueOptions {
 pub struct DatasetIssues {
     pub records: Vec<IssueRecord>,
     pub summary: Vec<ClassSummary>,
+    /// How the embedding went (cache hits, corrupt cache records discarded, …).
+    pub embed_stats: EmbedStats,
 }
 
 /// Confident learning on an image folder or manifest: embeds it with `embedder`, computes
@@ -182,7 +184,7 @@ pub fn dataset_issues(
         list.len(),
         opts.folds
     );
-    let (set, _) = embedder.embed(&list, progress)?;
+    let (set, embed_stats) = embedder.embed(&list, progress)?;
     let labels: Vec<u32> = set.targets.iter().map(|&t| t as u32).collect();
     let cfg = TrainConfig {
         epochs: opts.epochs,
@@ -205,7 +207,11 @@ pub fn dataset_issues(
         &probs.probs,
         opts.filter_by,
     )?;
-    Ok(DatasetIssues { records, summary })
+    Ok(DatasetIssues {
+        records,
+        summary,
+        embed_stats,
+    })
 }
 
 /// Where the per-class summary of a report goes: `REPORT.summary.json` beside it.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use crate::backbone::{cache, Backbone, Embedder, EmbedderConfig};
+use crate::backbone::{cache, Backbone, EmbedStats, Embedder, EmbedderConfig};
 use crate::cleanse::{cleanse, Method};
 use crate::config::{LabelSource, RunConfig};
 use crate::data::{read_manifest_for, user_feedback_labels, Day, ImageList, Record};
@@ -110,6 +110,8 @@ pub struct Embedded {
     pub tuesday_manifest_sha: Option<String>,
     /// `[all images, D]` on the run's device.
     pub features: Tensor,
+    /// How the embedding went (cache hits, corrupt cache records discarded, …).
+    pub embed_stats: EmbedStats,
     pub seconds: f64,
 }
 
@@ -153,7 +155,7 @@ pub fn embed_stage(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result
         .cloned()
         .collect();
     let list = ImageList::from_records(&cfg.dataset, &all, &info.classes);
-    let (set, _) = embedder.embed(&list, progress)?;
+    let (set, embed_stats) = embedder.embed(&list, progress)?;
     Ok(Embedded {
         classes: info.classes,
         features: set.embeddings.to_device(&env.device)?,
@@ -164,6 +166,7 @@ pub fn embed_stage(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result
         tue_train,
         tue_test,
         embedder,
+        embed_stats,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -152,6 +152,24 @@ pub struct EmbedStats {
     pub computed: usize,
     /// Unreadable images skipped (with `skip_bad`), with the reason.
     pub skipped: Vec<(PathBuf, String)>,
+    /// The cache file read and appended to (`None` without a cache).
+    pub cache_file: Option<PathBuf>,
+    /// Corrupt records of the cache file (failed checksum, non-finite values) that were
+    /// discarded; their images, when needed, were computed again.
+    pub discarded: usize,
+}
+
+impl EmbedStats {
+    /// The one warning line a command shows when corrupt cache records were discarded.
+    pub fn cache_warning(&self) -> Option<String> {
+        let file = self.cache_file.as_ref().filter(|_| self.discarded > 0)?;
+        let n = self.discarded;
+        Some(format!(
+            "warning: embedding cache {}: {n} corrupt record{} discarded and recomputed",
+            file.display(),
+            if n == 1 { "" } else { "s" }
+        ))
+    }
 }
 
 /// Embeds `list` with `embedder`; a full cache hit never loads the network.
@@ -181,6 +199,10 @@ fn embed_images(
         Some(dir) => Some(EmbeddingCache::open(dir, model, weights_sha256, pre, dim)?),
         None => None,
     };
+    if let Some(cache) = &cache {
+        stats.cache_file = Some(cache.path().to_path_buf());
+        stats.discarded = cache.discarded();
+    }
     let mut rows: Vec<Option<Vec<f32>>> = vec![None; list.files.len()];
     let mut missing = Vec::new();
     for (i, digest) in digests.iter().enumerate() {
@@ -236,6 +258,13 @@ fn embed_images(
                 for (k, &pos) in batch.indices.iter().enumerate().take(n) {
                     let i = missing[pos];
                     let row = values[k * d..(k + 1) * d].to_vec();
+                    // Never cached nor returned: a NaN would poison every later run.
+                    if !row.iter().all(|v| v.is_finite()) {
+                        return Err(BackboneError::NonFinite {
+                            name: model.to_owned(),
+                            image: list.files[i].clone(),
+                        });
+                    }
                     if let Ok(digest) = &digests[i] {
                         fresh.push((*digest, row.clone()));
                     }

@@ -45,6 +45,7 @@ pub fn run(args: EmbedArgs, quiet: bool) -> Result<()> {
     )?;
     let embedder = Embedder::new(&config)?;
     let (set, stats) = embedder.embed(&list, &super::progress(quiet))?;
+    super::print_cache_warning(&stats);
     set.save(&args.out)?;
     for (path, why) in &stats.skipped {
         eprintln!("warning: skipped {}: {why}", path.display());

@@ -76,6 +76,7 @@ pub fn run(args: LabelIssuesArgs, quiet: bool) -> Result<()> {
         seed: args.seed,
     };
     let issues = dataset_issues(dataset, &embedder, &opts, &super::progress(quiet))?;
+    super::print_cache_warning(&issues.embed_stats);
     write_jsonl(&args.out, &issues.records)?;
     let summary_file = summary_path(&args.out);
     write_summary(&summary_file, &issues.summary)?;

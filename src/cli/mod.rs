@@ -126,6 +126,13 @@ pub fn print_skipped(skipped: &[bccp::data::SkipCount]) {
     }
 }
 
+/// The warning of an embedding cache file whose corrupt records were discarded, if any.
+pub fn print_cache_warning(stats: &bccp::backbone::EmbedStats) {
+    if let Some(warning) = stats.cache_warning() {
+        eprintln!("{warning}");
+    }
+}
+
 /// Progress bars on standard error, or none with `--quiet`.
 pub fn progress(quiet: bool) -> Progress {
     if quiet {

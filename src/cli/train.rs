@@ -136,7 +136,10 @@ pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
         registry: args.registry.registry(),
     };
     print_config(&cfg, &env.device);
-    let outcome = pipeline::run(&cfg, &env, &super::progress(quiet))?;
+    let progress = super::progress(quiet);
+    let embedded = pipeline::embed_stage(&cfg, &env, &progress)?;
+    super::print_cache_warning(&embedded.embed_stats);
+    let outcome = pipeline::run_embedded(&cfg, &env, &embedded, &progress)?;
     print_metrics(&outcome.metrics);
     println!(
         "\nregistered {}:{} in {}",

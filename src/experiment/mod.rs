@@ -171,6 +171,9 @@ pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Resu
         let started = Instant::now();
         if embedded.is_none() {
             let shared = pipeline::embed_stage(cfg, &env, &Progress::hidden()).map_err(Box::new)?;
+            if let Some(warning) = shared.embed_stats.cache_warning() {
+                log(&warning);
+            }
             embedded = Some(shared);
         }
         let Some(shared) = embedded.as_ref() else {
