@@ -7,48 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{asset, bccp, failure, make_folder, success};
-
-/// A small prepared dataset of synthetic images (3 classes) in `dir`.
-fn prepared(dir: &Path) -> PathBuf {
-    let source = dir.join("source");
-    make_folder(&source, &[12, 12, 12]);
-    let out = dir.join("days");
-    success(&bccp(&[
-        "prepare",
-        "--source",
-        source.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]));
-    out
-}
-
-fn train_args(days: &Path, runs: &Path, cache: &Path) -> Vec<String> {
-    let weights = asset("weights/mobilenet_v2.safetensors");
-    [
-        "train",
-        "-d",
-        days.to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--model-name",
-        "m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
+use common::{bccp, failure, prepared_small, quick_train_args, success};
 
 fn predict(runs: &Path, model: &str, images: &[PathBuf]) -> std::process::Output {
     let mut args = vec![
@@ -66,11 +25,11 @@ fn predict(runs: &Path, model: &str, images: &[PathBuf]) -> std::process::Output
 #[test]
 fn concurrent_trains_aliases_and_corrupt_runs() {
     let tmp = tempfile::tempdir().unwrap();
-    let days = prepared(tmp.path());
+    let days = prepared_small(tmp.path());
     let runs = tmp.path().join("runs");
     let cache = tmp.path().join("cache");
     // Fill the embedding cache first so both processes reach registration together.
-    let args = train_args(&days, &runs, &cache);
+    let args = quick_train_args(&days, &runs, &cache, "m");
     success(&bccp(&args.iter().map(String::as_str).collect::<Vec<_>>()));
 
     // Two processes registering the same name at the same moment: distinct versions 2 and 3.

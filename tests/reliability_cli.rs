@@ -5,56 +5,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{asset, bccp, entries, failure, make_folder, success};
-
-/// A small prepared dataset of synthetic images (3 classes × 12) in `dir/days`.
-fn prepared(dir: &Path) -> PathBuf {
-    let source = dir.join("source");
-    make_folder(&source, &[12, 12, 12]);
-    let out = dir.join("days");
-    success(&bccp(&[
-        "prepare",
-        "--source",
-        source.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]));
-    out
-}
+use common::{asset, bccp, entries, failure, make_folder, prepared_small, quick_train, success};
 
 fn train(days: &Path, runs: &Path, extra: &[&str]) -> std::process::Output {
-    let weights = asset("weights/mobilenet_v2.safetensors");
-    let cache = runs.with_extension("cache");
-    let mut args = vec![
-        "train",
-        "-d",
-        days.to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--model-name",
-        "m",
-    ];
-    args.extend_from_slice(extra);
-    bccp(&args)
+    quick_train(days, runs, &runs.with_extension("cache"), "m", extra)
 }
 
 #[test]
 fn a_target_out_of_range_is_refused_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
-    let days = prepared(tmp.path());
+    let days = prepared_small(tmp.path());
     let manifest = days.join("monday.jsonl");
     let text = std::fs::read_to_string(&manifest).unwrap();
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
@@ -191,7 +154,7 @@ fn closest_writes_atomically() {
 #[test]
 fn predict_refuses_a_nan_head_and_skips_incomplete_versions() {
     let tmp = tempfile::tempdir().unwrap();
-    let days = prepared(tmp.path());
+    let days = prepared_small(tmp.path());
     let runs = tmp.path().join("runs");
     success(&train(&days, &runs, &[]));
     success(&train(&days, &runs, &[]));
@@ -260,7 +223,7 @@ fn predict_refuses_a_nan_head_and_skips_incomplete_versions() {
 #[test]
 fn messages_name_the_cause() {
     let tmp = tempfile::tempdir().unwrap();
-    let days = prepared(tmp.path());
+    let days = prepared_small(tmp.path());
     let runs = tmp.path().join("runs");
 
     // A cut-off that cuts everything says so.
@@ -334,7 +297,7 @@ fn messages_name_the_cause() {
 #[test]
 fn predict_refuses_changed_backbone_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let days = prepared(tmp.path());
+    let days = prepared_small(tmp.path());
     let runs = tmp.path().join("runs");
     let weights = tmp.path().join("w.safetensors");
     std::fs::copy(asset("weights/mobilenet_v2.safetensors"), &weights).unwrap();

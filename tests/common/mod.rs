@@ -53,6 +53,54 @@ pub fn make_folder(root: &Path, per_class: &[usize]) {
     }
 }
 
+/// A small prepared dataset in `dir/days`: synthetic images, 3 classes × 12, `bccp prepare`d.
+pub fn prepared_small(dir: &Path) -> PathBuf {
+    let source = dir.join("source");
+    make_folder(&source, &[12, 12, 12]);
+    let out = dir.join("days");
+    success(&bccp(&[
+        "prepare",
+        "--source",
+        source.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    out
+}
+
+/// The arguments of a quick `bccp train` of `days` (32×32, 2 epochs, the real MobileNetV2
+/// weights, the CPU) registered as `name` in `runs`, with its cache in `cache`.
+pub fn quick_train_args(days: &Path, runs: &Path, cache: &Path, name: &str) -> Vec<String> {
+    let weights = asset("weights/mobilenet_v2.safetensors");
+    let args = [
+        "train",
+        "-d",
+        days.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--model-name",
+        name,
+    ];
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Runs a quick `bccp train` ([`quick_train_args`]) with `extra` flags.
+pub fn quick_train(days: &Path, runs: &Path, cache: &Path, name: &str, extra: &[&str]) -> Output {
+    let mut args = quick_train_args(days, runs, cache, name);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    bccp(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// All files under `root`, relative, sorted, with their bytes.
 pub fn files(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
