@@ -69,11 +69,9 @@ impl Embedder {
     /// Resolves the backbone, its preprocessing and its weights (hub or local), and hashes the
     /// weights (memoised in the cache folder). The network itself loads on first use.
     pub fn new(config: &EmbedderConfig) -> Result<Self> {
-        if config.batch_size == 0 {
-            return Err(BackboneError::BatchSize);
-        }
         let spec = zoo::find(&config.backbone)?;
         let pre = spec.preprocess_at(config.image_size)?;
+        super::limits::check_batch(&pre, config.batch_size, false)?;
         let weights = resolve_weights(&spec, config.weights.as_deref(), config.offline)?;
         let weights_sha256 = weights_hash(config.cache_dir.as_deref(), &weights)?;
         Ok(Self {
