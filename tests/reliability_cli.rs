@@ -335,6 +335,36 @@ fn huge_sizes_are_errors_not_aborts() {
         );
     }
     assert!(!runs.exists());
+    let report = tmp.path().join("issues.jsonl");
+    for (flag, value, want) in [
+        (
+            "--folds",
+            "5000",
+            "the number of folds 5000 is too large; 100 or less",
+        ),
+        (
+            "--epochs",
+            "1000000",
+            "the number of epochs 1000000 is too large; 100000 or less",
+        ),
+    ] {
+        let err = failed(&run(&[
+            "label-issues",
+            "--dataset",
+            s(&src),
+            "--weights",
+            s(&weights),
+            "--device",
+            "cpu",
+            "--no-cache",
+            "--out",
+            s(&report),
+            flag,
+            value,
+        ]));
+        assert!(err.contains(want), "{err}");
+    }
+    assert!(!report.exists());
 
     let out = tmp.path().join("e.safetensors");
     let mut args = embed_args(&src, &out, &weights);
