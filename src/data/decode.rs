@@ -331,6 +331,9 @@ pub(crate) mod tests {
             "{message}"
         );
         assert!(read_image_file(dir.path()).is_err());
+        // Manifests and IDX files are refused the same way.
+        let err = crate::data::read_manifest(&fifo).unwrap_err();
+        assert!(matches!(err, DataError::NotAFile { .. }), "{err:?}");
 
         let dangling = dir.path().join("gone.png");
         std::os::unix::fs::symlink(dir.path().join("missing.png"), &dangling).unwrap();
