@@ -9,6 +9,7 @@ use crate::backbone::{EmbedStats, Embedder};
 use crate::baselines::{
     find_label_issues, kfold_pred_probs, self_confidence, suggested_labels, FilterBy,
 };
+use crate::config::{MAX_EPOCHS, MAX_FOLDS};
 use crate::data::ImageList;
 use crate::fsutil::write_atomic;
 use crate::npy;
@@ -175,7 +176,17 @@ pub fn dataset_issues(
         "the number of folds {} must be 2 or more",
         opts.folds
     );
+    ensure!(
+        opts.folds <= MAX_FOLDS,
+        "the number of folds {} is too large; {MAX_FOLDS} or less",
+        opts.folds
+    );
     ensure!(opts.epochs >= 1, "the number of epochs must be 1 or more");
+    ensure!(
+        opts.epochs <= MAX_EPOCHS,
+        "the number of epochs {} is too large; {MAX_EPOCHS} or less",
+        opts.epochs
+    );
     let list = ImageList::from_path(dataset)?;
     ensure!(
         list.len() > opts.folds,

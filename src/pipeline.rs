@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use crate::backbone::{cache, Backbone, EmbedStats, Embedder, EmbedderConfig};
+use crate::backbone::{cache, limits, zoo, Backbone, EmbedStats, Embedder, EmbedderConfig};
 use crate::cleanse::{cleanse, Method};
 use crate::config::{LabelSource, RunConfig};
 use crate::data::{read_manifest_for, user_feedback_labels, Day, ImageList, Record};
@@ -115,6 +115,10 @@ pub struct Embedded {
     pub seconds: f64,
 }
 
+/// Images per forward pass when a run embeds its dataset (fewer when they would not fit in
+/// memory: [`limits::fit_batch`]).
+pub const EMBED_BATCH_SIZE: usize = 64;
+
 fn manifest_sha(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|source| PipelineError::Io {
         path: path.to_path_buf(),
@@ -137,6 +141,9 @@ pub fn embed_stage(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result
     } else {
         (Vec::new(), Vec::new())
     };
+    // Batches of EMBED_BATCH_SIZE, fewer where a large image size would not fit in memory.
+    let pre = zoo::find(&cfg.backbone)?.preprocess_at(cfg.image_size)?;
+    let batch_size = limits::fit_batch(&pre, EMBED_BATCH_SIZE, false);
     let embedder = Embedder::new(&EmbedderConfig {
         backbone: cfg.backbone.clone(),
         weights: cfg.weights.clone(),
@@ -144,7 +151,7 @@ pub fn embed_stage(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result
         offline: env.offline,
         device: env.device.clone(),
         cache_dir: env.cache_dir.clone(),
-        batch_size: 64,
+        batch_size,
         skip_bad: false,
     })?;
     let all: Vec<Record> = mon_train

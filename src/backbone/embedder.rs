@@ -12,8 +12,9 @@ use super::cache::{sha256, weights_hash, Digest32, EmbeddingCache};
 use super::error::{BackboneError, Result};
 use super::zoo::{self, BackboneSpec};
 use super::{resolve_weights, Backbone};
+use crate::data::decode::read_image_file;
 use crate::data::loader::DecodeThreads;
-use crate::data::{BatchLoader, ImageList, Preprocess};
+use crate::data::{BatchLoader, DataError, ImageList, Preprocess};
 use crate::embeddings::EmbeddingSet;
 use crate::progress::Progress;
 
@@ -68,11 +69,9 @@ impl Embedder {
     /// Resolves the backbone, its preprocessing and its weights (hub or local), and hashes the
     /// weights (memoised in the cache folder). The network itself loads on first use.
     pub fn new(config: &EmbedderConfig) -> Result<Self> {
-        if config.batch_size == 0 {
-            return Err(BackboneError::BatchSize);
-        }
         let spec = zoo::find(&config.backbone)?;
         let pre = spec.preprocess_at(config.image_size)?;
+        super::limits::check_batch(&pre, config.batch_size, false)?;
         let weights = resolve_weights(&spec, config.weights.as_deref(), config.offline)?;
         let weights_sha256 = weights_hash(config.cache_dir.as_deref(), &weights)?;
         Ok(Self {
@@ -185,14 +184,12 @@ fn embed_images(
         embedder.spec.embedding_dim,
     );
     let cfg = &embedder.config;
-    let digests: Vec<std::result::Result<Digest32, (PathBuf, std::io::Error)>> = list
+    // Only regular files are read (a FIFO would block forever): `read_image_file` refuses
+    // the rest as bad images, which `skip_bad` skips.
+    let reads: Vec<std::result::Result<Digest32, DataError>> = list
         .files
         .par_iter()
-        .map(|p| {
-            std::fs::read(p)
-                .map(|b| sha256(&b))
-                .map_err(|e| (p.clone(), e))
-        })
+        .map(|p| read_image_file(p).map(|b| sha256(&b)))
         .collect();
     let mut stats = EmbedStats::default();
     let mut cache = match &cfg.cache_dir {
@@ -204,23 +201,32 @@ fn embed_images(
         stats.discarded = cache.discarded();
     }
     let mut rows: Vec<Option<Vec<f32>>> = vec![None; list.files.len()];
+    let mut digests: Vec<Option<Digest32>> = Vec::with_capacity(list.files.len());
     let mut missing = Vec::new();
-    for (i, digest) in digests.iter().enumerate() {
-        match digest {
-            Ok(d) => match cache.as_ref().and_then(|c| c.get(d)) {
-                Some(values) => {
-                    rows[i] = Some(values.to_vec());
-                    stats.cached += 1;
+    for (i, read) in reads.into_iter().enumerate() {
+        match read {
+            Ok(d) => {
+                match cache.as_ref().and_then(|c| c.get(&d)) {
+                    Some(values) => {
+                        rows[i] = Some(values.to_vec());
+                        stats.cached += 1;
+                    }
+                    None => missing.push(i),
                 }
-                None => missing.push(i),
-            },
-            Err((path, source)) => {
+                digests.push(Some(d));
+            }
+            Err(e) if cfg.skip_bad && e.is_bad_image() => {
+                stats.skipped.push((list.files[i].clone(), e.to_string()));
+                digests.push(None);
+            }
+            Err(DataError::Io { path, source }) => {
                 return Err(BackboneError::Io {
                     action: "read image",
-                    path: path.clone(),
-                    source: std::io::Error::new(source.kind(), source.to_string()),
+                    path,
+                    source,
                 })
             }
+            Err(e) => return Err(e.into()),
         }
     }
     if !missing.is_empty() {
@@ -265,7 +271,7 @@ fn embed_images(
                             image: list.files[i].clone(),
                         });
                     }
-                    if let Ok(digest) = &digests[i] {
+                    if let Some(digest) = &digests[i] {
                         fresh.push((*digest, row.clone()));
                     }
                     rows[i] = Some(row);

@@ -13,6 +13,8 @@ pub enum BackboneError {
     Unknown { name: String, valid: String },
     #[error("image size {0} is too small; 32 or more")]
     ImageTooSmall(u32),
+    #[error("image size {0} is too large; {max} or less", max = super::limits::MAX_IMAGE_SIZE)]
+    ImageSizeTooLarge(u32),
     #[error("--weights {0}: no such file")]
     NoWeightsFile(PathBuf),
     #[error("weights of {name} not found: no {file} in the assets folder {dir} (to fix: run scripts/fetch-assets.sh, which installs them there; or set BCCP_ASSETS to the assets folder, or BCCP_HOME to the folder above it; or pass --weights FILE.safetensors)")]
@@ -43,6 +45,22 @@ pub enum BackboneError {
     NoClassifier(String),
     #[error("the batch size must be 1 or more")]
     BatchSize,
+    #[error("the batch size {batch} is too large; {max} or less")]
+    BatchTooLarge { batch: usize, max: usize },
+    #[error(
+        "a batch of {batch} images at {width}×{height} needs about {need} (input and \
+         activations), over the budget of {budget} (half the machine's memory); lower the \
+         batch size or the image size",
+        need = super::limits::gib(need),
+        budget = super::limits::gib(budget)
+    )]
+    BatchMemory {
+        batch: usize,
+        width: u32,
+        height: u32,
+        need: u64,
+        budget: u64,
+    },
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,

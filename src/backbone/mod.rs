@@ -10,6 +10,7 @@ pub mod hub;
 pub mod hub_models;
 pub mod imagenet;
 pub mod layers;
+pub mod limits;
 pub mod mobilenet_v2;
 pub mod zoo;
 

@@ -66,12 +66,16 @@ impl BackboneSpec {
     }
 
     /// [`BackboneSpec::preprocess`] at `size` × `size` instead of the backbone's input size
-    /// (`--image-size`); sizes under 32 are refused.
+    /// (`--image-size`); sizes under 32 or over [`MAX_IMAGE_SIZE`](super::limits::MAX_IMAGE_SIZE)
+    /// are refused.
     pub fn preprocess_at(&self, size: Option<u32>) -> Result<Preprocess, BackboneError> {
         let mut pre = self.preprocess();
         if let Some(size) = size {
             if size < 32 {
                 return Err(BackboneError::ImageTooSmall(size));
+            }
+            if size > super::limits::MAX_IMAGE_SIZE {
+                return Err(BackboneError::ImageSizeTooLarge(size));
             }
             pre.width = size;
             pre.height = size;

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::zoo;
+use crate::backbone::limits::{self, MAX_BATCH_SIZE, MAX_IMAGE_SIZE};
+use crate::backbone::{zoo, BackboneError};
 use crate::baselines::FilterBy;
 use crate::cleanse::{CleanseConfig, Method};
 use crate::cutoff::{Action, Percentile, Score};
@@ -72,6 +73,14 @@ fn render(message: &str, write: impl Fn(&str) -> String) -> String {
     }
     out
 }
+
+/// The most MC-dropout passes (`mc_passes`).
+pub const MAX_MC_PASSES: usize = 1000;
+/// The most cross-validation folds (`folds`, `cutoff_folds`); each is also bounded by the
+/// number of samples when the run starts.
+pub const MAX_FOLDS: usize = 100;
+/// The most training epochs (`epochs`).
+pub const MAX_EPOCHS: usize = 100_000;
 
 fn invalid(message: impl Into<String>) -> ConfigError {
     ConfigError(message.into())
@@ -283,12 +292,17 @@ impl RunConfig {
             None => {}
         }
         at_least("mc_passes", self.mc_passes, 2, "variances need two passes")?;
+        at_most("mc_passes", self.mc_passes, MAX_MC_PASSES)?;
         at_least("cutoff_folds", self.cutoff_folds, 1, "1 scores in sample")?;
+        at_most("cutoff_folds", self.cutoff_folds, MAX_FOLDS)?;
         if self.method == Method::Cleanlab {
             at_least("folds", self.folds, 2, "confident learning cross-validates")?;
         }
+        at_most("folds", self.folds, MAX_FOLDS)?;
         at_least("epochs", self.epochs, 1, "")?;
+        at_most("epochs", self.epochs, MAX_EPOCHS)?;
         at_least("batch_size", self.batch_size, 1, "")?;
+        at_most("batch_size", self.batch_size, MAX_BATCH_SIZE)?;
         positive("lr", self.lr)?;
         if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
             return Err(invalid(format!(
@@ -300,12 +314,23 @@ impl RunConfig {
             return Err(invalid("`monday_num` and `tuesday_num` must be 1 or more"));
         }
         let spec = zoo::find(&self.backbone).map_err(|e| invalid(e.to_string()))?;
-        spec.preprocess_at(self.image_size).map_err(|e| match e {
-            crate::backbone::BackboneError::ImageTooSmall(size) => {
+        let pre = spec.preprocess_at(self.image_size).map_err(|e| match e {
+            BackboneError::ImageTooSmall(size) => {
                 invalid(format!("`image_size` {size} is too small; 32 or more"))
             }
+            BackboneError::ImageSizeTooLarge(size) => invalid(format!(
+                "`image_size` {size} is too large; {MAX_IMAGE_SIZE} or less"
+            )),
             e => invalid(e.to_string()),
         })?;
+        // Embedding lowers its batch to fit the memory budget (`limits::fit_batch`), down to
+        // one image, which must fit; full fine-tuning back-propagates batches of `batch_size`
+        // images through the backbone.
+        let batch_memory = |e: BackboneError| invalid(e.to_string());
+        limits::check_batch(&pre, 1, false).map_err(batch_memory)?;
+        if self.finetune == Finetune::Full {
+            limits::check_batch(&pre, self.batch_size, true).map_err(batch_memory)?;
+        }
         if self.finetune == Finetune::Full {
             if let Some(why) = crate::backbone::Backbone::finetune_blocker(spec.architecture) {
                 return Err(invalid(format!(
@@ -349,6 +374,14 @@ fn at_least(name: &str, v: usize, min: usize, why: &str) -> Result<(), ConfigErr
         format!(" ({why})")
     };
     Err(invalid(format!("`{name}` {v} must be {min} or more{why}")))
+}
+
+fn at_most(name: &str, v: usize, max: usize) -> Result<(), ConfigError> {
+    if v <= max {
+        Ok(())
+    } else {
+        Err(invalid(format!("`{name}` {v} is too large; {max} or less")))
+    }
 }
 
 fn positive(name: &str, v: f64) -> Result<(), ConfigError> {
@@ -548,5 +581,93 @@ mod tests {
         choice::assert_names_agree(|v: &Action| v.name());
         choice::assert_names_agree(|v: &Finetune| v.name());
         choice::assert_names_agree(|v: &Day| v.as_str());
+    }
+
+    #[test]
+    fn size_settings_are_bounded() {
+        let base = RunConfig {
+            dataset: "no-such-days".into(),
+            ..RunConfig::default()
+        };
+        // Within every bound, validation gets as far as the dataset.
+        let at_limits = RunConfig {
+            mc_passes: MAX_MC_PASSES,
+            cutoff_folds: MAX_FOLDS,
+            folds: MAX_FOLDS,
+            epochs: MAX_EPOCHS,
+            batch_size: MAX_BATCH_SIZE,
+            image_size: Some(1024),
+            ..base.clone()
+        };
+        let err = at_limits.validate().unwrap_err().to_string();
+        assert!(err.contains("not a prepared dataset"), "{err}");
+        let cases = [
+            (
+                RunConfig {
+                    image_size: Some(100_000),
+                    ..base.clone()
+                },
+                "--image-size 100000 is too large; 4096 or less",
+            ),
+            (
+                RunConfig {
+                    batch_size: 1_000_000,
+                    ..base.clone()
+                },
+                "--batch-size 1000000 is too large; 65536 or less",
+            ),
+            (
+                RunConfig {
+                    mc_passes: 1001,
+                    ..base.clone()
+                },
+                "--mc-passes 1001 is too large; 1000 or less",
+            ),
+            (
+                RunConfig {
+                    folds: 101,
+                    ..base.clone()
+                },
+                "--folds 101 is too large; 100 or less",
+            ),
+            (
+                RunConfig {
+                    cutoff_folds: 101,
+                    ..base.clone()
+                },
+                "--cutoff-folds 101 is too large; 100 or less",
+            ),
+            (
+                RunConfig {
+                    epochs: 100_001,
+                    ..base.clone()
+                },
+                "--epochs 100001 is too large; 100000 or less",
+            ),
+        ];
+        for (cfg, want) in cases {
+            assert_eq!(cfg.validate().unwrap_err().for_flags(), want);
+        }
+        let spec = zoo::find("mobilenet_v2").unwrap();
+        assert!(spec.preprocess_at(Some(MAX_IMAGE_SIZE)).is_ok());
+        let err = spec.preprocess_at(Some(MAX_IMAGE_SIZE + 1)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "image size 4097 is too large; 4096 or less"
+        );
+        // Full fine-tuning of batches of 65536 images at 4096×4096: over any memory budget.
+        let err = RunConfig {
+            finetune: Finetune::Full,
+            batch_size: MAX_BATCH_SIZE,
+            image_size: Some(MAX_IMAGE_SIZE),
+            ..base
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("65536 images at 4096×4096") && err.contains("budget"),
+            "{err}"
+        );
     }
 }

@@ -3,6 +3,11 @@
 //! Every image of the data layer is decoded here, under a size limit checked from the header
 //! before any pixel buffer is allocated: a few-kilobyte file that declares 16000×14464 pixels
 //! (a decompression bomb) is refused at the cost of reading its header.
+//!
+//! Only regular files are images ([`read_image_file`]): a FIFO, socket or device named like an
+//! image would block or stream forever, so it is refused before it is opened. Decoding is
+//! strict ([`decode_bytes`]): a JPEG or PNG whose data ends early (no end-of-image marker, no
+//! `IEND` chunk) is refused, where the decoders would fill the missing rows with grey.
 
 use std::path::Path;
 
@@ -17,8 +22,132 @@ pub const MAX_IMAGE_PIXELS: u64 = 8192 * 8192;
 
 /// Decodes the image at `path`, detecting the format from its content (not its extension).
 pub fn decode_image(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let bytes = read_image_file(path)?;
     decode_bytes(&bytes, path)
+}
+
+/// Refuses anything but a regular file (links are followed) before it is opened: a FIFO,
+/// socket or device gives [`DataError::NotAFile`], a dangling or looping link
+/// [`DataError::BrokenLink`] (both bad images, which `skip_bad` skips); another failure to
+/// inspect the path (missing, no permission) is an I/O error.
+pub fn check_regular_file(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(meta) => Err(DataError::NotAFile {
+            path: path.to_path_buf(),
+            kind: file_kind(&meta.file_type()),
+        }),
+        Err(error) => {
+            let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+            if is_link {
+                Err(DataError::BrokenLink {
+                    path: path.to_path_buf(),
+                    error,
+                })
+            } else {
+                Err(DataError::io(path, error))
+            }
+        }
+    }
+}
+
+/// The bytes of the image file at `path`, after [`check_regular_file`].
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
+    check_regular_file(path)?;
+    std::fs::read(path).map_err(|e| DataError::io(path, e))
+}
+
+/// What a file that is not a regular file is, in words.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else {
+        "a special file"
+    }
+}
+
+/// True when a JPEG's marker structure reaches its end-of-image marker (0xFFD9): segments are
+/// skipped by their lengths (so an embedded EXIF thumbnail's marker does not count) and
+/// entropy-coded data up to the next marker. Bytes after the marker (padding, an appended
+/// video) are allowed.
+fn jpeg_reaches_end(b: &[u8]) -> bool {
+    let mut pos = 2; // after SOI (0xFFD8), which the format guess has seen
+    loop {
+        // The next marker: 0xFF (any fill bytes), then its code.
+        while pos < b.len() && b[pos] != 0xFF {
+            pos += 1;
+        }
+        while pos < b.len() && b[pos] == 0xFF {
+            pos += 1;
+        }
+        let Some(&code) = b.get(pos) else {
+            return false;
+        };
+        pos += 1;
+        match code {
+            0xD9 => return true,
+            // Markers without a length: SOI, TEM, RSTn; a stuffed zero outside a scan.
+            0xD8 | 0x01 | 0xD0..=0xD7 | 0x00 => continue,
+            _ => {}
+        }
+        let Some(len) = b.get(pos..pos + 2) else {
+            return false;
+        };
+        pos += usize::from(u16::from_be_bytes([len[0], len[1]]));
+        if pos > b.len() {
+            return false;
+        }
+        if code == 0xDA {
+            // Entropy-coded data: up to a 0xFF that is not a stuffed zero or a restart marker.
+            loop {
+                let Some(k) = b[pos..].iter().position(|&v| v == 0xFF) else {
+                    return false;
+                };
+                pos += k;
+                match b.get(pos + 1) {
+                    None => return false,
+                    Some(0x00 | 0xD0..=0xD7) => pos += 2,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// True when a PNG's chunks reach `IEND` (the whole chunk, CRC included); chunks are skipped
+/// by their lengths, bytes after `IEND` are allowed.
+fn png_reaches_end(b: &[u8]) -> bool {
+    let mut pos = 8usize; // after the signature
+    while let Some(header) = b.get(pos..pos + 8) {
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let Some(next) = pos.checked_add(12).and_then(|p| p.checked_add(len)) else {
+            return false;
+        };
+        if next > b.len() {
+            return false;
+        }
+        if &header[4..8] == b"IEND" {
+            return true;
+        }
+        pos = next;
+    }
+    false
 }
 
 /// Refuses dimensions over [`MAX_IMAGE_PIXELS`].
@@ -43,8 +172,17 @@ pub fn decode_bytes(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
     let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| error(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(error("not an image (unrecognised content)".into()));
+    let complete = match reader.format() {
+        None => return Err(error("not an image (unrecognised content)".into())),
+        Some(image::ImageFormat::Jpeg) => jpeg_reaches_end(bytes),
+        Some(image::ImageFormat::Png) => png_reaches_end(bytes),
+        Some(_) => true,
+    };
+    if !complete {
+        return Err(error(format!(
+            "the data ends early ({} bytes, no end-of-image marker): the file is truncated",
+            bytes.len()
+        )));
     }
     // Building the decoder reads the header only.
     let decoder = reader.into_decoder().map_err(|e| error(e.to_string()))?;
@@ -122,5 +260,100 @@ pub(crate) mod tests {
         // A header within the limit but no pixel data is an ordinary decode error.
         let err = decode_bytes(&png_declaring(100, 100), path).unwrap_err();
         assert!(matches!(err, DataError::Decode { .. }), "{err:?}");
+    }
+
+    /// A 64×48 colour pattern encoded as JPEG (with an EXIF-like APP1 segment holding a fake
+    /// end-of-image marker, which must not count) or PNG.
+    pub(crate) fn encoded(format: image::ImageFormat) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x * y) % 251) as u8])
+        });
+        let mut out = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut out), format)
+            .unwrap();
+        if format == image::ImageFormat::Jpeg {
+            let app1 = [0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0xFF, 0xD9];
+            out.splice(2..2, app1);
+        }
+        out
+    }
+
+    #[test]
+    fn truncated_jpeg_and_png_are_refused() {
+        let path = Path::new("cat/cut.jpg");
+        for format in [image::ImageFormat::Jpeg, image::ImageFormat::Png] {
+            let full = encoded(format);
+            let img = decode_bytes(&full, path).unwrap();
+            assert_eq!((img.width(), img.height()), (64, 48), "{format:?}");
+            // Padding or an appended file after the end marker is fine.
+            let mut padded = full.clone();
+            padded.extend_from_slice(&[0; 100]);
+            padded.extend_from_slice(b"trailing data");
+            assert!(decode_bytes(&padded, path).is_ok(), "{format:?}");
+            // Cut anywhere after the header, the end marker included: refused.
+            for cut in [
+                full.len() / 2,
+                full.len() - 12,
+                full.len() - 2,
+                full.len() - 1,
+            ] {
+                let err = decode_bytes(&full[..cut], path).unwrap_err();
+                assert!(
+                    matches!(err, DataError::Decode { .. }),
+                    "{format:?} {err:?}"
+                );
+                assert!(err.is_bad_image());
+                let message = err.to_string();
+                assert!(
+                    message.contains("cat/cut.jpg") && message.contains("ends early"),
+                    "{format:?} cut at {cut}: {message}"
+                );
+            }
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("f.png");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = decode_image(&fifo).unwrap_err();
+        assert!(matches!(err, DataError::NotAFile { .. }), "{err:?}");
+        assert!(err.is_bad_image());
+        let message = err.to_string();
+        assert!(
+            message.contains("f.png") && message.contains("FIFO"),
+            "{message}"
+        );
+        assert!(read_image_file(dir.path()).is_err());
+        // Manifests and IDX files are refused the same way.
+        let err = crate::data::read_manifest(&fifo).unwrap_err();
+        assert!(matches!(err, DataError::NotAFile { .. }), "{err:?}");
+
+        let dangling = dir.path().join("gone.png");
+        std::os::unix::fs::symlink(dir.path().join("missing.png"), &dangling).unwrap();
+        let looping = dir.path().join("loop.png");
+        std::os::unix::fs::symlink(&looping, &looping).unwrap();
+        for link in [&dangling, &looping] {
+            let err = decode_image(link).unwrap_err();
+            assert!(matches!(err, DataError::BrokenLink { .. }), "{err:?}");
+            assert!(err.is_bad_image());
+            // The OS error is in the message, not repeated as a source.
+            assert!(std::error::Error::source(&err).is_none());
+            assert!(err.to_string().contains("os error"), "{err}");
+        }
+        // A missing file (not a link) stays an I/O error, which `skip_bad` does not skip.
+        let err = decode_image(&dir.path().join("none.png")).unwrap_err();
+        assert!(matches!(err, DataError::Io { .. }) && !err.is_bad_image());
+        let good = dir.path().join("good.png");
+        std::fs::write(&good, encoded(image::ImageFormat::Png)).unwrap();
+        let link = dir.path().join("link.png");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert!(decode_image(&link).is_ok());
     }
 }

@@ -26,6 +26,15 @@ pub enum DataError {
         width: u32,
         height: u32,
     },
+    #[error("{path} is not a regular file but {kind}; only regular files are read as images")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    /// A symbolic link whose target is missing or that loops; the OS error is in the message
+    /// (not a `source`, so a chain printer shows it once).
+    #[error("cannot read image {path}: broken symbolic link ({error})")]
+    BrokenLink {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -59,10 +68,16 @@ impl DataError {
         }
     }
 
-    /// True for an image that cannot be decoded or is over the size limit: the errors that
-    /// `skip_bad` skips.
+    /// True for an image that cannot be decoded, is over the size limit, is not a regular file
+    /// or is a broken link: the errors that `skip_bad` skips.
     pub fn is_bad_image(&self) -> bool {
-        matches!(self, Self::Decode { .. } | Self::ImageTooLarge { .. })
+        matches!(
+            self,
+            Self::Decode { .. }
+                | Self::ImageTooLarge { .. }
+                | Self::NotAFile { .. }
+                | Self::BrokenLink { .. }
+        )
     }
 
     /// An invalid parameter value and what would be valid.

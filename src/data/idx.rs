@@ -23,6 +23,7 @@ pub struct IdxArray {
 
 /// Reads a file, un-gzipping it when it starts with the gzip magic bytes.
 fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+    super::decode::check_regular_file(path)?;
     let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();

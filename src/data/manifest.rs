@@ -122,6 +122,8 @@ pub fn parse_manifest(text: &str, path: &Path) -> Result<Vec<Record>> {
 
 /// Reads a manifest file.
 pub fn read_manifest(path: &Path) -> Result<Vec<Record>> {
+    // A FIFO would block the read forever.
+    super::decode::check_regular_file(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
     parse_manifest(&text, path)
 }

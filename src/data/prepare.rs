@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::corrupt::{corrupt, Corruption};
-use super::decode::decode_bytes;
+use super::decode::{decode_bytes, read_image_file};
 use super::error::{DataError, Result};
 use super::manifest::{to_jsonl, Day, Record};
 use super::scan::{ImageFolder, ImageItem, SkipCount};
@@ -263,10 +263,13 @@ pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSumm
     let process = |i: usize, day: Day| -> Result<Outcome> {
         let rel = &folder.items[i].path;
         let src = folder.root.join(rel);
-        let bytes = std::fs::read(&src).map_err(|e| DataError::io(&src, e))?;
-        let decoded = match decode_bytes(&bytes, &src) {
+        let decoded =
+            read_image_file(&src).and_then(|bytes| Ok((decode_bytes(&bytes, &src)?, bytes)));
+        let (decoded, bytes) = match decoded {
             Ok(img) => img,
-            Err(e) if opts.skip_bad => return Ok(Outcome::Skipped(src, e.to_string())),
+            Err(e) if opts.skip_bad && e.is_bad_image() => {
+                return Ok(Outcome::Skipped(src, e.to_string()))
+            }
             Err(e) => return Err(e),
         };
         let write = |path: PathBuf, data: &[u8]| {

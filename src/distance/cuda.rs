@@ -17,7 +17,9 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Storage, Tensor, D};
 
 use super::topk::RunningTopK;
-use super::{finish, validate_sizes, DistanceError, Metric, Neighbors, Search};
+use super::{
+    check_row_magnitude, finish, validate_sizes, DistanceError, Metric, Neighbors, Search,
+};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/distance.ptx"));
 const MODULE: &str = "bccp_distance";
@@ -128,6 +130,18 @@ pub fn search_checked(
             (Some(row), _) => return Err(DistanceError::NonFinite { what, row }.into()),
             (None, Some(row)) => return Err(DistanceError::ZeroNorm { what, row }.into()),
             _ => {}
+        }
+    }
+    // Finite but huge rows would overflow the f32 kernels: their magnitudes, summed in f64
+    // on the device, one value per row read back.
+    for (t, what) in [(queries, "queries"), (candidates, "candidates")] {
+        let t = t.to_dtype(DType::F64)?;
+        let sums = match s.metric {
+            Metric::L1 => t.abs()?.sum(D::Minus1)?,
+            Metric::L2 | Metric::Cosine => t.sqr()?.sum(D::Minus1)?,
+        };
+        for (row, value) in sums.to_vec1::<f64>()?.into_iter().enumerate() {
+            check_row_magnitude(what, row, s.metric, value)?;
         }
     }
     let Some((picked, indices)) = search(queries, candidates, s)? else {

@@ -84,6 +84,20 @@ pub enum DistanceError {
     KTooLarge { k: usize, n: usize },
     #[error("k must be 1 or more")]
     KZero,
+    #[error("k = {k} is too large; {max} or less", max = MAX_K)]
+    KOverLimit { k: usize },
+    #[error(
+        "{what} row {row} is too large for {metric:?} in f32: its {measure} is {value:e}, over \
+         {limit:e} (distances would overflow); scale the embeddings down"
+    )]
+    Overflow {
+        what: &'static str,
+        row: usize,
+        metric: Metric,
+        measure: &'static str,
+        value: f64,
+        limit: f64,
+    },
     #[error("{what} has {found} class labels for {rows} rows")]
     ClassCount {
         what: &'static str,
@@ -144,6 +158,56 @@ pub struct Search<'a> {
     pub other_class: Option<(&'a [i64], &'a [i64])>,
 }
 
+/// The most neighbours per query (`k`).
+pub const MAX_K: usize = 4096;
+
+/// What [`check_magnitude`] sums over a row for `metric`, and the most it allows: L2 and
+/// cosine need the squared norm at most `f32::MAX / 4`, since ‖a − x‖² ≤ 4·max(‖a‖², ‖x‖²)
+/// and a·x ≤ ‖a‖‖x‖; L1 needs Σ|v| at most `f32::MAX / 2`, since Σ|a − x| ≤ Σ|a| + Σ|x|.
+pub(crate) fn magnitude_rule(metric: Metric) -> (&'static str, f64) {
+    match metric {
+        Metric::L1 => ("sum of absolute values", f64::from(f32::MAX) / 2.0),
+        Metric::L2 | Metric::Cosine => ("squared norm", f64::from(f32::MAX) / 4.0),
+    }
+}
+
+/// Refuses a row whose values are finite but so large that the f32 search would overflow
+/// (and return wrong neighbours): its magnitude ([`magnitude_rule`]) is summed in f64.
+/// Embeddings are nowhere near (rows of norm 1 to 100).
+pub fn check_magnitude(
+    values: &[f32],
+    what: &'static str,
+    row: usize,
+    metric: Metric,
+) -> Result<(), DistanceError> {
+    let value = match metric {
+        Metric::L1 => values.iter().map(|&v| f64::from(v).abs()).sum::<f64>(),
+        Metric::L2 | Metric::Cosine => values.iter().map(|&v| f64::from(v) * f64::from(v)).sum(),
+    };
+    check_row_magnitude(what, row, metric, value)
+}
+
+/// The check of [`check_magnitude`] on a row's summed magnitude.
+pub(crate) fn check_row_magnitude(
+    what: &'static str,
+    row: usize,
+    metric: Metric,
+    value: f64,
+) -> Result<(), DistanceError> {
+    let (measure, limit) = magnitude_rule(metric);
+    if value <= limit {
+        return Ok(());
+    }
+    Err(DistanceError::Overflow {
+        what,
+        row,
+        metric,
+        measure,
+        value,
+        limit,
+    })
+}
+
 fn check_matrix(
     m: &[f32],
     dim: usize,
@@ -157,6 +221,7 @@ fn check_matrix(
         if metric == Metric::Cosine && values.iter().all(|&v| v == 0.0) {
             return Err(DistanceError::ZeroNorm { what, row });
         }
+        check_magnitude(values, what, row, metric)?;
     }
     Ok(())
 }
@@ -181,6 +246,9 @@ fn validate_sizes(nq: usize, nc: usize, s: &Search) -> Result<(), DistanceError>
     }
     if nc == 0 {
         return Err(DistanceError::NoCandidates);
+    }
+    if s.k > MAX_K {
+        return Err(DistanceError::KOverLimit { k: s.k });
     }
     if s.k > nc {
         return Err(DistanceError::KTooLarge { k: s.k, n: nc });
@@ -508,6 +576,81 @@ mod tests {
         assert_eq!(
             search_host(&[0.0], &[1.0, 2.0], 1, &s).unwrap().indices,
             vec![-1]
+        );
+    }
+
+    #[test]
+    fn finite_rows_that_would_overflow_are_refused() {
+        // Candidate 1 is (3e19, 3e19): finite, but its squared norm 1.8e39 overflows f32, and
+        // with it every L2 distance and cosine norm that involves it.
+        let q = [1.0f32, 1.0];
+        let c = [2.0f32, 2.0, 3e19, 3e19, 5.0, 5.0];
+        for metric in [Metric::L2, Metric::Cosine] {
+            let s = Search {
+                metric,
+                k: 1,
+                other_class: None,
+            };
+            let err = search_host(&q, &c, 2, &s).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    DistanceError::Overflow {
+                        what: "candidates",
+                        row: 1,
+                        ..
+                    }
+                ),
+                "{metric:?} {err:?}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains("candidates row 1") && message.contains("squared norm"),
+                "{message}"
+            );
+            // The same through the tensor entry point, and for a query row.
+            let tq = Tensor::from_slice(&c, (3, 2), &Device::Cpu).unwrap();
+            let tc = Tensor::from_slice(&q, (1, 2), &Device::Cpu).unwrap();
+            let err = search(&tq, &tc, &s).unwrap_err().to_string();
+            assert!(err.contains("queries row 1"), "{err}");
+        }
+        // L1: 3e19 is fine (sums stay far below f32::MAX), 3e38 over 2 dims is not.
+        let s = Search {
+            metric: Metric::L1,
+            k: 1,
+            other_class: None,
+        };
+        assert_eq!(search_host(&q, &c, 2, &s).unwrap().indices, vec![0]);
+        let c = [2.0f32, 2.0, 3e38, 3e38];
+        let err = search_host(&q, &c, 2, &s).unwrap_err().to_string();
+        assert!(
+            err.contains("candidates row 1") && err.contains("sum of absolute values"),
+            "{err}"
+        );
+        // Large but safe rows still search exactly.
+        let c = [1e18f32, 0.0, -1e18, 0.0];
+        let s = Search {
+            metric: Metric::L2,
+            k: 2,
+            other_class: None,
+        };
+        let n = search_host(&[1e18, 1.0], &c, 2, &s).unwrap();
+        assert_eq!(n.indices, vec![0, 1]);
+        assert!(n.values.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn k_is_bounded() {
+        let s = Search {
+            metric: Metric::L1,
+            k: MAX_K + 1,
+            other_class: None,
+        };
+        let c = vec![0.0f32; MAX_K + 1];
+        let err = search_host(&[0.0], &c, 1, &s).unwrap_err().to_string();
+        assert!(
+            err.contains("4097") && err.contains("4096 or less"),
+            "{err}"
         );
     }
 }
