@@ -401,7 +401,9 @@ fn perf_embed() {
     ] {
         let spec = zoo::find(name).unwrap();
         let built = if name == "mobilenet_v2" && dtype == DType::F32 && weights.is_file() {
-            Backbone::load(&spec, &weights, &dev).map(|b| (b, "real"))
+            Backbone::load(&spec, &weights, &dev)
+                .map(|b| (b, "real"))
+                .map_err(anyhow::Error::from)
         } else {
             // Random weights (as PyTorch's side: weights=None), as plain tensors like loaded
             // weights (Vars would make every forward pass record a backward graph).

@@ -11,7 +11,7 @@
 //! candidates are read back: the inputs are checked (finite, non-zero for cosine) on the device.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Storage, Tensor, D};
@@ -39,22 +39,25 @@ fn device_of(t: &Tensor) -> candle_core::Result<CudaDevice> {
     }
 }
 
-/// Runs `f` with the CUDA slice of a contiguous f32 tensor.
+/// Runs `f` with a view of a contiguous f32 tensor's elements on the device: exactly its
+/// `start_offset .. start_offset + elem_count` range of the buffer, so a row-slice view
+/// (`x.narrow(0, a, n)`, a non-zero offset) is passed without a copy. (It used to call
+/// `Tensor::copy`, which clones the whole buffer and keeps the offset, then recurse: unbounded
+/// recursion and memory growth.)
 fn with_slice<R>(
     t: &Tensor,
-    f: impl FnOnce(&CudaSlice<f32>) -> candle_core::Result<R>,
+    f: impl FnOnce(&CudaView<'_, f32>) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cuda) = &*storage else {
         candle_core::bail!("expected a CUDA tensor")
     };
-    if layout.start_offset() != 0 {
-        let copy = t.copy()?;
-        drop(storage);
-        return with_slice(&copy, f);
-    }
-    f(cuda.as_cuda_slice::<f32>()?)
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    let view = cuda.as_cuda_slice::<f32>()?.slice(start..end);
+    f(&view)
 }
 
 /// Pushes the arguments both kernels share after their two inputs: the class arrays (or two
@@ -125,6 +128,15 @@ pub fn search_checked(
     let (nq, dim) = queries.dims2()?;
     let (nc, _) = candidates.dims2()?;
     validate_sizes(nq, nc, s)?;
+    if nq == 0 {
+        // Nothing to allocate or launch (a zero-byte allocation is a CUDA error, a grid of
+        // zero blocks an invalid launch): the empty result, as the CPU path gives.
+        return Ok(Some(Neighbors {
+            k: s.k,
+            indices: Vec::new(),
+            values: Vec::new(),
+        }));
+    }
     for (t, what) in [(queries, "queries"), (candidates, "candidates")] {
         match first_bad_row(t, s.metric == Metric::Cosine)? {
             (Some(row), _) => return Err(DistanceError::NonFinite { what, row }.into()),
