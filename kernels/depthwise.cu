@@ -3,7 +3,10 @@
 // Geometry: stride (sh, sw), padding top/left (pt, pl); bottom/right padding is implied by the
 // output size (oh, ow).
 
-extern "C" __global__ void depthwise_fwd_f32(
+// The forward and input-gradient kernels run 1 024-thread blocks (candle's for_num_elems);
+// the weight-gradient kernel 256-thread blocks. __launch_bounds__ lets the compiler fit the
+// registers to those sizes (without it a 1 024-thread launch can fail with too many resources).
+extern "C" __global__ void __launch_bounds__(1024) depthwise_fwd_f32(
     const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
     int n, int c, int h, int wd, int kh, int kw, int oh, int ow,
     int sh, int sw, int pt, int pl) {
@@ -30,7 +33,7 @@ extern "C" __global__ void depthwise_fwd_f32(
 }
 
 // grad_x[n,c,iy,ix] = sum over taps (ky,kx) whose output position is integral and in range.
-extern "C" __global__ void depthwise_bwd_input_f32(
+extern "C" __global__ void __launch_bounds__(1024) depthwise_bwd_input_f32(
     const float* __restrict__ gy, const float* __restrict__ w, float* __restrict__ gx,
     int n, int c, int h, int wd, int kh, int kw, int oh, int ow,
     int sh, int sw, int pt, int pl) {
@@ -62,7 +65,7 @@ extern "C" __global__ void depthwise_bwd_input_f32(
 
 // grad_w[c,0,ky,kx] = sum_n sum_(oy,ox) gy[n,c,oy,ox] * x[n,c,oy*sh+ky-pt,ox*sw+kx-pl].
 // One block per weight element; threads stride over (n, oy, ox), then reduce in shared memory.
-extern "C" __global__ void depthwise_bwd_weight_f32(
+extern "C" __global__ void __launch_bounds__(256) depthwise_bwd_weight_f32(
     const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ gw,
     int n, int c, int h, int wd, int kh, int kw, int oh, int ow,
     int sh, int sw, int pt, int pl) {

@@ -37,31 +37,43 @@ pub(super) fn launch(
     let (b0, b1) = contiguous(b.1, "second input")?;
     let a_slice = a.0.as_cuda_slice::<f32>()?.slice(a0..a1);
     let b_slice = b.0.as_cuda_slice::<f32>()?.slice(b0..b1);
-    let out = dev.alloc_zeros::<f32>(out_len)?;
+    let mut out = dev.alloc_zeros::<f32>(out_len)?;
     let name = match kernel {
         Kernel::Forward => "depthwise_fwd_f32",
         Kernel::BackwardInput => "depthwise_bwd_input_f32",
         Kernel::BackwardWeight => "depthwise_bwd_weight_f32",
     };
     let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-    let ints: [i32; 14] = [
+    // The kernels take 32-bit sizes (and index with 64-bit products): refuse what would wrap.
+    let sizes = [
         d.n, d.c, d.h, d.w, d.kh, d.kw, d.oh, d.ow, p.stride.0, p.stride.1, p.pad_top, p.pad_left,
-        0, 0,
-    ]
-    .map(|v| v as i32);
+    ];
+    let mut ints = [0i32; 12];
+    for (slot, &v) in ints.iter_mut().zip(&sizes) {
+        *slot = i32::try_from(v).map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "depthwise conv (cuda): size {v} does not fit the kernels' 32-bit arguments"
+            ))
+        })?;
+    }
+    let blocks = u32::try_from(out_len).map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "depthwise conv (cuda): {out_len} outputs exceed one launch's grid"
+        ))
+    })?;
     let cfg = match kernel {
         Kernel::BackwardWeight => LaunchConfig {
-            grid_dim: (out_len as u32, 1, 1),
+            grid_dim: (blocks, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 256 * 4,
         },
-        _ => LaunchConfig::for_num_elems(out_len as u32),
+        _ => LaunchConfig::for_num_elems(blocks),
     };
     let mut builder = func.builder();
     builder.arg(&a_slice);
     builder.arg(&b_slice);
-    builder.arg(&out);
-    for v in &ints[..12] {
+    builder.arg(&mut out);
+    for v in &ints {
         builder.arg(v);
     }
     // SAFETY: the kernel reads `a` and `b` within the sizes implied by the dimensions, which
