@@ -66,6 +66,11 @@ pub fn run(args: ClosestArgs) -> Result<()> {
     let bytes = safetensors::serialize(&tensors, None)?;
     bccp::fsutil::write_atomic(&args.out, &bytes)
         .with_context(|| format!("cannot write --out {}", args.out.display()))?;
+    if let Some((n, why)) = bccp::distance::take_fallback() {
+        eprintln!(
+            "note: {n} search(es) ran on the generic device path (tiles copied to the host), not the custom kernels: {why}"
+        );
+    }
     let empty = neighbors.indices.iter().filter(|&&i| i < 0).count();
     let note = match empty {
         0 => String::new(),

@@ -1,8 +1,10 @@
 //! The CUDA search (feature `cuda`): `kernels/distance.cu` launched on the tensors' device.
 //! L1: one kernel with fused per-query top-k. L2 / cosine: a GEMM tile of dot products
 //! (cuBLAS through candle), then the fused top-k epilogue kernel; tiles are merged on the host
-//! (Q × k values per tile). Returns `None` where the kernels do not apply (k > 16, or an L1
-//! query block that does not fit in shared memory); the caller then uses the generic path.
+//! (Q × k values per tile). Queries are tiled too ([`QUERY_TILE`] rows), so device memory is
+//! bounded whatever Q. Returns `None` where the kernels do not apply (k > 16, or an L1 query
+//! block that does not fit in shared memory), after recording why ([`super::take_fallback`]);
+//! the caller then uses the generic path and `bccp closest` prints the note.
 //!
 //! Precision: the L2 / cosine GEMMs run in TF32 on the tensor cores (10-bit mantissa). They
 //! only pre-select `k + RERANK` candidates per query; those are re-ranked by their exact f32
@@ -29,6 +31,8 @@ const THREADS: u32 = 256;
 const SHARED_LIMIT: usize = 48 * 1024;
 /// Candidate columns per GEMM tile.
 const TILE: usize = 16_384;
+/// Query rows per tile (with [`TILE`], a 256 MiB GEMM output at most).
+const QUERY_TILE: usize = 4_096;
 /// Extra candidates the TF32 GEMM pre-selects per query for the exact re-ranking.
 const RERANK: usize = 8;
 
@@ -125,7 +129,7 @@ pub fn search_checked(
     candidates: &Tensor,
     s: &Search,
 ) -> anyhow::Result<Option<Neighbors>> {
-    let (nq, dim) = queries.dims2()?;
+    let (nq, _) = queries.dims2()?;
     let (nc, _) = candidates.dims2()?;
     validate_sizes(nq, nc, s)?;
     if nq == 0 {
@@ -156,6 +160,36 @@ pub fn search_checked(
             check_row_magnitude(what, row, s.metric, value)?;
         }
     }
+    // Queries in tiles, so device memory is bounded whatever Q: one tile's GEMM output is
+    // QUERY_TILE × TILE floats (256 MiB), plus the candidates and one tile of queries.
+    let mut out = Neighbors {
+        k: s.k,
+        indices: Vec::with_capacity(nq * s.k),
+        values: Vec::with_capacity(nq * s.k),
+    };
+    for q0 in (0..nq).step_by(QUERY_TILE) {
+        let qn = QUERY_TILE.min(nq - q0);
+        let tile = Search {
+            other_class: s.other_class.map(|(qc, cc)| (&qc[q0..q0 + qn], cc)),
+            ..*s
+        };
+        let Some(part) = search_tile(&queries.narrow(0, q0, qn)?, candidates, &tile)? else {
+            return Ok(None);
+        };
+        out.indices.extend(part.indices);
+        out.values.extend(part.values);
+    }
+    Ok(Some(out))
+}
+
+/// [`search_checked`] for one tile of queries (checked already): the kernels, then the exact
+/// f32 values of the chosen pairs, re-ranked. `None` when the kernels do not apply.
+fn search_tile(
+    queries: &Tensor,
+    candidates: &Tensor,
+    s: &Search,
+) -> anyhow::Result<Option<Neighbors>> {
+    let (nq, dim) = queries.dims2()?;
     let Some((picked, indices)) = search(queries, candidates, s)? else {
         return Ok(None);
     };
@@ -215,6 +249,7 @@ fn search(
     let (nq, dim) = queries.dims2()?;
     let (nc, _) = candidates.dims2()?;
     if s.k > MAX_K {
+        super::note_fallback(format!("k = {} is over the CUDA kernels' {MAX_K}", s.k));
         return Ok(None);
     }
     let k = match s.metric {
@@ -230,6 +265,9 @@ fn search(
         Metric::L1 => {
             let shared = shared_bytes(L1_QUERIES * dim, k);
             if shared > SHARED_LIMIT {
+                super::note_fallback(format!(
+                    "the L1 kernel needs {shared} bytes of shared memory at dimension {dim} and k = {k}, over its {SHARED_LIMIT}"
+                ));
                 return Ok(None);
             }
             let mut keys = dev.alloc_zeros::<f32>(nq * k)?;

@@ -299,6 +299,30 @@ pub(crate) fn finish(
     Neighbors { k, indices, values }
 }
 
+/// Searches on a device whose custom kernels did not apply and that fell back to the generic
+/// path (which copies tiles to the host), and why the last one did.
+static FALLBACKS: std::sync::Mutex<(usize, Option<String>)> = std::sync::Mutex::new((0, None));
+
+/// Records a fall-back from the device kernels to the generic path (never silent: callers read
+/// it back with [`take_fallback`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn note_fallback(why: String) {
+    if let Ok(mut f) = FALLBACKS.lock() {
+        f.0 += 1;
+        f.1 = Some(why);
+    }
+}
+
+/// How many searches fell back from the device kernels to the generic path since the last
+/// call, and why the last did; resets the count. A command prints it so a slow path is never
+/// taken silently.
+pub fn take_fallback() -> Option<(usize, String)> {
+    let mut f = FALLBACKS.lock().ok()?;
+    let taken = (f.0, f.1.take()?);
+    f.0 = 0;
+    Some(taken)
+}
+
 /// Searches row-major host matrices (`dim` columns) on the CPU.
 pub fn search_host(
     queries: &[f32],
@@ -405,6 +429,19 @@ pub fn search_naive(queries: &[f32], candidates: &[f32], dim: usize, s: &Search)
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    #[test]
+    fn fallbacks_are_counted_and_reported_once() {
+        let _ = take_fallback();
+        assert_eq!(take_fallback(), None);
+        note_fallback("first".into());
+        note_fallback("the L1 kernel needs more shared memory".into());
+        assert_eq!(
+            take_fallback(),
+            Some((2, "the L1 kernel needs more shared memory".to_owned()))
+        );
+        assert_eq!(take_fallback(), None, "reset after reading");
+    }
 
     fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
         (0..n)
