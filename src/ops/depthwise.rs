@@ -384,6 +384,22 @@ impl CustomOp2 for DepthwiseConv2d {
     }
 }
 
+/// The output gradient of a backward op must have the forward output's shape (CPU and CUDA
+/// paths alike).
+fn check_gradient(shape: &Shape, d: Dims) -> Result<()> {
+    if shape.dims() != [d.n, d.c, d.oh, d.ow] {
+        candle_core::bail!(
+            "depthwise conv backward: gradient shape {:?} does not match the output [{}, {}, {}, {}]",
+            shape,
+            d.n,
+            d.c,
+            d.oh,
+            d.ow
+        );
+    }
+    Ok(())
+}
+
 /// `grad_out.apply_op2(weight)` → gradient with respect to the input.
 struct DepthwiseBackwardInput {
     params: DepthwiseParams,
@@ -403,12 +419,7 @@ impl CustomOp2 for DepthwiseBackwardInput {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(&self.input_shape, l2.shape(), &self.params)?;
-        if l1.shape().dims() != [d.n, d.c, d.oh, d.ow] {
-            candle_core::bail!(
-                "depthwise conv backward: gradient shape {:?} does not match the output",
-                l1.shape()
-            );
-        }
+        check_gradient(l1.shape(), d)?;
         let gx = backward_input(
             f32_slice(s1, l1, "gradient")?,
             f32_slice(s2, l2, "weight")?,
@@ -427,6 +438,7 @@ impl CustomOp2 for DepthwiseBackwardInput {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = Dims::new(&self.input_shape, l2.shape(), &self.params)?;
+        check_gradient(l1.shape(), d)?;
         let out = super::depthwise_cuda::launch(
             super::depthwise_cuda::Kernel::BackwardInput,
             (s1, l1),
@@ -458,12 +470,7 @@ impl CustomOp2 for DepthwiseBackwardWeight {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(l1.shape(), &self.weight_shape, &self.params)?;
-        if l2.shape().dims() != [d.n, d.c, d.oh, d.ow] {
-            candle_core::bail!(
-                "depthwise conv backward: gradient shape {:?} does not match the output",
-                l2.shape()
-            );
-        }
+        check_gradient(l2.shape(), d)?;
         let gw = backward_weight(
             f32_slice(s1, l1, "input")?,
             f32_slice(s2, l2, "gradient")?,
@@ -482,6 +489,7 @@ impl CustomOp2 for DepthwiseBackwardWeight {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = Dims::new(l1.shape(), &self.weight_shape, &self.params)?;
+        check_gradient(l2.shape(), d)?;
         let out = super::depthwise_cuda::launch(
             super::depthwise_cuda::Kernel::BackwardWeight,
             (s1, l1),
@@ -542,6 +550,34 @@ mod tests {
     use super::*;
     use crate::testutil::max_abs_diff;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn backward_ops_refuse_a_gradient_of_the_wrong_shape() {
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        let (x, w) = (zeros(&[1, 2, 5, 5]), zeros(&[2, 1, 3, 3]));
+        let params = DepthwiseParams::symmetric(1, 0);
+        // The output is [1, 2, 3, 3]; a [1, 2, 4, 4] gradient is refused by both ops.
+        let bad = zeros(&[1, 2, 4, 4]);
+        let input = DepthwiseBackwardInput {
+            params,
+            input_shape: x.shape().clone(),
+        };
+        let err = bad.apply_op2_no_bwd(&w, &input).unwrap_err().to_string();
+        assert!(
+            err.contains("does not match the output [1, 2, 3, 3]"),
+            "{err}"
+        );
+        let weight = DepthwiseBackwardWeight {
+            params,
+            weight_shape: w.shape().clone(),
+        };
+        let err = x.apply_op2_no_bwd(&bad, &weight).unwrap_err().to_string();
+        assert!(
+            err.contains("does not match the output [1, 2, 3, 3]"),
+            "{err}"
+        );
+        assert!(zeros(&[1, 2, 3, 3]).apply_op2_no_bwd(&w, &input).is_ok());
+    }
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
         let diff: f32 = max_abs_diff(a, b);
