@@ -54,7 +54,7 @@ impl Method {
 /// Why a cleansing method could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum CleanseError {
-    #[error("{0}")]
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Distance(#[from] crate::distance::DistanceError),

@@ -15,7 +15,7 @@ pub enum DeviceError {
         "--device metal: this build has no Metal support (build with --features metal on macOS)"
     )]
     NoMetal,
-    #[error("{0}")]
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

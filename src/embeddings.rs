@@ -11,15 +11,14 @@ use candle_core::{DType, Device, Tensor};
 /// Why an embedding file cannot be written or read; names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddingFileError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
 
@@ -68,18 +67,18 @@ impl EmbeddingSet {
         .collect();
         let bytes =
             serialize_safetensors(&tensors, &metadata).map_err(|e| format_error(path, e))?;
-        crate::fsutil::write_atomic(path, &bytes).map_err(|source| EmbeddingFileError::Io {
+        crate::fsutil::write_atomic(path, &bytes).map_err(|error| EmbeddingFileError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })
     }
 
     /// Reads an embedding file written by [`EmbeddingSet::save`] (or any safetensors file with
     /// `embeddings` f32 [N, D] and `targets` i64 [N]).
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| EmbeddingFileError::Io {
+        let bytes = std::fs::read(path).map_err(|error| EmbeddingFileError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| format_error(path, format!("not a safetensors file ({e})")))?;

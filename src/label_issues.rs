@@ -29,13 +29,12 @@ pub enum LabelIssuesError {
     Backbone(#[from] crate::backbone::BackboneError),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
-    #[error("{0}")]
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -51,9 +50,9 @@ macro_rules! ensure {
 }
 
 fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> LabelIssuesError + '_ {
-    move |source| LabelIssuesError::Write {
+    move |error| LabelIssuesError::Write {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

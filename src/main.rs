@@ -77,19 +77,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // The chain of causes, each once: a library error that already quotes its
-            // source (an OS error) is not followed by the same text again.
-            let mut message = String::new();
-            for cause in err.chain() {
-                let text = cause.to_string();
-                if !message.contains(&text) {
-                    if !message.is_empty() {
-                        message.push_str(": ");
-                    }
-                    message.push_str(&text);
-                }
-            }
-            eprintln!("error: {message}");
+            eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
     }

@@ -8,11 +8,10 @@ use crate::fsutil::write_atomic;
 /// Why a `.npy` file cannot be read or written; names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum NpyError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is not a usable .npy file: {why}")]
     Format {
@@ -58,9 +57,9 @@ fn parse_shape(text: &str) -> Option<Vec<usize>> {
 
 /// Reads a numeric or boolean `.npy` array; errors name the file and what is wrong.
 pub fn read(path: &Path) -> Result<Array> {
-    let bytes = std::fs::read(path).map_err(|source| NpyError::Io {
+    let bytes = std::fs::read(path).map_err(|error| NpyError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let bad = |why: &str| NpyError::Format {
         path: path.to_path_buf(),
@@ -156,9 +155,9 @@ fn encode(descr: &str, shape: &[usize], data: &[u8]) -> Result<Vec<u8>> {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic(path, bytes).map_err(|source| NpyError::Io {
+    write_atomic(path, bytes).map_err(|error| NpyError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

@@ -35,7 +35,7 @@ pub enum PipelineError {
     Finetune(#[from] crate::train::finetune::FinetuneError),
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
-    #[error("{0}")]
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("the cleansing method {method} removed all {candidates} candidate samples (with the bccp method, cutoff percentile {percentile} cuts every sample scored above that percentile); nothing is left to train on — raise --cutoff-percentile or use more data")]
     NothingLeft {
@@ -43,11 +43,10 @@ pub enum PipelineError {
         method: &'static str,
         percentile: String,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -120,9 +119,9 @@ pub struct Embedded {
 pub const EMBED_BATCH_SIZE: usize = 64;
 
 fn manifest_sha(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|source| PipelineError::Io {
+    let bytes = std::fs::read(path).map_err(|error| PipelineError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     Ok(cache::hex(&cache::sha256(&bytes)))
 }

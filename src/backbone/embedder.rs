@@ -219,11 +219,11 @@ fn embed_images(
                 stats.skipped.push((list.files[i].clone(), e.to_string()));
                 digests.push(None);
             }
-            Err(DataError::Io { path, source }) => {
+            Err(DataError::Io { path, error }) => {
                 return Err(BackboneError::Io {
                     action: "read image",
                     path,
-                    source,
+                    error,
                 })
             }
             Err(e) => return Err(e.into()),

@@ -61,12 +61,11 @@ pub enum BackboneError {
         need: u64,
         budget: u64,
     },
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path}: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("embedding cache {path}: {message}")]
     Cache { path: PathBuf, message: String },
@@ -74,7 +73,7 @@ pub enum BackboneError {
     Hub(Box<HubError>),
     #[error(transparent)]
     Data(#[from] DataError),
-    #[error("{0}")]
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
 
@@ -84,10 +83,10 @@ impl BackboneError {
         action: &'static str,
         path: &'a Path,
     ) -> impl FnOnce(std::io::Error) -> Self + 'a {
-        move |source| Self::Io {
+        move |error| Self::Io {
             action,
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 }

@@ -27,12 +27,11 @@ pub enum ExperimentError {
     Pipeline(#[from] Box<PipelineError>),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path}: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Results { path: PathBuf, message: String },
@@ -44,10 +43,10 @@ impl ExperimentError {
     /// An I/O error while doing `action` on `path`.
     pub fn io(action: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.to_path_buf();
-        move |source| Self::Io {
+        move |error| Self::Io {
             action,
             path,
-            source,
+            error,
         }
     }
 }

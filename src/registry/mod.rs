@@ -48,11 +48,10 @@ pub enum RegistryError {
         root: PathBuf,
         aliases: String,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{name} has no complete version in {root} (incomplete: {versions:?}); register a new run"
@@ -70,7 +69,7 @@ pub enum RegistryError {
     Backbone(#[from] crate::backbone::BackboneError),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
-    #[error("{0}")]
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
 
@@ -78,9 +77,9 @@ pub enum RegistryError {
 pub type Result<T> = std::result::Result<T, RegistryError>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
-    move |source| RegistryError::Io {
+    move |error| RegistryError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -104,7 +104,7 @@ pub enum SamplingError {
     OneClass,
     #[error("the buffer has {targets} targets for {rows} embeddings")]
     Shape { targets: usize, rows: usize },
-    #[error("{0}")]
+    #[error(transparent)]
     Distance(#[from] crate::distance::DistanceError),
 }
 

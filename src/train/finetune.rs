@@ -18,7 +18,7 @@ use crate::rng::Rng;
 /// Why fine-tuning could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum FinetuneError {
-    #[error("{0}")]
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
