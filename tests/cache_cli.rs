@@ -20,7 +20,7 @@ fn embed(data: &Path, out: &Path, cache: &Path, weights: &Path) -> Output {
         "embed",
         "--data",
         data.to_str().unwrap(),
-        "--model",
+        "--backbone",
         "mobilenet_v2",
         "--weights",
         weights.to_str().unwrap(),
@@ -32,7 +32,7 @@ fn embed(data: &Path, out: &Path, cache: &Path, weights: &Path) -> Output {
         cache.to_str().unwrap(),
         "--device",
         "cpu",
-        "--batch",
+        "--batch-size",
         "1",
     ])
 }

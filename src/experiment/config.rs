@@ -230,26 +230,25 @@ fn set_cutoff(cell: &mut Cell, change: impl FnOnce(&mut (Score, Percentile, Acti
 
 /// Parses the names of one grid axis (`what` is `grid[i].field`).
 fn parse_all<T: ValueEnum>(values: &[String], what: &str) -> Result<Vec<T>> {
-    ensure_valid!(!values.is_empty(), "{what} is empty");
     let setting = what.rsplit('.').next().unwrap_or(what).replace('_', " ");
-    values
-        .iter()
-        .map(|v| {
-            choice::parse::<T>(&setting, v)
-                .map_err(|e| ExperimentError::Invalid(format!("{what}: {e}")))
-        })
-        .collect()
+    parse_axis(values, what, |v| choice::parse::<T>(&setting, v))
 }
 
 /// Parses the percentiles of the grid (numbers or `auto`).
 fn parse_percentiles(values: &[String], what: &str) -> Result<Vec<Percentile>> {
+    parse_axis(values, what, str::parse::<Percentile>)
+}
+
+/// Parses every value of one grid axis with `parse`; errors name the axis (`grid[i].field`).
+fn parse_axis<T>(
+    values: &[String],
+    what: &str,
+    parse: impl Fn(&str) -> std::result::Result<T, String>,
+) -> Result<Vec<T>> {
     ensure_valid!(!values.is_empty(), "{what} is empty");
     values
         .iter()
-        .map(|v| {
-            v.parse::<Percentile>()
-                .map_err(|e| ExperimentError::Invalid(format!("{what}: {e}")))
-        })
+        .map(|v| parse(v).map_err(|e| ExperimentError::Invalid(format!("{what}: {e}"))))
         .collect()
 }
 
