@@ -25,6 +25,7 @@ pub mod registry;
 pub mod rng;
 pub mod runtime;
 pub mod sampling;
+pub mod store;
 pub mod train;
 
 #[cfg(test)]

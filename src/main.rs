@@ -48,6 +48,11 @@ enum Command {
     Runs(cli::runs::RunsArgs),
     /// Find likely wrong labels with confident learning (cleanlab's find_label_issues).
     LabelIssues(cli::label_issues::LabelIssuesArgs),
+    /// Feed the data store from a prepared dataset: bulk, then a stream at a rate (the
+    /// reference's data generator).
+    Generate(cli::generate::GenerateArgs),
+    /// Feed the data store from an image folder or a JSON Lines file.
+    Ingest(cli::ingest::IngestArgs),
     /// Run a grid of train runs from a TOML file; write results.csv, results.md and charts.
     Experiment(cli::experiment::ExperimentArgs),
 }
@@ -70,6 +75,8 @@ fn main() -> ExitCode {
         Command::Runs(args) => cli::runs::run(args),
         Command::LabelIssues(args) => cli::label_issues::run(args, quiet),
         Command::Experiment(args) => cli::experiment::run(args),
+        Command::Generate(args) => cli::generate::run(args, quiet),
+        Command::Ingest(args) => cli::ingest::run(args),
     };
     // A command that failed because its outputs were removed under it by the SIGINT/SIGTERM
     // clean-up waits for that clean-up to end the process with the signal's exit code.

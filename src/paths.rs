@@ -6,6 +6,7 @@
 //! | home     | `BCCP_HOME`; else the platform data folder + `bccp`                               |
 //! | assets   | `BCCP_ASSETS`; else home + `assets`                                               |
 //! | cache    | `BCCP_CACHE`; else `BCCP_HOME/cache`; else the platform cache folder + `bccp`     |
+//! | store    | home + `store.sqlite3` (the embedded data store, `bccp generate` / `ingest`)      |
 //!
 //! Platform folders: Linux and other Unix `$XDG_DATA_HOME` (else `~/.local/share`) and
 //! `$XDG_CACHE_HOME` (else `~/.cache`); macOS `~/Library/Application Support` and
@@ -57,6 +58,11 @@ pub fn assets_dir() -> PathBuf {
 /// else the platform cache folder + `bccp`.
 pub fn cache_dir() -> PathBuf {
     cache_dir_from(Platform::CURRENT, process_env)
+}
+
+/// The embedded data store's file (SQLite): `bccp_home()/store.sqlite3`.
+pub fn store_file() -> PathBuf {
+    bccp_home().join("store.sqlite3")
 }
 
 fn process_env(key: &str) -> Option<OsString> {

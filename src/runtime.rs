@@ -25,6 +25,38 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) != 0
 }
 
+/// Guards that asked for a graceful stop (see [`graceful_stop`]).
+static GRACEFUL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The signal that asked a graceful stop (0: none).
+static STOP: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// While the returned guard lives, the first SIGINT or SIGTERM does not end the process: it
+/// only sets [`stop_requested`], for a long-running command (a generator, an ingest) to finish
+/// its current transaction and return normally. A second signal ends the process as usual.
+pub fn graceful_stop() -> GracefulStop {
+    GRACEFUL.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    GracefulStop(())
+}
+
+/// See [`graceful_stop`].
+#[must_use = "the graceful stop lasts as long as the guard"]
+pub struct GracefulStop(());
+
+impl Drop for GracefulStop {
+    fn drop(&mut self) {
+        GRACEFUL.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The signal that asked a graceful stop, if one did.
+pub fn stop_requested() -> Option<i32> {
+    match STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        signal => Some(signal),
+    }
+}
+
 /// Blocks while the signal clean-up finishes and ends the process (it exits with 128 + the
 /// signal); returns only if no signal is being handled.
 pub fn await_exit() {
@@ -56,10 +88,19 @@ fn clean_up_on_signals() {
         let spawned = std::thread::Builder::new()
             .name("bccp-signals".into())
             .spawn(move || {
-                let mut signal: libc::c_int = 0;
-                // SAFETY: `set` is a valid, initialised signal set; `signal` is written by sigwait.
-                if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                    INTERRUPTED.store(signal, std::sync::atomic::Ordering::SeqCst);
+                use std::sync::atomic::Ordering::SeqCst;
+                loop {
+                    let mut signal: libc::c_int = 0;
+                    // SAFETY: `set` is a valid, initialised signal set; `signal` is written by
+                    // sigwait.
+                    if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                        return;
+                    }
+                    // A graceful stop asked for and not yet signalled: only note it.
+                    if GRACEFUL.load(SeqCst) > 0 && STOP.swap(signal, SeqCst) == 0 {
+                        continue;
+                    }
+                    INTERRUPTED.store(signal, SeqCst);
                     crate::fsutil::remove_in_flight();
                     std::process::exit(128 + signal);
                 }

@@ -5,7 +5,9 @@ pub mod classify;
 pub mod closest;
 pub mod embed;
 pub mod experiment;
+pub mod generate;
 pub mod import;
+pub mod ingest;
 pub mod info;
 pub mod label_issues;
 pub mod models;
@@ -74,6 +76,31 @@ impl RegistryArgs {
     /// The registry.
     pub fn registry(&self) -> Registry {
         Registry::open(&self.runs_dir)
+    }
+}
+
+/// The data store (`--db`).
+#[derive(Args, Debug, Clone)]
+pub struct DbArgs {
+    /// The data store: sqlite:PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE
+    /// (default: sqlite:<per-user data folder>/store.sqlite3, e.g.
+    /// ~/.local/share/bccp/store.sqlite3; BCCP_HOME moves it).
+    #[arg(long)]
+    pub db: Option<String>,
+}
+
+impl DbArgs {
+    /// The store's URL.
+    pub fn url(&self) -> Result<bccp::store::DbUrl> {
+        Ok(match &self.db {
+            Some(text) => bccp::store::DbUrl::parse(text)?,
+            None => bccp::store::DbUrl::default_sqlite(),
+        })
+    }
+
+    /// Opens (creating and migrating as needed) the store.
+    pub fn open(&self) -> Result<Box<dyn bccp::store::Store>> {
+        Ok(bccp::store::open(&self.url()?)?)
     }
 }
 

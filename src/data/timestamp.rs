@@ -65,32 +65,47 @@ pub fn parse_date(text: &str) -> Option<i64> {
 /// Checks that `text` is an RFC 3339 date-time (`2024-01-01T09:30:00Z`, fractions and offsets
 /// such as `+09:00` allowed).
 pub fn is_rfc3339(text: &str) -> bool {
+    parse_rfc3339(text).is_some()
+}
+
+/// Parses an RFC 3339 date-time ([`is_rfc3339`]) into Unix seconds (UTC; a fraction of a second
+/// is dropped, a leap second `:60` counts as the next second).
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
     let b = text.as_bytes();
-    if b.len() < 20 || !matches!(b[10], b'T' | b't' | b' ') || parse_date(&text[..10]).is_none() {
-        return false;
+    if b.len() < 20 || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
     }
+    let midnight = parse_date(text.get(..10)?)?;
     let two = |i: usize| -> Option<u32> { text.get(i..i + 2)?.parse().ok() };
-    let (Some(h), Some(mi), Some(s)) = (two(11), two(14), two(17)) else {
-        return false;
-    };
+    let (h, mi, s) = (two(11)?, two(14)?, two(17)?);
     if b[13] != b':' || b[16] != b':' || h > 23 || mi > 59 || s > 60 {
-        return false;
+        return None;
     }
-    let mut rest = &text[19..];
+    let mut rest = text.get(19..)?;
     if let Some(frac) = rest.strip_prefix('.') {
         let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return false;
+            return None;
         }
         rest = &frac[digits..];
     }
-    match rest.as_bytes() {
-        [b'Z' | b'z'] => true,
-        [b'+' | b'-', ..] if rest.len() == 6 && rest.as_bytes()[3] == b':' => {
-            matches!((two_at(rest, 1), two_at(rest, 4)), (Some(oh), Some(om)) if oh <= 23 && om <= 59)
+    let offset = match rest.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), ..] if rest.len() == 6 && rest.as_bytes()[3] == b':' => {
+            let (oh, om) = (two_at(rest, 1)?, two_at(rest, 4)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let minutes = i64::from(oh * 60 + om);
+            if *sign == b'+' {
+                minutes * 60
+            } else {
+                -minutes * 60
+            }
         }
-        _ => false,
-    }
+        _ => return None,
+    };
+    Some(midnight + i64::from(h * 3600 + mi * 60 + s) - offset)
 }
 
 fn two_at(text: &str, i: usize) -> Option<u32> {
@@ -100,6 +115,19 @@ fn two_at(text: &str, i: usize) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_to_unix_seconds() {
+        let base = 1_704_067_200; // 2024-01-01T00:00:00Z
+        assert_eq!(parse_rfc3339("2024-01-01T00:00:00Z"), Some(base));
+        assert_eq!(parse_rfc3339("2024-01-01T09:30:05.75Z"), Some(base + 34_205));
+        assert_eq!(parse_rfc3339("2024-01-01T09:00:00+09:00"), Some(base));
+        assert_eq!(parse_rfc3339("2023-12-31T23:00:00-01:00"), Some(base));
+        assert_eq!(parse_rfc3339("2024-01-01 00:00:00z"), Some(base));
+        for bad in ["2024-01-01", "2024-01-01T24:00:00Z", "2024-01-01T00:00:00+24:00", "2024-01-01T00:00:00.Z", "2024-01-01T00:00:00"] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn known_dates() {
