@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bccp::store::{
-    NewPrediction, NewRetrain, NewSample, RetrainOutcome, SampleFilter, SampleStatus, Split,
-    Store, RUNNING, SCHEMA_VERSION,
+    NewPrediction, NewRetrain, NewSample, RetrainOutcome, SampleFilter, SampleStatus, Split, Store,
+    RUNNING, SCHEMA_VERSION,
 };
 use common::pg::{Backend, TestDb};
 
@@ -52,7 +52,10 @@ fn samples_round_trip(db: &TestDb) {
             sample("d", 1, "tuesday", Split::Train),
         ])
         .unwrap();
-    assert!(again[0].is_none() && again[1].is_some() && again[2].is_none(), "{again:?}");
+    assert!(
+        again[0].is_none() && again[1].is_some() && again[2].is_none(),
+        "{again:?}"
+    );
     assert_eq!(store.count_samples(&SampleFilter::default()).unwrap(), 5);
 
     // Read back exactly.
@@ -112,8 +115,14 @@ fn samples_round_trip(db: &TestDb) {
 
     // Classes: indexes in order of first appearance, stable.
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    assert_eq!(store.ensure_classes(&names(&["cat", "dog"])).unwrap(), [0, 1]);
-    assert_eq!(store.ensure_classes(&names(&["dog", "emu"])).unwrap(), [1, 2]);
+    assert_eq!(
+        store.ensure_classes(&names(&["cat", "dog"])).unwrap(),
+        [0, 1]
+    );
+    assert_eq!(
+        store.ensure_classes(&names(&["dog", "emu"])).unwrap(),
+        [1, 2]
+    );
     assert_eq!(store.classes().unwrap(), names(&["cat", "dog", "emu"]));
 
     // A new connection sees everything committed.
@@ -282,7 +291,10 @@ fn migration_from_an_older_schema(db: &TestDb) {
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
     let rows = store.samples(&SampleFilter::default(), 10).unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].key.as_str(), rows[0].label_verified), ("old", None));
+    assert_eq!(
+        (rows[0].key.as_str(), rows[0].label_verified),
+        ("old", None)
+    );
     assert!(store.set_verified_label(rows[0].id, 0).unwrap());
     assert_eq!(store.ensure_classes(&["a".to_string()]).unwrap(), [0]);
     drop(store);
@@ -342,11 +354,8 @@ fn busy_sqlite_is_retried_not_fatal() {
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .unwrap();
-            tx.execute(
-                "INSERT INTO classes (idx, name) VALUES (0, 'held')",
-                [],
-            )
-            .unwrap();
+            tx.execute("INSERT INTO classes (idx, name) VALUES (0, 'held')", [])
+                .unwrap();
             locked_tx.send(()).unwrap();
             std::thread::sleep(Duration::from_millis(600));
             tx.commit().unwrap();
@@ -416,10 +425,7 @@ fn postgres_connection_killed_mid_stream_loses_and_duplicates_nothing() {
     );
     let mut check = server.client("bccp_test");
     let row = check
-        .query_one(
-            "SELECT COUNT(*), COUNT(DISTINCT ikey) FROM samples",
-            &[],
-        )
+        .query_one("SELECT COUNT(*), COUNT(DISTINCT ikey) FROM samples", &[])
         .unwrap();
     let (n, distinct): (i64, i64) = (row.get(0), row.get(1));
     assert_eq!((n, distinct), (batches * per_batch, batches * per_batch));

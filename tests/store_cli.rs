@@ -28,7 +28,11 @@ fn prepared_tiny(dir: &Path, classes: usize, per_class: usize) -> PathBuf {
         std::fs::create_dir_all(&class_dir).unwrap();
         for k in 0..per_class {
             let img = image::RgbImage::from_fn(16, 16, |x, y| {
-                image::Rgb([(k % 256) as u8, (k / 256 * 16 + c) as u8, (x * 16 + y) as u8])
+                image::Rgb([
+                    (k % 256) as u8,
+                    (k / 256 * 16 + c) as u8,
+                    (x * 16 + y) as u8,
+                ])
             });
             img.save(class_dir.join(format!("{k:04}.png"))).unwrap();
         }
@@ -47,7 +51,14 @@ fn prepared_tiny(dir: &Path, classes: usize, per_class: usize) -> PathBuf {
 /// Generator counts per day equal the manifests; a second bulk run adds nothing.
 fn generate_counts_per_day(db: &TestDb) {
     let days = common::prepared_small(db.dir.path());
-    let args = ["generate", "-d", days.to_str().unwrap(), "--db", &db.url, "--bulk"];
+    let args = [
+        "generate",
+        "-d",
+        days.to_str().unwrap(),
+        "--db",
+        &db.url,
+        "--bulk",
+    ];
     let out = success(&bccp(&args));
     let expected: Vec<usize> = [Day::Monday, Day::Tuesday]
         .iter()
@@ -58,18 +69,29 @@ fn generate_counts_per_day(db: &TestDb) {
         })
         .collect();
     assert!(
-        out.contains(&format!("bulk monday {}, tuesday {}", expected[0], expected[1])),
+        out.contains(&format!(
+            "bulk monday {}, tuesday {}",
+            expected[0], expected[1]
+        )),
         "{out}"
     );
     let mut store = db.open();
-    assert_eq!(store.count_samples(&by_source("monday")).unwrap(), expected[0] as u64);
-    assert_eq!(store.count_samples(&by_source("tuesday")).unwrap(), expected[1] as u64);
+    assert_eq!(
+        store.count_samples(&by_source("monday")).unwrap(),
+        expected[0] as u64
+    );
+    assert_eq!(
+        store.count_samples(&by_source("tuesday")).unwrap(),
+        expected[1] as u64
+    );
     // The store's classes are the dataset's; with the default accuracy 1.0 labels are true.
     assert_eq!(store.classes().unwrap(), ["class0", "class1", "class2"]);
     let rows = store.samples(&SampleFilter::default(), 1000).unwrap();
     assert!(rows.iter().all(|s| s.label_true == Some(s.label_given)));
     assert!(rows.iter().all(|s| Path::new(&s.image_path).is_file()));
-    assert!(rows.iter().all(|s| s.sha256.as_ref().is_some_and(|h| h.len() == 64)));
+    assert!(rows
+        .iter()
+        .all(|s| s.sha256.as_ref().is_some_and(|h| h.len() == 64)));
     drop(store);
 
     let again = success(&bccp(&args));
@@ -84,11 +106,21 @@ fn generate_counts_per_day(db: &TestDb) {
     // One day only, into another store.
     let other = db.another("tuesday_only");
     success(&bccp(&[
-        "generate", "-d", days.to_str().unwrap(), "--db", &other, "--bulk", "--day", "tuesday",
+        "generate",
+        "-d",
+        days.to_str().unwrap(),
+        "--db",
+        &other,
+        "--bulk",
+        "--day",
+        "tuesday",
     ]));
     let mut o = common::pg::open(&other);
     assert_eq!(o.count_samples(&by_source("monday")).unwrap(), 0);
-    assert_eq!(o.count_samples(&by_source("tuesday")).unwrap(), expected[1] as u64);
+    assert_eq!(
+        o.count_samples(&by_source("tuesday")).unwrap(),
+        expected[1] as u64
+    );
 }
 
 /// Tuesday's stored user labels agree with the true labels at the requested rate (within 5
@@ -170,7 +202,10 @@ fn rate_over_a_bounded_duration(db: &TestDb) {
     let took = start.elapsed();
     let rows = db.open().count_samples(&SampleFilter::default()).unwrap();
     assert!((49..=51).contains(&rows), "{rows} rows; {out}");
-    assert!(out.contains(&format!("streamed {rows} at 25 rows/s")), "{out}");
+    assert!(
+        out.contains(&format!("streamed {rows} at 25 rows/s")),
+        "{out}"
+    );
     assert!(took >= Duration::from_millis(1900), "{took:?}");
     // Streamed records are drawn from the manifests and keep their true labels.
     let mut store = db.open();
@@ -180,7 +215,15 @@ fn rate_over_a_bounded_duration(db: &TestDb) {
 
     // --limit bounds by count.
     let out = success(&bccp(&[
-        "generate", "-d", days.to_str().unwrap(), "--db", &db.url, "--rate", "1000/s", "--limit", "7",
+        "generate",
+        "-d",
+        days.to_str().unwrap(),
+        "--db",
+        &db.url,
+        "--rate",
+        "1000/s",
+        "--limit",
+        "7",
     ]));
     assert!(out.contains("streamed 7"), "{out}");
     assert_eq!(
@@ -200,7 +243,13 @@ fn ingest_rejects_and_reports_bad_images_and_duplicates(db: &TestDb) {
     let png = std::fs::read(root.join("class1/img001.png")).unwrap();
     std::fs::write(root.join("class1/trunc.png"), &png[..png.len() / 2]).unwrap();
 
-    let args = ["ingest", "--db", &db.url, "--folder", root.to_str().unwrap()];
+    let args = [
+        "ingest",
+        "--db",
+        &db.url,
+        "--folder",
+        root.to_str().unwrap(),
+    ];
     let out = bccp(&args);
     let stdout = success(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -209,7 +258,10 @@ fn ingest_rejects_and_reports_bad_images_and_duplicates(db: &TestDb) {
         "{stdout}"
     );
     assert!(stderr.contains("copy.png"), "{stderr}");
-    assert!(stderr.contains("bad.png") && stderr.contains("trunc.png"), "{stderr}");
+    assert!(
+        stderr.contains("bad.png") && stderr.contains("trunc.png"),
+        "{stderr}"
+    );
 
     let mut store = db.open();
     let rows = store.samples(&SampleFilter::default(), 100).unwrap();
@@ -224,17 +276,27 @@ fn ingest_rejects_and_reports_bad_images_and_duplicates(db: &TestDb) {
         assert!(reason.starts_with("undecodable: "), "{reason}");
         assert!(reason.contains(&r.image_path), "{reason}");
     }
-    assert!(rejected.iter().any(|r| r.status.reason().unwrap().contains("truncated")));
+    assert!(rejected
+        .iter()
+        .any(|r| r.status.reason().unwrap().contains("truncated")));
     assert_eq!(store.classes().unwrap(), ["class0", "class1"]);
-    let accepted: Vec<_> = rows.iter().filter(|s| s.status == SampleStatus::Accepted).collect();
-    assert!(accepted.iter().all(|s| s.label_true.is_none() && s.split == Split::Train));
+    let accepted: Vec<_> = rows
+        .iter()
+        .filter(|s| s.status == SampleStatus::Accepted)
+        .collect();
+    assert!(accepted
+        .iter()
+        .all(|s| s.label_true.is_none() && s.split == Split::Train));
     assert!(accepted
         .iter()
         .all(|s| s.label_given == i64::from(s.image_path.contains("/class1/"))));
     drop(store);
 
     let again = success(&bccp(&args));
-    assert!(again.contains("accepted 0, duplicates 9, rejected 0"), "{again}");
+    assert!(
+        again.contains("accepted 0, duplicates 9, rejected 0"),
+        "{again}"
+    );
 
     // JSON Lines: a new image with a label name and an offset timestamp; a missing file.
     let new = db.dir.path().join("new.png");
@@ -249,8 +311,19 @@ fn ingest_rejects_and_reports_bad_images_and_duplicates(db: &TestDb) {
          {\"path\": \"missing.png\", \"label\": 0}\n",
     )
     .unwrap();
-    let out = success(&bccp(&["ingest", "--db", &db.url, "--jsonl", jsonl.to_str().unwrap(), "--source", "camera"]));
-    assert!(out.contains("accepted 1, duplicates 0, rejected 1 (unreadable 1)"), "{out}");
+    let out = success(&bccp(&[
+        "ingest",
+        "--db",
+        &db.url,
+        "--jsonl",
+        jsonl.to_str().unwrap(),
+        "--source",
+        "camera",
+    ]));
+    assert!(
+        out.contains("accepted 1, duplicates 0, rejected 1 (unreadable 1)"),
+        "{out}"
+    );
     let mut store = db.open();
     let camera = store.samples(&by_source("camera"), 10).unwrap();
     assert_eq!(camera.len(), 2);
@@ -259,8 +332,18 @@ fn ingest_rejects_and_reports_bad_images_and_duplicates(db: &TestDb) {
     assert!(camera[1].status.reason().unwrap().contains("missing.png"));
 
     // A malformed line is an error naming the line, before anything is written.
-    std::fs::write(&jsonl, "{\"path\": \"new.png\", \"label\": 1}\n{\"path\": 3}\n").unwrap();
-    let err = failure(&bccp(&["ingest", "--db", &db.url, "--jsonl", jsonl.to_str().unwrap()]));
+    std::fs::write(
+        &jsonl,
+        "{\"path\": \"new.png\", \"label\": 1}\n{\"path\": 3}\n",
+    )
+    .unwrap();
+    let err = failure(&bccp(&[
+        "ingest",
+        "--db",
+        &db.url,
+        "--jsonl",
+        jsonl.to_str().unwrap(),
+    ]));
     assert!(err.contains("feed.jsonl, line 2"), "{err}");
     assert_eq!(store.count_samples(&SampleFilter::default()).unwrap(), 10);
 }
@@ -296,7 +379,10 @@ fn ctrl_c_keeps_committed_rows(db: &TestDb) {
         if rows >= 10 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "no rows streamed");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no rows streamed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let status = Command::new("kill")
@@ -306,7 +392,10 @@ fn ctrl_c_keeps_committed_rows(db: &TestDb) {
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let stdout = success(&out);
-    assert!(stdout.contains("stopped by signal 2, committed rows kept"), "{stdout}");
+    assert!(
+        stdout.contains("stopped by signal 2, committed rows kept"),
+        "{stdout}"
+    );
     let streamed: u64 = stdout
         .split("streamed ")
         .nth(1)
@@ -363,7 +452,15 @@ fn generator_survives_killed_postgres_connections() {
         })
     };
     let out = bccp(&[
-        "generate", "-d", days.to_str().unwrap(), "--db", &url, "--rate", "100/s", "--duration", "3s",
+        "generate",
+        "-d",
+        days.to_str().unwrap(),
+        "--db",
+        &url,
+        "--rate",
+        "100/s",
+        "--duration",
+        "3s",
     ]);
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let kills = killer.join().unwrap();
@@ -377,7 +474,11 @@ fn generator_survives_killed_postgres_connections() {
         .client("bccp_test")
         .query_one("SELECT COUNT(*), COUNT(DISTINCT ikey) FROM samples", &[])
         .unwrap();
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (300, 300), "{stdout}");
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (300, 300),
+        "{stdout}"
+    );
 }
 
 /// Bad flags fail with messages that name them.
@@ -387,15 +488,39 @@ fn bad_flags_are_named() {
     let days = common::prepared_small(dir.path());
     let d = days.to_str().unwrap();
     let db = format!("sqlite:{}", dir.path().join("s.sqlite3").display());
-    let err = failure(&bccp(&["generate", "-d", d, "--db", "mysql://x/y", "--bulk"]));
-    assert!(err.contains("invalid --db") && err.contains("sqlite:PATH"), "{err}");
+    let err = failure(&bccp(&[
+        "generate",
+        "-d",
+        d,
+        "--db",
+        "mysql://x/y",
+        "--bulk",
+    ]));
+    assert!(
+        err.contains("invalid --db") && err.contains("sqlite:PATH"),
+        "{err}"
+    );
     let err = failure(&bccp(&["generate", "-d", d, "--db", &db, "--rate", "5/s"]));
-    assert!(err.contains("--duration") && err.contains("--limit"), "{err}");
-    let err = failure(&bccp(&["generate", "-d", d, "--db", &db, "--rate", "fast", "--limit", "1"]));
+    assert!(
+        err.contains("--duration") && err.contains("--limit"),
+        "{err}"
+    );
+    let err = failure(&bccp(&[
+        "generate", "-d", d, "--db", &db, "--rate", "fast", "--limit", "1",
+    ]));
     assert!(err.contains("--rate"), "{err}");
     let err = failure(&bccp(&["generate", "-d", d, "--db", &db]));
     assert!(err.contains("--bulk") && err.contains("--rate"), "{err}");
-    let err = failure(&bccp(&["generate", "-d", d, "--db", &db, "--bulk", "--user-accuracy", "2"]));
+    let err = failure(&bccp(&[
+        "generate",
+        "-d",
+        d,
+        "--db",
+        &db,
+        "--bulk",
+        "--user-accuracy",
+        "2",
+    ]));
     assert!(err.contains("--user-accuracy"), "{err}");
     let err = failure(&bccp(&["ingest", "--db", &db]));
     assert!(err.contains("--folder") && err.contains("--jsonl"), "{err}");

@@ -70,7 +70,11 @@ fn default_view(dataset: &std::path::Path) -> Option<String> {
 }
 
 pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
-    let rate = args.rate.as_deref().map(store::generate::parse_rate).transpose()?;
+    let rate = args
+        .rate
+        .as_deref()
+        .map(store::generate::parse_rate)
+        .transpose()?;
     let duration = args
         .duration
         .as_deref()
@@ -122,7 +126,11 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     println!(
         "generated into {}: bulk {}{}, streamed {}{} in {:.1} s{}{}",
         db.location(),
-        if bulk.is_empty() { "-".to_owned() } else { bulk.join(", ") },
+        if bulk.is_empty() {
+            "-".to_owned()
+        } else {
+            bulk.join(", ")
+        },
         match summary.already_stored {
             0 => String::new(),
             n => format!(" ({n} already stored)"),

@@ -51,7 +51,10 @@ pub fn run(args: IngestArgs) -> Result<()> {
     for note in &summary.notes {
         match note {
             Note::Duplicate { path } => {
-                eprintln!("note: duplicate skipped (same content already stored): {}", path.display())
+                eprintln!(
+                    "note: duplicate skipped (same content already stored): {}",
+                    path.display()
+                )
             }
             Note::Rejected { reason, .. } => eprintln!("note: rejected: {reason}"),
         }

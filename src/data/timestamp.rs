@@ -120,11 +120,20 @@ mod tests {
     fn rfc3339_to_unix_seconds() {
         let base = 1_704_067_200; // 2024-01-01T00:00:00Z
         assert_eq!(parse_rfc3339("2024-01-01T00:00:00Z"), Some(base));
-        assert_eq!(parse_rfc3339("2024-01-01T09:30:05.75Z"), Some(base + 34_205));
+        assert_eq!(
+            parse_rfc3339("2024-01-01T09:30:05.75Z"),
+            Some(base + 34_205)
+        );
         assert_eq!(parse_rfc3339("2024-01-01T09:00:00+09:00"), Some(base));
         assert_eq!(parse_rfc3339("2023-12-31T23:00:00-01:00"), Some(base));
         assert_eq!(parse_rfc3339("2024-01-01 00:00:00z"), Some(base));
-        for bad in ["2024-01-01", "2024-01-01T24:00:00Z", "2024-01-01T00:00:00+24:00", "2024-01-01T00:00:00.Z", "2024-01-01T00:00:00"] {
+        for bad in [
+            "2024-01-01",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:00:00+24:00",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00",
+        ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }

@@ -194,7 +194,11 @@ fn check(opts: &GenerateOptions) -> Result<()> {
     }
     if let Some(rate) = opts.rate {
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(StoreError::invalid("--rate", rate, "a positive number of rows per second"));
+            return Err(StoreError::invalid(
+                "--rate",
+                rate,
+                "a positive number of rows per second",
+            ));
         }
     } else if opts.bound != StreamBound::default() {
         return Err(StoreError::invalid(
@@ -204,10 +208,18 @@ fn check(opts: &GenerateOptions) -> Result<()> {
         ));
     }
     if !(0.0..=1.0).contains(&opts.gate_fraction) {
-        return Err(StoreError::invalid("--gate-fraction", opts.gate_fraction, "a share in [0, 1]"));
+        return Err(StoreError::invalid(
+            "--gate-fraction",
+            opts.gate_fraction,
+            "a share in [0, 1]",
+        ));
     }
     if opts.days.is_empty() {
-        return Err(StoreError::invalid("--day", "none", "monday, tuesday or both"));
+        return Err(StoreError::invalid(
+            "--day",
+            "none",
+            "monday, tuesday or both",
+        ));
     }
     if opts.batch_size == 0 {
         return Err(StoreError::invalid("batch size", 0, "at least 1"));
@@ -234,7 +246,8 @@ pub fn generate(
     check(opts)?;
     let info = read_dataset_info(&opts.dataset)?;
     let classes = info.classes.len();
-    let root = std::fs::canonicalize(&opts.dataset).map_err(|e| StoreError::io(&opts.dataset, e))?;
+    let root =
+        std::fs::canonicalize(&opts.dataset).map_err(|e| StoreError::io(&opts.dataset, e))?;
     let root_str = root
         .to_str()
         .ok_or_else(|| StoreError::invalid("--dataset", root.display(), "a UTF-8 path"))?
@@ -243,7 +256,10 @@ pub fn generate(
     let class_idx = store.ensure_classes(&info.classes)?;
 
     let manifest = |day: Day| {
-        read_manifest_for(&opts.dataset.join(format!("{}.jsonl", day.as_str())), classes)
+        read_manifest_for(
+            &opts.dataset.join(format!("{}.jsonl", day.as_str())),
+            classes,
+        )
     };
     let mut per_day: Vec<(Day, Vec<Record>)> = Vec::new();
     for &day in &opts.days {
@@ -262,7 +278,8 @@ pub fn generate(
             records.iter().map(|r| r.target).collect()
         };
         for (record, g) in records.iter().zip(given) {
-            let gate = Rng::derive(opts.seed, GATE_STREAM + record.id).bernoulli(opts.gate_fraction);
+            let gate =
+                Rng::derive(opts.seed, GATE_STREAM + record.id).bernoulli(opts.gate_fraction);
             items.push((
                 *day,
                 Item {
@@ -298,8 +315,11 @@ pub fn generate(
     // Bulk: every record, in batches.
     if opts.bulk {
         for &(day, _) in &per_day {
-            let day_items: Vec<&Item> =
-                items.iter().filter(|(d, _)| *d == day).map(|(_, i)| i).collect();
+            let day_items: Vec<&Item> = items
+                .iter()
+                .filter(|(d, _)| *d == day)
+                .map(|(_, i)| i)
+                .collect();
             let mut inserted = 0u64;
             for chunk in day_items.chunks(opts.batch_size) {
                 if stop() {
@@ -345,7 +365,11 @@ pub fn generate(
         return Ok(summary);
     };
     if items.is_empty() {
-        return Err(StoreError::invalid("--day", "the days chosen", "days with records to stream"));
+        return Err(StoreError::invalid(
+            "--day",
+            "the days chosen",
+            "days with records to stream",
+        ));
     }
     let target = stream_target(rate, opts.bound);
     let run_id = format!(
@@ -376,7 +400,9 @@ pub fn generate(
             break;
         }
         let elapsed = start.elapsed().as_secs_f64();
-        let due = ((elapsed * rate).floor() as u64).saturating_add(1).min(target);
+        let due = ((elapsed * rate).floor() as u64)
+            .saturating_add(1)
+            .min(target);
         if due <= seq {
             let wait = (seq as f64 / rate - elapsed).clamp(0.001, 0.05);
             std::thread::sleep(Duration::from_secs_f64(wait));
@@ -429,7 +455,10 @@ mod tests {
         assert_eq!(parse_rate("120/min").unwrap(), 2.0);
         assert_eq!(parse_rate("0.5/s").unwrap(), 0.5);
         for bad in ["0", "-1/s", "x", "5/day", "inf"] {
-            assert!(parse_rate(bad).unwrap_err().to_string().contains("--rate"), "{bad}");
+            assert!(
+                parse_rate(bad).unwrap_err().to_string().contains("--rate"),
+                "{bad}"
+            );
         }
         let d = |s: &str| parse_duration(s).unwrap();
         assert_eq!(d("10"), Some(Duration::from_secs(10)));
@@ -439,7 +468,13 @@ mod tests {
         assert_eq!(d("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(d("forever"), None);
         for bad in ["", "-1s", "10 days", "s"] {
-            assert!(parse_duration(bad).unwrap_err().to_string().contains("--duration"), "{bad}");
+            assert!(
+                parse_duration(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("--duration"),
+                "{bad}"
+            );
         }
     }
 

@@ -72,7 +72,11 @@ impl IngestSummary {
             self.accepted, self.duplicates
         );
         if rejected > 0 {
-            let kinds: Vec<String> = self.rejected.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            let kinds: Vec<String> = self
+                .rejected
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
             line.push_str(&format!(" ({})", kinds.join(", ")));
         }
         line

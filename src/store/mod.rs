@@ -359,9 +359,7 @@ pub fn open_at_version(url: &DbUrl, version: u32) -> Result<Box<dyn Store>> {
 pub fn check_identifier(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         && !name.as_bytes()[0].is_ascii_digit();
     if ok {
         Ok(())
@@ -392,7 +390,14 @@ mod tests {
         for ok in ["fashion_mnist", "_x", "T1"] {
             assert!(check_identifier(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "1x", "a-b", "a b", "x;drop table samples", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "1x",
+            "a-b",
+            "a b",
+            "x;drop table samples",
+            &"a".repeat(64),
+        ] {
             let err = check_identifier(bad).unwrap_err().to_string();
             assert!(err.contains("view name"), "{err}");
         }

@@ -160,7 +160,11 @@ pub(crate) fn filter_sql(
         bind("source = ?", Param::Text(source.clone()), &mut clauses);
     }
     if let Some(split) = filter.split {
-        bind("split = ?", Param::Text(split.as_str().into()), &mut clauses);
+        bind(
+            "split = ?",
+            Param::Text(split.as_str().into()),
+            &mut clauses,
+        );
     }
     if let Some(accepted) = filter.accepted {
         let status = if accepted { "accepted" } else { "rejected" };

@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{
+    params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
+};
 
 use super::error::{Result, StoreError};
 use super::retry::{Backoff, RETRY_WINDOW};
@@ -134,10 +136,11 @@ impl SqliteStore {
         let location = self.location.clone();
         let found = self.transaction("migrating the schema", true, |tx| {
             tx.execute_batch(CREATE_VERSION_TABLE)?;
-            let current: i64 =
-                tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| {
-                    r.get(0)
-                })?;
+            let current: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+                [],
+                |r| r.get(0),
+            )?;
             let current = current as u32;
             if current > SCHEMA_VERSION {
                 return Ok(current);
@@ -173,11 +176,7 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 }
 
 fn bad_column(index: usize, message: String) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(
-        index,
-        rusqlite::types::Type::Text,
-        message.into(),
-    )
+    rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, message.into())
 }
 
 fn sample_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sample> {
@@ -229,9 +228,11 @@ impl Store for SqliteStore {
 
     fn schema_version(&mut self) -> Result<u32> {
         let v: i64 = self.transaction("reading the schema version", false, |tx| {
-            tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| {
-                r.get(0)
-            })
+            tx.query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+                [],
+                |r| r.get(0),
+            )
         })?;
         Ok(v as u32)
     }
@@ -257,10 +258,12 @@ impl Store for SqliteStore {
             )?;
             names
                 .iter()
-                .map(|name| match find.query_row([name], |r| r.get(0)).optional()? {
-                    Some(idx) => Ok(idx),
-                    None => add.query_row([name], |r| r.get(0)),
-                })
+                .map(
+                    |name| match find.query_row([name], |r| r.get(0)).optional()? {
+                        Some(idx) => Ok(idx),
+                        None => add.query_row([name], |r| r.get(0)),
+                    },
+                )
                 .collect()
         })
     }

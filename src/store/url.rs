@@ -156,7 +156,10 @@ mod tests {
             let err = DbUrl::parse(text).unwrap_err().to_string();
             assert!(err.starts_with("invalid --db"), "{err}");
             assert!(err.contains(why), "{err}");
-            assert!(err.contains("sqlite:PATH") && err.contains("postgres://"), "{err}");
+            assert!(
+                err.contains("sqlite:PATH") && err.contains("postgres://"),
+                "{err}"
+            );
         }
     }
 }

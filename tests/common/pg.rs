@@ -63,7 +63,10 @@ impl PgServer {
     pub fn start() -> Self {
         let bin = pg_bin();
         let as_postgres = is_root();
-        let dir = tempfile::Builder::new().prefix("bccp-pg").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("bccp-pg")
+            .tempdir()
+            .unwrap();
         if as_postgres {
             let status = Command::new("chown")
                 .args(["postgres:postgres"])
@@ -201,7 +204,14 @@ impl Drop for PgServer {
         let data = self.data();
         let _ = self.run(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
     }
 }
