@@ -76,4 +76,4 @@ for r in "${results[@]}"; do
   IFS='|' read -r label n s <<<"$r"
   python3 -c "import sys; n,s,ref=int(sys.argv[2]),float(sys.argv[3]),float(sys.argv[4]); print(f'{sys.argv[1]:<52} {n:>8} {s:>9.2f} {n/s:>10.0f} {n/s/ref:>11.1f}×')" "$label" "$n" "$s" "$ref_rate"
 done
-echo "($(nproc) cores; PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') with fsync on; SQLite WAL, synchronous=FULL)"
+echo "($(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') with fsync on; SQLite WAL, synchronous=FULL)"
