@@ -4,7 +4,9 @@
 //
 // l1_topk_f32: a block takes L1_QUERIES queries (kept in shared memory) and scans every
 //   candidate; each thread keeps a private top-k per query over the candidates it visits,
-//   then the block merges them. Optional classes skip same-class candidates.
+//   then the block merges them, reusing the query area for the merge buffers once every thread
+//   is past the scan (shared memory = max(queries, merge buffers)). Optional classes skip
+//   same-class candidates.
 // topk_rows_f32: the fused epilogue after a GEMM tile of dot products [q, n]:
 //   key = mode 0: cand_sq_norm[j] - 2 * dot (L2 without the per-query constant)
 //         mode 1: -dot (cosine on normalised rows)
@@ -43,14 +45,15 @@ __device__ void block_merge(float* s_keys, long long* s_idx, int k, float* out_k
   }
 }
 
-extern "C" __global__ void l1_topk_f32(
+extern "C" __global__ void __launch_bounds__(THREADS) l1_topk_f32(
     const float* __restrict__ q, const float* __restrict__ c,
     const long long* __restrict__ q_class, const long long* __restrict__ c_class,
     float* __restrict__ out_keys, long long* __restrict__ out_idx,
     int nq, int nc, int dim, int k) {
   extern __shared__ unsigned char shared[];
   float* s_q = (float*)shared;                                   // L1_QUERIES * dim
-  float* s_keys = s_q + L1_QUERIES * dim;                         // THREADS * k
+  // The merge buffers alias the query area: written only after the barrier below the scan.
+  float* s_keys = (float*)shared;                                 // THREADS * k
   long long* s_idx = (long long*)(s_keys + THREADS * k + (THREADS * k) % 2);  // THREADS * k
   int q0 = blockIdx.x * L1_QUERIES;
   int nqb = min(L1_QUERIES, nq - q0);
@@ -75,6 +78,7 @@ extern "C" __global__ void l1_topk_f32(
       push(keys[a], idx[a], k, acc[a], cand);
     }
   }
+  __syncthreads();  // every thread is done with s_q before the merge buffers overwrite it
   for (int a = 0; a < nqb; ++a) {
     for (int j = 0; j < k; ++j) {
       s_keys[threadIdx.x * k + j] = keys[a][j];
@@ -87,7 +91,7 @@ extern "C" __global__ void l1_topk_f32(
 }
 
 // One block per row of the dot-product tile.
-extern "C" __global__ void topk_rows_f32(
+extern "C" __global__ void __launch_bounds__(THREADS) topk_rows_f32(
     const float* __restrict__ dots, const float* __restrict__ c_sq_norm,
     const long long* __restrict__ q_class, const long long* __restrict__ c_class,
     float* __restrict__ out_keys, long long* __restrict__ out_idx,

@@ -10,10 +10,15 @@
 #                                          BCCP_CUDA_TESTS_DEVICE=cpu, a stub libcuda), the
 #                                          comparison with --cpu-smoke; proves the plumbing only
 # Steps, each under `timeout` within an overall budget (BCCP_GPU_CHECK_BUDGET_S, default 330 s):
-#   1. nvidia-smi (missing → stop: not a GPU machine)
+#   1. nvidia-smi (missing → stop: not a GPU machine); the driver must be 580 or newer (CUDA
+#      13.0, what the bundle's PTX and libraries are built for), else stop saying so
 #   2. PyTorch's CUDA libraries (site-packages nvidia/*/lib and torch/lib) → LD_LIBRARY_PATH;
-#      every library the executables need must resolve (ldd), else stop with the list
-#   3. bin/tests/cuda (tests/cuda.rs: CUDA against CPU), bin/tests/lib (unit tests)
+#      PyTorch's CUDA must be 13.x; every library the executables need must resolve (ldd),
+#      else stop with the list of what is missing and the versions found
+#   3. bin/tests/cuda (tests/cuda.rs: CUDA against CPU), each test in its own process (a fault
+#      must not poison the CUDA context of the others), then bin/tests/lib (unit tests);
+#      compute-sanitizer memcheck and racecheck over the small tests when the machine has it
+#      (recorded "not supported" otherwise)
 #   4. the bccp command on CUDA: embed two photos, closest pairs among them
 #   5. bin/benches/distance, criterion group distance_cuda (--warm-up-time 1 --measurement-time 3)
 #   6. scripts/gpu_compare.py: PyTorch against bccp on the same card (its perf_* probes)
@@ -156,6 +161,11 @@ else
         finish
     fi
     cat "$LOGS/nvidia-smi.txt"
+    driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+    if [[ ! ${driver%%.*} =~ ^[0-9]+$ ]] || ((${driver%%.*} < 580)); then
+        record nvidia-smi fail 0 "driver '${driver:-unknown}' is older than 580: the bundle is built for CUDA 13.0, which needs driver 580 or newer"
+        finish
+    fi
     record nvidia-smi pass 0 "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
 fi
 
@@ -182,6 +192,10 @@ fi
 TORCH_INFO=$("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")' 2>&1)
 if ((!CPU_MODE)) && [[ $TORCH_INFO != *"GPU: "* || $TORCH_INFO == *"GPU: none" ]]; then
     record torch fail 0 "torch sees no GPU: $TORCH_INFO"
+    finish
+fi
+if ((!CPU_MODE)) && [[ $TORCH_INFO != *" cuda 13."* ]]; then
+    record torch fail 0 "torch's CUDA is not 13.x ($TORCH_INFO): the bundle links CUDA 13 libraries (libcublas.so.13, libcudart.so.13, libnvrtc.so.13, libcurand.so.10); install a PyTorch built for CUDA 13"
     finish
 fi
 record torch pass 0 "$PY: torch $TORCH_INFO"
@@ -241,17 +255,24 @@ except TypeError:
         [[ -x $exe ]] && ldd "$exe" 2>/dev/null | awk -v e="$exe" '/not found/ {print e": "$1}'
     done | sort -u)
     if [[ -n $missing ]]; then
-        record libraries fail 0 "unresolved: $(echo "$missing" | tr '\n' ' ')(LD_LIBRARY_PATH from $PY's torch: $LIBDIRS)"
+        found=$(for d in ${LIBDIRS//:/ }; do ls "$d" 2>/dev/null; done | grep -E '^lib(cublas|cublasLt|cudart|nvrtc|curand)\.so\.[0-9]+$' | sort -u | tr '\n' ' ')
+        record libraries fail 0 "unresolved: $(echo "$missing" | tr '\n' ' ')(LD_LIBRARY_PATH from $PY's torch: $LIBDIRS; CUDA libraries there: ${found:-none})"
         finish
     fi
     record libraries pass 0 "$(ldd "$BIN/tests/cuda" | grep -E 'lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)\.so' | awk '{print $1"→"$3}' | tr '\n' ' ')"
     head -3 BUNDLE.txt 2>/dev/null
 
     # ---- 3. tests ------------------------------------------------------------------------------
-    test_exe() { # test_exe NAME EXE MAX [ENV...]
+    test_exe() { # test_exe NAME EXE MAX [ENV...] [-- ARGS...]
         local name=$1 exe=$2 max=$3
         shift 3
-        run_step "$name" "$max" "$LOGS/$name.log" env "$@" "$exe" || return
+        local envs=()
+        while (($#)) && [[ $1 != -- ]]; do
+            envs+=("$1")
+            shift
+        done
+        (($#)) && shift
+        run_step "$name" "$max" "$LOGS/$name.log" env "${envs[@]}" "$exe" "$@" || return
         local summary
         summary=$(grep -E '^test result:' "$LOGS/$name.log" | tail -1)
         local failures
@@ -263,11 +284,40 @@ except TypeError:
             grep -E -A12 '^---- .* stdout ----' "$LOGS/$name.log" | head -40 | sed 's/^/    /'
         fi
     }
-    if ((CPU_MODE)); then
-        test_exe tests-cuda "$BIN/tests/cuda" 240 BCCP_CUDA_TESTS_DEVICE=cpu
-    else
-        test_exe tests-cuda "$BIN/tests/cuda" 120
+    # One process per test of tests/cuda.rs: a launch failure or a fault poisons the CUDA
+    # context of its process only, so every other test still reports.
+    cuda_env=()
+    ((CPU_MODE)) && cuda_env=(BCCP_CUDA_TESTS_DEVICE=cpu)
+    mapfile -t cuda_tests < <("$BIN/tests/cuda" --list --format terse 2>/dev/null | sed -n 's/: test$//p')
+    if ((${#cuda_tests[@]} == 0)); then
+        record tests-cuda fail 0 "$BIN/tests/cuda lists no tests: $("$BIN/tests/cuda" --list 2>&1 | tail -1)"
     fi
+    for t in "${cuda_tests[@]}"; do
+        # perf_* probes are measurements for step 6, not checks.
+        [[ $t == perf_* ]] && continue
+        test_exe "cuda-$t" "$BIN/tests/cuda" 90 "${cuda_env[@]}" -- --exact "$t"
+    done
+    # compute-sanitizer over the small cases: out-of-bounds and misaligned accesses (memcheck),
+    # shared-memory races of the merge (racecheck).
+    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    small=(distance_sliced_inputs_match_cpu distance_small_and_sparse_candidate_sets_match_cpu
+        distance_l1_at_1280_dims_runs_on_the_kernels depthwise_matches_cpu_forward_and_backward)
+    for tool in memcheck racecheck; do
+        if ((CPU_MODE)) || [[ -z $sanitizer ]]; then
+            record "sanitizer-$tool" skipped 0 "not supported here ($( ((CPU_MODE)) && echo 'dry run' || echo 'no compute-sanitizer'))"
+            continue
+        fi
+        for t in "${small[@]}"; do
+            log=$LOGS/sanitizer-$tool-$t.log
+            run_step "sanitizer-$tool-$t" 100 "$log" "$sanitizer" --tool "$tool" --error-exitcode 3 \
+                "$BIN/tests/cuda" --exact "$t" || continue
+            if ((STEP_RC == 0)); then
+                record "sanitizer-$tool-$t" pass "$STEP_S" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+            else
+                record "sanitizer-$tool-$t" fail "$STEP_S" "exit $STEP_RC: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard' "$log" | head -3 | tr '\n' ' ')"
+            fi
+        done
+    done
     # The library's unit tests (CPU code, built with the cuda feature; device tests see the GPU).
     [[ -x $BIN/tests/lib ]] && ((!CPU_MODE)) && test_exe tests-lib "$BIN/tests/lib" 60
 

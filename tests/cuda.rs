@@ -4,7 +4,7 @@
 
 mod common;
 
-use bccp::distance::{search, search_host, Metric, Search};
+use bccp::distance::{search, search_host, take_rechecks, Metric, Neighbors, Search};
 use bccp::ops::{depthwise_conv2d, DepthwiseParams};
 use bccp::rng::Rng;
 use candle_core::{Device, Tensor, Var};
@@ -24,57 +24,242 @@ fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.unit_f64() as f32 - 0.5).collect()
 }
 
-#[test]
-fn distance_search_matches_cpu() {
-    let dev = gpu();
-    let mut rng = Rng::new(3);
-    for &(nq, nc, dim) in &[(7, 33, 3), (100, 5000, 512), (1, 20000, 1280)] {
-        let q = random(&mut rng, nq * dim);
-        let c = random(&mut rng, nc * dim);
-        let qc: Vec<i64> = (0..nq as i64).map(|i| i % 3).collect();
-        let cc: Vec<i64> = (0..nc as i64).map(|i| i % 4).collect();
-        let tq = Tensor::from_slice(&q, (nq, dim), &dev).unwrap();
-        let tc = Tensor::from_slice(&c, (nc, dim), &dev).unwrap();
-        for metric in [Metric::L1, Metric::L2, Metric::Cosine] {
-            for (k, other) in [(1, false), (5, true)] {
+fn on_cuda(dev: &Device) -> bool {
+    matches!(dev, Device::Cuda(_))
+}
+
+/// The device result equals the CPU path's: the same indices and bit-identical values (both
+/// re-rank by the same exact f32 values; tolerance 0).
+fn assert_same(got: &Neighbors, want: &Neighbors, ctx: &str) {
+    assert_eq!(got.k, want.k, "{ctx}");
+    assert_eq!(got.indices, want.indices, "{ctx}: indices");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got.values), bits(&want.values), "{ctx}: values");
+}
+
+/// `n` rows around `centres` centres: every fourth row an exact copy of its centre, the others
+/// moved by at most `spread` per coordinate (ties and near-ties that rounding can reorder).
+fn clustered(rng: &mut Rng, n: usize, dim: usize, centres: usize, spread: f64) -> Vec<f32> {
+    let c = random(rng, centres * dim);
+    let mut out = Vec::with_capacity(n * dim);
+    for i in 0..n {
+        for d in 0..dim {
+            let x = c[(i % centres) * dim + d];
+            let jitter = ((rng.unit_f64() * 2.0 - 1.0) * spread) as f32;
+            out.push(if i % 4 == 0 { x } else { x + jitter });
+        }
+    }
+    out
+}
+
+/// Runs every metric, each k and with and without the other-class rule on the device and on
+/// the CPU path, and compares them exactly.
+fn check_all(dev: &Device, q: &[f32], c: &[f32], dim: usize, ks: &[usize], ctx: &str) {
+    let (nq, nc) = (q.len() / dim, c.len() / dim);
+    let qc: Vec<i64> = (0..nq as i64).map(|i| i % 3).collect();
+    let cc: Vec<i64> = (0..nc as i64).map(|i| i % 4).collect();
+    let tq = Tensor::from_slice(q, (nq, dim), dev).unwrap();
+    let tc = Tensor::from_slice(c, (nc, dim), dev).unwrap();
+    for metric in [Metric::L1, Metric::L2, Metric::Cosine] {
+        for &k in ks {
+            for other in [false, true] {
                 let s = Search {
                     metric,
                     k,
                     other_class: other.then_some((&qc[..], &cc[..])),
                 };
-                let want = search_host(&q, &c, dim, &s).unwrap();
+                let want = search_host(q, c, dim, &s).unwrap();
                 let got = search(&tq, &tc, &s).unwrap();
-                let same = got
-                    .indices
-                    .iter()
-                    .zip(&want.indices)
-                    .filter(|(a, b)| a == b)
-                    .count();
-                assert!(
-                    same as f64 >= 0.99 * want.indices.len() as f64,
-                    "{metric:?} k={k}: {same}/{}",
-                    want.indices.len()
+                assert_same(
+                    &got,
+                    &want,
+                    &format!("{ctx} {metric:?} k={k} other={other}"),
                 );
-                for (a, b) in got.values.iter().zip(&want.values) {
-                    assert!(
-                        (a - b).abs() <= 1e-3 * b.abs().max(1.0),
-                        "{metric:?}: {a} vs {b}"
-                    );
-                }
             }
         }
     }
 }
 
 #[test]
+fn distance_random_inputs_match_cpu() {
+    let dev = gpu();
+    let mut rng = Rng::new(3);
+    // The last case crosses a query tile (4 096 rows) and a candidate tile (16 384 columns).
+    for &(nq, nc, dim) in &[
+        (7, 33, 3),
+        (100, 5000, 512),
+        (1, 20000, 1280),
+        (4100, 16400, 8),
+    ] {
+        let q = random(&mut rng, nq * dim);
+        let c = random(&mut rng, nc * dim);
+        check_all(
+            &dev,
+            &q,
+            &c,
+            dim,
+            &[1, 5],
+            &format!("Q={nq} N={nc} D={dim}"),
+        );
+    }
+}
+
+#[test]
+fn distance_sliced_inputs_match_cpu() {
+    // Row slices have a non-zero offset in their buffer (the case that used to recurse).
+    let dev = gpu();
+    let mut rng = Rng::new(4);
+    let dim = 24;
+    let (q_all, c_all) = (random(&mut rng, 50 * dim), random(&mut rng, 400 * dim));
+    let tq = Tensor::from_slice(&q_all, (50, dim), &dev).unwrap();
+    let tc = Tensor::from_slice(&c_all, (400, dim), &dev).unwrap();
+    let (q, c) = (
+        tq.narrow(0, 13, 20).unwrap(),
+        tc.narrow(0, 101, 250).unwrap(),
+    );
+    let (hq, hc) = (&q_all[13 * dim..33 * dim], &c_all[101 * dim..351 * dim]);
+    for metric in [Metric::L1, Metric::L2, Metric::Cosine] {
+        let s = Search {
+            metric,
+            k: 5,
+            other_class: None,
+        };
+        let want = search_host(hq, hc, dim, &s).unwrap();
+        assert_same(&search(&q, &c, &s).unwrap(), &want, &format!("{metric:?}"));
+    }
+}
+
+#[test]
+fn distance_duplicates_ties_and_every_k_match_cpu() {
+    // k = 17 is over the kernels' capacity (the generic path); k = 9 and 16 leave the TF32
+    // GEMM less than its margin (f32 GEMMs); exact duplicate clusters larger than the margin
+    // force host scans.
+    let dev = gpu();
+    let mut rng = Rng::new(5);
+    for &(nc, dim, spread) in &[(300, 16, 0.0), (300, 64, 1e-6), (2000, 128, 1e-4)] {
+        let c = clustered(&mut rng, nc, dim, 7, spread);
+        let q = clustered(&mut rng, 40, dim, 7, spread);
+        let ctx = format!("N={nc} D={dim} spread={spread}");
+        check_all(&dev, &q, &c, dim, &[1, 5, 9, 16, 17], &ctx);
+    }
+}
+
+#[test]
+fn distance_tf32_reordered_near_duplicates_match_cpu() {
+    // Neighbours closer together than TF32's rounding (2⁻¹⁰ relative) of the dot products:
+    // the TF32 keys reorder them, and only the exact re-ranking and the f32 re-check give the
+    // CPU's order.
+    let dev = gpu();
+    let mut rng = Rng::new(6);
+    let dim = 256;
+    let c = clustered(&mut rng, 3000, dim, 5, 3e-4);
+    let q = clustered(&mut rng, 64, dim, 5, 3e-4);
+    let _ = take_rechecks();
+    check_all(&dev, &q, &c, dim, &[1, 5], "near-duplicates");
+    if on_cuda(&dev) {
+        assert!(
+            take_rechecks().device_f32 > 0,
+            "some TF32 results could not be certified and were re-checked in f32"
+        );
+    }
+}
+
+#[test]
+fn distance_small_and_sparse_candidate_sets_match_cpu() {
+    let dev = gpu();
+    let mut rng = Rng::new(7);
+    // N < k + margin: every candidate is kept.
+    let (q, c) = (random(&mut rng, 9 * 5), random(&mut rng, 10 * 5));
+    check_all(&dev, &q, &c, 5, &[1, 5, 9], "N=10");
+    // Few eligible other-class candidates: class 1 holds 2 of 60 rows, so queries of class 0
+    // have 2 eligible candidates for k = 5 (three empty slots).
+    let dim = 6;
+    let (q, c) = (random(&mut rng, 8 * dim), random(&mut rng, 60 * dim));
+    let qc = vec![0i64; 8];
+    let cc: Vec<i64> = (0..60).map(|i| i64::from(i == 7 || i == 41)).collect();
+    let tq = Tensor::from_slice(&q, (8, dim), &dev).unwrap();
+    let tc = Tensor::from_slice(&c, (60, dim), &dev).unwrap();
+    for metric in [Metric::L1, Metric::L2, Metric::Cosine] {
+        let s = Search {
+            metric,
+            k: 5,
+            other_class: Some((&qc, &cc)),
+        };
+        let want = search_host(&q, &c, dim, &s).unwrap();
+        assert_eq!(
+            &want.indices[..5],
+            &[want.indices[0], want.indices[1], -1, -1, -1]
+        );
+        assert_same(
+            &search(&tq, &tc, &s).unwrap(),
+            &want,
+            &format!("{metric:?}"),
+        );
+    }
+}
+
+#[test]
+fn distance_zero_queries_give_an_empty_result() {
+    let dev = gpu();
+    let c = Tensor::ones((10, 4), candle_core::DType::F32, &dev).unwrap();
+    let q = c.narrow(0, 0, 0).unwrap();
+    for metric in [Metric::L1, Metric::L2, Metric::Cosine] {
+        let s = Search {
+            metric,
+            k: 3,
+            other_class: None,
+        };
+        let got = search(&q, &c, &s).unwrap();
+        assert!(
+            got.indices.is_empty() && got.values.is_empty(),
+            "{metric:?}"
+        );
+    }
+}
+
+#[test]
+fn distance_l1_at_1280_dims_runs_on_the_kernels() {
+    // 8 queries × 1 280 floats (40 KiB) plus the merge buffers used to exceed 48 KiB of shared
+    // memory for k > 2; the entry point below errors instead of falling back.
+    let dev = gpu();
+    let mut rng = Rng::new(8);
+    let dim = 1280;
+    let (q, c) = (random(&mut rng, 20 * dim), random(&mut rng, 3000 * dim));
+    let s = Search {
+        metric: Metric::L1,
+        k: 5,
+        other_class: None,
+    };
+    let tq = Tensor::from_slice(&q, (20, dim), &dev).unwrap();
+    let tc = Tensor::from_slice(&c, (3000, dim), &dev).unwrap();
+    let want = search_host(&q, &c, dim, &s).unwrap();
+    let got = if on_cuda(&dev) {
+        bccp::distance::search_kernels(&tq, &tc, &s).unwrap()
+    } else {
+        search(&tq, &tc, &s).unwrap()
+    };
+    assert_same(&got, &want, "L1 D=1280 k=5");
+}
+
+#[test]
 fn depthwise_matches_cpu_forward_and_backward() {
     let dev = gpu();
-    for (n, c, h, w, k, s, pad) in [
-        (2, 8, 17, 13, 3, 1, 1),
-        (1, 4, 16, 16, 5, 2, 2),
-        (3, 6, 9, 9, 3, 2, 0),
+    let asymmetric = |stride, (top, bottom, left, right)| DepthwiseParams {
+        stride,
+        pad_top: top,
+        pad_bottom: bottom,
+        pad_left: left,
+        pad_right: right,
+    };
+    for (n, c, h, w, k, p) in [
+        (2, 8, 17, 13, 3, DepthwiseParams::symmetric(1, 1)),
+        (1, 4, 16, 16, 5, DepthwiseParams::symmetric(2, 2)),
+        (3, 6, 9, 9, 3, DepthwiseParams::symmetric(2, 0)),
+        // TensorFlow's "same" padding at stride 2 (EfficientNet-Lite): one extra row and
+        // column at the bottom and right.
+        (2, 5, 12, 11, 3, asymmetric((2, 2), (0, 1, 0, 1))),
+        (1, 3, 10, 7, 3, asymmetric((1, 2), (1, 0, 2, 1))),
     ] {
-        let p = DepthwiseParams::symmetric(s, pad);
         let x = Tensor::randn(0f32, 1., (n, c, h, w), &Device::Cpu).unwrap();
         let wt = Tensor::randn(0f32, 1., (c, 1, k, k), &Device::Cpu).unwrap();
         let cpu_x = Var::from_tensor(&x).unwrap();
@@ -111,6 +296,20 @@ fn depthwise_matches_cpu_forward_and_backward() {
             ) < 1e-3
         );
     }
+}
+
+#[test]
+fn depthwise_empty_batch_gives_an_empty_output() {
+    // A batch of zero images (a view, so nothing of size zero is allocated): nothing is
+    // launched and the output has the right empty shape.
+    let dev = gpu();
+    let x = Tensor::randn(0f32, 1., (2, 4, 9, 9), &dev)
+        .unwrap()
+        .narrow(0, 0, 0)
+        .unwrap();
+    let w = Tensor::randn(0f32, 1., (4, 1, 3, 3), &dev).unwrap();
+    let y = depthwise_conv2d(&x, &w, DepthwiseParams::symmetric(2, 1)).unwrap();
+    assert_eq!(y.dims(), &[0, 4, 5, 5]);
 }
 
 /// A random linear head over `f` features and `c` classes on `dev`.

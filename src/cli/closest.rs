@@ -71,6 +71,19 @@ pub fn run(args: ClosestArgs) -> Result<()> {
             "note: {n} search(es) ran on the generic device path (tiles copied to the host), not the custom kernels: {why}"
         );
     }
+    let rechecks = bccp::distance::take_rechecks();
+    if rechecks.device_f32 > 0 {
+        eprintln!(
+            "note: {} queries' TF32 results could not be proven exact and were searched again in f32",
+            rechecks.device_f32
+        );
+    }
+    if rechecks.host_scan > 0 {
+        eprintln!(
+            "note: {} queries had more near-duplicate candidates than the re-ranking margin and were scanned in full",
+            rechecks.host_scan
+        );
+    }
     let empty = neighbors.indices.iter().filter(|&&i| i < 0).count();
     let note = match empty {
         0 => String::new(),

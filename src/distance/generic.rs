@@ -1,11 +1,13 @@
 //! The device-generic search: each tile of keys is computed with candle's tensor ops on the
 //! tensors' device (Metal, or CUDA until custom kernels are wired), copied to the host, and fed
-//! to the running top-k. Correct everywhere, fast nowhere; the CPU has its own path.
+//! to the running top-k of `k + RERANK` candidates, then re-ranked exactly on the host
+//! ([`super::exact`]). Correct everywhere, fast nowhere; the CPU has its own path.
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::exact::{KeyArith, Preselected, RERANK};
 use super::topk::RunningTopK;
-use super::{finish, validate, Metric, Neighbors, Search};
+use super::{exact_from_host, validate, Metric, Neighbors, Search};
 
 /// Elements of the largest temporary per tile (L1 broadcasts [rows, cols, D]).
 const TILE_ELEMENTS: usize = 1 << 24;
@@ -30,7 +32,7 @@ pub fn search(
         .to_vec1::<f32>()?;
     validate(&host_q, &host_c, dim, s)?;
 
-    let k = s.k;
+    let k = (s.k + RERANK).min(nc);
     let mut keys = vec![0f32; nq * k];
     let mut idx = vec![0i64; nq * k];
     let mut tops: Vec<RunningTopK> = keys
@@ -82,7 +84,21 @@ pub fn search(
         }
     }
     drop(tops);
-    Ok(finish(&host_q, &host_c, dim, s.metric, k, idx))
+    let pre = Preselected {
+        kept: k,
+        keys,
+        indices: idx,
+        everything: k == nc,
+    };
+    // f32 keys: bccp never switches candle's reduced-precision GEMM flag on.
+    Ok(exact_from_host(
+        &host_q,
+        &host_c,
+        dim,
+        s,
+        &pre,
+        KeyArith::F32,
+    ))
 }
 
 fn normalise(t: &Tensor) -> candle_core::Result<Tensor> {

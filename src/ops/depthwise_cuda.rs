@@ -37,6 +37,15 @@ pub(super) fn launch(
     let (b0, b1) = contiguous(b.1, "second input")?;
     let a_slice = a.0.as_cuda_slice::<f32>()?.slice(a0..a1);
     let b_slice = b.0.as_cuda_slice::<f32>()?.slice(b0..b1);
+    if out_len == 0 || a1 == a0 || b1 == b0 {
+        // An empty batch (or a zero-sized plane): nothing to launch (a grid of zero blocks is an
+        // invalid launch) and nothing to allocate (a zero-byte allocation is a CUDA error); the
+        // result is all zeros, in a one-element buffer since the tensor has out_len elements.
+        return Ok(CudaStorage::wrap_cuda_slice(
+            dev.alloc_zeros::<f32>(out_len.max(1))?,
+            dev,
+        ));
+    }
     let mut out = dev.alloc_zeros::<f32>(out_len)?;
     let name = match kernel {
         Kernel::Forward => "depthwise_fwd_f32",
