@@ -22,6 +22,7 @@ pub mod paths;
 pub mod pipeline;
 pub mod progress;
 pub mod registry;
+pub mod retrain;
 pub mod rng;
 pub mod runtime;
 pub mod sampling;

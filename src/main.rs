@@ -53,6 +53,11 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Feed the data store from an image folder or a JSON Lines file.
     Ingest(cli::ingest::IngestArgs),
+    /// One cycle of the self-cleansing loop: new samples, replay, cleansing, challengers, the
+    /// gate, and the champion alias moved when one wins.
+    Retrain(cli::retrain::RetrainArgs),
+    /// The loop in one process: store, optional generator, scheduled retrain cycles.
+    Up(cli::up::UpArgs),
     /// Run a grid of train runs from a TOML file; write results.csv, results.md and charts.
     Experiment(cli::experiment::ExperimentArgs),
 }
@@ -77,6 +82,8 @@ fn main() -> ExitCode {
         Command::Experiment(args) => cli::experiment::run(args),
         Command::Generate(args) => cli::generate::run(args, quiet),
         Command::Ingest(args) => cli::ingest::run(args),
+        Command::Retrain(args) => cli::retrain::run(args, quiet),
+        Command::Up(args) => cli::up::run(args, quiet),
     };
     // A command that failed because its outputs were removed under it by the SIGINT/SIGTERM
     // clean-up waits for that clean-up to end the process with the signal's exit code.

@@ -177,6 +177,30 @@ pub fn embed_stage(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result
     })
 }
 
+/// The rows of a reuse buffer (`features` [N, D], labels `targets`) that `cfg`'s sampling
+/// replays, in the order it chose them.
+pub fn replay_indices(cfg: &RunConfig, features: &Tensor, targets: &[u32]) -> Result<Vec<u32>> {
+    let (_, dim) = features.dims2()?;
+    let embeddings = features
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let targets: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
+    let buffer = ReuseBuffer {
+        embeddings: &embeddings,
+        dim,
+        targets: &targets,
+    };
+    let chosen = sampling::select(
+        &buffer,
+        cfg.sampling,
+        cfg.replay_ratio(),
+        cfg.sampling_mode,
+        cfg.seed,
+    )?;
+    Ok(chosen.iter().map(|s| s.index as u32).collect())
+}
+
 /// Runs the whole pipeline and registers the result; `progress` shows each stage.
 pub fn run(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result<RunOutcome> {
     cfg.validate()?;
@@ -231,25 +255,8 @@ pub fn run_embedded(
                     .collect()
             }
         };
-        let buffer_emb = part(0, n1)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let buffer_targets: Vec<i64> = mon_train.iter().map(|r| r.target as i64).collect();
-        let buffer = ReuseBuffer {
-            embeddings: &buffer_emb,
-            dim: spec.embedding_dim,
-            targets: &buffer_targets,
-        };
-        let chosen = sampling::select(
-            &buffer,
-            cfg.sampling,
-            cfg.replay_ratio(),
-            cfg.sampling_mode,
-            cfg.seed,
-        )?;
-        replayed = chosen.len();
-        let idx: Vec<u32> = chosen.iter().map(|s| s.index as u32).collect();
+        let idx = replay_indices(cfg, &part(0, n1)?, &truth(mon_train))?;
+        replayed = idx.len();
         let replay_x = part(0, n1)?.index_select(&Tensor::new(idx.as_slice(), device)?, 0)?;
         x_train = Tensor::cat(&[part(n1 + n2, n3)?, replay_x], 0)?;
         train_files = files(tue_train);
@@ -405,6 +412,7 @@ pub fn run_embedded(
             monday_test: ids(mon_test),
             tuesday_train: ids(tue_train),
             tuesday_test: ids(tue_test),
+            trained_on: Vec::new(),
         },
     };
     let mut tensors = head.tensors();

@@ -13,9 +13,11 @@ pub mod label_issues;
 pub mod models;
 pub mod predict;
 pub mod prepare;
+pub mod retrain;
 pub mod runs;
 pub mod sample;
 pub mod train;
+pub mod up;
 
 use std::path::PathBuf;
 

@@ -18,7 +18,9 @@ use candle_core::{Device, Tensor};
 
 use crate::backbone::cache::{hex, sha256};
 use crate::fsutil::{write_atomic, TempPath};
-pub use record::{files, metric, Provenance, RunMetrics, RunRecord, Split, StageSeconds};
+pub use record::{
+    files, metric, Provenance, RunMetrics, RunRecord, Split, StageSeconds, TrainedSample,
+};
 pub use trained::{Prediction, TrainedRun};
 
 /// What can go wrong in the registry; every message names the folder or file.

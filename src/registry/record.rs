@@ -149,6 +149,21 @@ pub struct Split {
     pub monday_test: Vec<u64>,
     pub tuesday_train: Vec<u64>,
     pub tuesday_test: Vec<u64>,
+    /// For a run of the self-cleansing loop: the data-store samples its head was trained on,
+    /// after cleansing, with the labels used (the next cycle's reuse buffer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trained_on: Vec<TrainedSample>,
+}
+
+/// One sample a loop run was trained on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainedSample {
+    /// Its id in the data store.
+    pub id: i64,
+    pub image_path: String,
+    /// The label trained with (as given, or as the cut-off relabelled it).
+    pub label: u32,
 }
 
 /// Everything a run folder holds besides its tensors.

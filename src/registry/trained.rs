@@ -116,6 +116,20 @@ impl TrainedRun {
         &self.record.labels
     }
 
+    /// The classification head.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+
+    /// Whether the run's features are the pretrained backbone's with weights `weights_sha256`
+    /// at `image_size` (so features computed elsewhere with those can go straight to
+    /// [`Self::head`]).
+    pub fn uses_features_of(&self, weights_sha256: &str, image_size: u32) -> bool {
+        matches!(self.features, Features::Pretrained(_))
+            && self.record.provenance.weights_sha256 == weights_sha256
+            && self.record.provenance.image_size == image_size
+    }
+
     /// Predicts every image (all must decode).
     pub fn predict(&self, images: &[PathBuf]) -> Result<Vec<Prediction>, RegistryError> {
         if images.is_empty() {

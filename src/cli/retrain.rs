@@ -1,0 +1,167 @@
+//! `bccp retrain`: one cycle of the self-cleansing loop over the data store — candidates since
+//! the champion's data, replay from its training set, cleansing, challengers, the gate, and the
+//! `champion` alias moved only when a challenger wins.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::{CacheArgs, DbArgs, DeviceArgs, RegistryArgs};
+use bccp::cleanse::Method;
+use bccp::config::RunConfig;
+use bccp::cutoff::Percentile;
+use bccp::pipeline::RunEnv;
+use bccp::retrain::gate::GateRule;
+use bccp::retrain::{CycleReport, CycleSummary, RetrainOptions};
+use bccp::sampling::Sampling;
+
+/// The loop's model and training settings (`bccp retrain` and `bccp up`).
+#[derive(Args, Debug, Clone)]
+pub struct LoopArgs {
+    /// Registry name of the model the loop trains and promotes.
+    #[arg(long, default_value = "bccp-loop")]
+    pub model: String,
+    /// Run a cycle only when at least this many new training samples arrived since the last.
+    #[arg(long, default_value_t = 1)]
+    pub min_new: usize,
+    /// How much better (gate accuracy, 0–1) a challenger must be than the champion.
+    #[arg(long, default_value_t = 0.005)]
+    pub margin: f64,
+    /// How much worse than the champion a challenger may be on any one day (source).
+    #[arg(long, default_value_t = 0.03)]
+    pub max_day_drop: f64,
+    /// Challenger methods, trained side by side each cycle (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "bccp")]
+    pub method: Vec<Method>,
+    /// What to replay from the champion's training set.
+    #[arg(long, value_enum, default_value = "l2_norm")]
+    pub sampling: Sampling,
+    /// Share of the champion's training set to replay.
+    #[arg(long, default_value_t = 0.5)]
+    pub ratio: f64,
+    /// Cut-off percentile of the bccp method (0–100, or auto).
+    #[arg(long, default_value = "75")]
+    pub cutoff_percentile: Percentile,
+    /// Folds of the out-of-sample cut-off scores (1: in sample).
+    #[arg(long, default_value_t = 5)]
+    pub cutoff_folds: usize,
+    /// Backbone from the zoo (`bccp models` lists them).
+    #[arg(long, default_value = "mobilenet_v2")]
+    pub backbone: String,
+    /// Local backbone weights (.safetensors) instead of the zoo's source.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Input size override (e.g. 64 for 28×28 images).
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    #[arg(long, default_value_t = RunConfig::default().epochs)]
+    pub epochs: usize,
+    /// Seed of replay, dropout and initialisation.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Never touch the network for hub weights (also: HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+impl LoopArgs {
+    /// The cycle's options and where it runs.
+    pub fn options(&self, trigger: &str) -> Result<(RetrainOptions, RunEnv)> {
+        let run = RunConfig {
+            sampling: self.sampling,
+            ratio: Some(self.ratio),
+            cutoff_percentile: self.cutoff_percentile,
+            cutoff_folds: self.cutoff_folds,
+            backbone: self.backbone.clone(),
+            weights: self.weights.clone(),
+            image_size: self.image_size,
+            epochs: self.epochs,
+            seed: self.seed,
+            model_name: self.model.clone(),
+            ..RunConfig::default()
+        };
+        let opts = RetrainOptions {
+            model: self.model.clone(),
+            min_new: self.min_new,
+            rule: GateRule {
+                margin: self.margin,
+                max_day_drop: self.max_day_drop,
+            },
+            run,
+            methods: self.method.clone(),
+            trigger: trigger.to_owned(),
+        };
+        let env = RunEnv {
+            device: self.device.device()?,
+            cache_dir: self.cache.dir(),
+            offline: self.offline,
+            registry: self.registry.registry(),
+        };
+        Ok((opts, env))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RetrainArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    settings: LoopArgs,
+}
+
+/// One line per challenger and the decision.
+pub fn print_cycle(s: &CycleSummary) {
+    println!(
+        "cycle {}: {} candidates, gate {} samples, champion {}{} ({:.1} s)",
+        s.retrain_id,
+        s.candidates,
+        s.gate_samples,
+        s.champion_before.as_deref().unwrap_or("none"),
+        s.champion_gate
+            .as_ref()
+            .map(|g| format!(" at {:.4}", g.accuracy))
+            .unwrap_or_default(),
+        s.seconds
+    );
+    for c in &s.challengers {
+        let days: Vec<String> = c
+            .gate
+            .per_source
+            .iter()
+            .map(|(d, (a, _))| format!("{d} {a:.4}"))
+            .collect();
+        println!(
+            "  {} {:<8} replayed {:>5}, dropped {:>5}, trained on {:>5}; gate {:.4} ({}): {} — {}",
+            c.version,
+            c.method.name(),
+            c.replayed,
+            c.dropped,
+            c.trained_on,
+            c.gate.accuracy,
+            days.join(", "),
+            if c.promoted { "PROMOTED" } else { "not promoted" },
+            c.reason
+        );
+    }
+}
+
+pub fn run(args: RetrainArgs, quiet: bool) -> Result<()> {
+    let (opts, env) = args.settings.options("manual")?;
+    let mut db = args.db.open()?;
+    let progress = super::progress(quiet);
+    match bccp::retrain::run_cycle(db.as_mut(), &env, &opts, &progress)? {
+        CycleReport::Skipped { new, min_new } => println!(
+            "no cycle: {new} new training samples in {}, fewer than --min-new {min_new}",
+            db.location()
+        ),
+        CycleReport::Done(summary) => print_cycle(&summary),
+    }
+    Ok(())
+}
