@@ -146,7 +146,11 @@ pub fn print_cycle(s: &CycleSummary) {
             c.trained_on,
             c.gate.accuracy,
             days.join(", "),
-            if c.promoted { "PROMOTED" } else { "not promoted" },
+            if c.promoted {
+                "PROMOTED"
+            } else {
+                "not promoted"
+            },
             c.reason
         );
     }

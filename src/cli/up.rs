@@ -49,7 +49,12 @@ fn log(line: &str) {
 pub fn run(args: UpArgs, quiet: bool) -> Result<()> {
     let every = store::generate::parse_duration(&args.every)?
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| anyhow::anyhow!("--every {} must be a positive duration, e.g. 30s", args.every))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--every {} must be a positive duration, e.g. 30s",
+                args.every
+            )
+        })?;
     let duration = store::generate::parse_duration(&args.duration)?;
     let rate = args
         .rate
@@ -161,7 +166,9 @@ pub fn run(args: UpArgs, quiet: bool) -> Result<()> {
     }
     print_table(db.as_mut(), &args.settings.model)?;
     if let Some(signal) = bccp::runtime::stop_requested() {
-        log(&format!("stopped by signal {signal}; committed rows and decisions kept"));
+        log(&format!(
+            "stopped by signal {signal}; committed rows and decisions kept"
+        ));
     }
     Ok(())
 }
@@ -173,9 +180,11 @@ fn print_table(db: &mut dyn store::Store, model: &str) -> Result<()> {
         .retrains()?
         .into_iter()
         .filter(|r| {
-            [&r.champion, &r.challenger]
-                .iter()
-                .any(|s| s.as_deref().and_then(|s| s.split_once(':')).is_some_and(|(n, _)| n == model))
+            [&r.champion, &r.challenger].iter().any(|s| {
+                s.as_deref()
+                    .and_then(|s| s.split_once(':'))
+                    .is_some_and(|(n, _)| n == model)
+            })
         })
         .collect();
     println!("\n| cycle | trigger | candidates | challenger | method | dropped | replayed | gate monday | gate tuesday | gate | decision |");
@@ -217,7 +226,11 @@ fn print_table(db: &mut dyn store::Store, model: &str) -> Result<()> {
             );
         }
     }
-    if let Some(champion) = rows.iter().rev().find_map(|r| (r.decision == "promoted").then_some(r.champion.clone()).flatten()) {
+    if let Some(champion) = rows.iter().rev().find_map(|r| {
+        (r.decision == "promoted")
+            .then_some(r.champion.clone())
+            .flatten()
+    }) {
         println!("\nchampion: {champion} (alias {model}@champion)");
     }
     Ok(())

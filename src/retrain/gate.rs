@@ -171,7 +171,12 @@ mod tests {
         let s = GateScore::of(
             &[0, 1, 1, 2],
             &[0, 1, 0, 2],
-            &["monday".into(), "monday".into(), "tuesday".into(), "tuesday".into()],
+            &[
+                "monday".into(),
+                "monday".into(),
+                "tuesday".into(),
+                "tuesday".into(),
+            ],
         );
         assert_eq!(s.accuracy, 0.75);
         assert_eq!(s.per_source["monday"], (1.0, 2));
@@ -195,7 +200,12 @@ mod tests {
         let same = score(0.705, &[("monday", 0.90), ("tuesday", 0.51)]);
         let good = score(0.78, &[("monday", 0.88), ("tuesday", 0.68)]);
         let better = score(0.80, &[("monday", 0.89), ("tuesday", 0.71)]);
-        let v = decide(Some(&champ), 0.1, &[&forgetful, &same, &good, &better], RULE);
+        let v = decide(
+            Some(&champ),
+            0.1,
+            &[&forgetful, &same, &good, &better],
+            RULE,
+        );
         assert!(!v[0].promote && v[0].reason.contains("monday dropped from 0.9000 to 0.8000"));
         assert!(!v[1].promote && v[1].reason.contains("under the margin"));
         assert!(!v[2].promote && v[2].reason.contains("another challenger did better"));

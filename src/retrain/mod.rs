@@ -103,7 +103,10 @@ pub struct ChallengerReport {
 #[derive(Debug, Clone)]
 pub enum CycleReport {
     /// Too few new samples; nothing was recorded.
-    Skipped { new: u64, min_new: usize },
+    Skipped {
+        new: u64,
+        min_new: usize,
+    },
     Done(Box<CycleSummary>),
 }
 
@@ -231,7 +234,9 @@ fn check(opts: &RetrainOptions) -> Result<()> {
         ("--max-day-drop", opts.rule.max_day_drop),
     ] {
         if !(0.0..=1.0).contains(&v) {
-            return bad(format!("{flag} {v} must be in [0, 1] (a share of accuracy)"));
+            return bad(format!(
+                "{flag} {v} must be in [0, 1] (a share of accuracy)"
+            ));
         }
     }
     if !(0.0..=1.0).contains(&opts.run.replay_ratio()) {
@@ -393,7 +398,10 @@ fn cycle(
             let predicted = if c.uses_features_of(embedder.weights_sha256(), pre.width) {
                 c.head().predict(&x_gate)?
             } else {
-                let files: Vec<PathBuf> = gate_set.iter().map(|s| s.image_path.clone().into()).collect();
+                let files: Vec<PathBuf> = gate_set
+                    .iter()
+                    .map(|s| s.image_path.clone().into())
+                    .collect();
                 c.predict(&files)?.iter().map(|p| p.target as u32).collect()
             };
             Some(GateScore::of(&predicted, &gate_truth, &gate_sources))
@@ -409,7 +417,15 @@ fn cycle(
             dataset: PathBuf::from(store.location()),
             ..cfg.clone()
         };
-        let c = train_challenger(&run, &candidates, &buffer, &x_new, &x_buffer, classes.len(), progress)?;
+        let c = train_challenger(
+            &run,
+            &candidates,
+            &buffer,
+            &x_new,
+            &x_buffer,
+            classes.len(),
+            progress,
+        )?;
         let predicted = c.head.predict(&x_gate)?;
         let gate = GateScore::of(&predicted, &gate_truth, &gate_sources);
         trained.push((run, c, gate));
@@ -422,8 +438,16 @@ fn cycle(
             *c += 1;
         }
     }
-    let majority = counts.iter().enumerate().max_by_key(|&(_, n)| *n).map_or(0, |(k, _)| k);
-    let baseline = gate_truth.iter().filter(|&&t| t as usize == majority).count() as f64 / ng as f64;
+    let majority = counts
+        .iter()
+        .enumerate()
+        .max_by_key(|&(_, n)| *n)
+        .map_or(0, |(k, _)| k);
+    let baseline = gate_truth
+        .iter()
+        .filter(|&&t| t as usize == majority)
+        .count() as f64
+        / ng as f64;
     let scores: Vec<&GateScore> = trained.iter().map(|(_, _, g)| g).collect();
     let verdicts = decide(champion_gate.as_ref(), baseline, &scores, opts.rule);
 
@@ -432,7 +456,9 @@ fn cycle(
     let mut promoted = None;
     for ((run, c, gate), verdict) in trained.into_iter().zip(verdicts) {
         let record = loop_record(&run, &embedder, &pre, &c, &gate, &classes);
-        let dir = env.registry.register(&opts.model, &record, &c.head.tensors())?;
+        let dir = env
+            .registry
+            .register(&opts.model, &record, &c.head.tensors())?;
         let version = format!("{}:{}", dir.name, dir.version);
         if verdict.promote {
             promoted = Some((dir.version, version.clone()));
@@ -448,7 +474,10 @@ fn cycle(
             reason: verdict.reason,
         });
     }
-    let new_champion = promoted.as_ref().map(|(_, s)| s.clone()).or(champion_spec.clone());
+    let new_champion = promoted
+        .as_ref()
+        .map(|(_, s)| s.clone())
+        .or(champion_spec.clone());
     let reasons = json!({
         "candidates": nc,
         "gate_samples": ng,
@@ -474,9 +503,18 @@ fn cycle(
         id,
         &RetrainOutcome {
             finished: store::now_utc(),
-            challenger: reports.iter().find(|r| r.promoted).or(reports.last()).map(|r| r.version.clone()),
+            challenger: reports
+                .iter()
+                .find(|r| r.promoted)
+                .or(reports.last())
+                .map(|r| r.version.clone()),
             champion: new_champion,
-            decision: if promoted.is_some() { "promoted" } else { "rejected" }.into(),
+            decision: if promoted.is_some() {
+                "promoted"
+            } else {
+                "rejected"
+            }
+            .into(),
             reasons,
             watermark: Some(top),
         },
@@ -543,7 +581,14 @@ fn train_challenger(
         .chain(replay.iter().map(|&i| buffer[i as usize].clone()))
         .collect();
     let given: Vec<u32> = rows.iter().map(|r| r.label).collect();
-    let cleansed = cleanse(&cfg.cleanse(), &x_train, &given, classes, &cfg.train(), progress)?;
+    let cleansed = cleanse(
+        &cfg.cleanse(),
+        &x_train,
+        &given,
+        classes,
+        &cfg.train(),
+        progress,
+    )?;
     if cleansed.kept.is_empty() {
         return Err(RetrainError::Invalid(format!(
             "cleansing ({}) removed all {} training samples",
@@ -552,7 +597,11 @@ fn train_challenger(
         )));
     }
     let keep = Tensor::new(cleansed.kept.as_slice(), x_new.device())?;
-    let labels: Vec<u32> = cleansed.kept.iter().map(|&i| cleansed.labels[i as usize]).collect();
+    let labels: Vec<u32> = cleansed
+        .kept
+        .iter()
+        .map(|&i| cleansed.labels[i as usize])
+        .collect();
     let head = train_head(
         &x_train.index_select(&keep, 0)?,
         &labels,
