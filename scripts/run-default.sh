@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The main job on the built-in default: fetch the assets; prepare a Fashion-MNIST Monday/Tuesday
-# dataset (mixed corruption, seed 42) under runs/default; then a full Monday→Tuesday run with
-# users 70% right: first without cleansing, then BCCP (label-aware, out-of-sample Bayesian cut-off
-# of the top 25% + buffer closest-pair replay of half of Monday: the best configuration of
-# experiments/fashion-mnist.toml), real MobileNetV2 features at 64×64, and the registry's summary.
-# A check of a pretrained classifier on real photos comes first.
+# The main job on the built-in default: the self-cleansing loop on the embedded SQLite store.
+# Fetch the assets; check a pretrained classifier on real photos; prepare a Fashion-MNIST
+# Monday/Tuesday dataset (mixed corruption, seed 42) under runs/default; then `bccp up` on a
+# fresh store: the Monday stream arrives and a first model is promoted; the corrupted Tuesday
+# stream arrives with users 70% right, and two challengers are trained side by side — no
+# cleansing, and BCCP (label-aware, out-of-sample Bayesian cut-off of the top 25% + buffer
+# closest-pair replay of half of the champion's training data: the best configuration of
+# experiments/fashion-mnist.toml) — on real MobileNetV2 features at 64×64; the gate decides.
+# A closing table shows every cycle.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-assets.sh
@@ -21,12 +24,10 @@ else
   $bccp prepare --source "$assets/fashion-mnist/train" --out "$days" --corruption mixed --seed 42
 fi
 $bccp info "$days"
-common=(-d "$days" -t tuesday --tuesday-num 30000 -l user_feedback --user-accuracy 0.7
-        --image-size 64 --runs-dir "$out/registry" --seed 42)
-echo; echo "### Tuesday, 30% wrong user labels, no cleansing"
-$bccp train "${common[@]}" -b N -s none --model-name fashion-mnist-none
-echo; echo "### Tuesday, 30% wrong user labels, BCCP (cut-off + closest-pair replay)"
-$bccp train "${common[@]}" -b Y --cutoff-percentile 75 --cutoff-folds 5 -s l2_norm -r 0.5 \
-  --model-name fashion-mnist-bccp
-echo
-$bccp runs --runs-dir "$out/registry"
+# Every run starts the loop afresh: a new store and registry (the embedding cache is kept).
+rm -rf "$out/loop"
+mkdir -p "$out/loop"
+$bccp --quiet up --db "sqlite:$out/loop/store.sqlite3" --runs-dir "$out/loop/registry" \
+  --generate "$days" --user-accuracy 0.7 --model fashion-mnist \
+  --method none,bccp --sampling l2_norm --ratio 0.5 --cutoff-percentile 75 --cutoff-folds 5 \
+  --image-size 64 --seed 42
