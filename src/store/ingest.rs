@@ -240,12 +240,40 @@ pub fn ingest(
         IngestInput::Jsonl(path) => read_jsonl(path, store)?,
     };
     let mut seen: HashSet<String> = HashSet::new();
-    for chunk in items.chunks(opts.batch_size) {
+    // Files are read, hashed and decoded (in parallel) one chunk ahead of the database writes,
+    // so decoding and committing overlap.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(&[Item], Vec<Checked>)>(1);
+    let items = &items;
+    let batch_size = opts.batch_size;
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(move || {
+            for chunk in items.chunks(batch_size) {
+                let checked: Vec<Checked> = chunk.par_iter().map(|i| check_file(&i.path)).collect();
+                if tx.send((chunk, checked)).is_err() {
+                    break;
+                }
+            }
+        });
+        write_chunks(store, opts, stop, rx, &mut seen, &mut summary)
+    })?;
+    Ok(summary)
+}
+
+/// The database side of [`ingest`]: each checked chunk, duplicates set aside, in one
+/// transaction; stops between chunks when `stop` says so (dropping `rx` ends the reader).
+fn write_chunks(
+    store: &mut dyn Store,
+    opts: &IngestOptions,
+    stop: &dyn Fn() -> bool,
+    rx: std::sync::mpsc::Receiver<(&[Item], Vec<Checked>)>,
+    seen: &mut HashSet<String>,
+    summary: &mut IngestSummary,
+) -> Result<()> {
+    for (chunk, checked) in rx {
         if stop() {
             summary.stopped = true;
             break;
         }
-        let checked: Vec<Checked> = chunk.par_iter().map(|i| check_file(&i.path)).collect();
         let hashes: Vec<String> = checked.iter().filter_map(|c| c.sha256.clone()).collect();
         let known = store.known_hashes(&hashes)?;
         let mut rows = Vec::new();
@@ -298,7 +326,7 @@ pub fn ingest(
             }
         }
     }
-    Ok(summary)
+    Ok(())
 }
 
 /// Nanoseconds since the epoch and the process id: distinct across ingests.
