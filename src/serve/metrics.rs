@@ -46,6 +46,11 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The sum of the observations.
+    pub(crate) fn sum(&self) -> f64 {
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
@@ -55,8 +60,7 @@ impl Histogram {
         }
         let total = self.count();
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {total}");
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {total}", self.sum());
     }
 }
 
@@ -131,11 +135,20 @@ pub(crate) struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        // The outcomes known in advance start at 0, so their series exist from the start.
+        let reloads = Family::default();
+        for result in ["success", "load_failed", "self_test_failed"] {
+            reloads.add(&[result], 0);
+        }
+        let samples = Family::default();
+        for result in ["accepted", "duplicate", "rejected"] {
+            samples.add(&[result], 0);
+        }
         Self {
             requests: Family::default(),
             predictions: Family::default(),
-            reloads: Family::default(),
-            samples: Family::default(),
+            reloads,
+            samples,
             latency: Histogram::new(LATENCY_BUCKETS),
             batch_size: Histogram::new(BATCH_BUCKETS),
             served: Mutex::new(None),
@@ -153,11 +166,6 @@ impl Metrics {
     /// One answered request.
     pub fn count_request(&self, endpoint: &str, status: u16) {
         self.requests.add(&[endpoint, &status.to_string()], 1);
-    }
-
-    /// Requests answered, by endpoint and status.
-    pub fn requests(&self, endpoint: &str, status: u16) -> u64 {
-        self.requests.get(&[endpoint, &status.to_string()])
     }
 
     /// One image predicted as `class` (status `ok`), or refused (status = the error kind).
@@ -234,6 +242,11 @@ impl Metrics {
                     .sum()
             })
             .unwrap_or(0)
+    }
+
+    /// Images that went through a backbone batch.
+    pub fn batch_size_sum(&self) -> u64 {
+        self.batch_size.sum().round() as u64
     }
 
     /// Total requests answered.
@@ -389,6 +402,8 @@ mod tests {
         assert!(text.contains("bccp_predict_duration_seconds_count 2"));
         assert!(text.contains("bccp_batch_size_bucket{le=\"4\"} 1"));
         assert!(text.contains("bccp_model_reloads_total{result=\"load_failed\"} 1"));
+        assert!(text.contains("bccp_model_reloads_total{result=\"success\"} 0"));
+        assert!(text.contains("bccp_samples_ingested_total{result=\"duplicate\"} 0"));
         assert!(text.contains("bccp_model_version 0"));
         assert_eq!(m.reloads("load_failed"), 1);
         assert_eq!(m.server_errors(), 0);

@@ -6,6 +6,7 @@
 //! * `POST /samples` — a user's label feedback, into the data store as a training candidate
 //!   of the next retrain cycle ([`samples`]).
 //! * `GET /healthz`, `/readyz`, `/model`, `/metrics` (Prometheus text), `POST /admin/reload`.
+//! * `GET /dashboard` — a self-refreshing page with inline SVG charts ([`dashboard`]).
 //!
 //! Requests are decoded in parallel off the async runtime and gathered into backbone batches
 //! by one thread ([`batcher`]); the followed alias is polled and a new version is loaded and
@@ -17,6 +18,7 @@
 mod auth;
 mod batcher;
 pub mod config;
+mod dashboard;
 pub mod error;
 mod input;
 mod metrics;

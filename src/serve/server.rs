@@ -21,7 +21,7 @@ use super::model::{ModelInfo, ModelSlot};
 use super::predlog::PredictionLog;
 use super::reload::{self, Watch};
 use super::state::AppState;
-use super::{auth, predict, samples, status};
+use super::{auth, dashboard, predict, samples, status};
 use crate::registry::Registry;
 
 /// How long a stop waits for requests in flight before it drops them.
@@ -91,6 +91,7 @@ fn router(state: AppState, max_body: usize) -> Router {
         .route("/readyz", get(status::readyz))
         .route("/model", get(status::model))
         .route("/metrics", get(status::metrics))
+        .route("/dashboard", get(dashboard::page))
         .merge(writes)
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_body))
