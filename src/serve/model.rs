@@ -32,6 +32,7 @@ pub struct ModelInfo {
     /// When it was loaded (UTC).
     pub loaded_at: String,
     pub loaded_unix: f64,
+    /// Load and self-test time.
     pub load_seconds: f64,
     /// The backbone of the model served before was kept (only the head changed).
     pub backbone_reused: bool,

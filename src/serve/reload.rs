@@ -83,8 +83,9 @@ impl Watch {
 
     /// Loads and self-tests the spec's current version; on success it is served.
     pub fn load(&mut self) -> Result<Arc<LoadedModel>, (&'static str, ServeError)> {
+        let started = std::time::Instant::now();
         let current = self.slot.current();
-        let loaded = model::load(
+        let mut loaded = model::load(
             &self.registry,
             &self.spec,
             &self.device,
@@ -94,6 +95,8 @@ impl Watch {
         .map_err(|e| ("load_failed", e))?;
         let images = self.test_images();
         model::self_test(&loaded, &images).map_err(|e| ("self_test_failed", e))?;
+        // The backbone loads on its first batch: the self-test's.
+        loaded.info.load_seconds = started.elapsed().as_secs_f64();
         if !loaded.info.backbone_reused {
             self.metrics.count_backbone_load();
         }
