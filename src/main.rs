@@ -58,7 +58,7 @@ enum Command {
     Retrain(cli::retrain::RetrainArgs),
     /// The loop in one process: store, optional generator, scheduled retrain cycles, and the
     /// prediction server.
-    Up(cli::up::UpArgs),
+    Up(Box<cli::up::UpArgs>),
     /// Serve a registered model over HTTP: predictions, feedback, metrics, hot reload.
     Serve(cli::serve::ServeArgs),
     /// Run a grid of train runs from a TOML file; write results.csv, results.md and charts.
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => cli::generate::run(args, quiet),
         Command::Ingest(args) => cli::ingest::run(args),
         Command::Retrain(args) => cli::retrain::run(args, quiet),
-        Command::Up(args) => cli::up::run(args, quiet),
+        Command::Up(args) => cli::up::run(*args, quiet),
         Command::Serve(args) => cli::serve::run(args),
     };
     // A command that failed because its outputs were removed under it by the SIGINT/SIGTERM

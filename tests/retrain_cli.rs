@@ -389,9 +389,24 @@ fn up_runs_the_loop_by_itself(db: &TestDb) {
         .filter(|p| p.is_dir())
         .min()
         .unwrap();
-    let file = std::fs::read_dir(&image).unwrap().next().unwrap().unwrap().path();
-    let rel = file.strip_prefix(&days).unwrap().to_str().unwrap().to_owned();
-    let answer = http("POST", "/predict", &format!("{{\"image_path\": \"{rel}\"}}")).unwrap();
+    let file = std::fs::read_dir(&image)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let rel = file
+        .strip_prefix(&days)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let answer = http(
+        "POST",
+        "/predict",
+        &format!("{{\"image_path\": \"{rel}\"}}"),
+    )
+    .unwrap();
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.json()["model"], MODEL);
     let feedback = http(
@@ -401,7 +416,12 @@ fn up_runs_the_loop_by_itself(db: &TestDb) {
     )
     .unwrap();
     // The image is stored already (generated), so the feedback is a duplicate.
-    assert_eq!(feedback.json()["status"], "duplicate", "{}", feedback.text());
+    assert_eq!(
+        feedback.json()["status"],
+        "duplicate",
+        "{}",
+        feedback.text()
+    );
     assert_eq!(http("GET", "/dashboard", "").unwrap().status, 200);
     let status = child.wait().unwrap();
     let out = reader.join().unwrap();

@@ -82,7 +82,14 @@ fn monday_image(k: usize) -> String {
 }
 
 fn raw(addr: std::net::SocketAddr, content_type: &str, body: &[u8]) -> http::Reply {
-    request(addr, "POST", "/predict", &[("Content-Type", content_type)], body).unwrap()
+    request(
+        addr,
+        "POST",
+        "/predict",
+        &[("Content-Type", content_type)],
+        body,
+    )
+    .unwrap()
 }
 
 fn assert_error(reply: &http::Reply, status: u16, needle: &str) {
@@ -90,7 +97,10 @@ fn assert_error(reply: &http::Reply, status: u16, needle: &str) {
     let body = reply.json();
     assert_eq!(body["status"], status, "{body}");
     let message = body["message"].as_str().unwrap_or_default();
-    assert!(message.contains(needle), "{status}: {message:?} lacks {needle:?}");
+    assert!(
+        message.contains(needle),
+        "{status}: {message:?} lacks {needle:?}"
+    );
 }
 
 fn metric(addr: std::net::SocketAddr, line_start: &str) -> f64 {
@@ -113,7 +123,11 @@ fn predict_forms_and_every_bad_input() {
         &[],
     );
     let addr = server.addr;
-    assert!(server.first_line.contains("serving served:1"), "{}", server.first_line);
+    assert!(
+        server.first_line.contains("serving served:1"),
+        "{}",
+        server.first_line
+    );
     assert_eq!(get(addr, "/healthz").status, 200);
     assert_eq!(get(addr, "/readyz").json()["ready"], true);
     let info = get(addr, "/model").json();
@@ -152,7 +166,10 @@ fn predict_forms_and_every_bad_input() {
     assert_eq!(c.status, 200, "{}", c.text());
     assert_eq!(c.json()["target"], a["target"]);
     let other = std::fs::read(f.days.join(monday_image(1))).unwrap();
-    let (ct, body) = multipart(&[("image", "a.png", &bytes), ("image", "b.png", &other)], &[]);
+    let (ct, body) = multipart(
+        &[("image", "a.png", &bytes), ("image", "b.png", &other)],
+        &[],
+    );
     let both = raw(addr, &ct, &body).json();
     assert_eq!(both["results"].as_array().unwrap().len(), 2, "{both}");
     assert_eq!(both["results"][0]["target"], a["target"]);
@@ -189,8 +206,15 @@ fn predict_forms_and_every_bad_input() {
         .iter()
         .map(|r| r["status"].as_u64().unwrap_or(200))
         .collect();
-    assert_eq!(statuses, [200, 400, 404, 415, 415, 415, 400, 400], "{results:?}");
-    assert_eq!(results[0]["target"], a["target"], "the good image is answered");
+    assert_eq!(
+        statuses,
+        [200, 400, 404, 415, 415, 415, 400, 400],
+        "{results:?}"
+    );
+    assert_eq!(
+        results[0]["target"], a["target"],
+        "the good image is answered"
+    );
 
     // The same, one request each.
     let single = |p: &str| post_json(addr, "/predict", &json!({"image_path": p}));
@@ -204,17 +228,41 @@ fn predict_forms_and_every_bad_input() {
     assert_error(&single("bad/text.png"), 415, "not an image");
     assert_error(&single("bad"), 400, "not a regular file");
     assert_error(&raw(addr, "image/png", b""), 415, "empty");
-    assert_error(&raw(addr, "image/png", &bytes[..bytes.len() - 10]), 415, "truncated");
-    assert_error(&raw(addr, "image/png", b"plain text, sent as image/png"), 415, "not an image");
+    assert_error(
+        &raw(addr, "image/png", &bytes[..bytes.len() - 10]),
+        415,
+        "truncated",
+    );
+    assert_error(
+        &raw(addr, "image/png", b"plain text, sent as image/png"),
+        415,
+        "not an image",
+    );
     assert_error(&raw(addr, "text/plain", b"hello"), 415, "content type");
-    assert_error(&raw(addr, "application/json", b"{\"image_path\": "), 400, "malformed JSON");
+    assert_error(
+        &raw(addr, "application/json", b"{\"image_path\": "),
+        400,
+        "malformed JSON",
+    );
     assert_error(&raw(addr, "application/json", b"[1, 2]"), 400, "expected");
-    assert_error(&post_json(addr, "/predict", &json!({"image_path": 7})), 400, "string");
+    assert_error(
+        &post_json(addr, "/predict", &json!({"image_path": 7})),
+        400,
+        "string",
+    );
     // A PNG of a few bytes that declares 16000×14464 pixels.
-    assert_error(&raw(addr, "image/png", &bomb_png()), 413, "decompression bomb");
+    assert_error(
+        &raw(addr, "image/png", &bomb_png()),
+        413,
+        "decompression bomb",
+    );
     // Over --max-request-images.
     let many: Vec<_> = (0..9).map(|_| json!({"image_path": rel})).collect();
-    assert_error(&post_json(addr, "/predict", &json!({"batch": many})), 413, "--max-request-images");
+    assert_error(
+        &post_json(addr, "/predict", &json!({"batch": many})),
+        413,
+        "--max-request-images",
+    );
     // 50 MB: refused from its Content-Length.
     let started = Instant::now();
     let big = vec![0u8; 50 << 20];
@@ -225,7 +273,13 @@ fn predict_forms_and_every_bad_input() {
 
     // Still healthy, and no request failed on the server's side.
     assert_eq!(raw(addr, "image/png", &bytes).status, 200);
-    assert_eq!(metric(addr, "bccp_http_requests_total{endpoint=\"/predict\",status=\"5"), 0.0);
+    assert_eq!(
+        metric(
+            addr,
+            "bccp_http_requests_total{endpoint=\"/predict\",status=\"5"
+        ),
+        0.0
+    );
     assert!(!get(addr, "/metrics").text().contains("status=\"500\""));
 }
 
@@ -279,27 +333,88 @@ fn feedback_needs_the_token_and_lands_in_the_store() {
         request(addr, "POST", path, &headers, body).unwrap()
     };
     // No token, a wrong one, a near miss: 401 and nothing stored.
-    assert_error(&send(None, &body, "application/json", "/samples"), 401, "Bearer");
-    assert_error(&send(Some("wrong"), &body, "application/json", "/samples"), 401, "wrong");
     assert_error(
-        &send(Some(&token[..token.len() - 1]), &body, "application/json", "/samples"),
+        &send(None, &body, "application/json", "/samples"),
+        401,
+        "Bearer",
+    );
+    assert_error(
+        &send(Some("wrong"), &body, "application/json", "/samples"),
         401,
         "wrong",
     );
-    assert_error(&send(None, b"", "application/json", "/admin/reload"), 401, "Bearer");
+    assert_error(
+        &send(
+            Some(&token[..token.len() - 1]),
+            &body,
+            "application/json",
+            "/samples",
+        ),
+        401,
+        "wrong",
+    );
+    assert_error(
+        &send(None, b"", "application/json", "/admin/reload"),
+        401,
+        "Bearer",
+    );
     assert_eq!(count(), 0);
     // Reads need no token.
     assert_eq!(get(addr, "/model").status, 200);
 
     // Labels out of range or unknown: 422, nothing stored.
-    let label = |l: serde_json::Value| {
-        serde_json::to_vec(&json!({"image_path": rel, "label": l})).unwrap()
-    };
-    assert_error(&send(Some(token), &label(json!(3)), "application/json", "/samples"), 422, "out of range");
-    assert_error(&send(Some(token), &label(json!(-1)), "application/json", "/samples"), 422, "out of range");
-    assert_error(&send(Some(token), &label(json!("cat")), "application/json", "/samples"), 422, "not a class");
-    assert_error(&send(Some(token), &label(json!(1.5)), "application/json", "/samples"), 422, "whole");
-    assert_error(&send(Some(token), b"{\"image_path\": 1", "application/json", "/samples"), 400, "malformed");
+    let label =
+        |l: serde_json::Value| serde_json::to_vec(&json!({"image_path": rel, "label": l})).unwrap();
+    assert_error(
+        &send(
+            Some(token),
+            &label(json!(3)),
+            "application/json",
+            "/samples",
+        ),
+        422,
+        "out of range",
+    );
+    assert_error(
+        &send(
+            Some(token),
+            &label(json!(-1)),
+            "application/json",
+            "/samples",
+        ),
+        422,
+        "out of range",
+    );
+    assert_error(
+        &send(
+            Some(token),
+            &label(json!("cat")),
+            "application/json",
+            "/samples",
+        ),
+        422,
+        "not a class",
+    );
+    assert_error(
+        &send(
+            Some(token),
+            &label(json!(1.5)),
+            "application/json",
+            "/samples",
+        ),
+        422,
+        "whole",
+    );
+    assert_error(
+        &send(
+            Some(token),
+            b"{\"image_path\": 1",
+            "application/json",
+            "/samples",
+        ),
+        400,
+        "malformed",
+    );
     assert_eq!(count(), 0);
 
     // A good one, then the same content again.
@@ -308,7 +423,12 @@ fn feedback_needs_the_token_and_lands_in_the_store() {
     let ok = ok.json();
     assert_eq!(ok["status"], "accepted");
     assert_eq!(ok["class"], "class1");
-    let dup = send(Some(token), &label(json!("class2")), "application/json", "/samples");
+    let dup = send(
+        Some(token),
+        &label(json!("class2")),
+        "application/json",
+        "/samples",
+    );
     assert_eq!(dup.status, 200);
     assert_eq!(dup.json()["status"], "duplicate");
     // An upload (multipart), and raw bytes with ?label=.
@@ -319,13 +439,22 @@ fn feedback_needs_the_token_and_lands_in_the_store() {
     let other = std::fs::read(f.days.join(monday_image(4))).unwrap();
     let rawup = send(Some(token), &other, "image/png", "/samples?label=0");
     assert_eq!(rawup.status, 201, "{}", rawup.text());
-    let text = send(Some(token), b"not an image", "image/png", "/samples?label=0");
+    let text = send(
+        Some(token),
+        b"not an image",
+        "image/png",
+        "/samples?label=0",
+    );
     assert_error(&text, 415, "not an image");
     assert_eq!(count(), 3);
 
     let mut store = common::pg::open(&format!("sqlite:{}", db.display()));
     let classes = store.classes().unwrap();
-    assert_eq!(classes, ["class0", "class1", "class2"], "the model's indexes");
+    assert_eq!(
+        classes,
+        ["class0", "class1", "class2"],
+        "the model's indexes"
+    );
     let rows = store
         .samples(&bccp::store::SampleFilter::default(), 10)
         .unwrap();
@@ -354,7 +483,10 @@ fn feedback_needs_the_token_and_lands_in_the_store() {
     let reload = send(Some(token), b"", "application/json", "/admin/reload");
     assert_eq!(reload.status, 200, "{}", reload.text());
     assert_eq!(reload.json()["result"], "unchanged");
-    assert_eq!(metric(addr, "bccp_samples_ingested_total{result=\"accepted\"}"), 3.0);
+    assert_eq!(
+        metric(addr, "bccp_samples_ingested_total{result=\"accepted\"}"),
+        3.0
+    );
     assert_eq!(metric(addr, "bccp_auth_failures_total"), 4.0);
 }
 
@@ -376,10 +508,20 @@ fn refuses_a_public_address_without_a_token() {
         .output()
         .unwrap();
     let err = common::failure(&out);
-    assert!(err.contains("not a loopback address") && err.contains("--token-file"), "{err}");
+    assert!(
+        err.contains("not a loopback address") && err.contains("--token-file"),
+        "{err}"
+    );
     // A token too short to be a secret is refused too.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bccp"))
-        .args(["serve", "--model", "served@champion", "--bind", "0.0.0.0:0", "--no-store"])
+        .args([
+            "serve",
+            "--model",
+            "served@champion",
+            "--bind",
+            "0.0.0.0:0",
+            "--no-store",
+        ])
         .env("BCCP_API_TOKEN", "short")
         .output()
         .unwrap();
@@ -432,14 +574,24 @@ fn slow_clients_and_200_connections_and_the_log() {
                         bytes,
                     )
                     .unwrap();
-                    (r.status, r.json()["request_id"].as_str().unwrap_or("").to_owned())
+                    (
+                        r.status,
+                        r.json()["request_id"].as_str().unwrap_or("").to_owned(),
+                    )
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(ok.iter().all(|(s, _)| *s == 200), "{:?}", ok.iter().filter(|(s, _)| *s != 200).collect::<Vec<_>>());
-    assert!(ok.iter().enumerate().all(|(i, (_, id))| *id == format!("load-{i}")));
+    assert!(
+        ok.iter().all(|(s, _)| *s == 200),
+        "{:?}",
+        ok.iter().filter(|(s, _)| *s != 200).collect::<Vec<_>>()
+    );
+    assert!(ok
+        .iter()
+        .enumerate()
+        .all(|(i, (_, id))| *id == format!("load-{i}")));
     // They were batched: fewer backbone batches than images.
     let batches = metric(addr, "bccp_batch_size_count");
     let images = metric(addr, "bccp_batch_size_sum");
@@ -453,12 +605,19 @@ fn slow_clients_and_200_connections_and_the_log() {
     let mut store = common::pg::open(&format!("sqlite:{}", db.display()));
     let rows = store.predictions(0, 1000).unwrap();
     assert_eq!(rows.len(), 210);
-    assert!(rows.iter().all(|r| r.prediction.model == MODEL && r.prediction.version == 1));
+    assert!(rows
+        .iter()
+        .all(|r| r.prediction.model == MODEL && r.prediction.version == 1));
     assert!(rows.iter().all(|r| (0..3).contains(&r.prediction.class)));
     assert!(rows.iter().all(|r| r.prediction.latency_ms > 0.0));
     let tagged = rows
         .iter()
-        .filter(|r| r.prediction.request_id.as_deref().is_some_and(|id| id.starts_with("load-")))
+        .filter(|r| {
+            r.prediction
+                .request_id
+                .as_deref()
+                .is_some_and(|id| id.starts_with("load-"))
+        })
         .count();
     assert_eq!(tagged, 200);
 }

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use bccp::store::{NewPrediction, NewRetrain, NewSample, RetrainOutcome, SampleStatus, Split, Store};
+use bccp::store::{
+    NewPrediction, NewRetrain, NewSample, RetrainOutcome, SampleStatus, Split, Store,
+};
 use common::http::{copy_version, eventually, get, request, ServeProcess};
 use common::pg::{Backend, TestDb};
 use serde_json::{json, Value};
@@ -149,20 +151,32 @@ fn every_grafana_sql_panel_runs_on_postgres() {
     let mut client = db.server.as_ref().unwrap().client("bccp_test");
     let dashboard = dashboard_json();
     let panels = dashboard["panels"].as_array().unwrap();
-    let datasources =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/provisioning/datasources/bccp.yaml"))
-            .unwrap();
+    let datasources = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/grafana/provisioning/datasources/bccp.yaml"),
+    )
+    .unwrap();
     let mut ran = 0;
     for panel in panels {
         let uid = panel["datasource"]["uid"].as_str().unwrap();
-        assert!(datasources.contains(&format!("uid: {uid}")), "panel {} uses an unprovisioned data source {uid}", panel["title"]);
+        assert!(
+            datasources.contains(&format!("uid: {uid}")),
+            "panel {} uses an unprovisioned data source {uid}",
+            panel["title"]
+        );
         for target in panel["targets"].as_array().unwrap() {
-            let Some(sql) = target["rawSql"].as_str() else { continue };
+            let Some(sql) = target["rawSql"].as_str() else {
+                continue;
+            };
             let expanded = expand_macros(sql);
             let rows = client
                 .query(expanded.as_str(), &[])
                 .unwrap_or_else(|e| panic!("panel {}: {e}\n{expanded}", panel["title"]));
-            assert!(!rows.is_empty(), "panel {} returned no rows:\n{expanded}", panel["title"]);
+            assert!(
+                !rows.is_empty(),
+                "panel {} returned no rows:\n{expanded}",
+                panel["title"]
+            );
             ran += 1;
         }
     }
@@ -170,19 +184,36 @@ fn every_grafana_sql_panel_runs_on_postgres() {
     // The per-day gate panel reads the JSON bccp retrain writes: two challengers × two days.
     let gate = panels
         .iter()
-        .find(|p| p["title"].as_str().unwrap().contains("gate accuracy per day"))
+        .find(|p| {
+            p["title"]
+                .as_str()
+                .unwrap()
+                .contains("gate accuracy per day")
+        })
         .unwrap();
     let rows = client
-        .query(expand_macros(gate["targets"][0]["rawSql"].as_str().unwrap()).as_str(), &[])
+        .query(
+            expand_macros(gate["targets"][0]["rawSql"].as_str().unwrap()).as_str(),
+            &[],
+        )
         .unwrap();
     assert_eq!(rows.len(), 4);
     let promoted: Vec<(String, String, f64, f64)> = rows
         .iter()
-        .map(|r| (r.get("challenger"), r.get("decision"), r.get("gate_accuracy"), r.get::<_, Option<f64>>("dropped_share").unwrap()))
+        .map(|r| {
+            (
+                r.get("challenger"),
+                r.get("decision"),
+                r.get("gate_accuracy"),
+                r.get::<_, Option<f64>>("dropped_share").unwrap(),
+            )
+        })
         .filter(|(c, ..)| c == "served:3")
         .collect();
     assert_eq!(promoted.len(), 2);
-    assert!(promoted.iter().all(|(_, d, _, share)| d == "promoted" && (share - 0.3).abs() < 1e-9));
+    assert!(promoted
+        .iter()
+        .all(|(_, d, _, share)| d == "promoted" && (share - 0.3).abs() < 1e-9));
 }
 
 /// Debian's Chromium, or the `chromium` on the PATH.
@@ -220,16 +251,30 @@ fn dashboard_draws_charts_in_headless_chromium() {
     let (runs, cache) = (tmp.path().join("runs"), tmp.path().join("cache"));
     common::success(&common::quick_train(&days, &runs, &cache, "served", &[]));
     copy_version(&runs, "served", 1, 2);
-    common::success(&common::bccp(&["runs", "--runs-dir", runs.to_str().unwrap(), "alias", "served", "1", "champion"]));
+    common::success(&common::bccp(&[
+        "runs",
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "alias",
+        "served",
+        "1",
+        "champion",
+    ]));
     let db = format!("sqlite:{}", tmp.path().join("store.sqlite3").display());
     let server = ServeProcess::start(
         &[
-            "--model", "served@champion",
-            "--runs-dir", runs.to_str().unwrap(),
-            "--cache-dir", cache.to_str().unwrap(),
-            "--db", &db,
-            "--device", "cpu",
-            "--poll-ms", "100",
+            "--model",
+            "served@champion",
+            "--runs-dir",
+            runs.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--db",
+            &db,
+            "--device",
+            "cpu",
+            "--poll-ms",
+            "100",
         ],
         &[],
     );
@@ -239,17 +284,38 @@ fn dashboard_draws_charts_in_headless_chromium() {
     let images: Vec<Vec<u8>> = (0..3)
         .map(|c| {
             let dir = days.join(format!("monday/class{c}"));
-            let first = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+            let first = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .min()
+                .unwrap();
             std::fs::read(first).unwrap()
         })
         .collect();
     for round in 0..4 {
         if round == 2 {
-            common::success(&common::bccp(&["runs", "--runs-dir", runs.to_str().unwrap(), "alias", "served", "2", "champion"]));
-            assert!(eventually(Duration::from_secs(3), || get(addr, "/model").json()["version"] == 2));
+            common::success(&common::bccp(&[
+                "runs",
+                "--runs-dir",
+                runs.to_str().unwrap(),
+                "alias",
+                "served",
+                "2",
+                "champion",
+            ]));
+            assert!(eventually(Duration::from_secs(3), || get(addr, "/model")
+                .json()["version"]
+                == 2));
         }
         for k in 0..15 {
-            let r = request(addr, "POST", "/predict", &[("Content-Type", "image/png")], &images[k % 3]).unwrap();
+            let r = request(
+                addr,
+                "POST",
+                "/predict",
+                &[("Content-Type", "image/png")],
+                &images[k % 3],
+            )
+            .unwrap();
             assert_eq!(r.status, 200, "{}", r.text());
         }
         std::thread::sleep(Duration::from_millis(1000));
@@ -284,14 +350,28 @@ fn dashboard_draws_charts_in_headless_chromium() {
 
     let page = get(addr, "/dashboard?refresh=3600");
     assert_eq!(page.status, 200);
-    assert!(page.header("content-type").unwrap().starts_with("text/html"));
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
     let html = page.text();
     assert!(html.contains("<meta http-equiv=\"refresh\" content=\"3600\">"));
-    assert_eq!(get(addr, "/dashboard").text().contains("content=\"5\""), true, "refreshes itself by default");
-    for id in ["id=\"rate\"", "id=\"latency\"", "id=\"version\"", "id=\"gate\""] {
+    assert!(
+        get(addr, "/dashboard").text().contains("content=\"5\""),
+        "refreshes itself by default"
+    );
+    for id in [
+        "id=\"rate\"",
+        "id=\"latency\"",
+        "id=\"version\"",
+        "id=\"gate\"",
+    ] {
         assert!(html.contains(id), "{id} missing");
     }
-    assert!(html.contains("rejected: monday dropped") && html.contains("30.0%"), "the cycle table");
+    assert!(
+        html.contains("rejected: monday dropped") && html.contains("30.0%"),
+        "the cycle table"
+    );
     // No external requests: no script, stylesheet, image or link to fetch.
     for needle in ["<script", "src=", "href=", "url(", "@import"] {
         assert!(!html.contains(needle), "the page has {needle}");
@@ -315,12 +395,18 @@ fn dashboard_draws_charts_in_headless_chromium() {
     assert!(exposed.contains("bccp_predict_duration_seconds_bucket"));
     for panel in dashboard_json()["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
-            let Some(expr) = target["expr"].as_str() else { continue };
+            let Some(expr) = target["expr"].as_str() else {
+                continue;
+            };
             for name in expr
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .filter(|w| w.starts_with("bccp_"))
             {
-                assert!(exposed.contains(name), "panel {}: {name} is not exposed", panel["title"]);
+                assert!(
+                    exposed.contains(name),
+                    "panel {}: {name} is not exposed",
+                    panel["title"]
+                );
             }
         }
     }
@@ -369,5 +455,8 @@ fn dashboard_draws_charts_in_headless_chromium() {
     // The p95 line.
     let red = count_colour(&img, [0xd6, 0x27, 0x28]);
     eprintln!("chart pixels: blue {blue}, orange {orange}, green {green}, red {red}");
-    assert!(blue > 2000 && orange > 1000 && green > 400 && red > 100, "charts not drawn: blue {blue}, orange {orange}, green {green}, red {red}");
+    assert!(
+        blue > 2000 && orange > 1000 && green > 400 && red > 100,
+        "charts not drawn: blue {blue}, orange {orange}, green {green}, red {red}"
+    );
 }

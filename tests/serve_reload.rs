@@ -89,7 +89,13 @@ fn promotions_swap_models_under_load_and_a_broken_one_is_not_served() {
         for _ in 0..4 {
             s.spawn(|| {
                 while !stop.load(Ordering::SeqCst) {
-                    let r = request(addr, "POST", "/predict", &[("Content-Type", "image/png")], &bytes);
+                    let r = request(
+                        addr,
+                        "POST",
+                        "/predict",
+                        &[("Content-Type", "image/png")],
+                        &bytes,
+                    );
                     sent.fetch_add(1, Ordering::SeqCst);
                     match r {
                         Ok(r) if r.status == 200 => {
@@ -111,14 +117,19 @@ fn promotions_swap_models_under_load_and_a_broken_one_is_not_served() {
         let promoted = Instant::now();
         alias(&runs, 2);
         assert!(
-            eventually(Duration::from_secs(3), || get(addr, "/model").json()["version"] == 2),
+            eventually(Duration::from_secs(3), || get(addr, "/model").json()
+                ["version"]
+                == 2),
             "/model did not show v2 within 3 s"
         );
         eprintln!("v2 served {:?} after the promotion", promoted.elapsed());
         let info = get(addr, "/model").json();
         assert_eq!(info["backbone_reused"], true, "{info}");
         assert_eq!(metric(addr, "bccp_backbone_loads_total"), 1.0);
-        assert_eq!(metric(addr, "bccp_model_reloads_total{result=\"success\"}"), 2.0);
+        assert_eq!(
+            metric(addr, "bccp_model_reloads_total{result=\"success\"}"),
+            2.0
+        );
         assert!(eventually(Duration::from_secs(3), || seen_v2.load(Ordering::SeqCst)));
 
         // A broken v3: its weights file does not match what was registered.
@@ -157,11 +168,19 @@ fn promotions_swap_models_under_load_and_a_broken_one_is_not_served() {
     let outcome = forced.json();
     assert_eq!(outcome["result"], "failed");
     assert_eq!(outcome["version"], 2);
-    assert!(outcome["message"].as_str().unwrap().contains("SHA-256"), "{outcome}");
-    assert_eq!(metric(addr, "bccp_model_reloads_total{result=\"load_failed\"}"), 2.0);
+    assert!(
+        outcome["message"].as_str().unwrap().contains("SHA-256"),
+        "{outcome}"
+    );
+    assert_eq!(
+        metric(addr, "bccp_model_reloads_total{result=\"load_failed\"}"),
+        2.0
+    );
     // Moving the alias back to a good version is followed.
     alias(&runs, 1);
-    assert!(eventually(Duration::from_secs(3), || get(addr, "/model").json()["version"] == 1));
+    assert!(eventually(Duration::from_secs(3), || get(addr, "/model")
+        .json()["version"]
+        == 1));
 }
 
 #[test]
@@ -171,21 +190,60 @@ fn waits_for_a_model_that_does_not_exist_yet() {
     let (runs, cache) = (tmp.path().join("runs"), tmp.path().join("cache"));
     let server = serve(&runs, &cache, &days, &["--wait-for-model"]);
     let addr = server.addr;
-    assert!(server.first_line.contains("no model yet"), "{}", server.first_line);
+    assert!(
+        server.first_line.contains("no model yet"),
+        "{}",
+        server.first_line
+    );
     assert_eq!(get(addr, "/healthz").status, 200);
     let ready = get(addr, "/readyz");
     assert_eq!(ready.status, 503);
-    assert!(ready.json()["message"].as_str().unwrap().contains("no alias \"champion\""), "{}", ready.text());
-    let image = std::fs::read(days.join("monday/class0").read_dir().unwrap().next().unwrap().unwrap().path()).unwrap();
-    let r = request(addr, "POST", "/predict", &[("Content-Type", "image/png")], &image).unwrap();
+    assert!(
+        ready.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("no alias \"champion\""),
+        "{}",
+        ready.text()
+    );
+    let image = std::fs::read(
+        days.join("monday/class0")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+    )
+    .unwrap();
+    let r = request(
+        addr,
+        "POST",
+        "/predict",
+        &[("Content-Type", "image/png")],
+        &image,
+    )
+    .unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(get(addr, "/model").status, 503);
 
     common::success(&common::quick_train(&days, &runs, &cache, MODEL, &[]));
     alias(&runs, 1);
-    assert!(eventually(Duration::from_secs(3), || get(addr, "/readyz").status == 200));
-    let r = request(addr, "POST", "/predict", &[("Content-Type", "image/png")], &image).unwrap();
+    assert!(eventually(Duration::from_secs(3), || get(addr, "/readyz")
+        .status
+        == 200));
+    let r = request(
+        addr,
+        "POST",
+        "/predict",
+        &[("Content-Type", "image/png")],
+        &image,
+    )
+    .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["version"], 1);
-    assert_eq!(metric(addr, "bccp_model_reloads_total{result=\"load_failed\"}"), 0.0);
+    assert_eq!(
+        metric(addr, "bccp_model_reloads_total{result=\"load_failed\"}"),
+        0.0
+    );
 }

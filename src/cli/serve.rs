@@ -52,9 +52,10 @@ impl ServerArgs {
     /// The API token: `--token-file`, else `BCCP_API_TOKEN`, else none.
     fn token(&self) -> Result<Option<Token>> {
         if let Some(path) = &self.token_file {
-            return Ok(Some(Token::from_file(path).with_context(|| {
-                format!("--token-file {}", path.display())
-            })?));
+            return Ok(Some(
+                Token::from_file(path)
+                    .with_context(|| format!("--token-file {}", path.display()))?,
+            ));
         }
         match std::env::var("BCCP_API_TOKEN") {
             Ok(text) if !text.trim().is_empty() => {

@@ -101,7 +101,7 @@ impl ServeConfig {
         }
         crate::registry::parse_spec(&self.model).map_err(|error| ServeError::Model {
             spec: self.model.clone(),
-            error,
+            error: Box::new(error),
         })?;
         let range = |name: &'static str, v: usize, lo: usize, hi: usize| {
             if (lo..=hi).contains(&v) {

@@ -43,7 +43,7 @@ pub enum ServeError {
     #[error("model {spec}: {error}")]
     Model {
         spec: String,
-        error: crate::registry::RegistryError,
+        error: Box<crate::registry::RegistryError>,
     },
     #[error("model {spec} failed its self-test: {message}")]
     SelfTest { spec: String, message: String },
@@ -135,7 +135,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 

@@ -169,11 +169,7 @@ pub(crate) fn resolve_under(root: Option<&Path>, given: &str) -> Result<PathBuf,
                 "no image {given:?} under the image root"
             )))
         }
-        Err(e) => {
-            return Err(ApiError::bad_request(format!(
-                "image_path {given:?}: {e}"
-            )))
-        }
+        Err(e) => return Err(ApiError::bad_request(format!("image_path {given:?}: {e}"))),
     };
     if !canonical.starts_with(root) {
         return Err(ApiError::bad_request(format!(

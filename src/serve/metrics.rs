@@ -280,11 +280,8 @@ impl Metrics {
             "bccp_predict_duration_seconds",
             "Time to answer a POST /predict request, body received to answer.",
         );
-        self.batch_size.render(
-            &mut out,
-            "bccp_batch_size",
-            "Images per backbone batch.",
-        );
+        self.batch_size
+            .render(&mut out, "bccp_batch_size", "Images per backbone batch.");
         let _ = writeln!(
             out,
             "# HELP bccp_model_version The version of the model served (0: none yet).\n\
@@ -370,7 +367,10 @@ impl Metrics {
             ),
         ];
         for (name, help, kind, v) in simple {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         }
         out
     }

@@ -49,17 +49,11 @@ pub(crate) fn load(
     previous: Option<&LoadedModel>,
 ) -> Result<LoadedModel, ServeError> {
     let started = Instant::now();
-    let run = TrainedRun::load_reusing(
-        registry,
-        spec,
-        device,
-        cache_dir,
-        previous.map(|p| &p.run),
-    )
-    .map_err(|error| ServeError::Model {
-        spec: spec.to_owned(),
-        error,
-    })?;
+    let run = TrainedRun::load_reusing(registry, spec, device, cache_dir, previous.map(|p| &p.run))
+        .map_err(|error| ServeError::Model {
+            spec: spec.to_owned(),
+            error: Box::new(error),
+        })?;
     let backbone_reused = previous.is_some_and(|p| run.shares_backbone_with(&p.run));
     let alias = crate::registry::parse_spec(spec)
         .ok()
@@ -102,7 +96,11 @@ pub(crate) fn self_test(model: &LoadedModel, images: &[PathBuf]) -> Result<usize
         }
     }
     let synthetic = image::RgbImage::from_fn(pre.width, pre.height, |x, y| {
-        image::Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, ((x + y) % 256) as u8])
+        image::Rgb([
+            (x * 7 % 256) as u8,
+            (y * 5 % 256) as u8,
+            ((x + y) % 256) as u8,
+        ])
     });
     pixels.extend(pre.apply(&image::DynamicImage::ImageRgb8(synthetic)));
     n += 1;
@@ -171,9 +169,6 @@ impl ModelSlot {
         if self.current().is_some() {
             return String::new();
         }
-        self.not_ready
-            .read()
-            .map(|r| r.clone())
-            .unwrap_or_default()
+        self.not_ready.read().map(|r| r.clone()).unwrap_or_default()
     }
 }

@@ -76,7 +76,10 @@ pub(crate) async fn predict(State(state): State<AppState>, request: Request) -> 
 }
 
 /// The images a request names, and whether it is a batch (answered as a list).
-fn images_of(body: Body, max: usize) -> Result<(Vec<Result<ImageInput, ApiError>>, bool), ApiError> {
+fn images_of(
+    body: Body,
+    max: usize,
+) -> Result<(Vec<Result<ImageInput, ApiError>>, bool), ApiError> {
     let too_many = |n: usize| {
         ApiError::too_large(format!(
             "{n} images in one request, over the limit of {max} (--max-request-images)"

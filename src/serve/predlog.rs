@@ -38,8 +38,7 @@ impl PredictionLog {
 
     /// Queues a row; when the queue is full it is dropped and counted.
     pub fn log(&self, row: NewPrediction) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(row)
-        {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(row) {
             self.metrics.count_log_dropped();
         }
     }

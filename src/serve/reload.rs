@@ -71,7 +71,9 @@ impl Watch {
             ..SampleFilter::default()
         };
         let rows = match store.lock() {
-            Ok(mut s) => s.samples(&filter, self.self_test_images * 4).unwrap_or_default(),
+            Ok(mut s) => s
+                .samples(&filter, self.self_test_images * 4)
+                .unwrap_or_default(),
             Err(_) => Vec::new(),
         };
         rows.into_iter()
@@ -126,7 +128,11 @@ impl Watch {
                     self.slot.set_not_ready(message.clone());
                 }
                 return ReloadOutcome {
-                    result: if current.is_none() { "no_model" } else { "unchanged" },
+                    result: if current.is_none() {
+                        "no_model"
+                    } else {
+                        "unchanged"
+                    },
                     version: served,
                     message: Some(message),
                 };

@@ -58,7 +58,12 @@ const MIGRATION_LOCK: i64 = 0x6263_6370_0001;
 impl PgStore {
     /// Predictions selected by `tail` (a `WHERE … ORDER BY … LIMIT` clause binding the id
     /// bound and the limit).
-    fn read_predictions(&mut self, tail: &str, after_id: i64, limit: usize) -> Result<Vec<Prediction>> {
+    fn read_predictions(
+        &mut self,
+        tail: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<Prediction>> {
         let limit = limit.min(i64::MAX as usize) as i64;
         let sql = format!(
             "SELECT id, {}, sample_id, request_id, model, version, class, probability, \
@@ -466,7 +471,8 @@ impl Store for PgStore {
     }
 
     fn recent_predictions(&mut self, limit: usize) -> Result<Vec<Prediction>> {
-        let mut rows = self.read_predictions("WHERE id > $1 ORDER BY id DESC LIMIT $2", 0, limit)?;
+        let mut rows =
+            self.read_predictions("WHERE id > $1 ORDER BY id DESC LIMIT $2", 0, limit)?;
         rows.reverse();
         Ok(rows)
     }

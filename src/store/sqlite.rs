@@ -39,7 +39,12 @@ const RETRAIN_COLUMNS: &str =
 impl SqliteStore {
     /// Predictions selected by `tail` (a `WHERE … ORDER BY … LIMIT` clause binding the id
     /// bound and the limit).
-    fn read_predictions(&mut self, tail: &str, after_id: i64, limit: usize) -> Result<Vec<Prediction>> {
+    fn read_predictions(
+        &mut self,
+        tail: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<Prediction>> {
         let limit = limit.min(i64::MAX as usize) as i64;
         let sql = format!(
             "SELECT id, timestamp, sample_id, request_id, model, version, class, \
@@ -413,7 +418,8 @@ impl Store for SqliteStore {
     }
 
     fn recent_predictions(&mut self, limit: usize) -> Result<Vec<Prediction>> {
-        let mut rows = self.read_predictions("WHERE id > ?1 ORDER BY id DESC LIMIT ?2", 0, limit)?;
+        let mut rows =
+            self.read_predictions("WHERE id > ?1 ORDER BY id DESC LIMIT ?2", 0, limit)?;
         rows.reverse();
         Ok(rows)
     }

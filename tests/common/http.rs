@@ -200,16 +200,16 @@ impl ServeProcess {
     /// Sends SIGTERM and waits for a clean exit (the prediction log flushed), within `limit`.
     pub fn stop(mut self, limit: Duration) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(start.elapsed() < limit, "bccp serve did not stop within {limit:?}");
+            assert!(
+                start.elapsed() < limit,
+                "bccp serve did not stop within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -237,7 +237,11 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// A PNG of `w`×`h` RGB pixels with a pattern.
 pub fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([(x as u8).wrapping_mul(3).wrapping_add(seed), (y as u8).wrapping_mul(5), seed])
+        image::Rgb([
+            (x as u8).wrapping_mul(3).wrapping_add(seed),
+            (y as u8).wrapping_mul(5),
+            seed,
+        ])
     });
     let mut out = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)

@@ -33,7 +33,9 @@ pub(crate) async fn page(State(state): State<AppState>, Query(q): Query<PageQuer
     let refresh = q.refresh.unwrap_or(5).clamp(1, 3600);
     let data = match state.store.clone() {
         Some(store) => tokio::task::spawn_blocking(move || {
-            let mut s = store.lock().map_err(|_| "the store connection is poisoned".to_owned())?;
+            let mut s = store
+                .lock()
+                .map_err(|_| "the store connection is poisoned".to_owned())?;
             let predictions = s.recent_predictions(RECENT).map_err(|e| e.to_string())?;
             let retrains = s.retrains().map_err(|e| e.to_string())?;
             Ok::<_, String>((predictions, retrains))
@@ -66,7 +68,10 @@ fn render(
     data: Result<(Vec<Prediction>, Vec<Retrain>), String>,
 ) -> String {
     let model = state.model.current();
-    let classes: Vec<String> = model.as_ref().map(|m| m.info.classes.clone()).unwrap_or_default();
+    let classes: Vec<String> = model
+        .as_ref()
+        .map(|m| m.info.classes.clone())
+        .unwrap_or_default();
     let class_name = |c: i64| {
         usize::try_from(c)
             .ok()
@@ -97,7 +102,11 @@ fn render(
             );
         }
         None => {
-            let _ = write!(html, "no model served yet: {}", escape(&state.model.not_ready()));
+            let _ = write!(
+                html,
+                "no model served yet: {}",
+                escape(&state.model.not_ready())
+            );
         }
     }
     let _ = write!(
@@ -109,16 +118,34 @@ fn render(
         ("requests", m.total_requests().to_string()),
         ("server errors", m.server_errors().to_string()),
         ("images predicted", m.batch_size_sum().to_string()),
-        ("reloads ok / failed", format!("{} / {}", m.reloads("success"), m.reloads("load_failed") + m.reloads("self_test_failed"))),
+        (
+            "reloads ok / failed",
+            format!(
+                "{} / {}",
+                m.reloads("success"),
+                m.reloads("load_failed") + m.reloads("self_test_failed")
+            ),
+        ),
         ("feedback accepted", m.samples("accepted").to_string()),
-        ("logged / dropped", format!("{} / {}", m.log_written(), m.log_dropped())),
+        (
+            "logged / dropped",
+            format!("{} / {}", m.log_written(), m.log_dropped()),
+        ),
     ] {
-        let _ = write!(html, "<div><b>{}</b><span>{label}</span></div>", escape(&value));
+        let _ = write!(
+            html,
+            "<div><b>{}</b><span>{label}</span></div>",
+            escape(&value)
+        );
     }
     html.push_str("</div><div class=\"grid\">");
     match data {
         Err(e) => {
-            let _ = write!(html, "<section><h2>Data store</h2>{}</section>", svg::empty(&e));
+            let _ = write!(
+                html,
+                "<section><h2>Data store</h2>{}</section>",
+                svg::empty(&e)
+            );
         }
         Ok((predictions, retrains)) => {
             charts(&mut html, &predictions, &class_name);
@@ -131,8 +158,16 @@ fn render(
 
 fn charts(html: &mut String, predictions: &[Prediction], class_name: &dyn Fn(i64) -> String) {
     let Some(t) = Timeline::of(predictions) else {
-        for title in ["Predictions per second by class", "Latency", "Served version"] {
-            let _ = write!(html, "<section><h2>{title}</h2>{}</section>", svg::empty("no predictions yet"));
+        for title in [
+            "Predictions per second by class",
+            "Latency",
+            "Served version",
+        ] {
+            let _ = write!(
+                html,
+                "<section><h2>{title}</h2>{}</section>",
+                svg::empty("no predictions yet")
+            );
         }
         return;
     };
@@ -182,7 +217,11 @@ fn cycles(html: &mut String, retrains: &[Retrain]) {
         );
         return;
     }
-    let labels: Vec<String> = c.rows.iter().map(|r| format!("#{} {}", r.cycle, r.method)).collect();
+    let labels: Vec<String> = c
+        .rows
+        .iter()
+        .map(|r| format!("#{} {}", r.cycle, r.method))
+        .collect();
     let groups: Vec<Vec<Option<f64>>> = c.rows.iter().map(|r| r.per_day.clone()).collect();
     let legend: Vec<(String, &str)> = c
         .days

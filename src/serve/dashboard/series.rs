@@ -124,7 +124,10 @@ impl Cycles {
         let days: Vec<String> = days.into_iter().collect();
         let mut rows = Vec::new();
         for r in retrains {
-            let challengers = r.reasons["challengers"].as_array().cloned().unwrap_or_default();
+            let challengers = r.reasons["challengers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             if challengers.is_empty() {
                 rows.push(CycleRow {
                     cycle: r.id,

@@ -82,10 +82,20 @@ fn frame(y_max: f64, unit: &str, x_labels: &[String], body: &str) -> String {
     );
     let n = x_labels.len();
     if n > 0 {
-        let picks: Vec<usize> = if n < 3 { (0..n).collect() } else { vec![0, n / 2, n - 1] };
+        let picks: Vec<usize> = if n < 3 {
+            (0..n).collect()
+        } else {
+            vec![0, n / 2, n - 1]
+        };
         for i in picks {
             let x = x_at(i, n);
-            let anchor = if i == 0 { "start" } else if i == n - 1 && n > 1 { "end" } else { "middle" };
+            let anchor = if i == 0 {
+                "start"
+            } else if i == n - 1 && n > 1 {
+                "end"
+            } else {
+                "middle"
+            };
             let _ = write!(
                 s,
                 "<text x=\"{x:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"{anchor}\" fill=\"#555\">{}</text>",
@@ -127,7 +137,12 @@ pub(crate) fn empty(message: &str) -> String {
 pub(crate) fn stacked_bars(x_labels: &[String], series: &[(&str, Vec<f64>)], unit: &str) -> String {
     let n = x_labels.len();
     let totals: Vec<f64> = (0..n)
-        .map(|i| series.iter().map(|(_, v)| v.get(i).copied().unwrap_or(0.0)).sum())
+        .map(|i| {
+            series
+                .iter()
+                .map(|(_, v)| v.get(i).copied().unwrap_or(0.0))
+                .sum()
+        })
         .collect();
     let y_max = nice_max(totals.iter().copied().fold(0.0, f64::max));
     let slot = (W - RIGHT - LEFT) / n.max(1) as f64;
@@ -212,7 +227,12 @@ pub(crate) fn lines(
 
 /// Bars grouped per x slot: `groups[g] = values per series` (colours by series index), on a
 /// fixed y range `0..y_max`.
-pub(crate) fn grouped_bars(labels: &[String], groups: &[Vec<Option<f64>>], y_max: f64, unit: &str) -> String {
+pub(crate) fn grouped_bars(
+    labels: &[String],
+    groups: &[Vec<Option<f64>>],
+    y_max: f64,
+    unit: &str,
+) -> String {
     let n = labels.len();
     let slot = (W - RIGHT - LEFT) / n.max(1) as f64;
     let per = groups.iter().map(Vec::len).max().unwrap_or(1).max(1);
@@ -261,14 +281,40 @@ mod tests {
         assert_eq!(nice_max(0.42), 0.8);
         assert_eq!(nice_max(120.0), 200.0);
         let labels: Vec<String> = vec!["a".into(), "b<".into(), "c".into()];
-        let bars = stacked_bars(&labels, &[("#1f77b4", vec![1.0, 0.0, 2.0]), ("#ff7f0e", vec![1.0, 1.0, 0.0])], "/s");
+        let bars = stacked_bars(
+            &labels,
+            &[
+                ("#1f77b4", vec![1.0, 0.0, 2.0]),
+                ("#ff7f0e", vec![1.0, 1.0, 0.0]),
+            ],
+            "/s",
+        );
         assert_eq!(bars.matches("<rect").count(), 4);
         assert!(bars.contains("b&lt;") && !bars.contains("b<"));
-        let l = lines(&labels, &[("#2ca02c", vec![Some(1.0), None, Some(3.0)])], "ms", false);
+        let l = lines(
+            &labels,
+            &[("#2ca02c", vec![Some(1.0), None, Some(3.0)])],
+            "ms",
+            false,
+        );
         assert_eq!(l.matches("<polyline").count(), 2, "a gap splits the line");
-        let s = lines(&labels, &[("#2ca02c", vec![Some(1.0), None, Some(3.0)])], "v", true);
-        assert_eq!(s.matches("<polyline").count(), 1, "a step line holds its level");
-        let g = grouped_bars(&labels, &[vec![Some(0.5), None], vec![Some(0.7), Some(0.9)], vec![]], 1.0, "acc");
+        let s = lines(
+            &labels,
+            &[("#2ca02c", vec![Some(1.0), None, Some(3.0)])],
+            "v",
+            true,
+        );
+        assert_eq!(
+            s.matches("<polyline").count(),
+            1,
+            "a step line holds its level"
+        );
+        let g = grouped_bars(
+            &labels,
+            &[vec![Some(0.5), None], vec![Some(0.7), Some(0.9)], vec![]],
+            1.0,
+            "acc",
+        );
         assert_eq!(g.matches("<rect").count(), 3);
         assert!(empty("no <data>").contains("no &lt;data&gt;"));
         assert!(legend(&[("x&y".into(), "#000")]).contains("x&amp;y"));
