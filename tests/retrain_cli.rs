@@ -318,7 +318,7 @@ fn up_runs_the_loop_by_itself(db: &TestDb) {
             "--every",
             "1s",
             "--duration",
-            "4s",
+            "8s",
             "--min-new",
             "10",
             "--model",
