@@ -36,17 +36,19 @@ pub(crate) struct Overloaded;
 
 impl Batcher {
     /// Starts the batching thread; it ends when every [`Batcher`] is dropped.
+    /// Batches run on `pool`'s threads.
     pub fn start(
         max_batch: usize,
         max_wait: Duration,
         capacity: usize,
         metrics: Arc<Metrics>,
+        pool: Arc<rayon::ThreadPool>,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = sync_channel(capacity);
         let m = Arc::clone(&metrics);
         let handle = std::thread::Builder::new()
             .name("bccp-batcher".into())
-            .spawn(move || run(rx, max_batch, max_wait, &m))?;
+            .spawn(move || run(rx, max_batch, max_wait, &m, &pool))?;
         Ok((Self { tx, metrics }, handle))
     }
 
@@ -63,7 +65,13 @@ impl Batcher {
     }
 }
 
-fn run(rx: Receiver<Job>, max_batch: usize, max_wait: Duration, metrics: &Metrics) {
+fn run(
+    rx: Receiver<Job>,
+    max_batch: usize,
+    max_wait: Duration,
+    metrics: &Metrics,
+    pool: &rayon::ThreadPool,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let deadline = Instant::now() + max_wait;
@@ -89,7 +97,7 @@ fn run(rx: Receiver<Job>, max_batch: usize, max_wait: Duration, metrics: &Metric
         }
         let n = jobs.len() as i64;
         for group in by_model(jobs) {
-            predict(group, metrics);
+            pool.install(|| predict(group, metrics));
         }
         metrics.add_queued(-n);
     }

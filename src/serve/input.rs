@@ -224,12 +224,14 @@ pub(crate) fn decode_checked(
     Ok(crate::data::decode::decode_bytes(bytes, path)?)
 }
 
-/// Runs `f` on rayon's pool (decoding in parallel, off the async runtime) and awaits it.
+/// Runs `f` on the server's own thread pool (decoding in parallel, off the async runtime) and
+/// awaits it.
 pub(crate) async fn on_pool<T: Send + 'static>(
+    pool: &rayon::ThreadPool,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
-    rayon::spawn(move || {
+    pool.spawn(move || {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         let _ = tx.send(result);
     });

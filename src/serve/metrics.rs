@@ -230,14 +230,18 @@ impl Metrics {
         self.backbone_loads.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Total requests answered with a status of 500 or more.
+    /// Requests answered with a status of 500 or more (but `/readyz`'s 503, which reports
+    /// that no model is served yet).
     pub fn server_errors(&self) -> u64 {
         self.requests
             .0
             .lock()
             .map(|m| {
                 m.iter()
-                    .filter(|(k, _)| k.get(1).is_some_and(|s| s.starts_with('5')))
+                    .filter(|(k, _)| {
+                        k.first().is_some_and(|e| e != "/readyz")
+                            && k.get(1).is_some_and(|s| s.starts_with('5'))
+                    })
                     .map(|(_, n)| n)
                     .sum()
             })
@@ -386,6 +390,7 @@ mod tests {
         m.count_request("/predict", 200);
         m.count_request("/predict", 200);
         m.count_request("/predict", 415);
+        m.count_request("/readyz", 503);
         m.count_prediction("coat \"x\"", "ok");
         m.latency.observe(0.003);
         m.latency.observe(0.2);
@@ -407,6 +412,6 @@ mod tests {
         assert!(text.contains("bccp_model_version 0"));
         assert_eq!(m.reloads("load_failed"), 1);
         assert_eq!(m.server_errors(), 0);
-        assert_eq!(m.total_requests(), 3);
+        assert_eq!(m.total_requests(), 4);
     }
 }

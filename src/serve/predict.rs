@@ -160,7 +160,7 @@ async fn decode_all(
     let pre = *model.run.preprocess();
     let root = state.image_root.clone();
     let max_pixels = state.config.max_image_pixels;
-    input::on_pool(move || {
+    input::on_pool(&state.pool, move || {
         inputs
             .into_par_iter()
             .map(|i| {

@@ -172,7 +172,7 @@ async fn ingest(state: &AppState, request: Request) -> Result<Response, ApiError
     let root = state.image_root.clone();
     let max_pixels = state.config.max_image_pixels;
     let is_upload = matches!(image, ImageInput::Bytes { .. });
-    let (bytes, path, sha, ext) = input::on_pool(move || {
+    let (bytes, path, sha, ext) = input::on_pool(&state.pool, move || {
         let (bytes, path) = input::input_bytes(&image, root.as_deref())?;
         let shown = match &image {
             ImageInput::Path(given) => std::path::PathBuf::from(given),

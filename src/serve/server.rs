@@ -150,11 +150,23 @@ pub fn start(config: ServeConfig) -> Result<Server, ServeError> {
     } else {
         watch.load().map_err(|(_, e)| e)?;
     }
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("bccp-serve-{i}"))
+            .build()
+            .map_err(|e| ServeError::Runtime {
+                what: "thread pool",
+                error: std::io::Error::other(e),
+            })?,
+    );
     let (batcher, batch_thread) = Batcher::start(
         config.max_batch,
         config.max_wait,
         config.queue_capacity,
         Arc::clone(&metrics),
+        Arc::clone(&pool),
     )
     .map_err(runtime_error("batching thread"))?;
     let (reloader, reload_thread) =
@@ -185,6 +197,7 @@ pub fn start(config: ServeConfig) -> Result<Server, ServeError> {
         log,
         store,
         reloader,
+        pool,
     );
     let app = router(state, max_body);
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -27,6 +27,10 @@ pub(crate) struct Inner {
     /// A connection for feedback writes and dashboard reads (the prediction log has its own).
     pub store: Option<Arc<Mutex<Box<dyn Store>>>>,
     pub reloader: Reloader,
+    /// Where images are decoded and batches run: the server's own threads, so work of the
+    /// same process on rayon's global pool (a retrain cycle in `bccp up`) does not queue
+    /// requests behind it.
+    pub pool: Arc<rayon::ThreadPool>,
     requests: AtomicU64,
 }
 
@@ -48,6 +52,7 @@ impl AppState {
         log: Option<PredictionLog>,
         store: Option<Arc<Mutex<Box<dyn Store>>>>,
         reloader: Reloader,
+        pool: Arc<rayon::ThreadPool>,
     ) -> Self {
         Self(Arc::new(Inner {
             config,
@@ -58,6 +63,7 @@ impl AppState {
             log,
             store,
             reloader,
+            pool,
             requests: AtomicU64::new(0),
         }))
     }
