@@ -49,8 +49,9 @@ fn fmt_tick(v: f64) -> String {
     }
 }
 
-/// The frame: axes, y ticks and up to three x labels.
-fn frame(y_max: f64, unit: &str, x_labels: &[String], body: &str) -> String {
+/// The frame: axes, y ticks and x labels (every one when `all`, else the first, middle and
+/// last).
+fn frame(y_max: f64, unit: &str, x_labels: &[String], all: bool, body: &str) -> String {
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\">"
     );
@@ -82,14 +83,16 @@ fn frame(y_max: f64, unit: &str, x_labels: &[String], body: &str) -> String {
     );
     let n = x_labels.len();
     if n > 0 {
-        let picks: Vec<usize> = if n < 3 {
+        let picks: Vec<usize> = if all || n < 3 {
             (0..n).collect()
         } else {
             vec![0, n / 2, n - 1]
         };
         for i in picks {
             let x = x_at(i, n);
-            let anchor = if i == 0 {
+            let anchor = if all {
+                "middle"
+            } else if i == 0 {
                 "start"
             } else if i == n - 1 && n > 1 {
                 "end"
@@ -165,7 +168,7 @@ pub(crate) fn stacked_bars(x_labels: &[String], series: &[(&str, Vec<f64>)], uni
             base += v;
         }
     }
-    frame(y_max, unit, x_labels, &body)
+    frame(y_max, unit, x_labels, false, &body)
 }
 
 /// Lines over the x slots (`None` leaves a gap); `step` draws a staircase (a level held until
@@ -222,7 +225,7 @@ pub(crate) fn lines(
         }
         flush(&mut points, &mut body);
     }
-    frame(y_max, unit, x_labels, &body)
+    frame(y_max, unit, x_labels, false, &body)
 }
 
 /// Bars grouped per x slot: `groups[g] = values per series` (colours by series index), on a
@@ -253,7 +256,7 @@ pub(crate) fn grouped_bars(
             );
         }
     }
-    frame(y_max, unit, labels, &body)
+    frame(y_max, unit, labels, true, &body)
 }
 
 /// A legend: coloured squares and names.
@@ -316,6 +319,7 @@ mod tests {
             "acc",
         );
         assert_eq!(g.matches("<rect").count(), 3);
+        assert_eq!(g.matches("<text").count(), 5 + 1 + 3, "every group is labelled");
         assert!(empty("no <data>").contains("no &lt;data&gt;"));
         assert!(legend(&[("x&y".into(), "#000")]).contains("x&amp;y"));
     }
