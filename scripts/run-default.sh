@@ -7,7 +7,9 @@
 # cleansing, and BCCP (label-aware, out-of-sample Bayesian cut-off of the top 25% + buffer
 # closest-pair replay of half of the champion's training data: the best configuration of
 # experiments/fashion-mnist.toml) — on real MobileNetV2 features at 64×64; the gate decides.
-# A closing table shows every cycle.
+# A closing table shows every cycle. While it runs, `bccp up` also serves the champion on
+# http://127.0.0.1:8000 (predictions, feedback, /metrics, /dashboard; --no-serve turns it
+# off); with the default --duration 0 it stops, server included, once both days are done.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-assets.sh

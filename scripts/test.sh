@@ -7,12 +7,21 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-assets.sh
 # The store tests start throwaway PostgreSQL servers (initdb + pg_ctl): install Debian's
 # server package when no initdb is found (they fail, not skip, without it).
+# The dashboard test opens bccp's /dashboard in headless Chromium: install Debian's
+# `chromium` when missing (it fails, not skips, without it).
+packages=()
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && ! command -v initdb >/dev/null \
     && [ -z "${PG_BIN:-}" ]; then
+    packages+=(postgresql)
+fi
+if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
+    packages+=(chromium)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y postgresql
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "${packages[@]}"
 fi
 cargo fmt --all -- --check
 cargo clippy --release --all-targets --locked -- -D warnings

@@ -26,6 +26,7 @@ pub mod retrain;
 pub mod rng;
 pub mod runtime;
 pub mod sampling;
+pub mod serve;
 pub mod store;
 pub mod train;
 

@@ -56,8 +56,11 @@ enum Command {
     /// One cycle of the self-cleansing loop: new samples, replay, cleansing, challengers, the
     /// gate, and the champion alias moved when one wins.
     Retrain(cli::retrain::RetrainArgs),
-    /// The loop in one process: store, optional generator, scheduled retrain cycles.
-    Up(cli::up::UpArgs),
+    /// The loop in one process: store, optional generator, scheduled retrain cycles, and the
+    /// prediction server.
+    Up(Box<cli::up::UpArgs>),
+    /// Serve a registered model over HTTP: predictions, feedback, metrics, hot reload.
+    Serve(cli::serve::ServeArgs),
     /// Run a grid of train runs from a TOML file; write results.csv, results.md and charts.
     Experiment(cli::experiment::ExperimentArgs),
 }
@@ -83,7 +86,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => cli::generate::run(args, quiet),
         Command::Ingest(args) => cli::ingest::run(args),
         Command::Retrain(args) => cli::retrain::run(args, quiet),
-        Command::Up(args) => cli::up::run(args, quiet),
+        Command::Up(args) => cli::up::run(*args, quiet),
+        Command::Serve(args) => cli::serve::run(args),
     };
     // A command that failed because its outputs were removed under it by the SIGINT/SIGTERM
     // clean-up waits for that clean-up to end the process with the signal's exit code.

@@ -299,40 +299,138 @@ fn up_runs_the_loop_by_itself(db: &TestDb) {
     let weights = asset("weights/mobilenet_v2.safetensors");
     let (runs, cache) = (tmp.join("runs"), tmp.join("cache"));
     let started = Instant::now();
-    let out = success(&bccp(&[
-        "up",
-        "--db",
-        &db.url,
-        "--generate",
-        days.to_str().unwrap(),
-        "--gate-fraction",
-        "0.3",
-        "--method",
-        "none,bccp",
-        "--cutoff-folds",
-        "2",
-        "--rate",
-        "40/s",
-        "--every",
-        "1s",
-        "--duration",
-        "4s",
-        "--min-new",
-        "10",
-        "--model",
-        MODEL,
-        "--image-size",
-        "64",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--offline",
-        "--device",
-        "cpu",
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--cache-dir",
-        cache.to_str().unwrap(),
-    ]));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bccp"))
+        .args([
+            "--quiet",
+            "up",
+            "--db",
+            &db.url,
+            "--generate",
+            days.to_str().unwrap(),
+            "--gate-fraction",
+            "0.3",
+            "--method",
+            "none,bccp",
+            "--cutoff-folds",
+            "2",
+            "--rate",
+            "40/s",
+            "--every",
+            "1s",
+            "--duration",
+            "8s",
+            "--min-new",
+            "10",
+            "--model",
+            MODEL,
+            "--image-size",
+            "64",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--offline",
+            "--device",
+            "cpu",
+            "--runs-dir",
+            runs.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--serve",
+            "127.0.0.1:0",
+            "--upload-dir",
+            tmp.join("uploads").to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    // Standard output line by line; the server's address as soon as it is logged.
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(addr) = line
+                .split("http://")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse::<std::net::SocketAddr>().ok())
+            {
+                let _ = addr_tx.send(addr);
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // While it re-trains, the server answers: 503 until the first promotion, then predictions
+    // with the champion, feedback into the store, the dashboard.
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("bccp up logs the server's address");
+    let http = |method: &str, path: &str, body: &str| {
+        common::http::request(
+            addr,
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    };
+    assert!(
+        common::http::eventually(Duration::from_secs(90), || http("GET", "/readyz", "")
+            .is_ok_and(|r| r.status == 200)),
+        "the champion was never served"
+    );
+    let image = std::fs::read_dir(days.join("monday"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .min()
+        .unwrap();
+    let file = std::fs::read_dir(&image)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let rel = file
+        .strip_prefix(&days)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let answer = http(
+        "POST",
+        "/predict",
+        &format!("{{\"image_path\": \"{rel}\"}}"),
+    )
+    .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["model"], MODEL);
+    let feedback = http(
+        "POST",
+        "/samples",
+        &format!("{{\"image_path\": \"{rel}\", \"label\": 0}}"),
+    )
+    .unwrap();
+    // The image is stored already (generated), so the feedback is a duplicate.
+    assert_eq!(
+        feedback.json()["status"],
+        "duplicate",
+        "{}",
+        feedback.text()
+    );
+    assert_eq!(http("GET", "/dashboard", "").unwrap().status, 200);
+    let status = child.wait().unwrap();
+    let out = reader.join().unwrap();
+    assert!(status.success(), "{status:?}\n{out}");
+    for line in ["serving loop@champion on http://", "server stopped"] {
+        assert!(out.contains(line), "no `{line}` in:\n{out}");
+    }
+    let logged = db.open().predictions(0, 10).unwrap();
+    assert_eq!(logged.len(), 1, "the prediction was logged");
     assert!(started.elapsed() < Duration::from_secs(120));
     for line in [
         "ingested 200 monday samples",

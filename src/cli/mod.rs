@@ -16,6 +16,7 @@ pub mod prepare;
 pub mod retrain;
 pub mod runs;
 pub mod sample;
+pub mod serve;
 pub mod train;
 pub mod up;
 

@@ -1,8 +1,10 @@
 //! `bccp up`: the self-cleansing loop in one process — the store, an optional generator (each
-//! day of a prepared dataset arrives in bulk, then random records stream at `--rate`), and
-//! re-training cycles every `--every` that promote a champion by themselves; a log line per
-//! event and a closing table of every cycle.
+//! day of a prepared dataset arrives in bulk, then random records stream at `--rate`),
+//! re-training cycles every `--every` that promote a champion by themselves, and the
+//! prediction server following the champion (`--serve`, 127.0.0.1:8000 unless `--no-serve`);
+//! a log line per event and a closing table of every cycle.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::retrain::{print_cycle, LoopArgs};
+use super::serve::ServerArgs;
 use super::DbArgs;
 use bccp::data::Day;
 use bccp::retrain::CycleReport;
@@ -38,8 +41,17 @@ pub struct UpArgs {
     /// Stop after this long (0 once the bulk days are done; `forever`: until Ctrl-C).
     #[arg(long, default_value = "0")]
     duration: String,
+    /// Serve the champion here while the loop runs (predictions, feedback into the store,
+    /// metrics, /dashboard); anything but loopback needs an API token.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    serve: SocketAddr,
+    /// Do not start the prediction server.
+    #[arg(long)]
+    no_serve: bool,
     #[command(flatten)]
     settings: LoopArgs,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 fn log(line: &str) {
@@ -71,6 +83,11 @@ pub fn run(args: UpArgs, quiet: bool) -> Result<()> {
     let stopping = || bccp::runtime::stop_requested().is_some();
     let started = Instant::now();
     log(&format!("store {}", db.location()));
+    let server = if args.no_serve {
+        None
+    } else {
+        start_server(&args, &url)?
+    };
     let cycle = |db: &mut dyn store::Store, trigger: &str| -> Result<()> {
         let (opts, env) = args.settings.options(trigger)?;
         log(&format!("retrain started ({trigger})"));
@@ -164,6 +181,10 @@ pub fn run(args: UpArgs, quiet: bool) -> Result<()> {
             Err(_) => log("stream thread panicked"),
         }
     }
+    if let Some(server) = server {
+        server.shutdown()?;
+        log("server stopped");
+    }
     print_table(db.as_mut(), &args.settings.model)?;
     if let Some(signal) = bccp::runtime::stop_requested() {
         log(&format!(
@@ -171,6 +192,42 @@ pub fn run(args: UpArgs, quiet: bool) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The prediction server following `MODEL@champion` (503 until the first promotion), its
+/// image root the generated dataset unless `--image-root` says otherwise. An address in use
+/// is a warning, not an error: the loop runs without the server.
+fn start_server(args: &UpArgs, url: &store::DbUrl) -> Result<Option<bccp::serve::Server>> {
+    let s = &args.settings;
+    let spec = format!("{}@{}", s.model, bccp::retrain::CHAMPION);
+    let mut config = args.server.config(
+        &spec,
+        s.registry.runs_dir.clone(),
+        args.serve,
+        Some(url.clone()),
+        s.device.device()?,
+        s.cache.dir(),
+    )?;
+    config.wait_for_model = true;
+    if config.image_root.is_none() {
+        config.image_root = args.generate.clone();
+    }
+    match bccp::serve::start(config) {
+        Ok(server) => {
+            let addr = server.addr();
+            log(&format!(
+                "serving {spec} on http://{addr} (dashboard: http://{addr}/dashboard)"
+            ));
+            Ok(Some(server))
+        }
+        Err(e @ bccp::serve::ServeError::Bind { .. }) => {
+            log(&format!(
+                "warning: not serving: {e}; choose another --serve ADDR (or --no-serve)"
+            ));
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Every cycle of `model` in the store: candidates, per challenger what was dropped and

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
@@ -38,8 +39,9 @@ pub struct TrainedRun {
 enum Features {
     /// The backbone fine-tuned with the run.
     Tuned(Box<Backbone>),
-    /// The pretrained backbone the run names.
-    Pretrained(Box<Embedder>),
+    /// The pretrained backbone the run names (shared with another run on the same weights and
+    /// input size, see [`TrainedRun::load_reusing`]).
+    Pretrained(Arc<Embedder>),
 }
 
 impl TrainedRun {
@@ -52,6 +54,20 @@ impl TrainedRun {
         spec: &str,
         device: &Device,
         cache_dir: Option<&Path>,
+    ) -> Result<Self, RegistryError> {
+        Self::load_reusing(registry, spec, device, cache_dir, None)
+    }
+
+    /// [`Self::load`], keeping `previous`'s pretrained backbone when this run was trained on
+    /// the same one (same zoo entry, weights SHA-256 and input size): a new head on the same
+    /// features loads without reading or hashing the backbone weights again (what a prediction
+    /// server does when only the head changed).
+    pub fn load_reusing(
+        registry: &Registry,
+        spec: &str,
+        device: &Device,
+        cache_dir: Option<&Path>,
+        previous: Option<&TrainedRun>,
     ) -> Result<Self, RegistryError> {
         let run = registry.resolve(spec)?;
         let record = registry.read(&run)?;
@@ -74,10 +90,24 @@ impl TrainedRun {
         let params = &record.params;
         let spec = crate::backbone::zoo::find(&params.backbone)?;
         let pre = spec.preprocess_at(Some(record.provenance.image_size))?;
-        let features = match Backbone::from_tuned(&spec, &tensors, device)? {
+        let reuse = previous.and_then(|p| match &p.features {
+            Features::Pretrained(embedder)
+                if p.device.same_device(device)
+                    && p.record.params.backbone == params.backbone
+                    && p.uses_features_of(
+                        &record.provenance.weights_sha256,
+                        record.provenance.image_size,
+                    ) =>
+            {
+                Some(Arc::clone(embedder))
+            }
+            _ => None,
+        });
+        let features = match (Backbone::from_tuned(&spec, &tensors, device)?, reuse) {
             // The run carries its fine-tuned backbone: the pretrained weights are not needed.
-            Some(tuned) => Features::Tuned(Box::new(tuned)),
-            None => {
+            (Some(tuned), _) => Features::Tuned(Box::new(tuned)),
+            (None, Some(embedder)) => Features::Pretrained(embedder),
+            (None, None) => {
                 let embedder = Embedder::new(&EmbedderConfig {
                     weights: params.weights.clone(),
                     image_size: Some(record.provenance.image_size),
@@ -98,7 +128,7 @@ impl TrainedRun {
                         ),
                     });
                 }
-                Features::Pretrained(Box::new(embedder))
+                Features::Pretrained(Arc::new(embedder))
             }
         };
         Ok(Self {
@@ -130,13 +160,41 @@ impl TrainedRun {
             && self.record.provenance.image_size == image_size
     }
 
+    /// How images are turned into this run's input (size, normalisation).
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.pre
+    }
+
+    /// Whether this run and `other` use the very same loaded backbone (one was loaded with
+    /// [`Self::load_reusing`] from the other).
+    pub fn shares_backbone_with(&self, other: &TrainedRun) -> bool {
+        match (&self.features, &other.features) {
+            (Features::Pretrained(a), Features::Pretrained(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     /// Predicts every image (all must decode).
     pub fn predict(&self, images: &[PathBuf]) -> Result<Vec<Prediction>, RegistryError> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
         let batch = crate::data::loader::load_batch(images, 0, &self.pre, false)?;
-        let x = batch.to_tensor(&self.pre, &self.device)?;
+        self.predict_pixels(&batch.pixels, batch.indices.len())
+    }
+
+    /// Predicts `n` images already decoded and preprocessed with [`Self::preprocess`]
+    /// (`pixels`: `n` CHW images one after the other, as [`Preprocess::apply`] writes them).
+    pub fn predict_pixels(
+        &self,
+        pixels: &[f32],
+        n: usize,
+    ) -> Result<Vec<Prediction>, RegistryError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let shape = (n, 3, self.pre.height as usize, self.pre.width as usize);
+        let x = Tensor::from_slice(pixels, shape, &Device::Cpu)?.to_device(&self.device)?;
         let features = match &self.features {
             Features::Tuned(model) => model.embed(&x)?,
             Features::Pretrained(embedder) => embedder.backbone()?.embed(&x)?,

@@ -303,6 +303,9 @@ pub trait Store: Send {
     /// Predictions with ids above `after_id`, by increasing id, at most `limit`.
     fn predictions(&mut self, after_id: i64, limit: usize) -> Result<Vec<Prediction>>;
 
+    /// The last `limit` predictions recorded, by increasing id (what a dashboard charts).
+    fn recent_predictions(&mut self, limit: usize) -> Result<Vec<Prediction>>;
+
     /// Records the start of a re-training cycle (decision [`RUNNING`]); its id.
     fn start_retrain(&mut self, retrain: &NewRetrain) -> Result<i64>;
 

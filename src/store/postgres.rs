@@ -56,6 +56,41 @@ fn retrain_columns() -> String {
 const MIGRATION_LOCK: i64 = 0x6263_6370_0001;
 
 impl PgStore {
+    /// Predictions selected by `tail` (a `WHERE … ORDER BY … LIMIT` clause binding the id
+    /// bound and the limit).
+    fn read_predictions(
+        &mut self,
+        tail: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<Prediction>> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let sql = format!(
+            "SELECT id, {}, sample_id, request_id, model, version, class, probability, \
+             latency_ms FROM predictions {tail}",
+            ts("timestamp")
+        );
+        let rows = self.transaction("reading predictions", |tx| {
+            tx.query(&sql, &[&after_id, &limit])
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| Prediction {
+                id: r.get(0),
+                prediction: NewPrediction {
+                    timestamp: r.get(1),
+                    sample_id: r.get(2),
+                    request_id: r.get(3),
+                    model: r.get(4),
+                    version: r.get(5),
+                    class: r.get(6),
+                    probability: r.get(7),
+                    latency_ms: r.get(8),
+                },
+            })
+            .collect())
+    }
+
     /// Connects and migrates the database.
     pub fn connect(url: &PgUrl) -> Result<Self> {
         Self::connect_with(url, SCHEMA_VERSION)
@@ -432,31 +467,14 @@ impl Store for PgStore {
     }
 
     fn predictions(&mut self, after_id: i64, limit: usize) -> Result<Vec<Prediction>> {
-        let limit = limit.min(i64::MAX as usize) as i64;
-        let sql = format!(
-            "SELECT id, {}, sample_id, request_id, model, version, class, probability, \
-             latency_ms FROM predictions WHERE id > $1 ORDER BY id LIMIT $2",
-            ts("timestamp")
-        );
-        let rows = self.transaction("reading predictions", |tx| {
-            tx.query(&sql, &[&after_id, &limit])
-        })?;
-        Ok(rows
-            .iter()
-            .map(|r| Prediction {
-                id: r.get(0),
-                prediction: NewPrediction {
-                    timestamp: r.get(1),
-                    sample_id: r.get(2),
-                    request_id: r.get(3),
-                    model: r.get(4),
-                    version: r.get(5),
-                    class: r.get(6),
-                    probability: r.get(7),
-                    latency_ms: r.get(8),
-                },
-            })
-            .collect())
+        self.read_predictions("WHERE id > $1 ORDER BY id LIMIT $2", after_id, limit)
+    }
+
+    fn recent_predictions(&mut self, limit: usize) -> Result<Vec<Prediction>> {
+        let mut rows =
+            self.read_predictions("WHERE id > $1 ORDER BY id DESC LIMIT $2", 0, limit)?;
+        rows.reverse();
+        Ok(rows)
     }
 
     fn start_retrain(&mut self, retrain: &NewRetrain) -> Result<i64> {

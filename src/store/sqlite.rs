@@ -37,6 +37,40 @@ const RETRAIN_COLUMNS: &str =
     "id, started, finished, trigger, challenger, champion, decision, reasons, watermark";
 
 impl SqliteStore {
+    /// Predictions selected by `tail` (a `WHERE … ORDER BY … LIMIT` clause binding the id
+    /// bound and the limit).
+    fn read_predictions(
+        &mut self,
+        tail: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<Prediction>> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let sql = format!(
+            "SELECT id, timestamp, sample_id, request_id, model, version, class, \
+             probability, latency_ms FROM predictions {tail}"
+        );
+        self.transaction("reading predictions", false, |tx| {
+            let mut stmt = tx.prepare(&sql)?;
+            let rows = stmt.query_map(params![after_id, limit], |r| {
+                Ok(Prediction {
+                    id: r.get(0)?,
+                    prediction: NewPrediction {
+                        timestamp: r.get(1)?,
+                        sample_id: r.get(2)?,
+                        request_id: r.get(3)?,
+                        model: r.get(4)?,
+                        version: r.get(5)?,
+                        class: r.get(6)?,
+                        probability: r.get(7)?,
+                        latency_ms: r.get(8)?,
+                    },
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
     /// Opens (creating the file and its folder as needed) and migrates the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         Self::open_with(path, DEFAULT_BUSY_TIMEOUT, SCHEMA_VERSION)
@@ -380,29 +414,14 @@ impl Store for SqliteStore {
     }
 
     fn predictions(&mut self, after_id: i64, limit: usize) -> Result<Vec<Prediction>> {
-        let limit = limit.min(i64::MAX as usize) as i64;
-        self.transaction("reading predictions", false, |tx| {
-            let mut stmt = tx.prepare(
-                "SELECT id, timestamp, sample_id, request_id, model, version, class, \
-                 probability, latency_ms FROM predictions WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![after_id, limit], |r| {
-                Ok(Prediction {
-                    id: r.get(0)?,
-                    prediction: NewPrediction {
-                        timestamp: r.get(1)?,
-                        sample_id: r.get(2)?,
-                        request_id: r.get(3)?,
-                        model: r.get(4)?,
-                        version: r.get(5)?,
-                        class: r.get(6)?,
-                        probability: r.get(7)?,
-                        latency_ms: r.get(8)?,
-                    },
-                })
-            })?;
-            rows.collect()
-        })
+        self.read_predictions("WHERE id > ?1 ORDER BY id LIMIT ?2", after_id, limit)
+    }
+
+    fn recent_predictions(&mut self, limit: usize) -> Result<Vec<Prediction>> {
+        let mut rows =
+            self.read_predictions("WHERE id > ?1 ORDER BY id DESC LIMIT ?2", 0, limit)?;
+        rows.reverse();
+        Ok(rows)
     }
 
     fn start_retrain(&mut self, retrain: &NewRetrain) -> Result<i64> {

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Load test of the prediction server against the reference's serving stack, side by side in
+# one run on this machine, same model, same images, same requests (JSON {"image_path"} under
+# one image root, cycling over 50 Fashion-MNIST images): `bccp serve` (dynamic batching,
+# predictions logged to an SQLite store) and FastAPI + uvicorn + PyTorch MobileNetV2 written as
+# the reference does it (scripts/bench_serve_reference.py: resize, normalise 0.5, one image per
+# request, no database write). For each input size (256×256 as the reference, 64×64 as the
+# main job serves) and concurrency 1, 8, 32: requests/s, p50 and p99 latency from `wrk`
+# (keep-alive connections, one client thread), SECONDS per cell (default 10) after a 2 s
+# warm-up; 127.0.0.1 only. Both models are the real MobileNetV2 backbone with a head trained here
+# (bccp train, Fashion-MNIST, 2 epochs); the reference loads the same backbone and head.
+# Needs: wrk (Debian package, installed if missing), the torch venv (scripts/setup-torch-venv.sh)
+# and a venv with fastapi + uvicorn made under target/bench-serve that sees the torch venv.
+# Usage: scripts/bench-serve.sh   (env: SECONDS_PER_CELL, SIZES=256,64, CONCURRENCY=1,8,32)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/paths.sh
+assets=$(bccp_assets_dir)
+out=target/bench-serve
+mkdir -p "$out"
+cargo build --release --locked --quiet --bin bccp
+bccp=target/release/bccp
+
+if ! command -v wrk >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y wrk
+fi
+torch_python=$(scripts/setup-torch-venv.sh | tail -n 1)
+venv="$out/venv"
+if ! "$venv/bin/python" -c 'import fastapi, uvicorn, torch' 2>/dev/null; then
+  rm -rf "$venv"
+  "$torch_python" -m venv "$venv"
+  "$venv/bin/pip" install --quiet fastapi uvicorn
+  # The torch venv's packages (torch, torchvision, pillow, safetensors) are seen from here.
+  site=$("$torch_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  here_site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$site" > "$here_site/bccp-torch-venv.pth"
+  "$venv/bin/python" -c 'import fastapi, uvicorn, torch, torchvision, PIL'
+fi
+
+# 20 Fashion-MNIST test images per class, prepared, and one model per input size.
+data="$out/data"
+if [ ! -f "$data/days/dataset.json" ]; then
+  rm -rf "$data"
+  mkdir -p "$data/source"
+  for class in "$assets"/fashion-mnist/test/*/; do
+    name=$(basename "$class")
+    mkdir -p "$data/source/$name"
+    mapfile -t files < <(find "$class" -name '*.png' | sort)
+    cp "${files[@]:0:20}" "$data/source/$name/"
+  done
+  $bccp --quiet prepare --source "$data/source" --out "$data/days" --corruption none
+fi
+weights="$assets/weights/mobilenet_v2.safetensors"
+IFS=, read -r -a sizes <<< "${SIZES:-256,64}"
+for size in "${sizes[@]}"; do
+  if [ ! -d "$data/runs/bench$size/1" ]; then
+    $bccp --quiet train -d "$data/days" --image-size "$size" --epochs 2 --weights "$weights" \
+      --device cpu --runs-dir "$data/runs" --cache-dir "$data/cache" --model-name "bench$size" >/dev/null
+    $bccp runs --runs-dir "$data/runs" alias "bench$size" 1 champion
+  fi
+done
+
+python3 scripts/bench_serve.py --bccp "$bccp" --runs "$data/runs" --days "$data/days" \
+  --python "$venv/bin/python" --reference scripts/bench_serve_reference.py --weights "$weights" \
+  --cache "$data/cache" --sizes "${SIZES:-256,64}" --concurrency "${CONCURRENCY:-1,8,32}" \
+  --seconds "${SECONDS_PER_CELL:-10}"

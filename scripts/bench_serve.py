@@ -1,0 +1,157 @@
+"""Runs the load test of scripts/bench-serve.sh (standard library only): for each input size
+and stack, starts the server, warms it up, then `wrk` at each concurrency for a bounded time
+with JSON `{"image_path": ...}` requests cycling over the same images, and prints one markdown
+table: requests/s, p50 and p99 latency, errors. Against 127.0.0.1 only.
+
+Usage: python3 bench_serve.py --bccp BIN --runs DIR --days DIR --python PY --reference FILE
+       --weights W --cache DIR [--sizes 256,64] [--concurrency 1,8,32] [--seconds 10]
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, proc, limit=120):
+    start = time.time()
+    while time.time() - start < limit:
+        if proc.poll() is not None:
+            sys.exit(f"bench_serve: the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"bench_serve: {url} not ready after {limit} s")
+
+
+def seconds(value, unit):
+    return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+def wrk(url, script, connections, duration):
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "30s",
+         "-s", script, url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {}
+    for q in ("50", "99"):
+        m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+        lat[q] = seconds(*m.groups()) if m else float("nan")
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return rps, lat["50"], lat["99"], errors, total
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--bccp", required=True)
+    p.add_argument("--runs", required=True)
+    p.add_argument("--days", required=True)
+    p.add_argument("--python", required=True)
+    p.add_argument("--reference", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--sizes", default="256,64")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--images", type=int, default=50)
+    args = p.parse_args()
+
+    monday = os.path.join(args.days, "monday")
+    paths = sorted(
+        os.path.join("monday", c, f)
+        for c in os.listdir(monday)
+        for f in os.listdir(os.path.join(monday, c))
+    )[: args.images]
+    tmp = tempfile.mkdtemp(prefix="bench-serve-")
+    script = os.path.join(tmp, "post.lua")
+    with open(script, "w") as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
+        f.write("local bodies = {\n")
+        for path in paths:
+            f.write("  " + json.dumps(json.dumps({"image_path": path})) + ",\n")
+        f.write("}\nlocal i = 0\nrequest = function()\n  i = i % #bodies + 1\n"
+                "  return wrk.format(nil, nil, nil, bodies[i])\nend\n")
+
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        run = os.path.join(args.runs, f"bench{size}")
+        version = max(int(v) for v in os.listdir(run) if v.isdigit())
+        for stack in ("reference", "bccp"):
+            port = free_port()
+            if stack == "bccp":
+                cmd = [args.bccp, "--quiet", "serve", "--model", f"bench{size}@champion",
+                       "--runs-dir", args.runs, "--cache-dir", args.cache, "--image-root",
+                       args.days, "--bind", f"127.0.0.1:{port}", "--device", "cpu",
+                       "--db", f"sqlite:{os.path.join(tmp, f'store{size}.sqlite3')}"]
+                ready = f"http://127.0.0.1:{port}/readyz"
+            else:
+                cmd = [args.python, args.reference, "--root", args.days, "--weights",
+                       args.weights, "--head", os.path.join(run, str(version), "model.safetensors"),
+                       "--size", str(size), "--port", str(port)]
+                ready = f"http://127.0.0.1:{port}/healthz"
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+            try:
+                wait_ready(ready, proc)
+                url = f"http://127.0.0.1:{port}/predict"
+                wrk(url, script, 4, 2)  # warm-up
+                for c in [int(c) for c in args.concurrency.split(",")]:
+                    rps, p50, p99, errors, total = wrk(url, script, c, args.seconds)
+                    rows.append((size, stack, c, rps, p50, p99, errors, total))
+                    print(f"{size}x{size} {stack:9} c={c:<3} {rps:8.1f} req/s  p50 {p50*1e3:8.1f} ms"
+                          f"  p99 {p99*1e3:8.1f} ms  errors {errors}/{total}", flush=True)
+            finally:
+                stop(proc)
+
+    print("\n| input | concurrency | reference req/s | bccp req/s | × | reference p50 | bccp p50 "
+          "| reference p99 | bccp p99 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    by = {(s, st, c): (r, a, b, e, t) for s, st, c, r, a, b, e, t in rows}
+    for size in [int(s) for s in args.sizes.split(",")]:
+        for c in [int(c) for c in args.concurrency.split(",")]:
+            ref, new = by.get((size, "reference", c)), by.get((size, "bccp", c))
+            if not (ref and new):
+                continue
+            ms = lambda v: f"{v*1e3:.1f} ms"
+            print(f"| {size}×{size} | {c} | {ref[0]:.1f} | {new[0]:.1f} | **{new[0]/ref[0]:.1f}** "
+                  f"| {ms(ref[1])} | {ms(new[1])} | {ms(ref[2])} | {ms(new[2])} |")
+    failed = sum(e for *_, e, _ in rows)
+    print(f"\nerrors: {failed} of {sum(t for *_, t in rows)} requests")
+
+
+if __name__ == "__main__":
+    main()
