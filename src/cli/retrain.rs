@@ -40,11 +40,12 @@ pub struct LoopArgs {
     /// Share of the champion's training set to replay.
     #[arg(long, default_value_t = 0.5)]
     pub ratio: f64,
-    /// Cut-off percentile of the bccp method (0–100, or auto).
-    #[arg(long, default_value = "75")]
+    /// Cut-off percentile of the bccp method (0–100, auto, or joint: the confident joint's
+    /// estimate of the noise).
+    #[arg(long, default_value_t = RunConfig::default().cutoff_percentile)]
     pub cutoff_percentile: Percentile,
     /// Folds of the out-of-sample cut-off scores (1: in sample).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = RunConfig::default().cutoff_folds)]
     pub cutoff_folds: usize,
     /// Cut-off score of the bccp method (`bccp train --cutoff-score`).
     #[arg(long, value_enum, default_value_t = RunConfig::default().cutoff_score)]
