@@ -11,6 +11,9 @@
 #     Both are legacy torch pickles, converted to safetensors by
 #     scripts/torch_legacy_to_safetensors.py (standard library only).
 #   - Sample photos: Debian package python3-skimage (skimage/data/*.png, *.jpg)
+#   - Open Clip Art (colour illustrations of varied size, RGBA PNGs): Debian package
+#     openclipart-png; <assets>/openclipart/<class> links to eight of its top-level
+#     categories (the second dataset of the cleansing experiments)
 # The checkout's ./assets (ignored by git) is kept as a link to that folder, so paths such as
 # assets/photos/chelsea.png and assets/torch-venv keep working from the repository root:
 #   - no ./assets, a dangling link, or an empty folder: replaced by a link to <assets>;
@@ -77,7 +80,7 @@ apt_install() {
 }
 
 # fonts-dejavu-core: the labels of `bccp experiment`'s charts.
-apt_install dataset-fashion-mnist python3-skimage fonts-dejavu-core
+apt_install dataset-fashion-mnist python3-skimage fonts-dejavu-core openclipart-png
 
 # --- bccp binary (for the IDX import) -------------------------------------------------------
 bccp="${BCCP_BIN:-}"
@@ -145,4 +148,14 @@ for f in chelsea.png coffee.png astronaut.png rocket.jpg; do
   [ -f "$photos/$f" ] || cp "$skdata/$f" "$photos/$f"
 done
 log "photos present: $(ls "$photos" | tr '\n' ' ')"
+
+# --- Open Clip Art: an image folder of eight categories (links into the package) ------------
+oc_src=/usr/share/openclipart/png
+oc="$assets/openclipart"
+mkdir -p "$oc"
+for c in animals buildings food geography people plants tools transportation; do
+  [ -d "$oc_src/$c" ] || die "openclipart-png has no $oc_src/$c"
+  [ -L "$oc/$c" ] || ln -s "$oc_src/$c" "$oc/$c"
+done
+log "Open Clip Art classes present: $(ls "$oc" | tr '\n' ' ')"
 log "done: assets in $assets"

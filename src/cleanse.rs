@@ -6,9 +6,12 @@ use candle_core::Tensor;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::baselines::{cross_fit, find_label_issues, kfold_pred_probs, FilterBy};
-use crate::cutoff::{self, Action, McStats, Percentile, Score};
+use crate::baselines::{
+    assign_folds, compute_confident_joint, find_label_issues, kfold_pred_probs, FilterBy,
+};
+use crate::cutoff::{self, Action, Amount, McStats, Percentile, Scope, Score};
 use crate::progress::Progress;
+use crate::rng::Rng;
 use crate::train::{train_head, Loss, TrainConfig};
 
 /// How noisy labels are handled.
@@ -81,6 +84,17 @@ pub struct CleanseConfig {
     pub filter_by: FilterBy,
     /// Folds of the cross-validated probabilities confident learning ranks.
     pub folds: usize,
+    /// One cut over all samples, or one per given class.
+    pub cutoff_scope: Scope,
+    /// Rounds of the cut-off: after the first, the MC-dropout heads are trained again on the
+    /// samples the previous round kept and every sample is scored and cut again.
+    pub cutoff_rounds: usize,
+    /// With `Relabel`: a cut sample takes the MC-mean prediction only when its probability is
+    /// at least this, and is dropped otherwise (0: every cut sample is relabelled).
+    pub relabel_confidence: f64,
+    /// Never cut the replayed samples (yesterday's cleansed training data) and leave them out
+    /// of the estimated noise; they still train the scoring heads and count as neighbours.
+    pub cutoff_trust_replay: bool,
 }
 
 /// What a method did to the candidate set.
@@ -112,55 +126,21 @@ impl Cleansed {
     }
 }
 
-/// Applies `cfg.method` to the candidates `features` [n, F] with labels `given`; `train` holds
-/// the head-training settings (and the seed).
+/// Applies `cfg.method` to the candidates `features` [n, F] with labels `given`; `replayed`
+/// marks the rows replayed from the reuse buffer (empty: none); `train` holds the
+/// head-training settings (and the seed).
 pub fn cleanse(
     cfg: &CleanseConfig,
     features: &Tensor,
     given: &[u32],
+    replayed: &[bool],
     classes: usize,
     train: &TrainConfig,
     progress: &Progress,
 ) -> Result<Cleansed> {
     match cfg.method {
         Method::None | Method::AnlCe => Ok(Cleansed::untouched(given)),
-        Method::Bccp => {
-            let mc_cfg = TrainConfig {
-                dropout: 0.5,
-                ..train.clone()
-            };
-            let stats = if cfg.cutoff_folds >= 2 {
-                out_of_sample_stats(features, given, classes, cfg, &mc_cfg, progress)?
-            } else {
-                let mc_head = train_head(features, given, classes, &mc_cfg, progress)?;
-                cutoff::mc_stats(&mc_head, features, given, cfg.mc_passes, 0.5, train.seed)?
-            };
-            let scores = cutoff::score(&stats, cfg.cutoff_score, features, given)?;
-            let predicted: Vec<u32> = stats.mean_probs.argmax(1)?.to_vec1::<u32>()?;
-            let result = cutoff::cut(
-                scores,
-                given,
-                &predicted,
-                cfg.cutoff_percentile,
-                cfg.cutoff_action,
-            );
-            let mut flagged = vec![false; given.len()];
-            for &i in result
-                .dropped
-                .iter()
-                .chain(result.relabelled.iter().map(|(i, _)| i))
-            {
-                flagged[i] = true;
-            }
-            Ok(Cleansed {
-                flagged,
-                kept: result.kept.iter().map(|&i| i as u32).collect(),
-                labels: result.labels,
-                removed: result.dropped.len(),
-                relabelled: result.relabelled.len(),
-                scores: Some(result.scores),
-            })
-        }
+        Method::Bccp => bayesian_cutoff(cfg, features, given, replayed, classes, train, progress),
         Method::Cleanlab => {
             let probs = kfold_pred_probs(features, given, classes, cfg.folds, train, progress)?;
             let flagged = find_label_issues(&probs.probs, given, classes, cfg.filter_by)?;
@@ -185,14 +165,188 @@ pub fn cleanse(
     }
 }
 
+/// Stream of [`Rng::derive`] that seeds the heads of cut-off rounds after the first.
+const ROUND_STREAM: u64 = 0x2042;
+
+/// The Bayesian cut-off: MC-dropout scores, the cut (global or per class, a percentile or an
+/// estimated amount), again on the kept samples for `cutoff_rounds`, then the action.
+fn bayesian_cutoff(
+    cfg: &CleanseConfig,
+    features: &Tensor,
+    given: &[u32],
+    replayed: &[bool],
+    classes: usize,
+    train: &TrainConfig,
+    progress: &Progress,
+) -> Result<Cleansed> {
+    let n = given.len();
+    let eligible: Vec<bool> = (0..n)
+        .map(|i| !(cfg.cutoff_trust_replay && replayed.get(i).copied().unwrap_or(false)))
+        .collect();
+    // The label-only part of a score (k-NN disagreement) does not change between rounds.
+    let knn = match cfg.cutoff_score {
+        Score::KnnDisagreement | Score::Combined => {
+            Some(cutoff::knn_disagreement(features, given)?)
+        }
+        _ => None,
+    };
+    let mut is_cut = vec![false; n];
+    let mut last = None;
+    for round in 0..cfg.cutoff_rounds.max(1) {
+        let seed = if round == 0 {
+            train.seed
+        } else {
+            Rng::derive(train.seed, ROUND_STREAM + round as u64).next_u64()
+        };
+        let mc_cfg = TrainConfig {
+            dropout: 0.5,
+            seed,
+            ..train.clone()
+        };
+        let fit: Vec<bool> = is_cut.iter().map(|&c| !c).collect();
+        let stats = if cfg.cutoff_folds >= 2 {
+            out_of_sample_stats(features, given, classes, cfg, &mc_cfg, &fit, progress)?
+        } else {
+            in_sample_stats(features, given, classes, cfg, &mc_cfg, &fit, progress)?
+        };
+        let scores = match (cfg.cutoff_score, &knn) {
+            (Score::KnnDisagreement, Some(k)) => k.clone(),
+            (Score::Combined, Some(k)) => {
+                let mc = cutoff::score(&stats, Score::LabelProbMean, features, given)?;
+                cutoff::rank_average(&[&mc, k])
+            }
+            (which, _) => cutoff::score(&stats, which, features, given)?,
+        };
+        let probs = stats.mean_probs.to_device(&candle_core::Device::Cpu)?;
+        let predicted: Vec<u32> = probs.argmax(1)?.to_vec1::<u32>()?;
+        let confidence: Vec<f32> = probs.max(1)?.to_vec1::<f32>()?;
+        let joint = match cfg.cutoff_percentile {
+            Percentile::Joint => Some(joint_noise_counts(
+                &probs.flatten_all()?.to_vec1::<f32>()?,
+                given,
+                classes,
+                &eligible,
+            )?),
+            _ => None,
+        };
+        let amount = Amount::of(
+            cfg.cutoff_percentile,
+            given,
+            &predicted,
+            &eligible,
+            classes,
+            joint.as_deref(),
+        );
+        let next = cutoff::select(
+            &scores,
+            given,
+            classes,
+            &eligible,
+            cfg.cutoff_scope,
+            &amount,
+        );
+        let settled = next == is_cut;
+        is_cut = next;
+        last = Some((scores, predicted, confidence));
+        if settled {
+            break;
+        }
+    }
+    let Some((scores, predicted, confidence)) = last else {
+        return Ok(Cleansed::untouched(given));
+    };
+    let result = cutoff::apply(
+        scores,
+        &is_cut,
+        given,
+        &predicted,
+        &confidence,
+        cfg.cutoff_action,
+        cfg.relabel_confidence,
+    );
+    Ok(Cleansed {
+        flagged: is_cut,
+        kept: result.kept.iter().map(|&i| i as u32).collect(),
+        labels: result.labels,
+        removed: result.dropped.len(),
+        relabelled: result.relabelled.len(),
+        scores: Some(result.scores),
+    })
+}
+
+/// The noisy labels of each given class that confident learning estimates from `probs`
+/// (row-major [n, classes]) over the `eligible` samples: the off-diagonal mass of each row of
+/// the calibrated confident joint (rows sum to the label counts).
+pub fn joint_noise_counts(
+    probs: &[f32],
+    labels: &[u32],
+    classes: usize,
+    eligible: &[bool],
+) -> Result<Vec<f64>> {
+    let rows: Vec<usize> = (0..labels.len()).filter(|&i| eligible[i]).collect();
+    if rows.is_empty() {
+        return Ok(vec![0.0; classes]);
+    }
+    let sub_probs: Vec<f32> = rows
+        .iter()
+        .flat_map(|&i| probs[i * classes..(i + 1) * classes].iter().copied())
+        .collect();
+    let sub_labels: Vec<u32> = rows.iter().map(|&i| labels[i]).collect();
+    let joint = compute_confident_joint(&sub_probs, &sub_labels, classes)?;
+    Ok(joint
+        .calibrated
+        .iter()
+        .enumerate()
+        .map(|(c, row)| {
+            row.iter()
+                .enumerate()
+                .filter(|&(j, _)| j != c)
+                .map(|(_, &v)| v as f64)
+                .sum()
+        })
+        .collect())
+}
+
+/// MC-dropout statistics of every sample from one head trained on the samples `fit` marks.
+fn in_sample_stats(
+    features: &Tensor,
+    given: &[u32],
+    classes: usize,
+    cfg: &CleanseConfig,
+    mc_cfg: &TrainConfig,
+    fit: &[bool],
+    progress: &Progress,
+) -> Result<McStats> {
+    let head = if fit.iter().all(|&f| f) {
+        train_head(features, given, classes, mc_cfg, progress)?
+    } else {
+        let rows: Vec<u32> = (0..given.len() as u32)
+            .filter(|&i| fit[i as usize])
+            .collect();
+        let x = features.index_select(&Tensor::new(rows.as_slice(), features.device())?, 0)?;
+        let y: Vec<u32> = rows.iter().map(|&i| given[i as usize]).collect();
+        train_head(&x, &y, classes, mc_cfg, progress)?
+    };
+    Ok(cutoff::mc_stats(
+        &head,
+        features,
+        given,
+        cfg.mc_passes,
+        0.5,
+        mc_cfg.seed,
+    )?)
+}
+
 /// MC-dropout statistics of every sample from a head that never saw it: K folds, each scored
-/// by a head trained on the others, put back in sample order.
+/// by a head trained on the samples of the other folds that `fit` marks, put back in sample
+/// order.
 fn out_of_sample_stats(
     features: &Tensor,
     given: &[u32],
     classes: usize,
     cfg: &CleanseConfig,
     mc_cfg: &TrainConfig,
+    fit: &[bool],
     progress: &Progress,
 ) -> Result<McStats> {
     let n = given.len();
@@ -203,30 +357,32 @@ fn out_of_sample_stats(
         });
     }
     let device = features.device();
-    let (_, folds) = cross_fit(
-        features,
-        given,
-        classes,
-        cfg.cutoff_folds,
-        mc_cfg,
-        progress,
-        |f, head, held, held_x| {
-            let labels: Vec<u32> = held.iter().map(|&i| given[i as usize]).collect();
-            cutoff::mc_stats(
-                head,
-                held_x,
-                &labels,
-                cfg.mc_passes,
-                0.5,
-                mc_cfg.seed ^ f as u64,
-            )
-        },
-    )?;
-    let order: Vec<u32> = folds
-        .iter()
-        .flat_map(|(held, _)| held.iter().copied())
-        .collect();
-    let parts: Vec<McStats> = folds.into_iter().map(|(_, stats)| stats).collect();
+    let fold = assign_folds(given, cfg.cutoff_folds, mc_cfg.seed);
+    let mut order = Vec::with_capacity(n);
+    let mut parts = Vec::with_capacity(cfg.cutoff_folds);
+    for f in 0..cfg.cutoff_folds {
+        let train: Vec<u32> = (0..n as u32)
+            .filter(|&i| fold[i as usize] != f && fit[i as usize])
+            .collect();
+        let held: Vec<u32> = (0..n as u32).filter(|&i| fold[i as usize] == f).collect();
+        if held.is_empty() {
+            continue;
+        }
+        let train_x = features.index_select(&Tensor::new(train.as_slice(), device)?, 0)?;
+        let train_y: Vec<u32> = train.iter().map(|&i| given[i as usize]).collect();
+        let head = train_head(&train_x, &train_y, classes, mc_cfg, progress)?;
+        let held_x = features.index_select(&Tensor::new(held.as_slice(), device)?, 0)?;
+        let labels: Vec<u32> = held.iter().map(|&i| given[i as usize]).collect();
+        parts.push(cutoff::mc_stats(
+            &head,
+            &held_x,
+            &labels,
+            cfg.mc_passes,
+            0.5,
+            mc_cfg.seed ^ f as u64,
+        )?);
+        order.extend(held);
+    }
     // Row r of the concatenation is sample order[r]; invert to sample order.
     let mut inverse = vec![0u32; n];
     for (r, &i) in order.iter().enumerate() {
@@ -271,6 +427,10 @@ mod tests {
             cutoff_folds: 5,
             filter_by: FilterBy::default(),
             folds: 5,
+            cutoff_scope: Scope::Global,
+            cutoff_rounds: 1,
+            relabel_confidence: 0.0,
+            cutoff_trust_replay: false,
         };
         let hidden = Progress::hidden();
         let label_prob = |stats: &McStats| -> f32 {
@@ -281,7 +441,9 @@ mod tests {
                 .sum::<f32>()
                 / n as f32
         };
-        let oos = out_of_sample_stats(&features, &given, classes, &cfg, &train, &hidden).unwrap();
+        let all = vec![true; n];
+        let oos =
+            out_of_sample_stats(&features, &given, classes, &cfg, &train, &all, &hidden).unwrap();
         assert_eq!(oos.mean_probs.dims(), &[n, classes]);
         let head = train_head(&features, &given, classes, &train, &hidden).unwrap();
         let ins = cutoff::mc_stats(&head, &features, &given, 4, 0.5, 1).unwrap();
@@ -302,6 +464,149 @@ mod tests {
         assert_eq!(
             Method::Cleanlab.loss(Loss::CrossEntropy),
             Loss::CrossEntropy
+        );
+    }
+    #[test]
+    fn joint_noise_counts_by_hand() {
+        // Labels 0, 0, 1, 1. Thresholds (mean self-confidence): class 0 (0.9 + 0.1) / 2 = 0.5,
+        // class 1 (0.95 + 0.7) / 2 = 0.825. Sample 0 is confidently 0, sample 1 (label 0)
+        // confidently 1, sample 2 confidently 1, sample 3 reaches no threshold. Joint
+        // [[1, 1], [0, 1]], calibrated to the label counts (2, 2): [[1, 1], [0, 2]].
+        let probs = [0.9f32, 0.1, 0.1, 0.9, 0.05, 0.95, 0.3, 0.7];
+        let labels = [0u32, 0, 1, 1];
+        let all = [true; 4];
+        assert_eq!(
+            joint_noise_counts(&probs, &labels, 2, &all).unwrap(),
+            vec![1.0, 0.0]
+        );
+        // Without the wrong sample (trusted), nothing is left to estimate in class 0.
+        let eligible = [true, false, true, true];
+        assert_eq!(
+            joint_noise_counts(&probs, &labels, 2, &eligible).unwrap(),
+            vec![0.0, 0.0]
+        );
+        assert_eq!(
+            joint_noise_counts(&probs, &labels, 2, &[false; 4]).unwrap(),
+            vec![0.0, 0.0]
+        );
+    }
+
+    /// Two clusters per class, 20% of the labels flipped, a few replayed (trusted) rows.
+    fn clustered(n: usize, seed: u64) -> (Tensor, Vec<u32>, Vec<bool>, Vec<bool>) {
+        let (classes, dim) = (3usize, 16usize);
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut x = Vec::with_capacity(n * dim);
+        let (mut given, mut noisy) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let truth = (i % classes) as u32;
+            for d in 0..dim {
+                let centre = if d == truth as usize { 3.0 } else { 0.0 };
+                x.push(centre + rng.unit_f64() as f32 - 0.5);
+            }
+            let flip = rng.unit_f64() < 0.2;
+            given.push(if flip {
+                (truth + 1) % classes as u32
+            } else {
+                truth
+            });
+            noisy.push(flip);
+        }
+        let replayed: Vec<bool> = (0..n).map(|i| i >= n * 3 / 4).collect();
+        for i in 0..n {
+            if replayed[i] {
+                given[i] = (i % classes) as u32;
+                noisy[i] = false;
+            }
+        }
+        let t = Tensor::from_vec(x, (n, dim), &candle_core::Device::Cpu).unwrap();
+        (t, given, noisy, replayed)
+    }
+
+    fn options(seed: u64) -> (CleanseConfig, TrainConfig) {
+        let cfg = CleanseConfig {
+            method: Method::Bccp,
+            cutoff_score: Score::Combined,
+            cutoff_percentile: Percentile::Joint,
+            cutoff_action: Action::Relabel,
+            mc_passes: 4,
+            cutoff_folds: 3,
+            filter_by: FilterBy::default(),
+            folds: 3,
+            cutoff_scope: Scope::PerClass,
+            cutoff_rounds: 2,
+            relabel_confidence: 0.8,
+            cutoff_trust_replay: true,
+        };
+        let train = TrainConfig {
+            epochs: 10,
+            batch_size: 32,
+            lr: 1e-2,
+            seed,
+            ..Default::default()
+        };
+        (cfg, train)
+    }
+
+    #[test]
+    fn new_options_find_flipped_labels_trust_replay_and_repeat_per_seed() {
+        let (x, given, noisy, replayed) = clustered(240, 3);
+        let hidden = Progress::hidden();
+        let (cfg, train) = options(7);
+        let a = cleanse(&cfg, &x, &given, &replayed, 3, &train, &hidden).unwrap();
+        let b = cleanse(&cfg, &x, &given, &replayed, 3, &train, &hidden).unwrap();
+        assert_eq!(a, b, "the same seed gives the same cleansing");
+        let (_, other_seed) = options(8);
+        let c = cleanse(&cfg, &x, &given, &replayed, 3, &other_seed, &hidden).unwrap();
+        assert_ne!(a.scores, c.scores, "another seed, other dropout masks");
+        // Replayed rows are never flagged.
+        assert!(a.flagged.iter().zip(&replayed).all(|(f, r)| !(*f && *r)));
+        let d = crate::train::eval::detection(&a.flagged, &noisy);
+        assert!(d.precision >= 0.8 && d.recall >= 0.8, "{d:?}");
+        // Relabelled samples took a confident prediction; the rest of the flagged were dropped.
+        assert_eq!(
+            a.removed + a.relabelled,
+            a.flagged.iter().filter(|&&f| f).count()
+        );
+    }
+
+    /// One in-sample round with a global fixed percentile is the reference's path: one
+    /// MC-dropout head on every sample, its scores, the plain cut.
+    #[test]
+    fn one_round_in_sample_is_the_reference_path() {
+        let (x, given, _, replayed) = clustered(120, 5);
+        let hidden = Progress::hidden();
+        let (cfg, train) = options(1);
+        let cfg = CleanseConfig {
+            cutoff_score: Score::LabelProbMean,
+            cutoff_percentile: Percentile::Fixed(80.0),
+            cutoff_action: Action::Drop,
+            cutoff_folds: 1,
+            cutoff_scope: Scope::Global,
+            cutoff_rounds: 1,
+            relabel_confidence: 0.0,
+            cutoff_trust_replay: false,
+            ..cfg
+        };
+        let got = cleanse(&cfg, &x, &given, &replayed, 3, &train, &hidden).unwrap();
+        let mc_cfg = TrainConfig {
+            dropout: 0.5,
+            ..train.clone()
+        };
+        let head = train_head(&x, &given, 3, &mc_cfg, &hidden).unwrap();
+        let stats = cutoff::mc_stats(&head, &x, &given, 4, 0.5, train.seed).unwrap();
+        let scores = cutoff::score(&stats, Score::LabelProbMean, &x, &given).unwrap();
+        let predicted: Vec<u32> = stats.mean_probs.argmax(1).unwrap().to_vec1().unwrap();
+        let want = cutoff::cut(
+            scores,
+            &given,
+            &predicted,
+            Percentile::Fixed(80.0),
+            Action::Drop,
+        );
+        assert_eq!(got.removed, 24);
+        assert_eq!(
+            got.kept,
+            want.kept.iter().map(|&i| i as u32).collect::<Vec<_>>()
         );
     }
 }

@@ -284,10 +284,15 @@ pub fn run_embedded(
         .map(|(g, t)| g != t)
         .collect();
     let mut metrics = RunMetrics::default();
+    // Rows after the Tuesday candidates are replayed from the reuse buffer.
+    let from_buffer: Vec<bool> = (0..given.len())
+        .map(|i| cfg.target_day == Day::Tuesday && i >= n3)
+        .collect();
     let cleansed = cleanse(
         &cfg.cleanse(),
         &x_train,
         &given,
+        &from_buffer,
         classes.len(),
         &cfg.train(),
         progress,

@@ -137,8 +137,11 @@ fn monday_probe_tuesday_cutoff_predict_and_registry() {
     b.as_object_mut().unwrap().remove("seconds");
     assert_eq!(a, b);
 
-    // 30% flipped Tuesday labels: the default label-aware score finds them (measured precision
-    // 0.92 at the 90th percentile, ROC AUC 0.91); the reference's score does not.
+    // 30% flipped Tuesday labels: the default cleansing (combined score, 5-fold, the confident
+    // joint's estimate cut per class, replay trusted) finds them (measured precision 0.535,
+    // recall 0.961, ROC AUC 0.936: the estimate over-cuts, so recall is high and precision
+    // modest; the label_prob_mean default at p90 it replaced had precision 0.92 with recall
+    // under 1/3); the reference's score does not.
     let tue = [
         "-t",
         "tuesday",
@@ -165,7 +168,12 @@ fn monday_probe_tuesday_cutoff_predict_and_registry() {
     ));
     let m = metrics(&runs.join("tue/1"));
     let precision = m["noise_precision"].as_f64().unwrap();
-    assert!(precision > 0.6, "noise precision {precision}");
+    let recall = m["noise_recall"].as_f64().unwrap();
+    let auc = m["noise_score_auc"].as_f64().unwrap();
+    assert!(
+        precision > 0.45 && recall > 0.85 && auc > 0.85,
+        "noise precision {precision} recall {recall} AUC {auc}: {m}"
+    );
     assert_eq!(m["replayed"], 480);
     assert!(m["test_accuracy_tuesday"].as_f64().unwrap() > 0.5);
     success(&train(

@@ -156,8 +156,10 @@ impl EmbeddingCache {
         pre: &Preprocess,
         dim: usize,
     ) -> Result<Self> {
+        // `alpha over white`: images with alpha have been composited over white since this
+        // marker (they were black-backed before), so older caches are not reused for them.
         let key = format!(
-            "{model}\0{weights_sha256}\0{}x{}\0{:?}\0{:?}\0{dim}",
+            "{model}\0{weights_sha256}\0{}x{}\0{:?}\0{:?}\0{dim}\0alpha over white",
             pre.width, pre.height, pre.mean, pre.std
         );
         let path = dir.join("embeddings").join(format!(

@@ -10,7 +10,7 @@ use clap::Args;
 use super::{CacheArgs, DbArgs, DeviceArgs, RegistryArgs};
 use bccp::cleanse::Method;
 use bccp::config::RunConfig;
-use bccp::cutoff::Percentile;
+use bccp::cutoff::{Percentile, Scope, Score};
 use bccp::pipeline::RunEnv;
 use bccp::retrain::gate::GateRule;
 use bccp::retrain::{CycleReport, CycleSummary, RetrainOptions};
@@ -40,12 +40,25 @@ pub struct LoopArgs {
     /// Share of the champion's training set to replay.
     #[arg(long, default_value_t = 0.5)]
     pub ratio: f64,
-    /// Cut-off percentile of the bccp method (0–100, or auto).
-    #[arg(long, default_value = "75")]
+    /// Cut-off percentile of the bccp method (0–100, auto, or joint: the confident joint's
+    /// estimate of the noise).
+    #[arg(long, default_value_t = RunConfig::default().cutoff_percentile)]
     pub cutoff_percentile: Percentile,
     /// Folds of the out-of-sample cut-off scores (1: in sample).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = RunConfig::default().cutoff_folds)]
     pub cutoff_folds: usize,
+    /// Cut-off score of the bccp method (`bccp train --cutoff-score`).
+    #[arg(long, value_enum, default_value_t = RunConfig::default().cutoff_score)]
+    pub cutoff_score: Score,
+    /// global or per_class cuts.
+    #[arg(long, value_enum, default_value_t = RunConfig::default().cutoff_scope)]
+    pub cutoff_scope: Scope,
+    /// Rounds of the cut-off (each re-trains the scoring heads on the kept samples).
+    #[arg(long, default_value_t = RunConfig::default().cutoff_rounds)]
+    pub cutoff_rounds: usize,
+    /// Never cut the replayed samples (the champion's training data).
+    #[arg(long, default_value_t = RunConfig::default().cutoff_trust_replay, action = clap::ArgAction::Set)]
+    pub cutoff_trust_replay: bool,
     /// Backbone from the zoo (`bccp models` lists them).
     #[arg(long, default_value = "mobilenet_v2")]
     pub backbone: String,
@@ -79,6 +92,10 @@ impl LoopArgs {
             ratio: Some(self.ratio),
             cutoff_percentile: self.cutoff_percentile,
             cutoff_folds: self.cutoff_folds,
+            cutoff_score: self.cutoff_score,
+            cutoff_scope: self.cutoff_scope,
+            cutoff_rounds: self.cutoff_rounds,
+            cutoff_trust_replay: self.cutoff_trust_replay,
             backbone: self.backbone.clone(),
             weights: self.weights.clone(),
             image_size: self.image_size,

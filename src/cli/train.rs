@@ -64,13 +64,25 @@ fn print_config(cfg: &RunConfig, device: &candle_core::Device) {
     );
     println!("method             {}", cfg.method.name());
     println!(
-        "bayesian cut-off   {} (score {}, percentile {}, action {}, {} passes, {} fold(s))",
+        "bayesian cut-off   {} (score {}, percentile {} {}, action {}{}, {} passes, {} fold(s), {} round(s){})",
         if cfg.method == Method::Bccp { "Y" } else { "N" },
         cfg.cutoff_score.name(),
         cfg.cutoff_percentile,
+        cfg.cutoff_scope.name(),
         cfg.cutoff_action.name(),
+        if cfg.cutoff_action == bccp::cutoff::Action::Relabel && cfg.relabel_confidence > 0.0 {
+            format!(" if confidence ≥ {}", cfg.relabel_confidence)
+        } else {
+            String::new()
+        },
         cfg.mc_passes,
-        cfg.cutoff_folds
+        cfg.cutoff_folds,
+        cfg.cutoff_rounds,
+        if cfg.cutoff_trust_replay {
+            ", replay trusted"
+        } else {
+            ""
+        }
     );
     if cfg.method == Method::Cleanlab {
         println!(

@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::distance::{search_host, DistanceError, Metric, Search};
+use crate::distance::{search, DistanceError, Metric, Search};
 use crate::rng::Rng;
 use crate::train::Head;
 
@@ -37,6 +37,9 @@ pub enum Score {
     Margin,
     /// Share of the k nearest neighbours (embedding space) whose label differs.
     KnnDisagreement,
+    /// Rank average of `label_prob_mean` and `knn_disagreement`: each score is replaced by its
+    /// rank among the candidates (ties averaged, scaled to (0, 1]) and the two are averaged.
+    Combined,
 }
 
 impl Score {
@@ -50,6 +53,7 @@ impl Score {
             Score::LabelProbMean => "label_prob_mean",
             Score::Margin => "margin",
             Score::KnnDisagreement => "knn_disagreement",
+            Score::Combined => "combined",
         }
     }
 }
@@ -301,10 +305,55 @@ pub fn score(
         Score::LabelProbMean => (1.0 - label_mean)?,
         Score::Margin => (stats.mean_probs.max(D::Minus1)? - label_mean)?,
         Score::KnnDisagreement => return knn_disagreement(features, labels),
+        Score::Combined => {
+            let mc = (1.0 - label_mean)?
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .to_vec1::<f32>()?;
+            let knn = knn_disagreement(features, labels)?;
+            return Ok(rank_average(&[&mc, &knn]));
+        }
     };
     Ok(t.to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?
         .to_vec1::<f32>()?)
+}
+
+/// Every score replaced by its rank among the samples (1 for the lowest, ties given their
+/// average rank) divided by the number of samples, so each lies in (0, 1].
+pub fn normalised_ranks(scores: &[f32]) -> Vec<f32> {
+    let n = scores.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut ranks = vec![0f32; n];
+    let mut i = 0;
+    while i < n {
+        let mut j = i;
+        while j + 1 < n && scores[order[j + 1]] == scores[order[i]] {
+            j += 1;
+        }
+        // 1-based ranks i + 1 ..= j + 1, averaged.
+        let rank = (i + j + 2) as f64 / 2.0 / n as f64;
+        for &o in &order[i..=j] {
+            ranks[o] = rank as f32;
+        }
+        i = j + 1;
+    }
+    ranks
+}
+
+/// The mean of the normalised ranks ([`normalised_ranks`]) of several scores of the same
+/// samples: scores on different scales count alike.
+pub fn rank_average(scores: &[&[f32]]) -> Vec<f32> {
+    let n = scores.first().map_or(0, |s| s.len());
+    let mut sum = vec![0f64; n];
+    for s in scores {
+        for (acc, r) in sum.iter_mut().zip(normalised_ranks(s)) {
+            *acc += f64::from(r);
+        }
+    }
+    let parts = scores.len().max(1) as f64;
+    sum.into_iter().map(|v| (v / parts) as f32).collect()
 }
 
 /// Share of each sample's `KNN` nearest neighbours (cosine, itself excluded) whose label
@@ -313,18 +362,14 @@ pub fn knn_disagreement(
     features: &Tensor,
     labels: &[u32],
 ) -> std::result::Result<Vec<f32>, DistanceError> {
-    let (n, f) = features.dims2()?;
+    let (n, _) = features.dims2()?;
     let k = KNN.min(n.saturating_sub(1)).max(1);
-    let x = features
-        .to_dtype(DType::F32)?
-        .to_device(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    // Ask for k + 1 and skip the sample itself.
-    let nn = search_host(
+    let x = features.to_dtype(DType::F32)?;
+    // Ask for k + 1 and skip the sample itself; the project's search (CPU kernels, or the
+    // CUDA kernels for a CUDA tensor).
+    let nn = search(
         &x,
         &x,
-        f,
         &Search {
             metric: Metric::Cosine,
             k: (k + 1).min(n),
@@ -376,18 +421,24 @@ pub enum Percentile {
     /// Cut the estimated share of noisy labels: the share whose MC-mean prediction differs
     /// from the given label.
     Auto,
+    /// Cut the number of noisy labels the confident joint of the MC-mean probabilities
+    /// estimates (Northcutt et al.: per-class thresholds at the mean self-confidence, the
+    /// joint calibrated to the label counts; its off-diagonal mass is the noise).
+    Joint,
 }
 
 impl FromStr for Percentile {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if s == "auto" {
-            return Ok(Percentile::Auto);
+        match s {
+            "auto" => return Ok(Percentile::Auto),
+            "joint" => return Ok(Percentile::Joint),
+            _ => {}
         }
         match s.parse::<f64>() {
             Ok(p) if (0.0..=100.0).contains(&p) => Ok(Percentile::Fixed(p)),
             _ => Err(format!(
-                "invalid cut-off percentile {s:?}; expected a number in [0, 100] or auto"
+                "invalid cut-off percentile {s:?}; expected a number in [0, 100], auto or joint"
             )),
         }
     }
@@ -404,16 +455,18 @@ impl fmt::Display for Percentile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Percentile::Auto => f.write_str("auto"),
+            Percentile::Joint => f.write_str("joint"),
             Percentile::Fixed(p) => write!(f, "{p}"),
         }
     }
 }
 
-/// A number (`90`, `97.5`) or `"auto"`, in TOML and JSON alike.
+/// A number (`90`, `97.5`), `"auto"` or `"joint"`, in TOML and JSON alike.
 impl Serialize for Percentile {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         match self {
             Percentile::Auto => s.serialize_str("auto"),
+            Percentile::Joint => s.serialize_str("joint"),
             Percentile::Fixed(p) => s.serialize_f64(*p),
         }
     }
@@ -435,11 +488,113 @@ impl<'de> Deserialize<'de> for Percentile {
     }
 }
 
+/// Where the cut is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// One ranking of all samples: the highest scores are cut, whatever their label.
+    #[default]
+    Global,
+    /// Each given class separately: the percentile (or the estimated noise) of each class is
+    /// cut among that class's samples, so an easy class is not cut for a hard one's scores.
+    PerClass,
+}
+
+impl Scope {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::PerClass => "per_class",
+        }
+    }
+}
+
+/// How many samples a cut removes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Amount {
+    /// This share of the samples (of each class, per class): ⌊n·share⌉.
+    Share(f64),
+    /// This many samples of each given class (estimates need not be whole numbers; a global
+    /// cut takes ⌊Σ⌉).
+    PerClass(Vec<f64>),
+}
+
+impl Amount {
+    /// The amount a percentile choice asks for: `Fixed(q)` the share 1 − q/100; `auto` the
+    /// samples of each class whose MC-mean prediction differs from the label; `joint` the
+    /// confident joint's estimate, which the caller gives (`joint`, per class).
+    pub fn of(
+        percentile: Percentile,
+        labels: &[u32],
+        predicted: &[u32],
+        eligible: &[bool],
+        classes: usize,
+        joint: Option<&[f64]>,
+    ) -> Amount {
+        match percentile {
+            Percentile::Fixed(q) => Amount::Share(1.0 - q / 100.0),
+            Percentile::Auto => {
+                let mut counts = vec![0f64; classes];
+                for i in 0..labels.len() {
+                    if eligible[i] && predicted[i] != labels[i] {
+                        counts[labels[i] as usize] += 1.0;
+                    }
+                }
+                Amount::PerClass(counts)
+            }
+            Percentile::Joint => {
+                Amount::PerClass(joint.map_or_else(|| vec![0.0; classes], <[f64]>::to_vec))
+            }
+        }
+    }
+}
+
+/// Marks the samples to cut: among the `eligible` ones (the others are trusted: never cut,
+/// never counted), the highest `scores` — over all of them (`Global`) or within each given
+/// class (`PerClass`) — as many as `amount` says. Ties go to the lower index, so discrete
+/// scores (k-NN shares) cut exactly that many too.
+pub fn select(
+    scores: &[f32],
+    labels: &[u32],
+    classes: usize,
+    eligible: &[bool],
+    scope: Scope,
+    amount: &Amount,
+) -> Vec<bool> {
+    let n = scores.len();
+    let groups: Vec<Vec<usize>> = match scope {
+        Scope::Global => vec![(0..n).filter(|&i| eligible[i]).collect()],
+        Scope::PerClass => {
+            let mut g = vec![Vec::new(); classes];
+            for i in (0..n).filter(|&i| eligible[i]) {
+                g[labels[i] as usize].push(i);
+            }
+            g
+        }
+    };
+    let mut is_cut = vec![false; n];
+    for (c, mut members) in groups.into_iter().enumerate() {
+        let size = members.len() as f64;
+        let want = match (amount, scope) {
+            (Amount::Share(share), _) => size * share,
+            (Amount::PerClass(counts), Scope::Global) => counts.iter().sum::<f64>(),
+            (Amount::PerClass(counts), Scope::PerClass) => counts.get(c).copied().unwrap_or(0.0),
+        };
+        let n_cut = want.round().clamp(0.0, size) as usize;
+        members.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        for &i in &members[..n_cut] {
+            is_cut[i] = true;
+        }
+    }
+    is_cut
+}
+
 /// The outcome of a cut.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CutResult {
     pub scores: Vec<f32>,
-    pub threshold: f32,
     /// Indices kept with their (possibly new) labels.
     pub kept: Vec<usize>,
     pub dropped: Vec<usize>,
@@ -449,8 +604,47 @@ pub struct CutResult {
     pub labels: Vec<u32>,
 }
 
-/// Cuts the samples ranked above the chosen percentile: the top ⌊n·(1 − q/100)⌉ scores, ties
-/// broken to the lower index, so discrete scores (k-NN shares) cut exactly that many too.
+/// Applies `action` to the samples `is_cut` marks. `Relabel` gives a cut sample the MC-mean
+/// prediction when that prediction's probability (`confidence`) is at least
+/// `relabel_confidence`, and drops it otherwise (0 relabels every cut sample).
+pub fn apply(
+    scores: Vec<f32>,
+    is_cut: &[bool],
+    labels: &[u32],
+    predicted: &[u32],
+    confidence: &[f32],
+    action: Action,
+    relabel_confidence: f64,
+) -> CutResult {
+    let mut result = CutResult {
+        kept: Vec::new(),
+        dropped: Vec::new(),
+        relabelled: Vec::new(),
+        labels: labels.to_vec(),
+        scores: Vec::new(),
+    };
+    for i in 0..labels.len() {
+        if !is_cut[i] {
+            result.kept.push(i);
+            continue;
+        }
+        let sure = f64::from(confidence[i]) >= relabel_confidence;
+        match action {
+            Action::Relabel if sure => {
+                result.labels[i] = predicted[i];
+                result.relabelled.push((i, predicted[i]));
+                result.kept.push(i);
+            }
+            Action::Drop | Action::Relabel => result.dropped.push(i),
+        }
+    }
+    result.scores = scores;
+    result
+}
+
+/// Cuts the samples ranked above the chosen percentile over all samples (a global cut, every
+/// sample eligible, every cut sample relabelled with `Relabel`): the top ⌊n·(1 − q/100)⌉
+/// scores, or with `auto` as many as the predictions disagree with the labels.
 pub fn cut(
     scores: Vec<f32>,
     labels: &[u32],
@@ -458,52 +652,32 @@ pub fn cut(
     percentile_choice: Percentile,
     action: Action,
 ) -> CutResult {
-    let q = match percentile_choice {
-        Percentile::Fixed(p) => p,
-        Percentile::Auto => {
-            let disagree = predicted.iter().zip(labels).filter(|(p, l)| p != l).count() as f64;
-            100.0 * (1.0 - disagree / labels.len().max(1) as f64)
-        }
-    };
-    let n = scores.len();
-    let n_cut = ((n as f64) * (1.0 - q / 100.0))
-        .round()
-        .clamp(0.0, n as f64) as usize;
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    let mut is_cut = vec![false; n];
-    for &i in &order[..n_cut] {
-        is_cut[i] = true;
-    }
-    let threshold = if n_cut > 0 {
-        scores[order[n_cut - 1]]
-    } else {
-        f32::INFINITY
-    };
-    let mut result = CutResult {
-        threshold,
-        kept: Vec::new(),
-        dropped: Vec::new(),
-        relabelled: Vec::new(),
-        labels: labels.to_vec(),
-        scores: Vec::new(),
-    };
-    for i in 0..n {
-        if !is_cut[i] {
-            result.kept.push(i);
-            continue;
-        }
-        match action {
-            Action::Drop => result.dropped.push(i),
-            Action::Relabel => {
-                result.labels[i] = predicted[i];
-                result.relabelled.push((i, predicted[i]));
-                result.kept.push(i);
-            }
-        }
-    }
-    result.scores = scores;
-    result
+    let n = labels.len();
+    let classes = labels
+        .iter()
+        .chain(predicted)
+        .map(|&l| l as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let eligible = vec![true; n];
+    let amount = Amount::of(
+        percentile_choice,
+        labels,
+        predicted,
+        &eligible,
+        classes,
+        None,
+    );
+    let is_cut = select(&scores, labels, classes, &eligible, Scope::Global, &amount);
+    apply(
+        scores,
+        &is_cut,
+        labels,
+        predicted,
+        &vec![1.0; n],
+        action,
+        0.0,
+    )
 }
 
 #[cfg(test)]
@@ -623,5 +797,164 @@ mod tests {
         let s = knn_disagreement(&t, &labels).unwrap();
         assert_eq!(s[6], 1.0);
         assert!(s[0] <= 0.1);
+    }
+    #[test]
+    fn ranks_and_rank_average_by_hand() {
+        // 0.1 is rank 1, the two 0.3s share ranks 2 and 3 (2.5), 0.9 is rank 4; over n = 4.
+        assert_eq!(
+            normalised_ranks(&[0.3, 0.1, 0.3, 0.9]),
+            vec![0.625, 0.25, 0.625, 1.0]
+        );
+        let a = [0.3f32, 0.1, 0.3, 0.9];
+        let b = [0.0f32, 1.0, 0.5, 0.5];
+        // b's ranks: 0.25, 1.0, 0.625, 0.625.
+        assert_eq!(rank_average(&[&a, &b]), vec![0.4375, 0.625, 0.625, 0.8125]);
+        assert!(rank_average(&[]).is_empty());
+    }
+
+    #[test]
+    fn combined_score_is_the_rank_average_of_its_parts() {
+        // Three samples on a line, two classes; MC-mean probabilities by hand.
+        let x = Tensor::new(&[[1f32, 0.0], [1.0, 0.1], [1.0, 0.2]], &Device::Cpu).unwrap();
+        let labels = [0u32, 0, 1];
+        let probs = Tensor::new(&[[0.9f32, 0.1], [0.4, 0.6], [0.5, 0.5]], &Device::Cpu).unwrap();
+        let zeros = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        let stats = McStats {
+            mean_probs: probs,
+            logit_sum_var: zeros.clone(),
+            label_prob_var: zeros.clone(),
+            mean_entropy: zeros,
+        };
+        // 1 − p(label): 0.1, 0.6, 0.5 → ranks 1/3, 1, 2/3. k-NN (k = 2, itself excluded):
+        // sample 0 sees 0 and 1 → 1/2; 1 sees 0 and 1 → 1/2; 2 sees 0, 0 → 1 → ranks 1/2, 1/2, 1.
+        let knn = knn_disagreement(&x, &labels).unwrap();
+        assert_eq!(knn, vec![0.5, 0.5, 1.0]);
+        let c = score(&stats, Score::Combined, &x, &labels).unwrap();
+        let want = [
+            (1.0 / 3.0 + 0.5) / 2.0,
+            (1.0 + 0.5) / 2.0,
+            (2.0 / 3.0 + 1.0) / 2.0,
+        ];
+        for (got, want) in c.iter().zip(want) {
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{c:?}");
+        }
+    }
+
+    /// A hard class (clean samples score high) next to an easy one: a global 75th percentile
+    /// spends both cuts on the hard class, one of them on a clean sample, and misses the easy
+    /// class's wrong label; a 75th percentile per class cuts exactly the two wrong labels.
+    #[test]
+    fn global_percentile_over_cuts_a_hard_class_per_class_does_not() {
+        let scores = [0.6f32, 0.7, 0.8, 0.9, 0.05, 0.1, 0.15, 0.5];
+        let labels = [0u32, 0, 0, 0, 1, 1, 1, 1];
+        let noisy = [false, false, false, true, false, false, false, true];
+        let all = [true; 8];
+        let amount = Amount::Share(0.25);
+        let global = select(&scores, &labels, 2, &all, Scope::Global, &amount);
+        assert_eq!(
+            global,
+            vec![false, false, true, true, false, false, false, false]
+        );
+        let class0_cut = global[..4].iter().filter(|&&c| c).count();
+        assert_eq!(class0_cut, 2, "two cuts in a class with one wrong label");
+        let per_class = select(&scores, &labels, 2, &all, Scope::PerClass, &amount);
+        assert_eq!(per_class.as_slice(), &noisy);
+        // The same through a per-class estimate of the noise (one wrong label per class).
+        let estimated = Amount::PerClass(vec![1.0, 1.0]);
+        assert_eq!(
+            select(&scores, &labels, 2, &all, Scope::PerClass, &estimated).as_slice(),
+            &noisy
+        );
+        // Globally, that estimate cuts the two highest: 0.9 and 0.8.
+        assert_eq!(
+            select(&scores, &labels, 2, &all, Scope::Global, &estimated),
+            global
+        );
+    }
+
+    #[test]
+    fn trusted_samples_are_never_cut_nor_counted() {
+        let scores = [0.9f32, 0.8, 0.1, 0.2];
+        let labels = [0u32, 0, 0, 0];
+        let eligible = [false, true, true, true];
+        // Half of the three eligible samples: ⌊1.5⌉ = 2, the best two eligible.
+        let cut = select(
+            &scores,
+            &labels,
+            1,
+            &eligible,
+            Scope::Global,
+            &Amount::Share(0.5),
+        );
+        assert_eq!(cut, vec![false, true, false, true]);
+        // Auto counts the disagreements of eligible samples only.
+        let predicted = [1u32, 1, 0, 1];
+        assert_eq!(
+            Amount::of(Percentile::Auto, &labels, &predicted, &eligible, 2, None),
+            Amount::PerClass(vec![2.0, 0.0])
+        );
+        assert_eq!(
+            Amount::of(
+                Percentile::Joint,
+                &labels,
+                &predicted,
+                &eligible,
+                2,
+                Some(&[1.5, 0.0])
+            ),
+            Amount::PerClass(vec![1.5, 0.0])
+        );
+        assert_eq!(
+            Amount::of(
+                Percentile::Fixed(75.0),
+                &labels,
+                &predicted,
+                &eligible,
+                2,
+                None
+            ),
+            Amount::Share(0.25)
+        );
+    }
+
+    #[test]
+    fn relabel_only_when_confident() {
+        let is_cut = [true, true, false];
+        let r = apply(
+            vec![0.9, 0.8, 0.1],
+            &is_cut,
+            &[0, 0, 1],
+            &[1, 2, 1],
+            &[0.95, 0.6, 0.99],
+            Action::Relabel,
+            0.9,
+        );
+        assert_eq!(r.relabelled, vec![(0, 1)]);
+        assert_eq!(r.dropped, vec![1]);
+        assert_eq!(r.kept, vec![0, 2]);
+        assert_eq!(r.labels, vec![1, 0, 1]);
+        // Threshold 0 relabels every cut sample; Drop drops them whatever the confidence.
+        let r = apply(
+            vec![0.0; 3],
+            &is_cut,
+            &[0, 0, 1],
+            &[1, 2, 1],
+            &[0.95, 0.6, 0.99],
+            Action::Relabel,
+            0.0,
+        );
+        assert_eq!(r.relabelled, vec![(0, 1), (1, 2)]);
+        let r = apply(
+            vec![0.0; 3],
+            &is_cut,
+            &[0, 0, 1],
+            &[1, 2, 1],
+            &[1.0; 3],
+            Action::Drop,
+            0.0,
+        );
+        assert_eq!((r.dropped, r.kept), (vec![0, 1], vec![2]));
+        assert_eq!("joint".parse::<Percentile>(), Ok(Percentile::Joint));
+        assert_eq!(Percentile::Joint.to_string(), "joint");
     }
 }

@@ -64,9 +64,11 @@ impl Preprocess {
         Ok(())
     }
 
-    /// Converts a decoded image into CHW floats (grey is expanded to RGB; alpha is dropped).
+    /// Converts a decoded image into CHW floats (grey is expanded to RGB; an image with alpha
+    /// is composited over white, as viewers show it — dropping alpha would turn a transparent
+    /// background black, often the colour of the drawing's own outlines).
     pub fn apply(&self, img: &DynamicImage) -> Vec<f32> {
-        let rgb = img.to_rgb8();
+        let rgb = flatten_on_white(img);
         let rgb = if rgb.dimensions() == (self.width, self.height) {
             rgb
         } else {
@@ -81,6 +83,21 @@ impl Preprocess {
         }
         out
     }
+}
+
+/// The image as RGB, alpha (if any) composited over white.
+pub fn flatten_on_white(img: &DynamicImage) -> image::RgbImage {
+    if !img.color().has_alpha() {
+        return img.to_rgb8();
+    }
+    let rgba = img.to_rgba8();
+    let (w, h) = rgba.dimensions();
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let [r, g, b, a] = rgba.get_pixel(x, y).0;
+        let a = u32::from(a);
+        let over = |c: u8| ((u32::from(c) * a + 255 * (255 - a) + 127) / 255) as u8;
+        image::Rgb([over(r), over(g), over(b)])
+    })
 }
 
 /// A decoded batch in host memory.
@@ -241,6 +258,34 @@ impl Drop for BatchLoader {
 mod tests {
     use super::*;
     use image::{GrayImage, Luma, Rgb, RgbImage};
+
+    #[test]
+    fn alpha_is_composited_over_white() {
+        // Opaque red, transparent black, half-transparent black, and grey with alpha 0.
+        let rgba = image::RgbaImage::from_vec(
+            4,
+            1,
+            vec![255, 0, 0, 255, 0, 0, 0, 0, 0, 0, 0, 128, 10, 20, 30, 0],
+        )
+        .unwrap();
+        let flat = flatten_on_white(&DynamicImage::ImageRgba8(rgba));
+        // 255·(255 − 128) / 255 = 127 (+ rounding: (32385 + 127) / 255 = 127).
+        assert_eq!(
+            flat.into_raw(),
+            vec![255, 0, 0, 255, 255, 255, 127, 127, 127, 255, 255, 255]
+        );
+        let la = image::GrayAlphaImage::from_vec(1, 1, vec![0, 0]).unwrap();
+        assert_eq!(
+            flatten_on_white(&DynamicImage::ImageLumaA8(la)).into_raw(),
+            vec![255, 255, 255]
+        );
+        // No alpha: unchanged.
+        let rgb = RgbImage::from_vec(1, 1, vec![1, 2, 3]).unwrap();
+        assert_eq!(
+            flatten_on_white(&DynamicImage::ImageRgb8(rgb)).into_raw(),
+            vec![1, 2, 3]
+        );
+    }
 
     #[test]
     fn normalises_exact_values_and_expands_grey() {

@@ -12,7 +12,7 @@ use super::error::{ensure_valid, ExperimentError, Result};
 use crate::baselines::FilterBy;
 use crate::cleanse::Method;
 use crate::config::{choice, RunConfig};
-use crate::cutoff::{Action, Percentile, Score};
+use crate::cutoff::{Action, Percentile, Scope, Score};
 use crate::sampling::{PairMode, Sampling};
 
 /// The experiment file as written.
@@ -71,6 +71,35 @@ pub struct GridTable {
     /// Folds of the out-of-sample cut-off (1: in sample, the reference's).
     #[serde(default = "default_cutoff_folds")]
     pub cutoff_folds: Vec<usize>,
+    /// `global` or `per_class` cuts.
+    #[serde(default = "default_scope")]
+    pub cutoff_scope: Vec<String>,
+    /// Rounds of the cut-off (1: one scoring, as before).
+    #[serde(default = "default_rounds")]
+    pub cutoff_rounds: Vec<usize>,
+    /// Least MC-mean confidence to relabel a cut sample (with `relabel`; 0: always).
+    #[serde(default = "default_relabel_confidence")]
+    pub relabel_confidence: Vec<f64>,
+    /// Never cut the replayed samples.
+    #[serde(default = "default_trust")]
+    pub cutoff_trust_replay: Vec<bool>,
+    /// Train on the true labels (once, not per noise level): the ceiling with this table's
+    /// replay.
+    #[serde(default)]
+    pub clean: bool,
+}
+
+fn default_scope() -> Vec<String> {
+    vec!["global".into()]
+}
+fn default_rounds() -> Vec<usize> {
+    vec![1]
+}
+fn default_relabel_confidence() -> Vec<f64> {
+    vec![0.0]
+}
+fn default_trust() -> Vec<bool> {
+    vec![false]
 }
 
 fn default_cutoff_folds() -> Vec<usize> {
@@ -107,16 +136,59 @@ pub struct Cell {
     pub filter_by: Option<FilterBy>,
     /// Folds of the cut-off's scoring heads (bccp only).
     pub cutoff_folds: Option<usize>,
+    /// The cut-off's further settings (bccp only).
+    pub cutoff_more: Option<CutoffMore>,
     /// `None`: the clean labels (ground truth).
     pub user_accuracy: Option<f64>,
 }
 
-/// The text of a percentile setting (`90`, `auto`).
-pub fn percentile_name(p: Percentile) -> String {
-    match p {
-        Percentile::Auto => "auto".into(),
-        Percentile::Fixed(v) => format!("{v}"),
+/// The cut-off's settings beyond score, percentile, action and folds; the defaults are the
+/// behaviour before they existed and are left out of a configuration's name.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CutoffMore {
+    pub scope: Scope,
+    pub rounds: usize,
+    /// Only with `relabel`.
+    pub relabel_confidence: f64,
+    /// Only with replay.
+    pub trust_replay: bool,
+}
+
+impl Default for CutoffMore {
+    fn default() -> Self {
+        Self {
+            scope: Scope::Global,
+            rounds: 1,
+            relabel_confidence: 0.0,
+            trust_replay: false,
+        }
     }
+}
+
+impl CutoffMore {
+    /// The name's suffix: `,per_class,3 rounds,relabel≥0.9,trust replay` for what differs
+    /// from the defaults.
+    fn suffix(&self) -> String {
+        let mut s = String::new();
+        if self.scope != Scope::Global {
+            s.push_str(&format!(",{}", self.scope.name()));
+        }
+        if self.rounds > 1 {
+            s.push_str(&format!(",{} rounds", self.rounds));
+        }
+        if self.relabel_confidence > 0.0 {
+            s.push_str(&format!(",relabel≥{}", self.relabel_confidence));
+        }
+        if self.trust_replay {
+            s.push_str(",trust replay");
+        }
+        s
+    }
+}
+
+/// The text of a percentile setting (`90`, `auto`, `joint`).
+pub fn percentile_name(p: Percentile) -> String {
+    p.to_string()
 }
 
 impl Cell {
@@ -131,8 +203,9 @@ impl Cell {
                         Some(k) if k > 1 => format!(",{k}-fold"),
                         _ => String::new(),
                     };
+                    let more = self.cutoff_more.unwrap_or_default().suffix();
                     format!(
-                        "bccp({},{},{}{folds})",
+                        "bccp({},{},{}{folds}{more})",
                         score.name(),
                         percentile_name(p),
                         a.name()
@@ -172,6 +245,15 @@ impl Cell {
         if self.method != Method::Bccp {
             self.cutoff = None;
             self.cutoff_folds = None;
+            self.cutoff_more = None;
+        }
+        if let (Some(more), Some((_, _, action))) = (self.cutoff_more.as_mut(), self.cutoff) {
+            if action != Action::Relabel {
+                more.relabel_confidence = 0.0;
+            }
+            if !replay {
+                more.trust_replay = false;
+            }
         }
         if self.method != Method::Cleanlab {
             self.filter_by = None;
@@ -195,7 +277,7 @@ impl Cell {
         let replay = self.sampling != Sampling::None;
         let pairs = replay && self.sampling != Sampling::Random;
         match (self.method, self.user_accuracy) {
-            (Method::None, None) => "clean labels",
+            (_, None) => "clean labels",
             (Method::None, _) if pairs => "closest-pair replay",
             (Method::None, _) if replay => "random replay",
             (Method::None, _) => "no cleansing",
@@ -291,6 +373,7 @@ impl ExperimentFile {
             cutoff: Some((Score::LabelProbMean, Percentile::Fixed(90.0), Action::Drop)),
             filter_by: Some(FilterBy::default()),
             cutoff_folds: Some(1),
+            cutoff_more: Some(CutoffMore::default()),
             user_accuracy: None,
         };
         if self.ceiling {
@@ -306,6 +389,37 @@ impl ExperimentFile {
                 parse_percentiles(&table.cutoff_percentile, &at("cutoff_percentile"))?;
             let actions: Vec<Action> = parse_all(&table.cutoff_action, &at("cutoff_action"))?;
             let filters: Vec<FilterBy> = parse_all(&table.filter_by, &at("filter_by"))?;
+            let scopes: Vec<Scope> = parse_all(&table.cutoff_scope, &at("cutoff_scope"))?;
+            ensure_valid!(
+                !table.cutoff_rounds.is_empty(),
+                "{} is empty",
+                at("cutoff_rounds")
+            );
+            for &r in &table.cutoff_rounds {
+                ensure_valid!(
+                    (1..=crate::config::MAX_CUTOFF_ROUNDS).contains(&r),
+                    "{} {r}: 1 to {}",
+                    at("cutoff_rounds"),
+                    crate::config::MAX_CUTOFF_ROUNDS
+                );
+            }
+            ensure_valid!(
+                !table.relabel_confidence.is_empty(),
+                "{} is empty",
+                at("relabel_confidence")
+            );
+            for &c in &table.relabel_confidence {
+                ensure_valid!(
+                    (0.0..=1.0).contains(&c),
+                    "{} {c} must lie in [0, 1]",
+                    at("relabel_confidence")
+                );
+            }
+            ensure_valid!(
+                !table.cutoff_trust_replay.is_empty(),
+                "{} is empty",
+                at("cutoff_trust_replay")
+            );
             ensure_valid!(
                 !table.cutoff_folds.is_empty(),
                 "{} is empty",
@@ -345,7 +459,24 @@ impl ExperimentFile {
             grid = expand(grid, &actions, |c, v| set_cutoff(c, |t| t.2 = v));
             grid = expand(grid, &filters, |c, f| c.filter_by = Some(f));
             grid = expand(grid, &table.cutoff_folds, |c, k| c.cutoff_folds = Some(k));
-            grid = expand(grid, &self.user_accuracy, |c, a| c.user_accuracy = Some(a));
+            let more = |c: &mut Cell, change: &dyn Fn(&mut CutoffMore)| {
+                if let Some(m) = c.cutoff_more.as_mut() {
+                    change(m);
+                }
+            };
+            grid = expand(grid, &scopes, |c, v| more(c, &|m| m.scope = v));
+            grid = expand(grid, &table.cutoff_rounds, |c, v| {
+                more(c, &|m| m.rounds = v)
+            });
+            grid = expand(grid, &table.relabel_confidence, |c, v| {
+                more(c, &|m| m.relabel_confidence = v)
+            });
+            grid = expand(grid, &table.cutoff_trust_replay, |c, v| {
+                more(c, &|m| m.trust_replay = v)
+            });
+            if !table.clean {
+                grid = expand(grid, &self.user_accuracy, |c, a| c.user_accuracy = Some(a));
+            }
             cells.extend(grid.into_iter().map(Cell::canonical));
         }
         let mut seen = BTreeSet::new();
@@ -413,5 +544,38 @@ mod tests {
         let unknown: std::result::Result<ExperimentFile, _> =
             toml::from_str("seeds = [1]\nuser_accuracy = [0.7]\ncolour = 1\n[run]\ndataset = \"d\"\ntuesday_num = 1\n");
         assert!(unknown.unwrap_err().to_string().contains("colour"));
+    }
+
+    #[test]
+    fn cutoff_axes_name_what_differs_and_clean_tables_run_once() {
+        let f = file(
+            "[[grid]]\nmethod = [\"bccp\"]\nsampling = [\"l2_norm\"]\nratio = [0.5]\n\
+             cutoff_percentile = [\"joint\"]\ncutoff_action = [\"relabel\"]\n\
+             cutoff_scope = [\"global\", \"per_class\"]\ncutoff_rounds = [2]\n\
+             relabel_confidence = [0.9]\ncutoff_trust_replay = [true]\n\
+             [[grid]]\nmethod = [\"none\"]\nsampling = [\"l2_norm\"]\nratio = [0.5]\nclean = true\n\
+             [[grid]]\nmethod = [\"bccp\"]\ncutoff_action = [\"drop\"]\nrelabel_confidence = [0.9]\n\
+             cutoff_trust_replay = [true]\n",
+        );
+        let keys: Vec<String> = f.cells().unwrap().iter().map(Cell::key).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "clean labels | clean",
+                "bccp(label_prob_mean,joint,relabel,2 rounds,relabel≥0.9,trust replay) + l2_norm/buffer@0.5 | 0.5",
+                "bccp(label_prob_mean,joint,relabel,2 rounds,relabel≥0.9,trust replay) + l2_norm/buffer@0.5 | 0.7",
+                "bccp(label_prob_mean,joint,relabel,per_class,2 rounds,relabel≥0.9,trust replay) + l2_norm/buffer@0.5 | 0.5",
+                "bccp(label_prob_mean,joint,relabel,per_class,2 rounds,relabel≥0.9,trust replay) + l2_norm/buffer@0.5 | 0.7",
+                "clean labels + l2_norm/buffer@0.5 | clean",
+                // Drop ignores the relabel threshold, no replay ignores trust.
+                "bccp(label_prob_mean,90,drop) | 0.5",
+                "bccp(label_prob_mean,90,drop) | 0.7",
+            ],
+        );
+        let err = file("[[grid]]\nmethod = [\"bccp\"]\ncutoff_rounds = [0]\n")
+            .cells()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grid[0].cutoff_rounds 0"), "{err}");
     }
 }

@@ -48,6 +48,7 @@ fn run_config(file: &ExperimentFile, cell: &Cell, seed: u64) -> RunConfig {
     let (score, percentile, action) =
         cell.cutoff
             .unwrap_or((Score::LabelProbMean, Percentile::Fixed(90.0), Action::Drop));
+    let more = cell.cutoff_more.unwrap_or_default();
     RunConfig {
         target_day: Day::Tuesday,
         label: match cell.user_accuracy {
@@ -63,6 +64,10 @@ fn run_config(file: &ExperimentFile, cell: &Cell, seed: u64) -> RunConfig {
         cutoff_percentile: percentile,
         cutoff_action: action,
         cutoff_folds: cell.cutoff_folds.unwrap_or(1),
+        cutoff_scope: more.scope,
+        cutoff_rounds: more.rounds,
+        relabel_confidence: more.relabel_confidence,
+        cutoff_trust_replay: more.trust_replay,
         filter_by: cell.filter_by.unwrap_or_default(),
         seed,
         model_name: "experiment".into(),
@@ -113,6 +118,11 @@ fn row(cell: &Cell, seed: u64, metrics: Option<&RunMetrics>, error: &str) -> Row
             "cutoff_score" => score.clone(),
             "cutoff_percentile" => percentile.clone(),
             "cutoff_action" => action.clone(),
+            "cutoff_folds" => opt(cell.cutoff_folds.map(|k| k.to_string())),
+            "cutoff_scope" => opt(cell.cutoff_more.map(|m| m.scope.name().to_owned())),
+            "cutoff_rounds" => opt(cell.cutoff_more.map(|m| m.rounds.to_string())),
+            "relabel_confidence" => opt(cell.cutoff_more.map(|m| m.relabel_confidence.to_string())),
+            "cutoff_trust_replay" => opt(cell.cutoff_more.map(|m| m.trust_replay.to_string())),
             "filter_by" => opt(cell.filter_by.map(|f| f.name().to_owned())),
             report::REMOVED => value(metric::REMOVED_BY_CUTOFF),
             "seconds" => seconds.clone(),

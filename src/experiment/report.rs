@@ -12,7 +12,7 @@ use crate::registry::metric;
 pub const REMOVED: &str = "removed";
 
 /// Columns of `results.csv`, in order.
-pub const COLUMNS: [&str; 24] = [
+pub const COLUMNS: [&str; 29] = [
     "config",
     "family",
     "user_accuracy",
@@ -24,6 +24,11 @@ pub const COLUMNS: [&str; 24] = [
     "cutoff_score",
     "cutoff_percentile",
     "cutoff_action",
+    "cutoff_folds",
+    "cutoff_scope",
+    "cutoff_rounds",
+    "relabel_confidence",
+    "cutoff_trust_replay",
     "filter_by",
     metric::TEST_ACCURACY,
     metric::TEST_ACCURACY_MONDAY,
@@ -215,7 +220,6 @@ impl Grouped<'_> {
 /// `results.md`: test accuracy and noise detection per cell.
 pub fn markdown(rows: &[Row]) -> String {
     let g = group(rows);
-    let noisy: Vec<&String> = g.levels.iter().filter(|l| *l != "clean").collect();
     let mut out = String::from("# Experiment results\n\n");
     let seeds = rows
         .iter()
@@ -246,35 +250,45 @@ pub fn markdown(rows: &[Row]) -> String {
         }
         out.push('\n');
     }
-    let detectors: Vec<&(String, String)> = g
-        .configs
-        .iter()
-        .filter(|(c, _)| {
-            noisy
-                .iter()
-                .any(|l| g.stat(c, l, metric::NOISE_F1).is_some())
-        })
-        .collect();
-    if !detectors.is_empty() {
-        out.push_str("\nNoise detection: precision / recall / F1 of the flagged samples as a detector of the wrong user labels (means over seeds).\n\n| configuration |");
-        for l in &noisy {
-            out.push_str(&format!(" {l} |"));
+    // Per noise level: every figure of every configuration, mean ± std over seeds.
+    for level in &g.levels {
+        let configs: Vec<&(String, String)> = g
+            .configs
+            .iter()
+            .filter(|(c, _)| g.cells.contains_key(&(c.clone(), level.clone())))
+            .collect();
+        if configs.is_empty() {
+            continue;
         }
-        out.push_str("\n|---|");
-        out.push_str(&"---:|".repeat(noisy.len()));
-        out.push('\n');
-        for (config, _) in detectors {
-            out.push_str(&format!("| {config} |"));
-            for l in &noisy {
-                let f = |c: &str| g.stat(config, l, c).map_or(f64::NAN, |s| s.0);
-                out.push_str(&format!(
-                    " {:.3} / {:.3} / {:.3} |",
-                    f(metric::NOISE_PRECISION),
-                    f(metric::NOISE_RECALL),
-                    f(metric::NOISE_F1)
-                ));
-            }
-            out.push('\n');
+        let title = if level == "clean" {
+            "true labels".to_owned()
+        } else {
+            format!("users {level} right")
+        };
+        out.push_str(&format!(
+            "\n## {title}\n\nAccuracy overall and per day (Monday test, Tuesday test); noise detection of the flagged samples as a detector of the wrong labels (precision, recall, F1) and ROC AUC of the method's score; mean ± std over seeds (runs).\n\n\
+             | configuration | accuracy | Monday | Tuesday | precision | recall | F1 | AUC | runs |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        ));
+        for (config, _) in configs {
+            let cell = |column: &str| {
+                g.stat(config, level, column)
+                    .map_or_else(|| "–".to_owned(), |(m, s, _)| format!("{m:.4} ± {s:.4}"))
+            };
+            let runs = g
+                .cells
+                .get(&(config.clone(), level.clone()))
+                .map_or(0, Vec::len);
+            out.push_str(&format!(
+                "| {config} | {} | {} | {} | {} | {} | {} | {} | {runs} |\n",
+                cell(metric::TEST_ACCURACY),
+                cell(metric::TEST_ACCURACY_MONDAY),
+                cell(metric::TEST_ACCURACY_TUESDAY),
+                cell(metric::NOISE_PRECISION),
+                cell(metric::NOISE_RECALL),
+                cell(metric::NOISE_F1),
+                cell(metric::NOISE_SCORE_AUC),
+            ));
         }
     }
     out
@@ -330,7 +344,18 @@ mod tests {
             md.contains("| none | f | 0.9000 ± 0.0000 | 0.6000 ± 0.1414 |"),
             "{md}"
         );
-        assert!(md.contains("| cl | NaN / NaN / 0.500 |"), "{md}");
+        assert!(
+            md.contains("| cl | 0.6000 ± 0.0000 | – | – | – | – | 0.5000 ± 0.0000 | – | 1 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| none | 0.6000 ± 0.1414 | – | – | – | – | – | – | 2 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("## users 0.7 right") && md.contains("## true labels"),
+            "{md}"
+        );
         assert_eq!(mean_std(&[1.0, 2.0, 3.0]), (2.0, 1.0));
     }
 }

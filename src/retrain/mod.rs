@@ -581,10 +581,12 @@ fn train_challenger(
         .chain(replay.iter().map(|&i| buffer[i as usize].clone()))
         .collect();
     let given: Vec<u32> = rows.iter().map(|r| r.label).collect();
+    let from_buffer: Vec<bool> = (0..rows.len()).map(|i| i >= candidates.len()).collect();
     let cleansed = cleanse(
         &cfg.cleanse(),
         &x_train,
         &given,
+        &from_buffer,
         classes,
         &cfg.train(),
         progress,
