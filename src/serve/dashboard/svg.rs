@@ -319,7 +319,11 @@ mod tests {
             "acc",
         );
         assert_eq!(g.matches("<rect").count(), 3);
-        assert_eq!(g.matches("<text").count(), 5 + 1 + 3, "every group is labelled");
+        assert_eq!(
+            g.matches("<text").count(),
+            5 + 1 + 3,
+            "every group is labelled"
+        );
         assert!(empty("no <data>").contains("no &lt;data&gt;"));
         assert!(legend(&[("x&y".into(), "#000")]).contains("x&amp;y"));
     }
