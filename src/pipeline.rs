@@ -126,6 +126,26 @@ fn manifest_sha(path: &Path) -> Result<String> {
     Ok(cache::hex(&cache::sha256(&bytes)))
 }
 
+/// The embedder of a run: `cfg`'s backbone, weights and input size on `env`'s device and
+/// cache, in batches of [`EMBED_BATCH_SIZE`] (fewer where a large image size would not fit in
+/// memory: [`limits::fit_batch`]).
+pub fn run_embedder(
+    cfg: &RunConfig,
+    env: &RunEnv,
+) -> std::result::Result<Embedder, crate::backbone::BackboneError> {
+    let pre = zoo::find(&cfg.backbone)?.preprocess_at(cfg.image_size)?;
+    Embedder::new(&EmbedderConfig {
+        backbone: cfg.backbone.clone(),
+        weights: cfg.weights.clone(),
+        image_size: cfg.image_size,
+        offline: env.offline,
+        device: env.device.clone(),
+        cache_dir: env.cache_dir.clone(),
+        batch_size: limits::fit_batch(&pre, EMBED_BATCH_SIZE, false),
+        skip_bad: false,
+    })
+}
+
 /// Splits the days and embeds every image `cfg` needs (cached). Depends only on the dataset,
 /// `monday_num` / `tuesday_num`, the target day, the backbone, its weights and the input size.
 pub fn embed_stage(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result<Embedded> {
@@ -140,19 +160,7 @@ pub fn embed_stage(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result
     } else {
         (Vec::new(), Vec::new())
     };
-    // Batches of EMBED_BATCH_SIZE, fewer where a large image size would not fit in memory.
-    let pre = zoo::find(&cfg.backbone)?.preprocess_at(cfg.image_size)?;
-    let batch_size = limits::fit_batch(&pre, EMBED_BATCH_SIZE, false);
-    let embedder = Embedder::new(&EmbedderConfig {
-        backbone: cfg.backbone.clone(),
-        weights: cfg.weights.clone(),
-        image_size: cfg.image_size,
-        offline: env.offline,
-        device: env.device.clone(),
-        cache_dir: env.cache_dir.clone(),
-        batch_size,
-        skip_bad: false,
-    })?;
+    let embedder = run_embedder(cfg, env)?;
     let all: Vec<Record> = mon_train
         .iter()
         .chain(&mon_test)

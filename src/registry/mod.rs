@@ -162,8 +162,8 @@ pub struct Registry {
     root: PathBuf,
 }
 
-/// An exclusive lock on one name's folder, released on drop.
-struct NameLock(File);
+/// An exclusive lock on a file of one name's folder, released on drop.
+pub struct NameLock(File);
 
 impl Drop for NameLock {
     fn drop(&mut self) {
@@ -186,9 +186,17 @@ impl Registry {
     }
 
     fn lock(&self, name: &str) -> Result<NameLock> {
+        self.lock_file(name, LOCK)
+    }
+
+    /// An exclusive lock on the file `file` in `name`'s folder (waiting for another holder),
+    /// released when the guard drops: version allocation uses `.lock`, re-training cycles
+    /// their own file.
+    pub fn lock_file(&self, name: &str, file: &str) -> Result<NameLock> {
+        check_name(name)?;
         let dir = self.root.join(name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let path = dir.join(LOCK);
+        let path = dir.join(file);
         let file = File::options()
             .create(true)
             .truncate(false)

@@ -18,18 +18,17 @@
 
 pub mod gate;
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use serde_json::json;
 
-use crate::backbone::{limits, zoo, Embedder, EmbedderConfig};
+use crate::backbone::Embedder;
 use crate::cleanse::{cleanse, Method};
 use crate::config::RunConfig;
 use crate::data::ImageList;
-use crate::pipeline::{replay_indices, RunEnv, EMBED_BATCH_SIZE};
+use crate::pipeline::{replay_indices, run_embedder, RunEnv};
 use crate::progress::Progress;
 use crate::registry::{
     Provenance, Registry, RunMetrics, RunRecord, Split, TrainedRun, TrainedSample,
@@ -56,14 +55,12 @@ pub enum RetrainError {
     Tensor(#[from] candle_core::Error),
     #[error("{0}")]
     Invalid(String),
-    #[error("cannot lock {path}: {error}")]
-    Lock {
-        path: PathBuf,
-        error: std::io::Error,
-    },
 }
 
 type Result<T> = std::result::Result<T, RetrainError>;
+
+/// The lock file, in the model's registry folder, that serialises its cycles.
+const CYCLE_LOCK: &str = ".retrain.lock";
 
 /// The alias the loop promotes.
 pub const CHAMPION: &str = "champion";
@@ -132,35 +129,6 @@ pub fn offset_name(model: &str) -> String {
     format!("retrain:{model}")
 }
 
-/// An exclusive lock on a model's cycles, released on drop.
-struct CycleLock(File);
-
-impl CycleLock {
-    fn acquire(registry: &Registry, model: &str) -> Result<Self> {
-        let dir = registry.root().join(model);
-        let lock = |error| RetrainError::Lock {
-            path: dir.join(".retrain.lock"),
-            error,
-        };
-        std::fs::create_dir_all(&dir).map_err(lock)?;
-        let path = dir.join(".retrain.lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(lock)?;
-        file.lock().map_err(lock)?;
-        Ok(Self(file))
-    }
-}
-
-impl Drop for CycleLock {
-    fn drop(&mut self) {
-        let _ = self.0.unlock();
-    }
-}
-
 /// Runs one cycle (waiting for a cycle of the same model in another process to finish first).
 pub fn run_cycle(
     store: &mut dyn Store,
@@ -170,7 +138,7 @@ pub fn run_cycle(
 ) -> Result<CycleReport> {
     check(opts)?;
     crate::registry::check_name(&opts.model)?;
-    let _lock = CycleLock::acquire(&env.registry, &opts.model)?;
+    let _lock = env.registry.lock_file(&opts.model, CYCLE_LOCK)?;
     repair(store, &env.registry, &opts.model)?;
     let seen_before = store
         .retrains()?
@@ -360,17 +328,8 @@ fn cycle(
 
     // One embedding pass (cached by content) over candidates, buffer and gate set.
     let cfg = &opts.run;
-    let pre = zoo::find(&cfg.backbone)?.preprocess_at(cfg.image_size)?;
-    let embedder = Embedder::new(&EmbedderConfig {
-        backbone: cfg.backbone.clone(),
-        weights: cfg.weights.clone(),
-        image_size: cfg.image_size,
-        offline: env.offline,
-        device: env.device.clone(),
-        cache_dir: env.cache_dir.clone(),
-        batch_size: limits::fit_batch(&pre, EMBED_BATCH_SIZE, false),
-        skip_bad: false,
-    })?;
+    let embedder = run_embedder(cfg, env)?;
+    let pre = embedder.preprocess();
     let paths: Vec<PathBuf> = candidates
         .iter()
         .map(|s| PathBuf::from(&s.image_path))
@@ -455,7 +414,7 @@ fn cycle(
     let mut reports = Vec::new();
     let mut promoted = None;
     for ((run, c, gate), verdict) in trained.into_iter().zip(verdicts) {
-        let record = loop_record(&run, &embedder, &pre, &c, &gate, &classes);
+        let record = loop_record(&run, &embedder, pre, &c, &gate, &classes);
         let dir = env
             .registry
             .register(&opts.model, &record, &c.head.tensors())?;
