@@ -98,10 +98,14 @@ pub fn decide(
         .map(|(i, v)| match best {
             Some((b, acc)) if v.promote && i != b => Verdict {
                 promote: false,
-                reason: format!(
-                    "passed the gate, but another challenger did better ({:.4} against {acc:.4})",
-                    challengers[i].accuracy
-                ),
+                reason: if challengers[i].accuracy < acc {
+                    format!(
+                        "passed the gate, but another challenger did better ({:.4} against {acc:.4})",
+                        challengers[i].accuracy
+                    )
+                } else {
+                    format!("passed the gate, tied ({acc:.4}) with an earlier challenger, which is promoted")
+                },
             },
             _ => v,
         })
@@ -210,5 +214,14 @@ mod tests {
         assert!(!v[1].promote && v[1].reason.contains("under the margin"));
         assert!(!v[2].promote && v[2].reason.contains("another challenger did better"));
         assert!(v[3].promote, "{}", v[3].reason);
+        // A tie goes to the earlier challenger, and says so.
+        let v = decide(Some(&champ), 0.1, &[&better, &better.clone()], RULE);
+        assert!(v[0].promote);
+        assert!(
+            v[1].reason
+                .contains("tied (0.8000) with an earlier challenger"),
+            "{}",
+            v[1].reason
+        );
     }
 }
