@@ -21,7 +21,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::error::{Result, StoreError};
@@ -157,10 +156,12 @@ struct Item<'a> {
 
 /// Hex SHA-256 of bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(bytes);
     let mut hex = String::with_capacity(64);
     for b in digest {
-        hex.push_str(&format!("{b:02x}"));
+        hex.push(DIGITS[usize::from(b >> 4)] as char);
+        hex.push(DIGITS[usize::from(b & 15)] as char);
     }
     hex
 }
@@ -321,31 +322,34 @@ pub fn generate(
                 .map(|(_, i)| i)
                 .collect();
             let mut inserted = 0u64;
-            for chunk in day_items.chunks(opts.batch_size) {
-                if stop() {
-                    summary.stopped = true;
-                    break;
-                }
-                let hashes: Vec<String> = chunk
-                    .par_iter()
-                    .map(|item| file_sha256(&item.path))
-                    .collect::<Result<_>>()?;
-                let rows: Vec<NewSample> = chunk
-                    .iter()
-                    .zip(hashes)
-                    .map(|(item, hash)| {
-                        let ts = parse_rfc3339(&item.record.timestamp)
-                            .map(format_utc)
-                            .unwrap_or_else(super::now_utc);
-                        let key = format!("manifest:{fingerprint}:{}", item.record.id);
-                        row(day, item, key, ts, hash)
-                    })
-                    .collect();
-                let ids = store.insert_samples(&rows)?;
-                let new = ids.iter().filter(|id| id.is_some()).count() as u64;
-                inserted += new;
-                summary.already_stored += rows.len() as u64 - new;
-            }
+            // Files are hashed one batch ahead of the database writes.
+            super::ahead::one_chunk_ahead(
+                &day_items,
+                opts.batch_size,
+                |item| file_sha256(&item.path),
+                |chunk, hashes| -> Result<bool> {
+                    if stop() {
+                        summary.stopped = true;
+                        return Ok(false);
+                    }
+                    let rows = chunk
+                        .iter()
+                        .zip(hashes)
+                        .map(|(item, hash)| {
+                            let ts = parse_rfc3339(&item.record.timestamp)
+                                .map(format_utc)
+                                .unwrap_or_else(super::now_utc);
+                            let key = format!("manifest:{fingerprint}:{}", item.record.id);
+                            Ok(row(day, item, key, ts, hash?))
+                        })
+                        .collect::<Result<Vec<NewSample>>>()?;
+                    let ids = store.insert_samples(&rows)?;
+                    let new = ids.iter().filter(|id| id.is_some()).count() as u64;
+                    inserted += new;
+                    summary.already_stored += rows.len() as u64 - new;
+                    Ok(true)
+                },
+            )?;
             summary.bulk.push((day, inserted));
             log(&format!("bulk {}: {inserted} rows inserted", day.as_str()));
             if summary.stopped {

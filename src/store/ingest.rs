@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
 use serde::Deserialize;
 
 use super::error::{Result, StoreError};
@@ -240,89 +239,82 @@ pub fn ingest(
         IngestInput::Jsonl(path) => read_jsonl(path, store)?,
     };
     let mut seen: HashSet<String> = HashSet::new();
-    // Files are read, hashed and decoded (in parallel) one chunk ahead of the database writes,
-    // so decoding and committing overlap.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(&[Item], Vec<Checked>)>(1);
-    let items = &items;
-    let batch_size = opts.batch_size;
-    std::thread::scope(|scope| -> Result<()> {
-        scope.spawn(move || {
-            for chunk in items.chunks(batch_size) {
-                let checked: Vec<Checked> = chunk.par_iter().map(|i| check_file(&i.path)).collect();
-                if tx.send((chunk, checked)).is_err() {
-                    break;
-                }
+    // Files are read, hashed and decoded one chunk ahead of the database writes, so decoding
+    // and committing overlap.
+    super::ahead::one_chunk_ahead(
+        &items,
+        opts.batch_size,
+        |item| check_file(&item.path),
+        |chunk, checked| -> Result<bool> {
+            if stop() {
+                summary.stopped = true;
+                return Ok(false);
             }
-        });
-        write_chunks(store, opts, stop, rx, &mut seen, &mut summary)
-    })?;
+            write_chunk(store, opts, chunk, checked, &mut seen, &mut summary)?;
+            Ok(true)
+        },
+    )?;
     Ok(summary)
 }
 
-/// The database side of [`ingest`]: each checked chunk, duplicates set aside, in one
-/// transaction; stops between chunks when `stop` says so (dropping `rx` ends the reader).
-fn write_chunks(
+/// The database side of [`ingest`]: one checked chunk, duplicates set aside, in one
+/// transaction.
+fn write_chunk(
     store: &mut dyn Store,
     opts: &IngestOptions,
-    stop: &dyn Fn() -> bool,
-    rx: std::sync::mpsc::Receiver<(&[Item], Vec<Checked>)>,
+    chunk: &[Item],
+    checked: Vec<Checked>,
     seen: &mut HashSet<String>,
     summary: &mut IngestSummary,
 ) -> Result<()> {
-    for (chunk, checked) in rx {
-        if stop() {
-            summary.stopped = true;
-            break;
-        }
-        let hashes: Vec<String> = checked.iter().filter_map(|c| c.sha256.clone()).collect();
-        let known = store.known_hashes(&hashes)?;
-        let mut rows = Vec::new();
-        let mut kinds = Vec::new();
-        for (item, c) in chunk.iter().zip(checked) {
-            if let Some(h) = &c.sha256 {
-                if known.contains(h) || !seen.insert(h.clone()) {
-                    summary.duplicates += 1;
-                    summary.notes.push(Note::Duplicate {
-                        path: item.path.clone(),
-                    });
-                    continue;
-                }
+    let hashes: Vec<String> = checked.iter().filter_map(|c| c.sha256.clone()).collect();
+    let known = store.known_hashes(&hashes)?;
+    let mut rows = Vec::new();
+    let mut kinds = Vec::new();
+    for (item, c) in chunk.iter().zip(checked) {
+        if let Some(h) = &c.sha256 {
+            if known.contains(h) || !seen.insert(h.clone()) {
+                summary.duplicates += 1;
+                summary.notes.push(Note::Duplicate {
+                    path: item.path.clone(),
+                });
+                continue;
             }
-            let path = std::path::absolute(&item.path).unwrap_or_else(|_| item.path.clone());
-            let key = match &c.sha256 {
-                Some(h) => format!("content:{h}"),
-                // No content to key on: the path and the time of this ingest.
-                None => format!("unreadable:{}:{}", path.display(), unique_suffix()),
-            };
-            rows.push(NewSample {
-                key,
-                timestamp: item.timestamp.clone(),
-                image_path: path.to_string_lossy().into_owned(),
-                sha256: c.sha256,
-                label_given: item.label,
-                label_true: None,
-                source: opts.source.clone(),
-                split: Split::Train,
-                status: c.status,
-            });
-            kinds.push((item.path.clone(), c.kind));
         }
-        let ids = store.insert_samples(&rows)?;
-        for ((id, row), (path, kind)) in ids.iter().zip(&rows).zip(kinds) {
-            match (id, kind) {
-                // Stored meanwhile by another ingest (same content key).
-                (None, _) => {
-                    summary.duplicates += 1;
-                    summary.notes.push(Note::Duplicate { path });
-                }
-                (Some(_), None) => summary.accepted += 1,
-                (Some(_), Some(kind)) => {
-                    *summary.rejected.entry(kind).or_default() += 1;
-                    summary.notes.push(Note::Rejected {
-                        path,
-                        reason: row.status.reason().unwrap_or_default().to_owned(),
-                    });
-                }
+        let path = std::path::absolute(&item.path).unwrap_or_else(|_| item.path.clone());
+        let key = match &c.sha256 {
+            Some(h) => format!("content:{h}"),
+            // No content to key on: the path and the time of this ingest.
+            None => format!("unreadable:{}:{}", path.display(), unique_suffix()),
+        };
+        rows.push(NewSample {
+            key,
+            timestamp: item.timestamp.clone(),
+            image_path: path.to_string_lossy().into_owned(),
+            sha256: c.sha256,
+            label_given: item.label,
+            label_true: None,
+            source: opts.source.clone(),
+            split: Split::Train,
+            status: c.status,
+        });
+        kinds.push((item.path.clone(), c.kind));
+    }
+    let ids = store.insert_samples(&rows)?;
+    for ((id, row), (path, kind)) in ids.iter().zip(&rows).zip(kinds) {
+        match (id, kind) {
+            // Stored meanwhile by another ingest (same content key).
+            (None, _) => {
+                summary.duplicates += 1;
+                summary.notes.push(Note::Duplicate { path });
+            }
+            (Some(_), None) => summary.accepted += 1,
+            (Some(_), Some(kind)) => {
+                *summary.rejected.entry(kind).or_default() += 1;
+                summary.notes.push(Note::Rejected {
+                    path,
+                    reason: row.status.reason().unwrap_or_default().to_owned(),
+                });
             }
         }
     }

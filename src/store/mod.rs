@@ -15,6 +15,7 @@
 //! [`generate`] (the reference's data generator, done right) and [`ingest`] (a user's folder or
 //! JSON Lines file) feed the store.
 
+mod ahead;
 pub mod error;
 pub mod generate;
 pub mod ingest;

@@ -105,7 +105,9 @@ impl SqliteStore {
         }
         store
             .conn
-            .execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+            .execute_batch(
+                "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -32768;",
+            )
             .map_err(err)?;
         store.migrate(version)?;
         Ok(store)
