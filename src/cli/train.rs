@@ -70,7 +70,7 @@ fn print_config(cfg: &RunConfig, device: &candle_core::Device) {
         cfg.cutoff_percentile,
         cfg.cutoff_scope.name(),
         cfg.cutoff_action.name(),
-        if cfg.cutoff_action == bccp::cutoff::Action::Relabel && cfg.relabel_confidence > 0.0 {
+        if cfg.cutoff_action != bccp::cutoff::Action::Drop && cfg.relabel_confidence > 0.0 {
             format!(" if confidence ≥ {}", cfg.relabel_confidence)
         } else {
             String::new()

@@ -150,8 +150,9 @@ pub struct RunConfig {
     /// the samples the previous round kept, then scores and cuts every sample again.
     #[arg(long, default_value_t = d().cutoff_rounds)]
     pub cutoff_rounds: usize,
-    /// With --cutoff-action relabel: relabel a cut sample only when the MC-mean prediction's
-    /// probability is at least this, drop it otherwise (0: relabel every cut sample).
+    /// With --cutoff-action relabel or pseudo_label: relabel a cut sample only when the
+    /// prediction's probability (the MC mean's, or the teacher's trained on the kept samples)
+    /// is at least this, drop it otherwise (0: relabel every cut sample).
     #[arg(long, default_value_t = d().relabel_confidence)]
     pub relabel_confidence: f64,
     /// Never cut replayed samples (the reuse buffer is yesterday's cleansed data) and leave

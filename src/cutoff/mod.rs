@@ -401,6 +401,9 @@ pub enum Action {
     Drop,
     /// Replace the label by the MC-mean prediction.
     Relabel,
+    /// Pseudo-labelling: a head is trained on the kept samples, and a cut sample takes its
+    /// prediction (a teacher that never learnt the cut labels) when confident enough.
+    PseudoLabel,
 }
 
 impl Action {
@@ -409,6 +412,7 @@ impl Action {
         match self {
             Action::Drop => "drop",
             Action::Relabel => "relabel",
+            Action::PseudoLabel => "pseudo_label",
         }
     }
 }
@@ -604,9 +608,10 @@ pub struct CutResult {
     pub labels: Vec<u32>,
 }
 
-/// Applies `action` to the samples `is_cut` marks. `Relabel` gives a cut sample the MC-mean
-/// prediction when that prediction's probability (`confidence`) is at least
-/// `relabel_confidence`, and drops it otherwise (0 relabels every cut sample).
+/// Applies `action` to the samples `is_cut` marks. `Relabel` and `PseudoLabel` give a cut
+/// sample the prediction `predicted` (the MC mean, or the pseudo-labelling teacher's) when that
+/// prediction's probability (`confidence`) is at least `relabel_confidence`, and drop it
+/// otherwise (0 relabels every cut sample).
 pub fn apply(
     scores: Vec<f32>,
     is_cut: &[bool],
@@ -630,12 +635,12 @@ pub fn apply(
         }
         let sure = f64::from(confidence[i]) >= relabel_confidence;
         match action {
-            Action::Relabel if sure => {
+            Action::Relabel | Action::PseudoLabel if sure => {
                 result.labels[i] = predicted[i];
                 result.relabelled.push((i, predicted[i]));
                 result.kept.push(i);
             }
-            Action::Drop | Action::Relabel => result.dropped.push(i),
+            Action::Drop | Action::Relabel | Action::PseudoLabel => result.dropped.push(i),
         }
     }
     result.scores = scores;

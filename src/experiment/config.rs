@@ -248,7 +248,7 @@ impl Cell {
             self.cutoff_more = None;
         }
         if let (Some(more), Some((_, _, action))) = (self.cutoff_more.as_mut(), self.cutoff) {
-            if action != Action::Relabel {
+            if action == Action::Drop {
                 more.relabel_confidence = 0.0;
             }
             if !replay {
