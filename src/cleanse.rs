@@ -220,13 +220,19 @@ fn bayesian_cutoff(
         let probs = stats.mean_probs.to_device(&candle_core::Device::Cpu)?;
         let predicted: Vec<u32> = probs.argmax(1)?.to_vec1::<u32>()?;
         let confidence: Vec<f32> = probs.max(1)?.to_vec1::<f32>()?;
-        let joint = match cfg.cutoff_percentile {
+        let estimate = match cfg.cutoff_percentile {
             Percentile::Joint => Some(joint_noise_counts(
                 &probs.flatten_all()?.to_vec1::<f32>()?,
                 given,
                 classes,
                 &eligible,
             )?),
+            Percentile::Mixture => Some(cutoff::mixture_noise_counts(
+                &probs.flatten_all()?.to_vec1::<f32>()?,
+                given,
+                classes,
+                &eligible,
+            )),
             _ => None,
         };
         let amount = Amount::of(
@@ -235,7 +241,7 @@ fn bayesian_cutoff(
             &predicted,
             &eligible,
             classes,
-            joint.as_deref(),
+            estimate.as_deref(),
         );
         let next = cutoff::select(
             &scores,

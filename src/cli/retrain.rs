@@ -40,8 +40,8 @@ pub struct LoopArgs {
     /// Share of the champion's training set to replay.
     #[arg(long, default_value_t = 0.5)]
     pub ratio: f64,
-    /// Cut-off percentile of the bccp method (0–100, auto, or joint: the confident joint's
-    /// estimate of the noise).
+    /// Cut-off percentile of the bccp method (0–100, auto, joint: the confident joint's
+    /// estimate of the noise, or mixture: a two-component mixture of the per-sample loss).
     #[arg(long, default_value_t = RunConfig::default().cutoff_percentile)]
     pub cutoff_percentile: Percentile,
     /// Folds of the out-of-sample cut-off scores (1: in sample).

@@ -139,7 +139,8 @@ pub struct RunConfig {
     pub cutoff_score: Score,
     /// Percentile above which samples are cut (0–100); auto (as many as the MC-mean
     /// prediction disagrees with); joint (as many as the confident joint of the MC-mean
-    /// probabilities estimates are wrong).
+    /// probabilities estimates are wrong); mixture (as many as a two-component mixture of the
+    /// per-sample loss puts in its high-loss component).
     #[arg(long, default_value_t = d().cutoff_percentile)]
     pub cutoff_percentile: Percentile,
     /// global (one ranking of all samples) or per_class (the percentile, or the estimated

@@ -17,6 +17,9 @@ use crate::distance::{search, DistanceError, Metric, Search};
 use crate::rng::Rng;
 use crate::train::Head;
 
+mod mixture;
+pub use mixture::{mixture_noise_counts, TwoGaussians};
+
 /// How uncertain / suspicious a training sample is (higher = more likely noisy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
 #[value(rename_all = "snake_case")]
@@ -429,6 +432,9 @@ pub enum Percentile {
     /// estimates (Northcutt et al.: per-class thresholds at the mean self-confidence, the
     /// joint calibrated to the label counts; its off-diagonal mass is the noise).
     Joint,
+    /// Cut the number of noisy labels a two-component mixture of the per-sample loss
+    /// `−ln p(given label)` estimates ([`mixture_noise_counts`]).
+    Mixture,
 }
 
 impl FromStr for Percentile {
@@ -437,12 +443,13 @@ impl FromStr for Percentile {
         match s {
             "auto" => return Ok(Percentile::Auto),
             "joint" => return Ok(Percentile::Joint),
+            "mixture" => return Ok(Percentile::Mixture),
             _ => {}
         }
         match s.parse::<f64>() {
             Ok(p) if (0.0..=100.0).contains(&p) => Ok(Percentile::Fixed(p)),
             _ => Err(format!(
-                "invalid cut-off percentile {s:?}; expected a number in [0, 100], auto or joint"
+                "invalid cut-off percentile {s:?}; expected a number in [0, 100], auto, joint or mixture"
             )),
         }
     }
@@ -460,17 +467,19 @@ impl fmt::Display for Percentile {
         match self {
             Percentile::Auto => f.write_str("auto"),
             Percentile::Joint => f.write_str("joint"),
+            Percentile::Mixture => f.write_str("mixture"),
             Percentile::Fixed(p) => write!(f, "{p}"),
         }
     }
 }
 
-/// A number (`90`, `97.5`), `"auto"` or `"joint"`, in TOML and JSON alike.
+/// A number (`90`, `97.5`), `"auto"`, `"joint"` or `"mixture"`, in TOML and JSON alike.
 impl Serialize for Percentile {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         match self {
             Percentile::Auto => s.serialize_str("auto"),
             Percentile::Joint => s.serialize_str("joint"),
+            Percentile::Mixture => s.serialize_str("mixture"),
             Percentile::Fixed(p) => s.serialize_f64(*p),
         }
     }
@@ -527,15 +536,15 @@ pub enum Amount {
 
 impl Amount {
     /// The amount a percentile choice asks for: `Fixed(q)` the share 1 − q/100; `auto` the
-    /// samples of each class whose MC-mean prediction differs from the label; `joint` the
-    /// confident joint's estimate, which the caller gives (`joint`, per class).
+    /// samples of each class whose MC-mean prediction differs from the label; `joint` and
+    /// `mixture` the estimate the caller gives (`estimate`, per class).
     pub fn of(
         percentile: Percentile,
         labels: &[u32],
         predicted: &[u32],
         eligible: &[bool],
         classes: usize,
-        joint: Option<&[f64]>,
+        estimate: Option<&[f64]>,
     ) -> Amount {
         match percentile {
             Percentile::Fixed(q) => Amount::Share(1.0 - q / 100.0),
@@ -548,8 +557,8 @@ impl Amount {
                 }
                 Amount::PerClass(counts)
             }
-            Percentile::Joint => {
-                Amount::PerClass(joint.map_or_else(|| vec![0.0; classes], <[f64]>::to_vec))
+            Percentile::Joint | Percentile::Mixture => {
+                Amount::PerClass(estimate.map_or_else(|| vec![0.0; classes], <[f64]>::to_vec))
             }
         }
     }

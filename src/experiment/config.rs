@@ -186,7 +186,7 @@ impl CutoffMore {
     }
 }
 
-/// The text of a percentile setting (`90`, `auto`, `joint`).
+/// The text of a percentile setting (`90`, `auto`, `joint`, `mixture`).
 pub fn percentile_name(p: Percentile) -> String {
     p.to_string()
 }
