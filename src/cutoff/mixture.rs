@@ -212,16 +212,14 @@ mod tests {
         // Class 0 sure of its label; two class-1 rows that the model thinks are class 0; the
         // last class-1 row is trusted (not eligible).
         let mut probs = Vec::new();
-        let mut labels = Vec::new();
         for i in 0..12 {
             let p = 0.97 + 0.002 * i as f32;
             probs.extend([p, 1.0 - p]);
-            labels.push(0u32);
         }
         for _ in 0..3 {
             probs.extend([0.99f32, 0.01]);
-            labels.push(1u32);
         }
+        let labels: Vec<u32> = (0..15).map(|i| u32::from(i >= 12)).collect();
         let mut eligible = vec![true; labels.len()];
         eligible[14] = false;
         let counts = mixture_noise_counts(&probs, &labels, 2, &eligible);
