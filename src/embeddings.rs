@@ -142,7 +142,7 @@ impl EmbeddingSet {
 /// Serialises tensors (in the given order) and metadata (sorted by key) as safetensors, so
 /// equal contents give equal bytes (the `safetensors` crate takes metadata as a `HashMap`,
 /// whose order varies between runs).
-fn serialize_safetensors(
+pub(crate) fn serialize_safetensors(
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<&str, String>,
 ) -> std::result::Result<Vec<u8>, String> {
