@@ -3,13 +3,13 @@
 #   * `bccp closest` over the whole candidate file,
 #   * the same search cut into N shards (`closest --candidates-shard J/N`), one after another,
 #   * the same N shards two at a time (`xargs -P 2`),
-#   * `bccp merge-topk` of the N parts,
+#   * `bccp merge-topk` of the N parts, and of 8 parts of MERGE_QUERIES queries (merge rate),
 # on a random candidate file (default 1M x 512 f32, 2.0 GB) and a random query file. Checks that
 # the merged result is byte-identical to the single-process one. Prints a Markdown table.
 #
 # Usage: scripts/bench-shard.sh   (env: BENCH_DIR work folder, default /tmp/bccp-bench-shard;
 #        ROWS candidates, default 1000000; QUERIES default 4000; DIM default 512; SHARDS N,
-#        default 4; K default 10; METRIC default l2)
+#        default 4; K default 10; METRIC default l2; MERGE_QUERIES default 200000)
 # Needs: GNU time (/usr/bin/time -v). The files are made once and kept in BENCH_DIR.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -66,6 +66,19 @@ cmp "$work/out-single.safetensors" "$work/out-merged.safetensors" \
 cmp "$work/out-single.safetensors" "$work/out-merged-par.safetensors" \
   || { echo "bench-shard: the merged (parallel) result differs from the single-process one" >&2; exit 1; }
 
+# Merge throughput at a realistic number of queries: MERGE_QUERIES queries (16-d, cheap to
+# search) against 4000 candidates in 8 shards, then merge-topk of the 8 parts.
+mq=${MERGE_QUERIES:-200000}
+mqry=$work/merge-queries-$mq.safetensors
+mcand=$work/merge-candidates.safetensors
+[ -f "$mqry" ] || "$gen" "$mq" 16 3 "$mqry" >/dev/null
+[ -f "$mcand" ] || "$gen" 4000 16 4 "$mcand" >/dev/null
+for ((j = 0; j < 8; j++)); do
+  "$bccp" --quiet closest --queries "$mqry" --candidates "$mcand" --metric "$metric" --k "$k" --device cpu \
+    --candidates-shard "$j/8" --out "$work/out-m-$j.safetensors" >/dev/null
+done
+measure merge8 "$bccp" --quiet merge-topk --out "$work/out-m.safetensors" "$work"/out-m-?.safetensors
+
 max_of() { local m=0 v; for f in "$@"; do v=$(rss_gb "$f"); m=$(echo "if ($v > $m) $v else $m" | bc); done; printf "%.2f" "$m"; }
 mean_wall() { local s=0; for f in "$@"; do s=$(echo "$s + $(wall "$f")" | bc); done; printf "%.1f" "$(echo "$s / $#" | bc -l)"; }
 size=$(awk -v b="$(stat -c %s "$cand")" 'BEGIN {printf "%.2f", b/1073741824}')
@@ -79,6 +92,7 @@ printf "| single process | %s | %s | %s | %.2e |\n" "$single_s" "$(rss_gb "$work
 printf "| %s shards one after another (each %s s) | %.1f | %s | %s | %.2e |\n" "$shards" "$(mean_wall "$work"/seq-*.time)" "$seq_wall" "$(max_of "$work"/seq-*.time)" "$(cpu "$work/seq-0.time")" "$(echo "$rows * $queries / $seq_wall" | bc -l)"
 printf "| %s shards, 2 at a time | %.1f | %s | %s | %.2e |\n" "$shards" "$par_wall" "$(max_of "$work"/par-*.time)" "$(cpu "$work/par-0.time")" "$(echo "$rows * $queries / $par_wall" | bc -l)"
 printf "| merge-topk of %s parts | %s | %s | %s | |\n" "$shards" "$(wall "$work/merge.time")" "$(rss_gb "$work/merge.time")" "$(cpu "$work/merge.time")"
+printf "| merge-topk of 8 parts of %s queries x k = %s | %s | %s | %s | %.2e entries/s |\n" "$mq" "$k" "$(wall "$work/merge8.time")" "$(rss_gb "$work/merge8.time")" "$(cpu "$work/merge8.time")" "$(echo "8 * $mq * $k / $(wall "$work/merge8.time")" | bc -l)"
 echo
 printf "single process: %.0f GFLOP/s (2·Q·N·D / wall time); merged result byte-identical to the single-process one\n" \
   "$(echo "$flop / $single_s / 1000000000" | bc -l)"
