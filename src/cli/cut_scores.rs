@@ -30,7 +30,7 @@ pub struct CutScoresArgs {
     scope: Scope,
 }
 
-fn read_1d(path: &PathBuf, flag: &str) -> Result<Vec<f64>> {
+fn read_1d(path: &std::path::Path, flag: &str) -> Result<Vec<f64>> {
     let a = bccp::npy::read(path)?;
     anyhow::ensure!(
         a.shape.len() == 1,

@@ -47,13 +47,13 @@ pub enum ShardError {
         first: String,
         first_count: usize,
     },
-    #[error("{file} has {what} {found}, but {first} has {expected}: {why}")]
+    #[error("{file} has {what} {}, but {first} has {}: {why}", values[0], values[1])]
     Mismatch {
         file: String,
         first: String,
         what: &'static str,
-        found: String,
-        expected: String,
+        /// (this part's value, the first part's value), boxed to keep the error small.
+        values: Box<[String; 2]>,
         why: &'static str,
     },
     #[error("{a} and {b} are both shard {shard}: each shard must be given once")]

@@ -73,9 +73,14 @@ mod tests {
         let labels: Vec<u32> = (0..23).map(|i| i % 3).collect();
         for scope in [Scope::Global, Scope::PerClass] {
             for q in [50.0, 90.0, 100.0] {
-                let whole = cut_shards(&[scores.clone()], Some(&[labels.clone()]), q, scope)
-                    .unwrap()
-                    .remove(0);
+                let whole = cut_shards(
+                    std::slice::from_ref(&scores),
+                    Some(std::slice::from_ref(&labels)),
+                    q,
+                    scope,
+                )
+                .unwrap()
+                .remove(0);
                 let cuts = [0usize, 4, 11, 23];
                 let parts: Vec<Vec<f32>> = cuts
                     .windows(2)
@@ -91,7 +96,7 @@ mod tests {
         }
         // 90th percentile of 23 scores: ⌊2.3⌉ = 2 cut among the highest (4.0 at 2, 7, 12, …;
         // ties to the lower index).
-        let m = cut_shards(&[scores.clone()], None, 90.0, Scope::Global).unwrap();
+        let m = cut_shards(std::slice::from_ref(&scores), None, 90.0, Scope::Global).unwrap();
         let cut: Vec<usize> = (0..23).filter(|&i| m[0][i]).collect();
         assert_eq!(cut, vec![2, 7]);
         assert!(cut_shards(&[scores], None, 90.0, Scope::PerClass).is_err());

@@ -313,8 +313,7 @@ fn check_context(
                 file: file.into(),
                 first: first.into(),
                 what,
-                found,
-                expected,
+                values: Box::new([found, expected]),
                 why,
             });
         }
