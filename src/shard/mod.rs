@@ -34,6 +34,9 @@ use crate::distance::DistanceError;
 pub enum ShardError {
     #[error("invalid shard {0}")]
     BadSpec(String),
+    /// Invalid arguments of a per-shard computation (a percentile, missing labels).
+    #[error("{0}")]
+    Input(String),
     #[error("nothing to merge: give at least one partial result")]
     NoParts,
     #[error(

@@ -16,7 +16,7 @@ pub fn cut_shards(
     scope: Scope,
 ) -> Result<Vec<Vec<bool>>, ShardError> {
     if !(0.0..=100.0).contains(&percentile) {
-        return Err(ShardError::BadSpec(format!(
+        return Err(ShardError::Input(format!(
             "percentile {percentile}: expected a number in [0, 100]"
         )));
     }
@@ -44,7 +44,7 @@ pub fn cut_shards(
             l.iter().flatten().copied().collect()
         }
         None if scope == Scope::PerClass => {
-            return Err(ShardError::BadSpec(
+            return Err(ShardError::Input(
                 "a per-class cut needs the labels of every shard".into(),
             ))
         }
@@ -99,6 +99,12 @@ mod tests {
         let m = cut_shards(std::slice::from_ref(&scores), None, 90.0, Scope::Global).unwrap();
         let cut: Vec<usize> = (0..23).filter(|&i| m[0][i]).collect();
         assert_eq!(cut, vec![2, 7]);
-        assert!(cut_shards(&[scores], None, 90.0, Scope::PerClass).is_err());
+        let e = cut_shards(&[scores], None, 90.0, Scope::PerClass).unwrap_err();
+        assert!(e.to_string().contains("needs the labels"), "{e}");
+        let e = cut_shards(&[vec![1.0]], None, 101.0, Scope::Global).unwrap_err();
+        assert!(
+            e.to_string().contains("expected a number in [0, 100]"),
+            "{e}"
+        );
     }
 }
