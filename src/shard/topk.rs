@@ -185,6 +185,11 @@ pub fn merge_topk(parts: &[(&str, &PartialTopK)]) -> Result<PartialTopK, ShardEr
     let c0 = &head.context;
     let mut owner: Vec<Option<&str>> = vec![None; count];
     for &(file, part) in parts {
+        // The fields are public: a hand-made spec may be out of range.
+        ShardSpec::new(part.shard.index, part.shard.count).map_err(|e| ShardError::BadPart {
+            file: file.into(),
+            message: e.to_string(),
+        })?;
         if part.shard.count != count {
             return Err(ShardError::CountMismatch {
                 file: file.into(),
@@ -445,6 +450,10 @@ mod tests {
                 "{e}"
             );
         }
+        let mut bad_spec = p[1].clone();
+        bad_spec.shard = ShardSpec { index: 3, count: 3 };
+        let e = err(&[("a", &p[0]), ("b", &bad_spec), ("c", &p[2])]);
+        assert!(e.starts_with("b: invalid shard 3/3"), "{e}");
         let mut outside = p[1].clone();
         outside.indices[0] = 0;
         let e = err(&[("a", &p[0]), ("b", &outside), ("c", &p[2])]);
