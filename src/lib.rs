@@ -27,6 +27,7 @@ pub mod rng;
 pub mod runtime;
 pub mod sampling;
 pub mod serve;
+pub mod shard;
 pub mod store;
 pub mod train;
 

@@ -3,6 +3,7 @@
 
 pub mod classify;
 pub mod closest;
+pub mod cut_scores;
 pub mod embed;
 pub mod experiment;
 pub mod generate;
@@ -10,6 +11,7 @@ pub mod import;
 pub mod info;
 pub mod ingest;
 pub mod label_issues;
+pub mod merge_topk;
 pub mod models;
 pub mod predict;
 pub mod prepare;
