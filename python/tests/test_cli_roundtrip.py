@@ -90,10 +90,15 @@ def test_trained_run_predicts_as_bccp_predict(fmnist_subset, weights, tmp_path):
         path, name, p = line.split("\t")
         assert name == cls == run.classes[target]
         assert p == f"{probs[target]:.3f}"
-    with pytest.raises(bccp.BccpInputError, match="no registered run named nope in"):
-        bccp.TrainedRun.load("nope", runs)
-    with pytest.raises(bccp.BccpInputError, match=r'invalid run "m@@x": expected NAME, NAME:VERSION or NAME@ALIAS'):
-        bccp.TrainedRun.load("m@@x", runs)
+    # The same refusals as the command line, word for word.
+    for spec in ["nope", "m@@x", "m:7"]:
+        with pytest.raises(bccp.BccpInputError) as err:
+            bccp.TrainedRun.load(spec, runs)
+        printed = cli("predict", "--model", spec, "--runs-dir", runs, images[0], ok=False)
+        assert printed.returncode != 0 and str(err.value) in printed.stderr, (err.value, printed.stderr)
+    assert "no registered run named nope in" in str(
+        pytest.raises(bccp.BccpInputError, bccp.TrainedRun.load, "nope", runs).value
+    )
 
 
 def test_embed_errors_carry_the_library_messages(tmp_path, weights):
