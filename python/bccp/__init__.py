@@ -6,7 +6,12 @@
 - :func:`cutoff_scores` — the Bayesian MC-dropout cut-off of ``bccp train --method bccp``;
 - :func:`find_label_issues` — cleanlab's ``filter.find_label_issues``, same signature and masks;
 - :class:`TrainedRun` — a registered run loaded for prediction;
-- :func:`load_embeddings` — an embedding file written by ``bccp embed``.
+- :func:`load_embeddings` — an embedding file written by ``bccp embed``; :func:`image_list` —
+  the images of a folder or manifest in ``bccp embed``'s order;
+- :func:`shard_range`, :func:`search_shard`, :func:`merge_topk` — the sharded exact search
+  (parts with global ids, merged by distance then id); :func:`replay_pairs` — closest-pair
+  replay from merged neighbours (``bccp sample --sampling-mode buffer``);
+- :mod:`bccp.ray` — the whole pipeline on a Ray cluster.
 
 Arrays go in as numpy arrays (borrowed without a copy when they already are C-contiguous of
 the right dtype) and results come back as numpy arrays. Every failure raises a
@@ -30,7 +35,13 @@ from ._bccp import (  # noqa: F401  (re-exported)
     BccpRuntimeError,
     Embedder,
     __version__,
+    buffer_neighbours,
+    image_list,
     load_embeddings,
+    merge_topk,
+    replay_pairs,
+    search_shard,
+    shard_range,
 )
 
 __all__ = [
@@ -39,11 +50,17 @@ __all__ = [
     "BccpRuntimeError",
     "Embedder",
     "TrainedRun",
+    "buffer_neighbours",
     "closest",
     "cutoff_scores",
     "embed",
     "find_label_issues",
+    "image_list",
     "load_embeddings",
+    "merge_topk",
+    "replay_pairs",
+    "search_shard",
+    "shard_range",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]

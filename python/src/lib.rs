@@ -28,6 +28,7 @@ fn _bccp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::load_embeddings, m)?)?;
     m.add_function(wrap_pyfunction!(files::image_list, m)?)?;
     m.add_function(wrap_pyfunction!(sampling::replay_pairs, m)?)?;
+    m.add_function(wrap_pyfunction!(sampling::buffer_neighbours, m)?)?;
     m.add_function(wrap_pyfunction!(shard::shard_range, m)?)?;
     m.add_function(wrap_pyfunction!(shard::search_shard, m)?)?;
     m.add_function(wrap_pyfunction!(shard::merge_topk, m)?)?;

@@ -2,7 +2,9 @@
 //! elsewhere, e.g. a sharded search merged with `merge_topk` (`bccp::sampling`).
 
 use bccp::distance::Neighbors;
-use bccp::sampling::{budget, pairs_from_neighbors, SamplingError};
+use bccp::sampling::{
+    budget, buffer_neighbours as neighbours, pairs_from_neighbors, SamplingError,
+};
 use numpy::{PyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
@@ -62,4 +64,11 @@ pub fn replay_pairs<'py>(
         to_vector(py, partner),
         to_vector(py, value),
     ))
+}
+
+/// How many nearest other-class neighbours of each image `replay_pairs` pairs from, for a
+/// buffer of `n` images (the `k` of the search that feeds it, as `bccp sample` uses).
+#[pyfunction]
+pub fn buffer_neighbours(n: usize) -> usize {
+    neighbours(n)
 }
