@@ -38,6 +38,8 @@ enum Command {
     Models,
     /// The k closest candidates of every query embedding (L1, L2 or cosine).
     Closest(cli::closest::ClosestArgs),
+    /// Merge the partial results of `closest --candidates-shard` (any order) into one.
+    MergeTopk(cli::merge_topk::MergeTopkArgs),
     /// Choose images to replay from the reuse buffer (none, random, closest pairs).
     Sample(cli::sample::SampleArgs),
     /// The full run: embed, replay, Bayesian cut-off, train, evaluate, register.
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         Command::Classify(args) => cli::classify::run(args),
         Command::Models => cli::models::run(),
         Command::Closest(args) => cli::closest::run(args),
+        Command::MergeTopk(args) => cli::merge_topk::run(args),
         Command::Sample(args) => cli::sample::run(args),
         Command::Train(args) => cli::train::run(args, quiet),
         Command::Predict(args) => cli::predict::run(args),

@@ -405,6 +405,8 @@ fn write_set(path: &Path, rows: &[[f32; 2]]) {
         classes: (0..n).map(|c| format!("c{c}")).collect(),
         model: "test".into(),
         weights_sha256: String::new(),
+        list_sha256: String::new(),
+        shard: None,
     }
     .save(path)
     .unwrap();

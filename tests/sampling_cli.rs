@@ -24,6 +24,8 @@ fn write_set(path: &Path, n: usize, dim: usize, classes: i64, seed: u64) -> (Vec
         classes: (0..classes).map(|c| format!("c{c}")).collect(),
         model: "test".into(),
         weights_sha256: String::new(),
+        list_sha256: String::new(),
+        shard: None,
     };
     set.save(path).unwrap();
     (values, targets)

@@ -156,6 +156,8 @@ pub struct EmbedStats {
     /// Corrupt records of the cache file (failed checksum, non-finite values) that were
     /// discarded; their images, when needed, were computed again.
     pub discarded: usize,
+    /// Each returned row's position in the image list (all of them unless some were skipped).
+    pub kept: Vec<usize>,
 }
 
 impl EmbedStats {
@@ -304,6 +306,9 @@ fn embed_images(
         classes: list.classes.clone(),
         model: model.to_owned(),
         weights_sha256: weights_sha256.to_owned(),
+        list_sha256: list.fingerprint(),
+        shard: None,
     };
+    stats.kept = kept;
     Ok((set, stats))
 }

@@ -10,6 +10,7 @@ pub mod import;
 pub mod info;
 pub mod ingest;
 pub mod label_issues;
+pub mod merge_topk;
 pub mod models;
 pub mod predict;
 pub mod prepare;

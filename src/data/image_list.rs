@@ -92,4 +92,29 @@ impl ImageList {
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
     }
+
+    /// SHA-256 (hex) of the list as recorded: every image's recorded path, target and manifest
+    /// id, in order. Shards of one list share it; embedding files carry it so that parts of
+    /// different lists are never merged.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for (i, (path, target)) in self.recorded_paths.iter().zip(&self.targets).enumerate() {
+            let id = self.ids.as_ref().and_then(|ids| ids.get(i)).copied();
+            h.update(format!("{path}\0{target}\0{id:?}\n").as_bytes());
+        }
+        format!("{:x}", h.finalize())
+    }
+
+    /// The images `range` of the list (for one shard), with the same classes.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        Self {
+            files: self.files[range.clone()].to_vec(),
+            recorded_paths: self.recorded_paths[range.clone()].to_vec(),
+            targets: self.targets[range.clone()].to_vec(),
+            ids: self.ids.as_ref().map(|ids| ids[range].to_vec()),
+            classes: self.classes.clone(),
+            skipped: self.skipped.clone(),
+        }
+    }
 }

@@ -42,11 +42,14 @@ impl Problem<'_> {
 /// Rows scaled to unit L2 norm (the caller rejects zero rows).
 pub fn normalise_rows(m: &[f32], dim: usize) -> Vec<f32> {
     let mut out = m.to_vec();
-    out.par_chunks_mut(dim).for_each(|row| {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-        row.iter_mut().for_each(|v| *v /= norm);
-    });
+    out.par_chunks_mut(dim).for_each(normalise_row);
     out
+}
+
+/// One row scaled to unit L2 norm, in place (the same bits whichever way rows are grouped).
+fn normalise_row(row: &mut [f32]) {
+    let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+    row.iter_mut().for_each(|v| *v /= norm);
 }
 
 fn sq_norms(m: &[f32], dim: usize) -> Vec<f32> {
@@ -103,10 +106,11 @@ pub fn search(p: &Problem) -> (Vec<f32>, Vec<i64>) {
     (keys, idx)
 }
 
-/// Per-search data derived once: normalised rows for cosine, squared norms for L2.
+/// Per-search data derived once: normalised query rows for cosine, squared candidate norms for
+/// L2. Candidate rows are never copied as a whole (a memory-mapped matrix stays in the file):
+/// cosine normalises each candidate tile into a scratch buffer as it goes.
 struct Prepared {
     queries: Option<Vec<f32>>,
-    candidates: Option<Vec<f32>>,
     cand_sq_norms: Vec<f32>,
 }
 
@@ -115,17 +119,14 @@ impl Prepared {
         match p.metric {
             Metric::Cosine => Self {
                 queries: Some(normalise_rows(p.queries, p.dim)),
-                candidates: Some(normalise_rows(p.candidates, p.dim)),
                 cand_sq_norms: Vec::new(),
             },
             Metric::L2 => Self {
                 queries: None,
-                candidates: None,
                 cand_sq_norms: sq_norms(p.candidates, p.dim),
             },
             Metric::L1 => Self {
                 queries: None,
-                candidates: None,
                 cand_sq_norms: Vec::new(),
             },
         }
@@ -184,21 +185,31 @@ impl Prepared {
                 }
             }
             Metric::L2 | Metric::Cosine => {
-                let (qs, cs) = match p.metric {
-                    Metric::Cosine => (
-                        self.queries.as_deref().unwrap_or(p.queries),
-                        self.candidates.as_deref().unwrap_or(p.candidates),
-                    ),
-                    _ => (p.queries, p.candidates),
+                let qs = match p.metric {
+                    Metric::Cosine => self.queries.as_deref().unwrap_or(p.queries),
+                    _ => p.queries,
                 };
                 let d = p.dim;
                 let mut scratch = vec![0f32; rows * CANDIDATE_BLOCK];
+                let mut unit = match p.metric {
+                    Metric::Cosine => vec![0f32; CANDIDATE_BLOCK * d],
+                    _ => Vec::new(),
+                };
                 for b0 in (w.c0..w.c1).step_by(CANDIDATE_BLOCK) {
                     let b1 = (b0 + CANDIDATE_BLOCK).min(w.c1);
                     let cols = b1 - b0;
+                    let tile = &p.candidates[b0 * d..b1 * d];
+                    let tile = if p.metric == Metric::Cosine {
+                        let unit = &mut unit[..cols * d];
+                        unit.copy_from_slice(tile);
+                        unit.chunks_mut(d).for_each(normalise_row);
+                        &*unit
+                    } else {
+                        tile
+                    };
                     gemm_tile(
                         &qs[w.q0 * d..w.q1 * d],
-                        &cs[b0 * d..b1 * d],
+                        tile,
                         d,
                         &mut scratch[..rows * cols],
                     );

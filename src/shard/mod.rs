@@ -17,7 +17,7 @@ mod spec;
 mod topk;
 
 pub use spec::ShardSpec;
-pub use topk::{merge_topk, search_shard, PartialTopK, TopKContext};
+pub use topk::{merge_topk, search_shard, search_shard_tensors, PartialTopK, TopKContext};
 
 use std::path::PathBuf;
 

@@ -3,7 +3,9 @@
 use rayon::prelude::*;
 
 use super::{ShardError, ShardSpec};
-use crate::distance::{search_host, DistanceError, Metric, Neighbors, Search, MAX_K};
+use candle_core::Tensor;
+
+use crate::distance::{search, search_host, DistanceError, Metric, Neighbors, Search, MAX_K};
 
 /// What every part of one sharded search shares; parts whose contexts differ cannot be merged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +78,76 @@ pub fn search_shard(
         });
     }
     let (nq, nc) = (queries.len() / dim, candidates.len() / dim);
+    check_rows(rows, nc)?;
+    check_k(s.k)?;
+    let k = s.k;
+    let mut out = Neighbors {
+        k,
+        indices: vec![-1; nq * k],
+        values: vec![s.metric.empty_value(); nq * k],
+    };
+    if nc == 0 {
+        return Ok(out);
+    }
+    let part = search_host(queries, candidates, dim, &Search { k: k.min(nc), ..*s })?;
+    fill_global(&mut out, &part, rows);
+    Ok(out)
+}
+
+/// [`search_shard`] on tensors, through [`crate::distance::search`] (the CUDA kernels for CUDA
+/// tensors): for devices, which hold the part's matrix whole.
+pub fn search_shard_tensors(
+    queries: &Tensor,
+    candidates: &Tensor,
+    s: &Search,
+    rows: &[i64],
+) -> Result<Neighbors, DistanceError> {
+    let shape = |t: &Tensor, what| {
+        t.dims2().map_err(|_| DistanceError::BadShape {
+            what,
+            found: format!("{:?}", t.dims()),
+        })
+    };
+    let (nq, _) = shape(queries, "queries")?;
+    let (nc, _) = shape(candidates, "candidates")?;
+    check_rows(rows, nc)?;
+    check_k(s.k)?;
+    let mut out = Neighbors {
+        k: s.k,
+        indices: vec![-1; nq * s.k],
+        values: vec![s.metric.empty_value(); nq * s.k],
+    };
+    if nc == 0 {
+        return Ok(out);
+    }
+    let part = search(
+        queries,
+        candidates,
+        &Search {
+            k: s.k.min(nc),
+            ..*s
+        },
+    )?;
+    fill_global(&mut out, &part, rows);
+    Ok(out)
+}
+
+/// Copies a part's result (k' ≤ k slots per query, local indices) into `out` (k slots) with
+/// global ids.
+fn fill_global(out: &mut Neighbors, part: &Neighbors, rows: &[i64]) {
+    let (k, kk) = (out.k, part.k);
+    for q in 0..part.len() {
+        for j in 0..kk {
+            let i = part.indices[q * kk + j];
+            if i >= 0 {
+                out.indices[q * k + j] = rows[i as usize];
+                out.values[q * k + j] = part.values[q * kk + j];
+            }
+        }
+    }
+}
+
+fn check_rows(rows: &[i64], nc: usize) -> Result<(), DistanceError> {
     if rows.len() != nc {
         return Err(DistanceError::BadShape {
             what: "candidate ids",
@@ -88,33 +160,17 @@ pub fn search_shard(
             found: "ids that are not increasing and non-negative".into(),
         });
     }
-    if s.k == 0 {
+    Ok(())
+}
+
+fn check_k(k: usize) -> Result<(), DistanceError> {
+    if k == 0 {
         return Err(DistanceError::KZero);
     }
-    if s.k > MAX_K {
-        return Err(DistanceError::KOverLimit { k: s.k });
+    if k > MAX_K {
+        return Err(DistanceError::KOverLimit { k });
     }
-    let k = s.k;
-    let mut out = Neighbors {
-        k,
-        indices: vec![-1; nq * k],
-        values: vec![s.metric.empty_value(); nq * k],
-    };
-    if nc == 0 {
-        return Ok(out);
-    }
-    let kk = k.min(nc);
-    let part = search_host(queries, candidates, dim, &Search { k: kk, ..*s })?;
-    for q in 0..nq {
-        for j in 0..kk {
-            let i = part.indices[q * kk + j];
-            if i >= 0 {
-                out.indices[q * k + j] = rows[i as usize];
-                out.values[q * k + j] = part.values[q * kk + j];
-            }
-        }
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// Checks that `parts` (name, part) are the complete set of shards of one search, then merges

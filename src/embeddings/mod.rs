@@ -1,7 +1,14 @@
 //! The embedding file: a safetensors file holding `embeddings` (f32 [N, D]) and `targets`
 //! (i64 [N]) (plus `ids` when the images came from a manifest), with the model, weights hash,
-//! classes and image paths (in order) in its metadata. `bccp embed` writes it; `closest` and
-//! `sample` read it without any backbone.
+//! classes, image paths (in order) and the fingerprint of the image list (`list_sha256`) in its
+//! metadata. A shard (`bccp embed --shard I/N`) also holds `rows` (i64 [N], each row's id in
+//! the full image list) and the metadata `shard` (`I/N`) and `total_rows`. `bccp embed` writes
+//! it; `closest` and `sample` read it without any backbone, `closest` through a memory mapping
+//! ([`EmbeddingFile`]).
+
+mod mapped;
+
+pub use mapped::EmbeddingFile;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +31,7 @@ pub enum EmbeddingFileError {
 
 type Result<T> = std::result::Result<T, EmbeddingFileError>;
 
-fn format_error(path: &Path, message: impl ToString) -> EmbeddingFileError {
+pub(crate) fn format_error(path: &Path, message: impl ToString) -> EmbeddingFileError {
     EmbeddingFileError::Format {
         path: path.to_path_buf(),
         message: message.to_string(),
@@ -42,6 +49,20 @@ pub struct EmbeddingSet {
     pub classes: Vec<String>,
     pub model: String,
     pub weights_sha256: String,
+    /// [`crate::data::ImageList::fingerprint`] of the full image list ("" when unknown).
+    pub list_sha256: String,
+    /// Set when the file holds one shard of the list.
+    pub shard: Option<ShardRows>,
+}
+
+/// Which part of an image list an embedding set holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRows {
+    pub spec: crate::shard::ShardSpec,
+    /// Each row's id (position) in the full image list, increasing.
+    pub rows: Vec<i64>,
+    /// Images in the full list.
+    pub total: usize,
 }
 
 impl EmbeddingSet {
@@ -57,7 +78,7 @@ impl EmbeddingSet {
         if let Some(ids) = &self.ids {
             tensors.push(("ids".to_owned(), Tensor::new(ids.as_slice(), &Device::Cpu)?));
         }
-        let metadata: BTreeMap<&str, String> = [
+        let mut metadata: BTreeMap<&str, String> = [
             ("model", self.model.clone()),
             ("weights_sha256", self.weights_sha256.clone()),
             ("paths", json_list(&self.paths)),
@@ -65,6 +86,17 @@ impl EmbeddingSet {
         ]
         .into_iter()
         .collect();
+        if !self.list_sha256.is_empty() {
+            metadata.insert("list_sha256", self.list_sha256.clone());
+        }
+        if let Some(shard) = &self.shard {
+            tensors.push((
+                "rows".to_owned(),
+                Tensor::new(shard.rows.as_slice(), &Device::Cpu)?,
+            ));
+            metadata.insert("shard", shard.spec.to_string());
+            metadata.insert("total_rows", shard.total.to_string());
+        }
         let bytes =
             serialize_safetensors(&tensors, &metadata).map_err(|e| format_error(path, e))?;
         crate::fsutil::write_atomic(path, &bytes).map_err(|error| EmbeddingFileError::Io {
@@ -74,67 +106,42 @@ impl EmbeddingSet {
     }
 
     /// Reads an embedding file written by [`EmbeddingSet::save`] (or any safetensors file with
-    /// `embeddings` f32 [N, D] and `targets` i64 [N]).
+    /// `embeddings` f32 [N, D] and `targets` i64 [N]) into memory.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|error| EmbeddingFileError::Io {
-            path: path.to_path_buf(),
-            error,
-        })?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| format_error(path, format!("not a safetensors file ({e})")))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| format_error(path, format!("cannot read its tensors ({e})")))?;
-        let get = |name: &str| {
-            tensors
-                .get(name)
-                .cloned()
-                .ok_or_else(|| format_error(path, format!("no `{name}` tensor")))
-        };
-        let embeddings = get("embeddings")?;
-        let (n, _) = embeddings.dims2().map_err(|_| {
-            format_error(
-                path,
-                format!("`embeddings` must be [N, D], found {:?}", embeddings.dims()),
-            )
-        })?;
-        if embeddings.dtype() != DType::F32 {
-            return Err(format_error(
-                path,
-                format!("`embeddings` must be f32, found {:?}", embeddings.dtype()),
-            ));
-        }
-        let targets = get("targets")?;
-        if targets.dims() != [n] || targets.dtype() != DType::I64 {
-            return Err(format_error(
-                path,
-                format!(
-                    "`targets` must be i64 [{n}], found {:?} {:?}",
-                    targets.dtype(),
-                    targets.dims()
-                ),
-            ));
-        }
-        let ids = match tensors.get("ids") {
-            Some(t) => Some(t.to_vec1::<i64>()?),
-            None => None,
-        };
-        let meta = meta.metadata().clone().unwrap_or_default();
+        Self::from_file(&EmbeddingFile::open(path)?)
+    }
+
+    /// The set held by a mapped file (the matrix copied into a tensor).
+    pub fn from_file(file: &EmbeddingFile) -> Result<Self> {
+        let path = file.path();
+        let embeddings =
+            Tensor::from_slice(&file.embeddings(), (file.rows(), file.dim()), &Device::Cpu)?;
         let json_list = |key: &str| -> Result<Vec<String>> {
-            match meta.get(key) {
+            match file.metadata.get(key) {
                 Some(text) => serde_json::from_str(text).map_err(|_| {
                     format_error(path, format!("metadata `{key}` is not a JSON list"))
                 }),
                 None => Ok(Vec::new()),
             }
         };
+        let shard = match (file.shard()?, &file.global_rows) {
+            (Some(spec), Some(rows)) => Some(ShardRows {
+                spec,
+                rows: rows.clone(),
+                total: file.total_rows()?,
+            }),
+            _ => None,
+        };
         Ok(Self {
             embeddings,
-            targets: targets.to_vec1::<i64>()?,
-            ids,
+            targets: file.targets.clone(),
+            ids: file.ids.clone(),
             paths: json_list("paths")?,
             classes: json_list("classes")?,
-            model: meta.get("model").cloned().unwrap_or_default(),
-            weights_sha256: meta.get("weights_sha256").cloned().unwrap_or_default(),
+            model: file.meta("model").to_owned(),
+            weights_sha256: file.meta("weights_sha256").to_owned(),
+            list_sha256: file.meta("list_sha256").to_owned(),
+            shard,
         })
     }
 }
