@@ -9,7 +9,9 @@
 - :func:`load_embeddings` — an embedding file written by ``bccp embed``; :func:`image_list` —
   the images of a folder or manifest in ``bccp embed``'s order;
 - :func:`shard_range`, :func:`search_shard`, :func:`merge_topk` — the sharded exact search
-  (parts with global ids, merged by distance then id); :func:`replay_pairs` — closest-pair
+  (parts with global ids, merged by distance then id), :func:`load_topk` / :func:`save_topk` —
+  parts as the files of ``bccp closest --candidates-shard`` / ``bccp merge-topk``;
+  :func:`replay_pairs` — closest-pair
   replay from merged neighbours (``bccp sample --sampling-mode buffer``);
 - :mod:`bccp.ray` — the whole pipeline on a Ray cluster.
 
@@ -38,8 +40,10 @@ from ._bccp import (  # noqa: F401  (re-exported)
     buffer_neighbours,
     image_list,
     load_embeddings,
+    load_topk,
     merge_topk,
     replay_pairs,
+    save_topk,
     search_shard,
     shard_range,
 )
@@ -57,8 +61,10 @@ __all__ = [
     "find_label_issues",
     "image_list",
     "load_embeddings",
+    "load_topk",
     "merge_topk",
     "replay_pairs",
+    "save_topk",
     "search_shard",
     "shard_range",
 ]

@@ -32,6 +32,8 @@ fn _bccp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(shard::shard_range, m)?)?;
     m.add_function(wrap_pyfunction!(shard::search_shard, m)?)?;
     m.add_function(wrap_pyfunction!(shard::merge_topk, m)?)?;
+    m.add_function(wrap_pyfunction!(shard::load_topk, m)?)?;
+    m.add_function(wrap_pyfunction!(shard::save_topk, m)?)?;
     m.add_class::<run::Run>()?;
     Ok(())
 }

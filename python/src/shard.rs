@@ -2,6 +2,8 @@
 //! partial top-k of one part with global ids ("none" = index -1), and the exact merge by
 //! (value, global id). A part is a dict: `shard` (index, count), `indices`, `values`, `context`.
 
+use std::path::PathBuf;
+
 use bccp::backbone::cache::{hex, sha256};
 use bccp::distance::{Metric, Search};
 use bccp::shard::{
@@ -44,7 +46,9 @@ pub fn shard_range(index: usize, count: usize, n: usize) -> PyResult<(usize, usi
 /// The top-k of every query against shard `shard` = (index, count) of a candidate list of
 /// `candidate_rows` rows; `candidates` holds that shard's rows only (`shard_range`). Returns a
 /// part for `merge_topk`: global candidate ids, a shard with fewer than k eligible rows padded
-/// with index -1 and value +inf (l1, l2) or -inf (cosine).
+/// with index -1 and value +inf (l1, l2) or -inf (cosine). The queries' fingerprint is the
+/// one `bccp closest` records (SHA-256 of the f32 values, then the labels as i64, little
+/// endian), so parts with labels match the CLI's parts of the same queries.
 #[pyfunction]
 #[pyo3(signature = (queries, candidates, metric, k, shard, candidate_rows, query_labels=None, candidate_labels=None, weights_sha256=String::new(), candidates_list_sha256=String::new()))]
 #[allow(clippy::too_many_arguments)]
@@ -106,21 +110,57 @@ pub fn search_shard<'py>(
         let found = search(q, c, dq, &s, &ids).map_err(Failure::input)?;
         Ok((found, hex(&sha256(&bytes))))
     })?;
+    let part = PartialTopK {
+        shard: spec,
+        context: TopKContext {
+            k,
+            metric,
+            other_class: labels.is_some(),
+            queries: nq,
+            queries_sha256,
+            candidate_rows,
+            candidates_list_sha256,
+            weights_sha256,
+        },
+        indices: found.indices,
+        values: found.values,
+    };
+    part_dict(py, part)
+}
+
+/// A library part as a part dict (the arrays own its buffers).
+fn part_dict(py: Python<'_>, p: PartialTopK) -> PyResult<Bound<'_, PyDict>> {
+    let c = p.context;
     let context = PyDict::new(py);
-    context.set_item("k", k)?;
-    context.set_item("metric", metric_name(metric))?;
-    context.set_item("other_class", labels.is_some())?;
-    context.set_item("queries", nq)?;
-    context.set_item("queries_sha256", queries_sha256)?;
-    context.set_item("candidate_rows", candidate_rows)?;
-    context.set_item("candidates_list_sha256", candidates_list_sha256)?;
-    context.set_item("weights_sha256", weights_sha256)?;
+    context.set_item("k", c.k)?;
+    context.set_item("metric", metric_name(c.metric))?;
+    context.set_item("other_class", c.other_class)?;
+    context.set_item("queries", c.queries)?;
+    context.set_item("queries_sha256", c.queries_sha256)?;
+    context.set_item("candidate_rows", c.candidate_rows)?;
+    context.set_item("candidates_list_sha256", c.candidates_list_sha256)?;
+    context.set_item("weights_sha256", c.weights_sha256)?;
     let part = PyDict::new(py);
-    part.set_item("shard", (spec.index, spec.count))?;
-    part.set_item("indices", to_matrix(py, found.indices, nq, k)?)?;
-    part.set_item("values", to_matrix(py, found.values, nq, k)?)?;
+    part.set_item("shard", (p.shard.index, p.shard.count))?;
+    part.set_item("indices", to_matrix(py, p.indices, c.queries, c.k)?)?;
+    part.set_item("values", to_matrix(py, p.values, c.queries, c.k)?)?;
     part.set_item("context", context)?;
     Ok(part)
+}
+
+/// Reads a partial top-k file (`bccp closest --candidates-shard`, `bccp merge-topk`) as a part.
+#[pyfunction]
+pub fn load_topk(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
+    let part = compute(py, move || PartialTopK::load(&path).map_err(failure))?;
+    part_dict(py, part)
+}
+
+/// Writes a part as a partial top-k file that `bccp merge-topk` reads.
+#[pyfunction]
+pub fn save_topk(py: Python<'_>, part: Bound<'_, PyAny>, path: PathBuf) -> PyResult<()> {
+    let name = path.display().to_string();
+    let part = part_of(&part, &name)?;
+    compute(py, move || part.save(&path).map_err(failure))
 }
 
 /// A part dict back as the library's `PartialTopK`.

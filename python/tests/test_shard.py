@@ -74,3 +74,44 @@ def test_bad_merges_name_the_part():
         bccp.shard_range(3, 3, 10)
     with pytest.raises(bccp.BccpInputError, match=r"candidates has 50 rows, but shard 0/3 of 50 rows is rows 0..16"):
         bccp.search_shard(q, c, "l2", 3, (0, 3), 50)
+
+
+def test_parts_interoperate_with_the_cli(tmp_path):
+    """CLI parts (`closest --candidates-shard`) merge in Python, Python parts merge with
+    `bccp merge-topk`, and both equal the unsharded search."""
+    from conftest import cli, read_safetensors
+
+    rng = np.random.default_rng(8)
+    e = np.round(rng.normal(size=(40, 5)), 1).astype(np.float32)
+    t = rng.integers(0, 3, 40)
+    # An embedding file as `bccp embed` writes it (the tensors the CLI reads).
+    f = tmp_path / "e.safetensors"
+    header = {
+        "embeddings": {"dtype": "F32", "shape": [40, 5], "data_offsets": [0, e.nbytes]},
+        "targets": {"dtype": "I64", "shape": [40], "data_offsets": [e.nbytes, e.nbytes + t.nbytes]},
+    }
+    import json
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    f.write_bytes(len(h).to_bytes(8, "little") + h + e.tobytes() + t.astype(np.int64).tobytes())
+    want_i, want_v = bccp.closest(e, e, "l1", 4, t, t)
+    files = []
+    for j in range(3):
+        files.append(tmp_path / f"part{j}.safetensors")
+        cli("closest", "--queries", f, "--candidates", f, "--metric", "l1", "--k", "4",
+            "--other-class", "--candidates-shard", f"{j}/3", "--device", "cpu", "--out", files[-1])
+    got_i, got_v = bccp.merge_topk([bccp.load_topk(p) for p in reversed(files)])
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_v, want_v)
+    # Python parts, saved, merged by the CLI.
+    mine = []
+    for j, part in enumerate(parts_of(e, e, "l1", 4, 3, t, t)):
+        mine.append(tmp_path / f"py{j}.safetensors")
+        bccp.save_topk(part, mine[-1])
+    merged = tmp_path / "merged.safetensors"
+    cli("merge-topk", "--out", merged, *mine)
+    tensors, _ = read_safetensors(merged)
+    np.testing.assert_array_equal(tensors["indices"], want_i)
+    np.testing.assert_array_equal(tensors["values"], want_v)
+    # A Python part has the CLI part's queries fingerprint (same recipe).
+    assert bccp.load_topk(mine[0])["context"]["queries_sha256"] == bccp.load_topk(files[0])["context"]["queries_sha256"]
