@@ -119,3 +119,21 @@ def test_embed_errors_carry_the_library_messages(tmp_path, weights):
     write_bmp(good, np.full((40, 40, 3), 200, np.uint8))
     emb, kept = bccp.embed([bad, good], weights=weights, image_size=32, skip_bad=True)
     assert emb.shape == (1, 1280) and kept.tolist() == [1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("filter_by", ["prune_by_noise_rate", "both", "predicted_neq_given"])
+def test_find_label_issues_equals_bccp_label_issues(tmp_path, dtype, filter_by):
+    rng = np.random.default_rng(11)
+    truth = rng.integers(0, 5, 200)
+    logits = rng.normal(size=(200, 5)) + 2.5 * np.eye(5)[truth]
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(dtype)
+    labels = np.where(rng.random(200) < 0.2, (truth + 1) % 5, truth)
+    np.save(tmp_path / "p.npy", probs)
+    np.save(tmp_path / "l.npy", labels)
+    cli("label-issues", "--pred-probs", tmp_path / "p.npy", "--labels", tmp_path / "l.npy",
+        "--filter-by", filter_by, "--out", tmp_path / "issues.npy")
+    want = np.load(tmp_path / "issues.npy")
+    got = bccp.find_label_issues(labels, probs, filter_by=filter_by)
+    assert want.dtype == got.dtype == np.bool_ and want.any()
+    np.testing.assert_array_equal(got, want)
