@@ -37,9 +37,11 @@ measure() {
   /usr/bin/time -v -o "$work/$name.time" "$@" >/dev/null
 }
 wall() { awk -F': ' '/Elapsed \(wall clock\)/ {n=split($2,t,":"); s=0; for(i=1;i<=n;i++) s=s*60+t[i]; printf "%.1f", s}' "$1"; }
+cpu() { awk -F': ' '/Percent of CPU/ {print $2}' "$1"; }
 rss_gb() { awk -F': ' '/Maximum resident set size/ {printf "%.2f", $2/1048576}' "$1"; }
 now() { date +%s.%N; }
 
+load=$(cut -d' ' -f1-3 /proc/loadavg)
 search=(closest --queries "$qry" --candidates "$cand" --metric "$metric" --k "$k" --device cpu)
 measure single "$bccp" --quiet "${search[@]}" --out "$work/out-single.safetensors"
 
@@ -69,14 +71,14 @@ mean_wall() { local s=0; for f in "$@"; do s=$(echo "$s + $(wall "$f")" | bc); d
 size=$(awk -v b="$(stat -c %s "$cand")" 'BEGIN {printf "%.2f", b/1073741824}')
 flop=$(echo "2 * $rows * $queries * $dim" | bc)
 single_s=$(wall "$work/single.time")
-echo "candidates $rows x $dim ($size GiB), $queries queries, $metric, k = $k, $shards shards, $(nproc) cores"
+echo "candidates $rows x $dim ($size GiB), $queries queries, $metric, k = $k, $shards shards, $(nproc) cores, load average before: $load"
 echo
-echo "| run | wall time (s) | peak RSS per process (GiB) | throughput (query-candidate pairs/s) |"
-echo "|---|---:|---:|---:|"
-printf "| single process | %s | %s | %.2e |\n" "$single_s" "$(rss_gb "$work/single.time")" "$(echo "$rows * $queries / $single_s" | bc -l)"
-printf "| %s shards one after another (each %s s) | %.1f | %s | %.2e |\n" "$shards" "$(mean_wall "$work"/seq-*.time)" "$seq_wall" "$(max_of "$work"/seq-*.time)" "$(echo "$rows * $queries / $seq_wall" | bc -l)"
-printf "| %s shards, 2 at a time | %.1f | %s | %.2e |\n" "$shards" "$par_wall" "$(max_of "$work"/par-*.time)" "$(echo "$rows * $queries / $par_wall" | bc -l)"
-printf "| merge-topk of %s parts | %s | %s | |\n" "$shards" "$(wall "$work/merge.time")" "$(rss_gb "$work/merge.time")"
+echo "| run | wall time (s) | peak RSS per process (GiB) | CPU per process | throughput (query-candidate pairs/s) |"
+echo "|---|---:|---:|---:|---:|"
+printf "| single process | %s | %s | %s | %.2e |\n" "$single_s" "$(rss_gb "$work/single.time")" "$(cpu "$work/single.time")" "$(echo "$rows * $queries / $single_s" | bc -l)"
+printf "| %s shards one after another (each %s s) | %.1f | %s | %s | %.2e |\n" "$shards" "$(mean_wall "$work"/seq-*.time)" "$seq_wall" "$(max_of "$work"/seq-*.time)" "$(cpu "$work/seq-0.time")" "$(echo "$rows * $queries / $seq_wall" | bc -l)"
+printf "| %s shards, 2 at a time | %.1f | %s | %s | %.2e |\n" "$shards" "$par_wall" "$(max_of "$work"/par-*.time)" "$(cpu "$work/par-0.time")" "$(echo "$rows * $queries / $par_wall" | bc -l)"
+printf "| merge-topk of %s parts | %s | %s | %s | |\n" "$shards" "$(wall "$work/merge.time")" "$(rss_gb "$work/merge.time")" "$(cpu "$work/merge.time")"
 echo
 printf "single process: %.0f GFLOP/s (2·Q·N·D / wall time); merged result byte-identical to the single-process one\n" \
   "$(echo "$flop / $single_s / 1000000000" | bc -l)"

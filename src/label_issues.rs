@@ -58,6 +58,49 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> LabelIssuesError +
 
 /// The issue mask of `pred_probs` [n, k] and `labels` [n] read from `.npy` files.
 pub fn mask_from_npy(pred_probs: &Path, labels: &Path, filter_by: FilterBy) -> Result<Vec<bool>> {
+    let (probs, given, k) = read_npy_inputs(pred_probs, labels)?;
+    Ok(find_label_issues(&probs, &given, k, filter_by)?)
+}
+
+/// The issue masks of shards of samples, one (`pred_probs`, `labels`) pair of `.npy` files per
+/// shard, in shard order: the thresholds, the confident joint and the pruning are computed
+/// once over all shards together (the arrays are small: samples × classes), so each shard's
+/// mask is its part of the unsharded mask.
+pub fn masks_from_npy_shards(
+    shards: &[(&Path, &Path)],
+    filter_by: FilterBy,
+) -> Result<Vec<Vec<bool>>> {
+    let (mut probs, mut given, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut classes: Option<(usize, &Path)> = None;
+    for &(p, l) in shards {
+        let (sp, sl, k) = read_npy_inputs(p, l)?;
+        if let Some((k0, first)) = classes {
+            ensure!(
+                k == k0,
+                "--pred-probs {} has {k} classes but {} has {k0}: shards must share the classes",
+                p.display(),
+                first.display()
+            );
+        }
+        classes = Some((k, p));
+        sizes.push(sl.len());
+        probs.extend(sp);
+        given.extend(sl);
+    }
+    let (k, _) = classes.ok_or_else(|| LabelIssuesError::Input("no --pred-probs given".into()))?;
+    let mask = find_label_issues(&probs, &given, k, filter_by)?;
+    let mut at = 0;
+    Ok(sizes
+        .into_iter()
+        .map(|n| {
+            at += n;
+            mask[at - n..at].to_vec()
+        })
+        .collect())
+}
+
+/// `pred_probs` [n, k] (flattened) and `labels` [n] read from `.npy` files, checked, with k.
+fn read_npy_inputs(pred_probs: &Path, labels: &Path) -> Result<(Vec<f64>, Vec<u32>, usize)> {
     let probs = npy::read(pred_probs)?;
     let given = npy::read(labels)?;
     ensure!(
@@ -86,7 +129,7 @@ pub fn mask_from_npy(pred_probs: &Path, labels: &Path, filter_by: FilterBy) -> R
             Ok(v as u32)
         })
         .collect::<Result<_>>()?;
-    Ok(find_label_issues(&probs.values, &labels_u32, k, filter_by)?)
+    Ok((probs.values, labels_u32, k))
 }
 
 /// One line of the dataset report.

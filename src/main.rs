@@ -40,6 +40,8 @@ enum Command {
     Closest(cli::closest::ClosestArgs),
     /// Merge the partial results of `closest --candidates-shard` (any order) into one.
     MergeTopk(cli::merge_topk::MergeTopkArgs),
+    /// Cut the highest scores of per-shard score arrays, one percentile over all shards.
+    CutScores(cli::cut_scores::CutScoresArgs),
     /// Choose images to replay from the reuse buffer (none, random, closest pairs).
     Sample(cli::sample::SampleArgs),
     /// The full run: embed, replay, Bayesian cut-off, train, evaluate, register.
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
         Command::Models => cli::models::run(),
         Command::Closest(args) => cli::closest::run(args),
         Command::MergeTopk(args) => cli::merge_topk::run(args),
+        Command::CutScores(args) => cli::cut_scores::run(args),
         Command::Sample(args) => cli::sample::run(args),
         Command::Train(args) => cli::train::run(args, quiet),
         Command::Predict(args) => cli::predict::run(args),

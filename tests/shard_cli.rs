@@ -436,3 +436,129 @@ fn embed_shards_search_and_merge_like_one_embedding() {
         "{e}"
     );
 }
+
+/// Writes `values` (f64) as .npy of the given shape.
+fn npy(path: &Path, shape: &[usize], values: &[f64]) {
+    bccp::npy::write_f64(path, shape, values).unwrap();
+}
+
+fn mask(path: &Path) -> Vec<bool> {
+    bccp::npy::read(path)
+        .unwrap()
+        .values
+        .iter()
+        .map(|&v| v != 0.0)
+        .collect()
+}
+
+#[test]
+fn per_shard_scores_and_probabilities_cut_like_the_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mut rng = Rng::new(7);
+    let (n, classes) = (61usize, 3usize);
+    // Coarse scores (ties), labels, and noisy predicted probabilities.
+    let scores: Vec<f64> = (0..n).map(|_| (rng.unit_f64() * 8.0).floor()).collect();
+    let labels: Vec<f64> = (0..n).map(|i| (i % classes) as f64).collect();
+    let probs: Vec<f64> = (0..n)
+        .flat_map(|i| {
+            let mut p: Vec<f64> = (0..classes).map(|_| rng.unit_f64() + 0.05).collect();
+            p[i % classes] += if i % 5 == 0 { 0.0 } else { 1.5 };
+            let sum: f64 = p.iter().sum();
+            p.into_iter().map(move |v| v / sum)
+        })
+        .collect();
+    let cuts = [0usize, 20, 21, 61];
+    let path = |name: &str| d.join(name);
+    npy(&path("s.npy"), &[n], &scores);
+    npy(&path("l.npy"), &[n], &labels);
+    npy(&path("p.npy"), &[n, classes], &probs);
+    for j in 0..3 {
+        let (a, b) = (cuts[j], cuts[j + 1]);
+        npy(&path(&format!("s{j}.npy")), &[b - a], &scores[a..b]);
+        npy(&path(&format!("l{j}.npy")), &[b - a], &labels[a..b]);
+        npy(
+            &path(&format!("p{j}.npy")),
+            &[b - a, classes],
+            &probs[a * classes..b * classes],
+        );
+    }
+    let p = |name: String| path(&name).to_str().unwrap().to_owned();
+    for scope in ["global", "per_class"] {
+        let mut whole = vec!["cut-scores", "--scope", scope, "--percentile", "80"];
+        let (s0, l0, w) = (p("s.npy".into()), p("l.npy".into()), p("w.npy".into()));
+        whole.extend(["--scores", &s0, "--labels", &l0, "--out", &w]);
+        success(&bccp(&whole));
+        let mut sharded: Vec<String> = ["cut-scores", "--scope", scope, "--percentile", "80"]
+            .map(String::from)
+            .to_vec();
+        for j in 0..3 {
+            sharded.extend([
+                "--scores".into(),
+                p(format!("s{j}.npy")),
+                "--labels".into(),
+                p(format!("l{j}.npy")),
+                "--out".into(),
+                p(format!("m{j}.npy")),
+            ]);
+        }
+        let args: Vec<&str> = sharded.iter().map(String::as_str).collect();
+        let out = success(&bccp(&args));
+        assert!(out.contains("over 3 shards"), "{out}");
+        let got: Vec<bool> = (0..3)
+            .flat_map(|j| mask(&path(&format!("m{j}.npy"))))
+            .collect();
+        let want = mask(&path("w.npy"));
+        assert_eq!(got, want, "{scope}");
+        assert_eq!(
+            want.iter().filter(|&&m| m).count(),
+            12,
+            "{scope}: 20% of 61"
+        );
+    }
+    let e = failure(&bccp(&[
+        "cut-scores",
+        "--scope",
+        "per_class",
+        "--scores",
+        &p("s0.npy".into()),
+        "--out",
+        &p("x.npy".into()),
+    ]));
+    assert!(e.contains("per_class needs --labels"), "{e}");
+
+    // Confident learning over shards of probabilities = the unsharded masks, split.
+    success(&bccp(&[
+        "label-issues",
+        "--pred-probs",
+        &p("p.npy".into()),
+        "--labels",
+        &p("l.npy".into()),
+        "--out",
+        &p("cl.npy".into()),
+    ]));
+    let mut args: Vec<String> = vec!["label-issues".into()];
+    for j in 0..3 {
+        args.extend([
+            "--pred-probs".into(),
+            p(format!("p{j}.npy")),
+            "--labels".into(),
+            p(format!("l{j}.npy")),
+            "--out".into(),
+            p(format!("cl{j}.npy")),
+        ]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    success(&bccp(&refs));
+    let got: Vec<bool> = (0..3)
+        .flat_map(|j| mask(&path(&format!("cl{j}.npy"))))
+        .collect();
+    let want = mask(&path("cl.npy"));
+    assert!(want.iter().any(|&m| m), "some labels are flagged");
+    assert_eq!(got, want);
+    let e = failure(&bccp(&refs[..refs.len() - 2]));
+    assert!(
+        e.contains("3 --pred-probs need 3 --labels and 3 --out"),
+        "{e}"
+    );
+}

@@ -10,17 +10,20 @@ use super::{BackboneArgs, CacheArgs, DeviceArgs};
 use bccp::backbone::Embedder;
 use bccp::baselines::FilterBy;
 use bccp::label_issues::{
-    dataset_issues, mask_from_npy, summary_path, write_jsonl, write_summary, DatasetIssueOptions,
+    dataset_issues, mask_from_npy, masks_from_npy_shards, summary_path, write_jsonl, write_summary,
+    DatasetIssueOptions,
 };
 
 #[derive(Args, Debug)]
 pub struct LabelIssuesArgs {
-    /// Out-of-sample predicted probabilities, .npy [samples, classes] (with --labels).
+    /// Out-of-sample predicted probabilities, .npy [samples, classes] (with --labels). Repeat
+    /// --pred-probs, --labels and --out once per shard of samples (in shard order): the
+    /// thresholds and the pruning are computed over all shards together, one mask per shard.
     #[arg(long, requires = "labels", conflicts_with = "dataset")]
-    pred_probs: Option<PathBuf>,
+    pred_probs: Vec<PathBuf>,
     /// Given labels, .npy [samples] of class indices (with --pred-probs).
     #[arg(long, requires = "pred_probs")]
-    labels: Option<PathBuf>,
+    labels: Vec<PathBuf>,
     /// Or: an image folder ROOT/<class>/<file> or a JSON Lines manifest; bccp embeds it and
     /// computes K-fold probabilities itself.
     #[arg(long)]
@@ -28,9 +31,10 @@ pub struct LabelIssuesArgs {
     /// cleanlab's filter_by.
     #[arg(long, value_enum, default_value_t = FilterBy::PruneByNoiseRate)]
     filter_by: FilterBy,
-    /// Output: a boolean mask .npy (with --pred-probs) or a JSON Lines report (with --dataset).
-    #[arg(long)]
-    out: PathBuf,
+    /// Output: a boolean mask .npy (with --pred-probs; one per shard) or a JSON Lines report
+    /// (with --dataset).
+    #[arg(long, required = true)]
+    out: Vec<PathBuf>,
     /// The backbone that embeds --dataset.
     #[command(flatten)]
     backbone: BackboneArgs,
@@ -48,18 +52,30 @@ pub struct LabelIssuesArgs {
 }
 
 pub fn run(args: LabelIssuesArgs, quiet: bool) -> Result<()> {
-    if let (Some(probs), Some(labels)) = (&args.pred_probs, &args.labels) {
+    if args.pred_probs.len() > 1 {
+        return shards(&args);
+    }
+    if let (Some(probs), Some(labels)) = (args.pred_probs.first(), args.labels.first()) {
+        anyhow::ensure!(
+            args.labels.len() == 1 && args.out.len() == 1,
+            "one --pred-probs needs one --labels and one --out (found {} and {})",
+            args.labels.len(),
+            args.out.len()
+        );
         let mask = mask_from_npy(probs, labels, args.filter_by)?;
-        bccp::npy::write_bool(&args.out, &mask)?;
+        bccp::npy::write_bool(&args.out[0], &mask)?;
         println!(
             "{} of {} samples flagged ({}); wrote {}",
             mask.iter().filter(|&&m| m).count(),
             mask.len(),
             args.filter_by.name(),
-            args.out.display()
+            args.out[0].display()
         );
         return Ok(());
     }
+    let [out] = args.out.as_slice() else {
+        anyhow::bail!("--dataset writes one report: give one --out");
+    };
     let dataset = args
         .dataset
         .as_ref()
@@ -77,8 +93,8 @@ pub fn run(args: LabelIssuesArgs, quiet: bool) -> Result<()> {
     };
     let issues = dataset_issues(dataset, &embedder, &opts, &super::progress(quiet))?;
     super::print_cache_warning(&issues.embed_stats);
-    write_jsonl(&args.out, &issues.records)?;
-    let summary_file = summary_path(&args.out);
+    write_jsonl(out, &issues.records)?;
+    let summary_file = summary_path(out);
     write_summary(&summary_file, &issues.summary)?;
     println!("| class | samples | issues |\n|---|---:|---:|");
     for c in &issues.summary {
@@ -91,8 +107,42 @@ pub fn run(args: LabelIssuesArgs, quiet: bool) -> Result<()> {
         args.filter_by.name(),
         args.folds,
         embedder.spec().name,
-        args.out.display(),
+        out.display(),
         summary_file.display()
+    );
+    Ok(())
+}
+
+/// Confident learning over shards of samples: one (--pred-probs, --labels, --out) per shard.
+fn shards(args: &LabelIssuesArgs) -> Result<()> {
+    let n = args.pred_probs.len();
+    anyhow::ensure!(
+        args.labels.len() == n && args.out.len() == n,
+        "{n} --pred-probs need {n} --labels and {n} --out, one per shard (found {} and {})",
+        args.labels.len(),
+        args.out.len()
+    );
+    let pairs: Vec<(&std::path::Path, &std::path::Path)> = args
+        .pred_probs
+        .iter()
+        .zip(&args.labels)
+        .map(|(p, l)| (p.as_path(), l.as_path()))
+        .collect();
+    let masks = masks_from_npy_shards(&pairs, args.filter_by)?;
+    for (mask, out) in masks.iter().zip(&args.out) {
+        bccp::npy::write_bool(out, mask)?;
+        println!(
+            "{} of {} samples flagged; wrote {}",
+            mask.iter().filter(|&&m| m).count(),
+            mask.len(),
+            out.display()
+        );
+    }
+    println!(
+        "{} of {} samples flagged over {n} shards ({})",
+        masks.iter().flatten().filter(|&&m| m).count(),
+        masks.iter().map(Vec::len).sum::<usize>(),
+        args.filter_by.name()
     );
     Ok(())
 }

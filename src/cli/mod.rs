@@ -3,6 +3,7 @@
 
 pub mod classify;
 pub mod closest;
+pub mod cut_scores;
 pub mod embed;
 pub mod experiment;
 pub mod generate;

@@ -10,12 +10,17 @@
 //!   candidates' fingerprints), saved as a safetensors file ([`PartialTopK::save`]);
 //! - [`merge_topk`] checks that the parts belong together (same context and shard count, every
 //!   part exactly once) and merges them by (value, global id): the result does not depend on
-//!   the order of the parts and equals the unsharded search bit for bit, ties included.
+//!   the order of the parts and equals the unsharded search bit for bit, ties included;
+//! - per-sample scores of shards of samples are cut together by [`cut_shards`] (one pass over
+//!   the small score arrays), and confident learning runs on per-shard probability files
+//!   ([`crate::label_issues::masks_from_npy_shards`]).
 
 mod file;
+mod scores;
 mod spec;
 mod topk;
 
+pub use scores::cut_shards;
 pub use spec::ShardSpec;
 pub use topk::{merge_topk, search_shard, search_shard_tensors, PartialTopK, TopKContext};
 
