@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it on a fresh clone: fetch the real assets the tests use,
-# check formatting and lints, then run every test in the release profile (candle in debug is
-# 30–40× slower; one profile keeps builds shared with the main job).
+# check formatting and lints (the Python crate's too), then run every test in the release
+# profile (candle in debug is 30–40× slower; one profile keeps builds shared with the main
+# job), and the Python package's tests (scripts/test-python.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-assets.sh
@@ -25,4 +26,7 @@ if [ ${#packages[@]} -gt 0 ]; then
 fi
 cargo fmt --all -- --check
 cargo clippy --release --all-targets --locked -- -D warnings
+cargo clippy --release --locked -p bccp-python -- -D warnings
 cargo test --release --locked
+# The Python package (pyo3 + maturin wheel, pytest, the Ray pipeline on a local cluster).
+scripts/test-python.sh

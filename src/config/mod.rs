@@ -296,6 +296,35 @@ impl RunConfig {
         self.method.loss(self.loss)
     }
 
+    /// The checks of [`Self::validate`] on the cleansing and head-training settings alone
+    /// (MC passes, folds, rounds, epochs, batch size, learning rate): what a caller that brings
+    /// its own features (the Python package's `cutoff_scores`) needs.
+    pub fn validate_cleansing(&self) -> Result<(), ConfigError> {
+        at_least("mc_passes", self.mc_passes, 2, "variances need two passes")?;
+        at_most("mc_passes", self.mc_passes, MAX_MC_PASSES)?;
+        at_least("cutoff_folds", self.cutoff_folds, 1, "1 scores in sample")?;
+        at_most("cutoff_folds", self.cutoff_folds, MAX_FOLDS)?;
+        at_least("cutoff_rounds", self.cutoff_rounds, 1, "")?;
+        at_most("cutoff_rounds", self.cutoff_rounds, MAX_CUTOFF_ROUNDS)?;
+        unit_interval("relabel_confidence", self.relabel_confidence)?;
+        if self.method == Method::Cleanlab {
+            at_least("folds", self.folds, 2, "confident learning cross-validates")?;
+        }
+        at_most("folds", self.folds, MAX_FOLDS)?;
+        at_least("epochs", self.epochs, 1, "")?;
+        at_most("epochs", self.epochs, MAX_EPOCHS)?;
+        at_least("batch_size", self.batch_size, 1, "")?;
+        at_most("batch_size", self.batch_size, MAX_BATCH_SIZE)?;
+        positive("lr", self.lr)?;
+        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
+            return Err(invalid(format!(
+                "`lr_decay` {} must lie in (0, 1]",
+                self.lr_decay
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks that the settings hold together (the reference's rules and ours), before any
     /// work. Looks the backbone up in the zoo and the dataset up on disk.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -326,28 +355,7 @@ impl RunConfig {
             Some(r) => unit_interval("ratio", r)?,
             None => {}
         }
-        at_least("mc_passes", self.mc_passes, 2, "variances need two passes")?;
-        at_most("mc_passes", self.mc_passes, MAX_MC_PASSES)?;
-        at_least("cutoff_folds", self.cutoff_folds, 1, "1 scores in sample")?;
-        at_most("cutoff_folds", self.cutoff_folds, MAX_FOLDS)?;
-        at_least("cutoff_rounds", self.cutoff_rounds, 1, "")?;
-        at_most("cutoff_rounds", self.cutoff_rounds, MAX_CUTOFF_ROUNDS)?;
-        unit_interval("relabel_confidence", self.relabel_confidence)?;
-        if self.method == Method::Cleanlab {
-            at_least("folds", self.folds, 2, "confident learning cross-validates")?;
-        }
-        at_most("folds", self.folds, MAX_FOLDS)?;
-        at_least("epochs", self.epochs, 1, "")?;
-        at_most("epochs", self.epochs, MAX_EPOCHS)?;
-        at_least("batch_size", self.batch_size, 1, "")?;
-        at_most("batch_size", self.batch_size, MAX_BATCH_SIZE)?;
-        positive("lr", self.lr)?;
-        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
-            return Err(invalid(format!(
-                "`lr_decay` {} must lie in (0, 1]",
-                self.lr_decay
-            )));
-        }
+        self.validate_cleansing()?;
         if self.monday_num == Some(0) || self.tuesday_num == Some(0) {
             return Err(invalid("`monday_num` and `tuesday_num` must be 1 or more"));
         }

@@ -5,7 +5,7 @@
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::distance::{search_host, Metric, Search};
+use crate::distance::{search_host, Metric, Neighbors, Search};
 use crate::rng::Rng;
 
 /// What to replay from the buffer.
@@ -102,6 +102,8 @@ pub enum SamplingError {
     },
     #[error("closest pairs need at least two classes in the buffer")]
     OneClass,
+    #[error("neighbour index {index} is outside the buffer of {n} images")]
+    NeighbourOutOfRange { index: i64, n: usize },
     #[error("the buffer has {targets} targets for {rows} embeddings")]
     Shape { targets: usize, rows: usize },
     #[error(transparent)]
@@ -160,6 +162,15 @@ pub struct Selected {
     pub value: Option<f32>,
 }
 
+/// The replay budget: ⌊`ratio`·`n`⌋ images (closest pairs: half as many pairs), `ratio` in
+/// [0, 1].
+pub fn budget(ratio: f64, n: usize) -> Result<usize, SamplingError> {
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(SamplingError::BadRatio(ratio));
+    }
+    Ok((ratio * n as f64).floor() as usize)
+}
+
 /// Selects replay images from `buffer` with `ratio` of its size as the budget.
 pub fn select(
     buffer: &ReuseBuffer,
@@ -168,16 +179,13 @@ pub fn select(
     mode: PairMode,
     seed: u64,
 ) -> Result<Vec<Selected>, SamplingError> {
-    if !(0.0..=1.0).contains(&ratio) {
-        return Err(SamplingError::BadRatio(ratio));
-    }
     if buffer.embeddings.len() != buffer.len() * buffer.dim {
         return Err(SamplingError::Shape {
             targets: buffer.len(),
             rows: buffer.embeddings.len() / buffer.dim.max(1),
         });
     }
-    let budget = (ratio * buffer.len() as f64).floor() as usize;
+    let budget = budget(ratio, buffer.len())?;
     match (sampling, sampling.metric()) {
         (_, Some(metric)) => match mode {
             PairMode::Faithful => faithful_pairs(buffer, metric, budget / 2, seed),
@@ -264,6 +272,12 @@ fn faithful_pairs(
 /// Neighbours per image considered when pairing in buffer mode.
 const BUFFER_NEIGHBOURS: usize = 8;
 
+/// How many nearest other-class neighbours of each image buffer mode pairs from, for a buffer
+/// of `n` images (the `k` of the search that [`pairs_from_neighbors`] expects).
+pub fn buffer_neighbours(n: usize) -> usize {
+    BUFFER_NEIGHBOURS.min(n.saturating_sub(1)).max(1)
+}
+
 /// Ours: nearest other-class neighbours over the whole buffer, then the closest disjoint pairs.
 fn buffer_pairs(
     buffer: &ReuseBuffer,
@@ -276,16 +290,35 @@ fn buffer_pairs(
     if buffer.class_count() < 2 {
         return Err(SamplingError::OneClass);
     }
-    let k = BUFFER_NEIGHBOURS.min(buffer.len() - 1).max(1);
+    let k = buffer_neighbours(buffer.len());
     let search = Search {
         metric,
         k,
         other_class: Some((buffer.targets, buffer.targets)),
     };
     let nn = search_host(buffer.embeddings, buffer.embeddings, buffer.dim, &search)?;
+    pairs_from_neighbors(&nn, metric, pairs)
+}
+
+/// The closest disjoint pairs among each buffer image's nearest other-class neighbours `nn`
+/// (every image of the buffer a query, in order, searched against the whole buffer), greedily,
+/// closest first, until `pairs` pairs are found: the second half of `--sampling-mode buffer`,
+/// for neighbours found elsewhere (a sharded search merged with `merge_topk`).
+pub fn pairs_from_neighbors(
+    nn: &Neighbors,
+    metric: Metric,
+    pairs: usize,
+) -> Result<Vec<Selected>, SamplingError> {
+    let (n, k) = (nn.len(), nn.k);
+    if pairs == 0 {
+        return Ok(Vec::new());
+    }
+    if let Some(&index) = nn.indices.iter().find(|&&i| i >= n as i64 || i < -1) {
+        return Err(SamplingError::NeighbourOutOfRange { index, n });
+    }
     // Candidate pairs, closest first (for cosine, largest similarity first); ties by indices.
-    let mut candidates: Vec<(f32, usize, usize)> = Vec::with_capacity(buffer.len() * k);
-    for anchor in 0..buffer.len() {
+    let mut candidates: Vec<(f32, usize, usize)> = Vec::with_capacity(n * k);
+    for anchor in 0..n {
         for j in 0..k {
             let partner = nn.indices[anchor * k + j];
             if partner >= 0 {
@@ -297,7 +330,7 @@ fn buffer_pairs(
         }
     }
     candidates.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-    let mut used = vec![false; buffer.len()];
+    let mut used = vec![false; n];
     let mut out = Vec::with_capacity(2 * pairs);
     for (key, a, b) in candidates {
         if out.len() == 2 * pairs {
