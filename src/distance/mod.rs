@@ -297,13 +297,12 @@ pub fn take_fallback() -> Option<(usize, String)> {
     Some(taken)
 }
 
-/// Searches row-major host matrices (`dim` columns) on the CPU.
-pub fn search_host(
+/// Checks that row-major host matrices hold whole rows of `dim` (> 0) values.
+pub(crate) fn check_host_shape(
     queries: &[f32],
     candidates: &[f32],
     dim: usize,
-    s: &Search,
-) -> Result<Neighbors, DistanceError> {
+) -> Result<(), DistanceError> {
     if dim == 0 || !queries.len().is_multiple_of(dim) || !candidates.len().is_multiple_of(dim) {
         return Err(DistanceError::BadShape {
             what: "input",
@@ -314,6 +313,17 @@ pub fn search_host(
             ),
         });
     }
+    Ok(())
+}
+
+/// Searches row-major host matrices (`dim` columns) on the CPU.
+pub fn search_host(
+    queries: &[f32],
+    candidates: &[f32],
+    dim: usize,
+    s: &Search,
+) -> Result<Neighbors, DistanceError> {
+    check_host_shape(queries, candidates, dim)?;
     validate(queries, candidates, dim, s)?;
     let nc = candidates.len() / dim;
     let kept = (s.k + exact::RERANK).min(nc);

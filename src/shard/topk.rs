@@ -67,16 +67,7 @@ pub fn search_shard(
     s: &Search,
     rows: &[i64],
 ) -> Result<Neighbors, DistanceError> {
-    if dim == 0 || !candidates.len().is_multiple_of(dim) || !queries.len().is_multiple_of(dim) {
-        return Err(DistanceError::BadShape {
-            what: "input",
-            found: format!(
-                "{} and {} values for dim {dim}",
-                queries.len(),
-                candidates.len()
-            ),
-        });
-    }
+    crate::distance::check_host_shape(queries, candidates, dim)?;
     let (nq, nc) = (queries.len() / dim, candidates.len() / dim);
     check_rows(rows, nc)?;
     check_k(s.k)?;
