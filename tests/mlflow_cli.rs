@@ -1,0 +1,223 @@
+//! `bccp train --mlflow` and `bccp retrain --mlflow` against a real `mlflow server` (SQLite
+//! backend store, local artifacts through `--serve-artifacts`), read back with MLflow's own
+//! Python client: every setting as a param, every metric and its step, the artifacts' bytes
+//! equal to the local run's files, the registered versions and the `champion` alias. Bad input:
+//! an unreachable server, a malformed URI and a refused call give errors naming the URI and the
+//! call, and the local run stays complete.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bccp::registry::{metric, Registry};
+use common::mlflow::MlflowServer;
+use common::{failure, files, prepared_small, quick_train, quick_train_args, success};
+
+/// Reads back, with MlflowClient, every version of registered model `argv[2]`: its run's
+/// params, metric histories (step, value), tags and status, its artifacts downloaded to
+/// `argv[3]/<version>`, and the model's aliases.
+const READ_BACK: &str = r#"
+import json, os, sys
+import mlflow
+from mlflow import MlflowClient
+uri, model, out = sys.argv[1:4]
+mlflow.set_tracking_uri(uri)
+c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+rm = c.get_registered_model(model)
+res = {"aliases": dict(rm.aliases), "versions": []}
+for v in sorted(c.search_model_versions(f"name='{model}'"), key=lambda v: int(v.version)):
+    run = c.get_run(v.run_id)
+    hist = {k: [[m.step, m.value] for m in c.get_metric_history(v.run_id, k)]
+            for k in run.data.metrics}
+    d = os.path.join(out, v.version)
+    os.makedirs(d)
+    mlflow.artifacts.download_artifacts(run_id=v.run_id, dst_path=d)
+    exp = c.get_experiment(run.info.experiment_id)
+    res["versions"].append({"version": v.version, "run_id": v.run_id, "params": run.data.params,
+        "metrics": hist, "tags": run.data.tags, "status": run.info.status, "dir": d,
+        "experiment": exp.name, "bccp_run": v.tags.get("bccp.run")})
+print(json.dumps(res))
+"#;
+
+/// Checks that MLflow's version `v` (from [`READ_BACK`]) holds local run `name:version`.
+fn assert_mirrors(v: &serde_json::Value, runs: &Path, name: &str, version: u32) {
+    let reg = Registry::open(runs);
+    let run = reg.resolve(&format!("{name}:{version}")).unwrap();
+    let record = reg.read(&run).unwrap();
+    assert_eq!(v["bccp_run"], format!("{name}:{version}"));
+    assert_eq!(v["status"], "FINISHED");
+    assert_eq!(v["tags"]["bccp.version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        v["tags"]["mlflow.source.name"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .next(),
+        Some("bccp")
+    );
+    // Every setting, by its params.json name; a few by hand too.
+    let params: BTreeMap<String, String> = serde_json::from_value(v["params"].clone()).unwrap();
+    let expected: BTreeMap<String, String> = bccp::tracking::params_of(&record.params)
+        .into_iter()
+        .collect();
+    assert_eq!(params, expected);
+    assert_eq!(params["epochs"], "2");
+    assert_eq!(params["model_name"], name);
+    assert_eq!(params["image_size"], "32");
+    // Every scalar the run has, once, at step 0, with its local value; the reference's name.
+    let metrics: BTreeMap<String, Vec<(i64, f64)>> =
+        serde_json::from_value(v["metrics"].clone()).unwrap();
+    let mut expected = 0;
+    for name in metric::ALL {
+        if let Some(value) = record.metrics.scalar(name) {
+            assert_eq!(metrics[name], [(0, value)], "{name}");
+            expected += 1;
+        }
+    }
+    assert!(expected >= 6, "{metrics:?}");
+    assert_eq!(metrics["test_acc"], [(0, record.metrics.test_accuracy)]);
+    assert_eq!(
+        metrics["seconds.total"],
+        [(0, record.metrics.seconds.total)]
+    );
+    // The artifacts are the run folder, byte for byte.
+    let local = files(&run.path);
+    let remote = files(Path::new(v["dir"].as_str().unwrap()));
+    assert_eq!(
+        local.len(),
+        6,
+        "{:?}",
+        local.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    assert!(
+        local == remote,
+        "artifacts differ from {}",
+        run.path.display()
+    );
+}
+
+#[test]
+fn train_mirrors_runs_and_bad_servers_leave_the_local_run() {
+    let server = MlflowServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let days = prepared_small(dir.path());
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    let uri = server.uri();
+    let out = success(&quick_train(
+        &days,
+        &runs,
+        &cache,
+        "m",
+        &[
+            "--mlflow",
+            &uri,
+            "--mlflow-experiment",
+            "exp",
+            "-t",
+            "tuesday",
+            "--tuesday-num",
+            "18",
+            "-l",
+            "user_feedback",
+            "--user-accuracy",
+            "0.6",
+            "-b",
+            "Y",
+        ],
+    ));
+    assert!(
+        out.contains("mirrored to MLflow") && out.contains("model m version 1"),
+        "{out}"
+    );
+    // The second run through MLFLOW_TRACKING_URI.
+    let args = quick_train_args(&days, &runs, &cache, "m");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bccp"))
+        .arg("--quiet")
+        .args(&args)
+        .args(["--mlflow-experiment", "exp"])
+        .env("MLFLOW_TRACKING_URI", &uri)
+        .output()
+        .unwrap();
+    assert!(success(&out).contains("model m version 2"));
+    let back = dir.path().join("back");
+    let got = server.python(READ_BACK, &["m", back.to_str().unwrap()]);
+    let versions = got["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 2, "{got}");
+    for (i, v) in versions.iter().enumerate() {
+        assert_eq!(v["version"], (i + 1).to_string());
+        assert_eq!(v["experiment"], "exp");
+        assert_mirrors(v, &runs, "m", i as u32 + 1);
+    }
+    // The first run (Tuesday, user labels, the cut-off) has the noise-detection metrics.
+    for name in [
+        metric::NOISE_F1,
+        metric::NOISE_SCORE_AUC,
+        metric::TEST_ACCURACY_TUESDAY,
+    ] {
+        assert_eq!(versions[0]["metrics"][name][0][0], 0, "{name}: {got}");
+    }
+    assert_eq!(
+        got["aliases"],
+        serde_json::json!({}),
+        "train promotes nothing"
+    );
+
+    // A server that is down: the error names the URI and the call; the local run is complete.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let err = failure(&quick_train(
+        &days,
+        &runs,
+        &cache,
+        "m",
+        &["--mlflow", &down],
+    ));
+    assert!(
+        err.contains(&down)
+            && err.contains("experiments/get-by-name")
+            && err.contains("cannot reach"),
+        "{err}"
+    );
+    assert!(err.contains("m:3") && err.contains("kept"), "{err}");
+    let reg = Registry::open(&runs);
+    assert!(reg.is_complete(&reg.resolve("m:3").unwrap()));
+
+    // A malformed URI is refused before any work.
+    let err = failure(&quick_train(
+        &days,
+        &runs,
+        &cache,
+        "m",
+        &["--mlflow", "localhost:5000"],
+    ));
+    assert!(
+        err.contains("localhost:5000") && err.contains("http://HOST"),
+        "{err}"
+    );
+    assert_eq!(reg.versions("m"), [1, 2, 3]);
+
+    // A call the server refuses (runs/create in a deleted experiment): named, with MLflow's
+    // reason; the local run is kept and no model version is registered.
+    server.python(
+        "import sys, json\nfrom mlflow import MlflowClient\nc = MlflowClient(sys.argv[1])\n\
+         c.delete_experiment(c.create_experiment('gone'))\nprint(json.dumps(1))",
+        &[],
+    );
+    let err = failure(&quick_train(
+        &days,
+        &runs,
+        &cache,
+        "m",
+        &["--mlflow", &uri, "--mlflow-experiment", "gone"],
+    ));
+    assert!(
+        err.contains(&uri) && err.contains("runs/create") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(reg.is_complete(&reg.resolve("m:4").unwrap()));
+    let back = dir.path().join("back2");
+    let got = server.python(READ_BACK, &["m", back.to_str().unwrap()]);
+    assert_eq!(got["versions"].as_array().unwrap().len(), 2, "{got}");
+}
