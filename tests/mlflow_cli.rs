@@ -221,3 +221,99 @@ fn train_mirrors_runs_and_bad_servers_leave_the_local_run() {
     let got = server.python(READ_BACK, &["m", back.to_str().unwrap()]);
     assert_eq!(got["versions"].as_array().unwrap().len(), 2, "{got}");
 }
+
+/// `bccp retrain --mlflow`: every challenger is mirrored with its gate accuracies, and MLflow's
+/// `champion` alias follows the promotion. A cycle whose mirroring fails (server down) keeps
+/// the local promotion and leaves MLflow's alias where it was, not half-moved.
+#[test]
+fn retrain_moves_the_champion_alias_only_when_everything_is_mirrored() {
+    let server = MlflowServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let days = prepared_small(dir.path());
+    let db = format!("sqlite:{}", dir.path().join("store.sqlite3").display());
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    let weights = common::asset("weights/mobilenet_v2.safetensors");
+    let generate = |day: &str| {
+        success(&common::bccp(&[
+            "generate",
+            "-d",
+            days.to_str().unwrap(),
+            "--db",
+            &db,
+            "--day",
+            day,
+            "--bulk",
+            "--gate-fraction",
+            "0.3",
+        ]))
+    };
+    let retrain = |uri: &str| {
+        common::bccp(&[
+            "retrain",
+            "--db",
+            &db,
+            "--model",
+            "loop",
+            "--image-size",
+            "32",
+            "--epochs",
+            "2",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--offline",
+            "--device",
+            "cpu",
+            "--runs-dir",
+            runs.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--margin",
+            "0",
+            "--max-day-drop",
+            "1",
+            "--mlflow",
+            uri,
+        ])
+    };
+    generate("monday");
+    let out = success(&retrain(&server.uri()));
+    assert!(
+        out.contains("PROMOTED") && out.contains("MLflow alias loop@champion → version 1"),
+        "{out}"
+    );
+    let back = dir.path().join("back");
+    let got = server.python(READ_BACK, &["loop", back.to_str().unwrap()]);
+    assert_eq!(
+        got["aliases"],
+        serde_json::json!({"champion": "1"}),
+        "{got}"
+    );
+    let v = &got["versions"][0];
+    assert_eq!(v["bccp_run"], "loop:1");
+    assert_eq!(v["tags"]["mlflow.source.name"], "bccp retrain");
+    let gate = v["metrics"]["gate_accuracy"][0][1].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&gate), "{got}");
+    let local = files(&Registry::open(&runs).resolve("loop:1").unwrap().path);
+    assert!(local == files(Path::new(v["dir"].as_str().unwrap())));
+
+    // The next cycle, with the server down: promoted locally, MLflow's alias untouched.
+    generate("tuesday");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let err = failure(&retrain(&down));
+    assert!(
+        err.contains(&down) && err.contains("loop:2") && err.contains("kept"),
+        "{err}"
+    );
+    let reg = Registry::open(&runs);
+    assert_eq!(reg.resolve("loop@champion").unwrap().version, 2);
+    let back = dir.path().join("back2");
+    let got = server.python(READ_BACK, &["loop", back.to_str().unwrap()]);
+    assert_eq!(
+        got["aliases"],
+        serde_json::json!({"champion": "1"}),
+        "{got}"
+    );
+    assert_eq!(got["versions"].as_array().unwrap().len(), 1);
+}
