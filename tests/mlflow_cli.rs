@@ -48,6 +48,17 @@ fn assert_mirrors(v: &serde_json::Value, runs: &Path, name: &str, version: u32) 
     assert_eq!(v["bccp_run"], format!("{name}:{version}"));
     assert_eq!(v["status"], "FINISHED");
     assert_eq!(v["tags"]["bccp.version"], env!("CARGO_PKG_VERSION"));
+    // The commit bccp was built from (build.rs), in a git checkout.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if let Some(head) = head {
+        assert_eq!(v["tags"]["mlflow.source.git.commit"], head.as_str());
+    }
     assert_eq!(
         v["tags"]["mlflow.source.name"]
             .as_str()
