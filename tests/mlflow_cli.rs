@@ -328,3 +328,96 @@ fn retrain_moves_the_champion_alias_only_when_everything_is_mirrored() {
     );
     assert_eq!(got["versions"].as_array().unwrap().len(), 1);
 }
+
+/// `bccp experiment --mlflow`: every run of the grid mirrored, with the experiment's table and
+/// charts beside its files.
+#[test]
+fn experiment_mirrors_every_run_with_the_charts() {
+    let server = MlflowServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let days = prepared_small(dir.path());
+    let config = dir.path().join("grid.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"seeds = [1]
+user_accuracy = [0.7]
+cache_dir = "{cache}"
+device = "cpu"
+[run]
+dataset = "{days}"
+monday_num = 18
+tuesday_num = 18
+image_size = 32
+weights = "{weights}"
+epochs = 2
+[[grid]]
+method = ["none"]
+"#,
+            cache = dir.path().join("cache").display(),
+            days = days.display(),
+            weights = common::asset("weights/mobilenet_v2.safetensors").display(),
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let log = success(&common::bccp(&[
+        "experiment",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--mlflow",
+        &server.uri(),
+    ]));
+    assert!(log.contains("2 runs: 2 run now"), "{log}");
+    let back = dir.path().join("back");
+    let got = server.python(READ_BACK, &["experiment", back.to_str().unwrap()]);
+    let versions = got["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 2, "{got}");
+    let reg = Registry::open(out.join("registry"));
+    for (i, v) in versions.iter().enumerate() {
+        assert_eq!(v["experiment"], "bccp");
+        assert_eq!(v["tags"]["mlflow.source.name"], "bccp experiment");
+        let run = reg.resolve(&format!("experiment:{}", i + 1)).unwrap();
+        let record = reg.read(&run).unwrap();
+        let params: BTreeMap<String, String> = serde_json::from_value(v["params"].clone()).unwrap();
+        let expected: BTreeMap<String, String> = bccp::tracking::params_of(&record.params)
+            .into_iter()
+            .collect();
+        assert_eq!(params, expected);
+        assert_eq!(
+            v["metrics"]["test_accuracy"],
+            serde_json::json!([[0, record.metrics.test_accuracy]])
+        );
+        let remote = files(Path::new(v["dir"].as_str().unwrap()));
+        let (charts, own): (Vec<_>, Vec<_>) = remote
+            .into_iter()
+            .partition(|(p, _)| p.starts_with("experiment"));
+        assert!(
+            own == files(&run.path),
+            "run files of {}",
+            run.path.display()
+        );
+        let names: Vec<String> = charts
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "experiment/accuracy.png",
+                "experiment/detection.png",
+                "experiment/results.csv",
+                "experiment/results.md"
+            ]
+        );
+        for (p, bytes) in &charts {
+            assert!(
+                *bytes == std::fs::read(out.join(p.file_name().unwrap())).unwrap(),
+                "{}",
+                p.display()
+            );
+        }
+    }
+}

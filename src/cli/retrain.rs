@@ -212,8 +212,9 @@ pub fn mirror_cycle(
                 .iter()
                 .map(|(day, (acc, _))| (format!("gate_accuracy.{day}"), *acc)),
         );
-        let mirrored = bccp::tracking::mirror_run(target, registry, &run, "bccp retrain", &gate)
-            .map_err(|e| super::train::local_kept(e, &run))?;
+        let mirrored =
+            bccp::tracking::mirror_run(target, registry, &run, "bccp retrain", &gate, &[])
+                .map_err(|e| super::train::local_kept(e, &run))?;
         super::print_mirrored(target, &mirrored);
         if c.promoted {
             promoted = Some((run, mirrored));

@@ -163,9 +163,15 @@ pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
         outcome.run.path.display()
     );
     if let Some(target) = mlflow {
-        let mirrored =
-            bccp::tracking::mirror_run(&target, &env.registry, &outcome.run, "bccp train", &[])
-                .map_err(|e| local_kept(e, &outcome.run))?;
+        let mirrored = bccp::tracking::mirror_run(
+            &target,
+            &env.registry,
+            &outcome.run,
+            "bccp train",
+            &[],
+            &[],
+        )
+        .map_err(|e| local_kept(e, &outcome.run))?;
         super::print_mirrored(&target, &mirrored);
     }
     Ok(())

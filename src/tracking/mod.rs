@@ -165,7 +165,8 @@ fn run_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 
 /// Mirrors the registered run `run` of `registry` to MLflow: finds or creates the experiment,
 /// creates a run tagged with `source` and the bccp version, logs every setting and metric
-/// (plus `extra` metrics), uploads the run's files as artifacts, ends the run, and registers
+/// (plus `extra` metrics), uploads the run's files as artifacts (then `extra_files`, as
+/// `(artifact path, local file)`), ends the run, and registers
 /// a version of the model named like the registry name. A failure after the run was created
 /// marks it FAILED (best effort) and returns the first error; nothing local is touched.
 pub fn mirror_run(
@@ -174,6 +175,7 @@ pub fn mirror_run(
     run: &RunDir,
     source: &str,
     extra: &[(String, f64)],
+    extra_files: &[(String, PathBuf)],
 ) -> Result<Mirrored> {
     let record = registry.read(run)?;
     let client = &target.client;
@@ -206,7 +208,9 @@ pub fn mirror_run(
             &metrics_of(&record.metrics, extra),
         )?;
         let mut uploaded = Vec::new();
-        for (name, path) in run_files(&run.path)? {
+        let mut files = run_files(&run.path)?;
+        files.extend(extra_files.iter().cloned());
+        for (name, path) in files {
             let bytes = std::fs::read(&path).map_err(|error| TrackingError::Io {
                 path: path.clone(),
                 error,
