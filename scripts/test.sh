@@ -24,6 +24,10 @@ if [ ${#packages[@]} -gt 0 ]; then
     $sudo apt-get update
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "${packages[@]}"
 fi
+# The MLflow tests (tests/mlflow_cli.rs) start a real `mlflow server` from this venv (they fail,
+# not skip, without it): ~60 s to make it the first time, a few seconds after.
+export BCCP_MLFLOW_VENV="${BCCP_MLFLOW_VENV:-${TMPDIR:-/tmp}/bccp-mlflow-venv}"
+scripts/setup-mlflow.sh
 cargo fmt --all -- --check
 cargo clippy --release --all-targets --locked -- -D warnings
 cargo clippy --release --locked -p bccp-python -- -D warnings

@@ -29,6 +29,7 @@ pub mod sampling;
 pub mod serve;
 pub mod shard;
 pub mod store;
+pub mod tracking;
 pub mod train;
 
 #[cfg(test)]

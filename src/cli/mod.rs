@@ -173,3 +173,39 @@ pub fn progress(quiet: bool) -> Progress {
         Progress::stderr()
     }
 }
+
+/// Mirroring to an MLflow tracking server (`--mlflow`, else `MLFLOW_TRACKING_URI`).
+#[derive(Args, Debug, Clone)]
+pub struct MlflowArgs {
+    /// MLflow tracking server (http://HOST:PORT) to mirror the run to, after the local
+    /// registry: params, metrics, files as artifacts, a registered model version (default:
+    /// MLFLOW_TRACKING_URI; unset: no mirroring).
+    #[arg(long, value_name = "URI")]
+    pub mlflow: Option<String>,
+    /// The MLflow experiment the runs go to.
+    #[arg(long, default_value = "bccp")]
+    pub mlflow_experiment: String,
+}
+
+impl MlflowArgs {
+    /// The target, or `None` when no server is named.
+    pub fn target(&self) -> Result<Option<bccp::tracking::MlflowTarget>> {
+        Ok(bccp::tracking::MlflowTarget::resolve(
+            self.mlflow.as_deref(),
+            &self.mlflow_experiment,
+        )?)
+    }
+}
+
+/// Prints where a mirrored run went.
+pub fn print_mirrored(target: &bccp::tracking::MlflowTarget, m: &bccp::tracking::Mirrored) {
+    println!(
+        "mirrored to MLflow {}: experiment {}, run {}, {} artifacts, model {} version {}",
+        target.client.uri(),
+        m.experiment_id,
+        m.run_id,
+        m.artifacts.len(),
+        m.model,
+        m.model_version
+    );
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::{CacheArgs, DbArgs, DeviceArgs, RegistryArgs};
+use super::{CacheArgs, DbArgs, DeviceArgs, MlflowArgs, RegistryArgs};
 use bccp::cleanse::Method;
 use bccp::config::RunConfig;
 use bccp::cutoff::{Percentile, Scope, Score};
@@ -131,6 +131,8 @@ pub struct RetrainArgs {
     db: DbArgs,
     #[command(flatten)]
     settings: LoopArgs,
+    #[command(flatten)]
+    mlflow: MlflowArgs,
 }
 
 /// One line per challenger and the decision.
@@ -175,6 +177,7 @@ pub fn print_cycle(s: &CycleSummary) {
 
 pub fn run(args: RetrainArgs, quiet: bool) -> Result<()> {
     let (opts, env) = args.settings.options("manual")?;
+    let mlflow = args.mlflow.target()?;
     let mut db = args.db.open()?;
     let progress = super::progress(quiet);
     match bccp::retrain::run_cycle(db.as_mut(), &env, &opts, &progress)? {
@@ -182,7 +185,54 @@ pub fn run(args: RetrainArgs, quiet: bool) -> Result<()> {
             "no cycle: {new} new training samples in {}, fewer than --min-new {min_new}",
             db.location()
         ),
-        CycleReport::Done(summary) => print_cycle(&summary),
+        CycleReport::Done(summary) => {
+            print_cycle(&summary);
+            if let Some(target) = mlflow {
+                mirror_cycle(&target, &env.registry, &summary)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Mirrors every challenger of a cycle to MLflow (with its gate accuracies as metrics), then,
+/// only when all of them are there, moves MLflow's `champion` alias to the promoted one.
+pub fn mirror_cycle(
+    target: &bccp::tracking::MlflowTarget,
+    registry: &bccp::registry::Registry,
+    summary: &CycleSummary,
+) -> Result<()> {
+    let mut promoted = None;
+    for c in &summary.challengers {
+        let run = registry.resolve(&c.version)?;
+        let mut gate = vec![("gate_accuracy".to_owned(), c.gate.accuracy)];
+        gate.extend(
+            c.gate
+                .per_source
+                .iter()
+                .map(|(day, (acc, _))| (format!("gate_accuracy.{day}"), *acc)),
+        );
+        let mirrored =
+            bccp::tracking::mirror_run(target, registry, &run, "bccp retrain", &gate, &[])
+                .map_err(|e| super::train::local_kept(e, &run))?;
+        super::print_mirrored(target, &mirrored);
+        if c.promoted {
+            promoted = Some((run, mirrored));
+        }
+    }
+    if let Some((run, m)) = promoted {
+        target
+            .client
+            .set_alias(&m.model, bccp::retrain::CHAMPION, &m.model_version)
+            .map_err(|e| super::train::local_kept(e, &run))?;
+        println!(
+            "MLflow alias {}@{} → version {} ({}:{})",
+            m.model,
+            bccp::retrain::CHAMPION,
+            m.model_version,
+            run.name,
+            run.version
+        );
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
-use super::{CacheArgs, DeviceArgs, RegistryArgs};
+use super::{CacheArgs, DeviceArgs, MlflowArgs, RegistryArgs};
 use bccp::cleanse::Method;
 use bccp::config::RunConfig;
 use bccp::pipeline::{self, RunEnv};
@@ -35,6 +35,8 @@ pub struct TrainArgs {
     cache: CacheArgs,
     #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    mlflow: MlflowArgs,
 }
 
 /// The method from `-b` (the reference's flag) and `--method`, refusing contradictions.
@@ -141,6 +143,7 @@ pub fn print_metrics(m: &RunMetrics) {
 pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
     let cfg = with_cut_off(args.run, args.bayesian_cut_off)?;
     cfg.validate().map_err(|e| anyhow::anyhow!(e.for_flags()))?;
+    let mlflow = args.mlflow.target()?;
     let env = RunEnv {
         device: args.device.device()?,
         cache_dir: args.cache.dir(),
@@ -159,5 +162,27 @@ pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
         outcome.run.version,
         outcome.run.path.display()
     );
+    if let Some(target) = mlflow {
+        let mirrored = bccp::tracking::mirror_run(
+            &target,
+            &env.registry,
+            &outcome.run,
+            "bccp train",
+            &[],
+            &[],
+        )
+        .map_err(|e| local_kept(e, &outcome.run))?;
+        super::print_mirrored(&target, &mirrored);
+    }
     Ok(())
+}
+
+/// A mirroring error that says the local run is kept.
+pub fn local_kept(e: bccp::tracking::TrackingError, run: &bccp::registry::RunDir) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{e}\n(the local run {}:{} in {} is complete and kept; mirror it again later)",
+        run.name,
+        run.version,
+        run.path.display()
+    )
 }

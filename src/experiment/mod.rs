@@ -40,6 +40,9 @@ pub struct Summary {
     pub ran: usize,
     /// Runs found finished in `results.csv` and skipped.
     pub skipped: usize,
+    /// The registry the runs went to (`out/registry`) and the runs registered in this call.
+    pub registry: Registry,
+    pub registered: Vec<crate::registry::RunDir>,
 }
 
 /// The `bccp train` settings of one cell and seed: the file's `[run]` table with the cell's
@@ -171,6 +174,8 @@ pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Resu
         total: runs.len(),
         ran: 0,
         skipped: 0,
+        registry: env.registry.clone(),
+        registered: Vec::new(),
     };
     for (i, (cell, seed, cfg)) in runs.iter().enumerate() {
         let key = (cell.config(), cell.noise(), seed.to_string());
@@ -199,7 +204,9 @@ pub fn run(file: &ExperimentFile, out: &Path, mut log: impl FnMut(&str)) -> Resu
                     cell.key(),
                     started.elapsed().as_secs_f64()
                 ));
-                row(cell, *seed, Some(&outcome.metrics), "")
+                let row = row(cell, *seed, Some(&outcome.metrics), "");
+                summary.registered.push(outcome.run);
+                row
             }
             Err(PipelineError::Sampling(SamplingError::RatioTooHigh { .. })) => {
                 log(&format!(

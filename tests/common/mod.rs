@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod mlflow;
 pub mod pg;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,136 @@
+//! A throwaway MLflow tracking server for the tests: the real `mlflow server` from the venv that
+//! `scripts/setup-mlflow.sh` makes (PyPI `mlflow`, pinned), with a SQLite backend store and a
+//! local artifacts folder in a temporary folder, `--serve-artifacts`, on 127.0.0.1 and a free
+//! port; stopped (its whole process group) and removed on drop. A missing venv fails the test
+//! with what to run: CI must run these tests.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The venv holding `mlflow`: `BCCP_MLFLOW_VENV`, else `$TMPDIR/bccp-mlflow-venv`.
+pub fn venv() -> PathBuf {
+    std::env::var_os("BCCP_MLFLOW_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("bccp-mlflow-venv"))
+}
+
+/// The venv's Python (with the `mlflow` client).
+pub fn python() -> PathBuf {
+    let py = venv().join("bin/python");
+    assert!(
+        venv().join("bin/mlflow").is_file(),
+        "no `mlflow` in {}: run scripts/setup-mlflow.sh (scripts/test.sh does) or set \
+         BCCP_MLFLOW_VENV; the MLflow tests do not skip",
+        venv().display()
+    );
+    py
+}
+
+/// A running server.
+pub struct MlflowServer {
+    dir: tempfile::TempDir,
+    child: Child,
+    pub port: u16,
+}
+
+impl MlflowServer {
+    /// Starts a server and waits for its `/health`; panics with its log if it does not come up.
+    pub fn start() -> Self {
+        let py = python();
+        let dir = tempfile::Builder::new()
+            .prefix("bccp-mlflow")
+            .tempdir()
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let store = format!("sqlite:///{}", dir.path().join("mlflow.db").display());
+        let artifacts = dir.path().join("artifacts");
+        let mut cmd = Command::new(&py);
+        cmd.args(["-m", "mlflow", "server", "--backend-store-uri", &store])
+            .arg("--artifacts-destination")
+            .arg(&artifacts)
+            .args(["--serve-artifacts", "--host", "127.0.0.1", "--workers", "1"])
+            .args(["--port", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", py.display()));
+        let mut server = Self { dir, child, port };
+        let started = Instant::now();
+        loop {
+            if ureq::get(&format!("{}/health", server.uri()))
+                .timeout(Duration::from_secs(2))
+                .call()
+                .is_ok()
+            {
+                return server;
+            }
+            let exited = server.child.try_wait().ok().flatten();
+            if exited.is_some() || started.elapsed() > Duration::from_secs(120) {
+                panic!(
+                    "mlflow server did not come up ({exited:?}); log:\n{}",
+                    server.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Its URI.
+    pub fn uri(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// Runs a Python snippet with MLflow's own client (`argv[1]` is the server's URI, then
+    /// `args`) and parses the JSON it prints last.
+    pub fn python(&self, code: &str, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(python())
+            .arg("-c")
+            .arg(code)
+            .arg(self.uri())
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "python failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last = stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+    }
+}
+
+impl Drop for MlflowServer {
+    fn drop(&mut self) {
+        // The server and its gunicorn workers share the process group the child leads.
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", self.child.id())])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.wait();
+    }
+}
