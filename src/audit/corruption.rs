@@ -7,7 +7,10 @@
 //!   in their row *and* in their column — a `random_line` cut through the object;
 //! - `noise`: the mean absolute 4-neighbour Laplacian of the luma over 255 — snow-like speckle.
 //!
-//! The score is their sum. `mosaic` pixelates small regions; on small images it is close to
+//! The score is `boxes + cut`; `noise` is reported beside it but left out of the score: on
+//! Fashion-MNIST it rose as much on textured clean items as on corrupted ones (measured: ROC
+//! AUC 0.854 without it, 0.831 with it, `bccp prepare`'s Tuesday against its originals,
+//! 2 000 images). `mosaic` pixelates small regions; on small images it is close to
 //! a no-op (a 3×3 region scaled to 10×10 and back is unchanged) and is not detected.
 
 use image::GrayImage;
@@ -21,9 +24,9 @@ pub struct CorruptionStats {
 }
 
 impl CorruptionStats {
-    /// The corrupted-image score: the sum of the statistics.
+    /// The corrupted-image score: `boxes + cut`.
     pub fn score(&self) -> f32 {
-        self.boxes + self.cut + self.noise
+        self.boxes + self.cut
     }
 }
 

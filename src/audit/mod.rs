@@ -126,7 +126,7 @@ impl Default for AuditOptions {
         Self {
             k: 5,
             near_factor: 0.3,
-            outlier_z: 3.5,
+            outlier_z: 3.0,
             corrupt_z: 3.5,
             folds: 5,
             epochs: 15,
@@ -153,14 +153,17 @@ pub struct AuditRecord {
     pub exact_duplicate_group: Option<usize>,
     /// Distance to the nearest other sample (unit-normalised embeddings, L2).
     pub nearest_distance: f32,
+    /// Distance to the nearest other sample's pixel vector ([`pixel_vector`]).
+    pub pixel_nearest_distance: f32,
     pub near_duplicate_group: Option<usize>,
     pub near_duplicate: bool,
     /// A duplicate (exact or near) of a sample of the other split.
     pub split_leak: bool,
     /// A duplicate (exact or near) of a sample of another day.
     pub day_leak: bool,
-    /// Distance to the k-th nearest other sample.
+    /// Distance to the k-th nearest other sample (embeddings).
     pub outlier_distance: f32,
+    /// The larger robust z-score of the k-th neighbour distance, embeddings or pixels.
     pub outlier_score: f32,
     pub outlier: bool,
     pub corruption: corruption::CorruptionStats,
@@ -191,7 +194,7 @@ pub struct CorruptionCheck {
     pub roc_auc: f64,
     /// The same over the corrupted images whose pixels differ from their original.
     pub changed: usize,
-    pub roc_auc_changed: f64,
+    pub roc_auc_changed: Option<f64>,
 }
 
 /// `summary.json`.
@@ -204,7 +207,10 @@ pub struct AuditSummary {
     pub label_issues: usize,
     pub exact_duplicate_groups: usize,
     pub near_duplicate_groups: usize,
+    /// On embeddings (unit-normalised, L2).
     pub near_duplicate_threshold: f32,
+    /// On pixel vectors.
+    pub pixel_near_duplicate_threshold: f32,
     pub split_leaks: usize,
     pub day_leaks: usize,
     pub outliers: usize,
@@ -234,6 +240,57 @@ pub struct Audit {
     /// Image files, by sample.
     pub files: Vec<PathBuf>,
     pub embed_stats: EmbedStats,
+}
+
+/// Side of the pixel vector: the luma resized to PIXEL_SIDE² (Triangle filter), centred and
+/// scaled to unit norm, a resize- and re-encoding-tolerant view of an image.
+pub const PIXEL_SIDE: u32 = 16;
+
+/// The pixel vector of a greyscale image ([`PIXEL_SIDE`]², unit norm; zeros for a flat image).
+pub fn pixel_vector(img: &image::GrayImage) -> Vec<f32> {
+    let small = image::imageops::resize(
+        img,
+        PIXEL_SIDE,
+        PIXEL_SIDE,
+        image::imageops::FilterType::Triangle,
+    );
+    let v: Vec<f32> = small.pixels().map(|p| f32::from(p.0[0])).collect();
+    let mean = v.iter().sum::<f32>() / v.len() as f32;
+    let centred: Vec<f32> = v.iter().map(|x| x - mean).collect();
+    let norm = centred.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        centred.iter().map(|x| x / norm).collect()
+    } else {
+        centred.iter().map(|_| 0.0).collect()
+    }
+}
+
+/// The `k` nearest other rows of every row of `unit` (row-major, `dim` columns), by L2,
+/// through the tiled search: (index, distance), nearest first.
+fn nearest_others(unit: &[f32], dim: usize, k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
+    let rows = unit.len() / dim;
+    let want = (k + 1).min(rows);
+    let found = crate::distance::search_host(
+        unit,
+        unit,
+        dim,
+        &Search {
+            metric: Metric::L2,
+            k: want,
+            other_class: None,
+        },
+    )?;
+    Ok((0..rows)
+        .map(|i| {
+            let mut v: Vec<(usize, f32)> = (0..want)
+                .map(|s| (found.indices[i * want + s], found.values[i * want + s]))
+                .filter(|&(j, _)| j >= 0 && j as usize != i)
+                .map(|(j, d)| (j as usize, d))
+                .collect();
+            v.truncate(k);
+            v
+        })
+        .collect())
 }
 
 /// Hash and corruption statistics of a file.
@@ -279,14 +336,14 @@ pub fn audit(
     }
     // Pixels: content hash and corruption statistics, in parallel.
     progress.start(n as u64, "reading");
-    let pixels: Vec<(String, corruption::CorruptionStats)> = input
+    let pixels: Vec<(String, corruption::CorruptionStats, Vec<f32>)> = input
         .list
         .files
         .par_iter()
         .map(|f| {
             let (hash, img) = read_image(f)?;
             progress.inc(1);
-            Ok((hash, corruption::stats(&img)))
+            Ok((hash, corruption::stats(&img), pixel_vector(&img)))
         })
         .collect::<Result<_>>()?;
     progress.finish();
@@ -309,31 +366,13 @@ pub fn audit(
     let suggested = suggested_labels(&probs.probs, &labels, k_classes)?;
 
     // k nearest other samples of every sample, unit-normalised embeddings, tiled search.
-    let (rows, dim) = set.embeddings.dims2()?;
+    let (_, dim) = set.embeddings.dims2()?;
     let flat = set.embeddings.flatten_all()?.to_vec1::<f32>()?;
     let unit = crate::distance::cpu::normalise_rows(&flat, dim);
-    let want = (opts.k + 1).min(rows);
-    let found = crate::distance::search_host(
-        &unit,
-        &unit,
-        dim,
-        &Search {
-            metric: Metric::L2,
-            k: want,
-            other_class: None,
-        },
-    )?;
-    let neighbors: Vec<Vec<(usize, f32)>> = (0..rows)
-        .map(|i| {
-            let mut v: Vec<(usize, f32)> = (0..want)
-                .map(|s| (found.indices[i * want + s], found.values[i * want + s]))
-                .filter(|&(j, _)| j >= 0 && j as usize != i)
-                .map(|(j, d)| (j as usize, d))
-                .collect();
-            v.truncate(opts.k);
-            v
-        })
-        .collect();
+    let neighbors = nearest_others(&unit, dim, opts.k)?;
+    // The same in pixel space (resized, re-encoded copies are close there).
+    let pixel_flat: Vec<f32> = pixels.iter().flat_map(|p| p.2.iter().copied()).collect();
+    let pixel_neighbors = nearest_others(&pixel_flat, (PIXEL_SIDE * PIXEL_SIDE) as usize, opts.k)?;
     let nearest: Vec<f32> = neighbors
         .iter()
         .map(|v| v.first().map_or(f32::INFINITY, |p| p.1))
@@ -350,8 +389,24 @@ pub fn audit(
     // Duplicates and leaks.
     let hashes: Vec<String> = pixels.iter().map(|p| p.0.clone()).collect();
     let exact_groups = duplicates::exact_groups(&hashes);
+    let pixel_nearest: Vec<f32> = pixel_neighbors
+        .iter()
+        .map(|v| v.first().map_or(f32::INFINITY, |p| p.1))
+        .collect();
     let threshold = duplicates::near_threshold(&nearest, opts.near_factor);
-    let near_groups = duplicates::near_groups(&neighbors, threshold);
+    let pixel_threshold = duplicates::near_threshold(&pixel_nearest, opts.near_factor);
+    let close: Vec<Vec<(usize, f32)>> = neighbors
+        .iter()
+        .zip(&pixel_neighbors)
+        .map(|(e, p)| {
+            e.iter()
+                .filter(|x| x.1 <= threshold)
+                .chain(p.iter().filter(|x| x.1 <= pixel_threshold))
+                .map(|&(j, _)| (j, 0.0))
+                .collect()
+        })
+        .collect();
+    let near_groups = duplicates::near_groups(&close, 0.0);
     let all_groups: Vec<Vec<usize>> = exact_groups.iter().chain(&near_groups).cloned().collect();
     let split_leak = duplicates::leaks(&all_groups, &input.split);
     let day_leak = duplicates::leaks(&all_groups, &input.day);
@@ -375,7 +430,18 @@ pub fn audit(
             .collect::<Vec<_>>(),
         opts.k,
     );
-    let outlier_z = outliers::robust_z(&kth, 1e-6);
+    let pixel_kth: Vec<f32> = outliers::kth_distance(
+        &pixel_neighbors
+            .iter()
+            .map(|v| v.iter().map(|p| p.1).collect())
+            .collect::<Vec<_>>(),
+        opts.k,
+    );
+    let outlier_z: Vec<f32> = outliers::robust_z(&kth, 1e-6)
+        .into_iter()
+        .zip(outliers::robust_z(&pixel_kth, 1e-6))
+        .map(|(a, b)| a.max(b))
+        .collect();
 
     // Corruption: the pixel score as a robust z-score.
     let corruption_scores: Vec<f32> = pixels.iter().map(|p| p.1.score()).collect();
@@ -395,6 +461,7 @@ pub fn audit(
             sha256: hashes[i].clone(),
             exact_duplicate_group: exact_of[i],
             nearest_distance: nearest[i],
+            pixel_nearest_distance: pixel_nearest[i],
             near_duplicate_group: near_of[i],
             near_duplicate: near_of[i].is_some(),
             split_leak: split_leak[i],
@@ -413,7 +480,7 @@ pub fn audit(
         &records,
         classes,
         &labels,
-        threshold,
+        (threshold, pixel_threshold),
         exact_groups.len(),
         near_groups.len(),
         corruption_check,
@@ -469,7 +536,7 @@ fn check_corruption(
         originals: pairs.len(),
         roc_auc: auc(false),
         changed: pairs.iter().filter(|p| p.1).count(),
-        roc_auc_changed: auc(true),
+        roc_auc_changed: pairs.iter().any(|p| p.1).then(|| auc(true)),
     }))
 }
 
@@ -478,7 +545,7 @@ fn summarise(
     records: &[AuditRecord],
     classes: &[String],
     labels: &[u32],
-    threshold: f32,
+    (threshold, pixel_threshold): (f32, f32),
     exact_groups: usize,
     near_groups: usize,
     corruption_check: Option<CorruptionCheck>,
@@ -522,6 +589,7 @@ fn summarise(
         exact_duplicate_groups: exact_groups,
         near_duplicate_groups: near_groups,
         near_duplicate_threshold: threshold,
+        pixel_near_duplicate_threshold: pixel_threshold,
         split_leaks: count(|r| r.split_leak),
         day_leaks: count(|r| r.day_leak),
         outliers: count(|r| r.outlier),

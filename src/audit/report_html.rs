@@ -87,13 +87,14 @@ pub fn write(audit: &Audit, out: &Path, page_size: usize) -> Result<(), AuditErr
     let mut shown: BTreeSet<usize> = BTreeSet::new();
     let mut html = format!(
         "<!doctype html><html><head><meta charset=utf-8><title>bccp audit</title><style>{STYLE}</style></head><body>\
-         <h1>bccp audit: {} samples, {} classes</h1><p>backbone {}; k = {}; near-duplicate threshold {:.4} \
-         ({} × median nearest distance); outlier z &gt; {}; corruption z &gt; {}</p>",
+         <h1>bccp audit: {} samples, {} classes</h1><p>backbone {}; k = {}; near-duplicate thresholds {:.4} (embeddings), \
+         {:.4} (pixels) ({} × median nearest distance); outlier z &gt; {}; corruption z &gt; {}</p>",
         s.samples,
         s.classes.len(),
         esc(&s.options.backbone),
         s.options.k,
         s.near_duplicate_threshold,
+        s.pixel_near_duplicate_threshold,
         s.options.near_factor,
         s.options.outlier_z,
         s.options.corrupt_z
@@ -171,7 +172,7 @@ pub fn write(audit: &Audit, out: &Path, page_size: usize) -> Result<(), AuditErr
         &exact,
         page_size,
     );
-    section(&mut html, "near", "Near-duplicates", "Nearest-neighbour distance of unit-normalised embeddings under the threshold; one group per row, closest first.", &near, page_size);
+    section(&mut html, "near", "Near-duplicates", "Nearest-neighbour distance under the threshold, of unit-normalised embeddings or of 16×16 centred pixel vectors; one group per row, closest first.", &near, page_size);
     section(
         &mut html,
         "leaks",
@@ -184,7 +185,7 @@ pub fn write(audit: &Audit, out: &Path, page_size: usize) -> Result<(), AuditErr
         &mut html,
         "outliers",
         "Outliers",
-        "Robust z-score of the distance to the k-th nearest other sample.",
+        "Robust z-score of the distance to the k-th nearest other sample (the larger of embeddings and pixel vectors).",
         &outl,
         page_size,
     );
@@ -192,7 +193,7 @@ pub fn write(audit: &Audit, out: &Path, page_size: usize) -> Result<(), AuditErr
         &mut html,
         "corrupted",
         "Corrupted images",
-        "Pixel statistics: saturated white blocks, black cuts through the object, Laplacian noise.",
+        "Pixel statistics: share of saturated white 2×2 blocks plus share of black pixels cutting through the object, as a robust z-score.",
         &corr,
         page_size,
     );

@@ -36,7 +36,7 @@ pub struct AuditArgs {
     #[arg(long, default_value_t = 0.3)]
     near_factor: f32,
     /// Robust z-score of the k-th neighbour distance above which a sample is an outlier.
-    #[arg(long, default_value_t = 3.5)]
+    #[arg(long, default_value_t = 3.0)]
     outlier_z: f32,
     /// Robust z-score of the corruption score above which an image is flagged.
     #[arg(long, default_value_t = 3.5)]
@@ -148,8 +148,12 @@ pub fn run(args: AuditArgs, quiet: bool) -> Result<()> {
     );
     if let Some(c) = &s.corruption_check {
         println!(
-            "corrupted-image score against the clean originals: ROC AUC {:.4} ({} corrupted, {} originals); {:.4} over the {} whose pixels changed",
-            c.roc_auc, c.corrupted, c.originals, c.roc_auc_changed, c.changed
+            "corrupted-image score against the clean originals: ROC AUC {:.4} ({} corrupted, {} originals); {} over the {} whose pixels changed",
+            c.roc_auc,
+            c.corrupted,
+            c.originals,
+            c.roc_auc_changed.map_or("–".to_string(), |a| format!("{a:.4}")),
+            c.changed
         );
     }
     println!(
