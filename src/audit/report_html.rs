@@ -197,7 +197,7 @@ pub fn write(audit: &Audit, out: &Path, page_size: usize) -> Result<(), AuditErr
         &corr,
         page_size,
     );
-    let _ = write!(html, "<script>{SCRIPT}</script></body></html>\n");
+    let _ = writeln!(html, "<script>{SCRIPT}</script></body></html>");
 
     let thumbs = out.join("thumbs");
     std::fs::create_dir_all(&thumbs).map_err(write_error(&thumbs))?;
