@@ -17,7 +17,8 @@ mkdir -p "$work/source"
 for dir in "$assets/fashion-mnist/train"/*/; do
   class=$(basename "$dir")
   mkdir -p "$work/source/$class"
-  find "$dir" -maxdepth 1 -name '*.png' | sort | head -n "$per_class" | xargs -I{} cp {} "$work/source/$class/"
+  mapfile -t files < <(find "$dir" -maxdepth 1 -name '*.png' | sort)
+  cp "${files[@]:0:$per_class}" "$work/source/$class/"
 done
 $bccp --quiet prepare --source "$work/source" --out "$work/days" --corruption mixed --seed 42
 $bccp --quiet audit --dataset "$work/days" --out "$work/audit" --image-size 32 \
