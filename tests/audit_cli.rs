@@ -328,3 +328,55 @@ fn audit_errors_name_the_flag() {
     ]));
     assert!(err.contains("--near-factor"), "{err}");
 }
+
+#[test]
+fn audit_of_a_folder_has_no_splits_and_rewrites_its_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("folder");
+    common::make_folder(&folder, &[12, 12, 12]);
+    // One exact copy.
+    std::fs::copy(
+        folder.join("class0/img000.png"),
+        folder.join("class0/copy.png"),
+    )
+    .unwrap();
+    let out = tmp.path().join("audit");
+    let weights = asset("weights/mobilenet_v2.safetensors");
+    let args = [
+        "audit",
+        "--folder",
+        folder.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-cache",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+    ];
+    for _ in 0..2 {
+        success(&bccp(&args));
+    }
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["samples"], 37);
+    assert_eq!(summary["exact_duplicate_groups"], 1);
+    assert_eq!(summary["split_leaks"], 0);
+    assert_eq!(summary["day_leaks"], 0);
+    assert!(summary["corruption_check"].is_null());
+    assert!((summary["imbalance_ratio"].as_f64().unwrap() - 13.0 / 12.0).abs() < 1e-9);
+    let lines = std::fs::read_to_string(out.join("report.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 37);
+    assert!(lines.lines().all(|l| l.contains("\"split\":null")));
+    // Only the three outputs and the thumbnails, no temporary files left behind.
+    assert_eq!(
+        common::entries(&out),
+        ["report.html", "report.jsonl", "summary.json", "thumbs"]
+    );
+}
