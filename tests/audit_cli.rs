@@ -380,3 +380,62 @@ fn audit_of_a_folder_has_no_splits_and_rewrites_its_outputs() {
         ["report.html", "report.jsonl", "summary.json", "thumbs"]
     );
 }
+
+#[test]
+fn audit_of_a_store_reads_its_samples_splits_and_sources() {
+    let tmp = tempfile::tempdir().unwrap();
+    let days = common::prepared_small(tmp.path());
+    let db = format!("sqlite:{}", tmp.path().join("store.sqlite3").display());
+    success(&bccp(&[
+        "generate",
+        "-d",
+        days.to_str().unwrap(),
+        "--db",
+        &db,
+        "--bulk",
+    ]));
+    let out = tmp.path().join("audit");
+    let weights = asset("weights/mobilenet_v2.safetensors");
+    success(&bccp(&[
+        "audit",
+        "--db",
+        &db,
+        "--out",
+        out.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-cache",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+    ]));
+    let records: Vec<Value> = std::fs::read_to_string(out.join("report.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 36, "3 classes × 12, split over both days");
+    let sources: BTreeSet<&str> = records.iter().map(|r| r["day"].as_str().unwrap()).collect();
+    assert_eq!(sources, BTreeSet::from(["monday", "tuesday"]));
+    let splits: BTreeSet<&str> = records
+        .iter()
+        .map(|r| r["split"].as_str().unwrap())
+        .collect();
+    assert!(splits.contains("train"), "{splits:?}");
+    // --db with --folder is refused by name.
+    let err = common::failure(&bccp(&[
+        "audit",
+        "--db",
+        &db,
+        "--folder",
+        days.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(err.contains("--folder") && err.contains("--db"), "{err}");
+}

@@ -71,6 +71,53 @@ impl AuditInput {
         })
     }
 
+    /// The samples of a data store, by id: the label audited is the one given, the split is
+    /// the store's (train or gate), the day is the sample's source.
+    pub fn store(store: &mut dyn crate::store::Store) -> Result<Self> {
+        let classes = store
+            .classes()
+            .map_err(|e| AuditError::Input(format!("cannot read the store's classes: {e}")))?;
+        let filter = crate::store::SampleFilter::default();
+        let count = store
+            .count_samples(&filter)
+            .map_err(|e| AuditError::Input(format!("cannot count the store's samples: {e}")))?;
+        let samples = store
+            .samples(&filter, count as usize)
+            .map_err(|e| AuditError::Input(format!("cannot read the store's samples: {e}")))?;
+        if let Some(s) = samples
+            .iter()
+            .find(|s| s.label_given < 0 || s.label_given as usize >= classes.len())
+        {
+            return Err(AuditError::Input(format!(
+                "sample {} of the store has label {}, not a class index in 0..{}",
+                s.id,
+                s.label_given,
+                classes.len()
+            )));
+        }
+        let files: Vec<PathBuf> = samples
+            .iter()
+            .map(|s| PathBuf::from(&s.image_path))
+            .collect();
+        let list = ImageList {
+            recorded_paths: samples.iter().map(|s| s.image_path.clone()).collect(),
+            targets: samples.iter().map(|s| s.label_given).collect(),
+            ids: Some(samples.iter().map(|s| s.id).collect()),
+            files,
+            classes,
+            ..ImageList::default()
+        };
+        Ok(Self {
+            list,
+            split: samples
+                .iter()
+                .map(|s| Some(s.split.as_str().to_string()))
+                .collect(),
+            day: samples.iter().map(|s| Some(s.source.clone())).collect(),
+            originals: Vec::new(),
+        })
+    }
+
     /// A dataset made by `bccp prepare`: Monday and (when present) Tuesday, each split into
     /// train/test exactly as `bccp train` splits them.
     pub fn prepared(dir: &Path) -> Result<Self> {

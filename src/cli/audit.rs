@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{BackboneArgs, CacheArgs, DeviceArgs};
+use super::{BackboneArgs, CacheArgs, DbArgs, DeviceArgs};
 use bccp::audit::{audit, write_outputs, AuditInput, AuditOptions};
 use bccp::backbone::Embedder;
 
@@ -14,11 +14,15 @@ use bccp::backbone::Embedder;
 pub struct AuditArgs {
     /// A dataset made by `bccp prepare` (Monday and Tuesday, split train/test as `bccp train`
     /// splits them).
-    #[arg(long, conflicts_with = "folder", required_unless_present = "folder")]
+    #[arg(long, conflicts_with_all = ["folder", "db"], required_unless_present_any = ["folder", "db"])]
     dataset: Option<PathBuf>,
     /// Or an image folder ROOT/<class>/<file> (no splits, no days).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "db")]
     folder: Option<PathBuf>,
+    /// Or the samples of a data store (`--db sqlite:PATH` or `postgres://…`): the given labels,
+    /// the store's train/gate split, the source as the day.
+    #[command(flatten)]
+    db: DbArgs,
     /// Output folder: report.jsonl, summary.json, report.html and thumbs/.
     #[arg(long)]
     out: PathBuf,
@@ -100,7 +104,12 @@ pub fn run(args: AuditArgs, quiet: bool) -> Result<()> {
             super::print_skipped(&input.list.skipped);
             input
         }
-        (None, None) => anyhow::bail!("give --dataset PREPARED or --folder DIR"),
+        (None, None) if args.db.db.is_some() => {
+            let mut store = args.db.open()?;
+            AuditInput::store(store.as_mut())
+                .with_context(|| format!("--db {}", store.location()))?
+        }
+        (None, None) => anyhow::bail!("give --dataset PREPARED, --folder DIR or --db URL"),
     };
     let config = args
         .backbone
