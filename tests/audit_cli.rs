@@ -420,6 +420,9 @@ fn audit_of_a_store_reads_its_samples_splits_and_sources() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(records.len(), 36, "3 classes × 12, split over both days");
+    // Every line carries its store id, so a reviewer's answer can be stored against it.
+    let ids: BTreeSet<i64> = records.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids.len(), 36);
     let sources: BTreeSet<&str> = records.iter().map(|r| r["day"].as_str().unwrap()).collect();
     assert_eq!(sources, BTreeSet::from(["monday", "tuesday"]));
     let splits: BTreeSet<&str> = records

@@ -186,6 +186,8 @@ impl Default for AuditOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
     pub index: usize,
+    /// The sample's id where the input has ids (a store's sample id, a manifest's id).
+    pub id: Option<i64>,
     pub path: String,
     pub split: Option<String>,
     pub day: Option<String>,
@@ -497,6 +499,7 @@ pub fn audit(
     let records: Vec<AuditRecord> = (0..n)
         .map(|i| AuditRecord {
             index: i,
+            id: input.list.ids.as_ref().and_then(|ids| ids.get(i).copied()),
             path: set.paths[i].clone(),
             split: input.split[i].clone(),
             day: input.day[i].clone(),
