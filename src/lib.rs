@@ -4,6 +4,7 @@
 //! `DESIGN.md`; data flows `data` → `backbone` → `sampling` / `cutoff` → `train` → `registry`.
 
 pub mod alloc;
+pub mod audit;
 pub mod backbone;
 pub mod baselines;
 pub mod cleanse;

@@ -50,6 +50,9 @@ enum Command {
     Predict(cli::predict::PredictArgs),
     /// List registered runs with their key metrics, or move an alias.
     Runs(cli::runs::RunsArgs),
+    /// A data-quality report: label issues, duplicates and leaks, outliers, corrupted images,
+    /// class balance (report.jsonl, summary.json, report.html).
+    Audit(cli::audit::AuditArgs),
     /// Find likely wrong labels with confident learning (cleanlab's find_label_issues).
     LabelIssues(cli::label_issues::LabelIssuesArgs),
     /// Feed the data store from a prepared dataset: bulk, then a stream at a rate (the
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Train(args) => cli::train::run(args, quiet),
         Command::Predict(args) => cli::predict::run(args),
         Command::Runs(args) => cli::runs::run(args),
+        Command::Audit(args) => cli::audit::run(args, quiet),
         Command::LabelIssues(args) => cli::label_issues::run(args, quiet),
         Command::Experiment(args) => cli::experiment::run(args),
         Command::Generate(args) => cli::generate::run(args, quiet),

@@ -70,7 +70,11 @@ pub const TRAIN_SHARE: f64 = 0.8;
 pub const SPLIT_SEED: u64 = 0x5917;
 
 /// The first `n` records (all when `None`), split 80/20 with the fixed split seed.
-fn split_day(records: Vec<Record>, n: Option<usize>, stream: u64) -> (Vec<Record>, Vec<Record>) {
+pub(crate) fn split_day(
+    records: Vec<Record>,
+    n: Option<usize>,
+    stream: u64,
+) -> (Vec<Record>, Vec<Record>) {
     let mut records = records;
     if let Some(n) = n {
         records.truncate(n);

@@ -1,6 +1,7 @@
 //! The commands of the `bccp` binary, one file each: parse → library call → print. The
 //! argument groups several commands share are defined here once and flattened.
 
+pub mod audit;
 pub mod classify;
 pub mod closest;
 pub mod cut_scores;
