@@ -218,21 +218,15 @@ fn bayesian_cutoff(
             (which, _) => cutoff::score(&stats, which, features, given)?,
         };
         let probs = stats.mean_probs.to_device(&candle_core::Device::Cpu)?;
-        let predicted: Vec<u32> = probs.argmax(1)?.to_vec1::<u32>()?;
-        let confidence: Vec<f32> = probs.max(1)?.to_vec1::<f32>()?;
+        let (predicted, confidence) = top_class(&probs)?;
         let estimate = match cfg.cutoff_percentile {
-            Percentile::Joint => Some(joint_noise_counts(
-                &probs.flatten_all()?.to_vec1::<f32>()?,
-                given,
-                classes,
-                &eligible,
-            )?),
-            Percentile::Mixture => Some(cutoff::mixture_noise_counts(
-                &probs.flatten_all()?.to_vec1::<f32>()?,
-                given,
-                classes,
-                &eligible,
-            )),
+            Percentile::Joint | Percentile::Mixture => {
+                let flat = probs.flatten_all()?.to_vec1::<f32>()?;
+                Some(match cfg.cutoff_percentile {
+                    Percentile::Joint => joint_noise_counts(&flat, given, classes, &eligible)?,
+                    _ => cutoff::mixture_noise_counts(&flat, given, classes, &eligible),
+                })
+            }
             _ => None,
         };
         let amount = Amount::of(
@@ -312,6 +306,11 @@ fn teacher_predictions(
     let head = train_head(&x, &y, classes, &cfg, &Progress::hidden())?;
     let probs = candle_nn::ops::softmax_last_dim(&head.logits(features)?)?
         .to_device(&candle_core::Device::Cpu)?;
+    top_class(&probs)
+}
+
+/// The most probable class of each row of `probs` [n, classes] and its probability.
+fn top_class(probs: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
     Ok((
         probs.argmax(1)?.to_vec1::<u32>()?,
         probs.max(1)?.to_vec1::<f32>()?,
