@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::{asset, bccp, success};
 use serde_json::Value;
@@ -94,47 +93,12 @@ fn pr(flagged: &BTreeSet<usize>, truth: &BTreeSet<usize>) -> (f64, f64) {
 }
 
 /// Debian's Chromium, or the `chromium` on the PATH.
-fn chromium() -> PathBuf {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("chromium not found: install Debian's `chromium` package (apt-get install -y chromium)")
-        })
-}
-
 /// A headless-Chromium screenshot of `page`; the number of black pixels (the thumbnails'
 /// Fashion-MNIST backgrounds; the page's text is #222 and its image boxes #eee).
 fn screenshot(page: &Path, shot: &Path) -> usize {
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("timeout")
-        .arg("90")
-        .arg(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--no-first-run",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--window-size=1280,1400",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(format!("file://{}", page.display()))
-        .output()
-        .unwrap();
-    assert!(
-        shot.is_file(),
-        "no screenshot: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let img = image::open(shot).unwrap().to_rgba8();
-    img.pixels()
+    let url = format!("file://{}", page.display());
+    common::browser::screenshot(&url, 1280, 1400, shot)
+        .pixels()
         .filter(|p| p.0[..3].iter().all(|&v| v <= 10))
         .count()
 }

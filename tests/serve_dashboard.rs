@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use bccp::store::{
@@ -217,26 +216,6 @@ fn every_grafana_sql_panel_runs_on_postgres() {
 }
 
 /// Debian's Chromium, or the `chromium` on the PATH.
-fn chromium() -> PathBuf {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("chromium"))
-                    .find(|c| c.is_file())
-            })
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "chromium not found: install Debian's `chromium` package (scripts/test.sh does: \
-                 apt-get install -y chromium); the dashboard test does not skip"
-            )
-        })
-}
-
 /// Pixels within a small distance of `rgb`.
 fn count_colour(img: &image::RgbaImage, rgb: [u8; 3]) -> usize {
     img.pixels()
@@ -413,37 +392,16 @@ fn dashboard_draws_charts_in_headless_chromium() {
 
     // Headless Chromium takes a screenshot; the charts' colours must be on it.
     let shot = tmp.path().join("dashboard.png");
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("timeout")
-        .arg("90")
-        .arg(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--no-first-run",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--window-size=1280,1500",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(format!("http://{addr}/dashboard?refresh=3600"))
-        .output()
-        .unwrap();
-    assert!(
-        shot.is_file(),
-        "no screenshot: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    let img = common::browser::screenshot(
+        &format!("http://{addr}/dashboard?refresh=3600"),
+        1280,
+        1500,
+        &shot,
     );
     let keep = std::env::var_os("BCCP_KEEP_SCREENSHOT").map(PathBuf::from);
     if let Some(k) = &keep {
         std::fs::copy(&shot, k).unwrap();
     }
-    let img = image::open(&shot).unwrap().to_rgba8();
     let white = img.pixels().filter(|p| p.0[..3] == [255, 255, 255]).count();
     assert!(white < img.pixels().count(), "a blank page");
     // The first class's bars, the p50 line and Monday's gate bars.
