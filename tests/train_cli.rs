@@ -295,9 +295,9 @@ fn bad_flag_combinations_are_refused_before_work() {
                 "--finetune",
                 "full",
                 "--backbone",
-                "resnet18",
+                "dinov2_small",
             ],
-            "not supported for --backbone resnet18",
+            "not supported for --backbone dinov2_small",
         ),
         (
             &["-t", "monday", "--finetune", "partial"],

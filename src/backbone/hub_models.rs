@@ -2,19 +2,8 @@
 //! returns its embedding: the pooled feature before the classifier.
 
 use candle_core::{IndexOp, Module, Result, Tensor, D};
-use candle_nn::{Func, LayerNorm, Linear, VarBuilder};
-use candle_transformers::models::{clip, dinov2, resnet, vit};
-
-/// ResNet-18/34/50 without the final layer (timm `resnet*.a1_in1k` tensor names): the
-/// global-average-pooled output of `layer4`.
-pub fn resnet(depth: usize, vb: VarBuilder<'static>) -> Result<Func<'static>> {
-    match depth {
-        18 => resnet::resnet18_no_final_layer(vb),
-        34 => resnet::resnet34_no_final_layer(vb),
-        50 => resnet::resnet50_no_final_layer(vb),
-        _ => candle_core::bail!("ResNet-{depth} is not in the zoo (18, 34, 50)"),
-    }
-}
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::{clip, dinov2, vit};
 
 /// ViT-B/16 (`google/vit-base-patch16-224` names): the layer-normed CLS token.
 #[derive(Debug, Clone)]

@@ -205,12 +205,26 @@ impl Module for ConvBn {
             }
             ConvKind::Dense => {
                 let (pt, pb, pl, pr) = self.padding.resolve(h, w, self.kernel, self.stride);
-                if pt == pb && pl == pr && pt == pl {
-                    x.conv2d(&self.weight, pt, self.stride, 1, 1)?
+                let (k, s) = (self.kernel, self.stride);
+                // Rows (columns) past the last window, in padded coordinates.
+                let unused_h = (h + pt + pb - k) % s;
+                let unused_w = (w + pl + pr - k) % s;
+                if pt == pb && pl == pr && pt == pl && unused_h == unused_w {
+                    x.conv2d(&self.weight, pt, s, 1, 1)?
                 } else {
-                    x.pad_with_zeros(D::Minus2, pt, pb)?
-                        .pad_with_zeros(D::Minus1, pl, pr)?
-                        .conv2d(&self.weight, 0, self.stride, 1, 1)?
+                    // Pad by hand; drop the unused edge when the two sides differ, since
+                    // candle's conv2d backward derives the output padding of its transposed
+                    // convolution from the height alone (a gradient of the wrong width).
+                    let padded =
+                        x.pad_with_zeros(D::Minus2, pt, pb)?
+                            .pad_with_zeros(D::Minus1, pl, pr)?;
+                    let padded = if unused_h == unused_w {
+                        padded
+                    } else {
+                        let (ph, pw) = (h + pt + pb - unused_h, w + pl + pr - unused_w);
+                        padded.narrow(2, 0, ph)?.narrow(3, 0, pw)?
+                    };
+                    padded.conv2d(&self.weight, 0, s, 1, 1)?
                 }
             }
         };

@@ -12,6 +12,7 @@ pub mod imagenet;
 pub mod layers;
 pub mod limits;
 pub mod mobilenet_v2;
+pub mod resnet;
 pub mod zoo;
 
 pub use embedder::{EmbedStats, Embedder, EmbedderConfig};
@@ -67,7 +68,7 @@ pub fn resolve_weights(
 enum Network {
     MobileNetV2(mobilenet_v2::MobileNetV2),
     EfficientNetLite(efficientnet_lite::EfficientNetLite),
-    ResNet(candle_nn::Func<'static>),
+    ResNet(resnet::ResNet),
     Vit(hub_models::VitEmbedder),
     Clip(hub_models::ClipEmbedder),
     Dinov2(hub_models::Dinov2Embedder),
@@ -116,9 +117,9 @@ impl Backbone {
             Architecture::EfficientnetLite0 => Network::EfficientNetLite(
                 efficientnet_lite::EfficientNetLite::load(&efficientnet_lite::Config::lite0(), vb)?,
             ),
-            Architecture::Resnet18 => Network::ResNet(hub_models::resnet(18, vb)?),
-            Architecture::Resnet34 => Network::ResNet(hub_models::resnet(34, vb)?),
-            Architecture::Resnet50 => Network::ResNet(hub_models::resnet(50, vb)?),
+            Architecture::Resnet18 => Network::ResNet(resnet::ResNet::load(18, vb)?),
+            Architecture::Resnet34 => Network::ResNet(resnet::ResNet::load(34, vb)?),
+            Architecture::Resnet50 => Network::ResNet(resnet::ResNet::load(50, vb)?),
             Architecture::VitBasePatch16_224 => Network::Vit(hub_models::VitEmbedder::load(vb)?),
             Architecture::ClipVitB32 => Network::Clip(hub_models::ClipEmbedder::load(vb)?),
             Architecture::Dinov2Small => Network::Dinov2(hub_models::Dinov2Embedder::load(vb)?),
@@ -162,15 +163,26 @@ impl Backbone {
     /// Why `--finetune full` cannot train an architecture yet, if it cannot.
     pub fn finetune_blocker(arch: Architecture) -> Option<&'static str> {
         match arch {
-            Architecture::MobilenetV2 | Architecture::EfficientnetLite0 => None,
-            Architecture::Resnet18 | Architecture::Resnet34 | Architecture::Resnet50 => {
-                Some("candle has no backward pass for its 3×3 stride-2 max-pool")
-            }
+            Architecture::MobilenetV2
+            | Architecture::EfficientnetLite0
+            | Architecture::Resnet18
+            | Architecture::Resnet34
+            | Architecture::Resnet50 => None,
             Architecture::VitBasePatch16_224
             | Architecture::ClipVitB32
             | Architecture::Dinov2Small => Some(
                 "candle-nn's fused layer-norm has no backward pass, so no gradient would reach the layers below it",
             ),
+        }
+    }
+
+    /// The network's trainable form, for the architectures `--finetune full` can train.
+    fn tunable(&self) -> Option<&dyn Tunable> {
+        match &self.network {
+            Network::MobileNetV2(m) => Some(m.trunk()),
+            Network::EfficientNetLite(m) => Some(m.trunk()),
+            Network::ResNet(m) => Some(m),
+            _ => None,
         }
     }
 
@@ -202,6 +214,7 @@ impl Backbone {
         match &mut model.network {
             Network::MobileNetV2(m) => m.trunk_mut().make_trainable(&mut vars)?,
             Network::EfficientNetLite(m) => m.trunk_mut().make_trainable(&mut vars)?,
+            Network::ResNet(m) => m.make_trainable(&mut vars)?,
             _ => unreachable!("finetune_blocker lets only these through"),
         }
         Ok((model, vars))
@@ -209,12 +222,12 @@ impl Backbone {
 
     /// The backbone's parameters in checkpoint layout, names prefixed with [`TUNED_PREFIX`].
     pub fn export_tuned(&self) -> Result<Vec<(String, Tensor)>> {
-        let trunk = self.trunk().ok_or_else(|| BackboneError::NotTrainable {
+        let network = self.tunable().ok_or_else(|| BackboneError::NotTrainable {
             name: self.spec.name.clone(),
             why: "only the backbones written here can be exported",
         })?;
         let mut out = Vec::new();
-        trunk.export(&mut out)?;
+        network.export(&mut out)?;
         Ok(out
             .into_iter()
             .map(|(k, t)| (format!("{TUNED_PREFIX}.{k}"), t))
@@ -263,7 +276,7 @@ impl Backbone {
         match &self.network {
             Network::MobileNetV2(m) => m.embed(x),
             Network::EfficientNetLite(m) => m.embed(x),
-            Network::ResNet(m) => m.forward(x),
+            Network::ResNet(m) => m.embed(x),
             Network::Vit(m) => m.embed(x),
             Network::Clip(m) => m.embed(x),
             Network::Dinov2(m) => m.embed(x),

@@ -380,7 +380,7 @@ impl RunConfig {
         if self.finetune == Finetune::Full {
             if let Some(why) = crate::backbone::Backbone::finetune_blocker(spec.architecture) {
                 return Err(invalid(format!(
-                    "`finetune` full is not supported for `backbone` {} yet: {why}; use mobilenet_v2 or efficientnet_lite0, or `finetune` head",
+                    "`finetune` full is not supported for `backbone` {} yet: {why}; use mobilenet_v2, efficientnet_lite0 or a resnet, or `finetune` head",
                     spec.name
                 )));
             }
