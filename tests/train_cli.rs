@@ -275,7 +275,7 @@ fn bad_flag_combinations_are_refused_before_work() {
     std::fs::create_dir_all(&days).unwrap();
     let runs = tmp.path().join("runs");
     let cache = tmp.path().join("cache");
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &["-t", "monday", "-b", "Y", "--method", "cleanlab"],
             "cannot be combined with --method cleanlab",
@@ -287,17 +287,6 @@ fn bad_flag_combinations_are_refused_before_work() {
         (
             &["-t", "monday", "--method", "cleanlab", "--folds", "1"],
             "--folds 1 must be 2 or more",
-        ),
-        (
-            &[
-                "-t",
-                "monday",
-                "--finetune",
-                "full",
-                "--backbone",
-                "dinov2_small",
-            ],
-            "not supported for --backbone dinov2_small",
         ),
         (
             &["-t", "monday", "--finetune", "partial"],

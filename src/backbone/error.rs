@@ -31,8 +31,6 @@ pub enum BackboneError {
         name: String,
         message: String,
     },
-    #[error("finetune full is not supported for {name} yet: {why}")]
-    NotTrainable { name: String, why: &'static str },
     #[error("backbone {name} produced {found}-d embeddings, the zoo says {expected}")]
     Width {
         name: String,

@@ -7,12 +7,12 @@ pub mod efficientnet_lite;
 pub mod embedder;
 pub mod error;
 pub mod hub;
-pub mod hub_models;
 pub mod imagenet;
 pub mod layers;
 pub mod limits;
 pub mod mobilenet_v2;
 pub mod resnet;
+pub mod vit;
 pub mod zoo;
 
 pub use embedder::{EmbedStats, Embedder, EmbedderConfig};
@@ -69,9 +69,7 @@ enum Network {
     MobileNetV2(mobilenet_v2::MobileNetV2),
     EfficientNetLite(efficientnet_lite::EfficientNetLite),
     ResNet(resnet::ResNet),
-    Vit(hub_models::VitEmbedder),
-    Clip(hub_models::ClipEmbedder),
-    Dinov2(hub_models::Dinov2Embedder),
+    Transformer(vit::VisionTransformer),
 }
 
 /// A network laid out for channels-last CPU inference.
@@ -120,9 +118,15 @@ impl Backbone {
             Architecture::Resnet18 => Network::ResNet(resnet::ResNet::load(18, vb)?),
             Architecture::Resnet34 => Network::ResNet(resnet::ResNet::load(34, vb)?),
             Architecture::Resnet50 => Network::ResNet(resnet::ResNet::load(50, vb)?),
-            Architecture::VitBasePatch16_224 => Network::Vit(hub_models::VitEmbedder::load(vb)?),
-            Architecture::ClipVitB32 => Network::Clip(hub_models::ClipEmbedder::load(vb)?),
-            Architecture::Dinov2Small => Network::Dinov2(hub_models::Dinov2Embedder::load(vb)?),
+            Architecture::VitBasePatch16_224 => {
+                Network::Transformer(vit::VisionTransformer::load(vit::Flavour::Vit, vb)?)
+            }
+            Architecture::ClipVitB32 => {
+                Network::Transformer(vit::VisionTransformer::load(vit::Flavour::Clip, vb)?)
+            }
+            Architecture::Dinov2Small => {
+                Network::Transformer(vit::VisionTransformer::load(vit::Flavour::Dinov2, vb)?)
+            }
         };
         let mut model = Self {
             spec: spec.clone(),
@@ -160,29 +164,13 @@ impl Backbone {
         })
     }
 
-    /// Why `--finetune full` cannot train an architecture yet, if it cannot.
-    pub fn finetune_blocker(arch: Architecture) -> Option<&'static str> {
-        match arch {
-            Architecture::MobilenetV2
-            | Architecture::EfficientnetLite0
-            | Architecture::Resnet18
-            | Architecture::Resnet34
-            | Architecture::Resnet50 => None,
-            Architecture::VitBasePatch16_224
-            | Architecture::ClipVitB32
-            | Architecture::Dinov2Small => Some(
-                "candle-nn's fused layer-norm has no backward pass, so no gradient would reach the layers below it",
-            ),
-        }
-    }
-
-    /// The network's trainable form, for the architectures `--finetune full` can train.
-    fn tunable(&self) -> Option<&dyn Tunable> {
+    /// The network's trainable form.
+    fn tunable(&self) -> &dyn Tunable {
         match &self.network {
-            Network::MobileNetV2(m) => Some(m.trunk()),
-            Network::EfficientNetLite(m) => Some(m.trunk()),
-            Network::ResNet(m) => Some(m),
-            _ => None,
+            Network::MobileNetV2(m) => m.trunk(),
+            Network::EfficientNetLite(m) => m.trunk(),
+            Network::ResNet(m) => m,
+            Network::Transformer(m) => m,
         }
     }
 
@@ -195,18 +183,13 @@ impl Backbone {
     }
 
     /// Loads `spec`'s network with trainable parameters and returns them: the folded
-    /// convolutions of the backbones written here (batch-norm statistics frozen).
+    /// convolutions of the CNNs (batch-norm statistics frozen), every weight of the vision
+    /// transformers but their class token and position embeddings.
     pub fn load_trainable(
         spec: &BackboneSpec,
         weights: &Path,
         device: &Device,
     ) -> Result<(Self, Vec<Var>)> {
-        if let Some(why) = Self::finetune_blocker(spec.architecture) {
-            return Err(BackboneError::NotTrainable {
-                name: spec.name.clone(),
-                why,
-            });
-        }
         let mut model = Self::load(spec, weights, device)?;
         // Training changes the weights: embed through candle's ops, which follow them.
         model.channels_last = None;
@@ -215,19 +198,15 @@ impl Backbone {
             Network::MobileNetV2(m) => m.trunk_mut().make_trainable(&mut vars)?,
             Network::EfficientNetLite(m) => m.trunk_mut().make_trainable(&mut vars)?,
             Network::ResNet(m) => m.make_trainable(&mut vars)?,
-            _ => unreachable!("finetune_blocker lets only these through"),
+            Network::Transformer(m) => m.make_trainable(&mut vars)?,
         }
         Ok((model, vars))
     }
 
     /// The backbone's parameters in checkpoint layout, names prefixed with [`TUNED_PREFIX`].
     pub fn export_tuned(&self) -> Result<Vec<(String, Tensor)>> {
-        let network = self.tunable().ok_or_else(|| BackboneError::NotTrainable {
-            name: self.spec.name.clone(),
-            why: "only the backbones written here can be exported",
-        })?;
         let mut out = Vec::new();
-        network.export(&mut out)?;
+        self.tunable().export(&mut out)?;
         Ok(out
             .into_iter()
             .map(|(k, t)| (format!("{TUNED_PREFIX}.{k}"), t))
@@ -277,9 +256,7 @@ impl Backbone {
             Network::MobileNetV2(m) => m.embed(x),
             Network::EfficientNetLite(m) => m.embed(x),
             Network::ResNet(m) => m.embed(x),
-            Network::Vit(m) => m.embed(x),
-            Network::Clip(m) => m.embed(x),
-            Network::Dinov2(m) => m.embed(x),
+            Network::Transformer(m) => m.embed(x),
         }
     }
 

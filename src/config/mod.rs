@@ -378,12 +378,6 @@ impl RunConfig {
             limits::check_batch(&pre, self.batch_size, true).map_err(batch_memory)?;
         }
         if self.finetune == Finetune::Full {
-            if let Some(why) = crate::backbone::Backbone::finetune_blocker(spec.architecture) {
-                return Err(invalid(format!(
-                    "`finetune` full is not supported for `backbone` {} yet: {why}; use mobilenet_v2, efficientnet_lite0 or a resnet, or `finetune` head",
-                    spec.name
-                )));
-            }
             positive("backbone_lr", self.backbone_lr)?;
         }
         if self.dataset.as_os_str().is_empty() {
