@@ -106,6 +106,11 @@ pub fn consume(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // Bounded prefetch: librdkafka keeps at least this many records queued per partition
+        // (default 100 000), fetched 256 KiB at a time, 4 MiB at most.
+        .set("queued.min.messages", (2 * opts.batch_size.max(100)).to_string())
+        .set("fetch.message.max.bytes", "262144")
+        .set("queued.max.messages.kbytes", "4096")
         // A consumer killed without leaving the group holds its partitions this long.
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")

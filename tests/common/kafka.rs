@@ -4,8 +4,11 @@
 //! drop. The same venv holds `kafka-python`, a standard client the tests read and write with.
 //! A missing venv fails the test with what to run: CI must run these tests.
 
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The venv: `BCCP_KAFKA_VENV`, else `$TMPDIR/bccp-kafka-venv`.
@@ -42,8 +45,20 @@ pub fn tansu() -> PathBuf {
 pub struct Broker {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The port clients use (the broker's own, or the proxy's when behind one).
     pub port: u16,
+    /// The port the broker listens on.
+    listen: u16,
     storage: String,
+    proxy: Option<Proxy>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Broker {
@@ -58,19 +73,51 @@ impl Broker {
             .prefix("bccp-kafka")
             .tempdir()
             .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut broker = Self {
             dir,
             child: None,
             port,
+            listen: port,
             storage: storage.to_owned(),
+            proxy: None,
         };
         broker.restart();
         broker
+    }
+
+    /// Starts an in-memory broker that clients reach through a TCP proxy ([`Broker::cut`],
+    /// [`Broker::restore`]): the broker "goes away" for its clients and comes back with its
+    /// data (the tansu we can install has in-memory storage only, so a restart would lose it).
+    pub fn start_behind_proxy() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bccp-kafka")
+            .tempdir()
+            .unwrap();
+        let (port, listen) = (free_port(), free_port());
+        let mut broker = Self {
+            dir,
+            child: None,
+            port,
+            listen,
+            storage: "memory://tansu/".into(),
+            proxy: None,
+        };
+        broker.restart();
+        broker.proxy = Some(Proxy::start(port, listen));
+        broker
+    }
+
+    /// Behind a proxy: drops every client connection and refuses new ones.
+    pub fn cut(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.stop();
+        }
+    }
+
+    /// Behind a proxy: accepts client connections again.
+    pub fn restore(&mut self) {
+        self.proxy = Some(Proxy::start(self.port, self.listen));
     }
 
     /// (Re)starts the broker process on the same port and storage; waits until it accepts
@@ -99,7 +146,7 @@ impl Broker {
             .unwrap();
         self.child = Some(child);
         let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.listen)).is_err() {
             assert!(
                 started.elapsed() < Duration::from_secs(30),
                 "tansu did not come up; log:\n{}",
@@ -132,7 +179,7 @@ impl Broker {
                 "--partitions",
                 &partitions.to_string(),
             ])
-            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.listen)])
             .output()
             .unwrap();
         assert!(
@@ -171,6 +218,75 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        self.cut();
         self.kill();
+    }
+}
+
+/// A TCP proxy from `from` to `to` on 127.0.0.1: one thread accepting, two per connection.
+struct Proxy {
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    accept: std::thread::JoinHandle<()>,
+}
+
+impl Proxy {
+    fn start(from: u16, to: u16) -> Self {
+        let listener = {
+            let started = Instant::now();
+            loop {
+                match TcpListener::bind(("127.0.0.1", from)) {
+                    Ok(l) => break l,
+                    Err(e) if started.elapsed() > Duration::from_secs(10) => {
+                        panic!("proxy cannot bind {from}: {e}")
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        };
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (s, c) = (Arc::clone(&stop), Arc::clone(&conns));
+        let accept = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let mut list = c.lock().unwrap();
+                for (mut a, mut b) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(Shutdown::Both);
+                    });
+                }
+                list.push(client);
+                list.push(server);
+            }
+        });
+        Self {
+            stop,
+            conns,
+            accept,
+        }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.accept.join();
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
     }
 }
