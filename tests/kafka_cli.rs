@@ -461,7 +461,15 @@ fn a_broker_gone_mid_stream_is_retried_and_the_stream_resumes() {
     let db = sqlite(dir.path(), "s.sqlite3");
     let brokers = broker.brokers();
     let child = Command::new(env!("CARGO_BIN_EXE_bccp"))
-        .args(["--quiet", "stream", "consume", "--brokers", &brokers, "--topic", topic])
+        .args([
+            "--quiet",
+            "stream",
+            "consume",
+            "--brokers",
+            &brokers,
+            "--topic",
+            topic,
+        ])
         .args(["--db", &db, "--image-root", dir.path().to_str().unwrap()])
         .args(["--batch-size", "100", "--idle", "8"])
         .stdout(Stdio::piped())
@@ -477,6 +485,12 @@ fn a_broker_gone_mid_stream_is_retried_and_the_stream_resumes() {
     broker.cut();
     std::thread::sleep(Duration::from_secs(4));
     assert!(child.try_wait().unwrap().is_none(), "the consumer gave up");
+    // What was prefetched before the cut is stored; the rest needs the broker back.
+    let during_cut = count(&db);
+    assert!(
+        during_cut < n as u64,
+        "all {during_cut} stored without the broker"
+    );
     broker.restore();
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (

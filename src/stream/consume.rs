@@ -108,7 +108,10 @@ pub fn consume(
         .set("auto.offset.reset", "earliest")
         // Bounded prefetch: librdkafka keeps at least this many records queued per partition
         // (default 100 000), fetched 256 KiB at a time, 4 MiB at most.
-        .set("queued.min.messages", (2 * opts.batch_size.max(100)).to_string())
+        .set(
+            "queued.min.messages",
+            (2 * opts.batch_size.max(100)).to_string(),
+        )
         .set("fetch.message.max.bytes", "262144")
         .set("queued.max.messages.kbytes", "4096")
         // A consumer killed without leaving the group holds its partitions this long.

@@ -94,7 +94,16 @@ impl Broker {
             .prefix("bccp-kafka")
             .tempdir()
             .unwrap();
-        let (port, listen) = (free_port(), free_port());
+        // Two distinct free ports: both bound at once, then released.
+        let (a, b) = (
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        );
+        let (port, listen) = (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        );
+        drop((a, b));
         let mut broker = Self {
             dir,
             child: None,
@@ -129,15 +138,11 @@ impl Broker {
             .append(true)
             .open(self.dir.path().join("log"))
             .unwrap();
-        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let url = format!("tcp://127.0.0.1:{}", self.listen);
+        let advertised = format!("tcp://127.0.0.1:{}", self.port);
         let child = Command::new(tansu())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", &self.storage])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
