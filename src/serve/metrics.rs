@@ -198,6 +198,7 @@ impl Metrics {
     }
 
     /// Predictions of `--kafka` by outcome (`delivered`, `dropped`: queue full, `failed`).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub fn count_kafka(&self, result: &str, n: u64) {
         if n > 0 {
             self.kafka.add(&[result], n);
