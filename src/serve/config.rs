@@ -56,6 +56,44 @@ pub struct ServeConfig {
     pub log_capacity: usize,
     /// Longest time to receive a request body.
     pub body_timeout: Duration,
+    /// Every prediction published to this Kafka topic too (feature `kafka`).
+    pub kafka: Option<KafkaTarget>,
+}
+
+/// Where `--kafka` publishes predictions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaTarget {
+    /// `HOST:PORT[,HOST:PORT…]`.
+    pub brokers: String,
+    pub topic: String,
+    pub format: crate::stream::Format,
+}
+
+/// The topic `--kafka BROKERS` publishes to when none is named.
+pub const DEFAULT_KAFKA_TOPIC: &str = "bccp-predictions";
+
+impl KafkaTarget {
+    /// `HOST:PORT[,HOST:PORT…][,TOPIC]`: the items with a `:` are brokers, a last item
+    /// without one is the topic (default [`DEFAULT_KAFKA_TOPIC`]).
+    pub fn parse(text: &str, format: crate::stream::Format) -> Result<Self, ServeError> {
+        let mut items: Vec<&str> = text.split(',').collect();
+        let topic = match items.last() {
+            Some(last) if !last.contains(':') => items.pop().unwrap_or(DEFAULT_KAFKA_TOPIC),
+            _ => DEFAULT_KAFKA_TOPIC,
+        };
+        if items.is_empty() || topic.is_empty() || items.iter().any(|b| b.is_empty()) {
+            return Err(ServeError::invalid(
+                "--kafka",
+                text,
+                "HOST:PORT[,HOST:PORT…][,TOPIC] (e.g. localhost:9092,predictions)",
+            ));
+        }
+        Ok(Self {
+            brokers: items.join(","),
+            topic: topic.to_owned(),
+            format,
+        })
+    }
 }
 
 /// The shortest API token accepted.
@@ -87,6 +125,7 @@ impl ServeConfig {
             queue_capacity: 4096,
             log_capacity: 65536,
             body_timeout: Duration::from_secs(30),
+            kafka: None,
         }
     }
 
@@ -151,6 +190,21 @@ impl ServeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafka_targets() {
+        use crate::stream::Format::ConnectJson;
+        let t = KafkaTarget::parse("a:1,b:2,preds", ConnectJson).unwrap();
+        assert_eq!((t.brokers.as_str(), t.topic.as_str()), ("a:1,b:2", "preds"));
+        let t = KafkaTarget::parse("localhost:9092", ConnectJson).unwrap();
+        assert_eq!(t.topic, DEFAULT_KAFKA_TOPIC);
+        for bad in ["", "preds", "a:1,,t", ","] {
+            let err = KafkaTarget::parse(bad, ConnectJson)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--kafka"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn non_loopback_needs_a_token() {

@@ -122,6 +122,7 @@ pub(crate) struct Metrics {
     predictions: Family,
     reloads: Family,
     samples: Family,
+    kafka: Family,
     pub(crate) latency: Histogram,
     pub(crate) batch_size: Histogram,
     served: Mutex<Option<Served>>,
@@ -144,8 +145,13 @@ impl Default for Metrics {
         for result in ["accepted", "duplicate", "rejected"] {
             samples.add(&[result], 0);
         }
+        let kafka = Family::default();
+        for result in ["delivered", "dropped", "failed"] {
+            kafka.add(&[result], 0);
+        }
         Self {
             requests: Family::default(),
+            kafka,
             predictions: Family::default(),
             reloads,
             samples,
@@ -189,6 +195,14 @@ impl Metrics {
 
     pub fn samples(&self, result: &str) -> u64 {
         self.samples.get(&[result])
+    }
+
+    /// Predictions of `--kafka` by outcome (`delivered`, `dropped`: queue full, `failed`).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub fn count_kafka(&self, result: &str, n: u64) {
+        if n > 0 {
+            self.kafka.add(&[result], n);
+        }
     }
 
     pub fn set_served(&self, served: Served) {
@@ -335,6 +349,13 @@ impl Metrics {
             &mut out,
             "bccp_samples_ingested_total",
             "Feedback samples received by POST /samples, by result.",
+            "counter",
+            &["result"],
+        );
+        self.kafka.render(
+            &mut out,
+            "bccp_kafka_predictions_total",
+            "Predictions published to Kafka (--kafka), by result: delivered, dropped (queue full), failed.",
             "counter",
             &["result"],
         );

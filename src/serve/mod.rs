@@ -12,7 +12,8 @@
 //! by one thread ([`batcher`]); the followed alias is polled and a new version is loaded and
 //! self-tested off the request path, then swapped in atomically ([`reload`]); predictions go
 //! to the store through one writer thread behind a bounded queue ([`predlog`]). Writes need a
-//! bearer token, which is mandatory off loopback ([`auth`]). Errors are JSON with one status
+//! bearer token, which is mandatory off loopback ([`auth`]). With `--kafka` (feature `kafka`)
+//! every prediction is also published to a topic, behind its own bounded queue ([`kafkalog`]). Errors are JSON with one status
 //! code per kind ([`error::ApiError`]).
 
 mod auth;
@@ -21,6 +22,7 @@ pub mod config;
 mod dashboard;
 pub mod error;
 mod input;
+mod kafkalog;
 mod metrics;
 pub mod model;
 mod predict;
@@ -32,7 +34,7 @@ mod state;
 mod status;
 
 pub use auth::Token;
-pub use config::{ServeConfig, MIN_TOKEN_LEN};
+pub use config::{KafkaTarget, ServeConfig, MIN_TOKEN_LEN};
 pub use error::{ApiError, ServeError};
 pub use model::ModelInfo;
 pub use reload::ReloadOutcome;

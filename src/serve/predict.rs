@@ -266,17 +266,24 @@ async fn answer(
 /// Counts and logs one prediction.
 fn record(state: &AppState, model: &LoadedModel, p: &Prediction, id: &str, latency_ms: f64) {
     state.metrics.count_prediction(&p.class, "ok");
+    if state.log.is_none() && state.kafka.is_none() {
+        return;
+    }
+    let row = NewPrediction {
+        timestamp: crate::store::now_utc(),
+        sample_id: None,
+        request_id: Some(id.to_owned()),
+        model: model.info.name.clone(),
+        version: i64::from(model.info.version),
+        class: p.target as i64,
+        probability: f64::from(p.probability),
+        latency_ms,
+    };
+    if let Some(kafka) = &state.kafka {
+        kafka.log(&row);
+    }
     if let Some(log) = &state.log {
-        log.log(NewPrediction {
-            timestamp: crate::store::now_utc(),
-            sample_id: None,
-            request_id: Some(id.to_owned()),
-            model: model.info.name.clone(),
-            version: i64::from(model.info.version),
-            class: p.target as i64,
-            probability: f64::from(p.probability),
-            latency_ms,
-        });
+        log.log(row);
     }
 }
 

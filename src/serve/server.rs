@@ -16,6 +16,7 @@ use axum::Router;
 use super::batcher::Batcher;
 use super::config::ServeConfig;
 use super::error::{ApiError, ServeError};
+use super::kafkalog::KafkaLog;
 use super::metrics::Metrics;
 use super::model::{ModelInfo, ModelSlot};
 use super::predlog::PredictionLog;
@@ -134,6 +135,14 @@ pub fn start(config: ServeConfig) -> Result<Server, ServeError> {
         }
         None => (None, None, None),
     };
+    let (kafka, kafka_thread) = match &config.kafka {
+        Some(target) => {
+            let (log, handle) = KafkaLog::start(target, config.log_capacity, Arc::clone(&metrics))
+                .map_err(|message| ServeError::invalid("--kafka", &target.brokers, message))?;
+            (Some(log), Some(handle))
+        }
+        None => (None, None),
+    };
     let mut watch = Watch {
         registry: Registry::open(&config.runs_dir),
         spec: config.model.clone(),
@@ -195,6 +204,7 @@ pub fn start(config: ServeConfig) -> Result<Server, ServeError> {
         metrics,
         batcher,
         log,
+        kafka,
         store,
         reloader,
         pool,
@@ -226,9 +236,14 @@ pub fn start(config: ServeConfig) -> Result<Server, ServeError> {
             // Drops every task still holding the state, so the threads below see their
             // queues close.
             runtime.shutdown_timeout(Duration::from_secs(1));
-            for handle in [Some(batch_thread), Some(reload_thread), log_thread]
-                .into_iter()
-                .flatten()
+            for handle in [
+                Some(batch_thread),
+                Some(reload_thread),
+                log_thread,
+                kafka_thread,
+            ]
+            .into_iter()
+            .flatten()
             {
                 let _ = handle.join();
             }

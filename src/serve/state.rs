@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::batcher::Batcher;
 use super::config::ServeConfig;
+use super::kafkalog::KafkaLog;
 use super::metrics::Metrics;
 use super::model::ModelSlot;
 use super::predlog::PredictionLog;
@@ -24,6 +25,8 @@ pub(crate) struct Inner {
     pub metrics: Arc<Metrics>,
     pub batcher: Batcher,
     pub log: Option<PredictionLog>,
+    /// `--kafka`: every prediction published to a topic too.
+    pub kafka: Option<KafkaLog>,
     /// A connection for feedback writes and dashboard reads (the prediction log has its own).
     pub store: Option<Arc<Mutex<Box<dyn Store>>>>,
     pub reloader: Reloader,
@@ -50,6 +53,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         batcher: Batcher,
         log: Option<PredictionLog>,
+        kafka: Option<KafkaLog>,
         store: Option<Arc<Mutex<Box<dyn Store>>>>,
         reloader: Reloader,
         pool: Arc<rayon::ThreadPool>,
@@ -61,6 +65,7 @@ impl AppState {
             metrics,
             batcher,
             log,
+            kafka,
             store,
             reloader,
             pool,

@@ -178,13 +178,15 @@ fn read_jsonl(path: &Path, store: &mut dyn Store) -> Result<Vec<Item>> {
 }
 
 /// The outcome of reading one file.
-struct Checked {
-    sha256: Option<String>,
-    status: SampleStatus,
-    kind: Option<&'static str>,
+pub(crate) struct Checked {
+    pub sha256: Option<String>,
+    pub status: SampleStatus,
+    /// The kind of rejection, `None` when accepted.
+    pub kind: Option<&'static str>,
 }
 
-fn check_file(path: &Path) -> Checked {
+/// Reads, hashes and strictly decodes one file (the rules every way in shares).
+pub(crate) fn check_file(path: &Path) -> Checked {
     let bytes = match read_image_file(path) {
         Ok(bytes) => bytes,
         Err(e) => {

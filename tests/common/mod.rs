@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod http;
+pub mod kafka;
 pub mod mlflow;
 pub mod pg;
 
