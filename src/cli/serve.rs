@@ -46,6 +46,10 @@ pub struct ServerArgs {
     /// ~/.local/share/bccp/uploads).
     #[arg(long)]
     pub upload_dir: Option<PathBuf>,
+    /// The review page (GET /review) shows the label issues of this `bccp audit --db` output
+    /// folder (its report.jsonl) instead of what the latest retrain cycle flagged.
+    #[arg(long, value_name = "DIR")]
+    pub review_audit: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -92,6 +96,7 @@ impl ServerArgs {
         if let Some(dir) = &self.upload_dir {
             config.upload_dir = dir.clone();
         }
+        config.review_audit = self.review_audit.clone();
         Ok(config)
     }
 }

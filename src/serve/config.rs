@@ -56,6 +56,9 @@ pub struct ServeConfig {
     pub log_capacity: usize,
     /// Longest time to receive a request body.
     pub body_timeout: Duration,
+    /// A `bccp audit --db` output folder whose label issues the review page shows; `None`:
+    /// the flags of the latest retrain cycle.
+    pub review_audit: Option<PathBuf>,
 }
 
 /// The shortest API token accepted.
@@ -87,6 +90,7 @@ impl ServeConfig {
             queue_capacity: 4096,
             log_capacity: 65536,
             body_timeout: Duration::from_secs(30),
+            review_audit: None,
         }
     }
 
