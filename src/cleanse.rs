@@ -214,8 +214,8 @@ fn bayesian_cutoff(
     let n = given.len();
     let eligible: Vec<bool> = (0..n)
         .map(|i| {
-            !(cfg.cutoff_trust_replay && replayed.get(i).copied().unwrap_or(false))
-                && !trusted.get(i).copied().unwrap_or(false)
+            let replay = cfg.cutoff_trust_replay && replayed.get(i).copied().unwrap_or(false);
+            !(replay || trusted.get(i).copied().unwrap_or(false))
         })
         .collect();
     // The label-only part of a score (k-NN disagreement) does not change between rounds.
