@@ -110,6 +110,9 @@ pub struct Cleansed {
     pub relabelled: usize,
     /// The per-sample noise score, when the method ranks samples by one.
     pub scores: Option<Vec<f32>>,
+    /// The class the method's own model predicts for each sample (the label it would
+    /// suggest), when it has one.
+    pub predicted: Option<Vec<u32>>,
 }
 
 impl Cleansed {
@@ -122,28 +125,54 @@ impl Cleansed {
             removed: 0,
             relabelled: 0,
             scores: None,
+            predicted: None,
         }
     }
 }
 
 /// Applies `cfg.method` to the candidates `features` [n, F] with labels `given`; `replayed`
-/// marks the rows replayed from the reuse buffer (empty: none); `train` holds the
-/// head-training settings (and the seed).
+/// marks the rows replayed from the reuse buffer (empty: none); `trusted` marks the rows whose
+/// label a person verified (empty: none): they are never flagged, cut or relabelled, whatever
+/// the method, and stay out of the estimated noise; `train` holds the head-training settings
+/// (and the seed).
+#[allow(clippy::too_many_arguments)]
 pub fn cleanse(
     cfg: &CleanseConfig,
     features: &Tensor,
     given: &[u32],
     replayed: &[bool],
+    trusted: &[bool],
     classes: usize,
     train: &TrainConfig,
     progress: &Progress,
 ) -> Result<Cleansed> {
     match cfg.method {
         Method::None | Method::AnlCe => Ok(Cleansed::untouched(given)),
-        Method::Bccp => bayesian_cutoff(cfg, features, given, replayed, classes, train, progress),
+        Method::Bccp => bayesian_cutoff(
+            cfg, features, given, replayed, trusted, classes, train, progress,
+        ),
         Method::Cleanlab => {
             let probs = kfold_pred_probs(features, given, classes, cfg.folds, train, progress)?;
-            let flagged = find_label_issues(&probs.probs, given, classes, cfg.filter_by)?;
+            let mut flagged = find_label_issues(&probs.probs, given, classes, cfg.filter_by)?;
+            for (f, &t) in flagged.iter_mut().zip(trusted) {
+                *f &= !t;
+            }
+            let predicted = probs
+                .probs
+                .chunks(classes)
+                .map(|row| {
+                    row.iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |best, (k, &p)| {
+                            if p > best.1 {
+                                (k as u32, p)
+                            } else {
+                                best
+                            }
+                        })
+                        .0
+                })
+                .collect();
             let kept: Vec<u32> = (0..given.len() as u32)
                 .filter(|&i| !flagged[i as usize])
                 .collect();
@@ -160,6 +189,7 @@ pub fn cleanse(
                 labels: given.to_vec(),
                 relabelled: 0,
                 scores: Some(scores),
+                predicted: Some(predicted),
             })
         }
     }
@@ -170,18 +200,23 @@ const ROUND_STREAM: u64 = 0x2042;
 
 /// The Bayesian cut-off: MC-dropout scores, the cut (global or per class, a percentile or an
 /// estimated amount), again on the kept samples for `cutoff_rounds`, then the action.
+#[allow(clippy::too_many_arguments)]
 fn bayesian_cutoff(
     cfg: &CleanseConfig,
     features: &Tensor,
     given: &[u32],
     replayed: &[bool],
+    trusted: &[bool],
     classes: usize,
     train: &TrainConfig,
     progress: &Progress,
 ) -> Result<Cleansed> {
     let n = given.len();
     let eligible: Vec<bool> = (0..n)
-        .map(|i| !(cfg.cutoff_trust_replay && replayed.get(i).copied().unwrap_or(false)))
+        .map(|i| {
+            let replay = cfg.cutoff_trust_replay && replayed.get(i).copied().unwrap_or(false);
+            !(replay || trusted.get(i).copied().unwrap_or(false))
+        })
         .collect();
     // The label-only part of a score (k-NN disagreement) does not change between rounds.
     let knn = match cfg.cutoff_score {
@@ -274,6 +309,7 @@ fn bayesian_cutoff(
         removed: result.dropped.len(),
         relabelled: result.relabelled.len(),
         scores: Some(result.scores),
+        predicted: Some(predicted),
     })
 }
 
@@ -595,11 +631,11 @@ mod tests {
         let (x, given, noisy, replayed) = clustered(240, 3);
         let hidden = Progress::hidden();
         let (cfg, train) = options(7);
-        let a = cleanse(&cfg, &x, &given, &replayed, 3, &train, &hidden).unwrap();
-        let b = cleanse(&cfg, &x, &given, &replayed, 3, &train, &hidden).unwrap();
+        let a = cleanse(&cfg, &x, &given, &replayed, &[], 3, &train, &hidden).unwrap();
+        let b = cleanse(&cfg, &x, &given, &replayed, &[], 3, &train, &hidden).unwrap();
         assert_eq!(a, b, "the same seed gives the same cleansing");
         let (_, other_seed) = options(8);
-        let c = cleanse(&cfg, &x, &given, &replayed, 3, &other_seed, &hidden).unwrap();
+        let c = cleanse(&cfg, &x, &given, &replayed, &[], 3, &other_seed, &hidden).unwrap();
         assert_ne!(a.scores, c.scores, "another seed, other dropout masks");
         // Replayed rows are never flagged.
         assert!(a.flagged.iter().zip(&replayed).all(|(f, r)| !(*f && *r)));
@@ -610,6 +646,53 @@ mod tests {
             a.removed + a.relabelled,
             a.flagged.iter().filter(|&&f| f).count()
         );
+    }
+
+    /// Verified rows are trusted by every method: the flipped labels a person verified (here:
+    /// confirmed as given, against the data) are never flagged, cut or relabelled, while the
+    /// same rows are flagged without the trust.
+    #[test]
+    fn verified_rows_are_never_flagged() {
+        let (x, given, noisy, replayed) = clustered(240, 3);
+        let hidden = Progress::hidden();
+        let (cfg, train) = options(7);
+        for method in [Method::Bccp, Method::Cleanlab] {
+            let cfg = CleanseConfig {
+                method,
+                ..cfg.clone()
+            };
+            let free = cleanse(&cfg, &x, &given, &replayed, &[], 3, &train, &hidden).unwrap();
+            // Half of the flipped labels that the untrusted run flagged become verified.
+            let trusted: Vec<bool> = (0..given.len())
+                .map(|i| noisy[i] && free.flagged[i] && i % 2 == 0)
+                .collect();
+            let n_trusted = trusted.iter().filter(|&&t| t).count();
+            assert!(n_trusted >= 5, "{method:?}: {n_trusted}");
+            let got = cleanse(&cfg, &x, &given, &replayed, &trusted, 3, &train, &hidden).unwrap();
+            for i in (0..given.len()).filter(|&i| trusted[i]) {
+                assert!(!got.flagged[i], "{method:?}: verified row {i} flagged");
+                assert!(got.kept.contains(&(i as u32)), "{method:?}: row {i} cut");
+                assert_eq!(got.labels[i], given[i], "{method:?}: row {i} relabelled");
+            }
+            // The other flipped labels are still found.
+            let rest: Vec<usize> = (0..given.len())
+                .filter(|&i| noisy[i] && !trusted[i])
+                .collect();
+            let found = rest.iter().filter(|&&i| got.flagged[i]).count();
+            assert!(
+                found * 10 >= rest.len() * 7,
+                "{method:?}: {found}/{}",
+                rest.len()
+            );
+            let predicted = got.predicted.as_ref().unwrap();
+            assert_eq!(predicted.len(), given.len());
+            // The suggestion of a flipped, flagged label is mostly the true class.
+            let right = rest
+                .iter()
+                .filter(|&&i| got.flagged[i] && predicted[i] == (i % 3) as u32)
+                .count();
+            assert!(right * 10 >= found * 8, "{method:?}: {right}/{found}");
+        }
     }
 
     /// Pseudo-labelling: the cut samples take the prediction of a head trained on the kept
@@ -625,7 +708,7 @@ mod tests {
             relabel_confidence: 0.6,
             ..cfg
         };
-        let got = cleanse(&cfg, &x, &given, &replayed, 3, &train, &hidden).unwrap();
+        let got = cleanse(&cfg, &x, &given, &replayed, &[], 3, &train, &hidden).unwrap();
         let flagged = got.flagged.iter().filter(|&&f| f).count();
         assert_eq!(got.removed + got.relabelled, flagged);
         assert!(got.relabelled * 10 >= flagged * 8, "{got:?}");
@@ -647,13 +730,13 @@ mod tests {
             "{fixed}"
         );
         // Deterministic per seed; the same cut as relabelling, other labels' source.
-        let again = cleanse(&cfg, &x, &given, &replayed, 3, &train, &hidden).unwrap();
+        let again = cleanse(&cfg, &x, &given, &replayed, &[], 3, &train, &hidden).unwrap();
         assert_eq!(got, again);
         let relabel = CleanseConfig {
             cutoff_action: Action::Relabel,
             ..cfg
         };
-        let mc = cleanse(&relabel, &x, &given, &replayed, 3, &train, &hidden).unwrap();
+        let mc = cleanse(&relabel, &x, &given, &replayed, &[], 3, &train, &hidden).unwrap();
         assert_eq!(mc.flagged, got.flagged);
     }
 
@@ -675,7 +758,7 @@ mod tests {
             cutoff_trust_replay: false,
             ..cfg
         };
-        let got = cleanse(&cfg, &x, &given, &replayed, 3, &train, &hidden).unwrap();
+        let got = cleanse(&cfg, &x, &given, &replayed, &[], 3, &train, &hidden).unwrap();
         let mc_cfg = TrainConfig {
             dropout: 0.5,
             ..train.clone()

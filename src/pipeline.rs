@@ -305,6 +305,7 @@ pub fn run_embedded(
         &x_train,
         &given,
         &from_buffer,
+        &[],
         classes.len(),
         &cfg.train(),
         progress,

@@ -149,6 +149,10 @@ pub fn print_cycle(s: &CycleSummary) {
             .unwrap_or_default(),
         s.seconds
     );
+    println!(
+        "  verified labels: {} trained on (never cut), {} in the gate; {} candidates flagged for review (GET /review)",
+        s.verified_trained, s.verified_gate, s.flagged
+    );
     for c in &s.challengers {
         let days: Vec<String> = c
             .gate

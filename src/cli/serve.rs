@@ -54,6 +54,10 @@ pub struct ServerArgs {
     /// The records' format for --kafka.
     #[arg(long, value_enum, default_value = "connect-json")]
     pub kafka_format: bccp::stream::Format,
+    /// The review page (GET /review) shows the label issues of this `bccp audit --db` output
+    /// folder (its report.jsonl) instead of what the latest retrain cycle flagged.
+    #[arg(long, value_name = "DIR")]
+    pub review_audit: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -105,6 +109,7 @@ impl ServerArgs {
             .as_deref()
             .map(|text| bccp::serve::KafkaTarget::parse(text, self.kafka_format))
             .transpose()?;
+        config.review_audit = self.review_audit.clone();
         Ok(config)
     }
 }

@@ -8,6 +8,15 @@
 //!   sample is embedded once in its life.
 //! * The gate ([`gate`]) compares every challenger with the champion on the trusted gate set
 //!   (held-out samples with true or verified labels), per day; at most one is promoted.
+//! * Verified labels (a person's answers on the review page) are trusted. A verified sample
+//!   that this cycle trains on (a candidate, or a row replayed from the champion's training
+//!   set) trains with its verified label and is never flagged, cut or relabelled by the
+//!   cleansing. Every other verified sample the champion was not trained on either (typically
+//!   one an earlier cycle cut, then a person checked) joins the gate set, so the gate never
+//!   scores a model on a sample it learned.
+//! * What the recorded challenger (promoted, else the last) flagged among the candidates is
+//!   kept in the store ([`Store::record_flags`]) with its score and suggested label: the review
+//!   page's gallery.
 //!
 //! Crash safety: challengers are registered first (a version is complete or absent); then the
 //! decision and the moved offset commit in one store transaction; then the `champion` alias
@@ -18,6 +27,7 @@
 
 pub mod gate;
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -33,7 +43,7 @@ use crate::progress::Progress;
 use crate::registry::{
     Provenance, Registry, RunMetrics, RunRecord, Split, TrainedRun, TrainedSample,
 };
-use crate::store::{self, NewRetrain, RetrainOutcome, Sample, SampleFilter, Store, RUNNING};
+use crate::store::{self, Flag, NewRetrain, RetrainOutcome, Sample, SampleFilter, Store, RUNNING};
 use crate::train::eval::{detection, roc_auc};
 use crate::train::{train_head, TrainConfig};
 use gate::{decide, GateRule, GateScore};
@@ -118,6 +128,11 @@ pub struct CycleSummary {
     /// The champion's gate score (absent on the first cycle).
     pub champion_gate: Option<GateScore>,
     pub gate_samples: usize,
+    /// Verified samples the challengers trained on (never cut), and those the gate used.
+    pub verified_trained: usize,
+    pub verified_gate: usize,
+    /// Candidates the recorded challenger flagged (kept for review).
+    pub flagged: usize,
     pub challengers: Vec<ChallengerReport>,
     /// The new champion, when one was promoted.
     pub promoted: Option<String>,
@@ -299,19 +314,26 @@ fn cycle(
         },
         usize::MAX,
     )?;
-    let gate_set = store.samples(
+    let mut gate_set = store.samples(
         &SampleFilter {
             up_to_id: Some(top),
             ..SampleFilter::gate(None)
         },
         usize::MAX,
     )?;
-    if gate_set.is_empty() {
-        return Err(RetrainError::Invalid(format!(
-            "the store {} has no trusted gate samples (split gate with a true or verified label); the gate cannot decide",
-            store.location()
-        )));
-    }
+    let verified = store.samples(
+        &SampleFilter {
+            up_to_id: Some(top),
+            accepted: Some(true),
+            verified: true,
+            ..SampleFilter::default()
+        },
+        usize::MAX,
+    )?;
+    let verified_labels: HashMap<i64, i64> = verified
+        .iter()
+        .filter_map(|s| Some((s.id, s.label_verified?)))
+        .collect();
     let champion = match &champion_spec {
         Some(spec) => Some(TrainedRun::load(
             &env.registry,
@@ -325,6 +347,35 @@ fn cycle(
         .as_ref()
         .map(|c| c.record.split.trained_on.clone())
         .unwrap_or_default();
+    // Verified samples that neither the champion nor this cycle's challengers train on
+    // join the gate (split gate ones are in it already).
+    let learned: HashSet<i64> = candidates
+        .iter()
+        .map(|s| s.id)
+        .chain(buffer.iter().map(|b| b.id))
+        .collect();
+    let verified_gate = verified
+        .into_iter()
+        .filter(|s| s.split == store::Split::Train && !learned.contains(&s.id))
+        .collect::<Vec<_>>();
+    let verified_gate_count = verified_gate.len()
+        + gate_set
+            .iter()
+            .filter(|s| s.label_verified.is_some())
+            .count();
+    gate_set.extend(verified_gate);
+    let verified_trained = candidates
+        .iter()
+        .map(|s| s.id)
+        .chain(buffer.iter().map(|b| b.id))
+        .filter(|id| verified_labels.contains_key(id))
+        .count();
+    if gate_set.is_empty() {
+        return Err(RetrainError::Invalid(format!(
+            "the store {} has no trusted gate samples (split gate with a true or verified label, or verified samples no model trained on); the gate cannot decide",
+            store.location()
+        )));
+    }
 
     // One embedding pass (cached by content) over candidates, buffer and gate set.
     let cfg = &opts.run;
@@ -380,6 +431,7 @@ fn cycle(
             &run,
             &candidates,
             &buffer,
+            &verified_labels,
             &x_new,
             &x_buffer,
             classes.len(),
@@ -413,12 +465,17 @@ fn cycle(
     // Register every challenger (complete versions or none), then commit the decision.
     let mut reports = Vec::new();
     let mut promoted = None;
+    let mut flags = Vec::new();
     for ((run, c, gate), verdict) in trained.into_iter().zip(verdicts) {
         let record = loop_record(&run, &embedder, pre, &c, &gate, &classes);
         let dir = env
             .registry
             .register(&opts.model, &record, &c.head.tensors())?;
         let version = format!("{}:{}", dir.name, dir.version);
+        if promoted.is_none() {
+            // The recorded challenger's flags: the promoted one's, else the last one's.
+            flags = c.flags.clone();
+        }
         if verdict.promote {
             promoted = Some((dir.version, version.clone()));
         }
@@ -440,6 +497,9 @@ fn cycle(
     let reasons = json!({
         "candidates": nc,
         "gate_samples": ng,
+        "verified_trained": verified_trained,
+        "verified_gate": verified_gate_count,
+        "flagged": flags.len(),
         "majority_baseline": baseline,
         "champion_gate": champion_gate,
         "challengers": reports.iter().map(|r| json!({
@@ -458,6 +518,7 @@ fn cycle(
         None => Vec::new(),
     };
     let offsets: Vec<(&str, i64)> = offsets.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    store.record_flags(id, &flags)?;
     store.finish_retrain(
         id,
         &RetrainOutcome {
@@ -489,6 +550,9 @@ fn cycle(
         champion_before: champion_spec,
         champion_gate,
         gate_samples: ng,
+        verified_trained,
+        verified_gate: verified_gate_count,
+        flagged: flags.len(),
         challengers: reports,
         promoted: promoted.map(|(_, s)| s),
         seconds: started.elapsed().as_secs_f64(),
@@ -502,16 +566,21 @@ struct Challenger {
     dropped: usize,
     relabelled: usize,
     trained_on: Vec<TrainedSample>,
+    /// The candidates the cleansing flagged.
+    flags: Vec<Flag>,
     /// Noise detection against the true labels, when the candidates have them.
     detection: Option<(f64, f64, f64, Option<f64>)>,
     noisy: usize,
 }
 
-/// Replay from the buffer, cleansing and the head, as `bccp train` does them.
+/// Replay from the buffer, cleansing and the head, as `bccp train` does them; a row with a
+/// verified label (`verified`: sample id → label) trains with it and is never cut.
+#[allow(clippy::too_many_arguments)]
 fn train_challenger(
     cfg: &RunConfig,
     candidates: &[Sample],
     buffer: &[TrainedSample],
+    verified: &HashMap<i64, i64>,
     x_new: &Tensor,
     x_buffer: &Tensor,
     classes: usize,
@@ -529,7 +598,7 @@ fn train_challenger(
         let idx = Tensor::new(replay.as_slice(), x_new.device())?;
         Tensor::cat(&[x_new, &x_buffer.index_select(&idx, 0)?], 0)?
     };
-    // Who each training row is, and its label as given.
+    // Who each training row is, and its label as given (or as a person verified it).
     let rows: Vec<TrainedSample> = candidates
         .iter()
         .map(|s| TrainedSample {
@@ -538,14 +607,23 @@ fn train_challenger(
             label: s.label_given as u32,
         })
         .chain(replay.iter().map(|&i| buffer[i as usize].clone()))
+        .map(|r| match verified.get(&r.id) {
+            Some(&label) => TrainedSample {
+                label: label as u32,
+                ..r
+            },
+            None => r,
+        })
         .collect();
     let given: Vec<u32> = rows.iter().map(|r| r.label).collect();
     let from_buffer: Vec<bool> = (0..rows.len()).map(|i| i >= candidates.len()).collect();
+    let trusted: Vec<bool> = rows.iter().map(|r| verified.contains_key(&r.id)).collect();
     let cleansed = cleanse(
         &cfg.cleanse(),
         &x_train,
         &given,
         &from_buffer,
+        &trusted,
         classes,
         &cfg.train(),
         progress,
@@ -593,7 +671,22 @@ fn train_challenger(
         });
         (d.precision, d.recall, d.f1, auc)
     });
+    let flags = (0..candidates.len())
+        .filter(|&i| cleansed.flagged[i])
+        .map(|i| Flag {
+            sample_id: rows[i].id,
+            score: cleansed.scores.as_ref().map_or(0.0, |s| f64::from(s[i])),
+            suggested: cleansed
+                .predicted
+                .as_ref()
+                .map(|p| i64::from(p[i]))
+                .or_else(|| {
+                    (cleansed.labels[i] != given[i]).then(|| i64::from(cleansed.labels[i]))
+                }),
+        })
+        .collect();
     Ok(Challenger {
+        flags,
         head,
         replayed: replay.len(),
         dropped: cleansed.removed,

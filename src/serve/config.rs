@@ -94,6 +94,9 @@ impl KafkaTarget {
             format,
         })
     }
+    /// A `bccp audit --db` output folder whose label issues the review page shows; `None`:
+    /// the flags of the latest retrain cycle.
+    pub review_audit: Option<PathBuf>,
 }
 
 /// The shortest API token accepted.
@@ -126,6 +129,7 @@ impl ServeConfig {
             log_capacity: 65536,
             body_timeout: Duration::from_secs(30),
             kafka: None,
+            review_audit: None,
         }
     }
 

@@ -7,6 +7,8 @@
 //!   of the next retrain cycle ([`samples`]).
 //! * `GET /healthz`, `/readyz`, `/model`, `/metrics` (Prometheus text), `POST /admin/reload`.
 //! * `GET /dashboard` — a self-refreshing page with inline SVG charts ([`dashboard`]).
+//! * `GET /review` — the flagged samples of the latest retrain cycle (or of an audit) as a
+//!   gallery; `POST /review/{id}` stores a person's verified label ([`review`]).
 //!
 //! Requests are decoded in parallel off the async runtime and gathered into backbone batches
 //! by one thread ([`batcher`]); the followed alias is polled and a new version is loaded and
@@ -28,6 +30,7 @@ pub mod model;
 mod predict;
 mod predlog;
 pub mod reload;
+mod review;
 mod samples;
 mod server;
 mod state;

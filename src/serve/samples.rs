@@ -18,12 +18,12 @@ use super::state::AppState;
 use crate::store::{NewSample, SampleStatus, Split};
 
 /// A label as sent.
-enum Label {
+pub(crate) enum Label {
     Index(i64),
     Name(String),
 }
 
-fn label_of(value: Option<&Value>) -> Result<Label, ApiError> {
+pub(crate) fn label_of(value: Option<&Value>) -> Result<Label, ApiError> {
     match value {
         Some(Value::Number(n)) => n.as_i64().map(Label::Index).ok_or_else(|| {
             ApiError::unprocessable(format!("label {n} is not a whole class index"))

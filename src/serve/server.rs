@@ -22,7 +22,7 @@ use super::model::{ModelInfo, ModelSlot};
 use super::predlog::PredictionLog;
 use super::reload::{self, Watch};
 use super::state::AppState;
-use super::{auth, dashboard, predict, samples, status};
+use super::{auth, dashboard, predict, review, samples, status};
 use crate::registry::Registry;
 
 /// How long a stop waits for requests in flight before it drops them.
@@ -73,7 +73,7 @@ impl Drop for Server {
 async fn no_route() -> axum::response::Response {
     ApiError::not_found(
         "no such endpoint; see /predict, /samples, /healthz, /readyz, /model, /metrics, \
-         /dashboard, /admin/reload",
+         /dashboard, /review, /admin/reload",
     )
     .into_response()
 }
@@ -82,6 +82,7 @@ fn router(state: AppState, max_body: usize) -> Router {
     let writes = Router::new()
         .route("/samples", post(samples::samples))
         .route("/admin/reload", post(status::reload))
+        .route("/review/{id}", post(review::answer))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
@@ -93,6 +94,9 @@ fn router(state: AppState, max_body: usize) -> Router {
         .route("/model", get(status::model))
         .route("/metrics", get(status::metrics))
         .route("/dashboard", get(dashboard::page))
+        .route("/review", get(review::gallery))
+        .route("/review/items", get(review::items))
+        .route("/review/image/{id}", get(review::image))
         .merge(writes)
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_body))
@@ -142,6 +146,22 @@ pub fn start(config: ServeConfig) -> Result<Server, ServeError> {
             (Some(log), Some(handle))
         }
         None => (None, None),
+    };
+    let review_audit = match (&config.review_audit, &store) {
+        (Some(dir), Some(store)) => {
+            let mut store = store
+                .lock()
+                .map_err(|_| ServeError::Stopped("the store connection is poisoned".into()))?;
+            Some(Arc::new(review::load_audit(dir, store.as_mut())?))
+        }
+        (Some(dir), None) => {
+            return Err(ServeError::invalid(
+                "--review-audit",
+                dir.display(),
+                "needs the data store the audit read (--db); answers are stored there",
+            ))
+        }
+        (None, _) => None,
     };
     let mut watch = Watch {
         registry: Registry::open(&config.runs_dir),
@@ -208,6 +228,7 @@ pub fn start(config: ServeConfig) -> Result<Server, ServeError> {
         store,
         reloader,
         pool,
+        review_audit,
     );
     let app = router(state, max_body);
     let (stop, stopped) = tokio::sync::watch::channel(false);

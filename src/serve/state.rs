@@ -34,6 +34,9 @@ pub(crate) struct Inner {
     /// same process on rayon's global pool (a retrain cycle in `bccp up`) does not queue
     /// requests behind it.
     pub pool: Arc<rayon::ThreadPool>,
+    /// `--review-audit`: the audit whose label issues `/review` shows (else the latest
+    /// cycle's flags).
+    pub review_audit: Option<Arc<super::review::AuditEntries>>,
     requests: AtomicU64,
 }
 
@@ -57,6 +60,7 @@ impl AppState {
         store: Option<Arc<Mutex<Box<dyn Store>>>>,
         reloader: Reloader,
         pool: Arc<rayon::ThreadPool>,
+        review_audit: Option<Arc<super::review::AuditEntries>>,
     ) -> Self {
         Self(Arc::new(Inner {
             config,
@@ -69,6 +73,7 @@ impl AppState {
             store,
             reloader,
             pool,
+            review_audit,
             requests: AtomicU64::new(0),
         }))
     }

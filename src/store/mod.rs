@@ -159,6 +159,8 @@ pub struct SampleFilter {
     pub accepted: Option<bool>,
     /// Only samples with a true or a verified label (the trusted ones).
     pub trusted: bool,
+    /// Only samples a person verified.
+    pub verified: bool,
 }
 
 impl SampleFilter {
@@ -182,6 +184,17 @@ impl SampleFilter {
             ..Self::default()
         }
     }
+}
+
+/// A sample a re-training cycle flagged as probably mislabelled (cut or relabelled), kept for
+/// review.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flag {
+    pub sample_id: i64,
+    /// The cleansing method's noise score (higher: more likely mislabelled).
+    pub score: f64,
+    /// The label the method suggests instead (a class index), when it has one.
+    pub suggested: Option<i64>,
 }
 
 /// A prediction to record (by the prediction server).
@@ -297,6 +310,14 @@ pub trait Store: Send {
 
     /// Records a person's verified label of sample `id`; false if there is no such sample.
     fn set_verified_label(&mut self, id: i64, label: i64) -> Result<bool>;
+
+    /// Records what cycle `retrain_id` flagged (replacing what it recorded before), in one
+    /// transaction.
+    fn record_flags(&mut self, retrain_id: i64, flags: &[Flag]) -> Result<()>;
+
+    /// The flags of cycle `retrain_id`, or of the latest cycle that recorded any (`None`),
+    /// highest score first, with that cycle's id; `None` when there are none.
+    fn flags(&mut self, retrain_id: Option<i64>) -> Result<Option<(i64, Vec<Flag>)>>;
 
     /// Inserts predictions in one transaction; their ids.
     fn insert_predictions(&mut self, rows: &[NewPrediction]) -> Result<Vec<i64>>;

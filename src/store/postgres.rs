@@ -15,7 +15,7 @@ use super::retry::{Backoff, RETRY_WINDOW};
 use super::schema::{filter_sql, Param, CREATE_VERSION_TABLE, MIGRATIONS, SCHEMA_VERSION};
 use super::url::PgUrl;
 use super::{
-    NewPrediction, NewRetrain, NewSample, Prediction, Retrain, RetrainOutcome, Sample,
+    Flag, NewPrediction, NewRetrain, NewSample, Prediction, Retrain, RetrainOutcome, Sample,
     SampleFilter, SampleStatus, Split, Store, StoreStats, RUNNING,
 };
 
@@ -435,6 +435,46 @@ impl Store for PgStore {
             )
         })?;
         Ok(n == 1)
+    }
+
+    fn record_flags(&mut self, retrain_id: i64, flags: &[Flag]) -> Result<()> {
+        self.transaction("recording flagged samples", |tx| {
+            tx.execute("DELETE FROM flags WHERE retrain_id = $1", &[&retrain_id])?;
+            let stmt = tx.prepare(
+                "INSERT INTO flags (retrain_id, sample_id, score, suggested) \
+                 VALUES ($1, $2, $3, $4)",
+            )?;
+            for f in flags {
+                tx.execute(&stmt, &[&retrain_id, &f.sample_id, &f.score, &f.suggested])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn flags(&mut self, retrain_id: Option<i64>) -> Result<Option<(i64, Vec<Flag>)>> {
+        self.transaction("reading flagged samples", |tx| {
+            let id: Option<i64> = match retrain_id {
+                Some(id) => Some(id),
+                None => tx
+                    .query_one("SELECT MAX(retrain_id) FROM flags", &[])?
+                    .get(0),
+            };
+            let Some(id) = id else { return Ok(None) };
+            let rows = tx
+                .query(
+                    "SELECT sample_id, score, suggested FROM flags WHERE retrain_id = $1 \
+                     ORDER BY score DESC, sample_id",
+                    &[&id],
+                )?
+                .iter()
+                .map(|r| Flag {
+                    sample_id: r.get(0),
+                    score: r.get(1),
+                    suggested: r.get(2),
+                })
+                .collect();
+            Ok(Some((id, rows)))
+        })
     }
 
     fn insert_predictions(&mut self, rows: &[NewPrediction]) -> Result<Vec<i64>> {

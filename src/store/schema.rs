@@ -11,11 +11,12 @@
 //! |                    | reasons (JSON), watermark                                            |
 //! | `consumer_offsets` | name (key), offset, updated                                          |
 //! | `classes` (v2)     | idx (key), name (unique)                                             |
+//! | `flags` (v4)       | retrain_id, sample_id (key together), score, suggested               |
 //!
 //! v3 gives `ikey` and `sha256` PostgreSQL's bytewise "C" collation (faster key lookups).
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// One step of the schema.
 pub(crate) struct Migration {
@@ -143,6 +144,28 @@ ALTER TABLE samples ADD COLUMN label_verified BIGINT;
 ALTER TABLE samples ALTER COLUMN ikey TYPE TEXT COLLATE "C", ALTER COLUMN sha256 TYPE TEXT COLLATE "C";
 "#,
     },
+    Migration {
+        version: 4,
+        // What a retrain cycle flagged as probably mislabelled, for the review page.
+        sqlite: r#"
+CREATE TABLE flags (
+    retrain_id INTEGER NOT NULL REFERENCES retrains (id),
+    sample_id INTEGER NOT NULL REFERENCES samples (id),
+    score REAL NOT NULL,
+    suggested INTEGER,
+    PRIMARY KEY (retrain_id, sample_id)
+);
+"#,
+        postgres: r#"
+CREATE TABLE flags (
+    retrain_id BIGINT NOT NULL REFERENCES retrains (id),
+    sample_id BIGINT NOT NULL REFERENCES samples (id),
+    score DOUBLE PRECISION NOT NULL,
+    suggested BIGINT,
+    PRIMARY KEY (retrain_id, sample_id)
+);
+"#,
+    },
 ];
 
 /// A value bound to a filter's placeholder.
@@ -184,6 +207,9 @@ pub(crate) fn filter_sql(
     }
     if filter.trusted {
         clauses.push("(label_true IS NOT NULL OR label_verified IS NOT NULL)".into());
+    }
+    if filter.verified {
+        clauses.push("label_verified IS NOT NULL".into());
     }
     (clauses.join(" AND "), params)
 }

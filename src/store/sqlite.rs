@@ -14,7 +14,7 @@ use super::error::{Result, StoreError};
 use super::retry::{Backoff, RETRY_WINDOW};
 use super::schema::{filter_sql, Param, CREATE_VERSION_TABLE, MIGRATIONS, SCHEMA_VERSION};
 use super::{
-    NewPrediction, NewRetrain, NewSample, Prediction, Retrain, RetrainOutcome, Sample,
+    Flag, NewPrediction, NewRetrain, NewSample, Prediction, Retrain, RetrainOutcome, Sample,
     SampleFilter, SampleStatus, Split, Store, StoreStats, RUNNING,
 };
 
@@ -386,6 +386,47 @@ impl Store for SqliteStore {
             )
         })?;
         Ok(n == 1)
+    }
+
+    fn record_flags(&mut self, retrain_id: i64, flags: &[Flag]) -> Result<()> {
+        self.transaction("recording flagged samples", true, |tx| {
+            tx.execute(
+                "DELETE FROM flags WHERE retrain_id = ?1",
+                params![retrain_id],
+            )?;
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO flags (retrain_id, sample_id, score, suggested) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for f in flags {
+                stmt.execute(params![retrain_id, f.sample_id, f.score, f.suggested])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn flags(&mut self, retrain_id: Option<i64>) -> Result<Option<(i64, Vec<Flag>)>> {
+        self.transaction("reading flagged samples", false, |tx| {
+            let id: Option<i64> = match retrain_id {
+                Some(id) => Some(id),
+                None => tx.query_row("SELECT MAX(retrain_id) FROM flags", [], |r| r.get(0))?,
+            };
+            let Some(id) = id else { return Ok(None) };
+            let mut stmt = tx.prepare_cached(
+                "SELECT sample_id, score, suggested FROM flags WHERE retrain_id = ?1 \
+                 ORDER BY score DESC, sample_id",
+            )?;
+            let rows = stmt
+                .query_map(params![id], |r| {
+                    Ok(Flag {
+                        sample_id: r.get(0)?,
+                        score: r.get(1)?,
+                        suggested: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some((id, rows)))
+        })
     }
 
     fn insert_predictions(&mut self, rows: &[NewPrediction]) -> Result<Vec<i64>> {
