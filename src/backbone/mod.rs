@@ -174,7 +174,8 @@ impl Backbone {
         }
     }
 
-    fn trunk(&self) -> Option<&Trunk> {
+    /// The convolutional trunk of MobileNetV2 / EfficientNet-Lite (`None` for the others).
+    pub fn trunk(&self) -> Option<&Trunk> {
         match &self.network {
             Network::MobileNetV2(m) => Some(m.trunk()),
             Network::EfficientNetLite(m) => Some(m.trunk()),
