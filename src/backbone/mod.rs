@@ -256,6 +256,22 @@ impl Backbone {
         self.channels_last.is_some()
     }
 
+    /// Lays the current weights out for the channels-last engine again (after fine-tuning,
+    /// which trains them with the engine off), for a CPU-loaded MobileNetV2 / EfficientNet-Lite.
+    pub fn refresh_channels_last(&mut self) -> candle_core::Result<()> {
+        let on_cpu = match &self.network {
+            Network::MobileNetV2(_) | Network::EfficientNetLite(_) => self
+                .trunk()
+                .is_some_and(|t| t.stem.weight.device().is_cpu()),
+            _ => false,
+        };
+        if on_cpu {
+            let trunk = self.trunk().map(ChannelsLastTrunk::new).transpose()?;
+            self.channels_last = trunk.map(CpuEngine::Trunk);
+        }
+        Ok(())
+    }
+
     /// Embeddings `[N, D]` of preprocessed images `[N, 3, H, W]`.
     pub fn embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let (Some(fast), true) = (&self.channels_last, x.device().is_cpu()) {
