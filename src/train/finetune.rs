@@ -61,6 +61,7 @@ pub const DEFAULT_CACHE_IMAGES_MIB: usize = 2048;
 /// fit a bound, else decoded again for every batch.
 pub struct TrainImages<'a> {
     files: &'a [PathBuf],
+    count: usize,
     pre: &'a Preprocess,
     cached: Option<Vec<f32>>,
 }
@@ -79,7 +80,30 @@ impl<'a> TrainImages<'a> {
         } else {
             None
         };
-        Ok(Self { files, pre, cached })
+        Ok(Self {
+            files,
+            count: files.len(),
+            pre,
+            cached,
+        })
+    }
+
+    /// Images already decoded and preprocessed by `pre`: `pixels` is `[N, 3, H, W]` flattened.
+    pub fn from_pixels(pixels: Vec<f32>, pre: &'a Preprocess) -> Result<Self> {
+        if pre.len() == 0 || pixels.len() % pre.len() != 0 {
+            return Err(FinetuneError::Input(format!(
+                "{} pixel values are not a whole number of {}×{} images",
+                pixels.len(),
+                pre.width,
+                pre.height
+            )));
+        }
+        Ok(Self {
+            files: &[],
+            count: pixels.len() / pre.len(),
+            pre,
+            cached: Some(pixels),
+        })
     }
 
     /// Whether every image is held in memory.
@@ -115,15 +139,15 @@ impl<'a> TrainImages<'a> {
     }
 }
 
-fn check_inputs(files: &[PathBuf], labels: &[u32], classes: usize) -> Result<()> {
-    if files.len() != labels.len() {
+fn check_inputs(images: usize, labels: &[u32], classes: usize) -> Result<()> {
+    if images != labels.len() {
         return Err(FinetuneError::Input(format!(
             "{} labels for {} training images",
             labels.len(),
-            files.len()
+            images
         )));
     }
-    if files.is_empty() {
+    if images == 0 {
         return Err(FinetuneError::Input("no training images".into()));
     }
     if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
@@ -155,7 +179,7 @@ pub fn finetune(
     device: &Device,
     progress: &Progress,
 ) -> Result<Head> {
-    check_inputs(files, labels, classes)?;
+    check_inputs(files.len(), labels, classes)?;
     let images = TrainImages::new(files, pre, cache_mib)?;
     match (device.is_cpu(), backbone.trunk()) {
         (true, Some(trunk)) => {
@@ -199,7 +223,7 @@ pub fn finetune_candle(
     device: &Device,
     progress: &Progress,
 ) -> Result<Head> {
-    check_inputs(images.files, labels, classes)?;
+    check_inputs(images.count, labels, classes)?;
     let dim = backbone.spec().embedding_dim;
     let mut backbone_opt = adam(backbone_vars, backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
@@ -253,7 +277,7 @@ pub fn finetune_channels_last(
     backbone_lr: f64,
     progress: &Progress,
 ) -> Result<Head> {
-    check_inputs(images.files, labels, classes)?;
+    check_inputs(images.count, labels, classes)?;
     let device = &Device::Cpu;
     let size = (images.pre.height as usize, images.pre.width as usize);
     let dim = trainer.dim();
