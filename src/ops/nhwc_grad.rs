@@ -289,7 +289,7 @@ mod tests {
                 };
                 let y = forward(&x, &taps, &bias);
                 if act == Act::Relu6 {
-                    assert!(y.iter().any(|&v| v == 0.0), "some outputs clamp at 0");
+                    assert!(y.contains(&0.0), "some outputs clamp at 0");
                 }
                 let mut dz = probe.clone();
                 act_grad(&mut dz, &y, act);

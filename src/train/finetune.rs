@@ -90,7 +90,7 @@ impl<'a> TrainImages<'a> {
 
     /// Images already decoded and preprocessed by `pre`: `pixels` is `[N, 3, H, W]` flattened.
     pub fn from_pixels(pixels: Vec<f32>, pre: &'a Preprocess) -> Result<Self> {
-        if pre.len() == 0 || pixels.len() % pre.len() != 0 {
+        if pre.is_empty() || !pixels.len().is_multiple_of(pre.len()) {
             return Err(FinetuneError::Input(format!(
                 "{} pixel values are not a whole number of {}×{} images",
                 pixels.len(),
