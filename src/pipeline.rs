@@ -347,7 +347,7 @@ pub fn run_embedded(
             None,
         ),
         Finetune::Full => {
-            let (model, vars) = Backbone::load_trainable(spec, e.embedder.weights(), device)?;
+            let (mut model, vars) = Backbone::load_trainable(spec, e.embedder.weights(), device)?;
             let kept_files: Vec<PathBuf> = keep_idx
                 .iter()
                 .map(|&i| train_files[i as usize].clone())
@@ -361,9 +361,11 @@ pub fn run_embedded(
                 pre,
                 &final_cfg,
                 cfg.backbone_lr,
+                cfg.cache_images_mib,
                 device,
                 progress,
             )?;
+            model.refresh_channels_last()?;
             (head, Some(model))
         }
     };

@@ -174,7 +174,8 @@ impl Backbone {
         }
     }
 
-    fn trunk(&self) -> Option<&Trunk> {
+    /// The convolutional trunk of MobileNetV2 / EfficientNet-Lite (`None` for the others).
+    pub fn trunk(&self) -> Option<&Trunk> {
         match &self.network {
             Network::MobileNetV2(m) => Some(m.trunk()),
             Network::EfficientNetLite(m) => Some(m.trunk()),
@@ -245,6 +246,22 @@ impl Backbone {
     /// Whether CPU embedding runs the channels-last engine (else candle's tensor ops).
     pub fn runs_channels_last(&self) -> bool {
         self.channels_last.is_some()
+    }
+
+    /// Lays the current weights out for the channels-last engine again (after fine-tuning,
+    /// which trains them with the engine off), for a CPU-loaded MobileNetV2 / EfficientNet-Lite.
+    pub fn refresh_channels_last(&mut self) -> candle_core::Result<()> {
+        let on_cpu = match &self.network {
+            Network::MobileNetV2(_) | Network::EfficientNetLite(_) => self
+                .trunk()
+                .is_some_and(|t| t.stem.weight.device().is_cpu()),
+            _ => false,
+        };
+        if on_cpu {
+            let trunk = self.trunk().map(ChannelsLastTrunk::new).transpose()?;
+            self.channels_last = trunk.map(CpuEngine::Trunk);
+        }
+        Ok(())
     }
 
     /// Embeddings `[N, D]` of preprocessed images `[N, 3, H, W]`.

@@ -183,6 +183,10 @@ pub struct RunConfig {
     /// Learning rate of the backbone with --finetune full.
     #[arg(long, default_value_t = d().backbone_lr)]
     pub backbone_lr: f64,
+    /// With --finetune full: keep the decoded training images in memory across epochs when
+    /// they fit in this many MiB (else decode them every epoch).
+    #[arg(long, default_value_t = d().cache_images_mib)]
+    pub cache_images_mib: usize,
     #[arg(long, default_value_t = d().epochs)]
     pub epochs: usize,
     #[arg(long, default_value_t = d().batch_size)]
@@ -243,6 +247,7 @@ impl Default for RunConfig {
             folds: 5,
             finetune: Finetune::Head,
             backbone_lr: 1e-4,
+            cache_images_mib: crate::train::finetune::DEFAULT_CACHE_IMAGES_MIB,
             epochs: train.epochs,
             batch_size: train.batch_size,
             lr: train.lr,

@@ -6,6 +6,7 @@ pub mod depthwise;
 #[cfg(feature = "cuda")]
 mod depthwise_cuda;
 pub mod nhwc;
+pub mod nhwc_grad;
 
 pub use bias_act::bias_act;
 pub use depthwise::{depthwise_conv2d, DepthwiseParams};

@@ -141,7 +141,7 @@ impl ConvGeometry {
 
     /// The kernel taps `[lo, hi)` of output row (or column) `o` that land inside a map of
     /// `size` pixels padded by `pad` before it.
-    fn taps(&self, o: usize, pad: usize, size: usize) -> (usize, usize) {
+    pub(crate) fn taps(&self, o: usize, pad: usize, size: usize) -> (usize, usize) {
         let start = o * self.stride;
         let lo = pad.saturating_sub(start);
         let hi = (size + pad).saturating_sub(start).min(self.kernel);

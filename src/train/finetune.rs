@@ -1,6 +1,8 @@
-//! `--finetune full`: back-propagation through the backbone and a fresh head together, the
-//! images decoded again every epoch. The batch-norm statistics stay frozen (they are folded
-//! into the convolutions, whose weights and biases are trained), which suits small batches.
+//! `--finetune full`: back-propagation through the backbone and a fresh head together — on
+//! the channels-last engine on the CPU for MobileNetV2 / EfficientNet-Lite, through candle's
+//! autograd elsewhere — the decoded images kept in memory across epochs within a bound. The
+//! batch-norm statistics stay frozen (they are folded into the convolutions, whose weights
+//! and biases are trained), which suits small batches.
 
 use std::path::PathBuf;
 
@@ -9,7 +11,9 @@ use candle_nn::Optimizer;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+use super::flat_adam::FlatAdam;
 use super::{adam, dropout_mask, init_head, Head, TrainConfig};
+use crate::backbone::channels_last::TrunkTrainer;
 use crate::backbone::Backbone;
 use crate::data::loader::{load_batch, Preprocess};
 use crate::progress::Progress;
@@ -50,10 +54,117 @@ impl Finetune {
     }
 }
 
+/// Default bound of the decoded-image cache of [`finetune`], in MiB.
+pub const DEFAULT_CACHE_IMAGES_MIB: usize = 2048;
+
+/// The training images, decoded and preprocessed: all kept in memory across epochs when they
+/// fit a bound, else decoded again for every batch.
+pub struct TrainImages<'a> {
+    files: &'a [PathBuf],
+    count: usize,
+    pre: &'a Preprocess,
+    cached: Option<Vec<f32>>,
+}
+
+impl<'a> TrainImages<'a> {
+    /// Decodes every image of `files` now when their preprocessed pixels take at most
+    /// `bound_mib` MiB (f32), else leaves decoding to each batch.
+    pub fn new(files: &'a [PathBuf], pre: &'a Preprocess, bound_mib: usize) -> Result<Self> {
+        let bytes = files.len().saturating_mul(pre.len()).saturating_mul(4);
+        let cached = if bytes <= bound_mib.saturating_mul(1 << 20) {
+            let mut all = Vec::with_capacity(files.len() * pre.len());
+            for part in files.chunks(256) {
+                all.extend_from_slice(&load_batch(part, 0, pre, false)?.pixels);
+            }
+            Some(all)
+        } else {
+            None
+        };
+        Ok(Self {
+            files,
+            count: files.len(),
+            pre,
+            cached,
+        })
+    }
+
+    /// Images already decoded and preprocessed by `pre`: `pixels` is `[N, 3, H, W]` flattened.
+    pub fn from_pixels(pixels: Vec<f32>, pre: &'a Preprocess) -> Result<Self> {
+        if pre.is_empty() || !pixels.len().is_multiple_of(pre.len()) {
+            return Err(FinetuneError::Input(format!(
+                "{} pixel values are not a whole number of {}×{} images",
+                pixels.len(),
+                pre.width,
+                pre.height
+            )));
+        }
+        Ok(Self {
+            files: &[],
+            count: pixels.len() / pre.len(),
+            pre,
+            cached: Some(pixels),
+        })
+    }
+
+    /// Whether every image is held in memory.
+    pub fn is_cached(&self) -> bool {
+        self.cached.is_some()
+    }
+
+    /// The pixels of images `idx`, `[idx.len(), 3, H, W]` flattened.
+    pub fn batch(&self, idx: &[u32]) -> Result<Vec<f32>> {
+        match &self.cached {
+            Some(all) => {
+                let len = self.pre.len();
+                let mut out = Vec::with_capacity(idx.len() * len);
+                for &i in idx {
+                    out.extend_from_slice(&all[i as usize * len..][..len]);
+                }
+                Ok(out)
+            }
+            None => {
+                let paths: Vec<PathBuf> = idx
+                    .iter()
+                    .map(|&i| self.files[i as usize].clone())
+                    .collect();
+                Ok(load_batch(&paths, 0, self.pre, false)?.pixels)
+            }
+        }
+    }
+
+    fn tensor(&self, idx: &[u32], device: &Device) -> Result<Tensor> {
+        let (h, w) = (self.pre.height as usize, self.pre.width as usize);
+        let x = Tensor::from_vec(self.batch(idx)?, (idx.len(), 3, h, w), &Device::Cpu)?;
+        Ok(x.to_device(device)?)
+    }
+}
+
+fn check_inputs(images: usize, labels: &[u32], classes: usize) -> Result<()> {
+    if images != labels.len() {
+        return Err(FinetuneError::Input(format!(
+            "{} labels for {} training images",
+            labels.len(),
+            images
+        )));
+    }
+    if images == 0 {
+        return Err(FinetuneError::Input("no training images".into()));
+    }
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+        return Err(FinetuneError::Input(format!(
+            "label {bad} is not below the number of classes {classes}"
+        )));
+    }
+    Ok(())
+}
+
 /// Fine-tunes `backbone` (its trainable `backbone_vars`, from [`Backbone::load_trainable`]) and
 /// trains a fresh head on the images `files` with `labels`. The head learns at `cfg.lr`, the
-/// backbone at `backbone_lr`; both decay by `cfg.lr_decay` per epoch. `progress` advances once
-/// per batch.
+/// backbone at `backbone_lr`; both decay by `cfg.lr_decay` per epoch. Decoded images stay in
+/// memory when they fit `cache_mib` MiB. On the CPU, MobileNetV2 and EfficientNet-Lite train on
+/// the channels-last engine ([`TrunkTrainer`]) and the trained weights are written back into
+/// `backbone_vars`; elsewhere through candle's autograd ([`finetune_candle`]). `progress`
+/// advances once per batch.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     backbone: &Backbone,
@@ -64,43 +175,73 @@ pub fn finetune(
     pre: &Preprocess,
     cfg: &TrainConfig,
     backbone_lr: f64,
+    cache_mib: usize,
     device: &Device,
     progress: &Progress,
 ) -> Result<Head> {
-    if files.len() != labels.len() {
-        return Err(FinetuneError::Input(format!(
-            "{} labels for {} training images",
-            labels.len(),
-            files.len()
-        )));
+    check_inputs(files.len(), labels, classes)?;
+    let images = TrainImages::new(files, pre, cache_mib)?;
+    match (device.is_cpu(), backbone.trunk()) {
+        (true, Some(trunk)) => {
+            let trainer = TrunkTrainer::new(trunk)?;
+            finetune_channels_last(
+                trainer,
+                &backbone_vars,
+                &images,
+                labels,
+                classes,
+                cfg,
+                backbone_lr,
+                progress,
+            )
+        }
+        _ => finetune_candle(
+            backbone,
+            backbone_vars,
+            &images,
+            labels,
+            classes,
+            cfg,
+            backbone_lr,
+            device,
+            progress,
+        ),
     }
-    if files.is_empty() {
-        return Err(FinetuneError::Input("no training images".into()));
-    }
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-        return Err(FinetuneError::Input(format!(
-            "label {bad} is not below the number of classes {classes}"
-        )));
-    }
+}
+
+/// [`finetune`] through candle's autograd on `backbone`'s candle ops (any device, any
+/// trainable backbone).
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_candle(
+    backbone: &Backbone,
+    backbone_vars: Vec<Var>,
+    images: &TrainImages,
+    labels: &[u32],
+    classes: usize,
+    cfg: &TrainConfig,
+    backbone_lr: f64,
+    device: &Device,
+    progress: &Progress,
+) -> Result<Head> {
+    check_inputs(images.count, labels, classes)?;
     let dim = backbone.spec().embedding_dim;
     let mut backbone_opt = adam(backbone_vars, backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
     let mut head_opt = adam(head_vars, cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
-    let mut order: Vec<u32> = (0..files.len() as u32).collect();
+    let mut order: Vec<u32> = (0..labels.len() as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
     let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
     let batch = cfg.batch_size.max(1);
     let (mut lr, mut bb_lr) = (cfg.lr, backbone_lr);
     progress.start(
-        (cfg.epochs * files.len().div_ceil(batch)) as u64,
+        (cfg.epochs * labels.len().div_ceil(batch)) as u64,
         "fine-tune batches",
     );
     for _ in 0..cfg.epochs {
         shuffle_rng.shuffle(&mut order);
         for chunk in order.chunks(batch) {
-            let paths: Vec<PathBuf> = chunk.iter().map(|&i| files[i as usize].clone()).collect();
-            let images = load_batch(&paths, 0, pre, false)?.to_tensor(pre, device)?;
+            let images = images.tensor(chunk, device)?;
             let mut x = backbone.embed(&images)?;
             if cfg.dropout > 0.0 {
                 let mask = dropout_mask(&mut dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
@@ -118,6 +259,74 @@ pub fn finetune(
         head_opt.set_learning_rate(lr);
         backbone_opt.set_learning_rate(bb_lr);
     }
+    progress.finish();
+    Ok(Head { linear, classes })
+}
+
+/// [`finetune`] on the channels-last engine: `trainer` holds the backbone's parameters, which
+/// are written into `backbone_vars` at the end. The head, its loss and its Adam are candle's,
+/// as in [`finetune_candle`]; the backbone's Adam runs on the host buffers ([`FlatAdam`]).
+#[allow(clippy::too_many_arguments)]
+pub fn finetune_channels_last(
+    mut trainer: TrunkTrainer,
+    backbone_vars: &[Var],
+    images: &TrainImages,
+    labels: &[u32],
+    classes: usize,
+    cfg: &TrainConfig,
+    backbone_lr: f64,
+    progress: &Progress,
+) -> Result<Head> {
+    check_inputs(images.count, labels, classes)?;
+    let device = &Device::Cpu;
+    let size = (images.pre.height as usize, images.pre.width as usize);
+    let dim = trainer.dim();
+    let mut backbone_opt = FlatAdam::new(trainer.params_mut().map(|p| p.len()), backbone_lr);
+    let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
+    let mut head_opt = adam(head_vars, cfg.lr)?;
+    let targets = Tensor::new(labels, device)?;
+    let mut order: Vec<u32> = (0..labels.len() as u32).collect();
+    let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
+    let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
+    let batch = cfg.batch_size.max(1);
+    let (mut lr, mut bb_lr) = (cfg.lr, backbone_lr);
+    progress.start(
+        (cfg.epochs * labels.len().div_ceil(batch)) as u64,
+        "fine-tune batches",
+    );
+    for _ in 0..cfg.epochs {
+        shuffle_rng.shuffle(&mut order);
+        for chunk in order.chunks(batch) {
+            let n = chunk.len();
+            let fwd = trainer.forward(&images.batch(chunk)?, n, size)?;
+            let features = Var::from_vec(fwd.features.clone(), (n, dim), device)?;
+            let mut x = features.as_tensor().clone();
+            if cfg.dropout > 0.0 {
+                let mask = dropout_mask(&mut dropout_rng, n, dim, cfg.dropout, device)?;
+                x = x.mul(&mask)?;
+            }
+            let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
+            let loss = cfg.loss.compute(&linear.forward(&x)?, &y)?;
+            let grads = loss.backward()?;
+            head_opt.step(&grads)?;
+            let d_features = grads
+                .get(features.as_tensor())
+                .ok_or_else(|| {
+                    FinetuneError::Input("the loss does not depend on the features".into())
+                })?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let backbone_grads = trainer.backward(&fwd, &d_features)?;
+            drop(fwd);
+            backbone_opt.step(trainer.params_mut().collect(), &backbone_grads);
+            progress.inc(1);
+        }
+        lr *= cfg.lr_decay;
+        bb_lr *= cfg.lr_decay;
+        head_opt.set_learning_rate(lr);
+        backbone_opt.set_learning_rate(bb_lr);
+    }
+    trainer.write_to(backbone_vars)?;
     progress.finish();
     Ok(Head { linear, classes })
 }

@@ -4,6 +4,7 @@
 
 pub mod eval;
 pub mod finetune;
+pub mod flat_adam;
 pub mod loss;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};

@@ -9,13 +9,15 @@
 //! (`[pixels, channels]`) in a few reused buffers. A convolution is then one matrix product over
 //! every pixel of the chunk (after im2col for k > 1), with the batch-norm folded in and the
 //! bias and activation applied in one pass; the depthwise kernel vectorises across channels.
-//! Same weights and arithmetic as the candle path (tested to agree within float tolerance);
-//! inference only.
+//! Same weights and arithmetic as the candle path (tested to agree within float tolerance).
+//! [`TrunkTrainer`] adds the backward pass for fine-tuning MobileNetV2 / EfficientNet-Lite.
 
 mod resnet;
+mod train;
 mod trunk;
 
 pub use resnet::ChannelsLastResNet;
+pub use train::{Forward, Gradients, TrunkTrainer};
 pub use trunk::ChannelsLastTrunk;
 
 use std::sync::Mutex;
