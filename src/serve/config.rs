@@ -58,6 +58,9 @@ pub struct ServeConfig {
     pub body_timeout: Duration,
     /// Every prediction published to this Kafka topic too (feature `kafka`).
     pub kafka: Option<KafkaTarget>,
+    /// A `bccp audit --db` output folder whose label issues the review page shows; `None`:
+    /// the flags of the latest retrain cycle.
+    pub review_audit: Option<PathBuf>,
 }
 
 /// Where `--kafka` publishes predictions.
@@ -94,9 +97,6 @@ impl KafkaTarget {
             format,
         })
     }
-    /// A `bccp audit --db` output folder whose label issues the review page shows; `None`:
-    /// the flags of the latest retrain cycle.
-    pub review_audit: Option<PathBuf>,
 }
 
 /// The shortest API token accepted.
