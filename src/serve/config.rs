@@ -56,6 +56,10 @@ pub struct ServeConfig {
     pub log_capacity: usize,
     /// Longest time to receive a request body.
     pub body_timeout: Duration,
+    /// Where the model comes from when it is not in `runs_dir` (`mlflow:NAME@ALIAS`,
+    /// `s3://…`): synced into `runs_dir`, a cache registry, before every check; `model` is
+    /// then its spec there.
+    pub remote: Option<std::sync::Arc<crate::tracking::remote::RemoteModel>>,
 }
 
 /// The shortest API token accepted.
@@ -87,6 +91,7 @@ impl ServeConfig {
             queue_capacity: 4096,
             log_capacity: 65536,
             body_timeout: Duration::from_secs(30),
+            remote: None,
         }
     }
 

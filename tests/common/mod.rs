@@ -6,6 +6,7 @@ pub mod browser;
 pub mod http;
 pub mod mlflow;
 pub mod pg;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
