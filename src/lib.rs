@@ -26,6 +26,7 @@ pub mod registry;
 pub mod retrain;
 pub mod rng;
 pub mod runtime;
+pub mod s3;
 pub mod sampling;
 pub mod serve;
 pub mod shard;

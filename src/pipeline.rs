@@ -16,7 +16,7 @@ use crate::rng::Rng;
 use crate::sampling::{self, ReuseBuffer};
 use crate::train::eval::{detection, evaluate, roc_auc};
 use crate::train::finetune::{embed_files, finetune, Finetune};
-use crate::train::{train_head, Head, TrainConfig};
+use crate::train::{train_head_recorded, Head, TestSet, TrainConfig};
 
 /// Why a run failed; each layer's error as it reported it.
 #[derive(Debug, thiserror::Error)]
@@ -341,11 +341,31 @@ pub fn run_embedded(
         loss: cfg.final_loss(),
         ..cfg.train()
     };
+    let mut epochs = Vec::new();
     let (head, tuned): (Head, Option<Backbone>) = match cfg.finetune {
-        Finetune::Head => (
-            train_head(&x_final, &y_final, classes.len(), &final_cfg, progress)?,
-            None,
-        ),
+        Finetune::Head => {
+            // Watched on the test split as the final evaluation reads it (Monday, then Tuesday).
+            let mut parts = vec![part(n1, mon_test.len())?];
+            let mut test_truth = truth(mon_test);
+            if cfg.target_day == Day::Tuesday {
+                parts.push(part(n1 + n2 + n3, tue_test.len())?);
+                test_truth.extend(truth(tue_test));
+            }
+            let test = TestSet {
+                parts: &parts,
+                labels: &test_truth,
+            };
+            let (head, history) = train_head_recorded(
+                &x_final,
+                &y_final,
+                classes.len(),
+                &final_cfg,
+                progress,
+                Some(test),
+            )?;
+            epochs = history;
+            (head, None)
+        }
         Finetune::Full => {
             let (mut model, vars) = Backbone::load_trainable(spec, e.embedder.weights(), device)?;
             let kept_files: Vec<PathBuf> = keep_idx
@@ -411,6 +431,7 @@ pub fn run_embedded(
     metrics.replayed = replayed;
     metrics.noisy_labels = noisy.iter().filter(|&&n| n).count();
     metrics.seconds = seconds;
+    metrics.epochs = epochs;
 
     let ids = |r: &[Record]| r.iter().map(|x| x.id).collect::<Vec<u64>>();
     let record = RunRecord {

@@ -87,7 +87,26 @@ fn assert_mirrors(v: &serde_json::Value, runs: &Path, name: &str, version: u32) 
         }
     }
     assert!(expected >= 6, "{metrics:?}");
-    assert_eq!(metrics["test_acc"], [(0, record.metrics.test_accuracy)]);
+    // Per-epoch curves, step = epoch: every step MLflow holds equals the local history.
+    let epochs = &record.metrics.epochs;
+    assert_eq!(epochs.len(), 2, "--epochs 2");
+    let curve = |f: &dyn Fn(&bccp::train::EpochStats) -> f64| -> Vec<(i64, f64)> {
+        epochs.iter().map(|e| (e.epoch as i64, f(e))).collect()
+    };
+    let test = |e: &bccp::train::EpochStats| e.test_accuracy.unwrap();
+    assert_eq!(metrics["train_acc"], curve(&|e| e.train_accuracy));
+    assert_eq!(
+        metrics["epoch.train_accuracy"],
+        curve(&|e| e.train_accuracy)
+    );
+    assert_eq!(metrics["epoch.loss"], curve(&|e| e.loss));
+    assert_eq!(metrics["test_acc"], curve(&test));
+    assert_eq!(metrics["epoch.test_accuracy"], curve(&test));
+    // The last epoch's head is the run's head.
+    assert_eq!(
+        metrics["test_acc"].last(),
+        Some(&(2, record.metrics.test_accuracy))
+    );
     assert_eq!(
         metrics["seconds.total"],
         [(0, record.metrics.seconds.total)]
@@ -172,6 +191,76 @@ fn train_mirrors_runs_and_bad_servers_leave_the_local_run() {
         got["aliases"],
         serde_json::json!({}),
         "train promotes nothing"
+    );
+
+    // `bccp serve --model mlflow:m@champion` follows MLflow's alias: it downloads the version
+    // the alias points at into the cache, then the next one when the alias moves.
+    let move_alias = "import sys, json\nfrom mlflow import MlflowClient\n\
+        c = MlflowClient(sys.argv[1], registry_uri=sys.argv[1])\n\
+        c.set_registered_model_alias('m', 'champion', sys.argv[2])\nprint(json.dumps(1))";
+    server.python(move_alias, &["1"]);
+    let serve_cache = dir.path().join("serve-cache");
+    let serving = common::http::ServeProcess::start(
+        &[
+            "--model",
+            "mlflow:m@champion",
+            "--mlflow",
+            &uri,
+            "--cache-dir",
+            serve_cache.to_str().unwrap(),
+            "--runs-dir",
+            dir.path().join("no-runs").to_str().unwrap(),
+            "--no-store",
+            "--device",
+            "cpu",
+            "--poll-ms",
+            "200",
+        ],
+        &[],
+    );
+    let addr = serving.addr;
+    assert_eq!(common::http::get(addr, "/model").json()["version"], 1);
+    server.python(move_alias, &["2"]);
+    assert!(
+        common::http::eventually(std::time::Duration::from_secs(30), || {
+            common::http::get(addr, "/model").json()["version"] == 2
+        }),
+        "serve did not follow the alias: {}",
+        common::http::get(addr, "/model").text()
+    );
+    serving.stop(std::time::Duration::from_secs(20));
+    // The cache holds MLflow's versions 1 and 2: the local runs m:1 and m:2, byte for byte.
+    let cached = std::fs::read_dir(serve_cache.join("remote-models"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("m");
+    let reg = Registry::open(&runs);
+    for v in [1, 2] {
+        let local = files(&reg.resolve(&format!("m:{v}")).unwrap().path);
+        assert!(
+            local == files(&cached.join(v.to_string())),
+            "cached version {v}"
+        );
+    }
+    // An alias MLflow does not have: serve refuses to start, naming the spec and the call.
+    let err = failure(&common::bccp(&[
+        "serve",
+        "--model",
+        "mlflow:m@nope",
+        "--mlflow",
+        &uri,
+        "--cache-dir",
+        serve_cache.to_str().unwrap(),
+        "--no-store",
+        "--bind",
+        "127.0.0.1:0",
+    ]));
+    assert!(
+        err.contains("mlflow:m@nope") && err.contains("registered-models/alias"),
+        "{err}"
     );
 
     // A server that is down: the error names the URI and the call; the local run is complete.
@@ -304,6 +393,22 @@ fn retrain_moves_the_champion_alias_only_when_everything_is_mirrored() {
     assert_eq!(v["tags"]["mlflow.source.name"], "bccp retrain");
     let gate = v["metrics"]["gate_accuracy"][0][1].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&gate), "{got}");
+    // The challenger's training curve; the gate scores it afterwards (test_acc at step 0).
+    let record = Registry::open(&runs)
+        .read(&Registry::open(&runs).resolve("loop:1").unwrap())
+        .unwrap();
+    let train_acc: Vec<(i64, f64)> = record
+        .metrics
+        .epochs
+        .iter()
+        .map(|e| (e.epoch as i64, e.train_accuracy))
+        .collect();
+    assert_eq!(train_acc.len(), 2);
+    assert_eq!(v["metrics"]["train_acc"], serde_json::json!(train_acc));
+    assert_eq!(
+        v["metrics"]["test_acc"],
+        serde_json::json!([[0, record.metrics.test_accuracy]])
+    );
     let local = files(&Registry::open(&runs).resolve("loop:1").unwrap().path);
     assert!(local == files(Path::new(v["dir"].as_str().unwrap())));
 

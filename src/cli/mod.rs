@@ -190,6 +190,43 @@ pub struct MlflowArgs {
     pub mlflow_experiment: String,
 }
 
+/// `--artifacts s3://…`: run folders mirrored to S3-compatible storage.
+#[derive(Args, Debug)]
+pub struct ArtifactsArgs {
+    /// Mirror the registered run folder to S3-compatible storage, under
+    /// s3://BUCKET/PREFIX/NAME/VERSION/ (endpoint, region and credentials from AWS_ENDPOINT_URL[_S3],
+    /// AWS_REGION/AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; files above
+    /// BCCP_S3_PART_SIZE bytes, default 8 MiB, go up in parts), after the local registry.
+    #[arg(long, value_name = "S3_URI")]
+    pub artifacts: Option<String>,
+}
+
+impl ArtifactsArgs {
+    /// The target, or `None` without `--artifacts`.
+    pub fn target(&self) -> Result<Option<bccp::tracking::s3_mirror::S3Target>> {
+        Ok(bccp::tracking::s3_mirror::S3Target::resolve(
+            self.artifacts.as_deref(),
+        )?)
+    }
+}
+
+/// Mirrors a run folder to S3 and says where it went.
+pub fn mirror_to_s3(
+    target: &bccp::tracking::s3_mirror::S3Target,
+    run: &bccp::registry::RunDir,
+) -> Result<()> {
+    let sent = bccp::tracking::s3_mirror::mirror_run_s3(target, run)
+        .map_err(|e| train::local_kept(e, run))?;
+    let bytes: usize = sent.iter().map(|t| t.bytes).sum();
+    let multipart = sent.iter().filter(|t| t.parts > 1).count();
+    println!(
+        "mirrored to {}: {} files, {bytes} bytes ({multipart} in parts), checksums verified",
+        target.run_uri(&run.name, run.version),
+        sent.len()
+    );
+    Ok(())
+}
+
 impl MlflowArgs {
     /// The target, or `None` when no server is named.
     pub fn target(&self) -> Result<Option<bccp::tracking::MlflowTarget>> {

@@ -133,6 +133,8 @@ pub struct RetrainArgs {
     settings: LoopArgs,
     #[command(flatten)]
     mlflow: MlflowArgs,
+    #[command(flatten)]
+    artifacts: super::ArtifactsArgs,
 }
 
 /// One line per challenger and the decision.
@@ -182,6 +184,7 @@ pub fn print_cycle(s: &CycleSummary) {
 pub fn run(args: RetrainArgs, quiet: bool) -> Result<()> {
     let (opts, env) = args.settings.options("manual")?;
     let mlflow = args.mlflow.target()?;
+    let s3 = args.artifacts.target()?;
     let mut db = args.db.open()?;
     let progress = super::progress(quiet);
     match bccp::retrain::run_cycle(db.as_mut(), &env, &opts, &progress)? {
@@ -191,6 +194,11 @@ pub fn run(args: RetrainArgs, quiet: bool) -> Result<()> {
         ),
         CycleReport::Done(summary) => {
             print_cycle(&summary);
+            if let Some(target) = &s3 {
+                for c in &summary.challengers {
+                    super::mirror_to_s3(target, &env.registry.resolve(&c.version)?)?;
+                }
+            }
             if let Some(target) = mlflow {
                 mirror_cycle(&target, &env.registry, &summary)?;
             }

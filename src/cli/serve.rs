@@ -117,9 +117,14 @@ impl ServerArgs {
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The model served: NAME@ALIAS (followed as it moves, e.g. my-model@champion),
-    /// NAME:VERSION, or NAME (the latest version, followed).
+    /// NAME:VERSION, or NAME (the latest version, followed); mlflow:NAME@ALIAS (an MLflow
+    /// registered model's alias, followed; see --mlflow) or s3://BUCKET/PREFIX/NAME/VERSION (a
+    /// run folder written by --artifacts), downloaded into the cache folder's remote-models/.
     #[arg(long)]
     model: String,
+    /// The MLflow tracking server of an mlflow: model (default: MLFLOW_TRACKING_URI).
+    #[arg(long, value_name = "URI")]
+    mlflow: Option<String>,
     /// Address to listen on; anything but loopback needs an API token.
     #[arg(long, default_value = "127.0.0.1:8000")]
     bind: SocketAddr,
@@ -143,15 +148,33 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let db = (!args.no_store).then(|| args.db.url()).transpose()?;
+    let remote = bccp::tracking::remote::RemoteModel::parse(&args.model, args.mlflow.as_deref())?;
+    // A remote model is served from a cache registry of its own, one per source.
+    let (spec, runs_dir) = match &remote {
+        None => (args.model.clone(), args.registry.runs_dir.clone()),
+        Some(r) => {
+            let key: String = r
+                .spec()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let base = args
+                .cache
+                .dir()
+                .unwrap_or_else(|| args.registry.runs_dir.clone());
+            (r.local_spec(), base.join("remote-models").join(key))
+        }
+    };
     let mut config = args.server.config(
-        &args.model,
-        args.registry.runs_dir.clone(),
+        &spec,
+        runs_dir,
         args.bind,
         db,
         args.device.device()?,
         args.cache.dir(),
     )?;
     config.wait_for_model = args.wait_for_model;
+    config.remote = remote.map(std::sync::Arc::new);
     let _graceful = bccp::runtime::graceful_stop();
     let server = bccp::serve::start(config)?;
     match server.model() {

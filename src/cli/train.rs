@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
-use super::{CacheArgs, DeviceArgs, MlflowArgs, RegistryArgs};
+use super::{ArtifactsArgs, CacheArgs, DeviceArgs, MlflowArgs, RegistryArgs};
 use bccp::cleanse::Method;
 use bccp::config::RunConfig;
 use bccp::pipeline::{self, RunEnv};
@@ -37,6 +37,8 @@ pub struct TrainArgs {
     registry: RegistryArgs,
     #[command(flatten)]
     mlflow: MlflowArgs,
+    #[command(flatten)]
+    artifacts: ArtifactsArgs,
 }
 
 /// The method from `-b` (the reference's flag) and `--method`, refusing contradictions.
@@ -144,6 +146,7 @@ pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
     let cfg = with_cut_off(args.run, args.bayesian_cut_off)?;
     cfg.validate().map_err(|e| anyhow::anyhow!(e.for_flags()))?;
     let mlflow = args.mlflow.target()?;
+    let s3 = args.artifacts.target()?;
     let env = RunEnv {
         device: args.device.device()?,
         cache_dir: args.cache.dir(),
@@ -162,6 +165,9 @@ pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
         outcome.run.version,
         outcome.run.path.display()
     );
+    if let Some(target) = &s3 {
+        super::mirror_to_s3(target, &outcome.run)?;
+    }
     if let Some(target) = mlflow {
         let mirrored = bccp::tracking::mirror_run(
             &target,

@@ -88,6 +88,10 @@ pub struct RunMetrics {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_score_auc: Option<f64>,
     pub seconds: StageSeconds,
+    /// The final head's training, epoch by epoch (empty when not recorded: full fine-tuning,
+    /// runs of older bccp versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<crate::train::EpochStats>,
 }
 
 impl RunMetrics {
@@ -185,6 +189,8 @@ pub mod files {
     pub const LABELS: &str = "labels.json";
     pub const SPLIT: &str = "split.json";
     pub const MODEL: &str = "model.safetensors";
+    /// Every file a complete run folder holds.
+    pub const ALL: [&str; 6] = [PARAMS, PROVENANCE, METRICS, LABELS, SPLIT, MODEL];
 }
 
 impl RunRecord {
@@ -238,8 +244,18 @@ mod tests {
             noise_f1: Some(0.3),
             noise_score_auc: Some(0.4),
             seconds: StageSeconds::default(),
+            epochs: vec![crate::train::EpochStats {
+                epoch: 1,
+                loss: 0.5,
+                train_accuracy: 0.75,
+                test_accuracy: None,
+            }],
         };
         let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(
+            json["epochs"],
+            serde_json::json!([{"epoch": 1, "loss": 0.5, "train_accuracy": 0.75}])
+        );
         for name in metric::ALL {
             assert_eq!(json[name].as_f64(), m.scalar(name), "{name}");
         }
@@ -248,7 +264,7 @@ mod tests {
         // Optional figures are left out, not written as null.
         let bare = RunMetrics::default();
         let json = serde_json::to_value(&bare).unwrap();
-        for name in [metric::TEST_ACCURACY_TUESDAY, metric::NOISE_F1] {
+        for name in [metric::TEST_ACCURACY_TUESDAY, metric::NOISE_F1, "epochs"] {
             assert!(json.get(name).is_none(), "{name}");
         }
         assert_eq!(serde_json::from_value::<RunMetrics>(json).unwrap(), bare);

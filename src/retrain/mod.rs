@@ -45,7 +45,7 @@ use crate::registry::{
 };
 use crate::store::{self, Flag, NewRetrain, RetrainOutcome, Sample, SampleFilter, Store, RUNNING};
 use crate::train::eval::{detection, roc_auc};
-use crate::train::{train_head, TrainConfig};
+use crate::train::{train_head_recorded, TrainConfig};
 use gate::{decide, GateRule, GateScore};
 
 /// Why a cycle failed.
@@ -571,6 +571,9 @@ struct Challenger {
     /// Noise detection against the true labels, when the candidates have them.
     detection: Option<(f64, f64, f64, Option<f64>)>,
     noisy: usize,
+    /// The head's training, epoch by epoch (loss and training accuracy; the gate scores it
+    /// afterwards).
+    epochs: Vec<crate::train::EpochStats>,
 }
 
 /// Replay from the buffer, cleansing and the head, as `bccp train` does them; a row with a
@@ -641,7 +644,7 @@ fn train_challenger(
         .iter()
         .map(|&i| cleansed.labels[i as usize])
         .collect();
-    let head = train_head(
+    let (head, epochs) = train_head_recorded(
         &x_train.index_select(&keep, 0)?,
         &labels,
         classes,
@@ -650,6 +653,7 @@ fn train_challenger(
             ..cfg.train()
         },
         progress,
+        None,
     )?;
     // Noise detection on the candidates whose true label is known (generated data).
     let truth: Vec<Option<i64>> = candidates
@@ -702,6 +706,7 @@ fn train_challenger(
             .collect(),
         detection,
         noisy: noisy.iter().filter(|&&n| n).count(),
+        epochs,
     })
 }
 
@@ -723,6 +728,7 @@ fn loop_record(
         removed_by_cutoff: c.dropped,
         replayed: c.replayed,
         noisy_labels: c.noisy,
+        epochs: c.epochs.clone(),
         ..RunMetrics::default()
     };
     if run.method == Method::Bccp {

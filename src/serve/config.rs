@@ -61,6 +61,10 @@ pub struct ServeConfig {
     /// A `bccp audit --db` output folder whose label issues the review page shows; `None`:
     /// the flags of the latest retrain cycle.
     pub review_audit: Option<PathBuf>,
+    /// Where the model comes from when it is not in `runs_dir` (`mlflow:NAME@ALIAS`,
+    /// `s3://…`): synced into `runs_dir`, a cache registry, before every check; `model` is
+    /// then its spec there.
+    pub remote: Option<std::sync::Arc<crate::tracking::remote::RemoteModel>>,
 }
 
 /// Where `--kafka` publishes predictions.
@@ -130,6 +134,7 @@ impl ServeConfig {
             body_timeout: Duration::from_secs(30),
             kafka: None,
             review_audit: None,
+            remote: None,
         }
     }
 

@@ -47,6 +47,8 @@ pub enum ServeError {
     },
     #[error("model {spec} failed its self-test: {message}")]
     SelfTest { spec: String, message: String },
+    #[error("model {spec}: {message}")]
+    Remote { spec: String, message: String },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("the server stopped with an error: {0}")]

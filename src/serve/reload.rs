@@ -58,6 +58,8 @@ pub(crate) struct Watch {
     pub self_test_images: usize,
     /// The last version that failed, not retried until the alias moves or a forced check.
     pub failed: Option<u32>,
+    /// A remote source (MLflow alias, S3 run folder) synced into `registry` before each check.
+    pub remote: Option<Arc<crate::tracking::remote::RemoteModel>>,
 }
 
 impl Watch {
@@ -81,6 +83,21 @@ impl Watch {
             .filter(|p| p.is_file())
             .take(self.self_test_images)
             .collect()
+    }
+
+    /// Syncs the remote source, if any, into the cache registry (the alias there follows the
+    /// remote one; a failure leaves the cache as it was).
+    pub fn sync(&self) -> Result<(), ServeError> {
+        match &self.remote {
+            None => Ok(()),
+            Some(remote) => remote
+                .sync(&self.registry)
+                .map(drop)
+                .map_err(|e| ServeError::Remote {
+                    spec: remote.spec(),
+                    message: e.to_string(),
+                }),
+        }
     }
 
     /// Loads and self-tests the spec's current version; on success it is served.
@@ -120,6 +137,22 @@ impl Watch {
     pub fn check(&mut self, forced: bool) -> ReloadOutcome {
         let current = self.slot.current();
         let served = current.as_ref().map(|m| m.info.version);
+        if let Err(e) = self.sync() {
+            let message = e.to_string();
+            eprintln!("[serve {}] warning: {message}", crate::store::now_utc());
+            if current.is_none() {
+                self.slot.set_not_ready(message.clone());
+            }
+            return ReloadOutcome {
+                result: if current.is_none() {
+                    "no_model"
+                } else {
+                    "unchanged"
+                },
+                version: served,
+                message: Some(message),
+            };
+        }
         let target = match self.registry.resolve(&self.spec) {
             Ok(run) => run.version,
             Err(e) => {

@@ -173,10 +173,12 @@ pub fn start(config: ServeConfig) -> Result<Server, ServeError> {
         store: store.clone(),
         self_test_images: config.self_test_images,
         failed: None,
+        remote: config.remote.clone(),
     };
     if config.wait_for_model {
         watch.check(false);
     } else {
+        watch.sync()?;
         watch.load().map_err(|(_, e)| e)?;
     }
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -293,6 +293,84 @@ impl Client {
     }
 }
 
+/// A registered model version as the registry answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelVersion {
+    pub version: String,
+    pub run_id: String,
+    /// Where its artifacts are (`mlflow-artifacts:/…` or `s3://…`).
+    pub source: String,
+}
+
+impl Client {
+    /// The version alias `alias` of registered model `name` points at.
+    pub fn alias(&self, name: &str, alias: &str) -> Result<ModelVersion> {
+        let call = "registered-models/alias";
+        let url = format!("{}/api/2.0/mlflow/{call}", self.base);
+        let result = self
+            .agent
+            .get(&url)
+            .query("name", name)
+            .query("alias", alias)
+            .call();
+        let v = self
+            .answer(call, result)?
+            .map_err(|refusal| self.refused(call, refusal))?;
+        let mv = &v["model_version"];
+        match (
+            mv["version"].as_str(),
+            mv["run_id"].as_str(),
+            mv["source"].as_str(),
+        ) {
+            (Some(version), Some(run_id), Some(source)) => Ok(ModelVersion {
+                version: version.to_owned(),
+                run_id: run_id.to_owned(),
+                source: source.to_owned(),
+            }),
+            _ => Err(self.fail(call, format!("no version/run_id/source in {v}"))),
+        }
+    }
+
+    /// The files (not folders) directly under an artifact URI served by the proxy.
+    pub fn list_artifacts(&self, artifact_uri: &str) -> Result<Vec<String>> {
+        let root = proxy_path(artifact_uri)
+            .ok_or_else(|| TrackingError::ArtifactUri(artifact_uri.to_owned()))?;
+        let call = "mlflow-artifacts/artifacts";
+        let url = format!("{}/api/2.0/{call}", self.base);
+        let result = self.agent.get(&url).query("path", &root).call();
+        let v = self
+            .answer(call, result)?
+            .map_err(|refusal| self.refused(call, refusal))?;
+        let files = v["files"].as_array().cloned().unwrap_or_default();
+        Ok(files
+            .iter()
+            .filter(|f| !f["is_dir"].as_bool().unwrap_or(false))
+            .filter_map(|f| f["path"].as_str())
+            .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned())
+            .collect())
+    }
+
+    /// The bytes of artifact `rel_path` under an artifact URI served by the proxy.
+    pub fn download_artifact(&self, artifact_uri: &str, rel_path: &str) -> Result<Vec<u8>> {
+        let root = proxy_path(artifact_uri)
+            .ok_or_else(|| TrackingError::ArtifactUri(artifact_uri.to_owned()))?;
+        let call = format!("mlflow-artifacts/artifacts/{root}/{rel_path}");
+        let url = format!("{}/api/2.0/{call}", self.base);
+        match self.agent.get(&url).call() {
+            Ok(resp) => {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut resp.into_reader(), &mut bytes)
+                    .map_err(|e| self.fail(&call, format!("reading the answer: {e}")))?;
+                Ok(bytes)
+            }
+            Err(e) => Err(match self.answer(&call, Err(e))? {
+                Ok(_) => self.fail(&call, "no answer".to_owned()),
+                Err(refusal) => self.refused(&call, refusal),
+            }),
+        }
+    }
+}
+
 /// The path under the artifact proxy of an `mlflow-artifacts:` URI
 /// (`mlflow-artifacts:/1/RUN/artifacts` or `mlflow-artifacts://HOST:PORT/1/RUN/artifacts`
 /// → `1/RUN/artifacts`); `None` for any other scheme.

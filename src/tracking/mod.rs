@@ -5,6 +5,8 @@
 //! alias half-moved.
 
 pub mod mlflow;
+pub mod remote;
+pub mod s3_mirror;
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,12 @@ pub const TRACKING_URI_ENV: &str = "MLFLOW_TRACKING_URI";
 
 /// The metric name the reference logged for test accuracy (bccp's `test_accuracy` too).
 pub const REFERENCE_TEST_ACC: &str = "test_acc";
+/// The metric name the reference logged for training accuracy, per epoch.
+pub const REFERENCE_TRAIN_ACC: &str = "train_acc";
+/// bccp's own per-epoch metrics (the fields of [`crate::train::EpochStats`]), step = epoch.
+pub const EPOCH_LOSS: &str = "epoch.loss";
+pub const EPOCH_TRAIN_ACCURACY: &str = "epoch.train_accuracy";
+pub const EPOCH_TEST_ACCURACY: &str = "epoch.test_accuracy";
 
 /// What can go wrong while mirroring; every message names the server and the call, or the file.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +36,10 @@ pub enum TrackingError {
         call: String,
         message: String,
     },
-    #[error("the run's artifact URI {0:?} is not served by the tracking server: start `mlflow server` with --serve-artifacts (artifacts go through mlflow-artifacts: URIs; s3:// artifact roots are not supported yet)")]
+    #[error("the run's artifact URI {0:?} is neither served by the tracking server nor on S3: start `mlflow server` with --serve-artifacts (mlflow-artifacts: URIs) or an s3:// artifact root")]
     ArtifactUri(String),
+    #[error(transparent)]
+    S3(#[from] crate::s3::S3Error),
     #[error("{path}: {error}")]
     Io {
         path: PathBuf,
@@ -107,9 +117,13 @@ pub fn params_of(config: &crate::config::RunConfig) -> Vec<(String, String)> {
     out
 }
 
-/// The metrics of a run, all at step 0: every scalar of [`metric::ALL`] the run has, the
-/// reference's `test_acc`, the per-class test accuracies (`test_accuracy_class.<k>`), the stage
-/// seconds (`seconds.<stage>`), then `extra`.
+/// The metrics of a run. At step 0: every scalar of [`metric::ALL`] the run has (the
+/// noise-detection figures among them), the per-class test accuracies
+/// (`test_accuracy_class.<k>`), the stage seconds (`seconds.<stage>`), then `extra`. Per epoch
+/// of the head's training, at step = epoch: `epoch.loss`, `epoch.train_accuracy` and the
+/// reference's `train_acc`, and with a test set `epoch.test_accuracy` and the reference's
+/// `test_acc` (whose last step is the run's test accuracy); without per-epoch test figures
+/// `test_acc` is the final test accuracy at step 0.
 pub fn metrics_of(m: &RunMetrics, extra: &[(String, f64)]) -> Vec<Metric> {
     let timestamp = now_ms();
     let at = |key: String, value: f64| Metric {
@@ -122,7 +136,25 @@ pub fn metrics_of(m: &RunMetrics, extra: &[(String, f64)]) -> Vec<Metric> {
         .iter()
         .filter_map(|&name| m.scalar(name).map(|v| at(name.to_owned(), v)))
         .collect();
-    out.push(at(REFERENCE_TEST_ACC.to_owned(), m.test_accuracy));
+    let test_curve = m.epochs.iter().any(|e| e.test_accuracy.is_some());
+    if !test_curve {
+        out.push(at(REFERENCE_TEST_ACC.to_owned(), m.test_accuracy));
+    }
+    for e in &m.epochs {
+        let step = |key: &str, value: f64| Metric {
+            key: key.to_owned(),
+            value,
+            step: e.epoch as i64,
+            timestamp,
+        };
+        out.push(step(EPOCH_LOSS, e.loss));
+        out.push(step(EPOCH_TRAIN_ACCURACY, e.train_accuracy));
+        out.push(step(REFERENCE_TRAIN_ACC, e.train_accuracy));
+        if let Some(acc) = e.test_accuracy {
+            out.push(step(EPOCH_TEST_ACCURACY, acc));
+            out.push(step(REFERENCE_TEST_ACC, acc));
+        }
+    }
     for (k, acc) in m.per_class_accuracy.iter().enumerate() {
         if let Some(acc) = acc {
             out.push(at(format!("test_accuracy_class.{k}"), *acc));
@@ -144,7 +176,7 @@ pub fn metrics_of(m: &RunMetrics, extra: &[(String, f64)]) -> Vec<Metric> {
 }
 
 /// The files of a run folder to upload, sorted by name.
-fn run_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+pub(crate) fn run_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let io = |error| TrackingError::Io {
         path: dir.to_path_buf(),
         error,
@@ -210,12 +242,24 @@ pub fn mirror_run(
         let mut uploaded = Vec::new();
         let mut files = run_files(&run.path)?;
         files.extend(extra_files.iter().cloned());
+        // An s3:// artifact root is written straight to S3 (AWS environment), not proxied.
+        let s3 = match info.artifact_uri.starts_with("s3://") {
+            true => {
+                let uri = crate::s3::S3Uri::parse(&info.artifact_uri)?;
+                let cfg = crate::s3::S3Config::from_env()?;
+                Some((crate::s3::S3Client::new(&uri, &cfg)?, uri))
+            }
+            false => None,
+        };
         for (name, path) in files {
             let bytes = std::fs::read(&path).map_err(|error| TrackingError::Io {
                 path: path.clone(),
                 error,
             })?;
-            client.upload_artifact(&info.artifact_uri, &name, &bytes)?;
+            match &s3 {
+                Some((s3, uri)) => drop(s3.put(&uri.key(&name), &bytes)?),
+                None => client.upload_artifact(&info.artifact_uri, &name, &bytes)?,
+            }
             uploaded.push(name);
         }
         client.end_run(&info.run_id, "FINISHED")?;
@@ -281,5 +325,49 @@ mod tests {
         assert_eq!(value("test_accuracy_class.1"), None);
         assert_eq!(value("gate_accuracy"), Some(0.75));
         assert_eq!(value("seconds.total"), Some(0.0));
+
+        // Per-epoch curves at step = epoch; `test_acc` becomes the test curve.
+        let epoch = |epoch, loss, train, test| crate::train::EpochStats {
+            epoch,
+            loss,
+            train_accuracy: train,
+            test_accuracy: test,
+        };
+        let m = RunMetrics {
+            test_accuracy: 0.5,
+            epochs: vec![
+                epoch(1, 2.0, 0.25, Some(0.375)),
+                epoch(2, 1.0, 0.75, Some(0.5)),
+            ],
+            ..RunMetrics::default()
+        };
+        let got = metrics_of(&m, &[]);
+        let curve = |k: &str| -> Vec<(i64, f64)> {
+            got.iter()
+                .filter(|x| x.key == k)
+                .map(|x| (x.step, x.value))
+                .collect()
+        };
+        assert_eq!(curve(REFERENCE_TEST_ACC), [(1, 0.375), (2, 0.5)]);
+        assert_eq!(curve(EPOCH_TEST_ACCURACY), [(1, 0.375), (2, 0.5)]);
+        assert_eq!(curve(REFERENCE_TRAIN_ACC), [(1, 0.25), (2, 0.75)]);
+        assert_eq!(curve(EPOCH_TRAIN_ACCURACY), [(1, 0.25), (2, 0.75)]);
+        assert_eq!(curve(EPOCH_LOSS), [(1, 2.0), (2, 1.0)]);
+        assert_eq!(curve("test_accuracy"), [(0, 0.5)]);
+        // Without test figures per epoch (retrain: the gate scores the head afterwards).
+        let m = RunMetrics {
+            test_accuracy: 0.5,
+            epochs: vec![epoch(1, 2.0, 0.25, None)],
+            ..RunMetrics::default()
+        };
+        let got = metrics_of(&m, &[]);
+        let keys = |k: &str| got.iter().filter(|x| x.key == k).count();
+        assert_eq!(keys(EPOCH_TEST_ACCURACY), 0);
+        assert_eq!(value_of(&got, REFERENCE_TEST_ACC), Some((0, 0.5)));
+        assert_eq!(value_of(&got, REFERENCE_TRAIN_ACC), Some((1, 0.25)));
+    }
+
+    fn value_of(got: &[Metric], k: &str) -> Option<(i64, f64)> {
+        got.iter().find(|x| x.key == k).map(|x| (x.step, x.value))
     }
 }

@@ -167,6 +167,36 @@ fn host_batch(features: &[f32], f: usize, idx: &[u32], dropout: f32, rng: &mut R
     batch
 }
 
+/// One epoch of head training, as recorded in `metrics.json` (`epochs`) and logged to MLflow
+/// with the epoch as the step.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochStats {
+    /// 1-based.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's samples (each batch's mean, weighted by its size).
+    pub loss: f64,
+    /// Accuracy on the training samples (with the labels trained on) after the epoch.
+    pub train_accuracy: f64,
+    /// Accuracy on the run's test samples after the epoch, when they were given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+}
+
+/// Test samples watched while training: feature blocks (predicted one by one, as the final
+/// evaluation does) and the true labels of their rows, in order.
+#[derive(Debug, Clone, Copy)]
+pub struct TestSet<'a> {
+    pub parts: &'a [Tensor],
+    pub labels: &'a [u32],
+}
+
+/// The share of `pred` equal to `truth` (0 for none).
+fn accuracy(pred: &[u32], truth: &[u32]) -> f64 {
+    let hits = pred.iter().zip(truth).filter(|(p, t)| p == t).count();
+    hits as f64 / truth.len().max(1) as f64
+}
+
 /// Trains a head on `features` [N, F] (f32) with integer `labels`; `progress` advances once per
 /// epoch.
 pub fn train_head(
@@ -176,6 +206,31 @@ pub fn train_head(
     cfg: &TrainConfig,
     progress: &Progress,
 ) -> Result<Head> {
+    fit(features, labels, classes, cfg, progress, None).map(|(head, _)| head)
+}
+
+/// [`train_head`] that also records every epoch: its mean loss, the training accuracy and,
+/// with `test`, the test accuracy (the same weights as without recording).
+pub fn train_head_recorded(
+    features: &Tensor,
+    labels: &[u32],
+    classes: usize,
+    cfg: &TrainConfig,
+    progress: &Progress,
+    test: Option<TestSet<'_>>,
+) -> Result<(Head, Vec<EpochStats>)> {
+    fit(features, labels, classes, cfg, progress, Some(test))
+}
+
+/// The training loop; `record` (with its optional test set) asks for per-epoch figures.
+fn fit(
+    features: &Tensor,
+    labels: &[u32],
+    classes: usize,
+    cfg: &TrainConfig,
+    progress: &Progress,
+    record: Option<Option<TestSet<'_>>>,
+) -> Result<(Head, Vec<EpochStats>)> {
     let (n, f) = features.dims2()?;
     if labels.len() != n {
         candle_core::bail!("{} labels for {n} training samples", labels.len());
@@ -205,8 +260,16 @@ pub fn train_head(
         ),
         false => None,
     };
+    if let Some(Some(test)) = record {
+        let rows: usize = test.parts.iter().map(|p| p.dim(0)).sum::<Result<usize>>()?;
+        if rows != test.labels.len() {
+            candle_core::bail!("{} test labels for {rows} test samples", test.labels.len());
+        }
+    }
+    let mut history = Vec::new();
     progress.start(cfg.epochs as u64, "epochs");
-    for _ in 0..cfg.epochs {
+    for epoch in 1..=cfg.epochs {
+        let mut loss_sum = 0f64;
         shuffle_rng.shuffle(&mut order);
         for chunk in order.chunks(cfg.batch_size.max(1)) {
             let idx = Tensor::new(chunk, device)?;
@@ -224,13 +287,39 @@ pub fn train_head(
             let y = targets.index_select(&idx, 0)?;
             let loss = cfg.loss.compute(&linear.forward(&x)?, &y)?;
             opt.backward_step(&loss)?;
+            if record.is_some() {
+                let batch_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                loss_sum += batch_loss * chunk.len() as f64;
+            }
+        }
+        if let Some(test) = record {
+            let head = Head {
+                linear: linear.clone(),
+                classes,
+            };
+            let test_accuracy = match test {
+                Some(t) => {
+                    let mut pred = Vec::with_capacity(t.labels.len());
+                    for part in t.parts {
+                        pred.extend(head.predict(part)?);
+                    }
+                    Some(accuracy(&pred, t.labels))
+                }
+                None => None,
+            };
+            history.push(EpochStats {
+                epoch,
+                loss: loss_sum / n as f64,
+                train_accuracy: accuracy(&head.predict(features)?, labels),
+                test_accuracy,
+            });
         }
         lr *= cfg.lr_decay;
         opt.set_learning_rate(lr);
         progress.inc(1);
     }
     progress.finish();
-    Ok(Head { linear, classes })
+    Ok((Head { linear, classes }, history))
 }
 
 #[cfg(test)]
@@ -287,6 +376,55 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("10 labels for 600"), "{err}");
+    }
+
+    #[test]
+    fn recording_keeps_the_weights_and_matches_the_final_head() {
+        let (x, y) = blobs(300, 2);
+        let (tx, ty) = blobs(90, 3);
+        let cfg = TrainConfig {
+            epochs: 4,
+            batch_size: 16,
+            dropout: 0.5,
+            ..Default::default()
+        };
+        let hidden = Progress::hidden();
+        let plain = train_head(&x, &y, 3, &cfg, &hidden).unwrap();
+        let halves = [tx.narrow(0, 0, 40).unwrap(), tx.narrow(0, 40, 50).unwrap()];
+        let test = TestSet {
+            parts: &halves,
+            labels: &ty,
+        };
+        let (head, epochs) = train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test)).unwrap();
+        let d: f32 = max_abs_diff(head.linear.weight(), plain.linear.weight());
+        assert_eq!(d, 0.0, "recording changes nothing");
+        assert_eq!(
+            epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        let last = &epochs[3];
+        assert_eq!(
+            last.train_accuracy,
+            accuracy(&head.predict(&x).unwrap(), &y)
+        );
+        assert_eq!(
+            last.test_accuracy,
+            Some(accuracy(&head.predict(&tx).unwrap(), &ty))
+        );
+        assert!(epochs[0].loss > last.loss && last.loss > 0.0, "{epochs:?}");
+        let (_, none) = train_head_recorded(&x, &y, 3, &cfg, &hidden, None).unwrap();
+        assert!(none.iter().all(|e| e.test_accuracy.is_none()));
+        assert_eq!(none[3].train_accuracy, last.train_accuracy);
+        let bad = TestSet {
+            parts: &halves,
+            labels: &ty[..10],
+        };
+        let err = train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("10 test labels for 90"), "{err}");
+        assert_eq!(accuracy(&[1, 2, 0], &[1, 2, 2]), 2.0 / 3.0);
+        assert_eq!(accuracy(&[], &[]), 0.0);
     }
 
     #[test]

@@ -32,11 +32,27 @@ pub struct MlflowServer {
     dir: tempfile::TempDir,
     child: Child,
     pub port: u16,
+    /// Environment of the server and of [`MlflowServer::python`] (the S3 stand-in's).
+    env: Vec<(&'static str, String)>,
 }
 
 impl MlflowServer {
-    /// Starts a server and waits for its `/health`; panics with its log if it does not come up.
+    /// Starts a server whose artifacts go through its proxy to a local folder.
     pub fn start() -> Self {
+        Self::launch(None, Vec::new())
+    }
+
+    /// Starts a server whose default artifact root is `root` (`s3://…`), not proxied: clients
+    /// write there themselves, with `env` (the S3 endpoint and credentials).
+    pub fn start_s3(root: &str, env: Vec<(&'static str, String)>) -> Self {
+        Self::launch(Some(root), env)
+    }
+
+    /// Starts a server and waits for its `/health`; panics with its log if it does not come up.
+    fn launch(s3_root: Option<&str>, mut env: Vec<(&'static str, String)>) -> Self {
+        if let Some((_, endpoint)) = env.iter().find(|(k, _)| *k == "AWS_ENDPOINT_URL") {
+            env.push(("MLFLOW_S3_ENDPOINT_URL", endpoint.clone()));
+        }
         let py = python();
         let dir = tempfile::Builder::new()
             .prefix("bccp-mlflow")
@@ -51,10 +67,16 @@ impl MlflowServer {
         let store = format!("sqlite:///{}", dir.path().join("mlflow.db").display());
         let artifacts = dir.path().join("artifacts");
         let mut cmd = Command::new(&py);
-        cmd.args(["-m", "mlflow", "server", "--backend-store-uri", &store])
-            .arg("--artifacts-destination")
-            .arg(&artifacts)
-            .args(["--serve-artifacts", "--host", "127.0.0.1", "--workers", "1"])
+        cmd.args(["-m", "mlflow", "server", "--backend-store-uri", &store]);
+        match s3_root {
+            None => cmd
+                .arg("--artifacts-destination")
+                .arg(&artifacts)
+                .arg("--serve-artifacts"),
+            Some(root) => cmd.args(["--default-artifact-root", root, "--no-serve-artifacts"]),
+        };
+        cmd.args(["--host", "127.0.0.1", "--workers", "1"])
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["--port", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -63,7 +85,12 @@ impl MlflowServer {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e}", py.display()));
-        let mut server = Self { dir, child, port };
+        let mut server = Self {
+            dir,
+            child,
+            port,
+            env,
+        };
         let started = Instant::now();
         loop {
             if ureq::get(&format!("{}/health", server.uri()))
@@ -102,6 +129,7 @@ impl MlflowServer {
             .arg(code)
             .arg(self.uri())
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -7,6 +7,7 @@ pub mod http;
 pub mod kafka;
 pub mod mlflow;
 pub mod pg;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
