@@ -471,7 +471,9 @@ fn a_broker_gone_mid_stream_is_retried_and_the_stream_resumes() {
             topic,
         ])
         .args(["--db", &db, "--image-root", dir.path().to_str().unwrap()])
-        .args(["--batch-size", "100", "--idle", "8"])
+        // Idle time counts while the broker is away too: well past the 4 s cut plus the
+        // reconnection back-off on a loaded machine (8 s was seen to end the run early).
+        .args(["--batch-size", "100", "--idle", "30"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

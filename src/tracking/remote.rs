@@ -28,7 +28,8 @@ pub enum RemoteModel {
     },
     /// A mirrored run folder (`…/NAME/VERSION`).
     S3 {
-        client: S3Client,
+        /// Boxed: the S3 client is several times the MLflow variant's size.
+        client: Box<S3Client>,
         folder: S3Uri,
         name: String,
         version: u32,
@@ -101,7 +102,7 @@ impl RemoteModel {
             };
             let client = S3Client::new(&bucket, &S3Config::from_env()?)?;
             return Ok(Some(Self::S3 {
-                client,
+                client: Box::new(client),
                 name: name.to_owned(),
                 version,
                 folder,
