@@ -125,6 +125,8 @@ pub fn cutoff_scores<'py>(
             &t,
             &given,
             &replayed,
+            // No verified labels from Python (yet): every row may be cut.
+            &vec![false; given.len()],
             classes,
             &cfg.train(),
             &Progress::hidden(),
