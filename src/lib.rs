@@ -34,6 +34,7 @@ pub mod store;
 pub mod stream;
 pub mod tracking;
 pub mod train;
+pub mod verify;
 
 #[cfg(test)]
 mod testutil;

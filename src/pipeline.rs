@@ -17,6 +17,7 @@ use crate::sampling::{self, ReuseBuffer};
 use crate::train::eval::{detection, evaluate, roc_auc};
 use crate::train::finetune::{embed_files, finetune, Finetune};
 use crate::train::{train_head_recorded, Head, TestSet, TrainConfig};
+use crate::verify::{self, VerifyPick};
 
 /// Why a run failed; each layer's error as it reported it.
 #[derive(Debug, thiserror::Error)]
@@ -290,26 +291,50 @@ pub fn run_embedded(
 
     // Cleansing: the Bayesian cut-off, confident learning, or nothing.
     let stage = Instant::now();
-    let noisy: Vec<bool> = given
-        .iter()
-        .zip(&true_labels)
-        .map(|(g, t)| g != t)
-        .collect();
     let mut metrics = RunMetrics::default();
     // Rows after the Tuesday candidates are replayed from the reuse buffer.
     let from_buffer: Vec<bool> = (0..given.len())
         .map(|i| cfg.target_day == Day::Tuesday && i >= n3)
         .collect();
-    let cleansed = cleanse(
-        &cfg.cleanse(),
-        &x_train,
-        &given,
-        &from_buffer,
-        &[],
-        classes.len(),
-        &cfg.train(),
-        progress,
-    )?;
+    let clean = |given: &[u32], trusted: &[bool]| {
+        cleanse(
+            &cfg.cleanse(),
+            &x_train,
+            given,
+            &from_buffer,
+            trusted,
+            classes.len(),
+            &cfg.train(),
+            progress,
+        )
+    };
+    // The simulated review: verified labels become the truth and are trusted from here on.
+    let mut trusted: Vec<bool> = Vec::new();
+    if cfg.verify_budget > 0.0 {
+        let count = verify::budget_count(n3, cfg.verify_budget);
+        let first = match cfg.verify_pick {
+            VerifyPick::Flagged => Some(clean(&given, &[])?),
+            VerifyPick::Random => None,
+        };
+        let (flagged, scores) = first.map_or_else(Default::default, |c| {
+            (c.flagged, c.scores.unwrap_or_default())
+        });
+        trusted = vec![false; given.len()];
+        let mut corrected = 0;
+        for i in verify::pick(cfg.verify_pick, n3, count, &flagged, &scores, cfg.seed) {
+            corrected += usize::from(given[i] != true_labels[i]);
+            given[i] = true_labels[i];
+            trusted[i] = true;
+        }
+        metrics.verified = Some(count);
+        metrics.corrected_by_review = Some(corrected);
+    }
+    let noisy: Vec<bool> = given
+        .iter()
+        .zip(&true_labels)
+        .map(|(g, t)| g != t)
+        .collect();
+    let cleansed = clean(&given, &trusted)?;
     // Detection figures for the methods that flag samples, when some labels are wrong.
     if let (Some(scores), true) = (&cleansed.scores, noisy.contains(&true)) {
         let d = detection(&cleansed.flagged, &noisy);

@@ -3,7 +3,7 @@
 //! `kafka-python` as the standard client on the other side: the reference's envelope byte for
 //! byte, a round trip between two stores, records a standard client wrote (malformed ones
 //! counted and skipped), a consumer killed mid-stream (no loss, no duplicates), a broker gone
-//! and back, and predictions published by the server.
+//! and back, a broker restarted on S3-backed storage, and predictions published by the server.
 
 #![cfg(feature = "kafka")]
 
@@ -348,6 +348,19 @@ fn many_records(dir: &Path, n: usize) -> PathBuf {
 
 /// Starts `bccp stream consume` in the background.
 fn consumer(brokers: &str, topic: &str, db: &str, root: &Path) -> std::process::Child {
+    consumer_with(brokers, topic, db, root, "250", "4")
+}
+
+/// `bccp stream consume` with batches of `batch` records, ending after `idle` seconds without
+/// one.
+fn consumer_with(
+    brokers: &str,
+    topic: &str,
+    db: &str,
+    root: &Path,
+    batch: &str,
+    idle: &str,
+) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_bccp"))
         .args([
             "--quiet",
@@ -359,7 +372,7 @@ fn consumer(brokers: &str, topic: &str, db: &str, root: &Path) -> std::process::
             topic,
         ])
         .args(["--db", db, "--image-root", root.to_str().unwrap()])
-        .args(["--batch-size", "250", "--idle", "4"])
+        .args(["--batch-size", batch, "--idle", idle])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -451,49 +464,51 @@ fn a_consumer_killed_mid_stream_loses_and_duplicates_nothing() {
 fn a_broker_gone_mid_stream_is_retried_and_the_stream_resumes() {
     // The broker drops out of reach (every connection cut, new ones refused) and comes back
     // with its data; the consumer keeps retrying and goes on from where it was.
+    let mut broker = Broker::start_behind_proxy();
+    outage_mid_stream(&mut broker, "gone", |b| b.cut(), |b| b.restore());
+}
+
+#[test]
+fn a_broker_restarted_mid_stream_keeps_the_stream_exactly_once() {
+    // The broker process is killed and started again on the same storage (an S3 stand-in):
+    // topics, records and committed offsets come back, and the consumer resumes.
+    let moto = common::s3::MotoServer::start();
+    let mut broker = Broker::start_on_s3(&moto, "tansu");
+    outage_mid_stream(&mut broker, "restart", Broker::kill, Broker::restart);
+}
+
+/// 3000 records through a consumer while the broker has an outage (`down`, 4 s, `up`) after
+/// the first 300 are stored: the consumer waits it out with warnings, then every record is
+/// stored exactly once and the group's committed offsets reach the end.
+fn outage_mid_stream(
+    broker: &mut Broker,
+    name: &str,
+    down: impl Fn(&mut Broker),
+    up: impl Fn(&mut Broker),
+) {
     let n = 3000;
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start_behind_proxy();
-    let topic = "postgres-source-gone";
-    broker.create_topic(topic, 1);
+    let topic = format!("postgres-source-{name}");
+    broker.create_topic(&topic, 1);
     let file = many_records(dir.path(), n);
-    broker.python(SEND_LINES, &[topic, file.to_str().unwrap()]);
+    broker.python(SEND_LINES, &[&topic, file.to_str().unwrap()]);
     let db = sqlite(dir.path(), "s.sqlite3");
     let brokers = broker.brokers();
-    let child = Command::new(env!("CARGO_BIN_EXE_bccp"))
-        .args([
-            "--quiet",
-            "stream",
-            "consume",
-            "--brokers",
-            &brokers,
-            "--topic",
-            topic,
-        ])
-        .args(["--db", &db, "--image-root", dir.path().to_str().unwrap()])
-        // Idle time counts while the broker is away too: well past the 4 s cut plus the
-        // reconnection back-off on a loaded machine (8 s was seen to end the run early).
-        .args(["--batch-size", "100", "--idle", "30"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = child;
+    // Idle time counts while the broker is away too: well past the 4 s outage plus the
+    // reconnection back-off on a loaded machine (8 s was seen to end the run early).
+    let mut child = consumer_with(&brokers, &topic, &db, dir.path(), "100", "30");
     let started = Instant::now();
     while count(&db) < 300 {
         assert!(started.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
-    broker.cut();
+    down(broker);
     std::thread::sleep(Duration::from_secs(4));
     assert!(child.try_wait().unwrap().is_none(), "the consumer gave up");
-    // What was prefetched before the cut is stored; the rest needs the broker back.
-    let during_cut = count(&db);
-    assert!(
-        during_cut < n as u64,
-        "all {during_cut} stored without the broker"
-    );
-    broker.restore();
+    // What was prefetched before the outage is stored; the rest needs the broker back.
+    let during = count(&db);
+    assert!(during < n as u64, "all {during} stored without the broker");
+    up(broker);
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -503,7 +518,7 @@ fn a_broker_gone_mid_stream_is_retried_and_the_stream_resumes() {
     assert!(stderr.contains("warning: kafka:"), "{stderr}");
     assert_each_once(&db, dir.path(), n);
     assert_eq!(
-        broker.python(COMMITTED, &[topic, "gone-consumer-group"]),
+        broker.python(COMMITTED, &[&topic, &format!("{name}-consumer-group")]),
         json!(n)
     );
 }

@@ -95,6 +95,13 @@ fn print_config(cfg: &RunConfig, device: &candle_core::Device) {
             cfg.folds
         );
     }
+    if cfg.verify_budget > 0.0 {
+        println!(
+            "simulated review   {} of the candidates verified ({}), answered with the true labels",
+            cfg.verify_budget,
+            cfg.verify_pick.name()
+        );
+    }
     println!(
         "sampling           {} ({}), ratio {}",
         cfg.sampling.name(),

@@ -19,6 +19,7 @@ use crate::data::Day;
 use crate::sampling::{PairMode, Sampling};
 use crate::train::finetune::Finetune;
 use crate::train::{Loss, TrainConfig};
+use crate::verify::VerifyPick;
 
 /// Where training labels come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
@@ -176,8 +177,17 @@ pub struct RunConfig {
     /// Folds of confident learning's cross-validated probabilities.
     #[arg(long, default_value_t = d().folds)]
     pub folds: usize,
+    /// Simulated review, for experiments: the share of Tuesday's candidates (0–1) whose labels
+    /// a person verifies before the cut-off, answered with the true labels and then trusted as
+    /// the review page's answers are (0: none).
+    #[arg(long, default_value_t = d().verify_budget)]
+    pub verify_budget: f64,
+    /// With --verify-budget: flagged (the most suspicious samples of a first cleansing pass)
+    /// or random (samples drawn at random).
+    #[arg(long, default_value_t = d().verify_pick, value_enum)]
+    pub verify_pick: VerifyPick,
     /// head (a linear probe on frozen, cached features) or full (back-propagate through the
-    /// backbone; mobilenet_v2 and efficientnet_lite0).
+    /// backbone).
     #[arg(long, default_value_t = d().finetune, value_enum)]
     pub finetune: Finetune,
     /// Learning rate of the backbone with --finetune full.
@@ -245,6 +255,8 @@ impl Default for RunConfig {
             cutoff_folds: 5,
             filter_by: FilterBy::PruneByNoiseRate,
             folds: 5,
+            verify_budget: 0.0,
+            verify_pick: VerifyPick::Flagged,
             finetune: Finetune::Head,
             backbone_lr: 1e-4,
             cache_images_mib: crate::train::finetune::DEFAULT_CACHE_IMAGES_MIB,
@@ -330,6 +342,29 @@ impl RunConfig {
         Ok(())
     }
 
+    /// The simulated review's checks: a budget in [0, 1], on users' Tuesday labels, and a
+    /// flagged pick only after a method that flags.
+    fn validate_review(&self, tuesday: bool) -> Result<(), ConfigError> {
+        unit_interval("verify_budget", self.verify_budget)?;
+        if self.verify_budget == 0.0 {
+            return Ok(());
+        }
+        if !tuesday || self.label != LabelSource::UserFeedback {
+            return Err(invalid(
+                "`verify_budget` simulates a review of users' labels; it needs `target_day` tuesday and `label` user_feedback",
+            ));
+        }
+        if self.verify_pick == VerifyPick::Flagged
+            && !matches!(self.method, Method::Bccp | Method::Cleanlab)
+        {
+            return Err(invalid(format!(
+                "`verify_pick` flagged verifies what the cleansing flags, and `method` {} flags nothing; use `method` bccp or cleanlab, or `verify_pick` random",
+                self.method.name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks that the settings hold together (the reference's rules and ours), before any
     /// work. Looks the backbone up in the zoo and the dataset up on disk.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -361,6 +396,7 @@ impl RunConfig {
             None => {}
         }
         self.validate_cleansing()?;
+        self.validate_review(tuesday)?;
         if self.monday_num == Some(0) || self.tuesday_num == Some(0) {
             return Err(invalid("`monday_num` and `tuesday_num` must be 1 or more"));
         }
@@ -629,6 +665,55 @@ mod tests {
     }
 
     #[test]
+    fn a_simulated_review_needs_users_labels_and_a_method_that_flags() {
+        let tuesday = RunConfig {
+            dataset: "no-such-days".into(),
+            target_day: Day::Tuesday,
+            tuesday_num: Some(3),
+            label: LabelSource::UserFeedback,
+            method: Method::Bccp,
+            verify_budget: 0.05,
+            ..RunConfig::default()
+        };
+        // Valid as far as the dataset.
+        let err = tuesday.validate().unwrap_err().to_string();
+        assert!(err.contains("not a prepared dataset"), "{err}");
+        let cases = [
+            (
+                RunConfig {
+                    verify_budget: 1.5,
+                    ..tuesday.clone()
+                },
+                "--verify-budget 1.5 must lie in [0, 1]",
+            ),
+            (
+                RunConfig {
+                    label: LabelSource::GroundTruth,
+                    ..tuesday.clone()
+                },
+                "--verify-budget simulates a review of users' labels; it needs --target-day tuesday and --label user_feedback",
+            ),
+            (
+                RunConfig {
+                    method: Method::None,
+                    ..tuesday.clone()
+                },
+                "--verify-pick flagged verifies what the cleansing flags, and --method none flags nothing; use --method bccp or cleanlab, or --verify-pick random",
+            ),
+        ];
+        for (cfg, message) in cases {
+            assert_eq!(cfg.validate().unwrap_err().for_flags(), message);
+        }
+        let random = RunConfig {
+            method: Method::None,
+            verify_pick: VerifyPick::Random,
+            ..tuesday
+        };
+        let err = random.validate().unwrap_err().to_string();
+        assert!(err.contains("not a prepared dataset"), "{err}");
+    }
+
+    #[test]
     fn every_enum_has_one_spelling() {
         choice::assert_names_agree(|v: &LabelSource| v.name());
         choice::assert_names_agree(|v: &Sampling| v.name());
@@ -638,6 +723,7 @@ mod tests {
         choice::assert_names_agree(|v: &Scope| v.name());
         choice::assert_names_agree(|v: &Finetune| v.name());
         choice::assert_names_agree(|v: &Day| v.as_str());
+        choice::assert_names_agree(|v: &VerifyPick| v.name());
     }
 
     #[test]

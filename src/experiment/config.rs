@@ -14,6 +14,7 @@ use crate::cleanse::Method;
 use crate::config::{choice, RunConfig};
 use crate::cutoff::{Action, Percentile, Scope, Score};
 use crate::sampling::{PairMode, Sampling};
+use crate::verify::VerifyPick;
 
 /// The experiment file as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +88,20 @@ pub struct GridTable {
     /// replay.
     #[serde(default)]
     pub clean: bool,
+    /// Simulated review budgets: shares of the day's candidates whose labels are verified
+    /// before the cut-off (0: no review).
+    #[serde(default = "default_verify_budget")]
+    pub verify_budget: Vec<f64>,
+    /// Which samples the simulated review verifies: `flagged` or `random`.
+    #[serde(default = "default_verify_pick")]
+    pub verify_pick: Vec<String>,
+}
+
+fn default_verify_budget() -> Vec<f64> {
+    vec![0.0]
+}
+fn default_verify_pick() -> Vec<String> {
+    vec!["flagged".into()]
 }
 
 fn default_scope() -> Vec<String> {
@@ -140,6 +155,8 @@ pub struct Cell {
     pub cutoff_more: Option<CutoffMore>,
     /// `None`: the clean labels (ground truth).
     pub user_accuracy: Option<f64>,
+    /// The simulated review's budget and pick (`None`: no review).
+    pub verify: Option<(f64, VerifyPick)>,
 }
 
 /// The cut-off's settings beyond score, percentile, action and folds; the defaults are the
@@ -230,6 +247,9 @@ impl Cell {
                 s.push_str(&format!("@{r}"));
             }
         }
+        if let Some((budget, pick)) = self.verify {
+            s.push_str(&format!(" + review {}@{budget}", pick.name()));
+        }
         s
     }
 
@@ -257,6 +277,9 @@ impl Cell {
         }
         if self.method != Method::Cleanlab {
             self.filter_by = None;
+        }
+        if self.user_accuracy.is_none() {
+            self.verify = None;
         }
         self
     }
@@ -375,6 +398,7 @@ impl ExperimentFile {
             cutoff_folds: Some(1),
             cutoff_more: Some(CutoffMore::default()),
             user_accuracy: None,
+            verify: None,
         };
         if self.ceiling {
             cells.push(base.clone().canonical());
@@ -449,6 +473,25 @@ impl ExperimentFile {
             } else {
                 table.ratio.iter().map(|&r| Some(r)).collect()
             };
+            let picks: Vec<VerifyPick> = parse_all(&table.verify_pick, &at("verify_pick"))?;
+            ensure_valid!(
+                !table.verify_budget.is_empty(),
+                "{} is empty",
+                at("verify_budget")
+            );
+            let mut reviews: Vec<Option<(f64, VerifyPick)>> = Vec::new();
+            for &b in &table.verify_budget {
+                ensure_valid!(
+                    (0.0..=1.0).contains(&b),
+                    "{} {b} must lie in [0, 1]",
+                    at("verify_budget")
+                );
+                if b == 0.0 {
+                    reviews.push(None);
+                } else {
+                    reviews.extend(picks.iter().map(|&p| Some((b, p))));
+                }
+            }
             let mut grid = vec![base.clone()];
             grid = expand(grid, &methods, |c, m| c.method = m);
             grid = expand(grid, &samplings, |c, v| c.sampling = v);
@@ -474,6 +517,7 @@ impl ExperimentFile {
             grid = expand(grid, &table.cutoff_trust_replay, |c, v| {
                 more(c, &|m| m.trust_replay = v)
             });
+            grid = expand(grid, &reviews, |c, v| c.verify = v);
             if !table.clean {
                 grid = expand(grid, &self.user_accuracy, |c, a| c.user_accuracy = Some(a));
             }
@@ -577,5 +621,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("grid[0].cutoff_rounds 0"), "{err}");
+    }
+
+    #[test]
+    fn review_axes_expand_budget_by_pick_and_skip_clean_labels() {
+        let f = file(
+            "[[grid]]\nmethod = [\"bccp\"]\nverify_budget = [0, 0.05]\n\
+             verify_pick = [\"flagged\", \"random\"]\n\
+             [[grid]]\nmethod = [\"none\"]\nverify_budget = [0.01]\nverify_pick = [\"random\"]\nclean = true\n",
+        );
+        let cells = f.cells().unwrap();
+        let keys: Vec<String> = cells.iter().map(Cell::key).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "clean labels | clean",
+                "bccp(label_prob_mean,90,drop) | 0.5",
+                "bccp(label_prob_mean,90,drop) | 0.7",
+                "bccp(label_prob_mean,90,drop) + review flagged@0.05 | 0.5",
+                "bccp(label_prob_mean,90,drop) + review flagged@0.05 | 0.7",
+                "bccp(label_prob_mean,90,drop) + review random@0.05 | 0.5",
+                "bccp(label_prob_mean,90,drop) + review random@0.05 | 0.7",
+                // True labels have nothing to review: the clean table collapses to the ceiling.
+            ],
+        );
+        assert_eq!(cells[3].verify, Some((0.05, VerifyPick::Flagged)));
+        for (grid, needle) in [
+            (
+                "[[grid]]\nmethod = [\"bccp\"]\nverify_budget = [1.5]\n",
+                "grid[0].verify_budget 1.5",
+            ),
+            (
+                "[[grid]]\nmethod = [\"bccp\"]\nverify_budget = [0.1]\nverify_pick = [\"best\"]\n",
+                "grid[0].verify_pick",
+            ),
+        ] {
+            let err = file(grid).cells().unwrap_err().to_string();
+            assert!(err.contains(needle), "{grid:?}: {err}");
+        }
     }
 }

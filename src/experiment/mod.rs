@@ -72,6 +72,8 @@ fn run_config(file: &ExperimentFile, cell: &Cell, seed: u64) -> RunConfig {
         relabel_confidence: more.relabel_confidence,
         cutoff_trust_replay: more.trust_replay,
         filter_by: cell.filter_by.unwrap_or_default(),
+        verify_budget: cell.verify.map_or(0.0, |v| v.0),
+        verify_pick: cell.verify.map(|v| v.1).unwrap_or_default(),
         seed,
         model_name: "experiment".into(),
         ..file.run.clone()
@@ -127,6 +129,8 @@ fn row(cell: &Cell, seed: u64, metrics: Option<&RunMetrics>, error: &str) -> Row
             "relabel_confidence" => opt(cell.cutoff_more.map(|m| m.relabel_confidence.to_string())),
             "cutoff_trust_replay" => opt(cell.cutoff_more.map(|m| m.trust_replay.to_string())),
             "filter_by" => opt(cell.filter_by.map(|f| f.name().to_owned())),
+            "verify_budget" => opt(cell.verify.map(|v| v.0.to_string())),
+            "verify_pick" => opt(cell.verify.map(|v| v.1.name().to_owned())),
             report::REMOVED => value(metric::REMOVED_BY_CUTOFF),
             "seconds" => seconds.clone(),
             "error" => error.to_owned(),

@@ -12,7 +12,7 @@ use crate::registry::metric;
 pub const REMOVED: &str = "removed";
 
 /// Columns of `results.csv`, in order.
-pub const COLUMNS: [&str; 29] = [
+pub const COLUMNS: [&str; 33] = [
     "config",
     "family",
     "user_accuracy",
@@ -30,6 +30,8 @@ pub const COLUMNS: [&str; 29] = [
     "relabel_confidence",
     "cutoff_trust_replay",
     "filter_by",
+    "verify_budget",
+    "verify_pick",
     metric::TEST_ACCURACY,
     metric::TEST_ACCURACY_MONDAY,
     metric::TEST_ACCURACY_TUESDAY,
@@ -40,6 +42,8 @@ pub const COLUMNS: [&str; 29] = [
     metric::NOISE_RECALL,
     metric::NOISE_F1,
     metric::NOISE_SCORE_AUC,
+    metric::VERIFIED,
+    metric::CORRECTED_BY_REVIEW,
     "seconds",
     "error",
 ];
@@ -291,7 +295,40 @@ pub fn markdown(rows: &[Row]) -> String {
             ));
         }
     }
+    out.push_str(&review_table(&g));
     out
+}
+
+/// The simulated reviews' section (empty when no run reviewed): per configuration and noise
+/// level, the labels verified, how many of them were wrong, and the accuracy after the cycle.
+fn review_table(g: &Grouped<'_>) -> String {
+    let mut lines = String::new();
+    for (config, _) in &g.configs {
+        for level in &g.levels {
+            let Some((verified, _, _)) = g.stat(config, level, metric::VERIFIED) else {
+                continue;
+            };
+            let stat = |column: &str| {
+                g.stat(config, level, column)
+                    .map_or_else(|| "–".to_owned(), |(m, s, _)| format!("{m:.4} ± {s:.4}"))
+            };
+            let corrected = g
+                .stat(config, level, metric::CORRECTED_BY_REVIEW)
+                .map_or_else(|| "–".to_owned(), |(m, s, _)| format!("{m:.1} ± {s:.1}"));
+            lines.push_str(&format!(
+                "| {config} | {level} | {verified:.0} | {corrected} | {} |\n",
+                stat(metric::TEST_ACCURACY)
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return lines;
+    }
+    format!(
+        "\n## Simulated review\n\nLabels a person verified before the cut-off (answered with the true labels, then trusted), how many of them were wrong (corrected), and the accuracy after the cycle; mean ± std over seeds.\n\n\
+         | configuration | users right | verified | corrected | accuracy |\n\
+         |---|---:|---:|---:|---:|\n{lines}"
+    )
 }
 
 #[cfg(test)]
@@ -357,5 +394,28 @@ mod tests {
             "{md}"
         );
         assert_eq!(mean_std(&[1.0, 2.0, 3.0]), (2.0, 1.0));
+    }
+
+    #[test]
+    fn review_section_lists_only_reviewed_cells() {
+        let mut reviewed = row("bccp + review flagged@0.05", "0.7", "1", "0.8", "");
+        let mut other = row("bccp + review flagged@0.05", "0.7", "2", "0.6", "");
+        for (r, corrected) in [(&mut reviewed, "40"), (&mut other, "44")] {
+            for (c, v) in [
+                (metric::VERIFIED, "50"),
+                (metric::CORRECTED_BY_REVIEW, corrected),
+            ] {
+                let i = COLUMNS.iter().position(|x| *x == c).unwrap();
+                r.0[i] = v.to_owned();
+            }
+        }
+        let plain = vec![row("bccp", "0.7", "1", "0.5", "")];
+        assert!(!markdown(&plain).contains("Simulated review"));
+        let md = markdown(&[plain[0].clone(), reviewed, other]);
+        assert!(
+            md.contains("| bccp + review flagged@0.05 | 0.7 | 50 | 42.0 ± 2.8 | 0.7000 ± 0.1414 |"),
+            "{md}"
+        );
+        assert!(!md.contains("| bccp | 0.7 | "), "{md}");
     }
 }

@@ -23,8 +23,10 @@ pub mod metric {
     pub const NOISE_RECALL: &str = "noise_recall";
     pub const NOISE_F1: &str = "noise_f1";
     pub const NOISE_SCORE_AUC: &str = "noise_score_auc";
+    pub const VERIFIED: &str = "verified";
+    pub const CORRECTED_BY_REVIEW: &str = "corrected_by_review";
     /// Every scalar metric, in the order `bccp train` prints them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         TEST_ACCURACY,
         TEST_ACCURACY_MONDAY,
         TEST_ACCURACY_TUESDAY,
@@ -37,6 +39,8 @@ pub mod metric {
         NOISE_RECALL,
         NOISE_F1,
         NOISE_SCORE_AUC,
+        VERIFIED,
+        CORRECTED_BY_REVIEW,
     ];
 }
 
@@ -87,6 +91,12 @@ pub struct RunMetrics {
     /// ROC AUC of the method's per-sample score against the truly noisy labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_score_auc: Option<f64>,
+    /// Candidates whose label the simulated review verified (`verify_budget`), and how many of
+    /// those labels it corrected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrected_by_review: Option<usize>,
     pub seconds: StageSeconds,
     /// The final head's training, epoch by epoch (empty when not recorded: full fine-tuning,
     /// runs of older bccp versions).
@@ -110,6 +120,8 @@ impl RunMetrics {
             metric::NOISE_RECALL => self.noise_recall,
             metric::NOISE_F1 => self.noise_f1,
             metric::NOISE_SCORE_AUC => self.noise_score_auc,
+            metric::VERIFIED => self.verified.map(|n| n as f64),
+            metric::CORRECTED_BY_REVIEW => self.corrected_by_review.map(|n| n as f64),
             _ => None,
         }
     }
@@ -123,6 +135,8 @@ impl RunMetrics {
                 | metric::RELABELLED_BY_CUTOFF
                 | metric::REPLAYED
                 | metric::NOISY_LABELS
+                | metric::VERIFIED
+                | metric::CORRECTED_BY_REVIEW
         )
     }
 }
@@ -243,6 +257,8 @@ mod tests {
             noise_recall: Some(0.2),
             noise_f1: Some(0.3),
             noise_score_auc: Some(0.4),
+            verified: Some(5),
+            corrected_by_review: Some(6),
             seconds: StageSeconds::default(),
             epochs: vec![crate::train::EpochStats {
                 epoch: 1,

@@ -50,6 +50,8 @@ pub struct Broker {
     /// The port the broker listens on.
     listen: u16,
     storage: String,
+    /// Environment of the broker process (the S3 storage's endpoint and credentials).
+    env: Vec<(&'static str, String)>,
     proxy: Option<Proxy>,
 }
 
@@ -80,6 +82,40 @@ impl Broker {
             port,
             listen: port,
             storage: storage.to_owned(),
+            env: Vec::new(),
+            proxy: None,
+        };
+        broker.restart();
+        broker
+    }
+
+    /// Starts a broker that keeps its topics, records and group offsets in `bucket` of an S3
+    /// stand-in (tansu's `s3://` storage engine): unlike the in-memory one, it comes back from
+    /// a [`Broker::restart`] with its data.
+    pub fn start_on_s3(moto: &super::s3::MotoServer, bucket: &str) -> Self {
+        moto.create_bucket(bucket);
+        let dir = tempfile::Builder::new()
+            .prefix("bccp-kafka")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let mut env = vec![
+            ("AWS_ENDPOINT", moto.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+            ("AWS_DEFAULT_REGION", super::s3::REGION.to_owned()),
+        ];
+        env.extend(
+            moto.env()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("AWS_ACCESS") || k.starts_with("AWS_SECRET")),
+        );
+        let mut broker = Self {
+            dir,
+            child: None,
+            port,
+            listen: port,
+            storage: format!("s3://{bucket}/"),
+            env,
             proxy: None,
         };
         broker.restart();
@@ -88,7 +124,7 @@ impl Broker {
 
     /// Starts an in-memory broker that clients reach through a TCP proxy ([`Broker::cut`],
     /// [`Broker::restore`]): the broker "goes away" for its clients and comes back with its
-    /// data (the tansu we can install has in-memory storage only, so a restart would lose it).
+    /// data, without a restart (an in-memory broker would lose it).
     pub fn start_behind_proxy() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("bccp-kafka")
@@ -110,6 +146,7 @@ impl Broker {
             port,
             listen,
             storage: "memory://tansu/".into(),
+            env: Vec::new(),
             proxy: None,
         };
         broker.restart();
@@ -144,6 +181,7 @@ impl Broker {
             .args(["broker", "--listener-url", &url])
             .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", &self.storage])
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

