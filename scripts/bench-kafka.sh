@@ -4,9 +4,9 @@
 # (`bccp stream consume`) and predictions from the server to a topic (`bccp serve --kafka`),
 # against the reference's consumer (kafka-python, one requests.post to /predict and one
 # INSERT + COMMIT per record) on the same broker, records and server. A real Kafka-compatible
-# broker (tansu, scripts/setup-kafka.sh) on 127.0.0.1; real Fashion-MNIST test images (distinct);
+# broker (tansu, scripts/setup-kafka.sh) on 127.0.0.1; real Fashion-MNIST images (distinct);
 # a MobileNetV2 model at 64×64 trained here (2 epochs). Results: target/bench-kafka/results.json.
-# Usage: scripts/bench-kafka.sh   (env: RECORDS=5000, SECONDS_PER_PATH=30, CLIENTS=4, BATCH=32)
+# Usage: scripts/bench-kafka.sh   (env: RECORDS=20000, SECONDS_PER_PATH=30, CLIENTS=2, BATCH=64)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/paths.sh
@@ -41,6 +41,6 @@ if [ ! -d "$data/runs/bench/1" ]; then
 fi
 
 "$python" scripts/bench_kafka.py --bccp "$bccp" --tansu "$tansu" --runs "$data/runs" \
-  --model bench --root "$assets/fashion-mnist/test" --records "${RECORDS:-5000}" \
-  --seconds "${SECONDS_PER_PATH:-30}" --clients "${CLIENTS:-4}" --batch "${BATCH:-32}" \
+  --model bench --root "$assets/fashion-mnist/train" --records "${RECORDS:-20000}" \
+  --seconds "${SECONDS_PER_PATH:-30}" --clients "${CLIENTS:-2}" --batch "${BATCH:-64}" \
   --out "$out/results.json"

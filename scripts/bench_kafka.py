@@ -2,7 +2,7 @@
 """Kafka throughput of bccp against the reference's consumer, side by side in one run
 (scripts/bench-kafka.sh sets everything up and calls this with the kafka venv's Python).
 
-One tansu broker (in memory) on 127.0.0.1; N records of distinct Fashion-MNIST test images in the
+One tansu broker (in memory) on 127.0.0.1; N records of distinct Fashion-MNIST images in the
 reference's JSON Connect envelope on topic `postgres-source-bench`; one `bccp serve --kafka` of a
 MobileNetV2 model at 64×64. Then, each timed from its first record to its last:
 
@@ -244,10 +244,10 @@ def main():
     ap.add_argument("--runs", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--root", required=True, help="image root (class folders of PNGs)")
-    ap.add_argument("--records", type=int, default=5000)
+    ap.add_argument("--records", type=int, default=20000)
     ap.add_argument("--seconds", type=float, default=30)
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", default="target/bench-kafka/results.json")
     a = ap.parse_args()
 
