@@ -5,7 +5,8 @@
 # against the reference's consumer (kafka-python, one requests.post to /predict and one
 # INSERT + COMMIT per record) on the same broker, records and server. A real Kafka-compatible
 # broker (tansu, scripts/setup-kafka.sh) on 127.0.0.1; real Fashion-MNIST images (distinct);
-# a MobileNetV2 model at 64×64 trained here (2 epochs). Results: target/bench-kafka/results.json.
+# a MobileNetV2 model at 64×64 trained here (2 epochs); the server's load from `wrk` (Debian package,
+# installed if missing). Results: target/bench-kafka/results.json.
 # Usage: scripts/bench-kafka.sh   (env: RECORDS=20000, SECONDS_PER_PATH=30, CLIENTS=2, BATCH=64)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +14,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 assets=$(bccp_assets_dir)
 out=target/bench-kafka
 mkdir -p "$out"
+if ! command -v wrk >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y wrk
+fi
 cargo build --release --locked --quiet --features kafka --bin bccp
 bccp=target/release/bccp
 export BCCP_KAFKA_VENV="${BCCP_KAFKA_VENV:-${TMPDIR:-/tmp}/bccp-kafka-venv}"

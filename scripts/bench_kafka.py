@@ -13,8 +13,8 @@ MobileNetV2 model at 64×64. Then, each timed from its first record to its last:
 - bccp consume: `bccp stream consume` of the same topic into an SQLite store (each image read,
   hashed, decoded and stored, offsets committed after the store's commits);
 - bccp serve → topic: predictions/s that `bccp serve --kafka` delivers to its topic while
-  CLIENTS threads send JSON batches of BATCH image paths (the broker's delivery count from
-  /metrics, before and after).
+  CLIENTS connections send JSON batches of BATCH image paths (`wrk` when installed, else Python
+  threads; the delivery count from /metrics, before and after).
 
 Prints a table and writes target/bench-kafka/results.json; ratios are to the reference's rate
 measured in the same run.
@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -186,16 +187,41 @@ def bccp_consume(bccp, brokers, root, db_path):
     return end[0] - first[0], end[1] - first[1], out.strip()
 
 
-def delivered(port):
+def counts(port):
+    """(predictions delivered to the topic, predictions answered) from /metrics."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     c.request("GET", "/metrics")
     text = c.getresponse().read().decode()
     m = re.search(r'bccp_kafka_predictions_total\{result="delivered"\} (\d+)', text)
+    answered = sum(int(v) for v in re.findall(
+        r'^bccp_predictions_total\{[^}]*status="ok"[^}]*\} (\d+)', text, re.M))
+    return (int(m.group(1)) if m else 0), answered
+
+
+def delivered(port):
+    return counts(port)[0]
+
+
+def wrk_load(port, records, seconds, clients, batch, tmp):
+    """`wrk` (one thread, CLIENTS keep-alive connections) posting one JSON batch of BATCH
+    image paths over and over; returns the number of non-2xx answers."""
+    body = json.dumps({"batch": [{"image_path": r[0]} for r in records[:batch]]})
+    script = os.path.join(tmp, "batch.lua")
+    with open(script, "w") as f:
+        f.write('wrk.method = "POST"\n'
+                'wrk.headers["Content-Type"] = "application/json"\n'
+                f"wrk.body = {json.dumps(body)}\n")
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--timeout", "60s", "-s", script,
+         f"http://127.0.0.1:{port}/predict"],
+        capture_output=True, text=True, check=True).stdout
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return int(m.group(1)) if m else 0
 
 
-def serve_to_topic(port, records, seconds, clients, batch):
-    """Predictions/s delivered to the topic under CLIENTS threads of JSON batches."""
+def serve_to_topic(port, records, seconds, clients, batch, tmp):
+    """Predictions/s delivered to the topic under CLIENTS connections of JSON batches (`wrk`
+    when installed: a C client leaves the two cores to the server; else Python threads)."""
     stop = time.perf_counter() + seconds
     errors = []
 
@@ -218,12 +244,17 @@ def serve_to_topic(port, records, seconds, clients, batch):
     warm.request("POST", "/predict", body=json.dumps({"batch": [{"image_path": records[0][0]}]}),
                  headers={"Content-Type": "application/json"})
     warm.getresponse().read()
-    before, t0 = delivered(port), time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    (before, answered_before), t0 = counts(port), time.perf_counter()
+    if shutil.which("wrk"):
+        bad = wrk_load(port, records, seconds, clients, batch, tmp)
+        if bad:
+            errors.append(f"{bad} non-2xx answers")
+    else:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     # Let the producer thread drain its queue (delivery reports), at most 10 s.
     last, t1 = delivered(port), time.perf_counter()
     for _ in range(100):
@@ -234,7 +265,8 @@ def serve_to_topic(port, records, seconds, clients, batch):
         last, t1 = now, time.perf_counter()
     if errors:
         sys.exit(f"bench-kafka: /predict answered {errors[0]}")
-    return last - before, t1 - t0
+    answered = counts(port)[1] - answered_before
+    return last - before, t1 - t0, answered
 
 
 def main():
@@ -277,7 +309,7 @@ def main():
         ref_rate = ref_n / ref_s
         con_n, con_s, summary = bccp_consume(a.bccp, brokers, a.root, f"{tmp}/consume.sqlite3")
         con_rate = con_n / con_s
-        pub_n, pub_s = serve_to_topic(http_port, records, a.seconds, a.clients, a.batch)
+        pub_n, pub_s, answered = serve_to_topic(http_port, records, a.seconds, a.clients, a.batch, tmp)
         pub_rate = pub_n / pub_s
     finally:
         for p in (serve, broker):
@@ -285,10 +317,11 @@ def main():
                 p.terminate()
                 p.wait()
 
+    load = "wrk" if shutil.which("wrk") else "Python client"
     rows = [
         ("reference consumer (1 HTTP call + 1 INSERT per record)", ref_n, ref_s, ref_rate),
         ("bccp stream consume (topic → store)", con_n, con_s, con_rate),
-        (f"bccp serve --kafka (predictions → topic, {a.clients}×{a.batch})", pub_n, pub_s,
+        (f"bccp serve --kafka (predictions → topic, {load}, {a.clients}×{a.batch})", pub_n, pub_s,
          pub_rate),
     ]
     print(f"\n{a.records} records of distinct Fashion-MNIST test images, MobileNetV2 at 64×64, "
@@ -297,14 +330,17 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for name, n, s, r in rows:
         print(f"| {name} | {n} | {s:.2f} | {r:.1f} | {r / ref_rate:.1f}× |")
-    print(f"\nbccp stream consume said: {summary}")
+    print(f"\nbccp serve answered {answered} predictions in that window; {pub_n} reached the "
+          f"topic ({100 * pub_n / max(answered, 1):.1f}%)")
+    print(f"bccp stream consume said: {summary}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     payload = {
         "records": a.records, "cpus": os.cpu_count(), "clients": a.clients, "batch": a.batch,
         "reference": {"records": ref_n, "seconds": ref_s, "per_s": ref_rate},
         "consume": {"records": con_n, "seconds": con_s, "per_s": con_rate,
                     "ratio": con_rate / ref_rate, "summary": summary},
-        "serve_to_topic": {"records": pub_n, "seconds": pub_s, "per_s": pub_rate,
+        "serve_to_topic": {"records": pub_n, "seconds": pub_s, "per_s": pub_rate, "load": load,
+                           "answered": answered,
                            "ratio": pub_rate / ref_rate},
     }
     with open(a.out + ".tmp", "w") as f:
