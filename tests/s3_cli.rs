@@ -1,6 +1,8 @@
 //! `--artifacts s3://…` and MLflow servers whose artifact root is on S3, against a real S3
 //! stand-in (`moto_server`, tests/common/s3.rs) with a 4 KiB part size so the model file goes up
-//! as a multipart upload; read back with boto3, MLflow's own client and bccp's downloader.
+//! as a multipart upload; read back with boto3, MLflow's own client and bccp's downloader. With
+//! moto's IAM authentication on: wrong keys refused with S3's codes, and `bccp serve --model
+//! s3://…/NAME/VERSION` serving the mirrored folder.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::path::Path;
 use bccp::registry::Registry;
 use bccp::s3::{S3Client, S3Config, S3Uri};
 use common::mlflow::MlflowServer;
-use common::s3::{MotoServer, KEY, PART_SIZE, REGION, SECRET};
+use common::s3::{MotoServer, PART_SIZE, REGION};
 use common::{failure, files, prepared_small, quick_train_args, success};
 
 /// Lists `argv[1]` under prefix `argv[2]` and downloads every object: key → (bytes as hex,
@@ -44,7 +46,7 @@ fn config(moto: &MotoServer) -> S3Config {
     S3Config {
         endpoint: moto.endpoint(),
         region: REGION.to_owned(),
-        credentials: Some((KEY.to_owned(), SECRET.to_owned(), None)),
+        credentials: Some((moto.key.clone(), moto.secret.clone(), None)),
         part_size: PART_SIZE,
         path_style: true,
     }
@@ -226,4 +228,179 @@ print(json.dumps({"artifact_uri": run.info.artifact_uri, "source": v.source,
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(listed[&key][0], hex.as_str(), "{key}");
     }
+}
+
+/// The environment of `moto` with another access key id and secret.
+fn with_key(moto: &MotoServer, key: &str, secret: &str) -> Vec<(&'static str, String)> {
+    let mut env = moto.env();
+    env.retain(|(k, _)| !k.starts_with("AWS_ACCESS_KEY_ID") && *k != "AWS_SECRET_ACCESS_KEY");
+    env.push(("AWS_ACCESS_KEY_ID", key.to_owned()));
+    env.push(("AWS_SECRET_ACCESS_KEY", secret.to_owned()));
+    env
+}
+
+/// With IAM authentication on, moto checks keys and signatures as S3 does: a wrong secret and
+/// an unknown key id are refused with S3's codes, naming the URI; the local run is kept and
+/// nothing (no object, no pending multipart upload) is left in the bucket. The right key
+/// mirrors the run, and `bccp serve --model s3://…/NAME/VERSION` serves that folder: the
+/// cached copy equals the local run, `/model` names it, its predictions are the local run's.
+/// Serving with a wrong key or from a folder that is not there refuses to start, saying why.
+#[test]
+fn wrong_keys_are_refused_and_serve_follows_a_mirrored_folder() {
+    let moto = MotoServer::start_with_iam();
+    moto.create_bucket("bccp-auth");
+    let dir = tempfile::tempdir().unwrap();
+    let days = prepared_small(dir.path());
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    let target = ["--artifacts", "s3://bccp-auth/team"];
+    let wrong_secret = with_key(&moto, &moto.key, "not-the-secret");
+    let err = failure(&train_with(&days, &runs, &cache, &wrong_secret, &target));
+    assert!(
+        err.contains("s3://bccp-auth/team/m/1/") && err.contains("SignatureDoesNotMatch"),
+        "{err}"
+    );
+    assert!(err.contains("m:1") && err.contains("kept"), "{err}");
+    let unknown = with_key(&moto, "AKIAUNKNOWNBCCPKEY00", &moto.secret);
+    let err = failure(&train_with(&days, &runs, &cache, &unknown, &target));
+    assert!(
+        err.contains("s3://bccp-auth/team/m/2/") && err.contains("InvalidAccessKeyId"),
+        "{err}"
+    );
+    let reg = Registry::open(&runs);
+    for v in ["m:1", "m:2"] {
+        assert!(reg.is_complete(&reg.resolve(v).unwrap()), "{v}");
+    }
+    let leftovers = r#"
+objects = s3.list_objects_v2(Bucket=sys.argv[1]).get('Contents', [])
+uploads = s3.list_multipart_uploads(Bucket=sys.argv[1]).get('Uploads', [])
+print(json.dumps([[o['Key'] for o in objects], [u['Key'] for u in uploads]]))
+"#;
+    assert_eq!(
+        moto.python(leftovers, &["bccp-auth"]),
+        serde_json::json!([[], []])
+    );
+
+    // The right key: mirrored, byte for byte, checked by boto3 with the same key.
+    let out = success(&train_with(&days, &runs, &cache, &moto.env(), &target));
+    assert!(
+        out.contains("mirrored to s3://bccp-auth/team/m/3: 6 files"),
+        "{out}"
+    );
+    let local = files(&reg.resolve("m:3").unwrap().path);
+    let got = moto.python(LIST_BACK, &["bccp-auth", "team/"]);
+    let remote: BTreeMap<String, (String, String)> = serde_json::from_value(got).unwrap();
+    assert_eq!(remote.len(), local.len(), "{remote:?}");
+    for (name, bytes) in &local {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(remote[&format!("team/m/3/{}", name.display())].0, hex);
+    }
+
+    // Served from the bucket.
+    let serve_cache = dir.path().join("serve-cache");
+    let serve_args = |model: &'static str, cache: &Path| -> Vec<String> {
+        [
+            "--model",
+            model,
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--runs-dir",
+            dir.path().join("no-runs").to_str().unwrap(),
+            "--no-store",
+            "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let env = moto.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = serve_args("s3://bccp-auth/team/m/3", &serve_cache);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let serving = common::http::ServeProcess::start(&args, &env);
+    let addr = serving.addr;
+    assert!(
+        serving
+            .first_line
+            .contains("serving m:3 (s3://bccp-auth/team/m/3)"),
+        "{}",
+        serving.first_line
+    );
+    let info = common::http::get(addr, "/model").json();
+    assert_eq!(info["name"], "m", "{info}");
+    assert_eq!(info["version"], 3, "{info}");
+    let path = std::path::PathBuf::from(info["path"].as_str().unwrap());
+    assert!(path.starts_with(&serve_cache), "{info}");
+    let image = days
+        .join("monday/class1")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let reply = common::http::request(
+        addr,
+        "POST",
+        "/predict",
+        &[("Content-Type", "image/png")],
+        &std::fs::read(&image).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let served = reply.json();
+    assert_eq!(served["version"], 3);
+    // `bccp predict` of the local run gives the same class.
+    let line = success(&common::bccp(&[
+        "predict",
+        "--model",
+        "m:3",
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]));
+    let class = line.trim().split('\t').nth(1).unwrap_or_default();
+    assert_eq!(served["class"], class, "{line}");
+    serving.stop(std::time::Duration::from_secs(20));
+    let cached = std::fs::read_dir(serve_cache.join("remote-models"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(
+        files(&cached.join("m/3")) == local,
+        "the cached copy differs"
+    );
+
+    // Refused at start (with an empty cache), naming the folder and S3's reason: a wrong key,
+    // a folder that is not there.
+    let fresh = dir.path().join("fresh-cache");
+    std::fs::create_dir_all(&fresh).unwrap();
+    let serve_fails = |model: &'static str, env: &[(&'static str, String)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bccp"));
+        cmd.args(["--quiet", "serve", "--bind", "127.0.0.1:0"])
+            .args(serve_args(model, &fresh))
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        failure(&cmd.output().unwrap())
+    };
+    let err = serve_fails("s3://bccp-auth/team/m/3", &wrong_secret);
+    assert!(
+        err.contains("s3://bccp-auth/team/m/3") && err.contains("SignatureDoesNotMatch"),
+        "{err}"
+    );
+    let err = serve_fails("s3://bccp-auth/team/m/9", &moto.env());
+    assert!(
+        err.contains("s3://bccp-auth/team/m/9") && err.contains("no objects"),
+        "{err}"
+    );
+    // Nothing half-downloaded stays in the cache.
+    let left: Vec<_> = files(&fresh).into_iter().map(|(p, _)| p).collect();
+    assert!(
+        !left
+            .iter()
+            .any(|p| p.to_string_lossy().contains(".download-")
+                || p.ends_with(bccp::registry::files::MODEL)),
+        "{left:?}"
+    );
 }
