@@ -272,22 +272,8 @@ fn train_mirrors_runs_and_bad_servers_leave_the_local_run() {
         "{message}"
     );
     assert_eq!(common::http::get(addr, "/model").json()["version"], 2);
-    let image = days
-        .join("monday/class0")
-        .read_dir()
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let reply = common::http::request(
-        addr,
-        "POST",
-        "/predict",
-        &[("Content-Type", "image/png")],
-        &std::fs::read(&image).unwrap(),
-    )
-    .unwrap();
+    let image = common::first_file(&days.join("monday/class0"));
+    let reply = common::http::predict_png(addr, &image);
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["version"], 2);
     let metrics = common::http::get(addr, "/metrics").text();

@@ -339,22 +339,8 @@ fn serves_the_mirrored_folder(moto: &MotoServer, dir: &Path, days: &Path, runs: 
     assert_eq!(info["version"], 1, "{info}");
     let path = std::path::PathBuf::from(info["path"].as_str().unwrap());
     assert!(path.starts_with(&serve_cache), "{info}");
-    let image = days
-        .join("monday/class1")
-        .read_dir()
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let reply = common::http::request(
-        addr,
-        "POST",
-        "/predict",
-        &[("Content-Type", "image/png")],
-        &std::fs::read(&image).unwrap(),
-    )
-    .unwrap();
+    let image = common::first_file(&days.join("monday/class1"));
+    let reply = common::http::predict_png(addr, &image);
     assert_eq!(reply.status, 200, "{}", reply.text());
     let served = reply.json();
     assert_eq!(served["version"], 1);
