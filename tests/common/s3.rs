@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::mlflow::venv;
 
-/// The access key the tests use (moto accepts any unless told to check, and then makes the
-/// ones [`MotoServer::start_with_iam`] uses).
+/// The access key the tests give a moto that accepts any ([`MotoServer::start_with_iam`] uses
+/// the key moto's IAM makes instead).
 pub const KEY: &str = "bccp-test-key";
 pub const SECRET: &str = "bccp-test-secret";
 pub const REGION: &str = "us-east-1";
