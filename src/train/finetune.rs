@@ -244,8 +244,8 @@ fn check_inputs(images: usize, labels: &[u32], classes: usize) -> Result<()> {
 /// `backbone_vars`; elsewhere through candle's autograd ([`finetune_candle`]). Returns the head
 /// and every epoch's figures: mean loss, training accuracy of the epoch's own forward passes
 /// (dropout applied, each batch before its step: no second pass over the training images)
-/// and, with `test` (image files and true labels, decoded within the same bound), the
-/// accuracy on them after the epoch. `progress` advances once per batch.
+/// and, with `test` (image files and true labels, kept decoded under a bound of the same size),
+/// the accuracy on them after the epoch. `progress` advances once per batch.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     backbone: &Backbone,
