@@ -53,6 +53,7 @@ fn finetune(c: &mut Criterion) {
                 CLASSES,
                 &cfg,
                 1e-4,
+                None,
                 &Progress::hidden(),
             )
             .expect("step")
@@ -68,6 +69,7 @@ fn finetune(c: &mut Criterion) {
                 CLASSES,
                 &cfg,
                 1e-4,
+                None,
                 &Device::Cpu,
                 &Progress::hidden(),
             )

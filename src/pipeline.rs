@@ -366,8 +366,7 @@ pub fn run_embedded(
         loss: cfg.final_loss(),
         ..cfg.train()
     };
-    let mut epochs = Vec::new();
-    let (head, tuned): (Head, Option<Backbone>) = match cfg.finetune {
+    let (head, tuned, epochs): (Head, Option<Backbone>, _) = match cfg.finetune {
         Finetune::Head => {
             // Watched on the test split as the final evaluation reads it (Monday, then Tuesday).
             let mut parts = vec![part(n1, mon_test.len())?];
@@ -388,8 +387,7 @@ pub fn run_embedded(
                 progress,
                 Some(test),
             )?;
-            epochs = history;
-            (head, None)
+            (head, None, history)
         }
         Finetune::Full => {
             let (mut model, vars) = Backbone::load_trainable(spec, e.embedder.weights(), device)?;
@@ -397,7 +395,14 @@ pub fn run_embedded(
                 .iter()
                 .map(|&i| train_files[i as usize].clone())
                 .collect();
-            let head = finetune(
+            // Watched on the test split as the final evaluation reads it (Monday, then Tuesday).
+            let mut test_files = files(mon_test);
+            let mut test_truth = truth(mon_test);
+            if cfg.target_day == Day::Tuesday {
+                test_files.extend(files(tue_test));
+                test_truth.extend(truth(tue_test));
+            }
+            let (head, history) = finetune(
                 &model,
                 vars,
                 &kept_files,
@@ -407,11 +412,12 @@ pub fn run_embedded(
                 &final_cfg,
                 cfg.backbone_lr,
                 cfg.cache_images_mib,
+                Some((test_files.as_slice(), test_truth.as_slice())),
                 device,
                 progress,
             )?;
             model.refresh_channels_last()?;
-            (head, Some(model))
+            (head, Some(model), history)
         }
     };
     seconds.train = stage.elapsed().as_secs_f64();

@@ -167,7 +167,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
     use bccp::backbone::channels_last::TrunkTrainer;
     use bccp::progress::Progress;
-    use bccp::train::finetune::{finetune_candle, finetune_channels_last, TrainImages};
+    use bccp::train::finetune::{finetune_candle, finetune_channels_last, TestImages, TrainImages};
     use bccp::train::TrainConfig;
 
     let tmp = tempfile::tempdir().unwrap();
@@ -193,7 +193,7 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
     let engine_run = |images: &TrainImages| {
         let (model, vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
         let trainer = TrunkTrainer::new(model.trunk().unwrap()).unwrap();
-        let head = finetune_channels_last(
+        let (head, history) = finetune_channels_last(
             trainer,
             &vars,
             images,
@@ -201,15 +201,28 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
             2,
             &cfg,
             backbone_lr,
+            Some(TestImages {
+                images: &streamed,
+                labels: &labels,
+            }),
             &Progress::hidden(),
         )
         .unwrap();
-        (model, vars, head)
+        (model, vars, head, history)
     };
-    let (mut model, vars, head) = engine_run(&cached);
+    let (mut model, vars, head, history) = engine_run(&cached);
     // Decoding per batch trains the same network, to the bit.
-    let (_, vars_streamed, head_streamed) = engine_run(&streamed);
+    let (_, vars_streamed, head_streamed, history_streamed) = engine_run(&streamed);
     assert_eq!(all_params(&vars), all_params(&vars_streamed));
+    assert_eq!(history, history_streamed);
+    // One record per epoch, in order, every figure a finite share or loss.
+    assert_eq!(history.iter().map(|e| e.epoch).collect::<Vec<_>>(), [1, 2]);
+    for e in &history {
+        let test = e.test_accuracy.expect("test images were given");
+        assert!(e.loss.is_finite() && e.loss > 0.0, "{e:?}");
+        assert!((0.0..=1.0).contains(&e.train_accuracy), "{e:?}");
+        assert!((0.0..=1.0).contains(&test), "{e:?}");
+    }
     assert_eq!(
         head.linear
             .weight()
@@ -230,7 +243,7 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
     // the engine's result than either is to the pretrained weights.
     let (reference, ref_vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
     let pretrained = all_params(&ref_vars);
-    let ref_head = finetune_candle(
+    let (ref_head, ref_history) = finetune_candle(
         &reference,
         ref_vars.clone(),
         &cached,
@@ -238,10 +251,24 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
         2,
         &cfg,
         backbone_lr,
+        None,
         &Device::Cpu,
         &Progress::hidden(),
     )
     .unwrap();
+    // The same steps record the same losses, up to float noise; no test figures without test
+    // images.
+    assert_eq!(ref_history.len(), 2);
+    for (a, b) in history.iter().zip(&ref_history) {
+        assert!(
+            (a.loss - b.loss).abs() < 1e-3 * b.loss,
+            "epoch {}: loss {} (engine) vs {} (candle)",
+            a.epoch,
+            a.loss,
+            b.loss
+        );
+        assert_eq!(b.test_accuracy, None);
+    }
     let moved = max_diff(&all_params(&vars), &pretrained);
     let apart = max_diff(&all_params(&vars), &all_params(&ref_vars));
     eprintln!("backbone moved {moved:e}, engine vs candle {apart:e}");

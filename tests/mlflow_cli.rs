@@ -40,6 +40,30 @@ for v in sorted(c.search_model_versions(f"name='{model}'"), key=lambda v: int(v.
 print(json.dumps(res))
 "#;
 
+/// Registers version 3 of model `m` from a new run holding the files of local run folder
+/// `argv[2]`, then deletes that run's artifacts through the server's artifact proxy and moves
+/// the `champion` alias to version 3; prints the version and the artifacts listed before and
+/// after the deletion.
+const MISSING_ARTIFACTS: &str = r#"
+import json, sys
+import mlflow
+from mlflow import MlflowClient
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+uri, folder = sys.argv[1:3]
+mlflow.set_tracking_uri(uri)
+c = MlflowClient(uri, registry_uri=uri)
+v2 = c.get_model_version("m", "2")
+run = c.create_run(c.get_run(v2.run_id).info.experiment_id)
+c.log_artifacts(run.info.run_id, folder)
+before = sorted(f.path for f in c.list_artifacts(run.info.run_id))
+get_artifact_repository(run.info.artifact_uri).delete_artifacts()
+after = [f.path for f in c.list_artifacts(run.info.run_id)]
+c.set_terminated(run.info.run_id)
+v = c.create_model_version("m", run.info.artifact_uri, run_id=run.info.run_id)
+c.set_registered_model_alias("m", "champion", v.version)
+print(json.dumps({"version": v.version, "before": before, "after": after}))
+"#;
+
 /// Checks that MLflow's version `v` (from [`READ_BACK`]) holds local run `name:version`.
 fn assert_mirrors(v: &serde_json::Value, runs: &Path, name: &str, version: u32) {
     let reg = Registry::open(runs);
@@ -228,8 +252,57 @@ fn train_mirrors_runs_and_bad_servers_leave_the_local_run() {
         "serve did not follow the alias: {}",
         common::http::get(addr, "/model").text()
     );
+    // The alias moves to a version whose artifacts were deleted: serve keeps version 2, a
+    // forced check says why, and requests are still answered.
+    let local2 = Registry::open(&runs).resolve("m:2").unwrap().path;
+    let got = server.python(MISSING_ARTIFACTS, &[local2.to_str().unwrap()]);
+    assert_eq!(got["version"], "3", "{got}");
+    assert_eq!(got["before"].as_array().unwrap().len(), 6, "{got}");
+    assert_eq!(got["after"], serde_json::json!([]), "{got}");
+    let forced = common::http::request(addr, "POST", "/admin/reload", &[], b"").unwrap();
+    assert_eq!(forced.status, 500, "{}", forced.text());
+    let outcome = forced.json();
+    assert_eq!(outcome["result"], "failed", "{outcome}");
+    assert_eq!(outcome["version"], 2, "{outcome}");
+    let message = outcome["message"].as_str().unwrap();
+    assert!(
+        message.contains("mlflow:m@champion")
+            && message.contains("version 3")
+            && message.contains("artifacts are missing"),
+        "{message}"
+    );
+    assert_eq!(common::http::get(addr, "/model").json()["version"], 2);
+    let image = common::first_file(&days.join("monday/class0"));
+    let reply = common::http::predict_png(addr, &image);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["version"], 2);
+    let metrics = common::http::get(addr, "/metrics").text();
+    assert!(
+        metrics.contains("bccp_model_reloads_total{result=\"sync_failed\"}"),
+        "{metrics}"
+    );
     serving.stop(std::time::Duration::from_secs(20));
-    // The cache holds MLflow's versions 1 and 2: the local runs m:1 and m:2, byte for byte.
+    // A server started now, with the alias on that version, refuses to start, saying why.
+    let err = failure(&common::bccp(&[
+        "serve",
+        "--model",
+        "mlflow:m@champion",
+        "--mlflow",
+        &uri,
+        "--cache-dir",
+        dir.path().join("fresh-cache").to_str().unwrap(),
+        "--no-store",
+        "--device",
+        "cpu",
+        "--bind",
+        "127.0.0.1:0",
+    ]));
+    assert!(
+        err.contains("mlflow:m@champion") && err.contains("artifacts are missing"),
+        "{err}"
+    );
+    // The cache holds MLflow's versions 1 and 2: the local runs m:1 and m:2, byte for byte;
+    // nothing of version 3.
     let cached = std::fs::read_dir(serve_cache.join("remote-models"))
         .unwrap()
         .next()
@@ -245,6 +318,11 @@ fn train_mirrors_runs_and_bad_servers_leave_the_local_run() {
             "cached version {v}"
         );
     }
+    let entries = common::entries(&cached);
+    assert!(
+        !cached.join("3").exists() && !entries.iter().any(|e| e.starts_with(".download-")),
+        "{entries:?}"
+    );
     // An alias MLflow does not have: serve refuses to start, naming the spec and the call.
     let err = failure(&common::bccp(&[
         "serve",
@@ -317,9 +395,11 @@ fn train_mirrors_runs_and_bad_servers_leave_the_local_run() {
         "{err}"
     );
     assert!(reg.is_complete(&reg.resolve("m:4").unwrap()));
-    let back = dir.path().join("back2");
-    let got = server.python(READ_BACK, &["m", back.to_str().unwrap()]);
-    assert_eq!(got["versions"].as_array().unwrap().len(), 2, "{got}");
+    // Versions 1 and 2 from bccp, 3 registered above with its artifacts deleted; none more.
+    let count = "import sys, json\nfrom mlflow import MlflowClient\n\
+        c = MlflowClient(sys.argv[1], registry_uri=sys.argv[1])\n\
+        print(json.dumps(len(c.search_model_versions(\"name='m'\"))))";
+    assert_eq!(server.python(count, &[]), 3);
 }
 
 /// `bccp retrain --mlflow`: every challenger is mirrored with its gate accuracies, and MLflow's
@@ -525,4 +605,59 @@ method = ["none"]
             );
         }
     }
+}
+
+/// `--finetune full` records its epochs as head training does: a short full fine-tune (36
+/// images of 32×32, 2 epochs) mirrored to MLflow has one step per epoch of `epoch.loss`,
+/// `train_acc` and `test_acc` (and their `epoch.*` twins), equal to the local history.
+#[test]
+fn full_finetune_mirrors_one_step_per_epoch() {
+    let server = MlflowServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let days = prepared_small(dir.path());
+    let (runs, cache) = (dir.path().join("runs"), dir.path().join("cache"));
+    let uri = server.uri();
+    let out = success(&quick_train(
+        &days,
+        &runs,
+        &cache,
+        "ft",
+        &["--finetune", "full", "--mlflow", &uri],
+    ));
+    assert!(out.contains("model ft version 1"), "{out}");
+    let back = dir.path().join("back");
+    let got = server.python(READ_BACK, &["ft", back.to_str().unwrap()]);
+    let v = &got["versions"][0];
+    assert_eq!(v["params"]["finetune"], "full", "{got}");
+    let reg = Registry::open(&runs);
+    let record = reg.read(&reg.resolve("ft:1").unwrap()).unwrap();
+    let epochs = &record.metrics.epochs;
+    assert_eq!(
+        epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+        [1, 2],
+        "--epochs 2"
+    );
+    let metrics: BTreeMap<String, Vec<(i64, f64)>> =
+        serde_json::from_value(v["metrics"].clone()).unwrap();
+    let curve = |f: &dyn Fn(&bccp::train::EpochStats) -> f64| -> Vec<(i64, f64)> {
+        epochs.iter().map(|e| (e.epoch as i64, f(e))).collect()
+    };
+    let test = |e: &bccp::train::EpochStats| e.test_accuracy.expect("a test split");
+    for (name, want) in [
+        ("epoch.loss", curve(&|e| e.loss)),
+        ("train_acc", curve(&|e| e.train_accuracy)),
+        ("epoch.train_accuracy", curve(&|e| e.train_accuracy)),
+        ("test_acc", curve(&test)),
+        ("epoch.test_accuracy", curve(&test)),
+    ] {
+        assert_eq!(metrics[name], want, "{name}");
+    }
+    for e in epochs {
+        assert!(e.loss.is_finite() && e.loss > 0.0, "{e:?}");
+        for acc in [e.train_accuracy, test(e)] {
+            assert!((0.0..=1.0).contains(&acc), "{e:?}");
+        }
+    }
+    let local = files(&reg.resolve("ft:1").unwrap().path);
+    assert!(local == files(Path::new(v["dir"].as_str().unwrap())));
 }

@@ -263,6 +263,13 @@ fn full_finetune_trains_the_backbone_and_predict_uses_it() {
     let run = runs.join("full/1");
     let acc = metrics(&run)["test_accuracy"].as_f64().unwrap();
     assert!(acc > 0.6, "fine-tuned test accuracy {acc}");
+    // Both epochs recorded; after the last one the test split scores as the final evaluation
+    // does, but for images on a decision boundary (the training engine's forward pass is not
+    // bit-equal to the refreshed inference engine's).
+    let epochs = metrics(&run)["epochs"].as_array().unwrap().clone();
+    assert_eq!(epochs.len(), 2, "{epochs:?}");
+    let last = epochs[1]["test_accuracy"].as_f64().unwrap();
+    assert!((last - acc).abs() <= 0.02, "last epoch {last}, final {acc}");
     let params: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("params.json")).unwrap()).unwrap();
     assert_eq!(params["finetune"], "full");

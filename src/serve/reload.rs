@@ -138,8 +138,11 @@ impl Watch {
         let current = self.slot.current();
         let served = current.as_ref().map(|m| m.info.version);
         if let Err(e) = self.sync() {
+            // The remote version could not be brought in (unreachable, refused, artifacts
+            // missing or corrupt): the model served, if any, stays.
             let message = e.to_string();
             eprintln!("[serve {}] warning: {message}", crate::store::now_utc());
+            self.metrics.count_reload("sync_failed");
             if current.is_none() {
                 self.slot.set_not_ready(message.clone());
             }
@@ -147,7 +150,7 @@ impl Watch {
                 result: if current.is_none() {
                     "no_model"
                 } else {
-                    "unchanged"
+                    "failed"
                 },
                 version: served,
                 message: Some(message),

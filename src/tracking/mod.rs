@@ -36,6 +36,9 @@ pub enum TrackingError {
         call: String,
         message: String,
     },
+    /// A model to serve from elsewhere (`--model mlflow:…` or `s3://…`) that cannot be used.
+    #[error("{what}: {message}")]
+    RemoteModel { what: String, message: String },
     #[error("the run's artifact URI {0:?} is neither served by the tracking server nor on S3: start `mlflow server` with --serve-artifacts (mlflow-artifacts: URIs) or an s3:// artifact root")]
     ArtifactUri(String),
     #[error(transparent)]

@@ -42,10 +42,9 @@ impl std::fmt::Debug for RemoteModel {
     }
 }
 
-fn bad_spec(spec: &str, why: &str) -> TrackingError {
-    TrackingError::Call {
-        uri: spec.to_owned(),
-        call: "--model".to_owned(),
+fn bad_spec(what: &str, why: &str) -> TrackingError {
+    TrackingError::RemoteModel {
+        what: what.to_owned(),
         message: why.to_owned(),
     }
 }
@@ -57,13 +56,13 @@ impl RemoteModel {
         if let Some(rest) = spec.strip_prefix(MLFLOW_SCHEME) {
             let Some((name, alias)) = rest.split_once('@') else {
                 return Err(bad_spec(
-                    spec,
+                    &format!("--model {spec}"),
                     "expected mlflow:NAME@ALIAS (e.g. mlflow:my-model@champion)",
                 ));
             };
             if name.is_empty() || alias.is_empty() {
                 return Err(bad_spec(
-                    spec,
+                    &format!("--model {spec}"),
                     "expected mlflow:NAME@ALIAS (e.g. mlflow:my-model@champion)",
                 ));
             }
@@ -74,7 +73,7 @@ impl RemoteModel {
                 .filter(|u| !u.trim().is_empty())
             else {
                 return Err(bad_spec(
-                    spec,
+                    &format!("--model {spec}"),
                     "which MLflow server? give --mlflow http://HOST:PORT or set MLFLOW_TRACKING_URI",
                 ));
             };
@@ -91,7 +90,7 @@ impl RemoteModel {
             let name = parts.next().filter(|n| !n.is_empty());
             let (Some(version), Some(name)) = (version, name) else {
                 return Err(bad_spec(
-                    spec,
+                    &format!("--model {spec}"),
                     "expected the run folder s3://BUCKET[/PREFIX]/NAME/VERSION that --artifacts wrote",
                 ));
             };
@@ -251,6 +250,15 @@ fn check_run(cache: &Registry, name: &str, version: u32, dir: &Path, what: &str)
         .copied()
         .filter(|f| !dir.join(f).is_file())
         .collect();
+    if missing.len() == files::ALL.len() {
+        return Err(bad_spec(
+            what,
+            &format!(
+                "the version has none of a run's files ({}): its artifacts are missing (deleted, or never uploaded)",
+                files::ALL.join(", ")
+            ),
+        ));
+    }
     if !missing.is_empty() {
         return Err(bad_spec(
             what,

@@ -2,17 +2,19 @@
 //! the channels-last engine on the CPU for MobileNetV2 / EfficientNet-Lite, through candle's
 //! autograd elsewhere — the decoded images kept in memory across epochs within a bound. The
 //! batch-norm statistics stay frozen (they are folded into the convolutions, whose weights
-//! and biases are trained), which suits small batches.
+//! and biases are trained), which suits small batches. Every epoch is recorded
+//! ([`EpochStats`]): its mean loss, the training accuracy of its own forward passes and, with
+//! test images, the test accuracy after the epoch.
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Module, Tensor, Var};
-use candle_nn::Optimizer;
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{Linear, Optimizer};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use super::flat_adam::FlatAdam;
-use super::{adam, dropout_mask, init_head, Head, TrainConfig};
+use super::{accuracy, adam, dropout_mask, init_head, EpochStats, Head, TrainConfig};
 use crate::backbone::channels_last::TrunkTrainer;
 use crate::backbone::Backbone;
 use crate::data::loader::{load_batch, Preprocess};
@@ -139,6 +141,82 @@ impl<'a> TrainImages<'a> {
     }
 }
 
+/// Test images scored after every epoch of [`finetune`] with the weights of that moment: their
+/// pixels (decoded as the final evaluation decodes them) and their true labels.
+#[derive(Clone, Copy)]
+pub struct TestImages<'a> {
+    pub images: &'a TrainImages<'a>,
+    pub labels: &'a [u32],
+}
+
+/// One epoch's running figures: the loss summed over samples and the samples whose own
+/// forward pass (before their step) predicted their label.
+#[derive(Default)]
+struct EpochTally {
+    loss_sum: f64,
+    hits: usize,
+    samples: usize,
+}
+
+impl EpochTally {
+    /// Adds one batch: its mean `loss` and its `logits` against the labels `y`.
+    fn add(&mut self, loss: &Tensor, logits: &Tensor, y: &Tensor) -> Result<()> {
+        let n = y.dim(0)?;
+        self.loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+        let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+        let truth = y.to_vec1::<u32>()?;
+        self.hits += pred.iter().zip(&truth).filter(|(p, t)| p == t).count();
+        self.samples += n;
+        Ok(())
+    }
+
+    /// The epoch's record; the test accuracy from `embed` (features of test image indices)
+    /// when there are test images.
+    fn finish(
+        self,
+        epoch: usize,
+        linear: &Linear,
+        classes: usize,
+        test: Option<TestImages<'_>>,
+        batch: usize,
+        mut embed: impl FnMut(&TrainImages, &[u32]) -> Result<Tensor>,
+    ) -> Result<EpochStats> {
+        let test_accuracy = match test {
+            None => None,
+            Some(t) => {
+                let head = Head {
+                    linear: linear.clone(),
+                    classes,
+                };
+                let all: Vec<u32> = (0..t.labels.len() as u32).collect();
+                let mut pred = Vec::with_capacity(all.len());
+                for chunk in all.chunks(batch.max(1)) {
+                    pred.extend(head.predict(&embed(t.images, chunk)?)?);
+                }
+                Some(accuracy(&pred, t.labels))
+            }
+        };
+        Ok(EpochStats {
+            epoch,
+            loss: self.loss_sum / self.samples.max(1) as f64,
+            train_accuracy: self.hits as f64 / self.samples.max(1) as f64,
+            test_accuracy,
+        })
+    }
+}
+
+/// As many test labels as test images.
+fn check_test(test: Option<TestImages<'_>>) -> Result<()> {
+    match test {
+        Some(t) if t.images.count != t.labels.len() => Err(FinetuneError::Input(format!(
+            "{} test labels for {} test images",
+            t.labels.len(),
+            t.images.count
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn check_inputs(images: usize, labels: &[u32], classes: usize) -> Result<()> {
     if images != labels.len() {
         return Err(FinetuneError::Input(format!(
@@ -163,8 +241,11 @@ fn check_inputs(images: usize, labels: &[u32], classes: usize) -> Result<()> {
 /// backbone at `backbone_lr`; both decay by `cfg.lr_decay` per epoch. Decoded images stay in
 /// memory when they fit `cache_mib` MiB. On the CPU, MobileNetV2 and EfficientNet-Lite train on
 /// the channels-last engine ([`TrunkTrainer`]) and the trained weights are written back into
-/// `backbone_vars`; elsewhere through candle's autograd ([`finetune_candle`]). `progress`
-/// advances once per batch.
+/// `backbone_vars`; elsewhere through candle's autograd ([`finetune_candle`]). Returns the head
+/// and every epoch's figures: mean loss, training accuracy of the epoch's own forward passes
+/// (dropout applied, each batch before its step: no second pass over the training images)
+/// and, with `test` (image files and true labels, kept decoded under a bound of the same size),
+/// the accuracy on them after the epoch. `progress` advances once per batch.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     backbone: &Backbone,
@@ -176,11 +257,20 @@ pub fn finetune(
     cfg: &TrainConfig,
     backbone_lr: f64,
     cache_mib: usize,
+    test: Option<(&[PathBuf], &[u32])>,
     device: &Device,
     progress: &Progress,
-) -> Result<Head> {
+) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(files.len(), labels, classes)?;
     let images = TrainImages::new(files, pre, cache_mib)?;
+    let test_images = match test {
+        Some((files, _)) => Some(TrainImages::new(files, pre, cache_mib)?),
+        None => None,
+    };
+    let test = match (&test_images, test) {
+        (Some(images), Some((_, labels))) => Some(TestImages { images, labels }),
+        _ => None,
+    };
     match (device.is_cpu(), backbone.trunk()) {
         (true, Some(trunk)) => {
             let trainer = TrunkTrainer::new(trunk)?;
@@ -192,6 +282,7 @@ pub fn finetune(
                 classes,
                 cfg,
                 backbone_lr,
+                test,
                 progress,
             )
         }
@@ -203,6 +294,7 @@ pub fn finetune(
             classes,
             cfg,
             backbone_lr,
+            test,
             device,
             progress,
         ),
@@ -220,10 +312,12 @@ pub fn finetune_candle(
     classes: usize,
     cfg: &TrainConfig,
     backbone_lr: f64,
+    test: Option<TestImages<'_>>,
     device: &Device,
     progress: &Progress,
-) -> Result<Head> {
+) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(images.count, labels, classes)?;
+    check_test(test)?;
     let dim = backbone.spec().embedding_dim;
     let mut backbone_opt = adam(backbone_vars, backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
@@ -238,8 +332,10 @@ pub fn finetune_candle(
         (cfg.epochs * labels.len().div_ceil(batch)) as u64,
         "fine-tune batches",
     );
-    for _ in 0..cfg.epochs {
+    let mut history = Vec::with_capacity(cfg.epochs);
+    for epoch in 1..=cfg.epochs {
         shuffle_rng.shuffle(&mut order);
+        let mut tally = EpochTally::default();
         for chunk in order.chunks(batch) {
             let images = images.tensor(chunk, device)?;
             let mut x = backbone.embed(&images)?;
@@ -248,19 +344,26 @@ pub fn finetune_candle(
                 x = x.mul(&mask)?;
             }
             let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
-            let loss = cfg.loss.compute(&linear.forward(&x)?, &y)?;
+            let logits = linear.forward(&x)?;
+            let loss = cfg.loss.compute(&logits, &y)?;
             let grads = loss.backward()?;
             head_opt.step(&grads)?;
             backbone_opt.step(&grads)?;
+            tally.add(&loss, &logits, &y)?;
             progress.inc(1);
         }
+        history.push(
+            tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
+                Ok(backbone.embed(&images.tensor(idx, device)?)?.detach())
+            })?,
+        );
         lr *= cfg.lr_decay;
         bb_lr *= cfg.lr_decay;
         head_opt.set_learning_rate(lr);
         backbone_opt.set_learning_rate(bb_lr);
     }
     progress.finish();
-    Ok(Head { linear, classes })
+    Ok((Head { linear, classes }, history))
 }
 
 /// [`finetune`] on the channels-last engine: `trainer` holds the backbone's parameters, which
@@ -275,9 +378,11 @@ pub fn finetune_channels_last(
     classes: usize,
     cfg: &TrainConfig,
     backbone_lr: f64,
+    test: Option<TestImages<'_>>,
     progress: &Progress,
-) -> Result<Head> {
+) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(images.count, labels, classes)?;
+    check_test(test)?;
     let device = &Device::Cpu;
     let size = (images.pre.height as usize, images.pre.width as usize);
     let dim = trainer.dim();
@@ -294,8 +399,10 @@ pub fn finetune_channels_last(
         (cfg.epochs * labels.len().div_ceil(batch)) as u64,
         "fine-tune batches",
     );
-    for _ in 0..cfg.epochs {
+    let mut history = Vec::with_capacity(cfg.epochs);
+    for epoch in 1..=cfg.epochs {
         shuffle_rng.shuffle(&mut order);
+        let mut tally = EpochTally::default();
         for chunk in order.chunks(batch) {
             let n = chunk.len();
             let fwd = trainer.forward(&images.batch(chunk)?, n, size)?;
@@ -306,9 +413,11 @@ pub fn finetune_channels_last(
                 x = x.mul(&mask)?;
             }
             let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
-            let loss = cfg.loss.compute(&linear.forward(&x)?, &y)?;
+            let logits = linear.forward(&x)?;
+            let loss = cfg.loss.compute(&logits, &y)?;
             let grads = loss.backward()?;
             head_opt.step(&grads)?;
+            tally.add(&loss, &logits, &y)?;
             let d_features = grads
                 .get(features.as_tensor())
                 .ok_or_else(|| {
@@ -321,6 +430,12 @@ pub fn finetune_channels_last(
             backbone_opt.step(trainer.params_mut().collect(), &backbone_grads);
             progress.inc(1);
         }
+        history.push(
+            tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
+                let fwd = trainer.forward(&images.batch(idx)?, idx.len(), size)?;
+                Ok(Tensor::from_vec(fwd.features, (idx.len(), dim), device)?)
+            })?,
+        );
         lr *= cfg.lr_decay;
         bb_lr *= cfg.lr_decay;
         head_opt.set_learning_rate(lr);
@@ -328,7 +443,7 @@ pub fn finetune_channels_last(
     }
     trainer.write_to(backbone_vars)?;
     progress.finish();
-    Ok(Head { linear, classes })
+    Ok((Head { linear, classes }, history))
 }
 
 /// Embeddings `[N, D]` of `files` by `backbone`, in batches, without the cache (for a

@@ -115,6 +115,19 @@ pub fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, "GET", path, &[], b"").unwrap()
 }
 
+/// `POST /predict` with the bytes of PNG file `image`.
+pub fn predict_png(addr: SocketAddr, image: &Path) -> Reply {
+    let bytes = std::fs::read(image).unwrap();
+    request(
+        addr,
+        "POST",
+        "/predict",
+        &[("Content-Type", "image/png")],
+        &bytes,
+    )
+    .unwrap()
+}
+
 pub fn post_json(addr: SocketAddr, path: &str, json: &serde_json::Value) -> Reply {
     let body = serde_json::to_vec(json).unwrap();
     request(

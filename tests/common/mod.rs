@@ -108,6 +108,16 @@ pub fn quick_train(days: &Path, runs: &Path, cache: &Path, name: &str, extra: &[
     bccp(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// The first entry of folder `dir` (e.g. an image of one class of a prepared day).
+pub fn first_file(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .next()
+        .unwrap_or_else(|| panic!("{} is empty", dir.display()))
+        .unwrap()
+        .path()
+}
+
 /// All files under `root`, relative, sorted, with their bytes.
 pub fn files(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();

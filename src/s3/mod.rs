@@ -1,21 +1,23 @@
-//! A small blocking client of S3-compatible object storage: requests signed with AWS SigV4 by
-//! `rusty-s3` (sans-IO, presigned URLs) and sent with `ureq`. Objects are written with one PUT,
-//! or as a multipart upload above a part size; every upload is checked against the ETag the
-//! server answers (the MD5 of the bytes, or of the parts' MD5s for a multipart upload), and every
-//! download against its ETag the same way. Endpoint, region and credentials come from the
-//! standard AWS environment variables.
+//! A small blocking client of S3-compatible object storage: the actions' URLs built by
+//! `rusty-s3` (sans-IO), signed with AWS SigV4 in the `Authorization` header ([`sigv4`]) and
+//! sent with `ureq`. Objects are written with one PUT, or as a multipart upload above a part
+//! size; every upload is checked against the ETag the server answers (the MD5 of the bytes, or
+//! of the parts' MD5s for a multipart upload), and every download against its ETag the same
+//! way. Endpoint, region and credentials come from the standard AWS environment variables.
 
 use std::time::Duration;
 
 use md5::{Digest, Md5};
 use rusty_s3::actions::{CreateMultipartUpload, ListObjectsV2};
-use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use rusty_s3::{Bucket, S3Action, UrlStyle};
+
+pub mod sigv4;
 
 /// Default size of one part of a multipart upload; files above it are uploaded in parts.
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
 /// Overrides [`DEFAULT_PART_SIZE`] (bytes; S3 itself needs at least 5 MiB but the last part).
 pub const PART_SIZE_ENV: &str = "BCCP_S3_PART_SIZE";
-/// How long a signed URL stays valid.
+/// How long an action URL is valid (rusty-s3 asks; unused, as requests are signed in headers).
 const SIGNED_FOR: Duration = Duration::from_secs(3600);
 
 /// What can go wrong; every message names the `s3://` URI and what was tried.
@@ -162,7 +164,7 @@ pub struct Transferred {
 /// A client of one bucket.
 pub struct S3Client {
     bucket: Bucket,
-    credentials: Credentials,
+    signer: sigv4::Signer,
     uri: S3Uri,
     endpoint: String,
     part_size: usize,
@@ -211,9 +213,13 @@ impl S3Client {
                     why: e.to_string(),
                 }
             })?;
-        let credentials = match &cfg.credentials {
-            Some((k, s, None)) => Credentials::new(k.clone(), s.clone()),
-            Some((k, s, Some(t))) => Credentials::new_with_token(k.clone(), s.clone(), t.clone()),
+        let signer = match &cfg.credentials {
+            Some((key, secret, token)) => sigv4::Signer {
+                key: key.clone(),
+                secret: secret.clone(),
+                token: token.clone(),
+                region: cfg.region.clone(),
+            },
             None => return Err(S3Error::NoCredentials(what)),
         };
         let agent = ureq::AgentBuilder::new()
@@ -222,7 +228,7 @@ impl S3Client {
             .build();
         Ok(Self {
             bucket,
-            credentials,
+            signer,
             uri: uri.clone(),
             endpoint: cfg.endpoint.clone(),
             part_size: cfg.part_size,
@@ -242,6 +248,16 @@ impl S3Client {
             endpoint: self.endpoint.clone(),
             message,
         }
+    }
+
+    /// A `method` request of the action URL `url` (unsigned) carrying `body`, signed.
+    fn signed(&self, method: &str, url: url::Url, body: &[u8]) -> ureq::Request {
+        let (url, headers) = self.signer.sign(method, url, body, &sigv4::amz_date_now());
+        headers
+            .into_iter()
+            .fold(self.agent.request(method, url.as_str()), |req, (k, v)| {
+                req.set(k, &v)
+            })
     }
 
     /// Sends a signed request; a refusal keeps S3's error code and message.
@@ -287,14 +303,11 @@ impl S3Client {
     /// checks the ETag the server answers against the bytes' MD5s.
     pub fn put(&self, key: &str, bytes: &[u8]) -> Result<Transferred> {
         if bytes.len() <= self.part_size {
-            let url = self
-                .bucket
-                .put_object(Some(&self.credentials), key)
-                .sign(SIGNED_FOR);
+            let url = self.bucket.put_object(None, key).sign(SIGNED_FOR);
             let resp = self.send(
                 key,
                 "PutObject",
-                self.agent.put(url.as_str()).send_bytes(bytes),
+                self.signed("PUT", url, bytes).send_bytes(bytes),
             )?;
             self.check(key, &Self::etag_of(&resp), &[bytes], false)?;
             return Ok(Transferred {
@@ -318,10 +331,10 @@ impl S3Client {
         }
         let url = self
             .bucket
-            .create_multipart_upload(Some(&self.credentials), key)
+            .create_multipart_upload(None, key)
             .sign(SIGNED_FOR);
         let call = "CreateMultipartUpload";
-        let resp = self.send(key, call, self.agent.post(url.as_str()).call())?;
+        let resp = self.send(key, call, self.signed("POST", url, b"").call())?;
         let text = resp
             .into_string()
             .map_err(|e| self.fail(key, call, format!("reading the answer: {e}")))?;
@@ -339,9 +352,9 @@ impl S3Client {
                 // Best effort: free the parts stored so far.
                 let url = self
                     .bucket
-                    .abort_multipart_upload(Some(&self.credentials), key, &upload_id)
+                    .abort_multipart_upload(None, key, &upload_id)
                     .sign(SIGNED_FOR);
-                let _ = self.agent.delete(url.as_str()).call();
+                let _ = self.signed("DELETE", url, b"").call();
                 Err(e)
             }
         }
@@ -353,12 +366,12 @@ impl S3Client {
             let number = u16::try_from(i + 1).unwrap_or(u16::MAX);
             let url = self
                 .bucket
-                .upload_part(Some(&self.credentials), key, number, upload_id)
+                .upload_part(None, key, number, upload_id)
                 .sign(SIGNED_FOR);
             let resp = self.send(
                 key,
                 "UploadPart",
-                self.agent.put(url.as_str()).send_bytes(part),
+                self.signed("PUT", url, part).send_bytes(part),
             )?;
             let etag = Self::etag_of(&resp);
             self.check(key, &etag, &[part], false)
@@ -366,7 +379,7 @@ impl S3Client {
             etags.push(etag);
         }
         let action = self.bucket.complete_multipart_upload(
-            Some(&self.credentials),
+            None,
             key,
             upload_id,
             etags.iter().map(String::as_str),
@@ -374,7 +387,11 @@ impl S3Client {
         let url = action.sign(SIGNED_FOR);
         let body = action.body();
         let call = "CompleteMultipartUpload";
-        let resp = self.send(key, call, self.agent.post(url.as_str()).send_string(&body))?;
+        let resp = self.send(
+            key,
+            call,
+            self.signed("POST", url, body.as_bytes()).send_string(&body),
+        )?;
         let text = resp
             .into_string()
             .map_err(|e| self.fail(key, call, format!("reading the answer: {e}")))?;
@@ -409,12 +426,9 @@ impl S3Client {
     /// Downloads `key`, checking its bytes against the ETag (a single-PUT object's MD5; for a
     /// multipart object, against the ETag its parts at the configured part size give).
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
-        let url = self
-            .bucket
-            .get_object(Some(&self.credentials), key)
-            .sign(SIGNED_FOR);
+        let url = self.bucket.get_object(None, key).sign(SIGNED_FOR);
         let call = "GetObject";
-        let resp = self.send(key, call, self.agent.get(url.as_str()).call())?;
+        let resp = self.send(key, call, self.signed("GET", url, b"").call())?;
         let etag = Self::etag_of(&resp);
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut resp.into_reader(), &mut bytes)
@@ -454,13 +468,13 @@ impl S3Client {
         let mut token: Option<String> = None;
         let call = "ListObjectsV2";
         loop {
-            let mut action = self.bucket.list_objects_v2(Some(&self.credentials));
+            let mut action = self.bucket.list_objects_v2(None);
             action.with_prefix(prefix);
             if let Some(t) = &token {
                 action.with_continuation_token(t.clone());
             }
             let url = action.sign(SIGNED_FOR);
-            let resp = self.send(prefix, call, self.agent.get(url.as_str()).call())?;
+            let resp = self.send(prefix, call, self.signed("GET", url, b"").call())?;
             let text = resp
                 .into_string()
                 .map_err(|e| self.fail(prefix, call, format!("reading the answer: {e}")))?;
