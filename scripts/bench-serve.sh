@@ -42,25 +42,10 @@ fi
 
 # 20 Fashion-MNIST test images per class, prepared, and one model per input size.
 data="$out/data"
-if [ ! -f "$data/days/dataset.json" ]; then
-  rm -rf "$data"
-  mkdir -p "$data/source"
-  for class in "$assets"/fashion-mnist/test/*/; do
-    name=$(basename "$class")
-    mkdir -p "$data/source/$name"
-    mapfile -t files < <(find "$class" -name '*.png' | sort)
-    cp "${files[@]:0:20}" "$data/source/$name/"
-  done
-  $bccp --quiet prepare --source "$data/source" --out "$data/days" --corruption none
-fi
 weights="$assets/weights/mobilenet_v2.safetensors"
 IFS=, read -r -a sizes <<< "${SIZES:-256,64}"
 for size in "${sizes[@]}"; do
-  if [ ! -d "$data/runs/bench$size/1" ]; then
-    $bccp --quiet train -d "$data/days" --image-size "$size" --epochs 2 --weights "$weights" \
-      --device cpu --runs-dir "$data/runs" --cache-dir "$data/cache" --model-name "bench$size" >/dev/null
-    $bccp runs --runs-dir "$data/runs" alias "bench$size" 1 champion
-  fi
+  scripts/bench-model.sh "$bccp" "$data" "$assets/fashion-mnist/test" "$size"
 done
 
 python3 scripts/bench_serve.py --bccp "$bccp" --runs "$data/runs" --days "$data/days" \

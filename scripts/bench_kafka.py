@@ -37,6 +37,8 @@ import time
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from benchlib import free_port, wait_ready
+
 TOPIC = "postgres-source-bench"
 PREDICTIONS = "bench-predictions"
 SCHEMA = {
@@ -52,12 +54,6 @@ SCHEMA = {
 }
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_port(port, proc, what, limit=60):
     start = time.time()
     while time.time() - start < limit:
@@ -69,22 +65,6 @@ def wait_port(port, proc, what, limit=60):
         except OSError:
             time.sleep(0.1)
     sys.exit(f"bench-kafka: {what} did not listen on {port} within {limit} s")
-
-
-def wait_ready(port, proc, limit=120):
-    start = time.time()
-    while time.time() - start < limit:
-        if proc.poll() is not None:
-            sys.exit(f"bench-kafka: bccp serve exited with {proc.returncode}")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/readyz")
-            if c.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit("bench-kafka: bccp serve not ready")
 
 
 def images(root, n):
@@ -302,7 +282,7 @@ def main():
              "--bind", f"127.0.0.1:{http_port}", "--device", "cpu",
              "--kafka", f"{brokers},{PREDICTIONS}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_ready(http_port, serve)
+        wait_ready(f"http://127.0.0.1:{http_port}/readyz", serve, "bench-kafka: bccp serve")
 
         ref_n, ref_s = reference_consumer(brokers, f"http://127.0.0.1:{http_port}/predict",
                                           a.records, a.seconds, f"{tmp}/reference.sqlite3")

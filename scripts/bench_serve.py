@@ -12,33 +12,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
+from benchlib import free_port, wait_ready
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url, proc, limit=120):
-    start = time.time()
-    while time.time() - start < limit:
-        if proc.poll() is not None:
-            sys.exit(f"bench_serve: the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"bench_serve: {url} not ready after {limit} s")
 
 
 def seconds(value, unit):
@@ -126,7 +106,7 @@ def main():
                 ready = f"http://127.0.0.1:{port}/healthz"
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
             try:
-                wait_ready(ready, proc)
+                wait_ready(ready, proc, f"bench_serve: the {stack} server")
                 url = f"http://127.0.0.1:{port}/predict"
                 wrk(url, script, 4, 2)  # warm-up
                 for c in [int(c) for c in args.concurrency.split(",")]:

@@ -1,11 +1,15 @@
 """Helpers the comparison scripts share: the CPU's name, running a criterion bench of bccp in
-bencher format, and writing the JSON report."""
+bencher format, writing the JSON report, and starting local servers (a free port, waiting until
+a URL answers)."""
 
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,3 +70,26 @@ def write_json(path, payload):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nwrote {path}")
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, proc, what, limit=120):
+    """Waits until GET `url` answers 200; exits naming `what` if `proc` ends or time runs out."""
+    start = time.time()
+    while time.time() - start < limit:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"{what}: {url} not ready after {limit} s")

@@ -6,110 +6,29 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bccp::registry::Registry;
 use bccp::retrain::{offset_name, CHAMPION};
 use bccp::store::RUNNING;
+use common::fashion::{self, fashion_days};
 use common::pg::TestDb;
 use common::{asset, bccp, success};
 
 const MODEL: &str = "loop";
 
-/// A prepared dataset of `per_class` real Fashion-MNIST test images of each of the 10 classes
-/// (half arrive on Monday, half, corrupted, on Tuesday).
-fn fashion_days(dir: &Path, per_class: usize) -> PathBuf {
-    let source = dir.join("fmnist");
-    let test = asset("fashion-mnist/test");
-    let mut classes: Vec<PathBuf> = std::fs::read_dir(&test)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    classes.sort();
-    for class in classes {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&class)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        files.sort();
-        let to = source.join(class.file_name().unwrap());
-        std::fs::create_dir_all(&to).unwrap();
-        for f in files.iter().take(per_class) {
-            std::fs::copy(f, to.join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    let out = dir.join("days");
-    success(&bccp(&[
-        "prepare",
-        "--source",
-        source.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--corruption",
-        "mixed",
-        "--seed",
-        "7",
-    ]));
-    out
-}
-
-/// Both days of `days` into the store: Monday with true labels, Tuesday with users right with
-/// probability `tuesday_accuracy`; 30% of each held out as the gate set.
 fn generate(db: &TestDb, days: &Path, day: &str, accuracy: f64) {
-    success(&bccp(&[
-        "generate",
-        "-d",
-        days.to_str().unwrap(),
-        "--db",
-        &db.url,
-        "--day",
-        day,
-        "--bulk",
-        "--user-accuracy",
-        &accuracy.to_string(),
-        "--gate-fraction",
-        "0.3",
-    ]));
+    fashion::generate(&db.url, days, day, accuracy);
 }
 
-/// The arguments of a quick cycle (64×64 inputs, the real weights, the CPU).
 fn retrain_args(db: &TestDb, runs: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
-    let weights = asset("weights/mobilenet_v2.safetensors");
-    let mut args: Vec<String> = [
-        "retrain",
-        "--db",
-        &db.url,
-        "--model",
-        MODEL,
-        "--image-size",
-        "64",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--offline",
-        "--device",
-        "cpu",
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--max-day-drop",
-        "0.15",
-        "--margin",
-        "0.01",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    fashion::retrain_args(&db.url, MODEL, runs, cache, extra)
 }
 
 fn retrain(db: &TestDb, runs: &Path, cache: &Path, extra: &[&str]) -> String {
-    let args = retrain_args(db, runs, cache, extra);
-    success(&bccp(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+    fashion::retrain(&db.url, MODEL, runs, cache, extra)
 }
 
 fn champion(runs: &Path) -> Option<u32> {

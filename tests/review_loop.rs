@@ -9,110 +9,23 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bccp::registry::Registry;
 use bccp::store::SampleFilter;
+use common::fashion::{self, class_files, fashion_days};
 use common::http::{get, post_json, request, ServeProcess};
 use common::pg::{Backend, TestDb};
-use common::{asset, bccp, success};
 use serde_json::{json, Value};
 
 const MODEL: &str = "loop";
 
-/// The Fashion-MNIST test images of each class, sorted.
-fn class_files() -> Vec<Vec<PathBuf>> {
-    let test = asset("fashion-mnist/test");
-    let mut classes: Vec<PathBuf> = std::fs::read_dir(&test)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    classes.sort();
-    classes
-        .iter()
-        .map(|c| {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(c)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            files.sort();
-            files
-        })
-        .collect()
-}
-
-/// A prepared dataset of the first `per_class` images of each class (Monday clean, Tuesday
-/// corrupted).
-fn fashion_days(dir: &Path, per_class: usize) -> PathBuf {
-    let source = dir.join("fmnist");
-    let test = asset("fashion-mnist/test");
-    for files in class_files() {
-        let class = files[0].parent().unwrap().strip_prefix(&test).unwrap();
-        let to = source.join(class);
-        std::fs::create_dir_all(&to).unwrap();
-        for f in files.iter().take(per_class) {
-            std::fs::copy(f, to.join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    let out = dir.join("days");
-    success(&bccp(&[
-        "prepare",
-        "--source",
-        source.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--corruption",
-        "mixed",
-        "--seed",
-        "7",
-    ]));
-    out
-}
-
 fn generate(db: &TestDb, days: &Path, day: &str, accuracy: f64) {
-    success(&bccp(&[
-        "generate",
-        "-d",
-        days.to_str().unwrap(),
-        "--db",
-        &db.url,
-        "--day",
-        day,
-        "--bulk",
-        "--user-accuracy",
-        &accuracy.to_string(),
-        "--gate-fraction",
-        "0.3",
-    ]));
+    fashion::generate(&db.url, days, day, accuracy);
 }
 
 fn retrain(db: &TestDb, runs: &Path, cache: &Path, extra: &[&str]) -> String {
-    let weights = asset("weights/mobilenet_v2.safetensors");
-    let mut args = vec![
-        "retrain",
-        "--db",
-        &db.url,
-        "--model",
-        MODEL,
-        "--image-size",
-        "64",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--offline",
-        "--device",
-        "cpu",
-        "--runs-dir",
-        runs.to_str().unwrap(),
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--max-day-drop",
-        "0.15",
-        "--margin",
-        "0.01",
-    ];
-    args.extend_from_slice(extra);
-    success(&bccp(&args))
+    fashion::retrain(&db.url, MODEL, runs, cache, extra)
 }
 
 const BCCP: &[&str] = &["--method", "bccp", "--cutoff-folds", "3", "--ratio", "0.75"];

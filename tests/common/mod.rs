@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod fashion;
 pub mod http;
 pub mod kafka;
 pub mod mlflow;
