@@ -7,7 +7,7 @@
 # broker (tansu, scripts/setup-kafka.sh) on 127.0.0.1; real Fashion-MNIST images (distinct);
 # a MobileNetV2 model at 64×64 trained here (2 epochs); the server's load from `wrk` (Debian package,
 # installed if missing). Results: target/bench-kafka/results.json.
-# Usage: scripts/bench-kafka.sh   (env: RECORDS=20000, SECONDS_PER_PATH=30, CLIENTS=2, BATCH=64)
+# Usage: scripts/bench-kafka.sh   (env: RECORDS=20000, ROUNDS=3, SECONDS_PER_PATH=10, CLIENTS=2, BATCH=64)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/paths.sh
@@ -35,5 +35,5 @@ scripts/bench-model.sh "$bccp" "$data" "$assets/fashion-mnist/train" 64
 
 "$python" scripts/bench_kafka.py --bccp "$bccp" --tansu "$tansu" --runs "$data/runs" \
   --model bench64 --root "$assets/fashion-mnist/train" --records "${RECORDS:-20000}" \
-  --seconds "${SECONDS_PER_PATH:-30}" --clients "${CLIENTS:-2}" --batch "${BATCH:-64}" \
+  --rounds "${ROUNDS:-3}" --seconds "${SECONDS_PER_PATH:-10}" --clients "${CLIENTS:-2}" --batch "${BATCH:-64}" \
   --out "$out/results.json"

@@ -16,8 +16,9 @@ MobileNetV2 model at 64×64. Then, each timed from its first record to its last:
   CLIENTS connections send JSON batches of BATCH image paths (`wrk` when installed, else Python
   threads; the delivery count from /metrics, before and after).
 
-Prints a table and writes target/bench-kafka/results.json; ratios are to the reference's rate
-measured in the same run.
+ROUNDS rounds alternate the three paths (SECONDS each), so a change of load on a shared machine
+hits all of them; each ratio is to the reference's rate of the same round. Prints a table and the
+median ratios, and writes target/bench-kafka/results.json.
 """
 
 import argparse
@@ -28,6 +29,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,11 +143,11 @@ def store_count(db_path):
         return 0
 
 
-def bccp_consume(bccp, brokers, root, db_path):
+def bccp_consume(bccp, brokers, root, round_, db_path):
     """`bccp stream consume` of the whole topic; returns (rows, seconds, its own summary)."""
     proc = subprocess.Popen(
         [bccp, "--quiet", "stream", "consume", "--brokers", brokers, "--topic", TOPIC,
-         "--group", "bccp-bench", "--db", f"sqlite:{db_path}", "--image-root", root,
+         "--group", f"bccp-bench-{round_}", "--db", f"sqlite:{db_path}", "--image-root", root,
          "--idle", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = None
@@ -257,7 +259,8 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--root", required=True, help="image root (class folders of PNGs)")
     ap.add_argument("--records", type=int, default=20000)
-    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", default="target/bench-kafka/results.json")
@@ -284,13 +287,23 @@ def main():
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_ready(f"http://127.0.0.1:{http_port}/readyz", serve, "bench-kafka: bccp serve")
 
-        ref_n, ref_s = reference_consumer(brokers, f"http://127.0.0.1:{http_port}/predict",
-                                          a.records, a.seconds, f"{tmp}/reference.sqlite3")
-        ref_rate = ref_n / ref_s
-        con_n, con_s, summary = bccp_consume(a.bccp, brokers, a.root, f"{tmp}/consume.sqlite3")
-        con_rate = con_n / con_s
-        pub_n, pub_s, answered = serve_to_topic(http_port, records, a.seconds, a.clients, a.batch, tmp)
-        pub_rate = pub_n / pub_s
+        # Rounds alternate the paths, so a change of load on this shared machine hits each.
+        url = f"http://127.0.0.1:{http_port}/predict"
+        rounds = []
+        for r in range(a.rounds):
+            ref_n, ref_s = reference_consumer(brokers, url, a.records, a.seconds,
+                                              f"{tmp}/reference.sqlite3")
+            con_n, con_s, summary = bccp_consume(a.bccp, brokers, a.root, r,
+                                                 f"{tmp}/consume{r}.sqlite3")
+            pub_n, pub_s, answered = serve_to_topic(http_port, records, a.seconds, a.clients,
+                                                    a.batch, tmp)
+            rounds.append({
+                "reference": {"records": ref_n, "seconds": ref_s, "per_s": ref_n / ref_s},
+                "consume": {"records": con_n, "seconds": con_s, "per_s": con_n / con_s,
+                            "summary": summary},
+                "serve_to_topic": {"records": pub_n, "seconds": pub_s, "per_s": pub_n / pub_s,
+                                   "answered": answered},
+            })
     finally:
         for p in (serve, broker):
             if p is not None:
@@ -298,30 +311,26 @@ def main():
                 p.wait()
 
     load = "wrk" if shutil.which("wrk") else "Python client"
-    rows = [
-        ("reference consumer (1 HTTP call + 1 INSERT per record)", ref_n, ref_s, ref_rate),
-        ("bccp stream consume (topic → store)", con_n, con_s, con_rate),
-        (f"bccp serve --kafka (predictions → topic, {load}, {a.clients}×{a.batch})", pub_n, pub_s,
-         pub_rate),
-    ]
-    print(f"\n{a.records} records of distinct Fashion-MNIST test images, MobileNetV2 at 64×64, "
-          f"{os.cpu_count()} CPUs\n")
-    print("| path | records | seconds | records/s | × reference |")
-    print("|---|---:|---:|---:|---:|")
-    for name, n, s, r in rows:
-        print(f"| {name} | {n} | {s:.2f} | {r:.1f} | {r / ref_rate:.1f}× |")
-    print(f"\nbccp serve answered {answered} predictions in that window; {pub_n} reached the "
-          f"topic ({100 * pub_n / max(answered, 1):.1f}%)")
-    print(f"bccp stream consume said: {summary}")
+    print(f"\n{a.records} records of distinct Fashion-MNIST images, MobileNetV2 at 64×64, "
+          f"{os.cpu_count()} CPUs, {a.rounds} rounds of {a.seconds:.0f} s per path; predictions "
+          f"loaded by {load} ({a.clients} connections × batches of {a.batch})\n")
+    print("| round | reference consumer /s | bccp stream consume /s | × | "
+          "bccp serve --kafka → topic /s | × | answered → delivered |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for r, x in enumerate(rounds, start=1):
+        ref, con, pub = x["reference"]["per_s"], x["consume"]["per_s"], x["serve_to_topic"]["per_s"]
+        x["consume"]["ratio"], x["serve_to_topic"]["ratio"] = con / ref, pub / ref
+        print(f"| {r} | {ref:.1f} | {con:.0f} | {con / ref:.1f}× | {pub:.0f} | {pub / ref:.1f}× | "
+              f"{x['serve_to_topic']['answered']} → {x['serve_to_topic']['records']} |")
+    median = lambda k: statistics.median(x[k]["ratio"] for x in rounds)  # noqa: E731
+    print(f"\nmedian × reference: stream consume {median('consume'):.1f}×, "
+          f"serve → topic {median('serve_to_topic'):.1f}×")
+    print(f"bccp stream consume said (last round): {rounds[-1]['consume']['summary']}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     payload = {
-        "records": a.records, "cpus": os.cpu_count(), "clients": a.clients, "batch": a.batch,
-        "reference": {"records": ref_n, "seconds": ref_s, "per_s": ref_rate},
-        "consume": {"records": con_n, "seconds": con_s, "per_s": con_rate,
-                    "ratio": con_rate / ref_rate, "summary": summary},
-        "serve_to_topic": {"records": pub_n, "seconds": pub_s, "per_s": pub_rate, "load": load,
-                           "answered": answered,
-                           "ratio": pub_rate / ref_rate},
+        "records": a.records, "cpus": os.cpu_count(), "seconds": a.seconds, "load": load,
+        "clients": a.clients, "batch": a.batch, "rounds": rounds,
+        "median_ratio": {"consume": median("consume"), "serve_to_topic": median("serve_to_topic")},
     }
     with open(a.out + ".tmp", "w") as f:
         json.dump(payload, f, indent=1)
