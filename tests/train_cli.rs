@@ -214,7 +214,10 @@ fn monday_probe_tuesday_cutoff_predict_and_registry() {
         let r = metrics(&runs.join(&name).join("1"));
         assert_eq!(r["verified"], 120, "{r}");
         let corrected = r["corrected_by_review"].as_u64().unwrap();
-        assert!((lo..=hi).contains(&corrected), "{pick}: {corrected} corrected");
+        assert!(
+            (lo..=hi).contains(&corrected),
+            "{pick}: {corrected} corrected"
+        );
         // The corrected labels are no longer wrong in training.
         assert_eq!(
             r["noisy_labels"].as_u64().unwrap(),

@@ -126,6 +126,12 @@ fn print_config(cfg: &RunConfig, device: &candle_core::Device) {
         cfg.final_loss().name(),
         cfg.seed
     );
+    println!(
+        "lr schedule        {} (lr decay {}), warm-up {} epochs",
+        cfg.lr_schedule.name(),
+        cfg.lr_decay,
+        cfg.warmup_epochs
+    );
     match cfg.finetune {
         Finetune::Head => println!("fine-tuning        head (linear probe on cached features)"),
         Finetune::Full => println!(

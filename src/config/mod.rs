@@ -18,7 +18,7 @@ use crate::cutoff::{Action, Percentile, Scope, Score};
 use crate::data::Day;
 use crate::sampling::{PairMode, Sampling};
 use crate::train::finetune::Finetune;
-use crate::train::{Loss, TrainConfig};
+use crate::train::{Loss, LrSchedule, TrainConfig};
 use crate::verify::VerifyPick;
 
 /// Where training labels come from.
@@ -206,6 +206,14 @@ pub struct RunConfig {
     /// Multiplies the learning rate after every epoch.
     #[arg(long, default_value_t = d().lr_decay)]
     pub lr_decay: f64,
+    /// The learning rate over the epochs (head and backbone alike): decay (× lr_decay after
+    /// every epoch) or cosine (half a cosine towards zero), after the warm-up.
+    #[arg(long, default_value_t = d().lr_schedule, value_enum)]
+    pub lr_schedule: LrSchedule,
+    /// Epochs of linear learning-rate warm-up (epoch e of W at lr × e / W), before the
+    /// schedule; fewer than the epochs.
+    #[arg(long, default_value_t = d().warmup_epochs)]
+    pub warmup_epochs: usize,
     /// The training loss (methods may override it: anl_ce trains with ANL-CE).
     #[arg(long, default_value_t = d().loss, value_enum)]
     pub loss: Loss,
@@ -264,6 +272,8 @@ impl Default for RunConfig {
             batch_size: train.batch_size,
             lr: train.lr,
             lr_decay: train.lr_decay,
+            lr_schedule: train.lr_schedule,
+            warmup_epochs: train.warmup_epochs,
             loss: train.loss,
             seed: train.seed,
             model_name: "bccp".into(),
@@ -302,6 +312,8 @@ impl RunConfig {
             batch_size: self.batch_size,
             lr: self.lr,
             lr_decay: self.lr_decay,
+            lr_schedule: self.lr_schedule,
+            warmup_epochs: self.warmup_epochs,
             loss: self.loss,
             seed: self.seed,
             ..TrainConfig::default()
@@ -337,6 +349,12 @@ impl RunConfig {
             return Err(invalid(format!(
                 "`lr_decay` {} must lie in (0, 1]",
                 self.lr_decay
+            )));
+        }
+        if self.warmup_epochs >= self.epochs {
+            return Err(invalid(format!(
+                "`warmup_epochs` {} must be below `epochs` {} (the warm-up leaves at least one epoch at the full rate)",
+                self.warmup_epochs, self.epochs
             )));
         }
         Ok(())
@@ -548,8 +566,17 @@ mod tests {
             "64",
             "--seed",
             "7",
+            "--lr-schedule",
+            "cosine",
+            "--warmup-epochs",
+            "2",
         ]);
         assert_eq!(cfg.sampling, Sampling::L2Norm);
+        assert_eq!(
+            (cfg.lr_schedule, cfg.warmup_epochs),
+            (LrSchedule::Cosine, 2)
+        );
+        assert_eq!(cfg.train().schedule().kind, LrSchedule::Cosine);
         assert_eq!(cfg.sampling_mode, PairMode::Faithful);
         assert_eq!(cfg.cutoff_percentile, Percentile::Auto);
         assert_eq!(cfg.cutoff_scope, Scope::PerClass);
@@ -786,6 +813,14 @@ mod tests {
                     ..base.clone()
                 },
                 "--epochs 100001 is too large; 100000 or less",
+            ),
+            (
+                RunConfig {
+                    epochs: 3,
+                    warmup_epochs: 3,
+                    ..base.clone()
+                },
+                "--warmup-epochs 3 must be below --epochs 3 (the warm-up leaves at least one epoch at the full rate)",
             ),
         ];
         for (cfg, want) in cases {

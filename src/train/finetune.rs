@@ -238,7 +238,7 @@ fn check_inputs(images: usize, labels: &[u32], classes: usize) -> Result<()> {
 
 /// Fine-tunes `backbone` (its trainable `backbone_vars`, from [`Backbone::load_trainable`]) and
 /// trains a fresh head on the images `files` with `labels`. The head learns at `cfg.lr`, the
-/// backbone at `backbone_lr`; both decay by `cfg.lr_decay` per epoch. Decoded images stay in
+/// backbone at `backbone_lr`; both follow `cfg`'s learning-rate [`super::Schedule`]. Decoded images stay in
 /// memory when they fit `cache_mib` MiB. On the CPU, MobileNetV2 and EfficientNet-Lite train on
 /// the channels-last engine ([`TrunkTrainer`]) and the trained weights are written back into
 /// `backbone_vars`; elsewhere through candle's autograd ([`finetune_candle`]). Returns the head
@@ -327,13 +327,15 @@ pub fn finetune_candle(
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
     let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
     let batch = cfg.batch_size.max(1);
-    let (mut lr, mut bb_lr) = (cfg.lr, backbone_lr);
+    let schedule = cfg.schedule();
     progress.start(
         (cfg.epochs * labels.len().div_ceil(batch)) as u64,
         "fine-tune batches",
     );
     let mut history = Vec::with_capacity(cfg.epochs);
     for epoch in 1..=cfg.epochs {
+        head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
+        backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
         shuffle_rng.shuffle(&mut order);
         let mut tally = EpochTally::default();
         for chunk in order.chunks(batch) {
@@ -357,10 +359,6 @@ pub fn finetune_candle(
                 Ok(backbone.embed(&images.tensor(idx, device)?)?.detach())
             })?,
         );
-        lr *= cfg.lr_decay;
-        bb_lr *= cfg.lr_decay;
-        head_opt.set_learning_rate(lr);
-        backbone_opt.set_learning_rate(bb_lr);
     }
     progress.finish();
     Ok((Head { linear, classes }, history))
@@ -394,13 +392,15 @@ pub fn finetune_channels_last(
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
     let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
     let batch = cfg.batch_size.max(1);
-    let (mut lr, mut bb_lr) = (cfg.lr, backbone_lr);
+    let schedule = cfg.schedule();
     progress.start(
         (cfg.epochs * labels.len().div_ceil(batch)) as u64,
         "fine-tune batches",
     );
     let mut history = Vec::with_capacity(cfg.epochs);
     for epoch in 1..=cfg.epochs {
+        head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
+        backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
         shuffle_rng.shuffle(&mut order);
         let mut tally = EpochTally::default();
         for chunk in order.chunks(batch) {
@@ -436,10 +436,6 @@ pub fn finetune_channels_last(
                 Ok(Tensor::from_vec(fwd.features, (idx.len(), dim), device)?)
             })?,
         );
-        lr *= cfg.lr_decay;
-        bb_lr *= cfg.lr_decay;
-        head_opt.set_learning_rate(lr);
-        backbone_opt.set_learning_rate(bb_lr);
     }
     trainer.write_to(backbone_vars)?;
     progress.finish();
