@@ -304,3 +304,105 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
     let err = common::rel_diff(&model.embed(&x).unwrap(), &trained, 0.0);
     assert!(err < 1e-5, "refreshed engine embeds differently: {err}");
 }
+
+#[test]
+fn frozen_blocks_keep_their_weights_to_the_bit() {
+    use bccp::progress::Progress;
+    use bccp::train::finetune::{finetune, finetune_candle, TrainImages};
+    use bccp::train::TrainConfig;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, labels) = tiny_set(tmp.path(), 8);
+    let spec = zoo::find("mobilenet_v2").unwrap();
+    let weights = asset("weights/mobilenet_v2.safetensors");
+    let pre = spec.preprocess_at(Some(32)).unwrap();
+    let images = TrainImages::new(&files, &pre, 64).unwrap();
+    let cfg = TrainConfig {
+        epochs: 1,
+        batch_size: 4,
+        freeze_blocks: 3,
+        ..Default::default()
+    };
+    for engine in ["channels-last", "candle"] {
+        let (model, vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        // MobileNetV2: the stem and its 17 inverted-residual blocks.
+        let counts = model.block_var_counts();
+        assert_eq!(counts.len(), 18);
+        assert_eq!(
+            counts.iter().sum::<usize>() + 2,
+            vars.len(),
+            "+ the 1×1 head"
+        );
+        let frozen: usize = counts[..3].iter().sum();
+        let before = all_params(&vars);
+        match engine {
+            "channels-last" => {
+                finetune(
+                    &model,
+                    vars.clone(),
+                    &files,
+                    &labels,
+                    2,
+                    &pre,
+                    &cfg,
+                    1e-3,
+                    64,
+                    None,
+                    &Device::Cpu,
+                    &Progress::hidden(),
+                )
+                .unwrap();
+            }
+            _ => {
+                finetune_candle(
+                    &model,
+                    vars.clone(),
+                    &images,
+                    &labels,
+                    2,
+                    &cfg,
+                    1e-3,
+                    None,
+                    &Device::Cpu,
+                    &Progress::hidden(),
+                )
+                .unwrap();
+            }
+        }
+        let after = all_params(&vars);
+        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            match i < frozen {
+                true => assert!(same, "{engine}: frozen variable {i} changed"),
+                false => assert!(!same, "{engine}: trained variable {i} did not change"),
+            }
+        }
+    }
+
+    // More blocks than the backbone has: an error naming the flag, the backbone, its blocks.
+    let (model, vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+    let err = finetune(
+        &model,
+        vars,
+        &files,
+        &labels,
+        2,
+        &pre,
+        &TrainConfig {
+            freeze_blocks: 19,
+            ..cfg
+        },
+        1e-3,
+        64,
+        None,
+        &Device::Cpu,
+        &Progress::hidden(),
+    )
+    .err()
+    .expect("19 blocks of 18")
+    .to_string();
+    assert_eq!(
+        err,
+        "--freeze-blocks 19 is more than mobilenet_v2's 18 blocks; 0 to 18 (0 trains every block)"
+    );
+}

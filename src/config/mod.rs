@@ -214,6 +214,10 @@ pub struct RunConfig {
     /// schedule; fewer than the epochs.
     #[arg(long, default_value_t = d().warmup_epochs)]
     pub warmup_epochs: usize,
+    /// With --finetune full: the first N blocks of the backbone are not trained (the stem
+    /// counts as the first; 0: all trained).
+    #[arg(long, default_value_t = d().freeze_blocks)]
+    pub freeze_blocks: usize,
     /// The training loss (methods may override it: anl_ce trains with ANL-CE).
     #[arg(long, default_value_t = d().loss, value_enum)]
     pub loss: Loss,
@@ -274,6 +278,7 @@ impl Default for RunConfig {
             lr_decay: train.lr_decay,
             lr_schedule: train.lr_schedule,
             warmup_epochs: train.warmup_epochs,
+            freeze_blocks: train.freeze_blocks,
             loss: train.loss,
             seed: train.seed,
             model_name: "bccp".into(),
@@ -314,6 +319,7 @@ impl RunConfig {
             lr_decay: self.lr_decay,
             lr_schedule: self.lr_schedule,
             warmup_epochs: self.warmup_epochs,
+            freeze_blocks: self.freeze_blocks,
             loss: self.loss,
             seed: self.seed,
             ..TrainConfig::default()
@@ -438,6 +444,11 @@ impl RunConfig {
         }
         if self.finetune == Finetune::Full {
             positive("backbone_lr", self.backbone_lr)?;
+        } else if self.freeze_blocks > 0 {
+            return Err(invalid(format!(
+                "`freeze_blocks` {} freezes blocks of the backbone, which only `finetune` full trains",
+                self.freeze_blocks
+            )));
         }
         if self.dataset.as_os_str().is_empty() {
             return Err(invalid(
@@ -821,6 +832,13 @@ mod tests {
                     ..base.clone()
                 },
                 "--warmup-epochs 3 must be below --epochs 3 (the warm-up leaves at least one epoch at the full rate)",
+            ),
+            (
+                RunConfig {
+                    freeze_blocks: 2,
+                    ..base.clone()
+                },
+                "--freeze-blocks 2 freezes blocks of the backbone, which only --finetune full trains",
             ),
         ];
         for (cfg, want) in cases {

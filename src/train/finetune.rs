@@ -236,6 +236,20 @@ fn check_inputs(images: usize, labels: &[u32], classes: usize) -> Result<()> {
     Ok(())
 }
 
+/// How many leading trainable variables `--freeze-blocks blocks` keeps frozen, given the
+/// variables of each of `name`'s blocks; an error naming the flag, the backbone and its block
+/// count when it has fewer blocks.
+pub fn frozen_vars(name: &str, blocks: usize, counts: &[usize]) -> Result<usize> {
+    if blocks > counts.len() {
+        return Err(FinetuneError::Input(format!(
+            "--freeze-blocks {blocks} is more than {name}'s {} blocks; 0 to {} (0 trains every block)",
+            counts.len(),
+            counts.len()
+        )));
+    }
+    Ok(counts[..blocks].iter().sum())
+}
+
 /// Fine-tunes `backbone` (its trainable `backbone_vars`, from [`Backbone::load_trainable`]) and
 /// trains a fresh head on the images `files` with `labels`. The head learns at `cfg.lr`, the
 /// backbone at `backbone_lr`; both follow `cfg`'s learning-rate [`super::Schedule`]. Decoded images stay in
@@ -262,6 +276,11 @@ pub fn finetune(
     progress: &Progress,
 ) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(files.len(), labels, classes)?;
+    frozen_vars(
+        &backbone.spec().name,
+        cfg.freeze_blocks,
+        &backbone.block_var_counts(),
+    )?;
     let images = TrainImages::new(files, pre, cache_mib)?;
     let test_images = match test {
         Some((files, _)) => Some(TrainImages::new(files, pre, cache_mib)?),
@@ -302,7 +321,8 @@ pub fn finetune(
 }
 
 /// [`finetune`] through candle's autograd on `backbone`'s candle ops (any device, any
-/// trainable backbone).
+/// trainable backbone). The variables of the first `cfg.freeze_blocks` blocks are left out of
+/// the optimiser: they keep their values.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune_candle(
     backbone: &Backbone,
@@ -319,7 +339,19 @@ pub fn finetune_candle(
     check_inputs(images.count, labels, classes)?;
     check_test(test)?;
     let dim = backbone.spec().embedding_dim;
-    let mut backbone_opt = adam(backbone_vars, backbone_lr)?;
+    let mut backbone_vars = backbone_vars;
+    let frozen = frozen_vars(
+        &backbone.spec().name,
+        cfg.freeze_blocks,
+        &backbone.block_var_counts(),
+    )?;
+    if frozen > backbone_vars.len() {
+        return Err(FinetuneError::Input(format!(
+            "{} trainable variables for {frozen} frozen ones",
+            backbone_vars.len()
+        )));
+    }
+    let mut backbone_opt = adam(backbone_vars.split_off(frozen), backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
     let mut head_opt = adam(head_vars, cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
@@ -366,7 +398,8 @@ pub fn finetune_candle(
 
 /// [`finetune`] on the channels-last engine: `trainer` holds the backbone's parameters, which
 /// are written into `backbone_vars` at the end. The head, its loss and its Adam are candle's,
-/// as in [`finetune_candle`]; the backbone's Adam runs on the host buffers ([`FlatAdam`]).
+/// as in [`finetune_candle`]; the backbone's Adam runs on the host buffers ([`FlatAdam`]),
+/// over the parameters after the first `cfg.freeze_blocks` blocks ([`TrunkTrainer::freeze`]).
 #[allow(clippy::too_many_arguments)]
 pub fn finetune_channels_last(
     mut trainer: TrunkTrainer,
@@ -384,7 +417,12 @@ pub fn finetune_channels_last(
     let device = &Device::Cpu;
     let size = (images.pre.height as usize, images.pre.width as usize);
     let dim = trainer.dim();
-    let mut backbone_opt = FlatAdam::new(trainer.params_mut().map(|p| p.len()), backbone_lr);
+    frozen_vars("the trunk", cfg.freeze_blocks, &trainer.block_var_counts())?;
+    let frozen = trainer.freeze(cfg.freeze_blocks)?;
+    let mut backbone_opt = FlatAdam::new(
+        trainer.params_mut().skip(frozen).map(|p| p.len()),
+        backbone_lr,
+    );
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
     let mut head_opt = adam(head_vars, cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
@@ -427,7 +465,10 @@ pub fn finetune_channels_last(
                 .to_vec1::<f32>()?;
             let backbone_grads = trainer.backward(&fwd, &d_features)?;
             drop(fwd);
-            backbone_opt.step(trainer.params_mut().collect(), &backbone_grads);
+            backbone_opt.step(
+                trainer.params_mut().skip(frozen).collect(),
+                &backbone_grads[frozen..],
+            );
             progress.inc(1);
         }
         history.push(

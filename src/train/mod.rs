@@ -29,6 +29,9 @@ pub struct TrainConfig {
     pub lr_schedule: LrSchedule,
     /// Epochs of linear learning-rate warm-up (0: none).
     pub warmup_epochs: usize,
+    /// Full fine-tuning: the first blocks of the backbone that are not trained
+    /// ([`crate::backbone::Backbone::block_var_counts`]; 0: all trained).
+    pub freeze_blocks: usize,
     pub loss: Loss,
     /// Dropout before the head while training (the MC-dropout classifier uses 0.5).
     pub dropout: f32,
@@ -56,6 +59,7 @@ impl Default for TrainConfig {
             lr_decay: 0.95,
             lr_schedule: LrSchedule::Decay,
             warmup_epochs: 0,
+            freeze_blocks: 0,
             loss: Loss::CrossEntropy,
             dropout: 0.0,
             seed: 42,
