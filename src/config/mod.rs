@@ -82,6 +82,8 @@ pub const MAX_MC_PASSES: usize = 1000;
 pub const MAX_FOLDS: usize = 100;
 /// The most cut-off rounds (`cutoff_rounds`).
 pub const MAX_CUTOFF_ROUNDS: usize = 10;
+/// The most batches accumulated into one step (`accumulate`).
+pub const MAX_ACCUMULATE: usize = 65_536;
 /// The most training epochs (`epochs`).
 pub const MAX_EPOCHS: usize = 100_000;
 
@@ -218,6 +220,10 @@ pub struct RunConfig {
     /// counts as the first; 0: all trained).
     #[arg(long, default_value_t = d().freeze_blocks)]
     pub freeze_blocks: usize,
+    /// With --finetune full: sum the gradients of K batches into one step (an effective batch
+    /// of K × batch size; 1: a step per batch).
+    #[arg(long, default_value_t = d().accumulate)]
+    pub accumulate: usize,
     /// The training loss (methods may override it: anl_ce trains with ANL-CE).
     #[arg(long, default_value_t = d().loss, value_enum)]
     pub loss: Loss,
@@ -279,6 +285,7 @@ impl Default for RunConfig {
             lr_schedule: train.lr_schedule,
             warmup_epochs: train.warmup_epochs,
             freeze_blocks: train.freeze_blocks,
+            accumulate: train.accumulate,
             loss: train.loss,
             seed: train.seed,
             model_name: "bccp".into(),
@@ -320,6 +327,7 @@ impl RunConfig {
             lr_schedule: self.lr_schedule,
             warmup_epochs: self.warmup_epochs,
             freeze_blocks: self.freeze_blocks,
+            accumulate: self.accumulate,
             loss: self.loss,
             seed: self.seed,
             ..TrainConfig::default()
@@ -449,7 +457,14 @@ impl RunConfig {
                 "`freeze_blocks` {} freezes blocks of the backbone, which only `finetune` full trains",
                 self.freeze_blocks
             )));
+        } else if self.accumulate != 1 {
+            return Err(invalid(format!(
+                "`accumulate` {} accumulates the gradients of `finetune` full; head training takes a step per batch",
+                self.accumulate
+            )));
         }
+        at_least("accumulate", self.accumulate, 1, "1 takes a step per batch")?;
+        at_most("accumulate", self.accumulate, MAX_ACCUMULATE)?;
         if self.dataset.as_os_str().is_empty() {
             return Err(invalid(
                 "`dataset` is not set: give a folder made by bccp prepare",
@@ -839,6 +854,21 @@ mod tests {
                     ..base.clone()
                 },
                 "--freeze-blocks 2 freezes blocks of the backbone, which only --finetune full trains",
+            ),
+            (
+                RunConfig {
+                    accumulate: 2,
+                    ..base.clone()
+                },
+                "--accumulate 2 accumulates the gradients of --finetune full; head training takes a step per batch",
+            ),
+            (
+                RunConfig {
+                    finetune: Finetune::Full,
+                    accumulate: 0,
+                    ..base.clone()
+                },
+                "--accumulate 0 must be 1 or more (1 takes a step per batch)",
             ),
         ];
         for (cfg, want) in cases {

@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, Optimizer};
 use clap::ValueEnum;
@@ -205,6 +206,30 @@ impl EpochTally {
     }
 }
 
+/// Adds the gradients of `vars` in `grads` into `acc` (gradient accumulation).
+fn add_grads(acc: &mut GradStore, grads: &GradStore, vars: &[Var]) -> Result<()> {
+    for var in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let sum = match acc.remove(var.as_tensor()) {
+                Some(prev) => prev.add(g)?,
+                None => g.clone(),
+            };
+            acc.insert(var.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// The loss whose gradient a micro-batch of `n` samples adds to a step over `group` samples:
+/// the batch's mean `loss` weighted by its share, so that the accumulated gradient is that of
+/// the mean over the whole group (the loss itself when the batch is the group).
+fn share_of(loss: &Tensor, n: usize, group: usize) -> Result<Tensor> {
+    Ok(match n == group {
+        true => loss.clone(),
+        false => (loss * (n as f64 / group as f64))?,
+    })
+}
+
 /// As many test labels as test images.
 fn check_test(test: Option<TestImages<'_>>) -> Result<()> {
     match test {
@@ -351,14 +376,17 @@ pub fn finetune_candle(
             backbone_vars.len()
         )));
     }
-    let mut backbone_opt = adam(backbone_vars.split_off(frozen), backbone_lr)?;
+    let trained = backbone_vars.split_off(frozen);
+    let mut backbone_opt = adam(trained.clone(), backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
-    let mut head_opt = adam(head_vars, cfg.lr)?;
+    let mut head_opt = adam(head_vars.clone(), cfg.lr)?;
+    let all_vars: Vec<Var> = head_vars.into_iter().chain(trained).collect();
     let targets = Tensor::new(labels, device)?;
     let mut order: Vec<u32> = (0..labels.len() as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
     let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
     let batch = cfg.batch_size.max(1);
+    let accumulate = cfg.accumulate.max(1);
     let schedule = cfg.schedule();
     progress.start(
         (cfg.epochs * labels.len().div_ceil(batch)) as u64,
@@ -370,21 +398,26 @@ pub fn finetune_candle(
         backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
         shuffle_rng.shuffle(&mut order);
         let mut tally = EpochTally::default();
-        for chunk in order.chunks(batch) {
-            let images = images.tensor(chunk, device)?;
-            let mut x = backbone.embed(&images)?;
-            if cfg.dropout > 0.0 {
-                let mask = dropout_mask(&mut dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
-                x = x.mul(&mask)?;
+        for group in order.chunks(batch.saturating_mul(accumulate)) {
+            let mut step = GradStore::default();
+            for chunk in group.chunks(batch) {
+                let images = images.tensor(chunk, device)?;
+                let mut x = backbone.embed(&images)?;
+                if cfg.dropout > 0.0 {
+                    let mask =
+                        dropout_mask(&mut dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
+                    x = x.mul(&mask)?;
+                }
+                let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
+                let logits = linear.forward(&x)?;
+                let loss = cfg.loss.compute(&logits, &y)?;
+                let grads = share_of(&loss, chunk.len(), group.len())?.backward()?;
+                add_grads(&mut step, &grads, &all_vars)?;
+                tally.add(&loss, &logits, &y)?;
+                progress.inc(1);
             }
-            let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
-            let logits = linear.forward(&x)?;
-            let loss = cfg.loss.compute(&logits, &y)?;
-            let grads = loss.backward()?;
-            head_opt.step(&grads)?;
-            backbone_opt.step(&grads)?;
-            tally.add(&loss, &logits, &y)?;
-            progress.inc(1);
+            head_opt.step(&step)?;
+            backbone_opt.step(&step)?;
         }
         history.push(
             tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
@@ -424,12 +457,13 @@ pub fn finetune_channels_last(
         backbone_lr,
     );
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
-    let mut head_opt = adam(head_vars, cfg.lr)?;
+    let mut head_opt = adam(head_vars.clone(), cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
     let mut order: Vec<u32> = (0..labels.len() as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
     let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
     let batch = cfg.batch_size.max(1);
+    let accumulate = cfg.accumulate.max(1);
     let schedule = cfg.schedule();
     progress.start(
         (cfg.epochs * labels.len().div_ceil(batch)) as u64,
@@ -441,35 +475,48 @@ pub fn finetune_channels_last(
         backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
         shuffle_rng.shuffle(&mut order);
         let mut tally = EpochTally::default();
-        for chunk in order.chunks(batch) {
-            let n = chunk.len();
-            let fwd = trainer.forward(&images.batch(chunk)?, n, size)?;
-            let features = Var::from_vec(fwd.features.clone(), (n, dim), device)?;
-            let mut x = features.as_tensor().clone();
-            if cfg.dropout > 0.0 {
-                let mask = dropout_mask(&mut dropout_rng, n, dim, cfg.dropout, device)?;
-                x = x.mul(&mask)?;
+        for group in order.chunks(batch.saturating_mul(accumulate)) {
+            let mut head_step = GradStore::default();
+            let mut backbone_step: Option<Vec<Vec<f32>>> = None;
+            for chunk in group.chunks(batch) {
+                let n = chunk.len();
+                let fwd = trainer.forward(&images.batch(chunk)?, n, size)?;
+                let features = Var::from_vec(fwd.features.clone(), (n, dim), device)?;
+                let mut x = features.as_tensor().clone();
+                if cfg.dropout > 0.0 {
+                    let mask = dropout_mask(&mut dropout_rng, n, dim, cfg.dropout, device)?;
+                    x = x.mul(&mask)?;
+                }
+                let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
+                let logits = linear.forward(&x)?;
+                let loss = cfg.loss.compute(&logits, &y)?;
+                let grads = share_of(&loss, n, group.len())?.backward()?;
+                add_grads(&mut head_step, &grads, &head_vars)?;
+                tally.add(&loss, &logits, &y)?;
+                let d_features = grads
+                    .get(features.as_tensor())
+                    .ok_or_else(|| {
+                        FinetuneError::Input("the loss does not depend on the features".into())
+                    })?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let mut backbone_grads = trainer.backward(&fwd, &d_features)?;
+                drop(fwd);
+                backbone_step = Some(match backbone_step {
+                    None => backbone_grads.split_off(frozen),
+                    Some(mut sum) => {
+                        for (s, g) in sum.iter_mut().zip(&backbone_grads[frozen..]) {
+                            s.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                        }
+                        sum
+                    }
+                });
+                progress.inc(1);
             }
-            let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
-            let logits = linear.forward(&x)?;
-            let loss = cfg.loss.compute(&logits, &y)?;
-            let grads = loss.backward()?;
-            head_opt.step(&grads)?;
-            tally.add(&loss, &logits, &y)?;
-            let d_features = grads
-                .get(features.as_tensor())
-                .ok_or_else(|| {
-                    FinetuneError::Input("the loss does not depend on the features".into())
-                })?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let backbone_grads = trainer.backward(&fwd, &d_features)?;
-            drop(fwd);
-            backbone_opt.step(
-                trainer.params_mut().skip(frozen).collect(),
-                &backbone_grads[frozen..],
-            );
-            progress.inc(1);
+            head_opt.step(&head_step)?;
+            if let Some(grads) = backbone_step {
+                backbone_opt.step(trainer.params_mut().skip(frozen).collect(), &grads);
+            }
         }
         history.push(
             tally.finish(epoch, &linear, classes, test, batch, |images, idx| {

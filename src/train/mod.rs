@@ -32,6 +32,9 @@ pub struct TrainConfig {
     /// Full fine-tuning: the first blocks of the backbone that are not trained
     /// ([`crate::backbone::Backbone::block_var_counts`]; 0: all trained).
     pub freeze_blocks: usize,
+    /// Full fine-tuning: batches whose gradients are summed into one step (1: a step per
+    /// batch), each weighted by its share of the step's samples.
+    pub accumulate: usize,
     pub loss: Loss,
     /// Dropout before the head while training (the MC-dropout classifier uses 0.5).
     pub dropout: f32,
@@ -60,6 +63,7 @@ impl Default for TrainConfig {
             lr_schedule: LrSchedule::Decay,
             warmup_epochs: 0,
             freeze_blocks: 0,
+            accumulate: 1,
             loss: Loss::CrossEntropy,
             dropout: 0.0,
             seed: 42,
