@@ -144,6 +144,64 @@ fn tiny_set(dir: &std::path::Path, n: usize) -> (Vec<std::path::PathBuf>, Vec<u3
     (files, labels)
 }
 
+/// One epoch-run of fine-tuning `model` (its trainable `vars`) with the backbone at 1e-3 on
+/// `engine`, `"candle"` (autograd) or `"channels-last"`; the trained head.
+fn finetune_on(
+    engine: &str,
+    model: &Backbone,
+    vars: &[candle_core::Var],
+    images: &bccp::train::finetune::TrainImages,
+    labels: &[u32],
+    cfg: &bccp::train::TrainConfig,
+) -> bccp::train::Head {
+    use bccp::progress::Progress;
+    use bccp::train::finetune::{finetune_candle, finetune_channels_last};
+    let run = match engine {
+        "candle" => finetune_candle(
+            model,
+            vars.to_vec(),
+            images,
+            labels,
+            2,
+            cfg,
+            1e-3,
+            None,
+            &Device::Cpu,
+            &Progress::hidden(),
+        ),
+        _ => finetune_channels_last(
+            TrunkTrainer::new(model.trunk().unwrap()).unwrap(),
+            vars,
+            images,
+            labels,
+            2,
+            cfg,
+            1e-3,
+            None,
+            &Progress::hidden(),
+        ),
+    };
+    run.unwrap().0
+}
+
+/// MobileNetV2 at 32×32 and 8 images of [`tiny_set`] in `dir`: the spec, the weights, the
+/// preprocessing, the files and their labels.
+fn small_mobilenet_set(
+    dir: &std::path::Path,
+) -> (
+    zoo::BackboneSpec,
+    std::path::PathBuf,
+    bccp::data::loader::Preprocess,
+    Vec<std::path::PathBuf>,
+    Vec<u32>,
+) {
+    let (files, labels) = tiny_set(dir, 8);
+    let spec = zoo::find("mobilenet_v2").unwrap();
+    let weights = asset("weights/mobilenet_v2.safetensors");
+    let pre = spec.preprocess_at(Some(32)).unwrap();
+    (spec, weights, pre, files, labels)
+}
+
 fn all_params(vars: &[candle_core::Var]) -> Vec<Vec<f32>> {
     vars.iter()
         .map(|v| {
@@ -308,14 +366,11 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
 #[test]
 fn frozen_blocks_keep_their_weights_to_the_bit() {
     use bccp::progress::Progress;
-    use bccp::train::finetune::{finetune, finetune_candle, TrainImages};
+    use bccp::train::finetune::{finetune, TrainImages};
     use bccp::train::TrainConfig;
 
     let tmp = tempfile::tempdir().unwrap();
-    let (files, labels) = tiny_set(tmp.path(), 8);
-    let spec = zoo::find("mobilenet_v2").unwrap();
-    let weights = asset("weights/mobilenet_v2.safetensors");
-    let pre = spec.preprocess_at(Some(32)).unwrap();
+    let (spec, weights, pre, files, labels) = small_mobilenet_set(tmp.path());
     let images = TrainImages::new(&files, &pre, 64).unwrap();
     let cfg = TrainConfig {
         epochs: 1,
@@ -335,40 +390,7 @@ fn frozen_blocks_keep_their_weights_to_the_bit() {
         );
         let frozen: usize = counts[..3].iter().sum();
         let before = all_params(&vars);
-        match engine {
-            "channels-last" => {
-                finetune(
-                    &model,
-                    vars.clone(),
-                    &files,
-                    &labels,
-                    2,
-                    &pre,
-                    &cfg,
-                    1e-3,
-                    64,
-                    None,
-                    &Device::Cpu,
-                    &Progress::hidden(),
-                )
-                .unwrap();
-            }
-            _ => {
-                finetune_candle(
-                    &model,
-                    vars.clone(),
-                    &images,
-                    &labels,
-                    2,
-                    &cfg,
-                    1e-3,
-                    None,
-                    &Device::Cpu,
-                    &Progress::hidden(),
-                )
-                .unwrap();
-            }
-        }
+        finetune_on(engine, &model, &vars, &images, &labels, &cfg);
         let after = all_params(&vars);
         for (i, (a, b)) in after.iter().zip(&before).enumerate() {
             let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -398,8 +420,7 @@ fn frozen_blocks_keep_their_weights_to_the_bit() {
         &Device::Cpu,
         &Progress::hidden(),
     )
-    .err()
-    .expect("19 blocks of 18")
+    .expect_err("19 blocks of 18")
     .to_string();
     assert_eq!(
         err,
@@ -409,16 +430,11 @@ fn frozen_blocks_keep_their_weights_to_the_bit() {
 
 #[test]
 fn accumulating_two_batches_steps_as_one_batch_of_twice_the_size() {
-    use bccp::backbone::channels_last::TrunkTrainer;
-    use bccp::progress::Progress;
-    use bccp::train::finetune::{finetune_candle, finetune_channels_last, TrainImages};
+    use bccp::train::finetune::TrainImages;
     use bccp::train::TrainConfig;
 
     let tmp = tempfile::tempdir().unwrap();
-    let (files, labels) = tiny_set(tmp.path(), 8);
-    let spec = zoo::find("mobilenet_v2").unwrap();
-    let weights = asset("weights/mobilenet_v2.safetensors");
-    let pre = spec.preprocess_at(Some(32)).unwrap();
+    let (spec, weights, pre, files, labels) = small_mobilenet_set(tmp.path());
     let images = TrainImages::new(&files, &pre, 64).unwrap();
     // Batch-norm frozen, no dropout: the steps depend on the samples only.
     let cfg = |batch_size, accumulate| TrainConfig {
@@ -431,32 +447,7 @@ fn accumulating_two_batches_steps_as_one_batch_of_twice_the_size() {
     for engine in ["candle", "channels-last"] {
         let run = |cfg: TrainConfig| {
             let (model, vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
-            let (head, _) = match engine {
-                "candle" => finetune_candle(
-                    &model,
-                    vars.clone(),
-                    &images,
-                    &labels,
-                    2,
-                    &cfg,
-                    1e-3,
-                    None,
-                    &Device::Cpu,
-                    &Progress::hidden(),
-                ),
-                _ => finetune_channels_last(
-                    TrunkTrainer::new(model.trunk().unwrap()).unwrap(),
-                    &vars,
-                    &images,
-                    &labels,
-                    2,
-                    &cfg,
-                    1e-3,
-                    None,
-                    &Progress::hidden(),
-                ),
-            }
-            .unwrap();
+            let head = finetune_on(engine, &model, &vars, &images, &labels, &cfg);
             let mut params = all_params(&vars);
             params.push(
                 head.linear

@@ -314,7 +314,7 @@ fn bad_flag_combinations_are_refused_before_work() {
     std::fs::create_dir_all(&days).unwrap();
     let runs = tmp.path().join("runs");
     let cache = tmp.path().join("cache");
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 16] = [
         (
             &["-t", "monday", "-b", "Y", "--method", "cleanlab"],
             "cannot be combined with --method cleanlab",
@@ -360,6 +360,22 @@ fn bad_flag_combinations_are_refused_before_work() {
             "--verify-budget simulates a review of users' labels",
         ),
         (&["-t", "monday", "-b", "maybe"], "maybe"),
+        (
+            &["-t", "monday", "--freeze-blocks", "2"],
+            "--freeze-blocks 2 freezes blocks of the backbone, which only --finetune full trains",
+        ),
+        (
+            &["-t", "monday", "--finetune", "full", "--accumulate", "0"],
+            "--accumulate 0 must be 1 or more",
+        ),
+        (
+            &["-t", "monday", "--epochs", "2", "--warmup-epochs", "2"],
+            "--warmup-epochs 2 must be below --epochs 2",
+        ),
+        (
+            &["-t", "monday", "--lr-schedule", "step"],
+            "possible values: decay, cosine",
+        ),
         (&["-t", "monday"], "not a prepared dataset"),
     ];
     for (flags, needle) in cases {
