@@ -135,8 +135,8 @@ fn print_config(cfg: &RunConfig, device: &candle_core::Device) {
     match cfg.finetune {
         Finetune::Head => println!("fine-tuning        head (linear probe on cached features)"),
         Finetune::Full => println!(
-            "fine-tuning        full (backbone lr {}, batch-norm statistics frozen)",
-            cfg.backbone_lr
+            "fine-tuning        full (backbone lr {}, batch-norm statistics frozen, first {} blocks frozen, {} batches per step)",
+            cfg.backbone_lr, cfg.freeze_blocks, cfg.accumulate
         ),
     }
     println!("=======================================================");
