@@ -308,13 +308,100 @@ fn full_finetune_trains_the_backbone_and_predict_uses_it() {
 }
 
 #[test]
+fn finetune_options_reach_the_run_and_frozen_blocks_keep_their_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let days = prepared(tmp.path());
+    let runs = tmp.path().join("runs");
+    let cache = tmp.path().join("cache");
+    let flags = |freeze: &'static str| {
+        vec![
+            "-t",
+            "monday",
+            "--monday-num",
+            "200",
+            "--epochs",
+            "2",
+            "--finetune",
+            "full",
+            "--lr-schedule",
+            "cosine",
+            "--warmup-epochs",
+            "1",
+            "--accumulate",
+            "2",
+            "--freeze-blocks",
+            freeze,
+            "--model-name",
+            "frozen",
+        ]
+    };
+    // Every block of MobileNetV2 frozen (the stem and the 17 inverted-residual blocks): only
+    // the final 1×1 convolution (features.18) and the head train.
+    let out = success(&train(&days, &runs, &cache, &flags("18")));
+    assert!(out.contains("lr schedule        cosine"), "{out}");
+    assert!(
+        out.contains("first 18 blocks frozen, 2 batches per step"),
+        "{out}"
+    );
+    let run = runs.join("frozen/1");
+    let params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("params.json")).unwrap()).unwrap();
+    assert_eq!(params["lr_schedule"], "cosine");
+    assert_eq!(params["warmup_epochs"], 1);
+    assert_eq!(params["accumulate"], 2);
+    assert_eq!(params["freeze_blocks"], 18);
+    let tuned =
+        candle_core::safetensors::load(run.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let spec = bccp::backbone::zoo::find("mobilenet_v2").unwrap();
+    let pretrained = bccp::backbone::Backbone::load(
+        &spec,
+        &asset("weights/mobilenet_v2.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .export_tuned()
+    .unwrap();
+    let (mut same, mut moved) = (0, 0);
+    for (key, value) in &pretrained {
+        let layer: usize = key
+            .strip_prefix("backbone.features.")
+            .and_then(|k| k.split('.').next())
+            .and_then(|i| i.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected key {key}"));
+        let diff = common::max_abs_diff(&tuned[key], value);
+        match layer {
+            ..=17 => {
+                assert_eq!(diff, 0.0, "{key} is frozen but changed");
+                same += 1;
+            }
+            _ if key.ends_with("weight") && !key.contains("running") => {
+                moved += usize::from(diff > 0.0);
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        same > 200 && moved > 0,
+        "{same} frozen tensors, {moved} moved"
+    );
+
+    // More blocks than MobileNetV2 has.
+    let err = failure(&train(&days, &runs, &cache, &flags("19")));
+    assert!(
+        err.contains("--freeze-blocks 19 is more than mobilenet_v2's 18 blocks"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_flag_combinations_are_refused_before_work() {
     let tmp = tempfile::tempdir().unwrap();
     let days = tmp.path().join("not-prepared");
     std::fs::create_dir_all(&days).unwrap();
     let runs = tmp.path().join("runs");
     let cache = tmp.path().join("cache");
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 16] = [
         (
             &["-t", "monday", "-b", "Y", "--method", "cleanlab"],
             "cannot be combined with --method cleanlab",
@@ -360,6 +447,22 @@ fn bad_flag_combinations_are_refused_before_work() {
             "--verify-budget simulates a review of users' labels",
         ),
         (&["-t", "monday", "-b", "maybe"], "maybe"),
+        (
+            &["-t", "monday", "--freeze-blocks", "2"],
+            "--freeze-blocks 2 freezes blocks of the backbone, which only --finetune full trains",
+        ),
+        (
+            &["-t", "monday", "--finetune", "full", "--accumulate", "0"],
+            "--accumulate 0 must be 1 or more",
+        ),
+        (
+            &["-t", "monday", "--epochs", "2", "--warmup-epochs", "2"],
+            "--warmup-epochs 2 must be below --epochs 2",
+        ),
+        (
+            &["-t", "monday", "--lr-schedule", "step"],
+            "possible values: decay, cosine",
+        ),
         (&["-t", "monday"], "not a prepared dataset"),
     ];
     for (flags, needle) in cases {

@@ -183,6 +183,19 @@ impl Backbone {
         }
     }
 
+    /// Trainable variables of each of the network's blocks, in the order of
+    /// [`Self::load_trainable`]'s variables (what `--freeze-blocks` counts): MobileNetV2 and
+    /// EfficientNet-Lite the stem then the inverted-residual blocks, ResNet the stem then the
+    /// residual blocks, the vision transformers the patch embedding then the encoder layers.
+    pub fn block_var_counts(&self) -> Vec<usize> {
+        match &self.network {
+            Network::MobileNetV2(m) => m.trunk().block_var_counts(),
+            Network::EfficientNetLite(m) => m.trunk().block_var_counts(),
+            Network::ResNet(m) => m.block_var_counts(),
+            Network::Transformer(m) => m.block_var_counts(),
+        }
+    }
+
     /// Loads `spec`'s network with trainable parameters and returns them: the folded
     /// convolutions of the CNNs (batch-norm statistics frozen), every weight of the vision
     /// transformers but their class token and position embeddings.

@@ -138,6 +138,20 @@ impl ResNet {
     }
 }
 
+impl ResNet {
+    /// Trainable variables per block, in the order of [`Tunable::make_trainable`]: the stem,
+    /// then each residual block (two per convolution, its downsampling one included).
+    pub fn block_var_counts(&self) -> Vec<usize> {
+        std::iter::once(2)
+            .chain(
+                self.blocks
+                    .iter()
+                    .map(|b| 2 * (b.convs.len() + usize::from(b.downsample.is_some()))),
+            )
+            .collect()
+    }
+}
+
 impl Tunable for ResNet {
     fn make_trainable(&mut self, vars: &mut Vec<Var>) -> Result<()> {
         self.stem.make_trainable(vars)?;

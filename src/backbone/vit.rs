@@ -494,6 +494,25 @@ impl VisionTransformer {
     }
 }
 
+impl VisionTransformer {
+    /// Trainable variables per block, in the order of [`Tunable::make_trainable`]: the patch
+    /// embedding (with CLIP's pre-norm), then each encoder layer; the final norm and
+    /// projection after them are no block (`--freeze-blocks` never freezes them).
+    pub fn block_var_counts(&self) -> Vec<usize> {
+        let mut copy = self.clone();
+        let embedding = 1
+            + usize::from(copy.patch_bias.is_some())
+            + copy
+                .pre_norm
+                .iter_mut()
+                .map(|n| n.params().count())
+                .sum::<usize>();
+        std::iter::once(embedding)
+            .chain(copy.blocks.iter_mut().map(|b| b.params().len()))
+            .collect()
+    }
+}
+
 impl Tunable for VisionTransformer {
     fn make_trainable(&mut self, vars: &mut Vec<Var>) -> Result<()> {
         self.trainable = true;

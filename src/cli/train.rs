@@ -126,11 +126,17 @@ fn print_config(cfg: &RunConfig, device: &candle_core::Device) {
         cfg.final_loss().name(),
         cfg.seed
     );
+    println!(
+        "lr schedule        {} (lr decay {}), warm-up {} epochs",
+        cfg.lr_schedule.name(),
+        cfg.lr_decay,
+        cfg.warmup_epochs
+    );
     match cfg.finetune {
         Finetune::Head => println!("fine-tuning        head (linear probe on cached features)"),
         Finetune::Full => println!(
-            "fine-tuning        full (backbone lr {}, batch-norm statistics frozen)",
-            cfg.backbone_lr
+            "fine-tuning        full (backbone lr {}, batch-norm statistics frozen, first {} blocks frozen, {} batches per step)",
+            cfg.backbone_lr, cfg.freeze_blocks, cfg.accumulate
         ),
     }
     println!("=======================================================");

@@ -18,7 +18,7 @@ use crate::cutoff::{Action, Percentile, Scope, Score};
 use crate::data::Day;
 use crate::sampling::{PairMode, Sampling};
 use crate::train::finetune::Finetune;
-use crate::train::{Loss, TrainConfig};
+use crate::train::{Loss, LrSchedule, TrainConfig};
 use crate::verify::VerifyPick;
 
 /// Where training labels come from.
@@ -82,6 +82,8 @@ pub const MAX_MC_PASSES: usize = 1000;
 pub const MAX_FOLDS: usize = 100;
 /// The most cut-off rounds (`cutoff_rounds`).
 pub const MAX_CUTOFF_ROUNDS: usize = 10;
+/// The most batches accumulated into one step (`accumulate`).
+pub const MAX_ACCUMULATE: usize = 65_536;
 /// The most training epochs (`epochs`).
 pub const MAX_EPOCHS: usize = 100_000;
 
@@ -206,6 +208,22 @@ pub struct RunConfig {
     /// Multiplies the learning rate after every epoch.
     #[arg(long, default_value_t = d().lr_decay)]
     pub lr_decay: f64,
+    /// The learning rate over the epochs (head and backbone alike): decay (× lr_decay after
+    /// every epoch) or cosine (half a cosine towards zero), after the warm-up.
+    #[arg(long, default_value_t = d().lr_schedule, value_enum)]
+    pub lr_schedule: LrSchedule,
+    /// Epochs of linear learning-rate warm-up (epoch e of W at lr × e / W), before the
+    /// schedule; fewer than the epochs.
+    #[arg(long, default_value_t = d().warmup_epochs)]
+    pub warmup_epochs: usize,
+    /// With --finetune full: the first N blocks of the backbone are not trained (the stem
+    /// counts as the first; 0: all trained).
+    #[arg(long, default_value_t = d().freeze_blocks)]
+    pub freeze_blocks: usize,
+    /// With --finetune full: sum the gradients of K batches into one step (an effective batch
+    /// of K × batch size; 1: a step per batch).
+    #[arg(long, default_value_t = d().accumulate)]
+    pub accumulate: usize,
     /// The training loss (methods may override it: anl_ce trains with ANL-CE).
     #[arg(long, default_value_t = d().loss, value_enum)]
     pub loss: Loss,
@@ -264,6 +282,10 @@ impl Default for RunConfig {
             batch_size: train.batch_size,
             lr: train.lr,
             lr_decay: train.lr_decay,
+            lr_schedule: train.lr_schedule,
+            warmup_epochs: train.warmup_epochs,
+            freeze_blocks: train.freeze_blocks,
+            accumulate: train.accumulate,
             loss: train.loss,
             seed: train.seed,
             model_name: "bccp".into(),
@@ -302,6 +324,10 @@ impl RunConfig {
             batch_size: self.batch_size,
             lr: self.lr,
             lr_decay: self.lr_decay,
+            lr_schedule: self.lr_schedule,
+            warmup_epochs: self.warmup_epochs,
+            freeze_blocks: self.freeze_blocks,
+            accumulate: self.accumulate,
             loss: self.loss,
             seed: self.seed,
             ..TrainConfig::default()
@@ -337,6 +363,12 @@ impl RunConfig {
             return Err(invalid(format!(
                 "`lr_decay` {} must lie in (0, 1]",
                 self.lr_decay
+            )));
+        }
+        if self.warmup_epochs >= self.epochs {
+            return Err(invalid(format!(
+                "`warmup_epochs` {} must be below `epochs` {} (the warm-up leaves at least one epoch at the full rate)",
+                self.warmup_epochs, self.epochs
             )));
         }
         Ok(())
@@ -420,7 +452,19 @@ impl RunConfig {
         }
         if self.finetune == Finetune::Full {
             positive("backbone_lr", self.backbone_lr)?;
+        } else if self.freeze_blocks > 0 {
+            return Err(invalid(format!(
+                "`freeze_blocks` {} freezes blocks of the backbone, which only `finetune` full trains",
+                self.freeze_blocks
+            )));
+        } else if self.accumulate != 1 {
+            return Err(invalid(format!(
+                "`accumulate` {} accumulates the gradients of `finetune` full; head training takes a step per batch",
+                self.accumulate
+            )));
         }
+        at_least("accumulate", self.accumulate, 1, "1 takes a step per batch")?;
+        at_most("accumulate", self.accumulate, MAX_ACCUMULATE)?;
         if self.dataset.as_os_str().is_empty() {
             return Err(invalid(
                 "`dataset` is not set: give a folder made by bccp prepare",
@@ -548,8 +592,17 @@ mod tests {
             "64",
             "--seed",
             "7",
+            "--lr-schedule",
+            "cosine",
+            "--warmup-epochs",
+            "2",
         ]);
         assert_eq!(cfg.sampling, Sampling::L2Norm);
+        assert_eq!(
+            (cfg.lr_schedule, cfg.warmup_epochs),
+            (LrSchedule::Cosine, 2)
+        );
+        assert_eq!(cfg.train().schedule().kind, LrSchedule::Cosine);
         assert_eq!(cfg.sampling_mode, PairMode::Faithful);
         assert_eq!(cfg.cutoff_percentile, Percentile::Auto);
         assert_eq!(cfg.cutoff_scope, Scope::PerClass);
@@ -786,6 +839,36 @@ mod tests {
                     ..base.clone()
                 },
                 "--epochs 100001 is too large; 100000 or less",
+            ),
+            (
+                RunConfig {
+                    epochs: 3,
+                    warmup_epochs: 3,
+                    ..base.clone()
+                },
+                "--warmup-epochs 3 must be below --epochs 3 (the warm-up leaves at least one epoch at the full rate)",
+            ),
+            (
+                RunConfig {
+                    freeze_blocks: 2,
+                    ..base.clone()
+                },
+                "--freeze-blocks 2 freezes blocks of the backbone, which only --finetune full trains",
+            ),
+            (
+                RunConfig {
+                    accumulate: 2,
+                    ..base.clone()
+                },
+                "--accumulate 2 accumulates the gradients of --finetune full; head training takes a step per batch",
+            ),
+            (
+                RunConfig {
+                    finetune: Finetune::Full,
+                    accumulate: 0,
+                    ..base.clone()
+                },
+                "--accumulate 0 must be 1 or more (1 takes a step per batch)",
             ),
         ];
         for (cfg, want) in cases {

@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, Optimizer};
 use clap::ValueEnum;
@@ -205,6 +206,30 @@ impl EpochTally {
     }
 }
 
+/// Adds the gradients of `vars` in `grads` into `acc` (gradient accumulation).
+fn add_grads(acc: &mut GradStore, grads: &GradStore, vars: &[Var]) -> Result<()> {
+    for var in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let sum = match acc.remove(var.as_tensor()) {
+                Some(prev) => prev.add(g)?,
+                None => g.clone(),
+            };
+            acc.insert(var.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// The loss whose gradient a micro-batch of `n` samples adds to a step over `group` samples:
+/// the batch's mean `loss` weighted by its share, so that the accumulated gradient is that of
+/// the mean over the whole group (the loss itself when the batch is the group).
+fn share_of(loss: &Tensor, n: usize, group: usize) -> Result<Tensor> {
+    Ok(match n == group {
+        true => loss.clone(),
+        false => (loss * (n as f64 / group as f64))?,
+    })
+}
+
 /// As many test labels as test images.
 fn check_test(test: Option<TestImages<'_>>) -> Result<()> {
     match test {
@@ -236,9 +261,23 @@ fn check_inputs(images: usize, labels: &[u32], classes: usize) -> Result<()> {
     Ok(())
 }
 
+/// How many leading trainable variables `--freeze-blocks blocks` keeps frozen, given the
+/// variables of each of `name`'s blocks; an error naming the flag, the backbone and its block
+/// count when it has fewer blocks.
+pub fn frozen_vars(name: &str, blocks: usize, counts: &[usize]) -> Result<usize> {
+    if blocks > counts.len() {
+        return Err(FinetuneError::Input(format!(
+            "--freeze-blocks {blocks} is more than {name}'s {} blocks; 0 to {} (0 trains every block)",
+            counts.len(),
+            counts.len()
+        )));
+    }
+    Ok(counts[..blocks].iter().sum())
+}
+
 /// Fine-tunes `backbone` (its trainable `backbone_vars`, from [`Backbone::load_trainable`]) and
 /// trains a fresh head on the images `files` with `labels`. The head learns at `cfg.lr`, the
-/// backbone at `backbone_lr`; both decay by `cfg.lr_decay` per epoch. Decoded images stay in
+/// backbone at `backbone_lr`; both follow `cfg`'s learning-rate [`super::Schedule`]. Decoded images stay in
 /// memory when they fit `cache_mib` MiB. On the CPU, MobileNetV2 and EfficientNet-Lite train on
 /// the channels-last engine ([`TrunkTrainer`]) and the trained weights are written back into
 /// `backbone_vars`; elsewhere through candle's autograd ([`finetune_candle`]). Returns the head
@@ -262,6 +301,11 @@ pub fn finetune(
     progress: &Progress,
 ) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(files.len(), labels, classes)?;
+    frozen_vars(
+        &backbone.spec().name,
+        cfg.freeze_blocks,
+        &backbone.block_var_counts(),
+    )?;
     let images = TrainImages::new(files, pre, cache_mib)?;
     let test_images = match test {
         Some((files, _)) => Some(TrainImages::new(files, pre, cache_mib)?),
@@ -302,7 +346,8 @@ pub fn finetune(
 }
 
 /// [`finetune`] through candle's autograd on `backbone`'s candle ops (any device, any
-/// trainable backbone).
+/// trainable backbone). The variables of the first `cfg.freeze_blocks` blocks are left out of
+/// the optimiser: they keep their values.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune_candle(
     backbone: &Backbone,
@@ -319,48 +364,66 @@ pub fn finetune_candle(
     check_inputs(images.count, labels, classes)?;
     check_test(test)?;
     let dim = backbone.spec().embedding_dim;
-    let mut backbone_opt = adam(backbone_vars, backbone_lr)?;
+    let mut backbone_vars = backbone_vars;
+    let frozen = frozen_vars(
+        &backbone.spec().name,
+        cfg.freeze_blocks,
+        &backbone.block_var_counts(),
+    )?;
+    if frozen > backbone_vars.len() {
+        return Err(FinetuneError::Input(format!(
+            "{} trainable variables for {frozen} frozen ones",
+            backbone_vars.len()
+        )));
+    }
+    let trained = backbone_vars.split_off(frozen);
+    let mut backbone_opt = adam(trained.clone(), backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
-    let mut head_opt = adam(head_vars, cfg.lr)?;
+    let mut head_opt = adam(head_vars.clone(), cfg.lr)?;
+    let all_vars: Vec<Var> = head_vars.into_iter().chain(trained).collect();
     let targets = Tensor::new(labels, device)?;
     let mut order: Vec<u32> = (0..labels.len() as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
     let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
     let batch = cfg.batch_size.max(1);
-    let (mut lr, mut bb_lr) = (cfg.lr, backbone_lr);
+    let accumulate = cfg.accumulate.max(1);
+    let schedule = cfg.schedule();
     progress.start(
         (cfg.epochs * labels.len().div_ceil(batch)) as u64,
         "fine-tune batches",
     );
     let mut history = Vec::with_capacity(cfg.epochs);
     for epoch in 1..=cfg.epochs {
+        head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
+        backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
         shuffle_rng.shuffle(&mut order);
         let mut tally = EpochTally::default();
-        for chunk in order.chunks(batch) {
-            let images = images.tensor(chunk, device)?;
-            let mut x = backbone.embed(&images)?;
-            if cfg.dropout > 0.0 {
-                let mask = dropout_mask(&mut dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
-                x = x.mul(&mask)?;
+        for group in order.chunks(batch.saturating_mul(accumulate)) {
+            let mut step = GradStore::default();
+            for chunk in group.chunks(batch) {
+                let images = images.tensor(chunk, device)?;
+                let mut x = backbone.embed(&images)?;
+                if cfg.dropout > 0.0 {
+                    let mask =
+                        dropout_mask(&mut dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
+                    x = x.mul(&mask)?;
+                }
+                let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
+                let logits = linear.forward(&x)?;
+                let loss = cfg.loss.compute(&logits, &y)?;
+                let grads = share_of(&loss, chunk.len(), group.len())?.backward()?;
+                add_grads(&mut step, &grads, &all_vars)?;
+                tally.add(&loss, &logits, &y)?;
+                progress.inc(1);
             }
-            let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
-            let logits = linear.forward(&x)?;
-            let loss = cfg.loss.compute(&logits, &y)?;
-            let grads = loss.backward()?;
-            head_opt.step(&grads)?;
-            backbone_opt.step(&grads)?;
-            tally.add(&loss, &logits, &y)?;
-            progress.inc(1);
+            head_opt.step(&step)?;
+            backbone_opt.step(&step)?;
         }
         history.push(
             tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
                 Ok(backbone.embed(&images.tensor(idx, device)?)?.detach())
             })?,
         );
-        lr *= cfg.lr_decay;
-        bb_lr *= cfg.lr_decay;
-        head_opt.set_learning_rate(lr);
-        backbone_opt.set_learning_rate(bb_lr);
     }
     progress.finish();
     Ok((Head { linear, classes }, history))
@@ -368,7 +431,8 @@ pub fn finetune_candle(
 
 /// [`finetune`] on the channels-last engine: `trainer` holds the backbone's parameters, which
 /// are written into `backbone_vars` at the end. The head, its loss and its Adam are candle's,
-/// as in [`finetune_candle`]; the backbone's Adam runs on the host buffers ([`FlatAdam`]).
+/// as in [`finetune_candle`]; the backbone's Adam runs on the host buffers ([`FlatAdam`]),
+/// over the parameters after the first `cfg.freeze_blocks` blocks ([`TrunkTrainer::freeze`]).
 #[allow(clippy::too_many_arguments)]
 pub fn finetune_channels_last(
     mut trainer: TrunkTrainer,
@@ -386,49 +450,73 @@ pub fn finetune_channels_last(
     let device = &Device::Cpu;
     let size = (images.pre.height as usize, images.pre.width as usize);
     let dim = trainer.dim();
-    let mut backbone_opt = FlatAdam::new(trainer.params_mut().map(|p| p.len()), backbone_lr);
+    frozen_vars("the trunk", cfg.freeze_blocks, &trainer.block_var_counts())?;
+    let frozen = trainer.freeze(cfg.freeze_blocks)?;
+    let mut backbone_opt = FlatAdam::new(
+        trainer.params_mut().skip(frozen).map(|p| p.len()),
+        backbone_lr,
+    );
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
-    let mut head_opt = adam(head_vars, cfg.lr)?;
+    let mut head_opt = adam(head_vars.clone(), cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
     let mut order: Vec<u32> = (0..labels.len() as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
     let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
     let batch = cfg.batch_size.max(1);
-    let (mut lr, mut bb_lr) = (cfg.lr, backbone_lr);
+    let accumulate = cfg.accumulate.max(1);
+    let schedule = cfg.schedule();
     progress.start(
         (cfg.epochs * labels.len().div_ceil(batch)) as u64,
         "fine-tune batches",
     );
     let mut history = Vec::with_capacity(cfg.epochs);
     for epoch in 1..=cfg.epochs {
+        head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
+        backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
         shuffle_rng.shuffle(&mut order);
         let mut tally = EpochTally::default();
-        for chunk in order.chunks(batch) {
-            let n = chunk.len();
-            let fwd = trainer.forward(&images.batch(chunk)?, n, size)?;
-            let features = Var::from_vec(fwd.features.clone(), (n, dim), device)?;
-            let mut x = features.as_tensor().clone();
-            if cfg.dropout > 0.0 {
-                let mask = dropout_mask(&mut dropout_rng, n, dim, cfg.dropout, device)?;
-                x = x.mul(&mask)?;
+        for group in order.chunks(batch.saturating_mul(accumulate)) {
+            let mut head_step = GradStore::default();
+            let mut backbone_step: Option<Vec<Vec<f32>>> = None;
+            for chunk in group.chunks(batch) {
+                let n = chunk.len();
+                let fwd = trainer.forward(&images.batch(chunk)?, n, size)?;
+                let features = Var::from_vec(fwd.features.clone(), (n, dim), device)?;
+                let mut x = features.as_tensor().clone();
+                if cfg.dropout > 0.0 {
+                    let mask = dropout_mask(&mut dropout_rng, n, dim, cfg.dropout, device)?;
+                    x = x.mul(&mask)?;
+                }
+                let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
+                let logits = linear.forward(&x)?;
+                let loss = cfg.loss.compute(&logits, &y)?;
+                let grads = share_of(&loss, n, group.len())?.backward()?;
+                add_grads(&mut head_step, &grads, &head_vars)?;
+                tally.add(&loss, &logits, &y)?;
+                let d_features = grads
+                    .get(features.as_tensor())
+                    .ok_or_else(|| {
+                        FinetuneError::Input("the loss does not depend on the features".into())
+                    })?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let mut backbone_grads = trainer.backward(&fwd, &d_features)?;
+                drop(fwd);
+                backbone_step = Some(match backbone_step {
+                    None => backbone_grads.split_off(frozen),
+                    Some(mut sum) => {
+                        for (s, g) in sum.iter_mut().zip(&backbone_grads[frozen..]) {
+                            s.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                        }
+                        sum
+                    }
+                });
+                progress.inc(1);
             }
-            let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
-            let logits = linear.forward(&x)?;
-            let loss = cfg.loss.compute(&logits, &y)?;
-            let grads = loss.backward()?;
-            head_opt.step(&grads)?;
-            tally.add(&loss, &logits, &y)?;
-            let d_features = grads
-                .get(features.as_tensor())
-                .ok_or_else(|| {
-                    FinetuneError::Input("the loss does not depend on the features".into())
-                })?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let backbone_grads = trainer.backward(&fwd, &d_features)?;
-            drop(fwd);
-            backbone_opt.step(trainer.params_mut().collect(), &backbone_grads);
-            progress.inc(1);
+            head_opt.step(&head_step)?;
+            if let Some(grads) = backbone_step {
+                backbone_opt.step(trainer.params_mut().skip(frozen).collect(), &grads);
+            }
         }
         history.push(
             tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
@@ -436,10 +524,6 @@ pub fn finetune_channels_last(
                 Ok(Tensor::from_vec(fwd.features, (idx.len(), dim), device)?)
             })?,
         );
-        lr *= cfg.lr_decay;
-        bb_lr *= cfg.lr_decay;
-        head_opt.set_learning_rate(lr);
-        backbone_opt.set_learning_rate(bb_lr);
     }
     trainer.write_to(backbone_vars)?;
     progress.finish();

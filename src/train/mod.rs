@@ -6,6 +6,7 @@ pub mod eval;
 pub mod finetune;
 pub mod flat_adam;
 pub mod loss;
+pub mod schedule;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Linear, Optimizer};
@@ -14,6 +15,7 @@ use crate::progress::Progress;
 use crate::rng::Rng;
 
 pub use loss::Loss;
+pub use schedule::{LrSchedule, Schedule};
 
 /// Hyper-parameters of head training (the reference's defaults).
 #[derive(Debug, Clone, PartialEq)]
@@ -21,12 +23,34 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub batch_size: usize,
     pub lr: f64,
-    /// Multiplies the learning rate after every epoch.
+    /// Multiplies the learning rate after every epoch (with [`LrSchedule::Decay`]).
     pub lr_decay: f64,
+    /// How the learning rate changes over the epochs after the warm-up.
+    pub lr_schedule: LrSchedule,
+    /// Epochs of linear learning-rate warm-up (0: none).
+    pub warmup_epochs: usize,
+    /// Full fine-tuning: the first blocks of the backbone that are not trained
+    /// ([`crate::backbone::Backbone::block_var_counts`]; 0: all trained).
+    pub freeze_blocks: usize,
+    /// Full fine-tuning: batches whose gradients are summed into one step (1: a step per
+    /// batch), each weighted by its share of the step's samples.
+    pub accumulate: usize,
     pub loss: Loss,
     /// Dropout before the head while training (the MC-dropout classifier uses 0.5).
     pub dropout: f32,
     pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The learning-rate schedule of these settings.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            kind: self.lr_schedule,
+            warmup_epochs: self.warmup_epochs,
+            lr_decay: self.lr_decay,
+            epochs: self.epochs,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -36,6 +60,10 @@ impl Default for TrainConfig {
             batch_size: 64,
             lr: 1e-3,
             lr_decay: 0.95,
+            lr_schedule: LrSchedule::Decay,
+            warmup_epochs: 0,
+            freeze_blocks: 0,
+            accumulate: 1,
             loss: Loss::CrossEntropy,
             dropout: 0.0,
             seed: 42,
@@ -248,7 +276,7 @@ fn fit(
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
     let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
-    let mut lr = cfg.lr;
+    let schedule = cfg.schedule();
     // On the CPU each batch is gathered (and masked) on the host in one pass: per step that
     // replaces three small tensor ops, whose overhead dominates a linear head's step.
     let host = match device.is_cpu() {
@@ -269,6 +297,7 @@ fn fit(
     let mut history = Vec::new();
     progress.start(cfg.epochs as u64, "epochs");
     for epoch in 1..=cfg.epochs {
+        opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         let mut loss_sum = 0f64;
         shuffle_rng.shuffle(&mut order);
         for chunk in order.chunks(cfg.batch_size.max(1)) {
@@ -314,8 +343,6 @@ fn fit(
                 test_accuracy,
             });
         }
-        lr *= cfg.lr_decay;
-        opt.set_learning_rate(lr);
         progress.inc(1);
     }
     progress.finish();

@@ -24,6 +24,9 @@ pub struct TrunkTrainer {
     /// Per block: its first layer's index, its number of layers, whether it adds its input.
     blocks: Vec<(usize, usize, bool)>,
     depthwise: DepthwiseFn,
+    /// Leading blocks (the stem first) that are not trained: the backward stops above them
+    /// and their gradients stay zero.
+    frozen_blocks: usize,
 }
 
 /// What a forward pass over a batch leaves for the backward: per chunk of images, every
@@ -86,7 +89,31 @@ impl TrunkTrainer {
             layers,
             blocks,
             depthwise: nhwc::depthwise_kernel(),
+            frozen_blocks: 0,
         })
+    }
+
+    /// Parameters per block ([`Self::params_mut`] order): the stem, then each block; the
+    /// head after them is no block.
+    pub fn block_var_counts(&self) -> Vec<usize> {
+        std::iter::once(2)
+            .chain(self.blocks.iter().map(|&(_, len, _)| 2 * len))
+            .collect()
+    }
+
+    /// Freezes the first `blocks` blocks (the stem first; 0: none): [`Self::backward`] no
+    /// longer reaches them and leaves their gradients zero. Returns how many leading
+    /// parameters of [`Self::params_mut`] are frozen; errors when there are fewer blocks.
+    pub fn freeze(&mut self, blocks: usize) -> Result<usize> {
+        let counts = self.block_var_counts();
+        if blocks > counts.len() {
+            candle_core::bail!(
+                "channels-last training: {blocks} blocks to freeze of {}",
+                counts.len()
+            );
+        }
+        self.frozen_blocks = blocks;
+        Ok(counts[..blocks].iter().sum())
     }
 
     /// Width of the pooled features.
@@ -282,7 +309,7 @@ impl TrunkTrainer {
     }
 
     /// Gradients of every parameter given the gradient of the pooled features `d_features`
-    /// (`[N, D]`) for the batch of `fwd`.
+    /// (`[N, D]`) for the batch of `fwd` (zero for the frozen blocks of [`Self::freeze`]).
     pub fn backward(&self, fwd: &Forward, d_features: &[f32]) -> Result<Gradients> {
         let dim = self.dim();
         let n: usize = fwd.chunks.iter().map(|t| t.n).sum();
@@ -330,7 +357,11 @@ impl TrunkTrainer {
         let mut d = vec![0f32; tape.outs[head].len()];
         grad::global_avg_pool_grad(d_features, tape.n, h * w, self.dim(), &mut d);
         let mut d = self.layer_backward(tape, head, d, &mut grads)?;
-        for &(first, len, residual) in self.blocks.iter().rev() {
+        for (b, &(first, len, residual)) in self.blocks.iter().enumerate().rev() {
+            // Block b is the (b + 2)-th block counting the stem.
+            if b + 2 <= self.frozen_blocks {
+                return Ok(grads);
+            }
             let d_out = residual.then(|| d.clone());
             for i in (first..first + len).rev() {
                 d = self.layer_backward(tape, i, d, &mut grads)?;
@@ -339,7 +370,9 @@ impl TrunkTrainer {
                 d.iter_mut().zip(&d_out).for_each(|(a, b)| *a += b);
             }
         }
-        self.layer_backward(tape, 0, d, &mut grads)?;
+        if self.frozen_blocks == 0 {
+            self.layer_backward(tape, 0, d, &mut grads)?;
+        }
         Ok(grads)
     }
 
