@@ -241,21 +241,9 @@ impl Broker {
     /// Runs a Python snippet with `kafka-python` (`argv[1]` is `127.0.0.1:PORT`, then `args`)
     /// and parses the JSON it prints last.
     pub fn python(&self, code: &str, args: &[&str]) -> serde_json::Value {
-        let out = Command::new(python())
-            .arg("-c")
-            .arg(code)
-            .arg(self.brokers())
-            .args(args)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "python failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let last = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+        let mut python = Command::new(python());
+        python.arg("-c").arg(code).arg(self.brokers()).args(args);
+        super::process::python_json(python)
     }
 }
 

@@ -124,41 +124,20 @@ impl MlflowServer {
     /// Runs a Python snippet with MLflow's own client (`argv[1]` is the server's URI, then
     /// `args`) and parses the JSON it prints last.
     pub fn python(&self, code: &str, args: &[&str]) -> serde_json::Value {
-        let out = Command::new(python())
+        let mut python = Command::new(python());
+        python
             .arg("-c")
             .arg(code)
             .arg(self.uri())
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "python failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let last = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        super::process::python_json(python)
     }
 }
 
 impl Drop for MlflowServer {
     fn drop(&mut self) {
         // The server and its gunicorn workers share the process group the child leads.
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &format!("-{}", self.child.id())])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.wait();
+        super::process::stop_group(&mut self.child);
     }
 }

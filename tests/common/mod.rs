@@ -8,6 +8,7 @@ pub mod http;
 pub mod kafka;
 pub mod mlflow;
 pub mod pg;
+pub mod process;
 pub mod s3;
 
 use std::path::{Path, PathBuf};

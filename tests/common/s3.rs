@@ -137,21 +137,13 @@ impl MotoServer {
     /// `args`) and parses the JSON it prints last.
     pub fn python(&self, code: &str, args: &[&str]) -> serde_json::Value {
         let prelude = "import boto3, json, sys\ns3 = boto3.client('s3')\n";
-        let out = Command::new(super::mlflow::python())
+        let mut python = Command::new(super::mlflow::python());
+        python
             .arg("-c")
             .arg(format!("{prelude}{code}"))
             .args(args)
-            .envs(self.env())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "python failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let last = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+            .envs(self.env());
+        super::process::python_json(python)
     }
 
     /// Creates bucket `name`.
@@ -165,19 +157,6 @@ impl MotoServer {
 
 impl Drop for MotoServer {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &format!("-{}", self.child.id())])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.wait();
+        super::process::stop_group(&mut self.child);
     }
 }
