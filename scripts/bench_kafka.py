@@ -12,9 +12,9 @@ MobileNetV2 model at 64×64. Then, each timed from its first record to its last:
   of the prediction (SQLite here, PostgreSQL there);
 - bccp consume: `bccp stream consume` of the same topic into an SQLite store (each image read,
   hashed, decoded and stored, offsets committed after the store's commits);
-- bccp serve → topic: predictions/s that `bccp serve --kafka` delivers to its topic while
-  CLIENTS connections send JSON batches of BATCH image paths (`wrk` when installed, else Python
-  threads; the delivery count from /metrics, before and after).
+- bccp serve → topic: predictions/s that `bccp serve --kafka` delivers to its topic while `wrk`
+  sends JSON batches of BATCH image paths on CLIENTS connections (the delivery count from
+  /metrics, before and after).
 
 ROUNDS rounds alternate the three paths (SECONDS each), so a change of load on a shared machine
 hits all of them; each ratio is to the reference's rate of the same round. Prints a table and the
@@ -26,14 +26,12 @@ import http.client
 import json
 import os
 import re
-import shutil
 import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -202,41 +200,15 @@ def wrk_load(port, records, seconds, clients, batch, tmp):
 
 
 def serve_to_topic(port, records, seconds, clients, batch, tmp):
-    """Predictions/s delivered to the topic under CLIENTS connections of JSON batches (`wrk`
-    when installed: a C client leaves the two cores to the server; else Python threads)."""
-    stop = time.perf_counter() + seconds
-    errors = []
-
-    def client(k):
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        i = k * batch
-        while time.perf_counter() < stop:
-            items = [{"image_path": records[(i + j) % len(records)][0]} for j in range(batch)]
-            i += clients * batch
-            c.request("POST", "/predict", body=json.dumps({"batch": items}),
-                      headers={"Content-Type": "application/json"})
-            r = c.getresponse()
-            r.read()
-            if r.status != 200:
-                errors.append(r.status)
-                return
-
+    """Predictions/s delivered to the topic while `wrk` (a C client, which leaves the two cores
+    to the server) sends CLIENTS connections of JSON batches."""
     # Warm-up, then the measured window between two delivery counts.
     warm = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     warm.request("POST", "/predict", body=json.dumps({"batch": [{"image_path": records[0][0]}]}),
                  headers={"Content-Type": "application/json"})
     warm.getresponse().read()
     (before, answered_before), t0 = counts(port), time.perf_counter()
-    if shutil.which("wrk"):
-        bad = wrk_load(port, records, seconds, clients, batch, tmp)
-        if bad:
-            errors.append(f"{bad} non-2xx answers")
-    else:
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    bad = wrk_load(port, records, seconds, clients, batch, tmp)
     # Let the producer thread drain its queue (delivery reports), at most 10 s.
     last, t1 = delivered(port), time.perf_counter()
     for _ in range(100):
@@ -245,8 +217,8 @@ def serve_to_topic(port, records, seconds, clients, batch, tmp):
         if now == last:
             break
         last, t1 = now, time.perf_counter()
-    if errors:
-        sys.exit(f"bench-kafka: /predict answered {errors[0]}")
+    if bad:
+        sys.exit(f"bench-kafka: /predict gave {bad} non-2xx answers")
     answered = counts(port)[1] - answered_before
     return last - before, t1 - t0, answered
 
@@ -310,10 +282,9 @@ def main():
                 p.terminate()
                 p.wait()
 
-    load = "wrk" if shutil.which("wrk") else "Python client"
     print(f"\n{a.records} records of distinct Fashion-MNIST images, MobileNetV2 at 64×64, "
           f"{os.cpu_count()} CPUs, {a.rounds} rounds of {a.seconds:.0f} s per path; predictions "
-          f"loaded by {load} ({a.clients} connections × batches of {a.batch})\n")
+          f"loaded by wrk ({a.clients} connections × batches of {a.batch})\n")
     print("| round | reference consumer /s | bccp stream consume /s | × | "
           "bccp serve --kafka → topic /s | × | answered → delivered |")
     print("|---|---:|---:|---:|---:|---:|---|")
@@ -328,7 +299,7 @@ def main():
     print(f"bccp stream consume said (last round): {rounds[-1]['consume']['summary']}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     payload = {
-        "records": a.records, "cpus": os.cpu_count(), "seconds": a.seconds, "load": load,
+        "records": a.records, "cpus": os.cpu_count(), "seconds": a.seconds, "load": "wrk",
         "clients": a.clients, "batch": a.batch, "rounds": rounds,
         "median_ratio": {"consume": median("consume"), "serve_to_topic": median("serve_to_topic")},
     }
