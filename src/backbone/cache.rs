@@ -23,9 +23,9 @@ pub fn sha256(bytes: &[u8]) -> Digest32 {
     Sha256::digest(bytes).into()
 }
 
-/// Lowercase hex of a digest.
-pub fn hex(d: &Digest32) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
+/// Lowercase hex of `bytes` (a digest).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The default cache folder: see [`crate::paths::cache_dir`].
@@ -102,7 +102,7 @@ fn weights_hash_settled(
     let mut hasher = Sha256::new();
     let mut file = std::fs::File::open(weights).map_err(BackboneError::io("read", weights))?;
     std::io::copy(&mut file, &mut hasher).map_err(BackboneError::io("read", weights))?;
-    let hash = hex(&hasher.finalize().into());
+    let hash = hex(&hasher.finalize());
     if let Some(memo) = memo {
         if let Some(parent) = memo.parent() {
             std::fs::create_dir_all(parent)

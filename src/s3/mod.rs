@@ -173,10 +173,7 @@ pub struct S3Client {
 
 /// The lowercase hex MD5 of `bytes`.
 pub fn md5_hex(bytes: &[u8]) -> String {
-    Md5::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::backbone::cache::hex(&Md5::digest(bytes))
 }
 
 /// The ETag S3 gives an object uploaded as `parts` (its MD5 for one PUT; the MD5 of the parts'

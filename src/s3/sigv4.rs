@@ -6,8 +6,11 @@
 //! (presigned URLs), which some S3-compatible servers do not check against their keys (moto).
 
 use hmac::{Hmac, KeyInit, Mac};
-use sha2_v011::{Digest, Sha256};
+use sha2_v011::Sha256;
 use url::Url;
+
+use crate::backbone::cache::hex;
+use crate::store::generate::sha256_hex;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -19,16 +22,6 @@ pub struct Signer {
     /// `AWS_SESSION_TOKEN` of temporary credentials.
     pub token: Option<String>,
     pub region: String,
-}
-
-/// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The lowercase hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
 }
 
 fn hmac(key: &[u8], data: &str) -> Vec<u8> {
