@@ -7,6 +7,7 @@ pub mod depthwise;
 mod depthwise_cuda;
 pub mod nhwc;
 pub mod nhwc_grad;
+pub mod packed_gemm;
 
 pub use bias_act::bias_act;
 pub use depthwise::{depthwise_conv2d, DepthwiseParams};

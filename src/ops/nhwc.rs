@@ -424,8 +424,8 @@ fn lanes(s: &[f32], at: usize) -> &[f32; LANES] {
 /// Inputs of [`block_group`]: image, taps, bias, geometry, first channel.
 type GroupArgs<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a ConvGeometry, usize);
 
-/// `G` consecutive blocks of [`LANES`] channels from channel `c0`, every output pixel; returns
-/// `G`.
+/// `G` consecutive blocks of [`LANES`] channels from channel `c0`, every pixel of output row
+/// `oy`; returns `G`.
 #[inline(always)]
 fn block_group<V: Copy, const G: usize>(
     (x, taps, bias, g, c0): GroupArgs,
@@ -435,6 +435,7 @@ fn block_group<V: Copy, const G: usize>(
         &impl Fn(V, &mut [f32; LANES]),
     ),
     out: &mut [f32],
+    oy: usize,
 ) -> usize {
     let (c, k) = (bias.len(), g.kernel);
     let first = load(lanes(bias, c0));
@@ -445,29 +446,27 @@ fn block_group<V: Copy, const G: usize>(
         }
     }
     let b0: [V; G] = std::array::from_fn(|j| load(lanes(bias, c0 + j * LANES)));
-    for oy in 0..g.out_h {
-        let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
-        for ox in 0..g.out_w {
-            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
-            let mut acc = b0;
-            for ky in ky0..ky1 {
-                let iy = oy * g.stride + ky - g.pad_top;
-                for kx in kx0..kx1 {
-                    let ix = ox * g.stride + kx - g.pad_left;
-                    let at = (iy * g.w + ix) * c + c0;
-                    let w = &wb[ky * k + kx];
-                    for j in 0..G {
-                        acc[j] = fma(acc[j], w[j], load(lanes(x, at + j * LANES)));
-                    }
+    let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+    for ox in 0..g.out_w {
+        let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+        let mut acc = b0;
+        for ky in ky0..ky1 {
+            let iy = oy * g.stride + ky - g.pad_top;
+            for kx in kx0..kx1 {
+                let ix = ox * g.stride + kx - g.pad_left;
+                let at = (iy * g.w + ix) * c + c0;
+                let w = &wb[ky * k + kx];
+                for j in 0..G {
+                    acc[j] = fma(acc[j], w[j], load(lanes(x, at + j * LANES)));
                 }
             }
-            let at = (oy * g.out_w + ox) * c + c0;
-            for (j, a) in acc.into_iter().enumerate() {
-                let o: &mut [f32; LANES] = (&mut out[at + j * LANES..at + (j + 1) * LANES])
-                    .try_into()
-                    .expect("LANES-long slice");
-                store(a, o);
-            }
+        }
+        let at = (oy * g.out_w + ox) * c + c0;
+        for (j, a) in acc.into_iter().enumerate() {
+            let o: &mut [f32; LANES] = (&mut out[at + j * LANES..at + (j + 1) * LANES])
+                .try_into()
+                .expect("LANES-long slice");
+            store(a, o);
         }
     }
     G
@@ -475,7 +474,8 @@ fn block_group<V: Copy, const G: usize>(
 
 /// The depthwise loop over vectors `V` of [`LANES`] channels, given how to load one, multiply-
 /// add (`acc + w · x`) and store one with the activation: per group of channel blocks the
-/// weights are loaded once, then every output pixel accumulates its in-map taps in registers.
+/// weights are loaded once per output row, then each of its pixels accumulates its in-map taps
+/// in registers.
 /// Channels past the last full block are computed one at a time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -500,19 +500,23 @@ fn depthwise_body<V: Copy>(
         "depthwise: kernel {k} or buffers do not fit {c} channels"
     );
     let blocks = c / LANES;
-    // Groups of 4, 2, then 1 blocks: independent accumulators hide the multiply-add latency.
-    let mut cb = 0;
-    while cb < blocks {
-        let left = blocks - cb;
-        let ops = (&load, &fma, &store);
-        let args = (x, taps, bias, g, cb * LANES);
-        cb += if left >= 4 {
-            block_group::<V, 4>(args, ops, out)
-        } else if left >= 2 {
-            block_group::<V, 2>(args, ops, out)
-        } else {
-            block_group::<V, 1>(args, ops, out)
-        };
+    // Row by row, so the few input rows a row needs stay in cache while every channel group
+    // passes; groups of 4, 2, then 1 blocks: independent accumulators hide the multiply-add
+    // latency.
+    for oy in 0..g.out_h {
+        let mut cb = 0;
+        while cb < blocks {
+            let left = blocks - cb;
+            let ops = (&load, &fma, &store);
+            let args = (x, taps, bias, g, cb * LANES);
+            cb += if left >= 4 {
+                block_group::<V, 4>(args, ops, out, oy)
+            } else if left >= 2 {
+                block_group::<V, 2>(args, ops, out, oy)
+            } else {
+                block_group::<V, 1>(args, ops, out, oy)
+            };
+        }
     }
     for ch in blocks * LANES..c {
         for oy in 0..g.out_h {

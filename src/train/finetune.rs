@@ -452,10 +452,8 @@ pub fn finetune_channels_last(
     let dim = trainer.dim();
     frozen_vars("the trunk", cfg.freeze_blocks, &trainer.block_var_counts())?;
     let frozen = trainer.freeze(cfg.freeze_blocks)?;
-    let mut backbone_opt = FlatAdam::new(
-        trainer.params_mut().skip(frozen).map(|p| p.len()),
-        backbone_lr,
-    );
+    let mut backbone_opt =
+        FlatAdam::new(trainer.param_lens().into_iter().skip(frozen), backbone_lr);
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
     let mut head_opt = adam(head_vars.clone(), cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
@@ -515,7 +513,9 @@ pub fn finetune_channels_last(
             }
             head_opt.step(&head_step)?;
             if let Some(grads) = backbone_step {
-                backbone_opt.step(trainer.params_mut().skip(frozen).collect(), &grads);
+                trainer.update(|params| {
+                    backbone_opt.step(params.into_iter().skip(frozen).collect(), &grads)
+                });
             }
         }
         history.push(

@@ -27,6 +27,7 @@ use rayon::prelude::*;
 
 use super::layers::{ConvBn, ConvKind, Padding};
 use crate::ops::nhwc::{self, Act, ConvGeometry, DepthwiseFn};
+use crate::ops::packed_gemm::{self, PackedWeight};
 
 /// Most images per task: enough pixels at the 2×2 end of a 64×64 MobileNetV2 for a useful
 /// matrix product (chunks of 4–32 measured within noise of each other).
@@ -116,6 +117,9 @@ struct Layer {
     padding: Padding,
     act: Act,
     input: DenseInput,
+    /// `weight` packed for the fused AVX-512 product (pointwise and dense layers on CPUs that
+    /// have it); rebuilt by [`Layer::repack`] whenever `weight` changes.
+    packed: Option<PackedWeight>,
 }
 
 impl Layer {
@@ -145,7 +149,7 @@ impl Layer {
         if weight.len() != expected {
             candle_core::bail!("channels-last: weight {:?} for {cout} outputs", w.dims());
         }
-        Ok(Self {
+        let mut layer = Self {
             kind: conv.kind,
             weight,
             bias,
@@ -156,7 +160,51 @@ impl Layer {
             padding: conv.padding,
             act,
             input,
-        })
+            packed: None,
+        };
+        layer.repack();
+        Ok(layer)
+    }
+
+    /// Packs `weight` again for the fused product (after training changed it).
+    fn repack(&mut self) {
+        self.packed =
+            (self.kind != ConvKind::Depthwise && packed_gemm::fused_available()).then(|| {
+                let k = self.weight.len() / self.cout.max(1);
+                PackedWeight::new(&self.weight, self.cout, k)
+            });
+    }
+
+    /// `dst = act(src · weightᵀ + bias [+ residual])` over `m` rows of `src`.
+    fn product(&self, src: &[f32], m: usize, residual: Option<&[f32]>, dst: &mut [f32]) {
+        packed_gemm::dense_bias_act(
+            src,
+            m,
+            &self.weight,
+            self.packed.as_ref(),
+            &self.bias,
+            residual,
+            self.act,
+            &mut dst[..m * self.cout],
+        );
+    }
+
+    /// A pointwise layer on `n` images of `size` with a residual added before its activation:
+    /// `dst = act(conv(src) + residual)`, in one pass.
+    fn apply_residual(
+        &self,
+        src: &[f32],
+        dst: &mut [f32],
+        residual: &[f32],
+        n: usize,
+        size: (usize, usize),
+    ) -> Result<()> {
+        let m = n * size.0 * size.1;
+        if self.kind != ConvKind::Pointwise || residual.len() < m * self.cout {
+            candle_core::bail!("channels-last: a fused residual needs a pointwise layer");
+        }
+        self.product(src, m, Some(&residual[..m * self.cout]), dst);
+        Ok(())
     }
 
     fn geometry(&self, (h, w): (usize, usize)) -> Result<ConvGeometry> {
@@ -206,10 +254,7 @@ impl Layer {
         let pixels = size.0 * size.1;
         match self.kind {
             ConvKind::Pointwise => {
-                let m = n * pixels;
-                let out = &mut dst[..m * self.cout];
-                nhwc::matmul_wt(src, &self.weight, out, m, self.cin, self.cout);
-                nhwc::bias_act_rows(out, &self.bias, self.act);
+                self.product(src, n * pixels, None, dst);
             }
             ConvKind::Depthwise => {
                 let g = self.geometry(size)?;
@@ -237,9 +282,7 @@ impl Layer {
                         nhwc::im2col_hwc(x, self.cin, &g, m);
                     }
                 }
-                let out = &mut dst[..n * rows * self.cout];
-                nhwc::matmul_wt(scratch, &self.weight, out, n * rows, cols, self.cout);
-                nhwc::bias_act_rows(out, &self.bias, self.act);
+                self.product(scratch, n * rows, None, dst);
             }
         }
         Ok(())

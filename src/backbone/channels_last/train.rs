@@ -52,7 +52,7 @@ struct Tape {
     sizes: Vec<(usize, usize)>,
 }
 
-/// Gradients of every parameter, in the order and layout of [`TrunkTrainer::params_mut`].
+/// Gradients of every parameter, in the order and layout of [`TrunkTrainer::param_lens`].
 pub type Gradients = Vec<Vec<f32>>;
 
 fn layer(conv: &ConvBn, input: DenseInput) -> Result<Layer> {
@@ -93,7 +93,7 @@ impl TrunkTrainer {
         })
     }
 
-    /// Parameters per block ([`Self::params_mut`] order): the stem, then each block; the
+    /// Parameters per block ([`Self::param_lens`] order): the stem, then each block; the
     /// head after them is no block.
     pub fn block_var_counts(&self) -> Vec<usize> {
         std::iter::once(2)
@@ -103,7 +103,7 @@ impl TrunkTrainer {
 
     /// Freezes the first `blocks` blocks (the stem first; 0: none): [`Self::backward`] no
     /// longer reaches them and leaves their gradients zero. Returns how many leading
-    /// parameters of [`Self::params_mut`] are frozen; errors when there are fewer blocks.
+    /// parameters of [`Self::param_lens`] are frozen; errors when there are fewer blocks.
     pub fn freeze(&mut self, blocks: usize) -> Result<usize> {
         let counts = self.block_var_counts();
         if blocks > counts.len() {
@@ -121,15 +121,29 @@ impl TrunkTrainer {
         self.layers.last().map_or(0, |l| l.cout)
     }
 
-    /// Every parameter, weight then bias per layer, in the engine's layout (depthwise weights
-    /// tap-major); the order of the trunk's trainable variables.
-    pub fn params_mut(&mut self) -> impl Iterator<Item = &mut Vec<f32>> {
+    /// The length of every parameter, weight then bias per layer, in the engine's layout
+    /// (depthwise weights tap-major); the order of the trunk's trainable variables.
+    pub fn param_lens(&self) -> Vec<usize> {
         self.layers
-            .iter_mut()
-            .flat_map(|l| [&mut l.weight, &mut l.bias])
+            .iter()
+            .flat_map(|l| [l.weight.len(), l.bias.len()])
+            .collect()
     }
 
-    /// Parameters or gradients in the engine's layout (as [`Self::params_mut`]) turned into
+    /// Changes the parameters through `f`, which gets each of them (order and layout of
+    /// [`Self::param_lens`]) as a mutable buffer; the forward pass uses the new values.
+    pub fn update<R>(&mut self, f: impl FnOnce(Vec<&mut Vec<f32>>) -> R) -> R {
+        let params = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.weight, &mut l.bias])
+            .collect();
+        let out = f(params);
+        self.layers.iter_mut().for_each(Layer::repack);
+        out
+    }
+
+    /// Parameters or gradients in the engine's layout (as [`Self::param_lens`]) turned into
     /// the layout of the trunk's variables (depthwise `[c, 1, k, k]`).
     pub fn to_checkpoint_layout(&self, values: &[Vec<f32>]) -> Vec<Vec<f32>> {
         values

@@ -122,23 +122,40 @@ impl ChannelsLastTrunk {
         let mut size = apply_stem(&self.stem, x, ws, (X, C), n, size, dw)?;
         for block in &self.blocks {
             let (mut src, in_size) = (X, size);
+            let mut added = false;
             for (i, layer) in block.layers.iter().enumerate() {
-                let dst = if i + 1 == block.layers.len() {
+                let last = i + 1 == block.layers.len();
+                let dst = if last {
                     P
                 } else if src == E {
                     D
                 } else {
                     E
                 };
-                apply_in(layer, ws, src, dst, C, n, size, dw)?;
-                size = layer.out_size(size)?;
+                let out_size = layer.out_size(size)?;
+                if last && block.residual && out_size != in_size {
+                    candle_core::bail!("channels-last: a residual block changed the map size");
+                }
+                // The residual joins the block's last (pointwise) product in its epilogue.
+                if last
+                    && block.residual
+                    && layer.kind == ConvKind::Pointwise
+                    && layer.act == Act::Identity
+                {
+                    let x_buf = std::mem::take(&mut ws[X]);
+                    let (s, d) = super::pair(ws, src, dst);
+                    let done = layer.apply_residual(s, d, &x_buf, n, size);
+                    ws[X] = x_buf;
+                    done?;
+                    added = true;
+                } else {
+                    apply_in(layer, ws, src, dst, C, n, size, dw)?;
+                }
+                size = out_size;
                 src = dst;
             }
             let cout = block.layers.last().map_or(0, |l| l.cout);
-            if block.residual {
-                if size != in_size {
-                    candle_core::bail!("channels-last: a residual block changed the map size");
-                }
+            if block.residual && !added {
                 let len = n * size.0 * size.1 * cout;
                 let (x_buf, p_buf) = super::pair(ws, X, P);
                 nhwc::add_act(&mut p_buf[..len], &x_buf[..len], Act::Identity);
