@@ -139,6 +139,20 @@ impl ConvGeometry {
         })
     }
 
+    /// The outputs `[lo, hi)` (of `outs` along a row or column) whose tap `tap` lands inside
+    /// a map of `size` pixels padded by `pad` before it: `0 ≤ o·stride + tap − pad < size`.
+    pub(crate) fn inside(
+        &self,
+        tap: usize,
+        pad: usize,
+        size: usize,
+        outs: usize,
+    ) -> (usize, usize) {
+        let lo = pad.saturating_sub(tap).div_ceil(self.stride).min(outs);
+        let hi = (size + pad).saturating_sub(tap).div_ceil(self.stride);
+        (lo, hi.clamp(lo, outs))
+    }
+
     /// The kernel taps `[lo, hi)` of output row (or column) `o` that land inside a map of
     /// `size` pixels padded by `pad` before it.
     pub(crate) fn taps(&self, o: usize, pad: usize, size: usize) -> (usize, usize) {
@@ -159,20 +173,32 @@ pub fn im2col_chw(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
         x.len() >= c * g.h * g.w && out.len() >= g.out_h * g.out_w * cols,
         "im2col: buffers too small"
     );
+    // Column by column within an output row: one input row feeds a strided run of the
+    // matrix, the padding is filled around the run, and no element tests its bounds.
     for oy in 0..g.out_h {
-        for ox in 0..g.out_w {
-            let row = &mut out[(oy * g.out_w + ox) * cols..][..cols];
-            for ci in 0..c {
-                for ky in 0..k {
-                    let iy = (oy * g.stride + ky).wrapping_sub(g.pad_top);
-                    for kx in 0..k {
-                        let ix = (ox * g.stride + kx).wrapping_sub(g.pad_left);
-                        row[(ci * k + ky) * k + kx] = if iy < g.h && ix < g.w {
-                            x[(ci * g.h + iy) * g.w + ix]
-                        } else {
-                            0.0
-                        };
+        let rows = &mut out[oy * g.out_w * cols..][..g.out_w * cols];
+        for ci in 0..c {
+            for ky in 0..k {
+                let iy = (oy * g.stride + ky).wrapping_sub(g.pad_top);
+                for kx in 0..k {
+                    let col = (ci * k + ky) * k + kx;
+                    let column = rows[col..].iter_mut().step_by(cols);
+                    if iy >= g.h {
+                        column.for_each(|v| *v = 0.0);
+                        continue;
                     }
+                    let (lo, hi) = g.inside(kx, g.pad_left, g.w, g.out_w);
+                    let src = &x[(ci * g.h + iy) * g.w..][..g.w];
+                    let start = (lo * g.stride + kx).saturating_sub(g.pad_left);
+                    let inner = src[start.min(g.w)..].iter().step_by(g.stride);
+                    let mut column = column;
+                    column.by_ref().take(lo).for_each(|v| *v = 0.0);
+                    column
+                        .by_ref()
+                        .take(hi - lo)
+                        .zip(inner)
+                        .for_each(|(v, s)| *v = *s);
+                    column.for_each(|v| *v = 0.0);
                 }
             }
         }
@@ -648,6 +674,40 @@ mod tests {
         assert_eq!(out, [6.0; 4]);
         // A kernel bigger than the padded map has no geometry.
         assert!(ConvGeometry::new(2, 2, 5, 1, (1, 1, 1, 1)).is_none());
+    }
+
+    #[test]
+    fn channels_first_im2col_matches_the_definition_at_every_geometry() {
+        // Kernels 1/3/5, strides 1/2, symmetric and TF-"same" (bottom/right only) padding.
+        for (h, w, k, stride, pads) in [
+            (7, 6, 3, 2, (1, 1, 1, 1)),
+            (8, 8, 3, 2, (0, 1, 0, 1)),
+            (5, 9, 5, 1, (2, 2, 2, 2)),
+            (6, 5, 1, 1, (0, 0, 0, 0)),
+            (9, 4, 3, 1, (1, 1, 1, 1)),
+            (4, 4, 5, 2, (2, 2, 2, 2)),
+        ] {
+            let c = 3;
+            let x = values(c * h * w, 9);
+            let g = ConvGeometry::new(h, w, k, stride, pads).unwrap();
+            let cols = c * k * k;
+            let mut got = vec![f32::NAN; g.out_h * g.out_w * cols];
+            im2col_chw(&x, c, &g, &mut got);
+            for (i, v) in got.iter().enumerate() {
+                let (pixel, col) = (i / cols, i % cols);
+                let (oy, ox) = (pixel / g.out_w, pixel % g.out_w);
+                let (ci, ky, kx) = (col / (k * k), col / k % k, col % k);
+                let iy = (oy * stride + ky) as isize - g.pad_top as isize;
+                let ix = (ox * stride + kx) as isize - g.pad_left as isize;
+                let inside = (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
+                let want = if inside {
+                    x[(ci * h + iy as usize) * w + ix as usize]
+                } else {
+                    0.0
+                };
+                assert_eq!(*v, want, "{h}×{w} k{k} s{stride} {pads:?}: element {i}");
+            }
+        }
     }
 
     #[test]

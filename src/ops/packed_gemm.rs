@@ -165,12 +165,14 @@ mod x86 {
                     }
                 }
             }
+            let mask = |p: usize| if p + 1 == NP { e.last_mask } else { 0xFFFF };
+            let bias: [__m512; NP] =
+                std::array::from_fn(|p| _mm512_maskz_loadu_ps(mask(p), e.bias.add(p * PANEL)));
             for (r, acc) in acc.iter().enumerate() {
                 for (p, &v) in acc.iter().enumerate() {
-                    let mask = if p + 1 == NP { e.last_mask } else { 0xFFFF };
+                    let mask = mask(p);
                     let at = r * e.ldo + p * PANEL;
-                    let mut v =
-                        _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e.bias.add(p * PANEL)));
+                    let mut v = _mm512_add_ps(v, bias[p]);
                     if !e.residual.is_null() {
                         v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e.residual.add(at)));
                     }
