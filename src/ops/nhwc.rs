@@ -643,6 +643,10 @@ mod tests {
             // Groups of 4 + 2 + 1 and 4 + 1 channel blocks.
             (4, 5, 112, 3, 1, (1, 1, 1, 1)),
             (5, 4, 80, 5, 2, (1, 2, 1, 2)),
+            // Wider rows.
+            (4, 20, 35, 3, 1, (1, 1, 1, 1)),
+            (5, 31, 48, 3, 2, (0, 1, 0, 1)),
+            (3, 26, 32, 5, 1, (2, 2, 2, 2)),
         ] {
             let g = ConvGeometry::new(h, w, k, s, pads).unwrap();
             let x = values(h * w * c, 1);
