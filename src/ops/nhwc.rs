@@ -64,7 +64,8 @@ impl Act {
     pub fn apply(self, v: f32) -> f32 {
         match self {
             Act::Identity => v,
-            Act::Relu => v.max(0.0),
+            // clamp, unlike max, lets a NaN through: bad weights stay visible.
+            Act::Relu => v.clamp(0.0, f32::INFINITY),
             Act::Relu6 => v.clamp(0.0, 6.0),
         }
     }
@@ -79,7 +80,7 @@ pub fn bias_act_rows(x: &mut [f32], bias: &[f32], act: Act) {
             Act::Relu => row
                 .iter_mut()
                 .zip(bias)
-                .for_each(|(v, b)| *v = (*v + b).max(0.0)),
+                .for_each(|(v, b)| *v = (*v + b).clamp(0.0, f32::INFINITY)),
             Act::Relu6 => row
                 .iter_mut()
                 .zip(bias)
@@ -372,9 +373,10 @@ mod x86 {
             |s: &Lanes| unsafe { _mm512_loadu_ps(s.as_ptr()) },
             |acc, w, x| unsafe { _mm512_fmadd_ps(w, x, acc) },
             |v, d: &mut Lanes| unsafe {
+                // NaN as the second operand comes through, as in `f32::clamp`.
                 let v = match act {
                     Act::Identity => v,
-                    _ => _mm512_min_ps(_mm512_max_ps(v, lo), hi),
+                    _ => _mm512_min_ps(hi, _mm512_max_ps(lo, v)),
                 };
                 _mm512_storeu_ps(d.as_mut_ptr(), v)
             },
@@ -408,7 +410,7 @@ mod x86 {
             |v: (__m256, __m256), d: &mut Lanes| unsafe {
                 let clamp = |v| match act {
                     Act::Identity => v,
-                    _ => _mm256_min_ps(_mm256_max_ps(v, lo), hi),
+                    _ => _mm256_min_ps(hi, _mm256_max_ps(lo, v)),
                 };
                 _mm256_storeu_ps(d.as_mut_ptr(), clamp(v.0));
                 _mm256_storeu_ps(d[8..].as_mut_ptr(), clamp(v.1));
@@ -660,6 +662,34 @@ mod tests {
                     f(&x, &taps, &bias, &g, act, &mut got);
                     let err = max_err(&got, &want);
                     assert!(err < 1e-5, "{name} {h}x{w}x{c} k{k} s{s}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_tap_stays_nan_in_every_depthwise_kernel() {
+        #[allow(unused_mut)]
+        let mut kernels: Vec<(&str, DepthwiseFn)> = vec![
+            ("portable", depthwise_portable),
+            ("detected", depthwise_kernel()),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            kernels.push(("avx2", x86::depthwise_avx2));
+        }
+        let (c, k) = (32, 3);
+        let g = ConvGeometry::new(4, 4, k, 1, (1, 1, 1, 1)).unwrap();
+        let (x, bias) = (values(16 * c, 1), values(c, 3));
+        let mut weight = values(c * k * k, 2);
+        weight[5 * k * k + 4] = f32::NAN; // channel 5's centre tap
+        let taps = depthwise_taps_major(&weight, c, k);
+        for (name, f) in &kernels {
+            for act in [Act::Relu, Act::Relu6] {
+                let mut out = vec![0f32; 16 * c];
+                f(&x, &taps, &bias, &g, act, &mut out);
+                for (i, v) in out.iter().enumerate() {
+                    assert_eq!(v.is_nan(), i % c == 5, "{name} {act:?}: {i}");
                 }
             }
         }

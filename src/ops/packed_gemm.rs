@@ -177,7 +177,9 @@ mod x86 {
                         v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e.residual.add(at)));
                     }
                     if e.clamp {
-                        v = _mm512_min_ps(_mm512_max_ps(v, e.lo), e.hi);
+                        // A NaN comes through as the second operand (x86 max/min return
+                        // it), as `f32::clamp` lets it through: bad weights stay visible.
+                        v = _mm512_min_ps(e.hi, _mm512_max_ps(e.lo, v));
                     }
                     if mask == 0xFFFF {
                         _mm512_storeu_ps(out.add(at), v);
@@ -370,6 +372,29 @@ mod tests {
                     r.is_some(),
                     p.is_some()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_stays_nan_through_the_clamp() {
+        // One NaN weight poisons its output channel on both paths, as f32::clamp would.
+        let (m, k, n) = (3, 4, 20);
+        let (a, mut w, b) = (values(m * k, 5), values(n * k, 6), values(n, 7));
+        w[17 * k + 2] = f32::NAN;
+        let packed = PackedWeight::new(&w, n, k);
+        for p in [None, Some(&packed).filter(|_| fused_available())] {
+            for act in [Act::Relu, Act::Relu6] {
+                let mut out = vec![0f32; m * n];
+                dense_bias_act(&a, m, &w, p, &b, None, act, &mut out);
+                for (i, v) in out.iter().enumerate() {
+                    assert_eq!(
+                        v.is_nan(),
+                        i % n == 17,
+                        "{act:?} packed {}: {i}",
+                        p.is_some()
+                    );
+                }
             }
         }
     }
