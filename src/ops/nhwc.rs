@@ -621,18 +621,23 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn depthwise_matches_naive_for_every_kernel_variant() {
+    /// Every depthwise kernel this CPU can run, not only the fastest.
+    fn depthwise_kernels() -> Vec<(&'static str, DepthwiseFn)> {
         #[allow(unused_mut)]
         let mut kernels: Vec<(&str, DepthwiseFn)> = vec![
             ("portable", depthwise_portable),
             ("detected", depthwise_kernel()),
         ];
-        // Every x86 kernel this CPU can run, not only the fastest.
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             kernels.push(("avx2", x86::depthwise_avx2));
         }
+        kernels
+    }
+
+    #[test]
+    fn depthwise_matches_naive_for_every_kernel_variant() {
+        let kernels = depthwise_kernels();
         // Channels with and without a remainder past the vector blocks; maps down to 1×1.
         for &(h, w, c, k, s, pads) in &[
             (5, 6, 16, 3, 1, (1, 1, 1, 1)),
@@ -669,15 +674,7 @@ mod tests {
 
     #[test]
     fn a_nan_tap_stays_nan_in_every_depthwise_kernel() {
-        #[allow(unused_mut)]
-        let mut kernels: Vec<(&str, DepthwiseFn)> = vec![
-            ("portable", depthwise_portable),
-            ("detected", depthwise_kernel()),
-        ];
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            kernels.push(("avx2", x86::depthwise_avx2));
-        }
+        let kernels = depthwise_kernels();
         let (c, k) = (32, 3);
         let g = ConvGeometry::new(4, 4, k, 1, (1, 1, 1, 1)).unwrap();
         let (x, bias) = (values(16 * c, 1), values(c, 3));
