@@ -69,23 +69,44 @@ pub fn input_grad_acc(dz: &[f32], w: &[f32], dx: &mut [f32], m: usize, k: usize,
 /// Turns the gradient of an activation's output into that of its input, in place, from the
 /// output `y` (`0 < y < 6` passes for ReLU6, `y > 0` for ReLU: the masks of the candle ops).
 pub fn act_grad(dy: &mut [f32], y: &[f32], act: Act) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was just detected.
+        unsafe { wide::act_grad(dy, y, act) };
+        return;
+    }
+    act_grad_body(dy, y, act)
+}
+
+#[inline(always)]
+fn act_grad_body(dy: &mut [f32], y: &[f32], act: Act) {
+    // Selects, not branches: the masks follow the data, which no branch predictor guesses,
+    // and a select vectorises.
     match act {
         Act::Identity => {}
         Act::Relu => dy.iter_mut().zip(y).for_each(|(d, &v)| {
-            if v <= 0.0 {
-                *d = 0.0
-            }
+            *d = if v <= 0.0 { 0.0 } else { *d };
         }),
         Act::Relu6 => dy.iter_mut().zip(y).for_each(|(d, &v)| {
-            if v <= 0.0 || v >= 6.0 {
-                *d = 0.0
-            }
+            let cut = (v <= 0.0) | (v >= 6.0);
+            *d = if cut { 0.0 } else { *d };
         }),
     }
 }
 
 /// Bias gradient: `db[c] += Σ_rows dz[row, c]` over rows of `db.len()` channels.
 pub fn bias_grad_acc(dz: &[f32], db: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was just detected.
+        unsafe { wide::bias_grad_acc(dz, db) };
+        return;
+    }
+    bias_grad_body(dz, db)
+}
+
+#[inline(always)]
+fn bias_grad_body(dz: &[f32], db: &mut [f32]) {
     for row in dz.chunks_exact(db.len()) {
         db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
     }
@@ -96,6 +117,26 @@ pub fn bias_grad_acc(dz: &[f32], db: &mut [f32]) {
 /// (`[out_h, out_w, c]`), accumulates the input's `dx` (`[h, w, c]`) when given and the
 /// tap-major weight's `dtaps` (`[k·k, c]`).
 pub fn depthwise_grad_acc(
+    x: &[f32],
+    taps: &[f32],
+    dz: &[f32],
+    g: &ConvGeometry,
+    dx: Option<&mut [f32]>,
+    dtaps: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was just detected.
+        unsafe { wide::depthwise_grad_acc(x, taps, dz, g, dx, dtaps) };
+        return;
+    }
+    depthwise_grad_body(x, taps, dz, g, dx, dtaps)
+}
+
+/// [`depthwise_grad_acc`]'s loops, compiled once for the baseline target and once with
+/// AVX-512 (the same operations per element, so the same bits).
+#[inline(always)]
+fn depthwise_grad_body(
     x: &[f32],
     taps: &[f32],
     dz: &[f32],
@@ -141,6 +182,35 @@ pub fn depthwise_grad_acc(
                 }
             }
         }
+    }
+}
+
+/// The element-wise backward loops compiled with AVX-512 (vectorised by the compiler; the
+/// same operations per element as the baseline build, so the same results to the bit).
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use super::{Act, ConvGeometry};
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn depthwise_grad_acc(
+        x: &[f32],
+        taps: &[f32],
+        dz: &[f32],
+        g: &ConvGeometry,
+        dx: Option<&mut [f32]>,
+        dtaps: &mut [f32],
+    ) {
+        super::depthwise_grad_body(x, taps, dz, g, dx, dtaps)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn act_grad(dy: &mut [f32], y: &[f32], act: Act) {
+        super::act_grad_body(dy, y, act)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn bias_grad_acc(dz: &[f32], db: &mut [f32]) {
+        super::bias_grad_body(dz, db)
     }
 }
 
