@@ -1,18 +1,20 @@
 """Compare CPU full fine-tuning throughput of bccp with PyTorch: images/s of MobileNetV2
-training steps at 64 x 64, batch 64, batch-norm statistics frozen, Adam, images already decoded.
+training steps at 64 x 64, batch 64, and at 224 x 224, batch 32; batch-norm statistics frozen,
+Adam, images already decoded.
 
 PyTorch side: torchvision mobilenet_v2() features + a fresh 10-class linear head on the pooled
 1 280 features, random init, batch-norm layers in eval mode (frozen statistics; their affine
 parameters train, as bccp's folded convolutions do), cross-entropy, Adam (lr 1e-3 head, 1e-4
 backbone), torch.set_num_threads(--threads); a few warm-up steps, then the median of timed steps
 (about --seconds).
-bccp side: `cargo bench --bench finetune -- --output-format bencher finetune64/` (criterion ids
-finetune64/channels_last, the trainer `bccp train --finetune full` runs on the CPU, and
-finetune64/candle_autograd, candle's autograd path before it; one iteration = one step of 64
-images), run with RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s.
+bccp side: `cargo bench --bench finetune -- --output-format bencher finetune` (criterion ids
+finetune64/channels_last and finetune224/channels_last, the trainer `bccp train --finetune full`
+runs on the CPU, and finetune64/candle_autograd, candle's autograd path before it; one
+iteration = one step of one batch), run with RAYON_NUM_THREADS=--threads; ns/iter is converted
+to images/s.
 
-Prints a markdown table (path, PyTorch img/s, bccp img/s, bccp/PyTorch) and, with --json FILE,
-writes the same as JSON.
+Prints a markdown table (input, path, PyTorch img/s, bccp img/s, bccp/PyTorch) and, with
+--json FILE, writes the same as JSON.
 
 Usage (from the repository root): scripts/bench-finetune.sh [--threads N] [--json FILE]
 """
@@ -30,20 +32,20 @@ import torchvision
 
 from benchlib import bench_ns, cpu_model, run_cargo_bench, write_json
 
-BATCH = 64
-SIZE = 64
 CLASSES = 10
-PATHS = ["channels_last", "candle_autograd"]
-RUST_CMD = ["cargo", "bench", "--bench", "finetune", "--", "--output-format", "bencher", "finetune64/"]
-BENCH_LINE = re.compile(r"^test\s+finetune64/(\S+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")
+# (criterion group, input size, batch, bccp paths)
+SHAPES = [("finetune64", 64, 64, ["channels_last", "candle_autograd"]),
+          ("finetune224", 224, 32, ["channels_last"])]
+RUST_CMD = ["cargo", "bench", "--bench", "finetune", "--", "--output-format", "bencher", "finetune"]
+BENCH_LINE = re.compile(r"^test\s+(finetune\d+)/(\S+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")
 
 
 def die(msg):
     sys.exit(f"compare_finetune: error: {msg}")
 
 
-def torch_images_per_s(seconds, warmup):
-    """Median images/s of training steps on a BATCH x 3 x SIZE x SIZE batch."""
+def torch_images_per_s(size, batch, seconds, warmup):
+    """Median images/s of training steps on a batch x 3 x size x size batch."""
     torch.manual_seed(0)
     backbone = torchvision.models.mobilenet_v2().features
     head = torch.nn.Linear(1280, CLASSES)
@@ -53,8 +55,8 @@ def torch_images_per_s(seconds, warmup):
             m.eval()  # frozen running statistics
     opt_backbone = torch.optim.Adam(backbone.parameters(), lr=1e-4)
     opt_head = torch.optim.Adam(head.parameters(), lr=1e-3)
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
-    y = torch.arange(BATCH) % CLASSES
+    x = torch.randn(batch, 3, size, size)
+    y = torch.arange(batch) % CLASSES
 
     def step():
         opt_backbone.zero_grad(set_to_none=True)
@@ -74,21 +76,23 @@ def torch_images_per_s(seconds, warmup):
         step()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    print(f"  torch mobilenet_v2: {len(times)} timed steps, median {med * 1e3:.1f} ms/batch", file=sys.stderr)
-    return BATCH / med
+    print(f"  torch mobilenet_v2 {size}x{size}: {len(times)} timed steps, median {med * 1e3:.1f} ms/batch",
+          file=sys.stderr)
+    return batch / med
 
 
 def rust_images_per_s(threads):
-    """Run the criterion bench and return {path: images/s}."""
+    """Run the criterion bench and return {(group, path): images/s}."""
     out = run_cargo_bench(RUST_CMD, threads, die)
+    batches = {group: batch for group, _, batch, _ in SHAPES}
     result = {}
     for line in out.splitlines():
         m = BENCH_LINE.match(line.strip())
-        if m:
-            result[m.group(1)] = BATCH / (bench_ns(m.group(2)) * 1e-9)
-    missing = [p for p in PATHS if p not in result]
+        if m and m.group(1) in batches:
+            result[(m.group(1), m.group(2))] = batches[m.group(1)] / (bench_ns(m.group(3)) * 1e-9)
+    missing = [f"{g}/{p}" for g, _, _, paths in SHAPES for p in paths if (g, p) not in result]
     if missing:
-        die(f"no bencher line for {', '.join('finetune64/' + p for p in missing)} in the cargo bench output")
+        die(f"no bencher line for {', '.join(missing)} in the cargo bench output")
     return result
 
 
@@ -105,8 +109,7 @@ def main():
     load = os.getloadavg()
     info = {
         "threads": args.threads,
-        "batch": BATCH,
-        "input": [BATCH, 3, SIZE, SIZE],
+        "shapes": [{"group": g, "input": [b, 3, n, n]} for g, n, b, _ in SHAPES],
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "cpu": cpu_model(),
@@ -114,17 +117,19 @@ def main():
     }
     print(f"threads {args.threads}, torch {torch.__version__}, CPU: {info['cpu']}, "
           f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    torch_ips = torch_images_per_s(args.seconds, args.warmup)
+    torch_ips = {g: torch_images_per_s(n, b, args.seconds, args.warmup) for g, n, b, _ in SHAPES}
     rust_ips = rust_images_per_s(args.threads)
     info["loadavg_after"] = os.getloadavg()
     rows = []
-    print("\n| path | PyTorch img/s | bccp img/s | bccp/PyTorch |\n|---|---:|---:|---:|")
-    for path in PATHS:
-        r = rust_ips[path]
-        rows.append({"path": path, "pytorch_img_s": torch_ips, "bccp_img_s": r, "ratio": r / torch_ips})
-        print(f"| {path} | {torch_ips:.1f} | {r:.1f} | {r / torch_ips:.2f} |")
-    speedup = rust_ips["channels_last"] / rust_ips["candle_autograd"]
-    print(f"\nchannels_last / candle_autograd: {speedup:.2f}x; load average after "
+    print("\n| input, batch | path | PyTorch img/s | bccp img/s | bccp/PyTorch |\n|---|---|---:|---:|---:|")
+    for g, n, b, paths in SHAPES:
+        for path in paths:
+            r, t = rust_ips[(g, path)], torch_ips[g]
+            rows.append({"group": g, "size": n, "batch": b, "path": path, "pytorch_img_s": t,
+                         "bccp_img_s": r, "ratio": r / t})
+            print(f"| {n}×{n}, {b} | {path} | {t:.1f} | {r:.1f} | {r / t:.2f} |")
+    speedup = rust_ips[("finetune64", "channels_last")] / rust_ips[("finetune64", "candle_autograd")]
+    print(f"\nchannels_last / candle_autograd at 64x64: {speedup:.2f}x; load average after "
           + " ".join(f"{v:.2f}" for v in info["loadavg_after"]))
     write_json(args.json, {**info, "results": rows, "channels_last_over_candle": speedup})
 
