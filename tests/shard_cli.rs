@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use bccp::distance::{search_host, Metric, Search};
+use bccp::distance::{search_host, Metric, Precision, Search};
 use bccp::embeddings::{EmbeddingFile, EmbeddingSet};
 use bccp::rng::Rng;
 use bccp::shard::{merge_topk, search_shard, PartialTopK, ShardSpec, TopKContext};
@@ -105,6 +105,7 @@ fn merged_shards_equal_the_unsharded_search_bit_for_bit() {
                     metric,
                     k,
                     other_class: other.then_some((&qc[..], &cc[..])),
+                    precision: Precision::F32,
                 };
                 let want = search_host(&q, &c, dim, &s).unwrap();
                 for count in [1usize, 3, 7] {

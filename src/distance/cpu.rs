@@ -3,10 +3,13 @@
 //! L2 and cosine: a GEMM per (query block, candidate block) tile into a small scratch, then a
 //! fused epilogue (`‖x‖² − 2q·x`, or `−q̂·x̂`) feeding the top-k; the Q×N matrix never exists.
 //! L1: the SIMD kernel of [`super::l1_simd`] over candidate tiles that stay in cache.
+//! bf16 pre-selection (L2, cosine): the AVX512-BF16 kernel of [`super::bf16_kernel`] over
+//! packed candidate tiles, [`bf16_kernel::MR`] queries at a time, into the same epilogue.
 //! Keys are "smaller is better"; [`super`] turns them into exact distances afterwards.
 
 use rayon::prelude::*;
 
+use super::bf16_kernel::{self, PANEL};
 use super::l1_simd;
 use super::topk::RunningTopK;
 use super::Metric;
@@ -18,6 +21,9 @@ const QUERY_BLOCK: usize = 512;
 const CANDIDATE_BLOCK: usize = 512;
 /// Candidate rows per L1 tile (64 × D floats stay in L2 for D ≤ 1280).
 const L1_TILE: usize = 64;
+/// Candidate rows per bf16 tile (a multiple of [`PANEL`]; 256 × D bf16 values, 640 KiB at
+/// D = 1280, stay in L2 while every query block's rows stream past them).
+const BF16_TILE: usize = 256;
 
 /// A search over row-major f32 matrices.
 pub struct Problem<'a> {
@@ -68,12 +74,29 @@ struct Work {
 
 /// Top-k keys and indices, [Q × k] each, sorted best first per query.
 pub fn search(p: &Problem) -> (Vec<f32>, Vec<i64>) {
+    run(p, &Prepared::new(p))
+}
+
+/// [`search`] with bf16 dot products (L2 and cosine), or `None` when the CPU lacks the kernel
+/// ([`bf16_kernel::available`]). Keys are those of [`search`] up to bf16 rounding, bounded by
+/// [`super::exact::bf16_dot_error`].
+pub fn search_bf16(p: &Problem) -> Option<(Vec<f32>, Vec<i64>)> {
+    if !cfg!(target_arch = "x86_64") || !bf16_kernel::available() || p.metric == Metric::L1 {
+        return None;
+    }
+    let mut prepared = Prepared::new(p);
+    prepared.bf16 = Some(Packed::new(p, prepared.queries.as_deref()));
+    Some(run(p, &prepared))
+}
+
+fn run(p: &Problem, prepared: &Prepared) -> (Vec<f32>, Vec<i64>) {
     let (nq, nc, k) = (p.n_queries(), p.n_candidates(), p.k);
     // Enough pieces for every thread even when there are few query blocks.
     let q_blocks = nq.div_ceil(QUERY_BLOCK);
     let wanted = (2 * rayon::current_num_threads()).div_ceil(q_blocks.max(1));
     let chunks = wanted.clamp(1, nc.div_ceil(CANDIDATE_BLOCK).max(1));
-    let chunk_len = nc.div_ceil(chunks);
+    // Chunks start on a packed panel (bf16).
+    let chunk_len = nc.div_ceil(chunks).next_multiple_of(PANEL);
     let work: Vec<Work> = (0..q_blocks)
         .flat_map(|b| {
             (0..chunks).map(move |c| Work {
@@ -86,7 +109,6 @@ pub fn search(p: &Problem) -> (Vec<f32>, Vec<i64>) {
         .filter(|w| w.c0 < w.c1)
         .collect();
 
-    let prepared = Prepared::new(p);
     let partial: Vec<(Vec<f32>, Vec<i64>)> = work.par_iter().map(|w| prepared.run(p, w)).collect();
 
     // Merge the chunks of each query block.
@@ -112,6 +134,54 @@ pub fn search(p: &Problem) -> (Vec<f32>, Vec<i64>) {
 struct Prepared {
     queries: Option<Vec<f32>>,
     cand_sq_norms: Vec<f32>,
+    /// Packed bf16 rows when the dot products are bf16's.
+    bf16: Option<Packed>,
+}
+
+/// Queries and candidates rounded to bf16 and packed for [`bf16_kernel::dots`] (cosine rows
+/// normalised in f32 first): a copy of half the size of the f32 candidates.
+struct Packed {
+    /// Words (bf16 pairs) per row.
+    d2: usize,
+    /// [Q × d2].
+    queries: Vec<u32>,
+    /// ⌈N / PANEL⌉ panels of d2 × PANEL words.
+    candidates: Vec<u32>,
+}
+
+impl Packed {
+    /// `normalised`: the queries already normalised (cosine).
+    fn new(p: &Problem, normalised: Option<&[f32]>) -> Self {
+        let (d, d2) = (p.dim, bf16_kernel::pairs(p.dim));
+        let qs = normalised.unwrap_or(p.queries);
+        let mut queries = vec![0u32; p.n_queries() * d2];
+        queries
+            .par_chunks_mut(d2)
+            .zip(qs.par_chunks(d))
+            .for_each(|(out, row)| bf16_kernel::pack_row(row, out));
+        let panels = p.n_candidates().div_ceil(PANEL);
+        let mut candidates = vec![0u32; panels * d2 * PANEL];
+        let cosine = p.metric == Metric::Cosine;
+        candidates
+            .par_chunks_mut(d2 * PANEL)
+            .enumerate()
+            .for_each(|(j, out)| {
+                let rows =
+                    &p.candidates[j * PANEL * d..((j + 1) * PANEL * d).min(p.candidates.len())];
+                if cosine {
+                    let mut unit = rows.to_vec();
+                    unit.chunks_mut(d).for_each(normalise_row);
+                    bf16_kernel::pack_panel(&unit, d, out);
+                } else {
+                    bf16_kernel::pack_panel(rows, d, out);
+                }
+            });
+        Self {
+            d2,
+            queries,
+            candidates,
+        }
+    }
 }
 
 impl Prepared {
@@ -120,14 +190,17 @@ impl Prepared {
             Metric::Cosine => Self {
                 queries: Some(normalise_rows(p.queries, p.dim)),
                 cand_sq_norms: Vec::new(),
+                bf16: None,
             },
             Metric::L2 => Self {
                 queries: None,
                 cand_sq_norms: sq_norms(p.candidates, p.dim),
+                bf16: None,
             },
             Metric::L1 => Self {
                 queries: None,
                 cand_sq_norms: Vec::new(),
+                bf16: None,
             },
         }
     }
@@ -185,63 +258,46 @@ impl Prepared {
                 }
             }
             Metric::L2 | Metric::Cosine => {
-                let qs = match p.metric {
-                    Metric::Cosine => self.queries.as_deref().unwrap_or(p.queries),
-                    _ => p.queries,
+                let norms = &self.cand_sq_norms;
+                let offer = |top: &mut RunningTopK, q: usize, dots: &[f32], base: usize| {
+                    offer_dots(top, dots, base, p.metric, norms, |c| !same_class(q, c))
                 };
-                let d = p.dim;
-                let mut scratch = vec![0f32; rows * CANDIDATE_BLOCK];
-                let mut unit = match p.metric {
-                    Metric::Cosine => vec![0f32; CANDIDATE_BLOCK * d],
-                    _ => Vec::new(),
-                };
-                for b0 in (w.c0..w.c1).step_by(CANDIDATE_BLOCK) {
-                    let b1 = (b0 + CANDIDATE_BLOCK).min(w.c1);
-                    let cols = b1 - b0;
-                    let tile = &p.candidates[b0 * d..b1 * d];
-                    let tile = if p.metric == Metric::Cosine {
-                        let unit = &mut unit[..cols * d];
-                        unit.copy_from_slice(tile);
-                        unit.chunks_mut(d).for_each(normalise_row);
-                        &*unit
-                    } else {
-                        tile
+                if let Some(packed) = &self.bf16 {
+                    #[cfg(target_arch = "x86_64")]
+                    run_bf16(packed, w, &mut tops, offer);
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!("search_bf16 packs rows only on x86_64: {}", packed.d2);
+                } else {
+                    let qs = match p.metric {
+                        Metric::Cosine => self.queries.as_deref().unwrap_or(p.queries),
+                        _ => p.queries,
                     };
-                    gemm_tile(
-                        &qs[w.q0 * d..w.q1 * d],
-                        tile,
-                        d,
-                        &mut scratch[..rows * cols],
-                    );
-                    let norms = &self.cand_sq_norms;
-                    for (row, top) in tops.iter_mut().enumerate() {
-                        let q = w.q0 + row;
-                        let dots = &scratch[row * cols..(row + 1) * cols];
-                        // Keys in chunks of 16: the key computation and the "anything better
-                        // than the threshold?" test vectorise; pushes are rare.
-                        let mut keys = [0f32; 16];
-                        for (chunk, ds) in dots.chunks(16).enumerate() {
-                            let base = b0 + chunk * 16;
-                            let keys = &mut keys[..ds.len()];
-                            match p.metric {
-                                Metric::L2 => {
-                                    let ns = &norms[base..base + ds.len()];
-                                    keys.iter_mut()
-                                        .zip(ds.iter().zip(ns))
-                                        .for_each(|(k, (&d, &n))| *k = n - 2.0 * d);
-                                }
-                                _ => keys.iter_mut().zip(ds).for_each(|(k, &d)| *k = -d),
-                            }
-                            let best = keys.iter().fold(f32::INFINITY, |m, &k| m.min(k));
-                            if best > top.threshold() {
-                                continue;
-                            }
-                            for (j, &key) in keys.iter().enumerate() {
-                                let c = base + j;
-                                if key <= top.threshold() && !same_class(q, c) {
-                                    top.push(key, c as i64);
-                                }
-                            }
+                    let d = p.dim;
+                    let mut scratch = vec![0f32; rows * CANDIDATE_BLOCK];
+                    let mut unit = match p.metric {
+                        Metric::Cosine => vec![0f32; CANDIDATE_BLOCK * d],
+                        _ => Vec::new(),
+                    };
+                    for b0 in (w.c0..w.c1).step_by(CANDIDATE_BLOCK) {
+                        let b1 = (b0 + CANDIDATE_BLOCK).min(w.c1);
+                        let cols = b1 - b0;
+                        let tile = &p.candidates[b0 * d..b1 * d];
+                        let tile = if p.metric == Metric::Cosine {
+                            let unit = &mut unit[..cols * d];
+                            unit.copy_from_slice(tile);
+                            unit.chunks_mut(d).for_each(normalise_row);
+                            &*unit
+                        } else {
+                            tile
+                        };
+                        gemm_tile(
+                            &qs[w.q0 * d..w.q1 * d],
+                            tile,
+                            d,
+                            &mut scratch[..rows * cols],
+                        );
+                        for (row, top) in tops.iter_mut().enumerate() {
+                            offer(top, w.q0 + row, &scratch[row * cols..(row + 1) * cols], b0);
                         }
                     }
                 }
@@ -249,6 +305,80 @@ impl Prepared {
         }
         drop(tops);
         (keys, idx)
+    }
+}
+
+/// The bf16 dot products of a work unit's queries and candidates, [`bf16_kernel::MR`] queries ×
+/// a [`BF16_TILE`] of candidates at a time, each row handed to `offer(top, query, dots, first
+/// candidate)` while it is in L1.
+#[cfg(target_arch = "x86_64")]
+fn run_bf16(
+    packed: &Packed,
+    w: &Work,
+    tops: &mut [RunningTopK],
+    offer: impl Fn(&mut RunningTopK, usize, &[f32], usize),
+) {
+    use bf16_kernel::MR;
+    let d2 = packed.d2;
+    let rows = w.q1 - w.q0;
+    let mut scratch = vec![0f32; MR * BF16_TILE];
+    for b0 in (w.c0..w.c1).step_by(BF16_TILE) {
+        let cols = (b0 + BF16_TILE).min(w.c1) - b0;
+        let panels = cols.div_ceil(PANEL);
+        let first = b0 / PANEL;
+        let x = &packed.candidates[first * d2 * PANEL..(first + panels) * d2 * PANEL];
+        let stride = panels * PANEL;
+        for r0 in (0..rows).step_by(MR) {
+            let n = MR.min(rows - r0);
+            let q = &packed.queries[(w.q0 + r0) * d2..(w.q0 + r0 + n) * d2];
+            // SAFETY: `search_bf16` packs rows only when `bf16_kernel::available()`; `q` holds
+            // n rows of d2 words, `x` `panels` panels, and the scratch n rows of `stride`.
+            unsafe { bf16_kernel::dots(q, n, x, panels, d2, &mut scratch, stride) };
+            for r in 0..n {
+                let dots = &scratch[r * stride..r * stride + cols];
+                offer(&mut tops[r0 + r], w.q0 + r0 + r, dots, b0);
+            }
+        }
+    }
+}
+
+/// Offers one query's candidates `base..base + dots.len()`, given their dot products with it,
+/// to its top-k: key `‖x‖² − 2q·x` (L2, `norms` the squared candidate norms) or `−q̂·x̂`
+/// (cosine), `eligible(c)` applying the other-class rule.
+#[inline]
+fn offer_dots(
+    top: &mut RunningTopK,
+    dots: &[f32],
+    base: usize,
+    metric: Metric,
+    norms: &[f32],
+    eligible: impl Fn(usize) -> bool,
+) {
+    // Keys in chunks of 16: the key computation and the "anything better than the threshold?"
+    // test vectorise; pushes are rare.
+    let mut keys = [0f32; 16];
+    for (chunk, ds) in dots.chunks(16).enumerate() {
+        let base = base + chunk * 16;
+        let keys = &mut keys[..ds.len()];
+        match metric {
+            Metric::L2 => {
+                let ns = &norms[base..base + ds.len()];
+                keys.iter_mut()
+                    .zip(ds.iter().zip(ns))
+                    .for_each(|(k, (&d, &n))| *k = n - 2.0 * d);
+            }
+            _ => keys.iter_mut().zip(ds).for_each(|(k, &d)| *k = -d),
+        }
+        let best = keys.iter().fold(f32::INFINITY, |m, &k| m.min(k));
+        if best > top.threshold() {
+            continue;
+        }
+        for (j, &key) in keys.iter().enumerate() {
+            let c = base + j;
+            if key <= top.threshold() && eligible(c) {
+                top.push(key, c as i64);
+            }
+        }
     }
 }
 

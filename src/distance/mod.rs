@@ -9,6 +9,8 @@
 //! (other-class constraint), its remaining slots hold index −1 and value +∞ (L1, L2) or −∞
 //! (cosine).
 
+pub mod bf16;
+pub mod bf16_kernel;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -150,6 +152,20 @@ impl Neighbors {
     }
 }
 
+/// The arithmetic of the CPU search's pre-selection; the result is the same exact one either
+/// way (see [`exact`]), only the speed differs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 GEMM tiles.
+    #[default]
+    F32,
+    /// bf16 dot products (AVX512-BF16) for L2 and cosine on the CPU, certified against the
+    /// exact f32 values, the queries it cannot certify searched again in f32 ([`bf16`]). L1,
+    /// device tensors and CPUs without AVX512-BF16 ([`bf16::available`]) search in f32.
+    Bf16,
+}
+
 /// A search request over host matrices.
 #[derive(Debug, Clone, Copy)]
 pub struct Search<'a> {
@@ -157,6 +173,8 @@ pub struct Search<'a> {
     pub k: usize,
     /// (query classes, candidate classes): only candidates of another class are eligible.
     pub other_class: Option<(&'a [i64], &'a [i64])>,
+    /// The CPU pre-selection's arithmetic.
+    pub precision: Precision,
 }
 
 /// The most neighbours per query (`k`).
@@ -325,6 +343,14 @@ pub fn search_host(
 ) -> Result<Neighbors, DistanceError> {
     check_host_shape(queries, candidates, dim)?;
     validate(queries, candidates, dim, s)?;
+    if s.precision == Precision::Bf16 && s.metric != Metric::L1 && bf16::available() {
+        return Ok(bf16::search(queries, candidates, dim, s));
+    }
+    Ok(search_host_f32(queries, candidates, dim, s))
+}
+
+/// [`search_host`]'s f32 path on validated input.
+fn search_host_f32(queries: &[f32], candidates: &[f32], dim: usize, s: &Search) -> Neighbors {
     let nc = candidates.len() / dim;
     let kept = (s.k + exact::RERANK).min(nc);
     let problem = cpu::Problem {
@@ -342,14 +368,7 @@ pub fn search_host(
         indices,
         everything: kept == nc,
     };
-    Ok(exact_from_host(
-        queries,
-        candidates,
-        dim,
-        s,
-        &pre,
-        exact::KeyArith::F32,
-    ))
+    exact_from_host(queries, candidates, dim, s, &pre, exact::KeyArith::F32)
 }
 
 /// The exact result from a pre-selection over host matrices: re-ranked, and the queries that
@@ -373,15 +392,17 @@ pub(crate) fn exact_from_host(
 }
 
 /// Queries whose fast result could not be certified exact and were recomputed: on the device in
-/// f32 after a TF32 pass, and by a full scan on the host.
+/// f32 after a TF32 pass, on the host in f32 after a bf16 pass, and by a full scan on the host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rechecks {
     pub device_f32: usize,
+    pub host_f32: usize,
     pub host_scan: usize,
 }
 
 static RECHECKS: std::sync::Mutex<Rechecks> = std::sync::Mutex::new(Rechecks {
     device_f32: 0,
+    host_f32: 0,
     host_scan: 0,
 });
 
@@ -389,6 +410,13 @@ fn note_rechecks(device_f32: usize, host_scan: usize) {
     if let Ok(mut r) = RECHECKS.lock() {
         r.device_f32 += device_f32;
         r.host_scan += host_scan;
+    }
+}
+
+/// Counts queries of a bf16 pre-selection searched again in f32 (see [`Rechecks`]).
+fn note_host_f32(queries: usize) {
+    if let Ok(mut r) = RECHECKS.lock() {
+        r.host_f32 += queries;
     }
 }
 
@@ -563,6 +591,7 @@ mod tests {
                             metric,
                             k,
                             other_class: other.then_some((&qc[..], &cc[..])),
+                            precision: Precision::F32,
                         };
                         let want = search_naive(&q, &c, dim, &s);
                         let ctx = format!("{metric:?} k={k} other={other} N={nc} D={dim}");
@@ -608,6 +637,7 @@ mod tests {
                             metric,
                             k,
                             other_class: other.then_some((&qc[..], &cc[..])),
+                            precision: Precision::F32,
                         };
                         let got = search_host(&q, &c, dim, &s).unwrap();
                         let want = search_naive(&q, &c, dim, &s);
@@ -633,6 +663,7 @@ mod tests {
             metric: Metric::L1,
             k: 3,
             other_class: None,
+            precision: Precision::F32,
         };
         let n = search_host(&[1.0], &c, 1, &s).unwrap();
         assert_eq!(n.indices, vec![0, 1, 2]);
@@ -641,6 +672,7 @@ mod tests {
             metric: Metric::L2,
             k: 2,
             other_class: None,
+            precision: Precision::F32,
         };
         assert_eq!(search_host(&[4.0], &c, 1, &s).unwrap().indices, vec![3, 1]);
         // Cosine in 2-D: the query (1, 0) is closest in angle to (2, 0.1).
@@ -649,6 +681,7 @@ mod tests {
             metric: Metric::Cosine,
             k: 3,
             other_class: None,
+            precision: Precision::F32,
         };
         let n = search_host(&[1.0, 0.0], &c2, 2, &s).unwrap();
         assert_eq!(n.indices, vec![1, 0, 2]);
@@ -661,6 +694,7 @@ mod tests {
             metric: Metric::L2,
             k,
             other_class: None,
+            precision: Precision::F32,
         };
         let err = |r: Result<Neighbors, DistanceError>| r.unwrap_err().to_string();
         assert!(err(search_host(&[1.0, f32::NAN], &[0.0, 0.0], 2, &s(1)))
@@ -680,6 +714,7 @@ mod tests {
             metric: Metric::Cosine,
             k: 1,
             other_class: None,
+            precision: Precision::F32,
         };
         assert!(err(search_host(&[0.0, 0.0], &[1.0, 1.0], 2, &cos)).contains("all zeros"));
         let q = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
@@ -692,6 +727,7 @@ mod tests {
             metric: Metric::L1,
             k: 2,
             other_class: Some((&[1], &[1, 1, 0])),
+            precision: Precision::F32,
         };
         let n = search_host(&[0.0], &[1.0, 2.0, 3.0], 1, &s).unwrap();
         assert_eq!(n.indices, vec![2, -1]);
@@ -700,6 +736,7 @@ mod tests {
             metric: Metric::L1,
             k: 1,
             other_class: Some((&[1], &[1, 1])),
+            precision: Precision::F32,
         };
         assert_eq!(
             search_host(&[0.0], &[1.0, 2.0], 1, &s).unwrap().indices,
@@ -718,6 +755,7 @@ mod tests {
                 metric,
                 k: 1,
                 other_class: None,
+                precision: Precision::F32,
             };
             let err = search_host(&q, &c, 2, &s).unwrap_err();
             assert!(
@@ -747,6 +785,7 @@ mod tests {
             metric: Metric::L1,
             k: 1,
             other_class: None,
+            precision: Precision::F32,
         };
         assert_eq!(search_host(&q, &c, 2, &s).unwrap().indices, vec![0]);
         let c = [2.0f32, 2.0, 3e38, 3e38];
@@ -761,6 +800,7 @@ mod tests {
             metric: Metric::L2,
             k: 2,
             other_class: None,
+            precision: Precision::F32,
         };
         let n = search_host(&[1e18, 1.0], &c, 2, &s).unwrap();
         assert_eq!(n.indices, vec![0, 1]);
@@ -773,6 +813,7 @@ mod tests {
             metric: Metric::L1,
             k: MAX_K + 1,
             other_class: None,
+            precision: Precision::F32,
         };
         let c = vec![0.0f32; MAX_K + 1];
         let err = search_host(&[0.0], &c, 1, &s).unwrap_err().to_string();

@@ -1,0 +1,140 @@
+//! The AVX512-BF16 dot-product tile kernel of the bf16 pre-selection (std only, so that it can
+//! be timed on its own).
+//!
+//! Layout. A row of D values is stored as ⌈D/2⌉ 32-bit words, each a pair of bf16 values
+//! (element 2p in the low half, 2p + 1 in the high half, a zero pads an odd D): the unit that
+//! `vdpbf16ps` consumes, `acc[lane] += a.lo·b.lo + a.hi·b.hi` in f32. Candidates are packed in
+//! panels of [`PANEL`] rows, pair-major: word `p·PANEL + c` is pair p of the panel's row c, so
+//! one step of the kernel loads the pair p of 64 candidates as four 16-lane vectors. Query rows
+//! stay row-major; the kernel broadcasts one word (pair) of a query at a time.
+//!
+//! Kernel: [`MR`] query rows × [`PANEL`] candidates accumulate in 24 zmm registers over the
+//! whole dimension (4 vector loads and 6 broadcasts per 24 `vdpbf16ps`), then store.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Candidates per packed panel (four 16-lane vectors).
+pub const PANEL: usize = 64;
+/// Query rows per kernel call.
+pub const MR: usize = 6;
+
+/// f32 → bf16, round to nearest, ties to even (the bits of a finite f32; a value that would
+/// round past the largest finite bf16 becomes infinity, which validated inputs never reach).
+pub fn to_bf16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let rounding = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(rounding) >> 16) as u16
+}
+
+/// bf16 bits → f32 (exact).
+pub fn from_bf16(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// Words (bf16 pairs) per row of `dim` values.
+pub fn pairs(dim: usize) -> usize {
+    dim.div_ceil(2)
+}
+
+/// One row as bf16 pairs (`out.len() == pairs(row.len())`).
+pub fn pack_row(row: &[f32], out: &mut [u32]) {
+    for (w, pair) in out.iter_mut().zip(row.chunks(2)) {
+        let lo = u32::from(to_bf16(pair[0]));
+        let hi = pair.get(1).map_or(0, |&v| u32::from(to_bf16(v)));
+        *w = lo | (hi << 16);
+    }
+}
+
+/// Packs up to [`PANEL`] rows (`rows`, row-major, `dim` columns) into one panel of
+/// `pairs(dim) · PANEL` words; missing rows are zeros.
+pub fn pack_panel(rows: &[f32], dim: usize, out: &mut [u32]) {
+    let d2 = pairs(dim);
+    debug_assert_eq!(out.len(), d2 * PANEL);
+    let mut row_words = vec![0u32; d2];
+    out.fill(0);
+    for (c, row) in rows.chunks(dim).enumerate() {
+        pack_row(row, &mut row_words);
+        for (p, &w) in row_words.iter().enumerate() {
+            out[p * PANEL + c] = w;
+        }
+    }
+}
+
+/// Whether this CPU runs the kernel (AVX512-F and AVX512-BF16).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[r·out_stride + c] = q_r · x_c` (bf16 products, f32 sums) for the `rows` ≤ [`MR`] query
+/// rows at `q` (each `d2` words) and every candidate c of the `panels` consecutive packed
+/// panels at `x` (column `j·PANEL + c` for panel j).
+///
+/// # Safety
+/// [`available`] must be true; `q` must hold `rows · d2` words, `x` `panels · d2 · PANEL`, and
+/// `out` `(rows − 1) · out_stride + panels · PANEL` floats.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn dots(
+    q: &[u32],
+    rows: usize,
+    x: &[u32],
+    panels: usize,
+    d2: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    debug_assert!(rows <= MR && q.len() >= rows * d2 && x.len() >= panels * d2 * PANEL);
+    debug_assert!(rows == 0 || out.len() >= (rows - 1) * out_stride + panels * PANEL);
+    for j in 0..panels {
+        let panel = x.as_ptr().add(j * d2 * PANEL);
+        let o = out.as_mut_ptr().add(j * PANEL);
+        match rows {
+            6 => block::<6>(q.as_ptr(), panel, d2, o, out_stride),
+            5 => block::<5>(q.as_ptr(), panel, d2, o, out_stride),
+            4 => block::<4>(q.as_ptr(), panel, d2, o, out_stride),
+            3 => block::<3>(q.as_ptr(), panel, d2, o, out_stride),
+            2 => block::<2>(q.as_ptr(), panel, d2, o, out_stride),
+            1 => block::<1>(q.as_ptr(), panel, d2, o, out_stride),
+            _ => {}
+        }
+    }
+}
+
+/// R query rows × one panel, accumulated in registers over all `d2` pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block<const R: usize>(
+    q: *const u32,
+    panel: *const u32,
+    d2: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    const NV: usize = PANEL / 16;
+    let mut acc = [[_mm512_setzero_ps(); NV]; R];
+    for p in 0..d2 {
+        let step = panel.add(p * PANEL);
+        let mut b = [_mm512_setzero_si512(); NV];
+        for (v, bv) in b.iter_mut().enumerate() {
+            *bv = _mm512_loadu_si512(step.add(v * 16).cast());
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*q.add(r * d2 + p) as i32));
+            for (v, av) in row.iter_mut().enumerate() {
+                *av = _mm512_dpbf16_ps(*av, a, std::mem::transmute::<__m512i, __m512bh>(b[v]));
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, av) in row.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * out_stride + v * 16), *av);
+        }
+    }
+}
