@@ -277,3 +277,26 @@ fn the_bound_covers_the_kernels_error() {
         );
     }
 }
+
+#[test]
+fn interleaved_values_equal_the_reference_bit_for_bit() {
+    // The re-ranking computes four candidates' values at a time; each must be Metric::value's.
+    let mut rng = Rng::new(9);
+    for dim in [1usize, 3, 8, 511, 1280] {
+        let q = randn(&mut rng, dim);
+        for n in [1usize, 4, 7, 13] {
+            let mut xs = randn(&mut rng, n * dim);
+            // Signed zeros and exact copies of the query among the candidates.
+            xs[0] = -0.0;
+            if n > 2 {
+                xs[2 * dim..3 * dim].copy_from_slice(&q);
+            }
+            let rows: Vec<&[f32]> = xs.chunks(dim).collect();
+            for metric in [Metric::L1, Metric::L2, Metric::Cosine] {
+                let got = metric.values(&q, &rows);
+                let want: Vec<f32> = rows.iter().map(|x| metric.value(&q, x)).collect();
+                assert_eq!(bits(&got), bits(&want), "{metric:?} D={dim} n={n}");
+            }
+        }
+    }
+}

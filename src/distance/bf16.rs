@@ -25,8 +25,15 @@ pub fn available() -> bool {
     super::bf16_kernel::available()
 }
 
-/// The bf16 search of validated L2 or cosine input (f32 when the kernel is not available).
-pub(super) fn search(queries: &[f32], candidates: &[f32], dim: usize, s: &Search) -> Neighbors {
+/// The bf16 search of validated L2 or cosine input (f32 when the kernel is not available);
+/// `max_norm` is the largest candidate L2 norm for L2 (else 0).
+pub(super) fn search(
+    queries: &[f32],
+    candidates: &[f32],
+    dim: usize,
+    s: &Search,
+    max_norm: f64,
+) -> Neighbors {
     let nc = candidates.len() / dim;
     let kept = (s.k + MARGIN).min(nc);
     let problem = cpu::Problem {
@@ -38,7 +45,7 @@ pub(super) fn search(queries: &[f32], candidates: &[f32], dim: usize, s: &Search
         classes: s.other_class,
     };
     let Some((keys, indices)) = cpu::search_bf16(&problem) else {
-        return super::search_host_f32(queries, candidates, dim, s);
+        return super::search_host_f32(queries, candidates, dim, s, max_norm);
     };
     let pre = Preselected {
         kept,
@@ -46,14 +53,22 @@ pub(super) fn search(queries: &[f32], candidates: &[f32], dim: usize, s: &Search
         indices,
         everything: kept == nc,
     };
-    let bounds = exact::Bounds::new(s.metric, dim, KeyArith::Bf16, candidates);
+    let bounds = exact::Bounds::with_max_norm(s.metric, dim, KeyArith::Bf16, max_norm);
     let (mut out, uncertified) = exact::rerank(queries, dim, s, &pre, &bounds, |slot| {
         let c = pre.indices[slot] as usize;
         &candidates[c * dim..(c + 1) * dim]
     });
     if !uncertified.is_empty() {
         super::note_host_f32(uncertified.len());
-        search_again_f32(&mut out, queries, candidates, dim, s, &uncertified);
+        search_again_f32(
+            &mut out,
+            queries,
+            candidates,
+            dim,
+            s,
+            max_norm,
+            &uncertified,
+        );
     }
     out
 }
@@ -65,6 +80,7 @@ fn search_again_f32(
     candidates: &[f32],
     dim: usize,
     s: &Search,
+    max_norm: f64,
     which: &[usize],
 ) {
     let rows: Vec<f32> = which
@@ -79,7 +95,7 @@ fn search_again_f32(
         precision: Precision::F32,
         ..*s
     };
-    let found = super::search_host_f32(&rows, candidates, dim, &sub);
+    let found = super::search_host_f32(&rows, candidates, dim, &sub, max_norm);
     let k = s.k;
     for (j, &q) in which.iter().enumerate() {
         out.indices[q * k..(q + 1) * k].copy_from_slice(&found.indices[j * k..(j + 1) * k]);

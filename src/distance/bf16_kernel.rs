@@ -49,14 +49,17 @@ pub fn pack_row(row: &[f32], out: &mut [u32]) {
 /// Packs up to [`PANEL`] rows (`rows`, row-major, `dim` columns) into one panel of
 /// `pairs(dim) · PANEL` words; missing rows are zeros.
 pub fn pack_panel(rows: &[f32], dim: usize, out: &mut [u32]) {
-    let d2 = pairs(dim);
-    debug_assert_eq!(out.len(), d2 * PANEL);
-    let mut row_words = vec![0u32; d2];
-    out.fill(0);
-    for (c, row) in rows.chunks(dim).enumerate() {
-        pack_row(row, &mut row_words);
-        for (p, &w) in row_words.iter().enumerate() {
-            out[p * PANEL + c] = w;
+    debug_assert_eq!(out.len(), pairs(dim) * PANEL);
+    if rows.len() < PANEL * dim {
+        out.fill(0);
+    }
+    for (c, row) in rows.chunks_exact(dim).enumerate() {
+        let mut words = row.chunks_exact(2);
+        for (p, pair) in words.by_ref().enumerate() {
+            out[p * PANEL + c] = u32::from(to_bf16(pair[0])) | (u32::from(to_bf16(pair[1])) << 16);
+        }
+        if let [last] = words.remainder() {
+            out[(dim / 2) * PANEL + c] = u32::from(to_bf16(*last));
         }
     }
 }

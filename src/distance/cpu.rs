@@ -22,8 +22,11 @@ const CANDIDATE_BLOCK: usize = 512;
 /// Candidate rows per L1 tile (64 × D floats stay in L2 for D ≤ 1280).
 const L1_TILE: usize = 64;
 /// Candidate rows per bf16 tile (a multiple of [`PANEL`]; 256 × D bf16 values, 640 KiB at
-/// D = 1280, stay in L2 while every query block's rows stream past them).
+/// D = 1280, stay in L2 while every query of the block streams past them).
 const BF16_TILE: usize = 256;
+/// Query rows per bf16 work unit: each unit packs its candidates' tiles once per block, so
+/// large blocks pack each candidate once (a unit's running top-k is block × kept entries).
+const BF16_QUERY_BLOCK: usize = 4096;
 
 /// A search over row-major f32 matrices.
 pub struct Problem<'a> {
@@ -74,7 +77,7 @@ struct Work {
 
 /// Top-k keys and indices, [Q × k] each, sorted best first per query.
 pub fn search(p: &Problem) -> (Vec<f32>, Vec<i64>) {
-    run(p, &Prepared::new(p))
+    run(p, &Prepared::new(p), QUERY_BLOCK)
 }
 
 /// [`search`] with bf16 dot products (L2 and cosine), or `None` when the CPU lacks the kernel
@@ -86,13 +89,13 @@ pub fn search_bf16(p: &Problem) -> Option<(Vec<f32>, Vec<i64>)> {
     }
     let mut prepared = Prepared::new(p);
     prepared.bf16 = Some(Packed::new(p, prepared.queries.as_deref()));
-    Some(run(p, &prepared))
+    Some(run(p, &prepared, BF16_QUERY_BLOCK))
 }
 
-fn run(p: &Problem, prepared: &Prepared) -> (Vec<f32>, Vec<i64>) {
+fn run(p: &Problem, prepared: &Prepared, query_block: usize) -> (Vec<f32>, Vec<i64>) {
     let (nq, nc, k) = (p.n_queries(), p.n_candidates(), p.k);
     // Enough pieces for every thread even when there are few query blocks.
-    let q_blocks = nq.div_ceil(QUERY_BLOCK);
+    let q_blocks = nq.div_ceil(query_block);
     let wanted = (2 * rayon::current_num_threads()).div_ceil(q_blocks.max(1));
     let chunks = wanted.clamp(1, nc.div_ceil(CANDIDATE_BLOCK).max(1));
     // Chunks start on a packed panel (bf16).
@@ -100,8 +103,8 @@ fn run(p: &Problem, prepared: &Prepared) -> (Vec<f32>, Vec<i64>) {
     let work: Vec<Work> = (0..q_blocks)
         .flat_map(|b| {
             (0..chunks).map(move |c| Work {
-                q0: b * QUERY_BLOCK,
-                q1: ((b + 1) * QUERY_BLOCK).min(nq),
+                q0: b * query_block,
+                q1: ((b + 1) * query_block).min(nq),
                 c0: c * chunk_len,
                 c1: ((c + 1) * chunk_len).min(nc),
             })
@@ -138,15 +141,13 @@ struct Prepared {
     bf16: Option<Packed>,
 }
 
-/// Queries and candidates rounded to bf16 and packed for [`bf16_kernel::dots`] (cosine rows
-/// normalised in f32 first): a copy of half the size of the f32 candidates.
+/// Query rows rounded to bf16 and packed for [`bf16_kernel::dots`] (cosine rows normalised in
+/// f32 first). Candidates are packed tile by tile as the work units reach them.
 struct Packed {
     /// Words (bf16 pairs) per row.
     d2: usize,
     /// [Q × d2].
     queries: Vec<u32>,
-    /// ⌈N / PANEL⌉ panels of d2 × PANEL words.
-    candidates: Vec<u32>,
 }
 
 impl Packed {
@@ -159,28 +160,7 @@ impl Packed {
             .par_chunks_mut(d2)
             .zip(qs.par_chunks(d))
             .for_each(|(out, row)| bf16_kernel::pack_row(row, out));
-        let panels = p.n_candidates().div_ceil(PANEL);
-        let mut candidates = vec![0u32; panels * d2 * PANEL];
-        let cosine = p.metric == Metric::Cosine;
-        candidates
-            .par_chunks_mut(d2 * PANEL)
-            .enumerate()
-            .for_each(|(j, out)| {
-                let rows =
-                    &p.candidates[j * PANEL * d..((j + 1) * PANEL * d).min(p.candidates.len())];
-                if cosine {
-                    let mut unit = rows.to_vec();
-                    unit.chunks_mut(d).for_each(normalise_row);
-                    bf16_kernel::pack_panel(&unit, d, out);
-                } else {
-                    bf16_kernel::pack_panel(rows, d, out);
-                }
-            });
-        Self {
-            d2,
-            queries,
-            candidates,
-        }
+        Self { d2, queries }
     }
 }
 
@@ -264,7 +244,7 @@ impl Prepared {
                 };
                 if let Some(packed) = &self.bf16 {
                     #[cfg(target_arch = "x86_64")]
-                    run_bf16(packed, w, &mut tops, offer);
+                    run_bf16(p, packed, w, &mut tops, offer);
                     #[cfg(not(target_arch = "x86_64"))]
                     unreachable!("search_bf16 packs rows only on x86_64: {}", packed.d2);
                 } else {
@@ -308,25 +288,44 @@ impl Prepared {
     }
 }
 
-/// The bf16 dot products of a work unit's queries and candidates, [`bf16_kernel::MR`] queries ×
-/// a [`BF16_TILE`] of candidates at a time, each row handed to `offer(top, query, dots, first
-/// candidate)` while it is in L1.
+/// The bf16 dot products of a work unit's queries and candidates: each [`BF16_TILE`] of
+/// candidates packed (normalised first for cosine), then [`bf16_kernel::MR`] queries at a time
+/// against it, each row handed to `offer(top, query, dots, first candidate)` while in L1.
 #[cfg(target_arch = "x86_64")]
 fn run_bf16(
+    p: &Problem,
     packed: &Packed,
     w: &Work,
     tops: &mut [RunningTopK],
     offer: impl Fn(&mut RunningTopK, usize, &[f32], usize),
 ) {
     use bf16_kernel::MR;
-    let d2 = packed.d2;
+    let (d, d2) = (p.dim, packed.d2);
     let rows = w.q1 - w.q0;
     let mut scratch = vec![0f32; MR * BF16_TILE];
+    let mut tile = vec![0u32; BF16_TILE * d2];
+    let mut unit = match p.metric {
+        Metric::Cosine => vec![0f32; PANEL * d],
+        _ => Vec::new(),
+    };
     for b0 in (w.c0..w.c1).step_by(BF16_TILE) {
         let cols = (b0 + BF16_TILE).min(w.c1) - b0;
         let panels = cols.div_ceil(PANEL);
-        let first = b0 / PANEL;
-        let x = &packed.candidates[first * d2 * PANEL..(first + panels) * d2 * PANEL];
+        let x = &mut tile[..panels * d2 * PANEL];
+        for (j, panel) in x.chunks_mut(d2 * PANEL).enumerate() {
+            let r0 = b0 + j * PANEL;
+            let r1 = (r0 + PANEL).min(b0 + cols);
+            let src = &p.candidates[r0 * d..r1 * d];
+            if p.metric == Metric::Cosine {
+                let unit = &mut unit[..src.len()];
+                unit.copy_from_slice(src);
+                unit.chunks_mut(d).for_each(normalise_row);
+                bf16_kernel::pack_panel(unit, d, panel);
+            } else {
+                bf16_kernel::pack_panel(src, d, panel);
+            }
+        }
+        let x = &*x;
         let stride = panels * PANEL;
         for r0 in (0..rows).step_by(MR) {
             let n = MR.min(rows - r0);
@@ -354,30 +353,64 @@ fn offer_dots(
     norms: &[f32],
     eligible: impl Fn(usize) -> bool,
 ) {
-    // Keys in chunks of 16: the key computation and the "anything better than the threshold?"
-    // test vectorise; pushes are rare.
-    let mut keys = [0f32; 16];
-    for (chunk, ds) in dots.chunks(16).enumerate() {
+    // Keys 16 at a time in fixed-size arrays, so that the key computation and the "any key at
+    // or below the threshold?" test compile to a few vector instructions; pushes are rare.
+    let mut chunks = dots.chunks_exact(16);
+    for (chunk, ds) in chunks.by_ref().enumerate() {
         let base = base + chunk * 16;
-        let keys = &mut keys[..ds.len()];
+        let ds: &[f32; 16] = ds.try_into().expect("chunks of 16");
+        let mut keys = [0f32; 16];
         match metric {
             Metric::L2 => {
-                let ns = &norms[base..base + ds.len()];
-                keys.iter_mut()
-                    .zip(ds.iter().zip(ns))
-                    .for_each(|(k, (&d, &n))| *k = n - 2.0 * d);
+                let ns: &[f32; 16] = norms[base..base + 16].try_into().expect("16 norms");
+                for j in 0..16 {
+                    keys[j] = ns[j] - 2.0 * ds[j];
+                }
             }
-            _ => keys.iter_mut().zip(ds).for_each(|(k, &d)| *k = -d),
+            _ => {
+                for j in 0..16 {
+                    keys[j] = -ds[j];
+                }
+            }
         }
-        let best = keys.iter().fold(f32::INFINITY, |m, &k| m.min(k));
-        if best > top.threshold() {
-            continue;
-        }
+        let threshold = top.threshold();
+        let mut hits = 0u32;
         for (j, &key) in keys.iter().enumerate() {
+            hits |= u32::from(key <= threshold) << j;
+        }
+        // Only the keys at or below the threshold, lowest index first (the threshold can only
+        // fall as they enter).
+        while hits != 0 {
+            let j = hits.trailing_zeros() as usize;
+            hits &= hits - 1;
             let c = base + j;
-            if key <= top.threshold() && eligible(c) {
-                top.push(key, c as i64);
+            if keys[j] <= top.threshold() && eligible(c) {
+                top.push(keys[j], c as i64);
             }
+        }
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let base = base + (dots.len() - rest.len());
+        let keys: Vec<f32> = match metric {
+            Metric::L2 => rest
+                .iter()
+                .zip(&norms[base..base + rest.len()])
+                .map(|(&d, &n)| n - 2.0 * d)
+                .collect(),
+            _ => rest.iter().map(|&d| -d).collect(),
+        };
+        push_keys(top, &keys, base, &eligible);
+    }
+}
+
+/// Pushes the keys of candidates `base..` that reach the threshold (and are eligible).
+#[inline]
+fn push_keys(top: &mut RunningTopK, keys: &[f32], base: usize, eligible: impl Fn(usize) -> bool) {
+    for (j, &key) in keys.iter().enumerate() {
+        let c = base + j;
+        if key <= top.threshold() && eligible(c) {
+            top.push(key, c as i64);
         }
     }
 }

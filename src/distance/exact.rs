@@ -206,11 +206,13 @@ fn rerank_query<'r>(
     row: impl Fn(usize) -> &'r [f32],
 ) -> Option<(Vec<i64>, Vec<f32>)> {
     let (k, metric) = (s.k, s.metric);
-    let mut scored: Vec<(f32, i64, usize)> = indices
-        .iter()
-        .enumerate()
-        .filter(|(_, &i)| i >= 0)
-        .map(|(slot, &i)| (metric.value(q, row(slot)), i, slot))
+    let kept: Vec<usize> = (0..indices.len()).filter(|&j| indices[j] >= 0).collect();
+    let rows: Vec<&[f32]> = kept.iter().map(|&slot| row(slot)).collect();
+    let mut scored: Vec<(f32, i64, usize)> = metric
+        .values(q, &rows)
+        .into_iter()
+        .zip(&kept)
+        .map(|(v, &slot)| (v, indices[slot], slot))
         .collect();
     scored.sort_by(|a, b| {
         rank_key(metric, a.0)

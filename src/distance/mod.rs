@@ -61,6 +61,43 @@ impl Metric {
         }
     }
 
+    /// [`Metric::value`] of `a` with each of `xs`, bit for bit the same, four candidates at a
+    /// time: each candidate's sum is still taken in index order from −0.0 (as `Iterator::sum`
+    /// does), only the four sums are interleaved, which the re-ranking's throughput needs.
+    pub fn values(self, a: &[f32], xs: &[&[f32]]) -> Vec<f32> {
+        let na = match self {
+            Metric::Cosine => a.iter().map(|v| v * v).sum::<f32>().sqrt(),
+            _ => 0.0,
+        };
+        let mut out = Vec::with_capacity(xs.len());
+        let mut groups = xs.chunks_exact(4);
+        for g in groups.by_ref() {
+            let (mut s, mut nx) = ([-0.0f32; 4], [-0.0f32; 4]);
+            for (i, &p) in a.iter().enumerate() {
+                for j in 0..4 {
+                    let q = g[j][i];
+                    match self {
+                        Metric::L1 => s[j] += (p - q).abs(),
+                        Metric::L2 => s[j] += (p - q) * (p - q),
+                        Metric::Cosine => {
+                            s[j] += p * q;
+                            nx[j] += q * q;
+                        }
+                    }
+                }
+            }
+            for j in 0..4 {
+                out.push(match self {
+                    Metric::L1 => s[j],
+                    Metric::L2 => s[j].sqrt(),
+                    Metric::Cosine => s[j] / (na * nx[j].sqrt()),
+                });
+            }
+        }
+        out.extend(groups.remainder().iter().map(|x| self.value(a, x)));
+        out
+    }
+
     /// The value of an empty slot.
     pub fn empty_value(self) -> f32 {
         match self {
@@ -199,11 +236,26 @@ pub fn check_magnitude(
     row: usize,
     metric: Metric,
 ) -> Result<(), DistanceError> {
-    let value = match metric {
-        Metric::L1 => values.iter().map(|&v| f64::from(v).abs()).sum::<f64>(),
-        Metric::L2 | Metric::Cosine => values.iter().map(|&v| f64::from(v) * f64::from(v)).sum(),
-    };
+    let value = row_magnitude(values, metric);
     check_row_magnitude(what, row, metric, value)
+}
+
+/// A row's magnitude for [`magnitude_rule`] in f64: Σ|v| (L1) or Σv² (L2, cosine), summed in
+/// 8 interleaved lanes (f64 sums of f32 values: a few ulps of f64 whatever the order).
+fn row_magnitude(values: &[f32], metric: Metric) -> f64 {
+    let term = |v: f32| match metric {
+        Metric::L1 => f64::from(v).abs(),
+        Metric::L2 | Metric::Cosine => f64::from(v) * f64::from(v),
+    };
+    let mut lanes = [0f64; 8];
+    let mut chunks = values.chunks_exact(8);
+    for c in chunks.by_ref() {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += term(v);
+        }
+    }
+    let rest: f64 = chunks.remainder().iter().map(|&v| term(v)).sum();
+    lanes.iter().sum::<f64>() + rest
 }
 
 /// The check of [`check_magnitude`] on a row's summed magnitude.
@@ -227,30 +279,44 @@ pub(crate) fn check_row_magnitude(
     })
 }
 
+/// Refuses the first row (in order) that is non-finite, all zeros for cosine, or too large
+/// (rows are checked in parallel); returns the largest row magnitude ([`row_magnitude`]).
 fn check_matrix(
     m: &[f32],
     dim: usize,
     what: &'static str,
     metric: Metric,
-) -> Result<(), DistanceError> {
-    for (row, values) in m.chunks(dim.max(1)).enumerate() {
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(DistanceError::NonFinite { what, row });
-        }
-        if metric == Metric::Cosine && values.iter().all(|&v| v == 0.0) {
-            return Err(DistanceError::ZeroNorm { what, row });
-        }
-        check_magnitude(values, what, row, metric)?;
+) -> Result<f64, DistanceError> {
+    use rayon::prelude::*;
+    let checked: Vec<Result<f64, DistanceError>> = m
+        .par_chunks(dim.max(1))
+        .enumerate()
+        .map(|(row, values)| {
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(DistanceError::NonFinite { what, row });
+            }
+            if metric == Metric::Cosine && values.iter().all(|&v| v == 0.0) {
+                return Err(DistanceError::ZeroNorm { what, row });
+            }
+            let value = row_magnitude(values, metric);
+            check_row_magnitude(what, row, metric, value).map(|()| value)
+        })
+        .collect();
+    let mut largest = 0f64;
+    for r in checked {
+        largest = largest.max(r?);
     }
-    Ok(())
+    Ok(largest)
 }
 
+/// Checks a search's input; returns the largest candidate magnitude ([`row_magnitude`]: the
+/// squared norm for L2 and cosine).
 fn validate(
     queries: &[f32],
     candidates: &[f32],
     dim: usize,
     s: &Search,
-) -> Result<(), DistanceError> {
+) -> Result<f64, DistanceError> {
     let nc = candidates.len() / dim.max(1);
     let nq = queries.len() / dim.max(1);
     validate_sizes(nq, nc, s)?;
@@ -342,15 +408,27 @@ pub fn search_host(
     s: &Search,
 ) -> Result<Neighbors, DistanceError> {
     check_host_shape(queries, candidates, dim)?;
-    validate(queries, candidates, dim, s)?;
+    let largest = validate(queries, candidates, dim, s)?;
+    // The bounds' largest candidate norm (L2 only), from the validation's squared norms.
+    let max_norm = match s.metric {
+        Metric::L2 => largest.sqrt(),
+        _ => 0.0,
+    };
     if s.precision == Precision::Bf16 && s.metric != Metric::L1 && bf16::available() {
-        return Ok(bf16::search(queries, candidates, dim, s));
+        return Ok(bf16::search(queries, candidates, dim, s, max_norm));
     }
-    Ok(search_host_f32(queries, candidates, dim, s))
+    Ok(search_host_f32(queries, candidates, dim, s, max_norm))
 }
 
-/// [`search_host`]'s f32 path on validated input.
-fn search_host_f32(queries: &[f32], candidates: &[f32], dim: usize, s: &Search) -> Neighbors {
+/// [`search_host`]'s f32 path on validated input (`max_norm`: the largest candidate L2 norm
+/// for L2, else 0).
+fn search_host_f32(
+    queries: &[f32],
+    candidates: &[f32],
+    dim: usize,
+    s: &Search,
+    max_norm: f64,
+) -> Neighbors {
     let nc = candidates.len() / dim;
     let kept = (s.k + exact::RERANK).min(nc);
     let problem = cpu::Problem {
@@ -368,7 +446,8 @@ fn search_host_f32(queries: &[f32], candidates: &[f32], dim: usize, s: &Search) 
         indices,
         everything: kept == nc,
     };
-    exact_from_host(queries, candidates, dim, s, &pre, exact::KeyArith::F32)
+    let bounds = exact::Bounds::with_max_norm(s.metric, dim, exact::KeyArith::F32, max_norm);
+    exact_with_bounds(queries, candidates, dim, s, &pre, &bounds)
 }
 
 /// The exact result from a pre-selection over host matrices: re-ranked, and the queries that
@@ -382,7 +461,19 @@ pub(crate) fn exact_from_host(
     arith: exact::KeyArith,
 ) -> Neighbors {
     let bounds = exact::Bounds::new(s.metric, dim, arith, candidates);
-    let (mut out, uncertified) = exact::rerank(queries, dim, s, pre, &bounds, |slot| {
+    exact_with_bounds(queries, candidates, dim, s, pre, &bounds)
+}
+
+/// [`exact_from_host`] with its bounds given.
+pub(crate) fn exact_with_bounds(
+    queries: &[f32],
+    candidates: &[f32],
+    dim: usize,
+    s: &Search,
+    pre: &exact::Preselected,
+    bounds: &exact::Bounds,
+) -> Neighbors {
+    let (mut out, uncertified) = exact::rerank(queries, dim, s, pre, bounds, |slot| {
         let c = pre.indices[slot] as usize;
         &candidates[c * dim..(c + 1) * dim]
     });
