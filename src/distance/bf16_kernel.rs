@@ -95,30 +95,105 @@ pub unsafe fn dots(
 ) {
     debug_assert!(rows <= MR && q.len() >= rows * d2 && x.len() >= panels * d2 * PANEL);
     debug_assert!(rows == 0 || out.len() >= (rows - 1) * out_stride + panels * PANEL);
+    let none = Epilogue {
+        norms: std::ptr::null(),
+        thresholds: [0.0; MR],
+        hits: std::ptr::null_mut(),
+    };
     for j in 0..panels {
         let panel = x.as_ptr().add(j * d2 * PANEL);
         let o = out.as_mut_ptr().add(j * PANEL);
-        match rows {
-            6 => block::<6>(q.as_ptr(), panel, d2, o, out_stride),
-            5 => block::<5>(q.as_ptr(), panel, d2, o, out_stride),
-            4 => block::<4>(q.as_ptr(), panel, d2, o, out_stride),
-            3 => block::<3>(q.as_ptr(), panel, d2, o, out_stride),
-            2 => block::<2>(q.as_ptr(), panel, d2, o, out_stride),
-            1 => block::<1>(q.as_ptr(), panel, d2, o, out_stride),
-            _ => {}
-        }
+        run_block::<false>(rows, q.as_ptr(), panel, d2, o, out_stride, &none, 0);
     }
 }
 
-/// R query rows × one panel, accumulated in registers over all `d2` pairs.
+/// Like [`dots`], but stores ranking keys, "smaller is closer", and flags the candidates whose
+/// key is at or below their query's threshold: key `norms[c] − 2·q_r·x_c` (L2, `norms` the
+/// tile's squared candidate norms, one per column) or `−q_r·x_c` (cosine, `norms` = `None`);
+/// bit c of `hits[r·panels + j]` is set when candidate c of panel j has key ≤
+/// `thresholds[r]`. The comparison runs on the accumulators, so a caller reads only the
+/// flagged keys.
+///
+/// # Safety
+/// As [`dots`]; `norms` (when given) must hold `panels · PANEL` floats, `thresholds` `rows`,
+/// and `hits` `rows · panels`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn block<const R: usize>(
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn keys(
+    q: &[u32],
+    rows: usize,
+    x: &[u32],
+    panels: usize,
+    d2: usize,
+    norms: Option<&[f32]>,
+    thresholds: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+    hits: &mut [u64],
+) {
+    debug_assert!(rows <= MR && q.len() >= rows * d2 && x.len() >= panels * d2 * PANEL);
+    debug_assert!(rows == 0 || out.len() >= (rows - 1) * out_stride + panels * PANEL);
+    debug_assert!(thresholds.len() >= rows && hits.len() >= rows * panels);
+    debug_assert!(norms.is_none_or(|n| n.len() >= panels * PANEL));
+    let mut e = Epilogue {
+        norms: std::ptr::null(),
+        thresholds: [0.0; MR],
+        hits: hits.as_mut_ptr(),
+    };
+    e.thresholds[..rows].copy_from_slice(&thresholds[..rows]);
+    for j in 0..panels {
+        let panel = x.as_ptr().add(j * d2 * PANEL);
+        let o = out.as_mut_ptr().add(j * PANEL);
+        e.norms = norms.map_or(std::ptr::null(), |n| n.as_ptr().add(j * PANEL));
+        e.hits = hits.as_mut_ptr().add(j);
+        run_block::<true>(rows, q.as_ptr(), panel, d2, o, out_stride, &e, panels);
+    }
+}
+
+/// The key epilogue's inputs for one panel.
+struct Epilogue {
+    /// The panel's squared candidate norms (L2), or null (cosine).
+    norms: *const f32,
+    thresholds: [f32; MR],
+    /// The panel's hit mask of row 0; row r's is `hits_stride` masks further.
+    hits: *mut u64,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_block<const KEYS: bool>(
+    rows: usize,
     q: *const u32,
     panel: *const u32,
     d2: usize,
     out: *mut f32,
     out_stride: usize,
+    e: &Epilogue,
+    hits_stride: usize,
+) {
+    match rows {
+        6 => block::<6, KEYS>(q, panel, d2, out, out_stride, e, hits_stride),
+        5 => block::<5, KEYS>(q, panel, d2, out, out_stride, e, hits_stride),
+        4 => block::<4, KEYS>(q, panel, d2, out, out_stride, e, hits_stride),
+        3 => block::<3, KEYS>(q, panel, d2, out, out_stride, e, hits_stride),
+        2 => block::<2, KEYS>(q, panel, d2, out, out_stride, e, hits_stride),
+        1 => block::<1, KEYS>(q, panel, d2, out, out_stride, e, hits_stride),
+        _ => {}
+    }
+}
+
+/// R query rows × one panel, accumulated in registers over all `d2` pairs; stores the dot
+/// products, or with `KEYS` the keys and hit masks of [`keys`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block<const R: usize, const KEYS: bool>(
+    q: *const u32,
+    panel: *const u32,
+    d2: usize,
+    out: *mut f32,
+    out_stride: usize,
+    e: &Epilogue,
+    hits_stride: usize,
 ) {
     const NV: usize = PANEL / 16;
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
@@ -135,9 +210,35 @@ unsafe fn block<const R: usize>(
             }
         }
     }
-    for (r, row) in acc.iter().enumerate() {
-        for (v, av) in row.iter().enumerate() {
-            _mm512_storeu_ps(out.add(r * out_stride + v * 16), *av);
+    if !KEYS {
+        for (r, row) in acc.iter().enumerate() {
+            for (v, av) in row.iter().enumerate() {
+                _mm512_storeu_ps(out.add(r * out_stride + v * 16), *av);
+            }
         }
+        return;
+    }
+    let mut norms = [_mm512_setzero_ps(); NV];
+    if !e.norms.is_null() {
+        for (v, n) in norms.iter_mut().enumerate() {
+            *n = _mm512_loadu_ps(e.norms.add(v * 16));
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        let threshold = _mm512_set1_ps(e.thresholds[r]);
+        let mut mask = 0u64;
+        for (v, av) in row.iter().enumerate() {
+            // ‖x‖² − (d + d) is ‖x‖² − 2d exactly as in f32; 0 − d for cosine.
+            let key = _mm512_sub_ps(norms[v], _mm512_add_ps(*av, *av));
+            let key = if e.norms.is_null() {
+                _mm512_sub_ps(norms[v], *av)
+            } else {
+                key
+            };
+            _mm512_storeu_ps(out.add(r * out_stride + v * 16), key);
+            let m = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(key, threshold);
+            mask |= u64::from(m) << (16 * v);
+        }
+        *e.hits.add(r * hits_stride) = mask;
     }
 }

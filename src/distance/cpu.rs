@@ -244,7 +244,7 @@ impl Prepared {
                 };
                 if let Some(packed) = &self.bf16 {
                     #[cfg(target_arch = "x86_64")]
-                    run_bf16(p, packed, w, &mut tops, offer);
+                    run_bf16(p, packed, norms, w, &mut tops, |q, c| !same_class(q, c));
                     #[cfg(not(target_arch = "x86_64"))]
                     unreachable!("search_bf16 packs rows only on x86_64: {}", packed.d2);
                 } else {
@@ -288,22 +288,27 @@ impl Prepared {
     }
 }
 
-/// The bf16 dot products of a work unit's queries and candidates: each [`BF16_TILE`] of
-/// candidates packed (normalised first for cosine), then [`bf16_kernel::MR`] queries at a time
-/// against it, each row handed to `offer(top, query, dots, first candidate)` while in L1.
+/// The bf16 pre-selection of a work unit: each [`BF16_TILE`] of candidates packed (normalised
+/// first for cosine), then [`bf16_kernel::MR`] queries at a time against it; the kernel
+/// compares the keys with each query's threshold in registers, so only the flagged keys are
+/// read and offered (`eligible(query, candidate)`: the other-class rule).
 #[cfg(target_arch = "x86_64")]
 fn run_bf16(
     p: &Problem,
     packed: &Packed,
+    norms: &[f32],
     w: &Work,
     tops: &mut [RunningTopK],
-    offer: impl Fn(&mut RunningTopK, usize, &[f32], usize),
+    eligible: impl Fn(usize, usize) -> bool,
 ) {
     use bf16_kernel::MR;
     let (d, d2) = (p.dim, packed.d2);
     let rows = w.q1 - w.q0;
+    let l2 = p.metric == Metric::L2;
     let mut scratch = vec![0f32; MR * BF16_TILE];
     let mut tile = vec![0u32; BF16_TILE * d2];
+    let mut tile_norms = vec![f32::INFINITY; BF16_TILE];
+    let mut hits = [0u64; MR * BF16_TILE / PANEL];
     let mut unit = match p.metric {
         Metric::Cosine => vec![0f32; PANEL * d],
         _ => Vec::new(),
@@ -327,15 +332,53 @@ fn run_bf16(
         }
         let x = &*x;
         let stride = panels * PANEL;
+        if l2 {
+            tile_norms[..cols].copy_from_slice(&norms[b0..b0 + cols]);
+            tile_norms[cols..].fill(f32::INFINITY);
+        }
+        let tile_norms = l2.then_some(&tile_norms[..stride]);
         for r0 in (0..rows).step_by(MR) {
             let n = MR.min(rows - r0);
             let q = &packed.queries[(w.q0 + r0) * d2..(w.q0 + r0 + n) * d2];
+            let mut thresholds = [0f32; MR];
+            for (t, top) in thresholds.iter_mut().zip(&tops[r0..r0 + n]) {
+                *t = top.threshold();
+            }
             // SAFETY: `search_bf16` packs rows only when `bf16_kernel::available()`; `q` holds
-            // n rows of d2 words, `x` `panels` panels, and the scratch n rows of `stride`.
-            unsafe { bf16_kernel::dots(q, n, x, panels, d2, &mut scratch, stride) };
+            // n rows of d2 words, `x` `panels` panels, the norms `stride` values, the scratch
+            // n rows of `stride`, and `hits` n × panels masks.
+            unsafe {
+                bf16_kernel::keys(
+                    q,
+                    n,
+                    x,
+                    panels,
+                    d2,
+                    tile_norms,
+                    &thresholds,
+                    &mut scratch,
+                    stride,
+                    &mut hits,
+                )
+            };
             for r in 0..n {
-                let dots = &scratch[r * stride..r * stride + cols];
-                offer(&mut tops[r0 + r], w.q0 + r0 + r, dots, b0);
+                let (top, query) = (&mut tops[r0 + r], w.q0 + r0 + r);
+                let keys = &scratch[r * stride..(r + 1) * stride];
+                for (j, &mask) in hits[r * panels..(r + 1) * panels].iter().enumerate() {
+                    let mut mask = mask;
+                    // Lowest column first; the threshold only falls as keys enter.
+                    while mask != 0 {
+                        let col = j * PANEL + mask.trailing_zeros() as usize;
+                        mask &= mask - 1;
+                        if col >= cols {
+                            break;
+                        }
+                        let c = b0 + col;
+                        if keys[col] <= top.threshold() && eligible(query, c) {
+                            top.push(keys[col], c as i64);
+                        }
+                    }
+                }
             }
         }
     }
