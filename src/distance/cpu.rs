@@ -188,6 +188,11 @@ impl Prepared {
     fn run(&self, p: &Problem, w: &Work) -> (Vec<f32>, Vec<i64>) {
         let k = p.k;
         let rows = w.q1 - w.q0;
+        let same_class = |q: usize, c: usize| p.classes.is_some_and(|(qc, cc)| qc[q] == cc[c]);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(packed) = &self.bf16 {
+            return run_bf16(p, packed, &self.cand_sq_norms, w, |q, c| !same_class(q, c));
+        }
         let mut keys = vec![0f32; rows * k];
         let mut idx = vec![0i64; rows * k];
         let mut tops: Vec<RunningTopK> = keys
@@ -195,7 +200,6 @@ impl Prepared {
             .zip(idx.chunks_mut(k))
             .map(|(kk, ii)| RunningTopK::new(kk, ii))
             .collect();
-        let same_class = |q: usize, c: usize| p.classes.is_some_and(|(qc, cc)| qc[q] == cc[c]);
         match p.metric {
             Metric::L1 => {
                 let kernel = l1_simd::select_2x4();
@@ -242,12 +246,7 @@ impl Prepared {
                 let offer = |top: &mut RunningTopK, q: usize, dots: &[f32], base: usize| {
                     offer_dots(top, dots, base, p.metric, norms, |c| !same_class(q, c))
                 };
-                if let Some(packed) = &self.bf16 {
-                    #[cfg(target_arch = "x86_64")]
-                    run_bf16(p, packed, norms, w, &mut tops, |q, c| !same_class(q, c));
-                    #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!("search_bf16 packs rows only on x86_64: {}", packed.d2);
-                } else {
+                {
                     let qs = match p.metric {
                         Metric::Cosine => self.queries.as_deref().unwrap_or(p.queries),
                         _ => p.queries,
@@ -298,12 +297,12 @@ fn run_bf16(
     packed: &Packed,
     norms: &[f32],
     w: &Work,
-    tops: &mut [RunningTopK],
     eligible: impl Fn(usize, usize) -> bool,
-) {
+) -> (Vec<f32>, Vec<i64>) {
     use bf16_kernel::MR;
     let (d, d2) = (p.dim, packed.d2);
     let rows = w.q1 - w.q0;
+    let mut tops: Vec<LazyTopK> = (0..rows).map(|_| LazyTopK::new(p.k)).collect();
     let l2 = p.metric == Metric::L2;
     let mut scratch = vec![0f32; MR * BF16_TILE];
     let mut tile = vec![0u32; BF16_TILE * d2];
@@ -380,6 +379,65 @@ fn run_bf16(
                     }
                 }
             }
+        }
+    }
+    let mut keys = vec![0f32; rows * p.k];
+    let mut idx = vec![0i64; rows * p.k];
+    for ((top, kk), ii) in tops.into_iter().zip(keys.chunks_mut(p.k)).zip(idx.chunks_mut(p.k)) {
+        top.finish(kk, ii);
+    }
+    (keys, idx)
+}
+
+/// A running top-k for a wide k (the bf16 pre-selection keeps k + 32): candidates at or under
+/// the threshold are appended, and sorted by (key, index) and cut to k only when the buffer of
+/// 2k + 16 fills, instead of an insertion per candidate. Same result as [`RunningTopK`].
+struct LazyTopK {
+    k: usize,
+    items: Vec<(f32, i64)>,
+    threshold: f32,
+}
+
+impl LazyTopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            items: Vec::with_capacity(2 * k + 16),
+            threshold: f32::INFINITY,
+        }
+    }
+
+    /// The key a candidate must reach (ties are settled by index when the buffer is cut).
+    #[inline]
+    fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    #[inline]
+    fn push(&mut self, key: f32, index: i64) {
+        self.items.push((key, index));
+        if self.items.len() == self.items.capacity() {
+            self.cut();
+        }
+    }
+
+    fn cut(&mut self) {
+        self.items
+            .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        self.items.truncate(self.k);
+        if self.items.len() == self.k {
+            self.threshold = self.items[self.k - 1].0;
+        }
+    }
+
+    /// Writes the k best, best first, into `keys` and `indices` (+∞ and −1 when fewer).
+    fn finish(mut self, keys: &mut [f32], indices: &mut [i64]) {
+        self.cut();
+        keys.fill(f32::INFINITY);
+        indices.fill(-1);
+        for (j, &(key, index)) in self.items.iter().enumerate() {
+            keys[j] = key;
+            indices[j] = index;
         }
     }
 }
