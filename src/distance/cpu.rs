@@ -390,8 +390,9 @@ fn run_bf16(
 }
 
 /// A running top-k for a wide k (the bf16 pre-selection keeps k + 32): candidates at or under
-/// the threshold are appended, and sorted by (key, index) and cut to k only when the buffer of
-/// 2k + 16 fills, instead of an insertion per candidate. Same result as [`RunningTopK`].
+/// the threshold are appended, and the k best by (key, index) selected (not sorted) only when
+/// the buffer of 3k + 16 fills, instead of an insertion per candidate; sorted at the end. Same
+/// result as [`RunningTopK`].
 struct LazyTopK {
     k: usize,
     items: Vec<(f32, i64)>,
@@ -402,7 +403,7 @@ impl LazyTopK {
     fn new(k: usize) -> Self {
         Self {
             k,
-            items: Vec::with_capacity(2 * k + 16),
+            items: Vec::with_capacity(3 * k + 16),
             threshold: f32::INFINITY,
         }
     }
@@ -422,17 +423,22 @@ impl LazyTopK {
     }
 
     fn cut(&mut self) {
-        self.items
-            .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        self.items.truncate(self.k);
+        let order = |a: &(f32, i64), b: &(f32, i64)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        if self.items.len() > self.k {
+            self.items.select_nth_unstable_by(self.k - 1, order);
+            self.items.truncate(self.k);
+        }
         if self.items.len() == self.k {
-            self.threshold = self.items[self.k - 1].0;
+            // The k-th best: the largest of the k kept.
+            self.threshold = self.items.iter().fold(f32::NEG_INFINITY, |m, i| m.max(i.0));
         }
     }
 
     /// Writes the k best, best first, into `keys` and `indices` (+∞ and −1 when fewer).
     fn finish(mut self, keys: &mut [f32], indices: &mut [i64]) {
         self.cut();
+        self.items
+            .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         keys.fill(f32::INFINITY);
         indices.fill(-1);
         for (j, &(key, index)) in self.items.iter().enumerate() {
