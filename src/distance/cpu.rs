@@ -383,7 +383,11 @@ fn run_bf16(
     }
     let mut keys = vec![0f32; rows * p.k];
     let mut idx = vec![0i64; rows * p.k];
-    for ((top, kk), ii) in tops.into_iter().zip(keys.chunks_mut(p.k)).zip(idx.chunks_mut(p.k)) {
+    for ((top, kk), ii) in tops
+        .into_iter()
+        .zip(keys.chunks_mut(p.k))
+        .zip(idx.chunks_mut(p.k))
+    {
         top.finish(kk, ii);
     }
     (keys, idx)
