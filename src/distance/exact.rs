@@ -39,19 +39,27 @@ const TINY: f64 = 1.175_494_350_822_287_5e-38;
 /// ‖q‖ ≤ `q_norm` and ‖x‖ ≤ `x_norm`, where q̃, x̃ are the rows rounded to bf16.
 ///
 /// Derivation. Rounding to nearest to 8 significant bits gives |q̃ᵢ − qᵢ| ≤ u_b|qᵢ| with
-/// u_b = 2⁻⁸ for a normal value; the kernel (`vdpbf16ps`) treats a subnormal input as zero,
+/// u_b = 2⁻⁸ for a normal value; the kernel (`vdpbf16ps`) may treat a subnormal input as zero,
 /// so in every case |q̃ᵢ − qᵢ| ≤ u_b|qᵢ| + τ with τ = 2⁻¹²⁶, and the same for x. Then
-/// |qᵢxᵢ − q̃ᵢx̃ᵢ| ≤ |qᵢ||x̃ᵢ − xᵢ| + |x̃ᵢ||q̃ᵢ − qᵢ| ≤ (2u_b + u_b²)|qᵢ||xᵢ|
-/// + τ(1 + u_b)(|qᵢ| + |xᵢ|) + τ². Summed over i, with Σ|qᵢ||xᵢ| ≤ ‖q‖‖x‖ (Cauchy–Schwarz) and
-/// ‖q‖₁ ≤ √D‖q‖: (2u_b + u_b²)‖q‖‖x‖ + τ(1 + u_b)√D(‖q‖ + ‖x‖) + Dτ².
-/// A product of two bf16 values (8 + 8 significant bits) is exact in f32 (24), unless it is
-/// flushed below τ. Each of the at most D + 1 f32 additions of a lane errs by at most 2u·|its
-/// partial sum| with u = 2⁻²⁴ (2u: any faithful rounding, not only to nearest) or by less than
-/// τ when flushed; every partial sum is at most Σ|q̃ᵢx̃ᵢ| ≤ (1 + u_b)²‖q‖‖x‖ + (the τ terms).
-/// With n = D + 4 ≥ D + 1, the total is at most
+///
+/// |qᵢxᵢ − q̃ᵢx̃ᵢ| ≤ |qᵢ||x̃ᵢ − xᵢ| + |x̃ᵢ||q̃ᵢ − qᵢ|
+/// ≤ (2u_b + u_b²)|qᵢ||xᵢ| + τ(1 + u_b)(|qᵢ| + |xᵢ|) + τ².
+///
+/// Summed over i, with Σ|qᵢ||xᵢ| ≤ ‖q‖‖x‖ (Cauchy–Schwarz) and ‖q‖₁ ≤ √D‖q‖, the inputs'
+/// rounding costs at most (2u_b + u_b²)‖q‖‖x‖ plus τ(1 + u_b)√D(‖q‖ + ‖x‖) plus Dτ².
+///
+/// A product of two bf16 values (8 + 8 significant bits) is exact in f32 (24 bits), unless
+/// it is flushed below τ. Each of the at most D + 1 f32 additions of a lane errs by at most
+/// 2u·|its partial sum| with u = 2⁻²⁴ (2u: any faithful rounding, not only to nearest), or by
+/// less than τ when flushed; every partial sum is at most Σ|q̃ᵢx̃ᵢ| ≤ (1 + u_b)²‖q‖‖x‖ plus
+/// τ terms. With n = D + 4 ≥ D + 1, the total is at most
+///
 /// (2u_b + u_b² + 2.1·n·u)‖q‖‖x‖ + 2τ(√D(‖q‖ + ‖x‖) + 2n),
+///
 /// the factor 2.1 ≥ 2(1 + u_b)²(1 + n·u) and the doubled τ term covering the second-order
-/// products. No other slack is added: the bound is the rounding of the inputs plus the sums.
+/// products. No other slack is added: the bound is the inputs' rounding plus the sums'
+/// (`tests/distance_bf16.rs` checks it against the kernel, and that it is nearly reached when
+/// every input rounds down by almost u_b).
 pub fn bf16_dot_error(dim: usize, q_norm: f64, x_norm: f64) -> f64 {
     let n = dim as f64 + 4.0;
     (2.0 * U_BF16 + U_BF16 * U_BF16 + 2.1 * n * U) * q_norm * x_norm
