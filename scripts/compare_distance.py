@@ -307,7 +307,7 @@ def time_case(search, q, seconds, max_runs):
 def rust_pairs_per_s(threads, features):
     """Run the criterion bench and return {(bench, d): pairs/s} at the full sizes (bench: a
     metric, or its bf16 pre-selection's name from BF16 where the CPU has AVX512-BF16)."""
-    cmd = RUST_CMD[:3] + (["--features", features] if features else []) + RUST_CMD[3:]
+    cmd = RUST_CMD[:2] + (["--features", features] if features else []) + RUST_CMD[2:]
     out = run_cargo_bench(cmd, threads, die)
     base = {**{m: m for m in Q_FULL}, **{b: m for m, b in BF16.items()}}
     result = {}

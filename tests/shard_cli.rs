@@ -168,6 +168,18 @@ fn write_rows(path: &Path, values: &[f32], dim: usize, weights: &str, list: &str
 }
 
 fn closest(q: &Path, c: &Path, out: &Path, metric: &str, k: &str, extra: &[&str]) -> String {
+    success(&closest_run(q, c, out, metric, k, extra))
+}
+
+/// `bccp closest` on the CPU, succeeding or not.
+fn closest_run(
+    q: &Path,
+    c: &Path,
+    out: &Path,
+    metric: &str,
+    k: &str,
+    extra: &[&str],
+) -> std::process::Output {
     let mut args = vec![
         "closest",
         "--queries",
@@ -184,7 +196,7 @@ fn closest(q: &Path, c: &Path, out: &Path, metric: &str, k: &str, extra: &[&str]
         "cpu",
     ];
     args.extend_from_slice(extra);
-    success(&bccp(&args))
+    bccp(&args)
 }
 
 fn merge(out: &Path, parts: &[&PathBuf]) -> std::process::Output {
@@ -269,23 +281,7 @@ fn closest_precision_bf16_writes_the_f32_result_and_refuses_what_it_cannot_do() 
         closest(&q, &c, &f32_out, metric, "5", &extra);
         let mut args = extra.clone();
         args.extend(["--precision", "bf16"]);
-        let mut cmd = vec![
-            "closest",
-            "--queries",
-            s(&q),
-            "--candidates",
-            s(&c),
-            "--metric",
-            metric,
-            "--k",
-            "5",
-            "--out",
-            s(&bf16_out),
-            "--device",
-            "cpu",
-        ];
-        cmd.extend_from_slice(&args);
-        let run = bccp(&cmd);
+        let run = closest_run(&q, &c, &bf16_out, metric, "5", &args);
         success(&run);
         let stderr = String::from_utf8_lossy(&run.stderr);
         noted |= stderr.contains("bf16 pre-selection could not be proven exact")
@@ -301,38 +297,26 @@ fn closest_precision_bf16_writes_the_f32_result_and_refuses_what_it_cannot_do() 
         "no query fell back to f32 on near-duplicate grid data"
     );
     let out = d.join("x.safetensors");
-    let err = failure(&bccp(&[
-        "closest",
-        "--queries",
-        s(&q),
-        "--candidates",
-        s(&c),
-        "--metric",
+    let err = failure(&closest_run(
+        &q,
+        &c,
+        &out,
         "l1",
-        "--out",
-        s(&out),
-        "--device",
-        "cpu",
-        "--precision",
-        "bf16",
-    ]));
+        "1",
+        &["--precision", "bf16"],
+    ));
     assert!(
         err.contains("--precision bf16 applies to --metric l2 and cosine"),
         "{err}"
     );
-    let err = failure(&bccp(&[
-        "closest",
-        "--queries",
-        s(&q),
-        "--candidates",
-        s(&c),
-        "--metric",
+    let err = failure(&closest_run(
+        &q,
+        &c,
+        &out,
         "l2",
-        "--out",
-        s(&out),
-        "--precision",
-        "fp8",
-    ]));
+        "1",
+        &["--precision", "fp8"],
+    ));
     assert!(
         err.contains("--precision") && err.contains("f32") && err.contains("bf16"),
         "{err}"
