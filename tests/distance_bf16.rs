@@ -200,6 +200,7 @@ fn bf16_rounds_to_nearest_even() {
 }
 
 /// The kernel's dot product of two rows (one query, the candidate in slot 5 of a panel).
+#[cfg(target_arch = "x86_64")]
 fn kernel_dot(q: &[f32], x: &[f32]) -> f32 {
     let dim = q.len();
     let mut qw = vec![0u32; pairs(dim)];
@@ -225,6 +226,7 @@ fn exact_dot(q: &[f32], x: &[f32]) -> f64 {
         .sum()
 }
 
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn the_bound_covers_the_kernels_error() {
     if !bf16::available() {

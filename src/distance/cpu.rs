@@ -23,9 +23,11 @@ const CANDIDATE_BLOCK: usize = 512;
 const L1_TILE: usize = 64;
 /// Candidate rows per bf16 tile (a multiple of [`PANEL`]; 256 × D bf16 values, 640 KiB at
 /// D = 1280, stay in L2 while every query of the block streams past them).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const BF16_TILE: usize = 256;
 /// Query rows per bf16 work unit: each unit packs its candidates' tiles once per block, so
 /// large blocks pack each candidate once (a unit's running top-k is block × kept entries).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const BF16_QUERY_BLOCK: usize = 4096;
 
 /// A search over row-major f32 matrices.
@@ -143,6 +145,7 @@ struct Prepared {
 
 /// Query rows rounded to bf16 and packed for [`bf16_kernel::dots`] (cosine rows normalised in
 /// f32 first). Candidates are packed tile by tile as the work units reach them.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Packed {
     /// Words (bf16 pairs) per row.
     d2: usize,
@@ -397,12 +400,14 @@ fn run_bf16(
 /// the threshold are appended, and the k best by (key, index) selected (not sorted) only when
 /// the buffer of 3k + 16 fills, instead of an insertion per candidate; sorted at the end. Same
 /// result as [`RunningTopK`].
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct LazyTopK {
     k: usize,
     items: Vec<(f32, i64)>,
     threshold: f32,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl LazyTopK {
     fn new(k: usize) -> Self {
         Self {
