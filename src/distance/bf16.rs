@@ -35,25 +35,11 @@ pub(super) fn search(
     s: &Search,
     max_norm: f64,
 ) -> Neighbors {
-    let nc = candidates.len() / dim;
-    let kept = (s.k + MARGIN).min(nc);
-    let problem = cpu::Problem {
-        queries,
-        candidates,
-        dim,
-        k: kept,
-        metric: s.metric,
-        classes: s.other_class,
-    };
-    let Some((keys, indices)) = cpu::search_bf16(&problem) else {
+    let problem = cpu::Problem::keeping(queries, candidates, dim, s, MARGIN);
+    let Some(found) = cpu::search_bf16(&problem) else {
         return super::search_host_f32(queries, candidates, dim, s, max_norm);
     };
-    let pre = Preselected {
-        kept,
-        keys,
-        indices,
-        everything: kept == nc,
-    };
+    let pre = Preselected::of(&problem, found);
     let bounds = exact::Bounds::with_max_norm(s.metric, dim, KeyArith::Bf16, max_norm);
     let (mut out, uncertified) = exact::rerank(queries, dim, s, &pre, &bounds, |slot| {
         let c = pre.indices[slot] as usize;

@@ -41,11 +41,31 @@ pub struct Problem<'a> {
     pub classes: Option<(&'a [i64], &'a [i64])>,
 }
 
-impl Problem<'_> {
+impl<'a> Problem<'a> {
+    /// The pre-selection of search `s` keeping `k + margin` candidates per query (all of them
+    /// when there are fewer).
+    pub fn keeping(
+        queries: &'a [f32],
+        candidates: &'a [f32],
+        dim: usize,
+        s: &super::Search<'a>,
+        margin: usize,
+    ) -> Self {
+        Self {
+            queries,
+            candidates,
+            dim,
+            k: (s.k + margin).min(candidates.len() / dim),
+            metric: s.metric,
+            classes: s.other_class,
+        }
+    }
+
     fn n_queries(&self) -> usize {
         self.queries.len() / self.dim
     }
-    fn n_candidates(&self) -> usize {
+    /// The number of candidate rows.
+    pub fn n_candidates(&self) -> usize {
         self.candidates.len() / self.dim
     }
 }

@@ -202,6 +202,18 @@ pub struct Preselected {
     pub everything: bool,
 }
 
+impl Preselected {
+    /// The (keys, indices) a CPU pre-selection of `problem` found.
+    pub fn of(problem: &super::cpu::Problem, (keys, indices): (Vec<f32>, Vec<i64>)) -> Self {
+        Self {
+            kept: problem.k,
+            keys,
+            indices,
+            everything: problem.k == problem.n_candidates(),
+        }
+    }
+}
+
 /// One query's exact top-k from its kept candidates, or `None` when it cannot be certified.
 /// `row(slot)` is the candidate row kept in `slot` of this query.
 fn rerank_query<'r>(

@@ -429,23 +429,8 @@ fn search_host_f32(
     s: &Search,
     max_norm: f64,
 ) -> Neighbors {
-    let nc = candidates.len() / dim;
-    let kept = (s.k + exact::RERANK).min(nc);
-    let problem = cpu::Problem {
-        queries,
-        candidates,
-        dim,
-        k: kept,
-        metric: s.metric,
-        classes: s.other_class,
-    };
-    let (keys, indices) = cpu::search(&problem);
-    let pre = exact::Preselected {
-        kept,
-        keys,
-        indices,
-        everything: kept == nc,
-    };
+    let problem = cpu::Problem::keeping(queries, candidates, dim, s, exact::RERANK);
+    let pre = exact::Preselected::of(&problem, cpu::search(&problem));
     let bounds = exact::Bounds::with_max_norm(s.metric, dim, exact::KeyArith::F32, max_norm);
     exact_with_bounds(queries, candidates, dim, s, &pre, &bounds)
 }
