@@ -1,9 +1,11 @@
 //! Closest-candidate search throughput on the CPU (k = 1): `distance/{l2,cosine}/d{512,1280}`
-//! with Q = 2048, N = 65536, and `distance/l1/d{512,1280}` with Q = 256, N = 65536. One
-//! iteration is the whole search. `scripts/compare_distance.py` runs numpy, torch, scipy and
-//! faiss on the same sizes in the same run. Threads: RAYON_NUM_THREADS.
+//! with Q = 2048, N = 65536, the same with the bf16 pre-selection as
+//! `distance/{l2,cosine}_bf16/d{512,1280}` (where the CPU has AVX512-BF16; the queries it could
+//! not certify, searched again in f32, are printed), and `distance/l1/d{512,1280}` with
+//! Q = 256, N = 65536. One iteration is the whole search. `scripts/compare_distance.py` runs
+//! numpy, torch, scipy and faiss on the same sizes in the same run. Threads: RAYON_NUM_THREADS.
 
-use bccp::distance::{l1_simd, search_host, Metric, Search};
+use bccp::distance::{bf16, l1_simd, search_host, take_rechecks, Metric, Precision, Search};
 use bccp::rng::Rng;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -27,21 +29,42 @@ fn distance(c: &mut Criterion) {
     group.sample_size(10);
     for dim in [512usize, 1280] {
         let candidates = randn(N, dim, 1);
-        for (metric, name, q) in [
-            (Metric::L2, "l2", 2048usize),
-            (Metric::Cosine, "cosine", 2048),
-            (Metric::L1, "l1", 256),
+        for (metric, name, q, precision) in [
+            (Metric::L2, "l2", 2048usize, Precision::F32),
+            (Metric::Cosine, "cosine", 2048, Precision::F32),
+            (Metric::L2, "l2_bf16", 2048, Precision::Bf16),
+            (Metric::Cosine, "cosine_bf16", 2048, Precision::Bf16),
+            (Metric::L1, "l1", 256, Precision::F32),
         ] {
+            if precision == Precision::Bf16 && !bf16::available() {
+                eprintln!("{name}/d{dim}: skipped, this CPU has no AVX512-BF16");
+                continue;
+            }
             let queries = randn(q, dim, 2);
             let search = Search {
                 metric,
                 k: 1,
                 other_class: None,
+                precision,
             };
             group.throughput(Throughput::Elements((q * N) as u64));
+            let _ = take_rechecks();
+            let mut searches = 0usize;
             group.bench_function(format!("{name}/d{dim}"), |b| {
-                b.iter(|| search_host(&queries, &candidates, dim, &search).expect("search"))
+                b.iter(|| {
+                    searches += 1;
+                    search_host(&queries, &candidates, dim, &search).expect("search")
+                })
             });
+            let r = take_rechecks();
+            if precision == Precision::Bf16 {
+                eprintln!(
+                    "{name}/d{dim}: {} of {} queries per search searched again in f32, {} scanned",
+                    r.host_f32 / searches.max(1),
+                    q,
+                    r.host_scan / searches.max(1)
+                );
+            }
         }
     }
     group.finish();
@@ -66,6 +89,7 @@ fn distance_cuda(c: &mut Criterion) {
                 metric,
                 k: 1,
                 other_class: None,
+                precision: Precision::F32,
             };
             group.throughput(Throughput::Elements((q * N) as u64));
             group.bench_function(format!("{name}/d{dim}"), |b| {

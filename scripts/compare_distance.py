@@ -17,6 +17,7 @@ References (each: one warm-up call, then the median of timed calls, about --seco
           and computes in float64, so it runs in --threads forked worker processes on a subset
           of --scipy-queries queries, and pairs/s is scaled from that subset (said in the table)
   faiss   IndexFlatL2 (l2), IndexFlatIP on normalised vectors (cosine), IndexFlat METRIC_L1 (l1)
+(--references picks a subset; numpy is always measured.)
 Candidate-side preparation (row norms, normalised copy, float64 copy, faiss add) is done once,
 outside the timing, like building an index; query-side work is timed. Thread count: --threads
 sets OMP/OPENBLAS/MKL_NUM_THREADS before numpy is imported, torch.set_num_threads,
@@ -27,6 +28,9 @@ search; a disagreement prints a warning (with the distance gap, to tell a float3
 bccp side: `cargo bench --bench distance -- --output-format bencher distance/` (criterion ids
 distance/{l2,cosine,l1}/d{512,1280}, one iteration = the whole top-1 search of the workload at
 full size), run with RAYON_NUM_THREADS=--threads; ns/iter is converted to pairs/s = Q*N / s.
+With AVX512-BF16, the bench also runs distance/{l2,cosine}_bf16/d{512,1280}: the bf16
+pre-selection (the same exact result); its pairs/s and ratios are the "bccp bf16" row and column.
+--cargo-features passes --features to cargo (e.g. the features the checkout was built with).
 
 Prints a markdown table per metric and D (implementation, pairs/s in millions, GFLOP/s counting
 2*D flops per pair for l2/cosine and 3*D for l1, bccp / this) and, with --json FILE, writes the
@@ -35,7 +39,7 @@ same as JSON.
 Usage (from the repository root):
   scripts/setup-torch-venv.sh
   assets/torch-venv/bin/python scripts/compare_distance.py [--threads N] [--quick] [--seconds S]
-      [--json FILE] [--skip-rust]
+      [--json FILE] [--skip-rust] [--references numpy,torch,scipy,faiss] [--cargo-features F]
 """
 
 import argparse
@@ -59,8 +63,11 @@ METRICS = ["l2", "cosine", "l1"]
 FLOPS_PER_DIM = {"l2": 2, "cosine": 2, "l1": 3}
 SEED = 20240611
 RUST_CMD = ["cargo", "bench", "--bench", "distance", "--", "--output-format", "bencher", "distance/"]
+BF16 = {"l2": "l2_bf16", "cosine": "cosine_bf16"}
+REFERENCES = ["numpy", "torch", "scipy", "faiss"]
 BENCH_LINE = re.compile(r"^test\s+distance/(\w+)/d(\d+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")
 BCCP = "bccp"
+BCCP_BF16 = "bccp bf16 pre-selection (exact)"
 
 
 def die(msg):
@@ -71,7 +78,7 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_libraries(threads):
+def load_libraries(threads, references):
     global np, torch, scipy, cdist, faiss
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
@@ -79,15 +86,22 @@ def load_libraries(threads):
         die("numpy was imported before the thread count was set")
     try:
         import numpy as np_
-        import scipy as scipy_
-        import torch as torch_
-        import faiss as faiss_
-        from scipy.spatial.distance import cdist as cdist_
+        np = np_
+        if "scipy" in references:
+            import scipy as scipy_
+            from scipy.spatial.distance import cdist as cdist_
+            scipy, cdist = scipy_, cdist_
+        if "torch" in references:
+            import torch as torch_
+            torch = torch_
+            torch.set_num_threads(threads)
+        if "faiss" in references:
+            import faiss as faiss_
+            faiss = faiss_
+            faiss.omp_set_num_threads(threads)
     except ImportError as e:
-        die(f"{e}: run scripts/setup-torch-venv.sh and use assets/torch-venv/bin/python")
-    np, torch, scipy, cdist, faiss = np_, torch_, scipy_, cdist_, faiss_
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
+        die(f"{e}: run scripts/setup-torch-venv.sh and use assets/torch-venv/bin/python "
+            f"(or leave the library out of --references)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,17 +304,20 @@ def time_case(search, q, seconds, max_runs):
     return statistics.median(times), len(times), np.asarray(idx)
 
 
-def rust_pairs_per_s(threads):
-    """Run the criterion bench and return {(metric, d): pairs/s} at the full sizes."""
-    out = run_cargo_bench(RUST_CMD, threads, die)
+def rust_pairs_per_s(threads, features):
+    """Run the criterion bench and return {(bench, d): pairs/s} at the full sizes (bench: a
+    metric, or its bf16 pre-selection's name from BF16 where the CPU has AVX512-BF16)."""
+    cmd = RUST_CMD[:2] + (["--features", features] if features else []) + RUST_CMD[2:]
+    out = run_cargo_bench(cmd, threads, die)
+    base = {**{m: m for m in Q_FULL}, **{b: m for m, b in BF16.items()}}
     result = {}
     for line in out.splitlines():
         m = BENCH_LINE.match(line.strip())
         if m:
             ns = bench_ns(m.group(3))
-            metric, d = m.group(1), int(m.group(2))
-            if metric in Q_FULL:
-                result[(metric, d)] = Q_FULL[metric] * N_FULL / (ns * 1e-9)
+            name, d = m.group(1), int(m.group(2))
+            if name in base:
+                result[(name, d)] = Q_FULL[base[name]] * N_FULL / (ns * 1e-9)
     missing = [f"distance/{m}/d{d}" for m in METRICS for d in DIMS if (m, d) not in result]
     if missing:
         die(f"no bencher line for {', '.join(missing)} in the cargo bench output")
@@ -322,6 +339,9 @@ def main():
     ap.add_argument("--dims", default=",".join(map(str, DIMS)), help="comma-separated subset of 512,1280")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     ap.add_argument("--skip-rust", action="store_true", help="measure the references only")
+    ap.add_argument("--references", default=",".join(REFERENCES),
+                    help="comma-separated subset of numpy,torch,scipy,faiss (numpy is always measured)")
+    ap.add_argument("--cargo-features", default="", help="--features for cargo bench (default none)")
     args = ap.parse_args()
     if args.threads < 1:
         die("--threads must be at least 1")
@@ -331,7 +351,10 @@ def main():
         die(f"--metrics: choose from {','.join(METRICS)}")
     if not dims or any(d <= 0 for d in dims):
         die("--dims: positive integers")
-    load_libraries(args.threads)
+    references = {r for r in args.references.split(",") if r} | {"numpy"}
+    if any(r not in REFERENCES for r in references):
+        die(f"--references: choose from {','.join(REFERENCES)}")
+    load_libraries(args.threads, references)
 
     n = N_FULL // 8 if args.quick else N_FULL
     blas = "?"
@@ -349,14 +372,22 @@ def main():
         "seed": SEED,
         "numpy": np.__version__,
         "numpy_blas": blas,
-        "torch": torch.__version__,
-        "torch_mkl": torch.backends.mkl.is_available(),
-        "scipy": scipy.__version__,
-        "faiss": faiss.__version__,
+        "torch": torch.__version__ if torch else None,
+        "torch_mkl": torch.backends.mkl.is_available() if torch else None,
+        "scipy": scipy.__version__ if scipy else None,
+        "faiss": faiss.__version__ if faiss else None,
+        "load_average": os.getloadavg(),
     }
-    print(f"threads {args.threads} (torch reports {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}), "
-          f"CPU: {info['cpu']}\nnumpy {np.__version__} ({blas}), torch {torch.__version__} "
-          f"(MKL {'yes' if info['torch_mkl'] else 'no'}), scipy {scipy.__version__}, faiss {faiss.__version__}\n"
+    versions = [f"numpy {np.__version__} ({blas})"]
+    if torch:
+        versions.append(f"torch {torch.__version__} (MKL {'yes' if info['torch_mkl'] else 'no'}, "
+                        f"{torch.get_num_threads()} threads)")
+    if scipy:
+        versions.append(f"scipy {scipy.__version__}")
+    if faiss:
+        versions.append(f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)")
+    print(f"threads {args.threads}, CPU: {info['cpu']}, load average at the start "
+          f"{' '.join(f'{v:.2f}' for v in info['load_average'])}\n{', '.join(versions)}\n"
           f"N = {n}{' (--quick: N/8 for the references; bccp runs N = 65536)' if args.quick else ''}, "
           f"Q = {Q_FULL['l2']} (l2, cosine), {Q_FULL['l1']} (l1), k = 1, float32")
 
@@ -366,7 +397,7 @@ def main():
         rng = np.random.default_rng(SEED + d)
         x = rng.standard_normal((n, d), dtype=np.float32)
         q_all = rng.standard_normal((max(Q_FULL.values()), d), dtype=np.float32)
-        x64 = x.astype(np.float64) if any(m in metrics for m in ("l2", "l1")) else None
+        x64 = x.astype(np.float64) if "scipy" in references and any(m in metrics for m in ("l2", "l1")) else None
         pool = ScipyPool(x64, args.threads, args.block_mb)
         try:
             for metric in metrics:
@@ -374,13 +405,15 @@ def main():
                 q = np.ascontiguousarray(q_all[:nq])
                 ncheck = min(args.check, nq)
                 ref_idx, ref_scores = exact_best(metric, q[:ncheck], x)
-                makers = [
-                    lambda: make_numpy(metric, x, args.block_mb, nq),
-                    lambda: make_torch(metric, x, args.block_mb, nq),
-                    lambda: make_scipy(metric, pool, args.threads, args.scipy_queries, nq),
-                    lambda: make_faiss(metric, x, args.block_mb, nq),
-                ]
-                for make in makers:
+                makers = {
+                    "numpy": lambda: make_numpy(metric, x, args.block_mb, nq),
+                    "torch": lambda: make_torch(metric, x, args.block_mb, nq),
+                    "scipy": lambda: make_scipy(metric, pool, args.threads, args.scipy_queries, nq),
+                    "faiss": lambda: make_faiss(metric, x, args.block_mb, nq),
+                }
+                for name, make in makers.items():
+                    if name not in references:
+                        continue
                     made = make()
                     if made is None:
                         continue
@@ -403,28 +436,35 @@ def main():
             pool.close()
         del x, x64
 
-    rust = {} if args.skip_rust else rust_pairs_per_s(args.threads)
+    rust = {} if args.skip_rust else rust_pairs_per_s(args.threads, args.cargo_features)
+    info["load_average_after_bench"] = os.getloadavg()
     for metric in metrics:
         for d in dims:
             r = rust.get((metric, d))
-            if r is not None:
-                rows.append({"metric": metric, "d": d, "q": Q_FULL[metric], "n": N_FULL, "implementation": BCCP,
-                             "queries_timed": Q_FULL[metric], "median_s": Q_FULL[metric] * N_FULL / r, "runs": None,
-                             "pairs_per_s": r, "gflop_s": r * FLOPS_PER_DIM[metric] * d * 1e-9})
+            rb = rust.get((BF16.get(metric), d))
+            for label, v in ((BCCP, r), (BCCP_BF16, rb)):
+                if v is not None:
+                    rows.append({"metric": metric, "d": d, "q": Q_FULL[metric], "n": N_FULL, "implementation": label,
+                                 "queries_timed": Q_FULL[metric], "median_s": Q_FULL[metric] * N_FULL / v,
+                                 "runs": None, "pairs_per_s": v, "gflop_s": v * FLOPS_PER_DIM[metric] * d * 1e-9})
             for row in rows:
                 if row["metric"] == metric and row["d"] == d:
                     row["bccp_over_this"] = r / row["pairs_per_s"] if r is not None else None
+                    row["bccp_bf16_over_this"] = rb / row["pairs_per_s"] if rb is not None else None
 
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
     for metric in metrics:
         for d in dims:
             print(f"\n### {metric}, D = {d} (Q = {Q_FULL[metric]}, N = {n}; "
                   f"GFLOP/s at {FLOPS_PER_DIM[metric]}*D flops per pair)\n")
-            print("| implementation | Mpairs/s | GFLOP/s | bccp / this |\n|---|---:|---:|---:|")
+            bf16 = metric in BF16
+            print("| implementation | Mpairs/s | GFLOP/s | bccp / this |" + (" bccp bf16 / this |" if bf16 else "")
+                  + "\n|---|---:|---:|---:|" + ("---:|" if bf16 else ""))
             for row in rows:
                 if row["metric"] == metric and row["d"] == d:
                     print(f"| {row['implementation']} | {row['pairs_per_s'] * 1e-6:.1f} | {row['gflop_s']:.1f} "
-                          f"| {fmt(row['bccp_over_this'], '.2f')} |")
+                          f"| {fmt(row['bccp_over_this'], '.2f')} |"
+                          + (f" {fmt(row['bccp_bf16_over_this'], '.2f')} |" if bf16 else ""))
     if warnings:
         print(f"\n{len(warnings)} cross-check warning(s):")
         for w in warnings:
@@ -432,6 +472,7 @@ def main():
     else:
         print(f"\ncross-check: all implementations agree with float64 on the first {args.check} queries")
 
+    print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     write_json(args.json, {**info, "results": rows, "warnings": warnings})
 
 

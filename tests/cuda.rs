@@ -4,7 +4,7 @@
 
 mod common;
 
-use bccp::distance::{search, search_host, take_rechecks, Metric, Neighbors, Search};
+use bccp::distance::{search, search_host, take_rechecks, Metric, Neighbors, Precision, Search};
 use bccp::ops::{depthwise_conv2d, DepthwiseParams};
 use bccp::rng::Rng;
 use candle_core::{Device, Tensor, Var};
@@ -67,6 +67,7 @@ fn check_all(dev: &Device, q: &[f32], c: &[f32], dim: usize, ks: &[usize], ctx: 
                     metric,
                     k,
                     other_class: other.then_some((&qc[..], &cc[..])),
+                    precision: Precision::F32,
                 };
                 let want = search_host(q, c, dim, &s).unwrap();
                 let got = search(&tq, &tc, &s).unwrap();
@@ -123,6 +124,7 @@ fn distance_sliced_inputs_match_cpu() {
             metric,
             k: 5,
             other_class: None,
+            precision: Precision::F32,
         };
         let want = search_host(hq, hc, dim, &s).unwrap();
         assert_same(&search(&q, &c, &s).unwrap(), &want, &format!("{metric:?}"));
@@ -184,6 +186,7 @@ fn distance_small_and_sparse_candidate_sets_match_cpu() {
             metric,
             k: 5,
             other_class: Some((&qc, &cc)),
+            precision: Precision::F32,
         };
         let want = search_host(&q, &c, dim, &s).unwrap();
         assert_eq!(
@@ -208,6 +211,7 @@ fn distance_zero_queries_give_an_empty_result() {
             metric,
             k: 3,
             other_class: None,
+            precision: Precision::F32,
         };
         let got = search(&q, &c, &s).unwrap();
         assert!(
@@ -229,6 +233,7 @@ fn distance_l1_at_1280_dims_runs_on_the_kernels() {
         metric: Metric::L1,
         k: 5,
         other_class: None,
+        precision: Precision::F32,
     };
     let tq = Tensor::from_slice(&q, (20, dim), &dev).unwrap();
     let tc = Tensor::from_slice(&c, (3000, dim), &dev).unwrap();
@@ -569,6 +574,7 @@ fn perf_distance() {
             metric,
             k: 1,
             other_class: None,
+            precision: Precision::F32,
         };
         let (secs, reps) = time_median(&dev, || {
             search(&queries, &candidates, &search_spec).unwrap();

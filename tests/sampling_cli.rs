@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use bccp::distance::{search_naive, Metric, Search};
+use bccp::distance::{search_naive, Metric, Precision, Search};
 use bccp::embeddings::EmbeddingSet;
 use bccp::rng::Rng;
 use candle_core::{Device, Tensor};
@@ -75,6 +75,7 @@ fn closest_matches_the_naive_search() {
                 metric: m,
                 k: 3,
                 other_class: Some((&qt, &ct)),
+                precision: Precision::F32,
             },
         );
         assert_eq!(indices, want.indices, "{metric}");

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use bccp::distance::{search_host, Metric, Search};
+use bccp::distance::{search_host, Metric, Precision, Search};
 use bccp::embeddings::{EmbeddingFile, EmbeddingSet};
 use bccp::rng::Rng;
 use bccp::shard::{merge_topk, search_shard, PartialTopK, ShardSpec, TopKContext};
@@ -105,6 +105,7 @@ fn merged_shards_equal_the_unsharded_search_bit_for_bit() {
                     metric,
                     k,
                     other_class: other.then_some((&qc[..], &cc[..])),
+                    precision: Precision::F32,
                 };
                 let want = search_host(&q, &c, dim, &s).unwrap();
                 for count in [1usize, 3, 7] {
@@ -145,8 +146,14 @@ fn write_set(path: &Path, n: usize, dim: usize, seed: u64, weights: &str, list: 
     values
         .iter_mut()
         .for_each(|v| *v += rng.unit_f64() as f32 * 0.01);
+    write_rows(path, &values, dim, weights, list);
+}
+
+/// Writes the rows `values` (`dim` columns) as an embedding set of 3 classes.
+fn write_rows(path: &Path, values: &[f32], dim: usize, weights: &str, list: &str) {
+    let n = values.len() / dim;
     EmbeddingSet {
-        embeddings: Tensor::from_slice(&values, (n, dim), &Device::Cpu).unwrap(),
+        embeddings: Tensor::from_slice(values, (n, dim), &Device::Cpu).unwrap(),
         targets: (0..n as i64).map(|i| i % 3).collect(),
         ids: None,
         paths: (0..n).map(|i| format!("c{}/{i}.png", i % 3)).collect(),
@@ -161,6 +168,18 @@ fn write_set(path: &Path, n: usize, dim: usize, seed: u64, weights: &str, list: 
 }
 
 fn closest(q: &Path, c: &Path, out: &Path, metric: &str, k: &str, extra: &[&str]) -> String {
+    success(&closest_run(q, c, out, metric, k, extra))
+}
+
+/// `bccp closest` on the CPU, succeeding or not.
+fn closest_run(
+    q: &Path,
+    c: &Path,
+    out: &Path,
+    metric: &str,
+    k: &str,
+    extra: &[&str],
+) -> std::process::Output {
     let mut args = vec![
         "closest",
         "--queries",
@@ -177,7 +196,7 @@ fn closest(q: &Path, c: &Path, out: &Path, metric: &str, k: &str, extra: &[&str]
         "cpu",
     ];
     args.extend_from_slice(extra);
-    success(&bccp(&args))
+    bccp(&args)
 }
 
 fn merge(out: &Path, parts: &[&PathBuf]) -> std::process::Output {
@@ -235,6 +254,73 @@ fn closest_shards_and_merge_topk_reproduce_closest_byte_for_byte() {
             .iter()
             .all(|&v| v == f32::NEG_INFINITY));
     }
+}
+
+#[test]
+fn closest_precision_bf16_writes_the_f32_result_and_refuses_what_it_cannot_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (q, c) = (d.join("q.safetensors"), d.join("c.safetensors"));
+    // Copies of 4 centres moved by at most 1e-4 per value: far more candidates within bf16's
+    // rounding of each other than the margin, so queries cannot be certified and are searched
+    // again in f32 (the note says so).
+    let mut rng = Rng::new(3);
+    let dim = 48;
+    let centres = grid_rows(&mut rng, 4, dim);
+    let mut near = |n: usize| -> Vec<f32> {
+        (0..n * dim)
+            .map(|i| centres[(i / dim % 4) * dim + i % dim] + (rng.unit_f64() as f32 - 0.5) * 2e-4)
+            .collect()
+    };
+    write_rows(&q, &near(30), dim, "w", "list-q");
+    write_rows(&c, &near(600), dim, "w", "list-c");
+    let mut noted = false;
+    for (metric, extra) in [("l2", vec!["--other-class"]), ("cosine", vec![])] {
+        let f32_out = d.join(format!("{metric}-f32.safetensors"));
+        let bf16_out = d.join(format!("{metric}-bf16.safetensors"));
+        closest(&q, &c, &f32_out, metric, "5", &extra);
+        let mut args = extra.clone();
+        args.extend(["--precision", "bf16"]);
+        let run = closest_run(&q, &c, &bf16_out, metric, "5", &args);
+        success(&run);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        noted |= stderr.contains("bf16 pre-selection could not be proven exact")
+            || stderr.contains("no AVX512-BF16");
+        assert_eq!(
+            std::fs::read(&bf16_out).unwrap(),
+            std::fs::read(&f32_out).unwrap(),
+            "{metric}: --precision bf16 wrote another result than f32"
+        );
+    }
+    assert!(
+        noted,
+        "no query fell back to f32 on near-duplicate grid data"
+    );
+    let out = d.join("x.safetensors");
+    let err = failure(&closest_run(
+        &q,
+        &c,
+        &out,
+        "l1",
+        "1",
+        &["--precision", "bf16"],
+    ));
+    assert!(
+        err.contains("--precision bf16 applies to --metric l2 and cosine"),
+        "{err}"
+    );
+    let err = failure(&closest_run(
+        &q,
+        &c,
+        &out,
+        "l2",
+        "1",
+        &["--precision", "fp8"],
+    ));
+    assert!(
+        err.contains("--precision") && err.contains("f32") && err.contains("bf16"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! `closest`: the library's exact k-nearest search (`bccp::distance::search_host`).
 
-use bccp::distance::{search_host, DistanceError, Metric, Search};
+use bccp::distance::{search_host, DistanceError, Metric, Precision, Search};
 use numpy::{PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
@@ -67,6 +67,7 @@ pub fn closest<'py>(
         metric,
         k,
         other_class: labels,
+        precision: Precision::F32,
     };
     let found = compute(py, || search_host(q, c, dq, &search).map_err(failure))?;
     Ok((

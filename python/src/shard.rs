@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use bccp::backbone::cache::{hex, sha256};
-use bccp::distance::{Metric, Search};
+use bccp::distance::{Metric, Precision, Search};
 use bccp::shard::{
     merge_topk as merge, search_shard as search, PartialTopK, ShardError, ShardSpec, TopKContext,
 };
@@ -101,6 +101,7 @@ pub fn search_shard<'py>(
         metric,
         k,
         other_class: labels,
+        precision: Precision::F32,
     };
     let (found, queries_sha256) = compute(py, || {
         let mut bytes: Vec<u8> = q.iter().flat_map(|v| v.to_le_bytes()).collect();

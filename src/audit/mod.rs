@@ -16,7 +16,7 @@ use crate::backbone::{cache, EmbedStats, Embedder};
 use crate::baselines::FilterBy;
 use crate::baselines::{find_label_issues, kfold_pred_probs, self_confidence, suggested_labels};
 use crate::data::{read_manifest_for, ImageList, Record};
-use crate::distance::{Metric, Search};
+use crate::distance::{Metric, Precision, Search};
 use crate::fsutil::write_atomic;
 use crate::progress::Progress;
 use crate::train::TrainConfig;
@@ -327,6 +327,7 @@ fn nearest_others(unit: &[f32], dim: usize, k: usize) -> Result<Vec<Vec<(usize, 
             metric: Metric::L2,
             k: want,
             other_class: None,
+            precision: Precision::F32,
         },
     )?;
     Ok((0..rows)

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::DeviceArgs;
-use bccp::distance::{search_host, DistanceError, Metric, Neighbors, Search};
+use bccp::distance::{search_host, DistanceError, Metric, Neighbors, Precision, Search};
 use bccp::embeddings::EmbeddingFile;
 use bccp::shard::{search_shard, search_shard_tensors, PartialTopK, ShardSpec, TopKContext};
 
@@ -34,6 +34,10 @@ pub struct ClosestArgs {
     /// Only candidates whose target differs from the query's.
     #[arg(long)]
     other_class: bool,
+    /// The pre-selection's arithmetic on the CPU: f32, or bf16 (l2 and cosine, on CPUs with
+    /// AVX512-BF16). The result is the same exact one either way; bf16 is faster.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     /// Output safetensors file (`indices` i64 [Q, k] global candidate ids, `values` f32 [Q, k];
     /// a "none" slot is index -1 with value +inf (l1, l2) or -inf (cosine)).
     #[arg(long)]
@@ -83,6 +87,25 @@ fn part_of(file: &EmbeddingFile, flag: Option<ShardSpec>) -> Result<Part> {
 
 pub fn run(args: ClosestArgs) -> Result<()> {
     let device = args.device.device()?;
+    if args.precision == Precision::Bf16 {
+        if args.metric == Metric::L1 {
+            anyhow::bail!(
+                "--precision bf16 applies to --metric l2 and cosine (l1 has no dot product to \
+                 pre-select with); use --precision f32 with l1"
+            );
+        }
+        if !device.is_cpu() {
+            anyhow::bail!(
+                "--precision bf16 is for the CPU search; on a GPU the search pre-selects in TF32 \
+                 already: leave --precision out (f32) or search on the CPU"
+            );
+        }
+        if !bccp::distance::bf16::available() {
+            eprintln!(
+                "note: this CPU has no AVX512-BF16; --precision bf16 runs the f32 search (the same result)"
+            );
+        }
+    }
     let queries = EmbeddingFile::open(&args.queries)?;
     let candidates = EmbeddingFile::open(&args.candidates)?;
     if queries.dim() != candidates.dim() {
@@ -109,6 +132,7 @@ pub fn run(args: ClosestArgs) -> Result<()> {
         metric: args.metric,
         k: args.k,
         other_class: args.other_class.then_some((queries.targets.as_slice(), ct)),
+        precision: args.precision,
     };
     // A whole search keeps its rules (k ≤ N); a part pads with "none" instead.
     let whole = part.spec.is_whole();
@@ -162,6 +186,12 @@ pub fn run(args: ClosestArgs) -> Result<()> {
         eprintln!(
             "note: {} queries' TF32 results could not be proven exact and were searched again in f32",
             rechecks.device_f32
+        );
+    }
+    if rechecks.host_f32 > 0 {
+        eprintln!(
+            "note: {} queries' bf16 pre-selection could not be proven exact and were searched again in f32",
+            rechecks.host_f32
         );
     }
     if rechecks.host_scan > 0 {

@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::distance::{search, DistanceError, Metric, Search};
+use crate::distance::{search, DistanceError, Metric, Precision, Search};
 use crate::rng::Rng;
 use crate::train::Head;
 
@@ -377,6 +377,7 @@ pub fn knn_disagreement(
             metric: Metric::Cosine,
             k: (k + 1).min(n),
             other_class: None,
+            precision: Precision::F32,
         },
     )?;
     let kk = nn.k;

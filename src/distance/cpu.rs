@@ -3,10 +3,13 @@
 //! L2 and cosine: a GEMM per (query block, candidate block) tile into a small scratch, then a
 //! fused epilogue (`‖x‖² − 2q·x`, or `−q̂·x̂`) feeding the top-k; the Q×N matrix never exists.
 //! L1: the SIMD kernel of [`super::l1_simd`] over candidate tiles that stay in cache.
+//! bf16 pre-selection (L2, cosine): the AVX512-BF16 kernel of [`super::bf16_kernel`] over
+//! packed candidate tiles, [`bf16_kernel::MR`] queries at a time, into the same epilogue.
 //! Keys are "smaller is better"; [`super`] turns them into exact distances afterwards.
 
 use rayon::prelude::*;
 
+use super::bf16_kernel::{self, PANEL};
 use super::l1_simd;
 use super::topk::RunningTopK;
 use super::Metric;
@@ -18,6 +21,14 @@ const QUERY_BLOCK: usize = 512;
 const CANDIDATE_BLOCK: usize = 512;
 /// Candidate rows per L1 tile (64 × D floats stay in L2 for D ≤ 1280).
 const L1_TILE: usize = 64;
+/// Candidate rows per bf16 tile (a multiple of [`PANEL`]; 256 × D bf16 values, 640 KiB at
+/// D = 1280, stay in L2 while every query of the block streams past them).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const BF16_TILE: usize = 256;
+/// Query rows per bf16 work unit: each unit packs its candidates' tiles once per block, so
+/// large blocks pack each candidate once (a unit's running top-k is block × kept entries).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const BF16_QUERY_BLOCK: usize = 4096;
 
 /// A search over row-major f32 matrices.
 pub struct Problem<'a> {
@@ -30,11 +41,31 @@ pub struct Problem<'a> {
     pub classes: Option<(&'a [i64], &'a [i64])>,
 }
 
-impl Problem<'_> {
+impl<'a> Problem<'a> {
+    /// The pre-selection of search `s` keeping `k + margin` candidates per query (all of them
+    /// when there are fewer).
+    pub fn keeping(
+        queries: &'a [f32],
+        candidates: &'a [f32],
+        dim: usize,
+        s: &super::Search<'a>,
+        margin: usize,
+    ) -> Self {
+        Self {
+            queries,
+            candidates,
+            dim,
+            k: (s.k + margin).min(candidates.len() / dim),
+            metric: s.metric,
+            classes: s.other_class,
+        }
+    }
+
     fn n_queries(&self) -> usize {
         self.queries.len() / self.dim
     }
-    fn n_candidates(&self) -> usize {
+    /// The number of candidate rows.
+    pub fn n_candidates(&self) -> usize {
         self.candidates.len() / self.dim
     }
 }
@@ -68,17 +99,34 @@ struct Work {
 
 /// Top-k keys and indices, [Q × k] each, sorted best first per query.
 pub fn search(p: &Problem) -> (Vec<f32>, Vec<i64>) {
+    run(p, &Prepared::new(p), QUERY_BLOCK)
+}
+
+/// [`search`] with bf16 dot products (L2 and cosine), or `None` when the CPU lacks the kernel
+/// ([`bf16_kernel::available`]). Keys are those of [`search`] up to bf16 rounding, bounded by
+/// [`super::exact::bf16_dot_error`].
+pub fn search_bf16(p: &Problem) -> Option<(Vec<f32>, Vec<i64>)> {
+    if !cfg!(target_arch = "x86_64") || !bf16_kernel::available() || p.metric == Metric::L1 {
+        return None;
+    }
+    let mut prepared = Prepared::new(p);
+    prepared.bf16 = Some(Packed::new(p, prepared.queries.as_deref()));
+    Some(run(p, &prepared, BF16_QUERY_BLOCK))
+}
+
+fn run(p: &Problem, prepared: &Prepared, query_block: usize) -> (Vec<f32>, Vec<i64>) {
     let (nq, nc, k) = (p.n_queries(), p.n_candidates(), p.k);
     // Enough pieces for every thread even when there are few query blocks.
-    let q_blocks = nq.div_ceil(QUERY_BLOCK);
+    let q_blocks = nq.div_ceil(query_block);
     let wanted = (2 * rayon::current_num_threads()).div_ceil(q_blocks.max(1));
     let chunks = wanted.clamp(1, nc.div_ceil(CANDIDATE_BLOCK).max(1));
-    let chunk_len = nc.div_ceil(chunks);
+    // Chunks start on a packed panel (bf16).
+    let chunk_len = nc.div_ceil(chunks).next_multiple_of(PANEL);
     let work: Vec<Work> = (0..q_blocks)
         .flat_map(|b| {
             (0..chunks).map(move |c| Work {
-                q0: b * QUERY_BLOCK,
-                q1: ((b + 1) * QUERY_BLOCK).min(nq),
+                q0: b * query_block,
+                q1: ((b + 1) * query_block).min(nq),
                 c0: c * chunk_len,
                 c1: ((c + 1) * chunk_len).min(nc),
             })
@@ -86,7 +134,6 @@ pub fn search(p: &Problem) -> (Vec<f32>, Vec<i64>) {
         .filter(|w| w.c0 < w.c1)
         .collect();
 
-    let prepared = Prepared::new(p);
     let partial: Vec<(Vec<f32>, Vec<i64>)> = work.par_iter().map(|w| prepared.run(p, w)).collect();
 
     // Merge the chunks of each query block.
@@ -112,6 +159,32 @@ pub fn search(p: &Problem) -> (Vec<f32>, Vec<i64>) {
 struct Prepared {
     queries: Option<Vec<f32>>,
     cand_sq_norms: Vec<f32>,
+    /// Packed bf16 rows when the dot products are bf16's.
+    bf16: Option<Packed>,
+}
+
+/// Query rows rounded to bf16 and packed for [`bf16_kernel::dots`] (cosine rows normalised in
+/// f32 first). Candidates are packed tile by tile as the work units reach them.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Packed {
+    /// Words (bf16 pairs) per row.
+    d2: usize,
+    /// [Q × d2].
+    queries: Vec<u32>,
+}
+
+impl Packed {
+    /// `normalised`: the queries already normalised (cosine).
+    fn new(p: &Problem, normalised: Option<&[f32]>) -> Self {
+        let (d, d2) = (p.dim, bf16_kernel::pairs(p.dim));
+        let qs = normalised.unwrap_or(p.queries);
+        let mut queries = vec![0u32; p.n_queries() * d2];
+        queries
+            .par_chunks_mut(d2)
+            .zip(qs.par_chunks(d))
+            .for_each(|(out, row)| bf16_kernel::pack_row(row, out));
+        Self { d2, queries }
+    }
 }
 
 impl Prepared {
@@ -120,14 +193,17 @@ impl Prepared {
             Metric::Cosine => Self {
                 queries: Some(normalise_rows(p.queries, p.dim)),
                 cand_sq_norms: Vec::new(),
+                bf16: None,
             },
             Metric::L2 => Self {
                 queries: None,
                 cand_sq_norms: sq_norms(p.candidates, p.dim),
+                bf16: None,
             },
             Metric::L1 => Self {
                 queries: None,
                 cand_sq_norms: Vec::new(),
+                bf16: None,
             },
         }
     }
@@ -135,6 +211,11 @@ impl Prepared {
     fn run(&self, p: &Problem, w: &Work) -> (Vec<f32>, Vec<i64>) {
         let k = p.k;
         let rows = w.q1 - w.q0;
+        let same_class = |q: usize, c: usize| p.classes.is_some_and(|(qc, cc)| qc[q] == cc[c]);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(packed) = &self.bf16 {
+            return run_bf16(p, packed, &self.cand_sq_norms, w, |q, c| !same_class(q, c));
+        }
         let mut keys = vec![0f32; rows * k];
         let mut idx = vec![0i64; rows * k];
         let mut tops: Vec<RunningTopK> = keys
@@ -142,7 +223,6 @@ impl Prepared {
             .zip(idx.chunks_mut(k))
             .map(|(kk, ii)| RunningTopK::new(kk, ii))
             .collect();
-        let same_class = |q: usize, c: usize| p.classes.is_some_and(|(qc, cc)| qc[q] == cc[c]);
         match p.metric {
             Metric::L1 => {
                 let kernel = l1_simd::select_2x4();
@@ -185,63 +265,41 @@ impl Prepared {
                 }
             }
             Metric::L2 | Metric::Cosine => {
-                let qs = match p.metric {
-                    Metric::Cosine => self.queries.as_deref().unwrap_or(p.queries),
-                    _ => p.queries,
+                let norms = &self.cand_sq_norms;
+                let offer = |top: &mut RunningTopK, q: usize, dots: &[f32], base: usize| {
+                    offer_dots(top, dots, base, p.metric, norms, |c| !same_class(q, c))
                 };
-                let d = p.dim;
-                let mut scratch = vec![0f32; rows * CANDIDATE_BLOCK];
-                let mut unit = match p.metric {
-                    Metric::Cosine => vec![0f32; CANDIDATE_BLOCK * d],
-                    _ => Vec::new(),
-                };
-                for b0 in (w.c0..w.c1).step_by(CANDIDATE_BLOCK) {
-                    let b1 = (b0 + CANDIDATE_BLOCK).min(w.c1);
-                    let cols = b1 - b0;
-                    let tile = &p.candidates[b0 * d..b1 * d];
-                    let tile = if p.metric == Metric::Cosine {
-                        let unit = &mut unit[..cols * d];
-                        unit.copy_from_slice(tile);
-                        unit.chunks_mut(d).for_each(normalise_row);
-                        &*unit
-                    } else {
-                        tile
+                {
+                    let qs = match p.metric {
+                        Metric::Cosine => self.queries.as_deref().unwrap_or(p.queries),
+                        _ => p.queries,
                     };
-                    gemm_tile(
-                        &qs[w.q0 * d..w.q1 * d],
-                        tile,
-                        d,
-                        &mut scratch[..rows * cols],
-                    );
-                    let norms = &self.cand_sq_norms;
-                    for (row, top) in tops.iter_mut().enumerate() {
-                        let q = w.q0 + row;
-                        let dots = &scratch[row * cols..(row + 1) * cols];
-                        // Keys in chunks of 16: the key computation and the "anything better
-                        // than the threshold?" test vectorise; pushes are rare.
-                        let mut keys = [0f32; 16];
-                        for (chunk, ds) in dots.chunks(16).enumerate() {
-                            let base = b0 + chunk * 16;
-                            let keys = &mut keys[..ds.len()];
-                            match p.metric {
-                                Metric::L2 => {
-                                    let ns = &norms[base..base + ds.len()];
-                                    keys.iter_mut()
-                                        .zip(ds.iter().zip(ns))
-                                        .for_each(|(k, (&d, &n))| *k = n - 2.0 * d);
-                                }
-                                _ => keys.iter_mut().zip(ds).for_each(|(k, &d)| *k = -d),
-                            }
-                            let best = keys.iter().fold(f32::INFINITY, |m, &k| m.min(k));
-                            if best > top.threshold() {
-                                continue;
-                            }
-                            for (j, &key) in keys.iter().enumerate() {
-                                let c = base + j;
-                                if key <= top.threshold() && !same_class(q, c) {
-                                    top.push(key, c as i64);
-                                }
-                            }
+                    let d = p.dim;
+                    let mut scratch = vec![0f32; rows * CANDIDATE_BLOCK];
+                    let mut unit = match p.metric {
+                        Metric::Cosine => vec![0f32; CANDIDATE_BLOCK * d],
+                        _ => Vec::new(),
+                    };
+                    for b0 in (w.c0..w.c1).step_by(CANDIDATE_BLOCK) {
+                        let b1 = (b0 + CANDIDATE_BLOCK).min(w.c1);
+                        let cols = b1 - b0;
+                        let tile = &p.candidates[b0 * d..b1 * d];
+                        let tile = if p.metric == Metric::Cosine {
+                            let unit = &mut unit[..cols * d];
+                            unit.copy_from_slice(tile);
+                            unit.chunks_mut(d).for_each(normalise_row);
+                            &*unit
+                        } else {
+                            tile
+                        };
+                        gemm_tile(
+                            &qs[w.q0 * d..w.q1 * d],
+                            tile,
+                            d,
+                            &mut scratch[..rows * cols],
+                        );
+                        for (row, top) in tops.iter_mut().enumerate() {
+                            offer(top, w.q0 + row, &scratch[row * cols..(row + 1) * cols], b0);
                         }
                     }
                 }
@@ -249,6 +307,247 @@ impl Prepared {
         }
         drop(tops);
         (keys, idx)
+    }
+}
+
+/// The bf16 pre-selection of a work unit: each [`BF16_TILE`] of candidates packed (normalised
+/// first for cosine), then [`bf16_kernel::MR`] queries at a time against it; the kernel
+/// compares the keys with each query's threshold in registers, so only the flagged keys are
+/// read and offered (`eligible(query, candidate)`: the other-class rule).
+#[cfg(target_arch = "x86_64")]
+fn run_bf16(
+    p: &Problem,
+    packed: &Packed,
+    norms: &[f32],
+    w: &Work,
+    eligible: impl Fn(usize, usize) -> bool,
+) -> (Vec<f32>, Vec<i64>) {
+    use bf16_kernel::MR;
+    let (d, d2) = (p.dim, packed.d2);
+    let rows = w.q1 - w.q0;
+    let mut tops: Vec<LazyTopK> = (0..rows).map(|_| LazyTopK::new(p.k)).collect();
+    let l2 = p.metric == Metric::L2;
+    let mut scratch = vec![0f32; MR * BF16_TILE];
+    let mut tile = vec![0u32; BF16_TILE * d2];
+    let mut tile_norms = vec![f32::INFINITY; BF16_TILE];
+    let mut hits = [0u64; MR * BF16_TILE / PANEL];
+    let mut unit = match p.metric {
+        Metric::Cosine => vec![0f32; PANEL * d],
+        _ => Vec::new(),
+    };
+    for b0 in (w.c0..w.c1).step_by(BF16_TILE) {
+        let cols = (b0 + BF16_TILE).min(w.c1) - b0;
+        let panels = cols.div_ceil(PANEL);
+        let x = &mut tile[..panels * d2 * PANEL];
+        for (j, panel) in x.chunks_mut(d2 * PANEL).enumerate() {
+            let r0 = b0 + j * PANEL;
+            let r1 = (r0 + PANEL).min(b0 + cols);
+            let src = &p.candidates[r0 * d..r1 * d];
+            if p.metric == Metric::Cosine {
+                let unit = &mut unit[..src.len()];
+                unit.copy_from_slice(src);
+                unit.chunks_mut(d).for_each(normalise_row);
+                bf16_kernel::pack_panel(unit, d, panel);
+            } else {
+                bf16_kernel::pack_panel(src, d, panel);
+            }
+        }
+        let x = &*x;
+        let stride = panels * PANEL;
+        if l2 {
+            tile_norms[..cols].copy_from_slice(&norms[b0..b0 + cols]);
+            tile_norms[cols..].fill(f32::INFINITY);
+        }
+        let tile_norms = l2.then_some(&tile_norms[..stride]);
+        for r0 in (0..rows).step_by(MR) {
+            let n = MR.min(rows - r0);
+            let q = &packed.queries[(w.q0 + r0) * d2..(w.q0 + r0 + n) * d2];
+            let mut thresholds = [0f32; MR];
+            for (t, top) in thresholds.iter_mut().zip(&tops[r0..r0 + n]) {
+                *t = top.threshold();
+            }
+            // SAFETY: `search_bf16` packs rows only when `bf16_kernel::available()`; `q` holds
+            // n rows of d2 words, `x` `panels` panels, the norms `stride` values, the scratch
+            // n rows of `stride`, and `hits` n × panels masks.
+            unsafe {
+                bf16_kernel::keys(
+                    q,
+                    n,
+                    x,
+                    panels,
+                    d2,
+                    tile_norms,
+                    &thresholds,
+                    &mut scratch,
+                    stride,
+                    &mut hits,
+                )
+            };
+            for r in 0..n {
+                let (top, query) = (&mut tops[r0 + r], w.q0 + r0 + r);
+                let keys = &scratch[r * stride..(r + 1) * stride];
+                for (j, &mask) in hits[r * panels..(r + 1) * panels].iter().enumerate() {
+                    let mut mask = mask;
+                    // Lowest column first; the threshold only falls as keys enter.
+                    while mask != 0 {
+                        let col = j * PANEL + mask.trailing_zeros() as usize;
+                        mask &= mask - 1;
+                        if col >= cols {
+                            break;
+                        }
+                        let c = b0 + col;
+                        if keys[col] <= top.threshold() && eligible(query, c) {
+                            top.push(keys[col], c as i64);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut keys = vec![0f32; rows * p.k];
+    let mut idx = vec![0i64; rows * p.k];
+    for ((top, kk), ii) in tops
+        .into_iter()
+        .zip(keys.chunks_mut(p.k))
+        .zip(idx.chunks_mut(p.k))
+    {
+        top.finish(kk, ii);
+    }
+    (keys, idx)
+}
+
+/// A running top-k for a wide k (the bf16 pre-selection keeps k + 32): candidates at or under
+/// the threshold are appended, and the k best by (key, index) selected (not sorted) only when
+/// the buffer of 3k + 16 fills, instead of an insertion per candidate; sorted at the end. Same
+/// result as [`RunningTopK`].
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct LazyTopK {
+    k: usize,
+    items: Vec<(f32, i64)>,
+    threshold: f32,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl LazyTopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            items: Vec::with_capacity(3 * k + 16),
+            threshold: f32::INFINITY,
+        }
+    }
+
+    /// The key a candidate must reach (ties are settled by index when the buffer is cut).
+    #[inline]
+    fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    #[inline]
+    fn push(&mut self, key: f32, index: i64) {
+        self.items.push((key, index));
+        if self.items.len() == self.items.capacity() {
+            self.cut();
+        }
+    }
+
+    fn cut(&mut self) {
+        let order = |a: &(f32, i64), b: &(f32, i64)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        if self.items.len() > self.k {
+            self.items.select_nth_unstable_by(self.k - 1, order);
+            self.items.truncate(self.k);
+        }
+        if self.items.len() == self.k {
+            // The k-th best: the largest of the k kept.
+            self.threshold = self.items.iter().fold(f32::NEG_INFINITY, |m, i| m.max(i.0));
+        }
+    }
+
+    /// Writes the k best, best first, into `keys` and `indices` (+∞ and −1 when fewer).
+    fn finish(mut self, keys: &mut [f32], indices: &mut [i64]) {
+        self.cut();
+        self.items
+            .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        keys.fill(f32::INFINITY);
+        indices.fill(-1);
+        for (j, &(key, index)) in self.items.iter().enumerate() {
+            keys[j] = key;
+            indices[j] = index;
+        }
+    }
+}
+
+/// Offers one query's candidates `base..base + dots.len()`, given their dot products with it,
+/// to its top-k: key `‖x‖² − 2q·x` (L2, `norms` the squared candidate norms) or `−q̂·x̂`
+/// (cosine), `eligible(c)` applying the other-class rule.
+#[inline]
+fn offer_dots(
+    top: &mut RunningTopK,
+    dots: &[f32],
+    base: usize,
+    metric: Metric,
+    norms: &[f32],
+    eligible: impl Fn(usize) -> bool,
+) {
+    // Keys 16 at a time in fixed-size arrays, so that the key computation and the "any key at
+    // or below the threshold?" test compile to a few vector instructions; pushes are rare.
+    let mut chunks = dots.chunks_exact(16);
+    for (chunk, ds) in chunks.by_ref().enumerate() {
+        let base = base + chunk * 16;
+        let ds: &[f32; 16] = ds.try_into().expect("chunks of 16");
+        let mut keys = [0f32; 16];
+        match metric {
+            Metric::L2 => {
+                let ns: &[f32; 16] = norms[base..base + 16].try_into().expect("16 norms");
+                for j in 0..16 {
+                    keys[j] = ns[j] - 2.0 * ds[j];
+                }
+            }
+            _ => {
+                for j in 0..16 {
+                    keys[j] = -ds[j];
+                }
+            }
+        }
+        let threshold = top.threshold();
+        let mut hits = 0u32;
+        for (j, &key) in keys.iter().enumerate() {
+            hits |= u32::from(key <= threshold) << j;
+        }
+        // Only the keys at or below the threshold, lowest index first (the threshold can only
+        // fall as they enter).
+        while hits != 0 {
+            let j = hits.trailing_zeros() as usize;
+            hits &= hits - 1;
+            let c = base + j;
+            if keys[j] <= top.threshold() && eligible(c) {
+                top.push(keys[j], c as i64);
+            }
+        }
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let base = base + (dots.len() - rest.len());
+        let keys: Vec<f32> = match metric {
+            Metric::L2 => rest
+                .iter()
+                .zip(&norms[base..base + rest.len()])
+                .map(|(&d, &n)| n - 2.0 * d)
+                .collect(),
+            _ => rest.iter().map(|&d| -d).collect(),
+        };
+        push_keys(top, &keys, base, &eligible);
+    }
+}
+
+/// Pushes the keys of candidates `base..` that reach the threshold (and are eligible).
+#[inline]
+fn push_keys(top: &mut RunningTopK, keys: &[f32], base: usize, eligible: impl Fn(usize) -> bool) {
+    for (j, &key) in keys.iter().enumerate() {
+        let c = base + j;
+        if key <= top.threshold() && eligible(c) {
+            top.push(key, c as i64);
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 //! The bounds are the textbook ones for floating-point dot products and sums (unit roundoff
 //! u = 2⁻²⁴, a sum of D terms errs by at most ≈ D·u times the sum of magnitudes; TF32 rounds
 //! each GEMM input to 10 mantissa bits, 2⁻¹⁰ relative with truncation), doubled for margin.
+//! The bf16 pre-selection's dot-product error is derived in full at [`bf16_dot_error`].
 
 use rayon::prelude::*;
 
@@ -26,6 +27,44 @@ pub const RERANK: usize = 8;
 const U: f64 = 1.0 / 16_777_216.0;
 /// Relative error of rounding an f32 GEMM input to TF32 (10 explicit mantissa bits, truncation).
 const U_TF32: f64 = 1.0 / 1024.0;
+/// Relative error of rounding a normal f32 to bf16 to nearest: 8 significant bits (7 stored),
+/// so half an ulp is 2⁻⁸ of the leading bit: u_b = 2⁻⁸ (1 + 2⁻⁸ lies halfway between the
+/// neighbours 1 and 1 + 2⁻⁷).
+const U_BF16: f64 = 1.0 / 256.0;
+/// The smallest normal f32, 2⁻¹²⁶: the absolute error of a value the bf16 kernel flushes to
+/// zero (a subnormal input or result).
+const TINY: f64 = 1.175_494_350_822_287_5e-38;
+
+/// A bound on |q·x − q̃·x̃ computed by the bf16 kernel| for any rows q, x of `dim` values with
+/// ‖q‖ ≤ `q_norm` and ‖x‖ ≤ `x_norm`, where q̃, x̃ are the rows rounded to bf16.
+///
+/// Derivation. Rounding to nearest to 8 significant bits gives |q̃ᵢ − qᵢ| ≤ u_b|qᵢ| with
+/// u_b = 2⁻⁸ for a normal value; the kernel (`vdpbf16ps`) may treat a subnormal input as zero,
+/// so in every case |q̃ᵢ − qᵢ| ≤ u_b|qᵢ| + τ with τ = 2⁻¹²⁶, and the same for x. Then
+///
+/// |qᵢxᵢ − q̃ᵢx̃ᵢ| ≤ |qᵢ||x̃ᵢ − xᵢ| + |x̃ᵢ||q̃ᵢ − qᵢ|
+/// ≤ (2u_b + u_b²)|qᵢ||xᵢ| + τ(1 + u_b)(|qᵢ| + |xᵢ|) + τ².
+///
+/// Summed over i, with Σ|qᵢ||xᵢ| ≤ ‖q‖‖x‖ (Cauchy–Schwarz) and ‖q‖₁ ≤ √D‖q‖, the inputs'
+/// rounding costs at most (2u_b + u_b²)‖q‖‖x‖ plus τ(1 + u_b)√D(‖q‖ + ‖x‖) plus Dτ².
+///
+/// A product of two bf16 values (8 + 8 significant bits) is exact in f32 (24 bits), unless
+/// it is flushed below τ. Each of the at most D + 1 f32 additions of a lane errs by at most
+/// 2u·|its partial sum| with u = 2⁻²⁴ (2u: any faithful rounding, not only to nearest), or by
+/// less than τ when flushed; every partial sum is at most Σ|q̃ᵢx̃ᵢ| ≤ (1 + u_b)²‖q‖‖x‖ plus
+/// τ terms. With n = D + 4 ≥ D + 1, the total is at most
+///
+/// (2u_b + u_b² + 2.1·n·u)‖q‖‖x‖ + 2τ(√D(‖q‖ + ‖x‖) + 2n),
+///
+/// the factor 2.1 ≥ 2(1 + u_b)²(1 + n·u) and the doubled τ term covering the second-order
+/// products. No other slack is added: the bound is the inputs' rounding plus the sums'
+/// (`tests/distance_bf16.rs` checks it against the kernel, and that it is nearly reached when
+/// every input rounds down by almost u_b).
+pub fn bf16_dot_error(dim: usize, q_norm: f64, x_norm: f64) -> f64 {
+    let n = dim as f64 + 4.0;
+    (2.0 * U_BF16 + U_BF16 * U_BF16 + 2.1 * n * U) * q_norm * x_norm
+        + 2.0 * TINY * ((dim as f64).sqrt() * (q_norm + x_norm) + 2.0 * n)
+}
 
 /// The arithmetic that computed the pre-selection's keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +73,9 @@ pub enum KeyArith {
     F32,
     /// GEMM inputs rounded to TF32 (tensor cores), f32 accumulation.
     Tf32,
+    /// Dot products of rows rounded to bf16, f32 accumulation (the CPU's AVX512-BF16 kernel);
+    /// the error bound is [`bf16_dot_error`].
+    Bf16,
 }
 
 /// What the error bounds need to know about one search.
@@ -86,6 +128,7 @@ impl Bounds {
         let gemm = match self.arith {
             KeyArith::F32 => n * U,
             KeyArith::Tf32 => 2.0 * U_TF32 + n * U,
+            KeyArith::Bf16 => 0.0,
         };
         match self.metric {
             // Keys are sums of non-negative terms: relative error.
@@ -93,14 +136,21 @@ impl Bounds {
             Metric::L2 => {
                 // key = ‖x‖² − 2q·x: the norm, the dot product and the subtraction.
                 let m = self.max_norm;
-                let beta = 2.0
-                    * (2.0 * gemm * q_norm * m
-                        + n * U * m * m
-                        + 2.0 * U * (m * m + 2.0 * q_norm * m));
+                let rest = n * U * m * m + 2.0 * U * (m * m + 2.0 * q_norm * m);
+                let beta = match self.arith {
+                    KeyArith::Bf16 => 2.0 * bf16_dot_error(self.dim, q_norm, m) + 2.0 * rest,
+                    _ => 2.0 * (2.0 * gemm * q_norm * m + rest),
+                };
                 (t + q_norm * q_norm - beta).max(0.0).sqrt()
             }
-            // key = −q̂·x̂ over rows normalised in f32.
-            Metric::Cosine => t - 2.0 * (gemm + 2.0 * n * U),
+            // key = −q̂·x̂ over rows normalised in f32 (norms within 1 ± n·u).
+            Metric::Cosine => match self.arith {
+                KeyArith::Bf16 => {
+                    let unit = 1.0 + n * U;
+                    t - bf16_dot_error(self.dim, unit, unit) - 4.0 * n * U
+                }
+                _ => t - 2.0 * (gemm + 2.0 * n * U),
+            },
         }
     }
 
@@ -152,6 +202,18 @@ pub struct Preselected {
     pub everything: bool,
 }
 
+impl Preselected {
+    /// The (keys, indices) a CPU pre-selection of `problem` found.
+    pub fn of(problem: &super::cpu::Problem, (keys, indices): (Vec<f32>, Vec<i64>)) -> Self {
+        Self {
+            kept: problem.k,
+            keys,
+            indices,
+            everything: problem.k == problem.n_candidates(),
+        }
+    }
+}
+
 /// One query's exact top-k from its kept candidates, or `None` when it cannot be certified.
 /// `row(slot)` is the candidate row kept in `slot` of this query.
 fn rerank_query<'r>(
@@ -164,11 +226,13 @@ fn rerank_query<'r>(
     row: impl Fn(usize) -> &'r [f32],
 ) -> Option<(Vec<i64>, Vec<f32>)> {
     let (k, metric) = (s.k, s.metric);
-    let mut scored: Vec<(f32, i64, usize)> = indices
-        .iter()
-        .enumerate()
-        .filter(|(_, &i)| i >= 0)
-        .map(|(slot, &i)| (metric.value(q, row(slot)), i, slot))
+    let kept: Vec<usize> = (0..indices.len()).filter(|&j| indices[j] >= 0).collect();
+    let rows: Vec<&[f32]> = kept.iter().map(|&slot| row(slot)).collect();
+    let mut scored: Vec<(f32, i64, usize)> = metric
+        .values(q, &rows)
+        .into_iter()
+        .zip(&kept)
+        .map(|(v, &slot)| (v, indices[slot], slot))
         .collect();
     scored.sort_by(|a, b| {
         rank_key(metric, a.0)
@@ -322,6 +386,7 @@ pub fn scan_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distance::Precision;
 
     #[test]
     fn floor_is_below_every_key_it_covers() {
@@ -350,6 +415,7 @@ mod tests {
             metric: Metric::L2,
             k: 1,
             other_class: None,
+            precision: Precision::F32,
         };
         let got = rerank_query(&q, &s, &keys, &indices, false, &b, |j| {
             &cands[j * 2..j * 2 + 2]

@@ -9,6 +9,8 @@
 //! (other-class constraint), its remaining slots hold index −1 and value +∞ (L1, L2) or −∞
 //! (cosine).
 
+pub mod bf16;
+pub mod bf16_kernel;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -57,6 +59,43 @@ impl Metric {
                 dot / (na * nx)
             }
         }
+    }
+
+    /// [`Metric::value`] of `a` with each of `xs`, bit for bit the same, four candidates at a
+    /// time: each candidate's sum is still taken in index order from −0.0 (as `Iterator::sum`
+    /// does), only the four sums are interleaved, which the re-ranking's throughput needs.
+    pub fn values(self, a: &[f32], xs: &[&[f32]]) -> Vec<f32> {
+        let na = match self {
+            Metric::Cosine => a.iter().map(|v| v * v).sum::<f32>().sqrt(),
+            _ => 0.0,
+        };
+        let mut out = Vec::with_capacity(xs.len());
+        let mut groups = xs.chunks_exact(4);
+        for g in groups.by_ref() {
+            let (mut s, mut nx) = ([-0.0f32; 4], [-0.0f32; 4]);
+            for (i, &p) in a.iter().enumerate() {
+                for j in 0..4 {
+                    let q = g[j][i];
+                    match self {
+                        Metric::L1 => s[j] += (p - q).abs(),
+                        Metric::L2 => s[j] += (p - q) * (p - q),
+                        Metric::Cosine => {
+                            s[j] += p * q;
+                            nx[j] += q * q;
+                        }
+                    }
+                }
+            }
+            for j in 0..4 {
+                out.push(match self {
+                    Metric::L1 => s[j],
+                    Metric::L2 => s[j].sqrt(),
+                    Metric::Cosine => s[j] / (na * nx[j].sqrt()),
+                });
+            }
+        }
+        out.extend(groups.remainder().iter().map(|x| self.value(a, x)));
+        out
     }
 
     /// The value of an empty slot.
@@ -150,6 +189,20 @@ impl Neighbors {
     }
 }
 
+/// The arithmetic of the CPU search's pre-selection; the result is the same exact one either
+/// way (see [`exact`]), only the speed differs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 GEMM tiles.
+    #[default]
+    F32,
+    /// bf16 dot products (AVX512-BF16) for L2 and cosine on the CPU, certified against the
+    /// exact f32 values, the queries it cannot certify searched again in f32 ([`bf16`]). L1,
+    /// device tensors and CPUs without AVX512-BF16 ([`bf16::available`]) search in f32.
+    Bf16,
+}
+
 /// A search request over host matrices.
 #[derive(Debug, Clone, Copy)]
 pub struct Search<'a> {
@@ -157,6 +210,8 @@ pub struct Search<'a> {
     pub k: usize,
     /// (query classes, candidate classes): only candidates of another class are eligible.
     pub other_class: Option<(&'a [i64], &'a [i64])>,
+    /// The CPU pre-selection's arithmetic.
+    pub precision: Precision,
 }
 
 /// The most neighbours per query (`k`).
@@ -181,11 +236,26 @@ pub fn check_magnitude(
     row: usize,
     metric: Metric,
 ) -> Result<(), DistanceError> {
-    let value = match metric {
-        Metric::L1 => values.iter().map(|&v| f64::from(v).abs()).sum::<f64>(),
-        Metric::L2 | Metric::Cosine => values.iter().map(|&v| f64::from(v) * f64::from(v)).sum(),
-    };
+    let value = row_magnitude(values, metric);
     check_row_magnitude(what, row, metric, value)
+}
+
+/// A row's magnitude for [`magnitude_rule`] in f64: Σ|v| (L1) or Σv² (L2, cosine), summed in
+/// 8 interleaved lanes (f64 sums of f32 values: a few ulps of f64 whatever the order).
+fn row_magnitude(values: &[f32], metric: Metric) -> f64 {
+    let term = |v: f32| match metric {
+        Metric::L1 => f64::from(v).abs(),
+        Metric::L2 | Metric::Cosine => f64::from(v) * f64::from(v),
+    };
+    let mut lanes = [0f64; 8];
+    let mut chunks = values.chunks_exact(8);
+    for c in chunks.by_ref() {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += term(v);
+        }
+    }
+    let rest: f64 = chunks.remainder().iter().map(|&v| term(v)).sum();
+    lanes.iter().sum::<f64>() + rest
 }
 
 /// The check of [`check_magnitude`] on a row's summed magnitude.
@@ -209,30 +279,44 @@ pub(crate) fn check_row_magnitude(
     })
 }
 
+/// Refuses the first row (in order) that is non-finite, all zeros for cosine, or too large
+/// (rows are checked in parallel); returns the largest row magnitude ([`row_magnitude`]).
 fn check_matrix(
     m: &[f32],
     dim: usize,
     what: &'static str,
     metric: Metric,
-) -> Result<(), DistanceError> {
-    for (row, values) in m.chunks(dim.max(1)).enumerate() {
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(DistanceError::NonFinite { what, row });
-        }
-        if metric == Metric::Cosine && values.iter().all(|&v| v == 0.0) {
-            return Err(DistanceError::ZeroNorm { what, row });
-        }
-        check_magnitude(values, what, row, metric)?;
+) -> Result<f64, DistanceError> {
+    use rayon::prelude::*;
+    let checked: Vec<Result<f64, DistanceError>> = m
+        .par_chunks(dim.max(1))
+        .enumerate()
+        .map(|(row, values)| {
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(DistanceError::NonFinite { what, row });
+            }
+            if metric == Metric::Cosine && values.iter().all(|&v| v == 0.0) {
+                return Err(DistanceError::ZeroNorm { what, row });
+            }
+            let value = row_magnitude(values, metric);
+            check_row_magnitude(what, row, metric, value).map(|()| value)
+        })
+        .collect();
+    let mut largest = 0f64;
+    for r in checked {
+        largest = largest.max(r?);
     }
-    Ok(())
+    Ok(largest)
 }
 
+/// Checks a search's input; returns the largest candidate magnitude ([`row_magnitude`]: the
+/// squared norm for L2 and cosine).
 fn validate(
     queries: &[f32],
     candidates: &[f32],
     dim: usize,
     s: &Search,
-) -> Result<(), DistanceError> {
+) -> Result<f64, DistanceError> {
     let nc = candidates.len() / dim.max(1);
     let nq = queries.len() / dim.max(1);
     validate_sizes(nq, nc, s)?;
@@ -324,32 +408,31 @@ pub fn search_host(
     s: &Search,
 ) -> Result<Neighbors, DistanceError> {
     check_host_shape(queries, candidates, dim)?;
-    validate(queries, candidates, dim, s)?;
-    let nc = candidates.len() / dim;
-    let kept = (s.k + exact::RERANK).min(nc);
-    let problem = cpu::Problem {
-        queries,
-        candidates,
-        dim,
-        k: kept,
-        metric: s.metric,
-        classes: s.other_class,
+    let largest = validate(queries, candidates, dim, s)?;
+    // The bounds' largest candidate norm (L2 only), from the validation's squared norms.
+    let max_norm = match s.metric {
+        Metric::L2 => largest.sqrt(),
+        _ => 0.0,
     };
-    let (keys, indices) = cpu::search(&problem);
-    let pre = exact::Preselected {
-        kept,
-        keys,
-        indices,
-        everything: kept == nc,
-    };
-    Ok(exact_from_host(
-        queries,
-        candidates,
-        dim,
-        s,
-        &pre,
-        exact::KeyArith::F32,
-    ))
+    if s.precision == Precision::Bf16 && s.metric != Metric::L1 && bf16::available() {
+        return Ok(bf16::search(queries, candidates, dim, s, max_norm));
+    }
+    Ok(search_host_f32(queries, candidates, dim, s, max_norm))
+}
+
+/// [`search_host`]'s f32 path on validated input (`max_norm`: the largest candidate L2 norm
+/// for L2, else 0).
+fn search_host_f32(
+    queries: &[f32],
+    candidates: &[f32],
+    dim: usize,
+    s: &Search,
+    max_norm: f64,
+) -> Neighbors {
+    let problem = cpu::Problem::keeping(queries, candidates, dim, s, exact::RERANK);
+    let pre = exact::Preselected::of(&problem, cpu::search(&problem));
+    let bounds = exact::Bounds::with_max_norm(s.metric, dim, exact::KeyArith::F32, max_norm);
+    exact_with_bounds(queries, candidates, dim, s, &pre, &bounds)
 }
 
 /// The exact result from a pre-selection over host matrices: re-ranked, and the queries that
@@ -363,7 +446,19 @@ pub(crate) fn exact_from_host(
     arith: exact::KeyArith,
 ) -> Neighbors {
     let bounds = exact::Bounds::new(s.metric, dim, arith, candidates);
-    let (mut out, uncertified) = exact::rerank(queries, dim, s, pre, &bounds, |slot| {
+    exact_with_bounds(queries, candidates, dim, s, pre, &bounds)
+}
+
+/// [`exact_from_host`] with its bounds given.
+pub(crate) fn exact_with_bounds(
+    queries: &[f32],
+    candidates: &[f32],
+    dim: usize,
+    s: &Search,
+    pre: &exact::Preselected,
+    bounds: &exact::Bounds,
+) -> Neighbors {
+    let (mut out, uncertified) = exact::rerank(queries, dim, s, pre, bounds, |slot| {
         let c = pre.indices[slot] as usize;
         &candidates[c * dim..(c + 1) * dim]
     });
@@ -373,15 +468,17 @@ pub(crate) fn exact_from_host(
 }
 
 /// Queries whose fast result could not be certified exact and were recomputed: on the device in
-/// f32 after a TF32 pass, and by a full scan on the host.
+/// f32 after a TF32 pass, on the host in f32 after a bf16 pass, and by a full scan on the host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rechecks {
     pub device_f32: usize,
+    pub host_f32: usize,
     pub host_scan: usize,
 }
 
 static RECHECKS: std::sync::Mutex<Rechecks> = std::sync::Mutex::new(Rechecks {
     device_f32: 0,
+    host_f32: 0,
     host_scan: 0,
 });
 
@@ -389,6 +486,13 @@ fn note_rechecks(device_f32: usize, host_scan: usize) {
     if let Ok(mut r) = RECHECKS.lock() {
         r.device_f32 += device_f32;
         r.host_scan += host_scan;
+    }
+}
+
+/// Counts queries of a bf16 pre-selection searched again in f32 (see [`Rechecks`]).
+fn note_host_f32(queries: usize) {
+    if let Ok(mut r) = RECHECKS.lock() {
+        r.host_f32 += queries;
     }
 }
 
@@ -563,6 +667,7 @@ mod tests {
                             metric,
                             k,
                             other_class: other.then_some((&qc[..], &cc[..])),
+                            precision: Precision::F32,
                         };
                         let want = search_naive(&q, &c, dim, &s);
                         let ctx = format!("{metric:?} k={k} other={other} N={nc} D={dim}");
@@ -608,6 +713,7 @@ mod tests {
                             metric,
                             k,
                             other_class: other.then_some((&qc[..], &cc[..])),
+                            precision: Precision::F32,
                         };
                         let got = search_host(&q, &c, dim, &s).unwrap();
                         let want = search_naive(&q, &c, dim, &s);
@@ -633,6 +739,7 @@ mod tests {
             metric: Metric::L1,
             k: 3,
             other_class: None,
+            precision: Precision::F32,
         };
         let n = search_host(&[1.0], &c, 1, &s).unwrap();
         assert_eq!(n.indices, vec![0, 1, 2]);
@@ -641,6 +748,7 @@ mod tests {
             metric: Metric::L2,
             k: 2,
             other_class: None,
+            precision: Precision::F32,
         };
         assert_eq!(search_host(&[4.0], &c, 1, &s).unwrap().indices, vec![3, 1]);
         // Cosine in 2-D: the query (1, 0) is closest in angle to (2, 0.1).
@@ -649,6 +757,7 @@ mod tests {
             metric: Metric::Cosine,
             k: 3,
             other_class: None,
+            precision: Precision::F32,
         };
         let n = search_host(&[1.0, 0.0], &c2, 2, &s).unwrap();
         assert_eq!(n.indices, vec![1, 0, 2]);
@@ -661,6 +770,7 @@ mod tests {
             metric: Metric::L2,
             k,
             other_class: None,
+            precision: Precision::F32,
         };
         let err = |r: Result<Neighbors, DistanceError>| r.unwrap_err().to_string();
         assert!(err(search_host(&[1.0, f32::NAN], &[0.0, 0.0], 2, &s(1)))
@@ -680,6 +790,7 @@ mod tests {
             metric: Metric::Cosine,
             k: 1,
             other_class: None,
+            precision: Precision::F32,
         };
         assert!(err(search_host(&[0.0, 0.0], &[1.0, 1.0], 2, &cos)).contains("all zeros"));
         let q = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
@@ -692,6 +803,7 @@ mod tests {
             metric: Metric::L1,
             k: 2,
             other_class: Some((&[1], &[1, 1, 0])),
+            precision: Precision::F32,
         };
         let n = search_host(&[0.0], &[1.0, 2.0, 3.0], 1, &s).unwrap();
         assert_eq!(n.indices, vec![2, -1]);
@@ -700,6 +812,7 @@ mod tests {
             metric: Metric::L1,
             k: 1,
             other_class: Some((&[1], &[1, 1])),
+            precision: Precision::F32,
         };
         assert_eq!(
             search_host(&[0.0], &[1.0, 2.0], 1, &s).unwrap().indices,
@@ -718,6 +831,7 @@ mod tests {
                 metric,
                 k: 1,
                 other_class: None,
+                precision: Precision::F32,
             };
             let err = search_host(&q, &c, 2, &s).unwrap_err();
             assert!(
@@ -747,6 +861,7 @@ mod tests {
             metric: Metric::L1,
             k: 1,
             other_class: None,
+            precision: Precision::F32,
         };
         assert_eq!(search_host(&q, &c, 2, &s).unwrap().indices, vec![0]);
         let c = [2.0f32, 2.0, 3e38, 3e38];
@@ -761,6 +876,7 @@ mod tests {
             metric: Metric::L2,
             k: 2,
             other_class: None,
+            precision: Precision::F32,
         };
         let n = search_host(&[1e18, 1.0], &c, 2, &s).unwrap();
         assert_eq!(n.indices, vec![0, 1]);
@@ -773,6 +889,7 @@ mod tests {
             metric: Metric::L1,
             k: MAX_K + 1,
             other_class: None,
+            precision: Precision::F32,
         };
         let c = vec![0.0f32; MAX_K + 1];
         let err = search_host(&[0.0], &c, 1, &s).unwrap_err().to_string();

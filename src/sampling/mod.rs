@@ -5,7 +5,7 @@
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::distance::{search_host, Metric, Neighbors, Search};
+use crate::distance::{search_host, Metric, Neighbors, Precision, Search};
 use crate::rng::Rng;
 
 /// What to replay from the buffer.
@@ -295,6 +295,7 @@ fn buffer_pairs(
         metric,
         k,
         other_class: Some((buffer.targets, buffer.targets)),
+        precision: Precision::F32,
     };
     let nn = search_host(buffer.embeddings, buffer.embeddings, buffer.dim, &search)?;
     pairs_from_neighbors(&nn, metric, pairs)

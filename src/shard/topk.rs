@@ -350,6 +350,7 @@ fn check_part(file: &str, p: &PartialTopK) -> Result<(), ShardError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distance::Precision;
 
     fn context(k: usize, queries: usize, rows: usize) -> TopKContext {
         TopKContext {
@@ -372,6 +373,7 @@ mod tests {
             metric: Metric::L1,
             k,
             other_class: None,
+            precision: Precision::F32,
         };
         let found = search_shard(q, &c[r], 1, &s, &rows).unwrap();
         PartialTopK {
