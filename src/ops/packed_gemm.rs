@@ -14,6 +14,10 @@ use super::nhwc::{self, Act};
 pub const PANEL: usize = 16;
 /// Most pixel rows per register tile.
 const MR: usize = 12;
+/// The deepest product the fused kernel takes: it does not split the depth, so a tile's rows
+/// (12 × k floats) must stay near L1. Deeper ones (ResNet's 3×3 convolutions past 128
+/// channels) keep the `gemm` crate, which blocks the depth.
+pub const MAX_K: usize = 1024;
 /// Floats of `a` per row block (256 KiB: the block stays in L2 while every panel passes).
 const BLOCK_FLOATS: usize = 64 * 1024;
 
