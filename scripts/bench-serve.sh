@@ -10,7 +10,8 @@
 # warm-up; 127.0.0.1 only. Both models are the real MobileNetV2 backbone with a head trained here
 # (bccp train, Fashion-MNIST, 2 epochs); the reference loads the same backbone and head.
 # Needs: wrk (Debian package, installed if missing), the torch venv (scripts/setup-torch-venv.sh)
-# and a venv with fastapi + uvicorn made under target/bench-serve that sees the torch venv.
+# and a venv with fastapi + uvicorn under target/bench-serve that sees it
+# (scripts/setup-serve-reference-venv.sh).
 # Usage: scripts/bench-serve.sh   (env: SECONDS_PER_CELL, SIZES=256,64, CONCURRENCY=1,8,32)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,18 +28,7 @@ if ! command -v wrk >/dev/null; then
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y wrk
 fi
-torch_python=$(scripts/setup-torch-venv.sh | tail -n 1)
-venv="$out/venv"
-if ! "$venv/bin/python" -c 'import fastapi, uvicorn, torch' 2>/dev/null; then
-  rm -rf "$venv"
-  "$torch_python" -m venv "$venv"
-  "$venv/bin/pip" install --quiet fastapi uvicorn
-  # The torch venv's packages (torch, torchvision, pillow, safetensors) are seen from here.
-  site=$("$torch_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  here_site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo "$site" > "$here_site/bccp-torch-venv.pth"
-  "$venv/bin/python" -c 'import fastapi, uvicorn, torch, torchvision, PIL'
-fi
+python=$(scripts/setup-serve-reference-venv.sh "$out/venv" | tail -n 1)
 
 # 20 Fashion-MNIST test images per class, prepared, and one model per input size.
 data="$out/data"
@@ -49,6 +39,6 @@ for size in "${sizes[@]}"; do
 done
 
 python3 scripts/bench_serve.py --bccp "$bccp" --runs "$data/runs" --days "$data/days" \
-  --python "$venv/bin/python" --reference scripts/bench_serve_reference.py --weights "$weights" \
+  --python "$python" --reference scripts/bench_serve_reference.py --weights "$weights" \
   --cache "$data/cache" --sizes "${SIZES:-256,64}" --concurrency "${CONCURRENCY:-1,8,32}" \
   --seconds "${SECONDS_PER_CELL:-10}"

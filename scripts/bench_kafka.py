@@ -10,6 +10,10 @@ MobileNetV2 model at 64×64. Then, each timed from its first record to its last:
   its prints: kafka-python, group `bench-consumer-group` from the earliest offset, and per record
   one `requests.post` to `/predict` (a new connection each, as it does) and one INSERT + COMMIT
   of the prediction (SQLite here, PostgreSQL there);
+- reference stack (with --reference-server): the same consumer calling the reference's own
+  prediction API (FastAPI + uvicorn + PyTorch MobileNetV2 at 64×64, one image per request,
+  scripts/bench_serve_reference.py, the same backbone and head), i.e. the reference's whole
+  predictions pipeline;
 - bccp consume: `bccp stream consume` of the same topic into an SQLite store (each image read,
   hashed, decoded and stored, offsets committed after the store's commits);
 - bccp serve → topic: predictions/s that `bccp serve --kafka` delivers to its topic while `wrk`
@@ -95,7 +99,7 @@ def produce(brokers, records):
     p.close()
 
 
-def reference_consumer(brokers, url, n, seconds, db_path):
+def reference_consumer(brokers, url, n, seconds, db_path, group="bench-consumer-group"):
     """The reference's data_subscriber.py loop (prints removed); returns (records, seconds)."""
     import requests  # the reference's HTTP client
 
@@ -104,7 +108,7 @@ def reference_consumer(brokers, url, n, seconds, db_path):
                "(id INTEGER PRIMARY KEY, timestamp TEXT, target INT)")
     db.commit()
     consumer = KafkaConsumer(TOPIC, bootstrap_servers=brokers, auto_offset_reset="earliest",
-                             group_id="bench-consumer-group",
+                             group_id=group,
                              value_deserializer=lambda x: json.loads(x),
                              consumer_timeout_ms=10000)
     done, first, last = 0, None, None
@@ -236,7 +240,13 @@ def main():
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", default="target/bench-kafka/results.json")
+    ap.add_argument("--reference-server", help="bench_serve_reference.py: also time the consumer "
+                    "against the reference's own prediction API")
+    ap.add_argument("--reference-python", help="a Python with fastapi, uvicorn and torch")
+    ap.add_argument("--weights", help="MobileNetV2 weights for the reference server")
     a = ap.parse_args()
+    if a.reference_server and not (a.reference_python and a.weights):
+        sys.exit("bench-kafka: --reference-server needs --reference-python and --weights")
 
     tmp = tempfile.mkdtemp(prefix="bccp-bench-kafka-")
     port = free_port()
@@ -245,7 +255,7 @@ def main():
         [a.tansu, "broker", "--listener-url", f"tcp://{brokers}",
          "--advertised-listener-url", f"tcp://{brokers}", "--storage-engine", "memory://tansu/"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    serve = None
+    serve = reference = None
     try:
         wait_port(port, broker, "tansu")
         records = images(a.root, a.records)
@@ -258,6 +268,18 @@ def main():
              "--kafka", f"{brokers},{PREDICTIONS}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_ready(f"http://127.0.0.1:{http_port}/readyz", serve, "bench-kafka: bccp serve")
+        reference_url = None
+        if a.reference_server:
+            run = os.path.join(a.runs, a.model)
+            version = max(int(v) for v in os.listdir(run) if v.isdigit())
+            ref_port = free_port()
+            reference = subprocess.Popen(
+                [a.reference_python, a.reference_server, "--root", a.root, "--weights", a.weights,
+                 "--head", os.path.join(run, str(version), "model.safetensors"), "--size", "64",
+                 "--port", str(ref_port)], stdout=subprocess.DEVNULL)
+            wait_ready(f"http://127.0.0.1:{ref_port}/healthz", reference,
+                       "bench-kafka: the reference server")
+            reference_url = f"http://127.0.0.1:{ref_port}/predict"
 
         # Rounds alternate the paths, so a change of load on this shared machine hits each.
         url = f"http://127.0.0.1:{http_port}/predict"
@@ -265,6 +287,12 @@ def main():
         for r in range(a.rounds):
             ref_n, ref_s = reference_consumer(brokers, url, a.records, a.seconds,
                                               f"{tmp}/reference.sqlite3")
+            stack = None
+            if reference_url:
+                st_n, st_s = reference_consumer(brokers, reference_url, a.records, a.seconds,
+                                                f"{tmp}/reference-stack.sqlite3",
+                                                group="bench-reference-stack-group")
+                stack = {"records": st_n, "seconds": st_s, "per_s": st_n / st_s}
             con_n, con_s, summary = bccp_consume(a.bccp, brokers, a.root, r,
                                                  f"{tmp}/consume{r}.sqlite3")
             pub_n, pub_s, answered = serve_to_topic(http_port, records, a.seconds, a.clients,
@@ -275,9 +303,10 @@ def main():
                             "summary": summary},
                 "serve_to_topic": {"records": pub_n, "seconds": pub_s, "per_s": pub_n / pub_s,
                                    "answered": answered},
+                "reference_stack": stack,
             })
     finally:
-        for p in (serve, broker):
+        for p in (reference, serve, broker):
             if p is not None:
                 p.terminate()
                 p.wait()
@@ -285,23 +314,35 @@ def main():
     print(f"\n{a.records} records of distinct Fashion-MNIST images, MobileNetV2 at 64×64, "
           f"{os.cpu_count()} CPUs, {a.rounds} rounds of {a.seconds:.0f} s per path; predictions "
           f"loaded by wrk ({a.clients} connections × batches of {a.batch})\n")
-    print("| round | reference consumer /s | bccp stream consume /s | × | "
-          "bccp serve --kafka → topic /s | × | answered → delivered |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    stacked = all(x["reference_stack"] for x in rounds)
+    print("| round | reference consumer → bccp serve /s | bccp stream consume /s | × | "
+          "bccp serve --kafka → topic /s | × | answered → delivered |"
+          + (" reference consumer → reference server /s | serve → topic × it |" if stacked else ""))
+    print("|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if stacked else ""))
     for r, x in enumerate(rounds, start=1):
         ref, con, pub = x["reference"]["per_s"], x["consume"]["per_s"], x["serve_to_topic"]["per_s"]
         x["consume"]["ratio"], x["serve_to_topic"]["ratio"] = con / ref, pub / ref
-        print(f"| {r} | {ref:.1f} | {con:.0f} | {con / ref:.1f}× | {pub:.0f} | {pub / ref:.1f}× | "
-              f"{x['serve_to_topic']['answered']} → {x['serve_to_topic']['records']} |")
-    median = lambda k: statistics.median(x[k]["ratio"] for x in rounds)  # noqa: E731
-    print(f"\nmedian × reference: stream consume {median('consume'):.1f}×, "
+        line = (f"| {r} | {ref:.1f} | {con:.0f} | {con / ref:.1f}× | {pub:.0f} | {pub / ref:.1f}× | "
+                f"{x['serve_to_topic']['answered']} → {x['serve_to_topic']['records']} |")
+        if stacked:
+            st = x["reference_stack"]["per_s"]
+            x["serve_to_topic"]["ratio_to_stack"] = pub / st
+            line += f" {st:.1f} | {pub / st:.1f}× |"
+        print(line)
+    median = lambda k, r="ratio": statistics.median(x[k][r] for x in rounds)  # noqa: E731
+    print(f"\nmedian × reference consumer → bccp serve: stream consume {median('consume'):.1f}×, "
           f"serve → topic {median('serve_to_topic'):.1f}×")
+    if stacked:
+        print("median serve → topic × reference consumer → reference server: "
+              f"{median('serve_to_topic', 'ratio_to_stack'):.1f}×")
     print(f"bccp stream consume said (last round): {rounds[-1]['consume']['summary']}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     payload = {
         "records": a.records, "cpus": os.cpu_count(), "seconds": a.seconds, "load": "wrk",
         "clients": a.clients, "batch": a.batch, "rounds": rounds,
-        "median_ratio": {"consume": median("consume"), "serve_to_topic": median("serve_to_topic")},
+        "median_ratio": {"consume": median("consume"), "serve_to_topic": median("serve_to_topic"),
+                         "serve_to_topic_vs_reference_stack":
+                             median("serve_to_topic", "ratio_to_stack") if stacked else None},
     }
     with open(a.out + ".tmp", "w") as f:
         json.dump(payload, f, indent=1)
