@@ -138,6 +138,9 @@ fn gemm_dots(
     let compute = match arith {
         KeyArith::F32 => blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         KeyArith::Tf32 => blas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        // `--precision bf16` is refused on a GPU before any search; its bound is the CPU
+        // kernel's, not cuBLAS's.
+        KeyArith::Bf16 => anyhow::bail!("bf16 keys are a CPU path (the GPU pre-selects in TF32)"),
     };
     let (alpha, beta) = (1f32, 0f32);
     let cublas = dev.cublas_handle();
