@@ -41,7 +41,7 @@ import time
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from benchlib import free_port, wait_ready
+from benchlib import free_port, start_reference_server, wait_ready
 
 TOPIC = "postgres-source-bench"
 PREDICTIONS = "bench-predictions"
@@ -270,16 +270,9 @@ def main():
         wait_ready(f"http://127.0.0.1:{http_port}/readyz", serve, "bench-kafka: bccp serve")
         reference_url = None
         if a.reference_server:
-            run = os.path.join(a.runs, a.model)
-            version = max(int(v) for v in os.listdir(run) if v.isdigit())
-            ref_port = free_port()
-            reference = subprocess.Popen(
-                [a.reference_python, a.reference_server, "--root", a.root, "--weights", a.weights,
-                 "--head", os.path.join(run, str(version), "model.safetensors"), "--size", "64",
-                 "--port", str(ref_port)], stdout=subprocess.DEVNULL)
-            wait_ready(f"http://127.0.0.1:{ref_port}/healthz", reference,
-                       "bench-kafka: the reference server")
-            reference_url = f"http://127.0.0.1:{ref_port}/predict"
+            reference, reference_url = start_reference_server(
+                a.reference_python, a.reference_server, a.root, a.weights,
+                os.path.join(a.runs, a.model), 64)
 
         # Rounds alternate the paths, so a change of load on this shared machine hits each.
         url = f"http://127.0.0.1:{http_port}/predict"

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import free_port, wait_ready
+from benchlib import free_port, start_reference_server, wait_ready
 
 
 
@@ -90,24 +90,25 @@ def main():
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         run = os.path.join(args.runs, f"bench{size}")
-        version = max(int(v) for v in os.listdir(run) if v.isdigit())
         for stack in ("reference", "bccp"):
-            port = free_port()
             if stack == "bccp":
+                port = free_port()
                 cmd = [args.bccp, "--quiet", "serve", "--model", f"bench{size}@champion",
                        "--runs-dir", args.runs, "--cache-dir", args.cache, "--image-root",
                        args.days, "--bind", f"127.0.0.1:{port}", "--device", "cpu",
                        "--db", f"sqlite:{os.path.join(tmp, f'store{size}.sqlite3')}"]
-                ready = f"http://127.0.0.1:{port}/readyz"
-            else:
-                cmd = [args.python, args.reference, "--root", args.days, "--weights",
-                       args.weights, "--head", os.path.join(run, str(version), "model.safetensors"),
-                       "--size", str(size), "--port", str(port)]
-                ready = f"http://127.0.0.1:{port}/healthz"
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-            try:
-                wait_ready(ready, proc, f"bench_serve: the {stack} server")
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
                 url = f"http://127.0.0.1:{port}/predict"
+                try:
+                    wait_ready(f"http://127.0.0.1:{port}/readyz", proc,
+                               "bench_serve: the bccp server")
+                except BaseException:
+                    stop(proc)
+                    raise
+            else:
+                proc, url = start_reference_server(args.python, args.reference, args.days,
+                                                   args.weights, run, size)
+            try:
                 wrk(url, script, 4, 2)  # warm-up
                 for c in [int(c) for c in args.concurrency.split(",")]:
                     rps, p50, p99, errors, total = wrk(url, script, c, args.seconds)
