@@ -113,7 +113,8 @@ pub fn dense_bias_act(
         unsafe { x86::run(a, m, p, bias, residual, act, out) };
         return;
     }
-    let _ = packed;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = packed; // only x86-64 has the fused kernel
     let out = &mut out[..m * n];
     nhwc::matmul_wt(a, weight, out, m, k, n);
     match residual {
