@@ -1,20 +1,21 @@
-"""Compare CPU full fine-tuning throughput of bccp with PyTorch: images/s of MobileNetV2
-training steps at 64 x 64, batch 64, and at 224 x 224, batch 32; batch-norm statistics frozen,
-Adam, images already decoded.
+"""Compare CPU full fine-tuning throughput of bccp with PyTorch: images/s of training steps,
+batch-norm statistics frozen, Adam, images already decoded — MobileNetV2 at 64 x 64 (batch 64)
+and 224 x 224 (batch 32), ResNet-18 at 224 x 224 (batch 32), ViT-B/16 at 224 x 224 (batch 8).
 
-PyTorch side: torchvision mobilenet_v2() features + a fresh 10-class linear head on the pooled
-1 280 features, random init, batch-norm layers in eval mode (frozen statistics; their affine
-parameters train, as bccp's folded convolutions do), cross-entropy, Adam (lr 1e-3 head, 1e-4
+PyTorch side: torchvision's network without its classifier (mobilenet_v2().features + global
+average pooling, resnet18() with fc = Identity, vit_b_16() with heads = Identity: the class
+token's output) + a fresh 10-class linear head, random init, batch-norm layers in eval mode
+(frozen statistics; their affine parameters train, as bccp's folded convolutions do), ViT's
+class token and position embeddings frozen (as bccp's), cross-entropy, Adam (lr 1e-3 head, 1e-4
 backbone), torch.set_num_threads(--threads); a few warm-up steps, then the median of timed steps
 (about --seconds).
 bccp side: `cargo bench --bench finetune -- --output-format bencher finetune` (criterion ids
-finetune64/channels_last and finetune224/channels_last, the trainer `bccp train --finetune full`
-runs on the CPU, and finetune64/candle_autograd, candle's autograd path before it; one
-iteration = one step of one batch), run with RAYON_NUM_THREADS=--threads; ns/iter is converted
-to images/s.
+GROUP/channels_last, the trainer `bccp train --finetune full` runs on the CPU for MobileNetV2,
+and GROUP/candle_autograd, candle's autograd path: ResNet and ViT train on it; one iteration =
+one step of one batch), run with RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s.
 
-Prints a markdown table (input, path, PyTorch img/s, bccp img/s, bccp/PyTorch) and, with
---json FILE, writes the same as JSON.
+Prints a markdown table (model, input, path, PyTorch img/s, bccp img/s, bccp/PyTorch) and,
+with --json FILE, writes the same as JSON.
 
 Usage (from the repository root): scripts/bench-finetune.sh [--threads N] [--json FILE]
 """
@@ -33,27 +34,47 @@ import torchvision
 from benchlib import bench_ns, cpu_model, run_cargo_bench, write_json
 
 CLASSES = 10
-# (criterion group, input size, batch, bccp paths)
-SHAPES = [("finetune64", 64, 64, ["channels_last", "candle_autograd"]),
-          ("finetune224", 224, 32, ["channels_last"])]
+# (criterion group, model, input size, batch, bccp paths)
+SHAPES = [("finetune64", "mobilenet_v2", 64, 64, ["channels_last", "candle_autograd"]),
+          ("finetune224", "mobilenet_v2", 224, 32, ["channels_last"]),
+          ("finetune224_resnet18", "resnet18", 224, 32, ["candle_autograd"]),
+          ("finetune224_vit_b16", "vit_b_16", 224, 8, ["candle_autograd"])]
 RUST_CMD = ["cargo", "bench", "--bench", "finetune", "--", "--output-format", "bencher", "finetune"]
-BENCH_LINE = re.compile(r"^test\s+(finetune\d+)/(\S+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")
+BENCH_LINE = re.compile(r"^test\s+(finetune\w+)/(\S+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")
 
 
 def die(msg):
     sys.exit(f"compare_finetune: error: {msg}")
 
 
-def torch_images_per_s(size, batch, seconds, warmup):
+def torch_network(model):
+    """(backbone returning pooled features, feature width) of a random-init torchvision model."""
+    if model == "mobilenet_v2":
+        features = torchvision.models.mobilenet_v2().features
+        return torch.nn.Sequential(features, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), 1280
+    if model == "resnet18":
+        net = torchvision.models.resnet18()
+        net.fc = torch.nn.Identity()
+        return net, 512
+    if model == "vit_b_16":
+        net = torchvision.models.vit_b_16()
+        net.heads = torch.nn.Identity()
+        net.class_token.requires_grad_(False)  # frozen, as in bccp
+        net.encoder.pos_embedding.requires_grad_(False)
+        return net, 768
+    die(f"unknown model {model}")
+
+
+def torch_images_per_s(model, size, batch, seconds, warmup):
     """Median images/s of training steps on a batch x 3 x size x size batch."""
     torch.manual_seed(0)
-    backbone = torchvision.models.mobilenet_v2().features
-    head = torch.nn.Linear(1280, CLASSES)
+    backbone, dim = torch_network(model)
+    head = torch.nn.Linear(dim, CLASSES)
     backbone.train()
     for m in backbone.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()  # frozen running statistics
-    opt_backbone = torch.optim.Adam(backbone.parameters(), lr=1e-4)
+    opt_backbone = torch.optim.Adam([p for p in backbone.parameters() if p.requires_grad], lr=1e-4)
     opt_head = torch.optim.Adam(head.parameters(), lr=1e-3)
     x = torch.randn(batch, 3, size, size)
     y = torch.arange(batch) % CLASSES
@@ -61,7 +82,7 @@ def torch_images_per_s(size, batch, seconds, warmup):
     def step():
         opt_backbone.zero_grad(set_to_none=True)
         opt_head.zero_grad(set_to_none=True)
-        features = backbone(x).mean(dim=(2, 3))
+        features = backbone(x)
         loss = torch.nn.functional.cross_entropy(head(features), y)
         loss.backward()
         opt_backbone.step()
@@ -76,7 +97,7 @@ def torch_images_per_s(size, batch, seconds, warmup):
         step()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    print(f"  torch mobilenet_v2 {size}x{size}: {len(times)} timed steps, median {med * 1e3:.1f} ms/batch",
+    print(f"  torch {model} {size}x{size}: {len(times)} timed steps, median {med * 1e3:.1f} ms/batch",
           file=sys.stderr)
     return batch / med
 
@@ -84,13 +105,13 @@ def torch_images_per_s(size, batch, seconds, warmup):
 def rust_images_per_s(threads):
     """Run the criterion bench and return {(group, path): images/s}."""
     out = run_cargo_bench(RUST_CMD, threads, die)
-    batches = {group: batch for group, _, batch, _ in SHAPES}
+    batches = {group: batch for group, _, _, batch, _ in SHAPES}
     result = {}
     for line in out.splitlines():
         m = BENCH_LINE.match(line.strip())
         if m and m.group(1) in batches:
             result[(m.group(1), m.group(2))] = batches[m.group(1)] / (bench_ns(m.group(3)) * 1e-9)
-    missing = [f"{g}/{p}" for g, _, _, paths in SHAPES for p in paths if (g, p) not in result]
+    missing = [f"{g}/{p}" for g, _, _, _, paths in SHAPES for p in paths if (g, p) not in result]
     if missing:
         die(f"no bencher line for {', '.join(missing)} in the cargo bench output")
     return result
@@ -109,7 +130,7 @@ def main():
     load = os.getloadavg()
     info = {
         "threads": args.threads,
-        "shapes": [{"group": g, "input": [b, 3, n, n]} for g, n, b, _ in SHAPES],
+        "shapes": [{"group": g, "model": m, "input": [b, 3, n, n]} for g, m, n, b, _ in SHAPES],
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "cpu": cpu_model(),
@@ -117,17 +138,17 @@ def main():
     }
     print(f"threads {args.threads}, torch {torch.__version__}, CPU: {info['cpu']}, "
           f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    torch_ips = {g: torch_images_per_s(n, b, args.seconds, args.warmup) for g, n, b, _ in SHAPES}
+    torch_ips = {g: torch_images_per_s(m, n, b, args.seconds, args.warmup) for g, m, n, b, _ in SHAPES}
     rust_ips = rust_images_per_s(args.threads)
     info["loadavg_after"] = os.getloadavg()
     rows = []
-    print("\n| input, batch | path | PyTorch img/s | bccp img/s | bccp/PyTorch |\n|---|---|---:|---:|---:|")
-    for g, n, b, paths in SHAPES:
+    print("\n| model | input, batch | path | PyTorch img/s | bccp img/s | bccp/PyTorch |\n|---|---|---|---:|---:|---:|")
+    for g, m, n, b, paths in SHAPES:
         for path in paths:
             r, t = rust_ips[(g, path)], torch_ips[g]
-            rows.append({"group": g, "size": n, "batch": b, "path": path, "pytorch_img_s": t,
+            rows.append({"group": g, "model": m, "size": n, "batch": b, "path": path, "pytorch_img_s": t,
                          "bccp_img_s": r, "ratio": r / t})
-            print(f"| {n}×{n}, {b} | {path} | {t:.1f} | {r:.1f} | {r / t:.2f} |")
+            print(f"| {m} | {n}×{n}, {b} | {path} | {t:.1f} | {r:.1f} | {r / t:.2f} |")
     speedup = rust_ips[("finetune64", "channels_last")] / rust_ips[("finetune64", "candle_autograd")]
     print(f"\nchannels_last / candle_autograd at 64x64: {speedup:.2f}x; load average after "
           + " ".join(f"{v:.2f}" for v in info["loadavg_after"]))

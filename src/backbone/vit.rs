@@ -2,15 +2,17 @@
 //! ViT-B/32 image tower (`openai/clip-vit-base-patch32`) and DINOv2 ViT-S/14
 //! (`lmz/candle-dinov2`) — as one pre-norm encoder written here, so that `--finetune full` can
 //! train them: candle-nn's fused layer-norm and last-dimension softmax have no backward pass, so
-//! once a network is made trainable it switches to the same formulas in differentiable ops.
-//! Inference keeps the fused kernels. The class token and position embeddings stay as
+//! once a network is made trainable it switches to ours, which have one
+//! ([`crate::ops::fused_grad`]: fused on the CPU, the same formulas in candle's ops elsewhere).
+//! Inference keeps candle-nn's kernels. The class token and position embeddings stay as
 //! pretrained (DINOv2's are resampled to the input's grid); everything else trains.
 //! Same arithmetic as candle-transformers' implementations (tested against them).
 
-use candle_core::{DType, IndexOp, Result, Tensor, Var, D};
+use candle_core::{DType, IndexOp, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use super::layers::Tunable;
+use crate::ops::fused_grad;
 
 /// Which of the three checkpoints, and so which names, activation and pooling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +39,7 @@ enum Act {
 impl Act {
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Act::GeluErf => x.gelu_erf(),
+            Act::GeluErf => fused_grad::gelu_erf(x),
             Act::GeluTanh => x.gelu(),
             Act::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
         }
@@ -146,7 +148,7 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.broadcast_matmul(&self.weight.value.t()?)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.value),
+            Some(b) => fused_grad::bias_add(&y, &b.value),
             None => Ok(y),
         }
     }
@@ -178,13 +180,7 @@ impl Norm {
         if !trainable {
             return candle_nn::ops::layer_norm(&x.contiguous()?, w, b, self.eps as f32);
         }
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        centred
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(w)?
-            .broadcast_add(b)
+        fused_grad::layer_norm(x, w, b, self.eps)
     }
 }
 
@@ -295,7 +291,7 @@ impl Block {
         };
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         let probs = if trainable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            fused_grad::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
@@ -545,7 +541,7 @@ impl Tunable for VisionTransformer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Module};
+    use candle_core::{Device, Module, D};
     use candle_nn::VarMap;
     use candle_transformers::models::{clip, dinov2, vit};
 

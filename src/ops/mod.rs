@@ -5,6 +5,7 @@ pub mod bias_act;
 pub mod depthwise;
 #[cfg(feature = "cuda")]
 mod depthwise_cuda;
+pub mod fused_grad;
 pub mod nhwc;
 pub mod nhwc_grad;
 pub mod packed_gemm;
