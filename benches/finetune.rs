@@ -60,6 +60,7 @@ fn finetune(c: &mut Criterion) {
                     1e-4,
                     None,
                     &Progress::hidden(),
+                    None,
                 )
                 .expect("step")
             })
@@ -78,6 +79,7 @@ fn finetune(c: &mut Criterion) {
                         None,
                         &Device::Cpu,
                         &Progress::hidden(),
+                        None,
                     )
                     .expect("step")
                 })

@@ -119,7 +119,7 @@ fn one_step(model: &Backbone, vars: Vec<candle_core::Var>, x: &Tensor, name: &st
         );
     }
     let count = vars.len();
-    let mut opt = bccp::train::adam(vars, 1e-5).unwrap();
+    let mut opt = bccp::train::adam::Adam::new(vars, 1e-5).unwrap();
     opt.step(&grads).unwrap();
     count
 }

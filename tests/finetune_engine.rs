@@ -168,6 +168,7 @@ fn finetune_on(
             None,
             &Device::Cpu,
             &Progress::hidden(),
+            None,
         ),
         _ => finetune_channels_last(
             TrunkTrainer::new(model.trunk().unwrap()).unwrap(),
@@ -179,6 +180,7 @@ fn finetune_on(
             1e-3,
             None,
             &Progress::hidden(),
+            None,
         ),
     };
     run.unwrap().0
@@ -264,6 +266,7 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
                 labels: &labels,
             }),
             &Progress::hidden(),
+            None,
         )
         .unwrap();
         (model, vars, head, history)
@@ -312,6 +315,7 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
         None,
         &Device::Cpu,
         &Progress::hidden(),
+        None,
     )
     .unwrap();
     // The same steps record the same losses, up to float noise; no test figures without test
@@ -419,6 +423,7 @@ fn frozen_blocks_keep_their_weights_to_the_bit() {
         None,
         &Device::Cpu,
         &Progress::hidden(),
+        None,
     )
     .expect_err("19 blocks of 18")
     .to_string();

@@ -5,7 +5,8 @@
 //! A run is written in a hidden staging folder, then, under the name's lock file, given the next
 //! version and renamed into place whole: concurrent registrations of one name get distinct
 //! versions, and a crash leaves no half-written version. Aliases move under the same lock, by
-//! an atomic file replacement.
+//! an atomic file replacement. While a run trains, `ROOT/<name>/.checkpoint/` holds its latest
+//! per-epoch checkpoint ([`crate::train::checkpoint`]), removed once the run is registered.
 
 pub mod record;
 mod trained;
@@ -173,6 +174,7 @@ impl Drop for NameLock {
 
 const ALIASES: &str = "aliases.json";
 const LOCK: &str = ".lock";
+const CHECKPOINT: &str = ".checkpoint";
 
 impl Registry {
     /// The registry at `root` (created on the first registration).
@@ -205,6 +207,13 @@ impl Registry {
             .map_err(io(&path))?;
         file.lock().map_err(io(&path))?;
         Ok(NameLock(file))
+    }
+
+    /// The folder of the training checkpoint of a run of `name` under way
+    /// (`ROOT/<name>/.checkpoint`; see [`crate::train::checkpoint`]).
+    pub fn checkpoint_dir(&self, name: &str) -> Result<PathBuf> {
+        check_name(name)?;
+        Ok(self.root.join(name).join(CHECKPOINT))
     }
 
     /// Versions of `name`, ascending.

@@ -10,12 +10,17 @@ use std::path::PathBuf;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_nn::{Linear, Optimizer};
+use candle_nn::Linear;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+use super::adam::Adam;
+use super::adam::AdamState;
+use super::checkpoint::{
+    restore_order, restore_vars, Checkpoint, CheckpointError, Checkpointing, TrainState,
+};
 use super::flat_adam::FlatAdam;
-use super::{accuracy, adam, dropout_mask, init_head, EpochStats, Head, TrainConfig};
+use super::{accuracy, dropout_mask, init_head, EpochStats, Head, TrainConfig};
 use crate::backbone::channels_last::TrunkTrainer;
 use crate::backbone::Backbone;
 use crate::data::loader::{load_batch, Preprocess};
@@ -29,6 +34,8 @@ pub enum FinetuneError {
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("{0}")]
     Input(String),
 }
@@ -230,6 +237,36 @@ fn share_of(loss: &Tensor, n: usize, group: usize) -> Result<Tensor> {
     })
 }
 
+/// The checkpoint to save to, the state to start from and the epoch to stop after, of
+/// optional `checkpointing`.
+pub(super) fn split(
+    checkpointing: Option<Checkpointing<'_>>,
+) -> (Option<&Checkpoint>, Option<TrainState>, Option<usize>) {
+    match checkpointing {
+        Some(c) => (Some(c.checkpoint), c.start, c.stop_after),
+        None => (None, None, None),
+    }
+}
+
+/// The head's and the backbone's optimiser states of a fine-tuning checkpoint.
+fn two_optimisers(s: &TrainState) -> Result<[&AdamState; 2]> {
+    match s.optimisers.as_slice() {
+        [h, b] => Ok([h, b]),
+        other => Err(FinetuneError::Input(format!(
+            "checkpoint: {} optimisers for fine-tuning (the head's and the backbone's)",
+            other.len()
+        ))),
+    }
+}
+
+/// Copies of the values of `vars` (a checkpoint's, taken while training goes on).
+fn copies(vars: &[Var]) -> Result<Vec<Tensor>> {
+    Ok(vars
+        .iter()
+        .map(|v| v.as_tensor().copy())
+        .collect::<candle_core::Result<_>>()?)
+}
+
 /// As many test labels as test images.
 fn check_test(test: Option<TestImages<'_>>) -> Result<()> {
     match test {
@@ -284,7 +321,9 @@ pub fn frozen_vars(name: &str, blocks: usize, counts: &[usize]) -> Result<usize>
 /// and every epoch's figures: mean loss, training accuracy of the epoch's own forward passes
 /// (dropout applied, each batch before its step: no second pass over the training images)
 /// and, with `test` (image files and true labels, kept decoded under a bound of the same size),
-/// the accuracy on them after the epoch. `progress` advances once per batch.
+/// the accuracy on them after the epoch. `progress` advances once per batch. With
+/// `checkpointing`, a checkpoint is saved after every epoch, and training continues from its
+/// start state when it has one.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     backbone: &Backbone,
@@ -299,6 +338,7 @@ pub fn finetune(
     test: Option<(&[PathBuf], &[u32])>,
     device: &Device,
     progress: &Progress,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(files.len(), labels, classes)?;
     frozen_vars(
@@ -328,6 +368,7 @@ pub fn finetune(
                 backbone_lr,
                 test,
                 progress,
+                checkpointing,
             )
         }
         _ => finetune_candle(
@@ -341,6 +382,7 @@ pub fn finetune(
             test,
             device,
             progress,
+            checkpointing,
         ),
     }
 }
@@ -360,6 +402,7 @@ pub fn finetune_candle(
     test: Option<TestImages<'_>>,
     device: &Device,
     progress: &Progress,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(images.count, labels, classes)?;
     check_test(test)?;
@@ -377,10 +420,10 @@ pub fn finetune_candle(
         )));
     }
     let trained = backbone_vars.split_off(frozen);
-    let mut backbone_opt = adam(trained.clone(), backbone_lr)?;
+    let mut backbone_opt = Adam::new(trained.clone(), backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
-    let mut head_opt = adam(head_vars.clone(), cfg.lr)?;
-    let all_vars: Vec<Var> = head_vars.into_iter().chain(trained).collect();
+    let mut head_opt = Adam::new(head_vars.clone(), cfg.lr)?;
+    let all_vars: Vec<Var> = head_vars.iter().chain(&trained).cloned().collect();
     let targets = Tensor::new(labels, device)?;
     let mut order: Vec<u32> = (0..labels.len() as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
@@ -393,7 +436,20 @@ pub fn finetune_candle(
         "fine-tune batches",
     );
     let mut history = Vec::with_capacity(cfg.epochs);
-    for epoch in 1..=cfg.epochs {
+    let (checkpoint, start, stop_after) = split(checkpointing);
+    let mut first = 1;
+    if let Some(s) = start {
+        restore_vars(&head_vars, &s.head, "head")?;
+        restore_vars(&trained, &s.backbone, "backbone")?;
+        let [h, b] = two_optimisers(&s)?;
+        head_opt.restore(h)?;
+        backbone_opt.restore(b)?;
+        (shuffle_rng, dropout_rng) = (s.shuffle_rng.clone(), s.dropout_rng.clone());
+        order = restore_order(s.order.clone(), labels.len())?;
+        (first, history) = (s.epochs_done + 1, s.history);
+        progress.inc((s.epochs_done * labels.len().div_ceil(batch)) as u64);
+    }
+    for epoch in first..=cfg.epochs {
         head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
         shuffle_rng.shuffle(&mut order);
@@ -424,6 +480,21 @@ pub fn finetune_candle(
                 Ok(backbone.embed(&images.tensor(idx, device)?)?.detach())
             })?,
         );
+        if let Some(c) = checkpoint {
+            c.save(&TrainState {
+                epochs_done: epoch,
+                history: history.clone(),
+                order: order.clone(),
+                shuffle_rng: shuffle_rng.clone(),
+                dropout_rng: dropout_rng.clone(),
+                head: copies(&head_vars)?,
+                backbone: copies(&trained)?,
+                optimisers: vec![head_opt.state(), backbone_opt.state()],
+            })?;
+        }
+        if stop_after == Some(epoch) {
+            break;
+        }
     }
     progress.finish();
     Ok((Head { linear, classes }, history))
@@ -444,6 +515,7 @@ pub fn finetune_channels_last(
     backbone_lr: f64,
     test: Option<TestImages<'_>>,
     progress: &Progress,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(images.count, labels, classes)?;
     check_test(test)?;
@@ -455,7 +527,7 @@ pub fn finetune_channels_last(
     let mut backbone_opt =
         FlatAdam::new(trainer.param_lens().into_iter().skip(frozen), backbone_lr);
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
-    let mut head_opt = adam(head_vars.clone(), cfg.lr)?;
+    let mut head_opt = Adam::new(head_vars.clone(), cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
     let mut order: Vec<u32> = (0..labels.len() as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
@@ -468,7 +540,20 @@ pub fn finetune_channels_last(
         "fine-tune batches",
     );
     let mut history = Vec::with_capacity(cfg.epochs);
-    for epoch in 1..=cfg.epochs {
+    let (checkpoint, start, stop_after) = split(checkpointing);
+    let mut first = 1;
+    if let Some(s) = start {
+        restore_vars(&head_vars, &s.head, "head")?;
+        trainer.set_params(frozen, &s.backbone)?;
+        let [h, b] = two_optimisers(&s)?;
+        head_opt.restore(h)?;
+        backbone_opt.restore(b)?;
+        (shuffle_rng, dropout_rng) = (s.shuffle_rng.clone(), s.dropout_rng.clone());
+        order = restore_order(s.order.clone(), labels.len())?;
+        (first, history) = (s.epochs_done + 1, s.history);
+        progress.inc((s.epochs_done * labels.len().div_ceil(batch)) as u64);
+    }
+    for epoch in first..=cfg.epochs {
         head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
         shuffle_rng.shuffle(&mut order);
@@ -524,6 +609,21 @@ pub fn finetune_channels_last(
                 Ok(Tensor::from_vec(fwd.features, (idx.len(), dim), device)?)
             })?,
         );
+        if let Some(c) = checkpoint {
+            c.save(&TrainState {
+                epochs_done: epoch,
+                history: history.clone(),
+                order: order.clone(),
+                shuffle_rng: shuffle_rng.clone(),
+                dropout_rng: dropout_rng.clone(),
+                head: copies(&head_vars)?,
+                backbone: trainer.params_after(frozen)?,
+                optimisers: vec![head_opt.state(), backbone_opt.state()?],
+            })?;
+        }
+        if stop_after == Some(epoch) {
+            break;
+        }
     }
     trainer.write_to(backbone_vars)?;
     progress.finish();

@@ -2,6 +2,8 @@
 //! ANL-CE), Adam with the reference's schedule (lr × 0.95 per epoch), seeded shuffling and
 //! seeded dropout, and evaluation (accuracy, per class, confusion matrix).
 
+pub mod adam;
+pub mod checkpoint;
 pub mod eval;
 pub mod finetune;
 pub mod flat_adam;
@@ -9,16 +11,19 @@ pub mod loss;
 pub mod schedule;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_nn::{Linear, Optimizer};
+use candle_nn::Linear;
 
 use crate::progress::Progress;
 use crate::rng::Rng;
+
+use adam::Adam;
+use checkpoint::{as_candle, restore_order, restore_vars, Checkpointing, TrainState};
 
 pub use loss::Loss;
 pub use schedule::{LrSchedule, Schedule};
 
 /// Hyper-parameters of head training (the reference's defaults).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainConfig {
     pub epochs: usize,
     pub batch_size: usize,
@@ -129,16 +134,6 @@ pub fn init_head(
     Ok((vec![w, b], linear))
 }
 
-/// Adam at learning rate `lr` (AdamW without weight decay).
-pub fn adam(vars: Vec<Var>, lr: f64) -> Result<candle_nn::AdamW> {
-    let params = candle_nn::ParamsAdamW {
-        lr,
-        weight_decay: 0.0,
-        ..Default::default()
-    };
-    candle_nn::AdamW::new(vars, params)
-}
-
 /// Fills `out` with a dropout mask drawn from `rng`: each entry 0 with probability `p`, else
 /// 1 / (1 − p). At p = 0.5 every random bit is a fair coin, so one draw covers 64 entries; other
 /// rates draw once per entry.
@@ -234,7 +229,7 @@ pub fn train_head(
     cfg: &TrainConfig,
     progress: &Progress,
 ) -> Result<Head> {
-    fit(features, labels, classes, cfg, progress, None).map(|(head, _)| head)
+    fit(features, labels, classes, cfg, progress, None, None).map(|(head, _)| head)
 }
 
 /// [`train_head`] that also records every epoch: its mean loss, the training accuracy and,
@@ -247,10 +242,33 @@ pub fn train_head_recorded(
     progress: &Progress,
     test: Option<TestSet<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
-    fit(features, labels, classes, cfg, progress, Some(test))
+    fit(features, labels, classes, cfg, progress, Some(test), None)
 }
 
-/// The training loop; `record` (with its optional test set) asks for per-epoch figures.
+/// [`train_head_recorded`] that saves a checkpoint after every epoch and, with a start state,
+/// continues after its last completed epoch (the same head and figures as without a stop).
+pub fn train_head_checkpointed(
+    features: &Tensor,
+    labels: &[u32],
+    classes: usize,
+    cfg: &TrainConfig,
+    progress: &Progress,
+    test: Option<TestSet<'_>>,
+    checkpointing: Checkpointing<'_>,
+) -> Result<(Head, Vec<EpochStats>)> {
+    fit(
+        features,
+        labels,
+        classes,
+        cfg,
+        progress,
+        Some(test),
+        Some(checkpointing),
+    )
+}
+
+/// The training loop; `record` (with its optional test set) asks for per-epoch figures,
+/// `checkpointing` for a checkpoint after every epoch (and maybe a state to continue from).
 fn fit(
     features: &Tensor,
     labels: &[u32],
@@ -258,6 +276,7 @@ fn fit(
     cfg: &TrainConfig,
     progress: &Progress,
     record: Option<Option<TestSet<'_>>>,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
     let (n, f) = features.dims2()?;
     if labels.len() != n {
@@ -271,7 +290,7 @@ fn fit(
     }
     let device = features.device();
     let (vars, linear) = init_head(classes, f, cfg.seed, device)?;
-    let mut opt = adam(vars, cfg.lr)?;
+    let mut opt = Adam::new(vars.clone(), cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
@@ -296,7 +315,20 @@ fn fit(
     }
     let mut history = Vec::new();
     progress.start(cfg.epochs as u64, "epochs");
-    for epoch in 1..=cfg.epochs {
+    let (checkpoint, start, stop_after) = finetune::split(checkpointing);
+    let mut first = 1;
+    if let Some(s) = start {
+        restore_vars(&vars, &s.head, "head")?;
+        match s.optimisers.as_slice() {
+            [head] => opt.restore(head)?,
+            other => candle_core::bail!("checkpoint: {} optimisers for head training", other.len()),
+        }
+        (shuffle_rng, dropout_rng, history) = (s.shuffle_rng, s.dropout_rng, s.history);
+        order = restore_order(s.order, n)?;
+        first = s.epochs_done + 1;
+        progress.inc(s.epochs_done as u64);
+    }
+    for epoch in first..=cfg.epochs {
         opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         let mut loss_sum = 0f64;
         shuffle_rng.shuffle(&mut order);
@@ -343,7 +375,26 @@ fn fit(
                 test_accuracy,
             });
         }
+        if let Some(c) = checkpoint {
+            let state = TrainState {
+                epochs_done: epoch,
+                history: history.clone(),
+                order: order.clone(),
+                shuffle_rng: shuffle_rng.clone(),
+                dropout_rng: dropout_rng.clone(),
+                head: vars
+                    .iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<Result<_>>()?,
+                backbone: Vec::new(),
+                optimisers: vec![opt.state()],
+            };
+            c.save(&state).map_err(as_candle)?;
+        }
         progress.inc(1);
+        if stop_after == Some(epoch) {
+            break;
+        }
     }
     progress.finish();
     Ok((Head { linear, classes }, history))
@@ -452,6 +503,77 @@ mod tests {
         assert!(err.contains("10 test labels for 90"), "{err}");
         assert_eq!(accuracy(&[1, 2, 0], &[1, 2, 2]), 2.0 / 3.0);
         assert_eq!(accuracy(&[], &[]), 0.0);
+    }
+
+    /// Bits of a tensor's values.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn resuming_after_a_stop_gives_the_uninterrupted_head_and_history() {
+        use checkpoint::{Checkpoint, Fingerprint};
+        let (x, y) = blobs(200, 4);
+        let (tx, ty) = blobs(60, 5);
+        let parts = [tx];
+        let test = TestSet {
+            parts: &parts,
+            labels: &ty,
+        };
+        let cfg = TrainConfig {
+            epochs: 5,
+            batch_size: 16,
+            dropout: 0.5,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_epochs: 1,
+            ..Default::default()
+        };
+        let hidden = Progress::hidden();
+        let (straight, straight_history) =
+            train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Checkpoint::new(
+            tmp.path().join("c"),
+            Fingerprint::new().with("run", "blobs"),
+        );
+        let run = |start, stop_after| {
+            let checkpointing = Checkpointing {
+                checkpoint: &c,
+                start,
+                stop_after,
+            };
+            train_head_checkpointed(&x, &y, 3, &cfg, &hidden, Some(test), checkpointing).unwrap()
+        };
+        let (_, first) = run(None, Some(2));
+        assert_eq!(first, straight_history[..2], "stopped after epoch 2");
+        let start = c.load().unwrap().expect("a checkpoint after epoch 2");
+        assert_eq!(start.epochs_done, 2);
+        let (resumed, history) = run(Some(start), None);
+        assert_eq!(history, straight_history);
+        assert_eq!(
+            bits(resumed.linear.weight()),
+            bits(straight.linear.weight())
+        );
+        let (b1, b2) = (
+            resumed.linear.bias().unwrap(),
+            straight.linear.bias().unwrap(),
+        );
+        assert_eq!(bits(b1), bits(b2));
+        assert_eq!(c.load().unwrap().unwrap().epochs_done, 5);
+        // A checkpoint of another head (other classes) is refused, not half-applied.
+        let mut wrong = c.load().unwrap().unwrap();
+        wrong.epochs_done = 1;
+        wrong.order.pop();
+        let checkpointing = Checkpointing {
+            checkpoint: &c,
+            start: Some(wrong),
+            stop_after: None,
+        };
+        let err = train_head_checkpointed(&x, &y, 3, &cfg, &hidden, None, checkpointing)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("199 samples for 200"), "{err}");
     }
 
     #[test]
