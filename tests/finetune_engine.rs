@@ -154,6 +154,19 @@ fn finetune_on(
     labels: &[u32],
     cfg: &bccp::train::TrainConfig,
 ) -> bccp::train::Head {
+    finetune_checkpointed(engine, model, vars, images, labels, cfg, None).0
+}
+
+/// [`finetune_on`] with `checkpointing`; the head and the epochs' figures.
+fn finetune_checkpointed(
+    engine: &str,
+    model: &Backbone,
+    vars: &[candle_core::Var],
+    images: &bccp::train::finetune::TrainImages,
+    labels: &[u32],
+    cfg: &bccp::train::TrainConfig,
+    checkpointing: Option<bccp::train::checkpoint::Checkpointing<'_>>,
+) -> (bccp::train::Head, Vec<bccp::train::EpochStats>) {
     use bccp::progress::Progress;
     use bccp::train::finetune::{finetune_candle, finetune_channels_last};
     let run = match engine {
@@ -168,7 +181,7 @@ fn finetune_on(
             None,
             &Device::Cpu,
             &Progress::hidden(),
-            None,
+            checkpointing,
         ),
         _ => finetune_channels_last(
             TrunkTrainer::new(model.trunk().unwrap()).unwrap(),
@@ -180,10 +193,10 @@ fn finetune_on(
             1e-3,
             None,
             &Progress::hidden(),
-            None,
+            checkpointing,
         ),
     };
-    run.unwrap().0
+    run.unwrap()
 }
 
 /// MobileNetV2 at 32×32 and 8 images of [`tiny_set`] in `dir`: the spec, the weights, the
@@ -499,5 +512,92 @@ fn accumulating_two_batches_steps_as_one_batch_of_twice_the_size() {
             apart < tolerance,
             "{engine}: accumulated {apart} (relative) apart from one batch of twice the size"
         );
+    }
+}
+
+/// Bits of every value of `vars`.
+fn bits(vars: &[candle_core::Var]) -> Vec<Vec<u32>> {
+    all_params(vars)
+        .iter()
+        .map(|p| p.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+#[test]
+fn a_resumed_finetune_ends_as_an_uninterrupted_one_on_both_engines() {
+    use bccp::train::checkpoint::{Checkpoint, Checkpointing, Fingerprint};
+    use bccp::train::finetune::TrainImages;
+    use bccp::train::{LrSchedule, TrainConfig};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (spec, weights, pre, files, labels) = small_mobilenet_set(tmp.path());
+    let images = TrainImages::new(&files, &pre, 64).unwrap();
+    let cfg = TrainConfig {
+        epochs: 3,
+        batch_size: 3,
+        accumulate: 2,
+        dropout: 0.5,
+        freeze_blocks: 2,
+        lr_schedule: LrSchedule::Cosine,
+        ..Default::default()
+    };
+    for engine in ["channels-last", "candle"] {
+        let (model, straight_vars) =
+            Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let (straight, straight_history) =
+            finetune_checkpointed(engine, &model, &straight_vars, &images, &labels, &cfg, None);
+        let checkpoint = Checkpoint::new(
+            tmp.path().join(engine),
+            Fingerprint::new().with("engine", engine),
+        );
+        let at = |start, stop_after| Checkpointing {
+            checkpoint: &checkpoint,
+            start,
+            stop_after,
+        };
+        // Stopped after the first epoch, on fresh weights; then resumed on fresh weights again
+        // (as a new process would load them), from the checkpoint alone.
+        let (model, vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let (_, first) = finetune_checkpointed(
+            engine,
+            &model,
+            &vars,
+            &images,
+            &labels,
+            &cfg,
+            Some(at(None, Some(1))),
+        );
+        assert_eq!(first, straight_history[..1], "{engine}");
+        let start = checkpoint
+            .load()
+            .unwrap()
+            .expect("a checkpoint after epoch 1");
+        assert_eq!(start.epochs_done, 1, "{engine}");
+        let (model, resumed_vars) =
+            Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let (resumed, history) = finetune_checkpointed(
+            engine,
+            &model,
+            &resumed_vars,
+            &images,
+            &labels,
+            &cfg,
+            Some(at(Some(start), None)),
+        );
+        assert_eq!(history, straight_history, "{engine}");
+        assert_eq!(
+            bits(&resumed_vars),
+            bits(&straight_vars),
+            "{engine}: backbone"
+        );
+        let head = |h: &bccp::train::Head| {
+            h.tensors()
+                .iter()
+                .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(head(&resumed), head(&straight), "{engine}: head");
+        assert_eq!(checkpoint.load().unwrap().unwrap().epochs_done, 3);
     }
 }
