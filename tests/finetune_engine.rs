@@ -598,6 +598,24 @@ fn a_resumed_finetune_ends_as_an_uninterrupted_one_on_both_engines() {
                 .collect::<Vec<_>>()
         };
         assert_eq!(head(&resumed), head(&straight), "{engine}: head");
-        assert_eq!(checkpoint.load().unwrap().unwrap().epochs_done, 3);
+        // The start state is what training continues from: a finished one with its first
+        // trained backbone tensor zeroed returns that tensor, without training further.
+        let mut done = checkpoint.load().unwrap().unwrap();
+        assert_eq!(done.epochs_done, 3);
+        done.backbone[0] = done.backbone[0].zeros_like().unwrap();
+        let (model, zeroed_vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let frozen: usize = model.block_var_counts()[..2].iter().sum();
+        let (_, history) = finetune_checkpointed(
+            engine,
+            &model,
+            &zeroed_vars,
+            &images,
+            &labels,
+            &cfg,
+            Some(at(Some(done), None)),
+        );
+        assert_eq!(history, straight_history, "{engine}");
+        let first_trained = &all_params(&zeroed_vars)[frozen];
+        assert!(first_trained.iter().all(|&x| x == 0.0), "{engine}");
     }
 }

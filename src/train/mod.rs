@@ -561,6 +561,13 @@ mod tests {
         );
         assert_eq!(bits(b1), bits(b2));
         assert_eq!(c.load().unwrap().unwrap().epochs_done, 5);
+        // The start state is what training continues from: a finished one with a zeroed head
+        // returns that head and the saved figures without training further.
+        let mut done = c.load().unwrap().unwrap();
+        done.head[0] = done.head[0].zeros_like().unwrap();
+        let (zeroed, history) = run(Some(done), None);
+        assert!(bits(zeroed.linear.weight()).iter().all(|&b| b == 0));
+        assert_eq!(history, straight_history);
         // A checkpoint of another head (other classes) is refused, not half-applied.
         let mut wrong = c.load().unwrap().unwrap();
         wrong.epochs_done = 1;
