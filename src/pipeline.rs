@@ -19,7 +19,7 @@ use crate::train::checkpoint::{
 };
 use crate::train::eval::{detection, evaluate, roc_auc};
 use crate::train::finetune::{embed_files, finetune, Finetune};
-use crate::train::{train_head_checkpointed, Head, TestSet, TrainConfig};
+use crate::train::{train_head_checkpointed, train_head_recorded, Head, TestSet, TrainConfig};
 use crate::verify::{self, VerifyPick};
 
 /// Why a run failed; each layer's error as it reported it.
@@ -41,6 +41,8 @@ pub enum PipelineError {
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error("--resume: another run of {name} is training and writing {dir}; wait for it to finish, or use another --model-name")]
+    CheckpointBusy { name: String, dir: PathBuf },
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("the cleansing method {method} removed all {candidates} candidate samples (with the bccp method, cutoff percentile {percentile} cuts every sample scored above that percentile); nothing is left to train on — raise --cutoff-percentile or use more data")]
@@ -446,11 +448,31 @@ pub fn run_embedded(
             .with_u32s("test labels", &test_y);
     }
     let checkpoint = Checkpoint::new(env.registry.checkpoint_dir(&cfg.model_name)?, fingerprint);
-    let start = open_checkpoint(&checkpoint, env.resume, cfg.epochs)?;
-    let checkpointing = Checkpointing {
-        checkpoint: &checkpoint,
-        start,
-        stop_after: None,
+    // One run of a name writes its checkpoint; another of the same name training at the same
+    // time (they get distinct versions) trains without.
+    let lock = env
+        .registry
+        .try_lock_file(&cfg.model_name, crate::registry::CHECKPOINT_LOCK)?;
+    let checkpointing = match &lock {
+        Some(_) => Some(Checkpointing {
+            checkpoint: &checkpoint,
+            start: open_checkpoint(&checkpoint, env.resume, cfg.epochs)?,
+            stop_after: None,
+        }),
+        None if env.resume => {
+            return Err(PipelineError::CheckpointBusy {
+                name: cfg.model_name.clone(),
+                dir: checkpoint.dir().to_path_buf(),
+            })
+        }
+        None => {
+            println!(
+                "another run of {} is writing {}: this one trains without checkpoints",
+                cfg.model_name,
+                checkpoint.dir().display()
+            );
+            None
+        }
     };
     let (head, tuned, epochs): (Head, Option<Backbone>, _) = match cfg.finetune {
         Finetune::Head => {
@@ -465,15 +487,25 @@ pub fn run_embedded(
                 parts: &parts,
                 labels: &test_truth,
             };
-            let (head, history) = train_head_checkpointed(
-                &x_final,
-                &y_final,
-                classes.len(),
-                &final_cfg,
-                progress,
-                Some(test),
-                checkpointing,
-            )?;
+            let (head, history) = match checkpointing {
+                Some(c) => train_head_checkpointed(
+                    &x_final,
+                    &y_final,
+                    classes.len(),
+                    &final_cfg,
+                    progress,
+                    Some(test),
+                    c,
+                )?,
+                None => train_head_recorded(
+                    &x_final,
+                    &y_final,
+                    classes.len(),
+                    &final_cfg,
+                    progress,
+                    Some(test),
+                )?,
+            };
             (head, None, history)
         }
         Finetune::Full => {
@@ -502,7 +534,7 @@ pub fn run_embedded(
                 Some((test_files.as_slice(), test_truth.as_slice())),
                 device,
                 progress,
-                Some(checkpointing),
+                checkpointing,
             )?;
             model.refresh_channels_last()?;
             (head, Some(model), history)
@@ -580,7 +612,9 @@ pub fn run_embedded(
         tensors.extend(model.export_tuned()?);
     }
     let run = env.registry.register(&cfg.model_name, &record, &tensors)?;
-    checkpoint.remove()?;
+    if lock.is_some() {
+        checkpoint.remove()?;
+    }
     Ok(RunOutcome {
         run,
         metrics: record.metrics,

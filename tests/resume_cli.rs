@@ -116,6 +116,18 @@ fn a_killed_head_training_resumes_to_the_uninterrupted_result() {
         runs.join("fresh/.checkpoint").display()
     );
     assert!(out.contains(&line), "{out}");
+    // Another run of the name holds its checkpoint: --resume is refused, a plain run trains
+    // without checkpoints.
+    let registry = bccp::registry::Registry::open(&runs);
+    let held = registry
+        .lock_file("fresh", bccp::registry::CHECKPOINT_LOCK)
+        .unwrap();
+    let err = failure(&run(&args(&days, &runs, "fresh", 2, &["--resume"])));
+    assert!(err.contains("another run of fresh is training"), "{err}");
+    let out = success(&run(&args(&days, &runs, "fresh", 2, &[])));
+    assert!(out.contains("this one trains without checkpoints"), "{out}");
+    assert!(out.contains("registered fresh:2"), "{out}");
+    drop(held);
 }
 
 #[test]

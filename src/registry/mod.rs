@@ -175,6 +175,8 @@ impl Drop for NameLock {
 const ALIASES: &str = "aliases.json";
 const LOCK: &str = ".lock";
 const CHECKPOINT: &str = ".checkpoint";
+/// The lock file of a name's checkpoint folder: held by the run that writes it.
+pub const CHECKPOINT_LOCK: &str = ".checkpoint.lock";
 
 impl Registry {
     /// The registry at `root` (created on the first registration).
@@ -210,10 +212,30 @@ impl Registry {
     }
 
     /// The folder of the training checkpoint of a run of `name` under way
-    /// (`ROOT/<name>/.checkpoint`; see [`crate::train::checkpoint`]).
+    /// (`ROOT/<name>/.checkpoint`; see [`crate::train::checkpoint`]). The run that writes it
+    /// holds [`CHECKPOINT_LOCK`] ([`Self::try_lock_file`]).
     pub fn checkpoint_dir(&self, name: &str) -> Result<PathBuf> {
         check_name(name)?;
         Ok(self.root.join(name).join(CHECKPOINT))
+    }
+
+    /// [`Self::lock_file`] without waiting: `None` when another holder has it.
+    pub fn try_lock_file(&self, name: &str, file: &str) -> Result<Option<NameLock>> {
+        check_name(name)?;
+        let dir = self.root.join(name);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join(file);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(NameLock(file))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+        }
     }
 
     /// Versions of `name`, ascending.
