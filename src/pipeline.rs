@@ -40,7 +40,7 @@ pub enum PipelineError {
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(Box<CheckpointError>),
     #[error("--resume: another run of {name} is training and writing {dir}; wait for it to finish, or use another --model-name")]
     CheckpointBusy { name: String, dir: PathBuf },
     #[error(transparent)]
@@ -59,6 +59,12 @@ pub enum PipelineError {
 }
 
 type Result<T> = std::result::Result<T, PipelineError>;
+
+impl From<CheckpointError> for PipelineError {
+    fn from(e: CheckpointError) -> Self {
+        Self::Checkpoint(Box::new(e))
+    }
+}
 
 /// Where a run happens, as opposed to what it is ([`RunConfig`]): the device, the embedding
 /// cache, hub access, the registry it is written to and whether its training continues from a

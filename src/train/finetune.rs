@@ -35,12 +35,18 @@ pub enum FinetuneError {
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(Box<CheckpointError>),
     #[error("{0}")]
     Input(String),
 }
 
 type Result<T> = std::result::Result<T, FinetuneError>;
+
+impl From<CheckpointError> for FinetuneError {
+    fn from(e: CheckpointError) -> Self {
+        Self::Checkpoint(Box::new(e))
+    }
+}
 
 /// What training updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
