@@ -19,7 +19,7 @@ use crate::train::checkpoint::{
 };
 use crate::train::eval::{detection, evaluate, roc_auc};
 use crate::train::finetune::{embed_files, finetune, Finetune};
-use crate::train::{train_head_checkpointed, train_head_recorded, Head, TestSet, TrainConfig};
+use crate::train::{train_head_recorded, Head, TestSet, TrainConfig};
 use crate::verify::{self, VerifyPick};
 
 /// Why a run failed; each layer's error as it reported it.
@@ -493,25 +493,15 @@ pub fn run_embedded(
                 parts: &parts,
                 labels: &test_truth,
             };
-            let (head, history) = match checkpointing {
-                Some(c) => train_head_checkpointed(
-                    &x_final,
-                    &y_final,
-                    classes.len(),
-                    &final_cfg,
-                    progress,
-                    Some(test),
-                    c,
-                )?,
-                None => train_head_recorded(
-                    &x_final,
-                    &y_final,
-                    classes.len(),
-                    &final_cfg,
-                    progress,
-                    Some(test),
-                )?,
-            };
+            let (head, history) = train_head_recorded(
+                &x_final,
+                &y_final,
+                classes.len(),
+                &final_cfg,
+                progress,
+                Some(test),
+                checkpointing,
+            )?;
             (head, None, history)
         }
         Finetune::Full => {

@@ -197,6 +197,13 @@ impl Registry {
     /// released when the guard drops: version allocation uses `.lock`, re-training cycles
     /// their own file.
     pub fn lock_file(&self, name: &str, file: &str) -> Result<NameLock> {
+        let (file, path) = self.open_lock_file(name, file)?;
+        file.lock().map_err(io(&path))?;
+        Ok(NameLock(file))
+    }
+
+    /// The file `file` of `name`'s folder opened for locking (both created when missing).
+    fn open_lock_file(&self, name: &str, file: &str) -> Result<(File, PathBuf)> {
         check_name(name)?;
         let dir = self.root.join(name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -207,8 +214,7 @@ impl Registry {
             .write(true)
             .open(&path)
             .map_err(io(&path))?;
-        file.lock().map_err(io(&path))?;
-        Ok(NameLock(file))
+        Ok((file, path))
     }
 
     /// The folder of the training checkpoint of a run of `name` under way
@@ -221,16 +227,7 @@ impl Registry {
 
     /// [`Self::lock_file`] without waiting: `None` when another holder has it.
     pub fn try_lock_file(&self, name: &str, file: &str) -> Result<Option<NameLock>> {
-        check_name(name)?;
-        let dir = self.root.join(name);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let path = dir.join(file);
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let (file, path) = self.open_lock_file(name, file)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(NameLock(file))),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),

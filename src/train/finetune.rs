@@ -14,18 +14,14 @@ use candle_nn::Linear;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use super::adam::Adam;
-use super::adam::AdamState;
-use super::checkpoint::{
-    restore_order, restore_vars, Checkpoint, CheckpointError, Checkpointing, TrainState,
-};
+use super::adam::{Adam, AdamState};
+use super::checkpoint::{copies, restore_vars, Checkpointing, EpochLoop, Rest};
 use super::flat_adam::FlatAdam;
 use super::{accuracy, dropout_mask, init_head, EpochStats, Head, TrainConfig};
 use crate::backbone::channels_last::TrunkTrainer;
 use crate::backbone::Backbone;
 use crate::data::loader::{load_batch, Preprocess};
 use crate::progress::Progress;
-use crate::rng::Rng;
 
 /// Why fine-tuning could not run.
 #[derive(Debug, thiserror::Error)]
@@ -34,19 +30,12 @@ pub enum FinetuneError {
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
-    #[error(transparent)]
-    Checkpoint(Box<CheckpointError>),
+
     #[error("{0}")]
     Input(String),
 }
 
 type Result<T> = std::result::Result<T, FinetuneError>;
-
-impl From<CheckpointError> for FinetuneError {
-    fn from(e: CheckpointError) -> Self {
-        Self::Checkpoint(Box::new(e))
-    }
-}
 
 /// What training updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
@@ -243,34 +232,15 @@ fn share_of(loss: &Tensor, n: usize, group: usize) -> Result<Tensor> {
     })
 }
 
-/// The checkpoint to save to, the state to start from and the epoch to stop after, of
-/// optional `checkpointing`.
-pub(super) fn split(
-    checkpointing: Option<Checkpointing<'_>>,
-) -> (Option<&Checkpoint>, Option<TrainState>, Option<usize>) {
-    match checkpointing {
-        Some(c) => (Some(c.checkpoint), c.start, c.stop_after),
-        None => (None, None, None),
-    }
-}
-
-/// The head's and the backbone's optimiser states of a fine-tuning checkpoint.
-fn two_optimisers(s: &TrainState) -> Result<[&AdamState; 2]> {
-    match s.optimisers.as_slice() {
-        [h, b] => Ok([h, b]),
+/// The backbone optimiser's state of a fine-tuning checkpoint's [`Rest`].
+fn backbone_state(rest: &Rest) -> Result<&AdamState> {
+    match rest.optimisers.as_slice() {
+        [b] => Ok(b),
         other => Err(FinetuneError::Input(format!(
             "checkpoint: {} optimisers for fine-tuning (the head's and the backbone's)",
-            other.len()
+            other.len() + 1
         ))),
     }
-}
-
-/// Copies of the values of `vars` (a checkpoint's, taken while training goes on).
-fn copies(vars: &[Var]) -> Result<Vec<Tensor>> {
-    Ok(vars
-        .iter()
-        .map(|v| v.as_tensor().copy())
-        .collect::<candle_core::Result<_>>()?)
 }
 
 /// As many test labels as test images.
@@ -431,43 +401,36 @@ pub fn finetune_candle(
     let mut head_opt = Adam::new(head_vars.clone(), cfg.lr)?;
     let all_vars: Vec<Var> = head_vars.iter().chain(&trained).cloned().collect();
     let targets = Tensor::new(labels, device)?;
-    let mut order: Vec<u32> = (0..labels.len() as u32).collect();
-    let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
-    let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
+    let (mut lp, rest) = EpochLoop::start(
+        labels.len(),
+        cfg.seed,
+        &head_vars,
+        &mut head_opt,
+        checkpointing,
+    )?;
+    if let Some(r) = rest {
+        restore_vars(&trained, &r.backbone, "backbone")?;
+        backbone_opt.restore(backbone_state(&r)?)?;
+    }
     let batch = cfg.batch_size.max(1);
     let accumulate = cfg.accumulate.max(1);
     let schedule = cfg.schedule();
-    progress.start(
-        (cfg.epochs * labels.len().div_ceil(batch)) as u64,
-        "fine-tune batches",
-    );
-    let mut history = Vec::with_capacity(cfg.epochs);
-    let (checkpoint, start, stop_after) = split(checkpointing);
-    let mut first = 1;
-    if let Some(s) = start {
-        restore_vars(&head_vars, &s.head, "head")?;
-        restore_vars(&trained, &s.backbone, "backbone")?;
-        let [h, b] = two_optimisers(&s)?;
-        head_opt.restore(h)?;
-        backbone_opt.restore(b)?;
-        (shuffle_rng, dropout_rng) = (s.shuffle_rng.clone(), s.dropout_rng.clone());
-        order = restore_order(s.order.clone(), labels.len())?;
-        (first, history) = (s.epochs_done + 1, s.history);
-        progress.inc((s.epochs_done * labels.len().div_ceil(batch)) as u64);
-    }
-    for epoch in first..=cfg.epochs {
+    let batches = labels.len().div_ceil(batch);
+    progress.start((cfg.epochs * batches) as u64, "fine-tune batches");
+    progress.inc(((lp.first - 1) * batches) as u64);
+    for epoch in lp.first..=cfg.epochs {
         head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
-        shuffle_rng.shuffle(&mut order);
+        lp.shuffle_rng.shuffle(&mut lp.order);
         let mut tally = EpochTally::default();
-        for group in order.chunks(batch.saturating_mul(accumulate)) {
+        for group in lp.order.chunks(batch.saturating_mul(accumulate)) {
             let mut step = GradStore::default();
             for chunk in group.chunks(batch) {
                 let images = images.tensor(chunk, device)?;
                 let mut x = backbone.embed(&images)?;
                 if cfg.dropout > 0.0 {
                     let mask =
-                        dropout_mask(&mut dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
+                        dropout_mask(&mut lp.dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
                     x = x.mul(&mask)?;
                 }
                 let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
@@ -481,29 +444,23 @@ pub fn finetune_candle(
             head_opt.step(&step)?;
             backbone_opt.step(&step)?;
         }
-        history.push(
+        lp.history.push(
             tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
                 Ok(backbone.embed(&images.tensor(idx, device)?)?.detach())
             })?,
         );
-        if let Some(c) = checkpoint {
-            c.save(&TrainState {
-                epochs_done: epoch,
-                history: history.clone(),
-                order: order.clone(),
-                shuffle_rng: shuffle_rng.clone(),
-                dropout_rng: dropout_rng.clone(),
-                head: copies(&head_vars)?,
+        let rest = || {
+            Ok(Rest {
                 backbone: copies(&trained)?,
-                optimisers: vec![head_opt.state(), backbone_opt.state()],
-            })?;
-        }
-        if stop_after == Some(epoch) {
+                optimisers: vec![backbone_opt.state()],
+            })
+        };
+        if lp.end_epoch(epoch, &head_vars, &head_opt, rest)? {
             break;
         }
     }
     progress.finish();
-    Ok((Head { linear, classes }, history))
+    Ok((Head { linear, classes }, lp.history))
 }
 
 /// [`finetune`] on the channels-last engine: `trainer` holds the backbone's parameters, which
@@ -535,36 +492,29 @@ pub fn finetune_channels_last(
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
     let mut head_opt = Adam::new(head_vars.clone(), cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
-    let mut order: Vec<u32> = (0..labels.len() as u32).collect();
-    let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
-    let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
+    let (mut lp, rest) = EpochLoop::start(
+        labels.len(),
+        cfg.seed,
+        &head_vars,
+        &mut head_opt,
+        checkpointing,
+    )?;
+    if let Some(r) = rest {
+        trainer.set_params(frozen, &r.backbone)?;
+        backbone_opt.restore(backbone_state(&r)?)?;
+    }
     let batch = cfg.batch_size.max(1);
     let accumulate = cfg.accumulate.max(1);
     let schedule = cfg.schedule();
-    progress.start(
-        (cfg.epochs * labels.len().div_ceil(batch)) as u64,
-        "fine-tune batches",
-    );
-    let mut history = Vec::with_capacity(cfg.epochs);
-    let (checkpoint, start, stop_after) = split(checkpointing);
-    let mut first = 1;
-    if let Some(s) = start {
-        restore_vars(&head_vars, &s.head, "head")?;
-        trainer.set_params(frozen, &s.backbone)?;
-        let [h, b] = two_optimisers(&s)?;
-        head_opt.restore(h)?;
-        backbone_opt.restore(b)?;
-        (shuffle_rng, dropout_rng) = (s.shuffle_rng.clone(), s.dropout_rng.clone());
-        order = restore_order(s.order.clone(), labels.len())?;
-        (first, history) = (s.epochs_done + 1, s.history);
-        progress.inc((s.epochs_done * labels.len().div_ceil(batch)) as u64);
-    }
-    for epoch in first..=cfg.epochs {
+    let batches = labels.len().div_ceil(batch);
+    progress.start((cfg.epochs * batches) as u64, "fine-tune batches");
+    progress.inc(((lp.first - 1) * batches) as u64);
+    for epoch in lp.first..=cfg.epochs {
         head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
-        shuffle_rng.shuffle(&mut order);
+        lp.shuffle_rng.shuffle(&mut lp.order);
         let mut tally = EpochTally::default();
-        for group in order.chunks(batch.saturating_mul(accumulate)) {
+        for group in lp.order.chunks(batch.saturating_mul(accumulate)) {
             let mut head_step = GradStore::default();
             let mut backbone_step: Option<Vec<Vec<f32>>> = None;
             for chunk in group.chunks(batch) {
@@ -573,7 +523,7 @@ pub fn finetune_channels_last(
                 let features = Var::from_vec(fwd.features.clone(), (n, dim), device)?;
                 let mut x = features.as_tensor().clone();
                 if cfg.dropout > 0.0 {
-                    let mask = dropout_mask(&mut dropout_rng, n, dim, cfg.dropout, device)?;
+                    let mask = dropout_mask(&mut lp.dropout_rng, n, dim, cfg.dropout, device)?;
                     x = x.mul(&mask)?;
                 }
                 let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
@@ -609,31 +559,25 @@ pub fn finetune_channels_last(
                 });
             }
         }
-        history.push(
+        lp.history.push(
             tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
                 let fwd = trainer.forward(&images.batch(idx)?, idx.len(), size)?;
                 Ok(Tensor::from_vec(fwd.features, (idx.len(), dim), device)?)
             })?,
         );
-        if let Some(c) = checkpoint {
-            c.save(&TrainState {
-                epochs_done: epoch,
-                history: history.clone(),
-                order: order.clone(),
-                shuffle_rng: shuffle_rng.clone(),
-                dropout_rng: dropout_rng.clone(),
-                head: copies(&head_vars)?,
+        let rest = || {
+            Ok(Rest {
                 backbone: trainer.params_after(frozen)?,
-                optimisers: vec![head_opt.state(), backbone_opt.state()?],
-            })?;
-        }
-        if stop_after == Some(epoch) {
+                optimisers: vec![backbone_opt.state()?],
+            })
+        };
+        if lp.end_epoch(epoch, &head_vars, &head_opt, rest)? {
             break;
         }
     }
     trainer.write_to(backbone_vars)?;
     progress.finish();
-    Ok((Head { linear, classes }, history))
+    Ok((Head { linear, classes }, lp.history))
 }
 
 /// Embeddings `[N, D]` of `files` by `backbone`, in batches, without the cache (for a

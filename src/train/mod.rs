@@ -17,7 +17,7 @@ use crate::progress::Progress;
 use crate::rng::Rng;
 
 use adam::Adam;
-use checkpoint::{as_candle, restore_order, restore_vars, Checkpointing, TrainState};
+use checkpoint::{Checkpointing, EpochLoop, Rest};
 
 pub use loss::Loss;
 pub use schedule::{LrSchedule, Schedule};
@@ -233,7 +233,9 @@ pub fn train_head(
 }
 
 /// [`train_head`] that also records every epoch: its mean loss, the training accuracy and,
-/// with `test`, the test accuracy (the same weights as without recording).
+/// with `test`, the test accuracy (the same weights as without recording). With
+/// `checkpointing`, a checkpoint is saved after every epoch, and training continues after the
+/// last completed epoch of its start state (the same head and figures as without a stop).
 pub fn train_head_recorded(
     features: &Tensor,
     labels: &[u32],
@@ -241,20 +243,7 @@ pub fn train_head_recorded(
     cfg: &TrainConfig,
     progress: &Progress,
     test: Option<TestSet<'_>>,
-) -> Result<(Head, Vec<EpochStats>)> {
-    fit(features, labels, classes, cfg, progress, Some(test), None)
-}
-
-/// [`train_head_recorded`] that saves a checkpoint after every epoch and, with a start state,
-/// continues after its last completed epoch (the same head and figures as without a stop).
-pub fn train_head_checkpointed(
-    features: &Tensor,
-    labels: &[u32],
-    classes: usize,
-    cfg: &TrainConfig,
-    progress: &Progress,
-    test: Option<TestSet<'_>>,
-    checkpointing: Checkpointing<'_>,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
     fit(
         features,
@@ -263,7 +252,7 @@ pub fn train_head_checkpointed(
         cfg,
         progress,
         Some(test),
-        Some(checkpointing),
+        checkpointing,
     )
 }
 
@@ -292,9 +281,12 @@ fn fit(
     let (vars, linear) = init_head(classes, f, cfg.seed, device)?;
     let mut opt = Adam::new(vars.clone(), cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
-    let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
+    let (mut lp, rest) = EpochLoop::start(n, cfg.seed, &vars, &mut opt, checkpointing)?;
+    if let Some(r) = rest {
+        if !r.backbone.is_empty() || !r.optimisers.is_empty() {
+            candle_core::bail!("checkpoint: backbone state for head-only training");
+        }
+    }
     let schedule = cfg.schedule();
     // On the CPU each batch is gathered (and masked) on the host in one pass: per step that
     // replaces three small tensor ops, whose overhead dominates a linear head's step.
@@ -313,35 +305,22 @@ fn fit(
             candle_core::bail!("{} test labels for {rows} test samples", test.labels.len());
         }
     }
-    let mut history = Vec::new();
     progress.start(cfg.epochs as u64, "epochs");
-    let (checkpoint, start, stop_after) = finetune::split(checkpointing);
-    let mut first = 1;
-    if let Some(s) = start {
-        restore_vars(&vars, &s.head, "head")?;
-        match s.optimisers.as_slice() {
-            [head] => opt.restore(head)?,
-            other => candle_core::bail!("checkpoint: {} optimisers for head training", other.len()),
-        }
-        (shuffle_rng, dropout_rng, history) = (s.shuffle_rng, s.dropout_rng, s.history);
-        order = restore_order(s.order, n)?;
-        first = s.epochs_done + 1;
-        progress.inc(s.epochs_done as u64);
-    }
-    for epoch in first..=cfg.epochs {
+    progress.inc(lp.first as u64 - 1);
+    for epoch in lp.first..=cfg.epochs {
         opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         let mut loss_sum = 0f64;
-        shuffle_rng.shuffle(&mut order);
-        for chunk in order.chunks(cfg.batch_size.max(1)) {
+        lp.shuffle_rng.shuffle(&mut lp.order);
+        for chunk in lp.order.chunks(cfg.batch_size.max(1)) {
             let idx = Tensor::new(chunk, device)?;
             let x =
                 match &host {
                     Some(h) => {
-                        let batch = host_batch(h, f, chunk, cfg.dropout, &mut dropout_rng);
+                        let batch = host_batch(h, f, chunk, cfg.dropout, &mut lp.dropout_rng);
                         Tensor::from_vec(batch, (chunk.len(), f), device)?
                     }
                     None if cfg.dropout > 0.0 => features.index_select(&idx, 0)?.mul(
-                        &dropout_mask(&mut dropout_rng, chunk.len(), f, cfg.dropout, device)?,
+                        &dropout_mask(&mut lp.dropout_rng, chunk.len(), f, cfg.dropout, device)?,
                     )?,
                     None => features.index_select(&idx, 0)?,
                 };
@@ -368,36 +347,26 @@ fn fit(
                 }
                 None => None,
             };
-            history.push(EpochStats {
+            lp.history.push(EpochStats {
                 epoch,
                 loss: loss_sum / n as f64,
                 train_accuracy: accuracy(&head.predict(features)?, labels),
                 test_accuracy,
             });
         }
-        if let Some(c) = checkpoint {
-            let state = TrainState {
-                epochs_done: epoch,
-                history: history.clone(),
-                order: order.clone(),
-                shuffle_rng: shuffle_rng.clone(),
-                dropout_rng: dropout_rng.clone(),
-                head: vars
-                    .iter()
-                    .map(|v| v.as_tensor().copy())
-                    .collect::<Result<_>>()?,
-                backbone: Vec::new(),
-                optimisers: vec![opt.state()],
-            };
-            c.save(&state).map_err(as_candle)?;
-        }
         progress.inc(1);
-        if stop_after == Some(epoch) {
+        let no_more = || {
+            Ok(Rest {
+                backbone: Vec::new(),
+                optimisers: Vec::new(),
+            })
+        };
+        if lp.end_epoch(epoch, &vars, &opt, no_more)? {
             break;
         }
     }
     progress.finish();
-    Ok((Head { linear, classes }, history))
+    Ok((Head { linear, classes }, lp.history))
 }
 
 #[cfg(test)]
@@ -473,7 +442,8 @@ mod tests {
             parts: &halves,
             labels: &ty,
         };
-        let (head, epochs) = train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test)).unwrap();
+        let (head, epochs) =
+            train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test), None).unwrap();
         let d: f32 = max_abs_diff(head.linear.weight(), plain.linear.weight());
         assert_eq!(d, 0.0, "recording changes nothing");
         assert_eq!(
@@ -490,14 +460,14 @@ mod tests {
             Some(accuracy(&head.predict(&tx).unwrap(), &ty))
         );
         assert!(epochs[0].loss > last.loss && last.loss > 0.0, "{epochs:?}");
-        let (_, none) = train_head_recorded(&x, &y, 3, &cfg, &hidden, None).unwrap();
+        let (_, none) = train_head_recorded(&x, &y, 3, &cfg, &hidden, None, None).unwrap();
         assert!(none.iter().all(|e| e.test_accuracy.is_none()));
         assert_eq!(none[3].train_accuracy, last.train_accuracy);
         let bad = TestSet {
             parts: &halves,
             labels: &ty[..10],
         };
-        let err = train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(bad))
+        let err = train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(bad), None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("10 test labels for 90"), "{err}");
@@ -531,7 +501,7 @@ mod tests {
         };
         let hidden = Progress::hidden();
         let (straight, straight_history) =
-            train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test)).unwrap();
+            train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test), None).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let c = Checkpoint::new(
             tmp.path().join("c"),
@@ -543,7 +513,7 @@ mod tests {
                 start,
                 stop_after,
             };
-            train_head_checkpointed(&x, &y, 3, &cfg, &hidden, Some(test), checkpointing).unwrap()
+            train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test), Some(checkpointing)).unwrap()
         };
         let (_, first) = run(None, Some(2));
         assert_eq!(first, straight_history[..2], "stopped after epoch 2");
@@ -577,7 +547,7 @@ mod tests {
             start: Some(wrong),
             stop_after: None,
         };
-        let err = train_head_checkpointed(&x, &y, 3, &cfg, &hidden, None, checkpointing)
+        let err = train_head_recorded(&x, &y, 3, &cfg, &hidden, None, Some(checkpointing))
             .unwrap_err()
             .to_string();
         assert!(err.contains("199 samples for 200"), "{err}");
