@@ -15,7 +15,8 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use super::adam::{Adam, AdamState};
-use super::checkpoint::{copies, restore_vars, Checkpointing, EpochLoop, Rest};
+use super::checkpoint::Checkpointing;
+use super::epoch_loop::{copies, restore_vars, EpochLoop, Rest};
 use super::flat_adam::FlatAdam;
 use super::{accuracy, dropout_mask, init_head, EpochStats, Head, TrainConfig};
 use crate::backbone::channels_last::TrunkTrainer;

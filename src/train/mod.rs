@@ -4,6 +4,7 @@
 
 pub mod adam;
 pub mod checkpoint;
+pub mod epoch_loop;
 pub mod eval;
 pub mod finetune;
 pub mod flat_adam;
@@ -17,7 +18,8 @@ use crate::progress::Progress;
 use crate::rng::Rng;
 
 use adam::Adam;
-use checkpoint::{Checkpointing, EpochLoop, Rest};
+use checkpoint::Checkpointing;
+use epoch_loop::{EpochLoop, Rest};
 
 pub use loss::Loss;
 pub use schedule::{LrSchedule, Schedule};
