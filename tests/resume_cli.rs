@@ -1,6 +1,7 @@
 //! `bccp train --resume`: a run killed (SIGKILL) after its first per-epoch checkpoint and then
 //! resumed ends with the very tensors and figures of an uninterrupted run, for head-only
-//! training and for `--finetune full`; a checkpoint of other settings is refused.
+//! training and for `--finetune full`; a checkpoint of other settings, or a truncated one, is
+//! refused naming the file.
 
 mod common;
 
@@ -147,7 +148,15 @@ fn a_killed_full_finetune_resumes_to_the_uninterrupted_result() {
     interrupt_and_resume(&days, &runs, "resumed", 5, &extra);
     // Without --resume a checkpoint left behind is discarded, and the run starts over.
     let state = runs.join("again/.checkpoint/checkpoint.json");
-    kill_after_first_checkpoint(&args(&days, &runs, "again", 5, &extra), &state);
+    let done = kill_after_first_checkpoint(&args(&days, &runs, "again", 5, &extra), &state);
+    // A truncated tensor file: --resume fails naming it.
+    let tensors = runs.join(format!("again/.checkpoint/epoch-{done}.safetensors"));
+    let bytes = std::fs::read(&tensors).unwrap();
+    std::fs::write(&tensors, &bytes[..bytes.len() / 3]).unwrap();
+    let resume: Vec<&str> = extra.iter().copied().chain(["--resume"]).collect();
+    let err = failure(&run(&args(&days, &runs, "again", 5, &resume)));
+    assert!(err.contains(&tensors.display().to_string()), "{err}");
+    assert!(err.contains("truncated or changed"), "{err}");
     let out = success(&run(&args(&days, &runs, "again", 5, &extra)));
     assert!(!out.contains("resuming"), "{out}");
     assert_eq!(
