@@ -110,6 +110,7 @@ fn finetune(c: &mut Criterion) {
                         1e-4,
                         None,
                         &Progress::hidden(),
+                        None,
                     )
                     .expect("step")
                 })
@@ -129,6 +130,7 @@ fn finetune(c: &mut Criterion) {
                         None,
                         &Device::Cpu,
                         &Progress::hidden(),
+                        None,
                     )
                     .expect("step")
                 })

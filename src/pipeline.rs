@@ -14,6 +14,9 @@ use crate::progress::Progress;
 use crate::registry::{Provenance, Registry, RunDir, RunMetrics, RunRecord, Split, StageSeconds};
 use crate::rng::Rng;
 use crate::sampling::{self, ReuseBuffer};
+use crate::train::checkpoint::{
+    Checkpoint, CheckpointError, Checkpointing, Fingerprint, TrainState,
+};
 use crate::train::eval::{detection, evaluate, roc_auc};
 use crate::train::finetune::{embed_files, finetune, Finetune};
 use crate::train::{train_head_recorded, Head, TestSet, TrainConfig};
@@ -37,6 +40,10 @@ pub enum PipelineError {
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
+    Checkpoint(Box<CheckpointError>),
+    #[error("--resume: another run of {name} is training and writing {dir}; wait for it to finish, or use another --model-name")]
+    CheckpointBusy { name: String, dir: PathBuf },
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("the cleansing method {method} removed all {candidates} candidate samples (with the bccp method, cutoff percentile {percentile} cuts every sample scored above that percentile); nothing is left to train on — raise --cutoff-percentile or use more data")]
     NothingLeft {
@@ -53,8 +60,15 @@ pub enum PipelineError {
 
 type Result<T> = std::result::Result<T, PipelineError>;
 
+impl From<CheckpointError> for PipelineError {
+    fn from(e: CheckpointError) -> Self {
+        Self::Checkpoint(Box::new(e))
+    }
+}
+
 /// Where a run happens, as opposed to what it is ([`RunConfig`]): the device, the embedding
-/// cache, hub access and the registry it is written to.
+/// cache, hub access, the registry it is written to and whether its training continues from a
+/// checkpoint.
 #[derive(Debug, Clone)]
 pub struct RunEnv {
     pub device: Device,
@@ -63,6 +77,11 @@ pub struct RunEnv {
     /// Never touch the network for hub weights.
     pub offline: bool,
     pub registry: Registry,
+    /// Continue the final training from the checkpoint of an interrupted run of the same
+    /// name, settings and data (`bccp train --resume`); without it, a checkpoint left by an
+    /// earlier run is discarded. Either way one is written after every epoch
+    /// ([`Registry::checkpoint_dir`]) and removed once the run is registered.
+    pub resume: bool,
 }
 
 /// Share of each day that is training data (the rest is test data).
@@ -212,6 +231,33 @@ pub fn replay_indices(cfg: &RunConfig, features: &Tensor, targets: &[u32]) -> Re
         cfg.seed,
     )?;
     Ok(chosen.iter().map(|s| s.index as u32).collect())
+}
+
+/// The state to continue the final training from: with `resume`, the checkpoint's (a line
+/// says from which epoch) or none (a line says training starts from scratch); without, none,
+/// and an earlier checkpoint is removed.
+fn open_checkpoint(
+    checkpoint: &Checkpoint,
+    resume: bool,
+    epochs: usize,
+) -> Result<Option<TrainState>> {
+    if !resume {
+        checkpoint.remove()?;
+        return Ok(None);
+    }
+    let start = checkpoint.load()?;
+    match &start {
+        Some(s) => println!(
+            "resuming from {}: {} of {epochs} epochs done",
+            checkpoint.state_path().display(),
+            s.epochs_done
+        ),
+        None => println!(
+            "--resume: no checkpoint in {}; training from scratch",
+            checkpoint.dir().display()
+        ),
+    }
+    Ok(start)
 }
 
 /// Runs the whole pipeline and registers the result; `progress` shows each stage.
@@ -366,6 +412,74 @@ pub fn run_embedded(
         loss: cfg.final_loss(),
         ..cfg.train()
     };
+    // What determines the final training, for its checkpoint: the settings, the backbone, the
+    // kept samples (their features) and their labels; the test samples and their labels also
+    // shape the recorded figures.
+    let host = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    };
+    let mut fingerprint = Fingerprint::new()
+        .with(
+            "training settings",
+            serde_json::json!({
+                "finetune": cfg.finetune.name(),
+                "train": &final_cfg,
+                "backbone_lr": (cfg.finetune == Finetune::Full).then_some(cfg.backbone_lr),
+            })
+            .to_string(),
+        )
+        .with(
+            "backbone",
+            format!(
+                "{} at {}×{}, weights sha256:{}",
+                spec.name,
+                pre.width,
+                pre.height,
+                e.embedder.weights_sha256()
+            ),
+        )
+        .with_f32s("training samples", &host(&x_final)?)
+        .with_u32s("training labels", &y_final);
+    {
+        let mut test_x = host(&part(n1, mon_test.len())?)?;
+        let mut test_y = truth(mon_test);
+        if cfg.target_day == Day::Tuesday {
+            test_x.extend(host(&part(n1 + n2 + n3, tue_test.len())?)?);
+            test_y.extend(truth(tue_test));
+        }
+        fingerprint = fingerprint
+            .with_f32s("test samples", &test_x)
+            .with_u32s("test labels", &test_y);
+    }
+    let checkpoint = Checkpoint::new(env.registry.checkpoint_dir(&cfg.model_name)?, fingerprint);
+    // One run of a name writes its checkpoint; another of the same name training at the same
+    // time (they get distinct versions) trains without.
+    let lock = env
+        .registry
+        .try_lock_file(&cfg.model_name, crate::registry::CHECKPOINT_LOCK)?;
+    let checkpointing = match &lock {
+        Some(_) => Some(Checkpointing {
+            checkpoint: &checkpoint,
+            start: open_checkpoint(&checkpoint, env.resume, cfg.epochs)?,
+            stop_after: None,
+        }),
+        None if env.resume => {
+            return Err(PipelineError::CheckpointBusy {
+                name: cfg.model_name.clone(),
+                dir: checkpoint.dir().to_path_buf(),
+            })
+        }
+        None => {
+            println!(
+                "another run of {} is writing {}: this one trains without checkpoints",
+                cfg.model_name,
+                checkpoint.dir().display()
+            );
+            None
+        }
+    };
     let (head, tuned, epochs): (Head, Option<Backbone>, _) = match cfg.finetune {
         Finetune::Head => {
             // Watched on the test split as the final evaluation reads it (Monday, then Tuesday).
@@ -386,6 +500,7 @@ pub fn run_embedded(
                 &final_cfg,
                 progress,
                 Some(test),
+                checkpointing,
             )?;
             (head, None, history)
         }
@@ -415,6 +530,7 @@ pub fn run_embedded(
                 Some((test_files.as_slice(), test_truth.as_slice())),
                 device,
                 progress,
+                checkpointing,
             )?;
             model.refresh_channels_last()?;
             (head, Some(model), history)
@@ -492,6 +608,9 @@ pub fn run_embedded(
         tensors.extend(model.export_tuned()?);
     }
     let run = env.registry.register(&cfg.model_name, &record, &tensors)?;
+    if lock.is_some() {
+        checkpoint.remove()?;
+    }
     Ok(RunOutcome {
         run,
         metrics: record.metrics,

@@ -31,6 +31,16 @@ impl Rng {
         Self::new(mix(seed ^ mix(stream.wrapping_add(GOLDEN))))
     }
 
+    /// The generator's whole state (to save it, e.g. in a training checkpoint).
+    pub fn state(&self) -> u64 {
+        self.state
+    }
+
+    /// A generator continuing from a [`Self::state`].
+    pub fn from_state(state: u64) -> Self {
+        Self { state }
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(GOLDEN);
@@ -88,6 +98,17 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(Rng::derive(7, 0).next_u64(), Rng::derive(7, 1).next_u64());
         assert_ne!(Rng::new(7).next_u64(), Rng::new(8).next_u64());
+    }
+
+    #[test]
+    fn saved_state_continues_the_stream() {
+        let mut r = Rng::new(9);
+        r.next_u64();
+        let mut copy = Rng::from_state(r.state());
+        assert_eq!(
+            (0..4).map(|_| r.next_u64()).collect::<Vec<_>>(),
+            (0..4).map(|_| copy.next_u64()).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -104,7 +104,6 @@ fn efficientnet_lite0_recognises_a_cat_and_an_espresso() {
 /// One Adam step on the summed embedding of `x`; returns the variables' count after checking
 /// that every one got a finite, non-zero gradient.
 fn one_step(model: &Backbone, vars: Vec<candle_core::Var>, x: &Tensor, name: &str) -> usize {
-    use candle_nn::Optimizer;
     // A loss with no fixed point at zero activations: the embedding's sum.
     let loss = model.embed(x).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
@@ -119,7 +118,7 @@ fn one_step(model: &Backbone, vars: Vec<candle_core::Var>, x: &Tensor, name: &st
         );
     }
     let count = vars.len();
-    let mut opt = bccp::train::adam(vars, 1e-5).unwrap();
+    let mut opt = bccp::train::adam::Adam::new(vars, 1e-5).unwrap();
     opt.step(&grads).unwrap();
     count
 }

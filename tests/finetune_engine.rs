@@ -154,6 +154,19 @@ fn finetune_on(
     labels: &[u32],
     cfg: &bccp::train::TrainConfig,
 ) -> bccp::train::Head {
+    finetune_checkpointed(engine, model, vars, images, labels, cfg, None).0
+}
+
+/// [`finetune_on`] with `checkpointing`; the head and the epochs' figures.
+fn finetune_checkpointed(
+    engine: &str,
+    model: &Backbone,
+    vars: &[candle_core::Var],
+    images: &bccp::train::finetune::TrainImages,
+    labels: &[u32],
+    cfg: &bccp::train::TrainConfig,
+    checkpointing: Option<bccp::train::checkpoint::Checkpointing<'_>>,
+) -> (bccp::train::Head, Vec<bccp::train::EpochStats>) {
     use bccp::progress::Progress;
     use bccp::train::finetune::{finetune_candle, finetune_channels_last};
     let run = match engine {
@@ -168,6 +181,7 @@ fn finetune_on(
             None,
             &Device::Cpu,
             &Progress::hidden(),
+            checkpointing,
         ),
         _ => finetune_channels_last(
             TrunkTrainer::new(model.trunk().unwrap()).unwrap(),
@@ -179,9 +193,10 @@ fn finetune_on(
             1e-3,
             None,
             &Progress::hidden(),
+            checkpointing,
         ),
     };
-    run.unwrap().0
+    run.unwrap()
 }
 
 /// MobileNetV2 at 32×32 and 8 images of [`tiny_set`] in `dir`: the spec, the weights, the
@@ -264,6 +279,7 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
                 labels: &labels,
             }),
             &Progress::hidden(),
+            None,
         )
         .unwrap();
         (model, vars, head, history)
@@ -312,6 +328,7 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
         None,
         &Device::Cpu,
         &Progress::hidden(),
+        None,
     )
     .unwrap();
     // The same steps record the same losses, up to float noise; no test figures without test
@@ -419,6 +436,7 @@ fn frozen_blocks_keep_their_weights_to_the_bit() {
         None,
         &Device::Cpu,
         &Progress::hidden(),
+        None,
     )
     .expect_err("19 blocks of 18")
     .to_string();
@@ -494,5 +512,110 @@ fn accumulating_two_batches_steps_as_one_batch_of_twice_the_size() {
             apart < tolerance,
             "{engine}: accumulated {apart} (relative) apart from one batch of twice the size"
         );
+    }
+}
+
+/// Bits of every value of `vars`.
+fn bits(vars: &[candle_core::Var]) -> Vec<Vec<u32>> {
+    all_params(vars)
+        .iter()
+        .map(|p| p.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+#[test]
+fn a_resumed_finetune_ends_as_an_uninterrupted_one_on_both_engines() {
+    use bccp::train::checkpoint::{Checkpoint, Checkpointing, Fingerprint};
+    use bccp::train::finetune::TrainImages;
+    use bccp::train::{LrSchedule, TrainConfig};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (spec, weights, pre, files, labels) = small_mobilenet_set(tmp.path());
+    let images = TrainImages::new(&files, &pre, 64).unwrap();
+    let cfg = TrainConfig {
+        epochs: 3,
+        batch_size: 3,
+        accumulate: 2,
+        dropout: 0.5,
+        freeze_blocks: 2,
+        lr_schedule: LrSchedule::Cosine,
+        ..Default::default()
+    };
+    for engine in ["channels-last", "candle"] {
+        let (model, straight_vars) =
+            Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let (straight, straight_history) =
+            finetune_checkpointed(engine, &model, &straight_vars, &images, &labels, &cfg, None);
+        let checkpoint = Checkpoint::new(
+            tmp.path().join(engine),
+            Fingerprint::new().with("engine", engine),
+        );
+        let at = |start, stop_after| Checkpointing {
+            checkpoint: &checkpoint,
+            start,
+            stop_after,
+        };
+        // Stopped after the first epoch, on fresh weights; then resumed on fresh weights again
+        // (as a new process would load them), from the checkpoint alone.
+        let (model, vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let (_, first) = finetune_checkpointed(
+            engine,
+            &model,
+            &vars,
+            &images,
+            &labels,
+            &cfg,
+            Some(at(None, Some(1))),
+        );
+        assert_eq!(first, straight_history[..1], "{engine}");
+        let start = checkpoint
+            .load()
+            .unwrap()
+            .expect("a checkpoint after epoch 1");
+        assert_eq!(start.epochs_done, 1, "{engine}");
+        let (model, resumed_vars) =
+            Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let (resumed, history) = finetune_checkpointed(
+            engine,
+            &model,
+            &resumed_vars,
+            &images,
+            &labels,
+            &cfg,
+            Some(at(Some(start), None)),
+        );
+        assert_eq!(history, straight_history, "{engine}");
+        assert_eq!(
+            bits(&resumed_vars),
+            bits(&straight_vars),
+            "{engine}: backbone"
+        );
+        let head = |h: &bccp::train::Head| {
+            h.tensors()
+                .iter()
+                .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(head(&resumed), head(&straight), "{engine}: head");
+        // The start state is what training continues from: a finished one with its first
+        // trained backbone tensor zeroed returns that tensor, without training further.
+        let mut done = checkpoint.load().unwrap().unwrap();
+        assert_eq!(done.epochs_done, 3);
+        done.backbone[0] = done.backbone[0].zeros_like().unwrap();
+        let (model, zeroed_vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let frozen: usize = model.block_var_counts()[..2].iter().sum();
+        let (_, history) = finetune_checkpointed(
+            engine,
+            &model,
+            &zeroed_vars,
+            &images,
+            &labels,
+            &cfg,
+            Some(at(Some(done), None)),
+        );
+        assert_eq!(history, straight_history, "{engine}");
+        let first_trained = &all_params(&zeroed_vars)[frozen];
+        assert!(first_trained.iter().all(|&x| x == 0.0), "{engine}");
     }
 }

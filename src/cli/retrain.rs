@@ -120,6 +120,7 @@ impl LoopArgs {
             cache_dir: self.cache.dir(),
             offline: self.offline,
             registry: self.registry.registry(),
+            resume: false,
         };
         Ok((opts, env))
     }

@@ -29,6 +29,11 @@ pub struct TrainArgs {
     /// Never touch the network for hub weights (also: HF_HUB_OFFLINE=1).
     #[arg(long)]
     offline: bool,
+    /// Continue an interrupted run of the same --model-name, settings and data from its last
+    /// per-epoch checkpoint (REGISTRY/<model-name>/.checkpoint); without a checkpoint, train
+    /// from scratch. Without --resume an existing checkpoint is discarded.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     device: DeviceArgs,
     #[command(flatten)]
@@ -165,6 +170,7 @@ pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
         cache_dir: args.cache.dir(),
         offline: args.offline,
         registry: args.registry.registry(),
+        resume: args.resume,
     };
     print_config(&cfg, &env.device);
     let progress = super::progress(quiet);

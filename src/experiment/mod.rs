@@ -88,6 +88,7 @@ fn run_env(file: &ExperimentFile, out: &Path) -> Result<RunEnv> {
         cache_dir: Some(file.cache_dir.clone().unwrap_or_else(default_cache_dir)),
         offline: true,
         registry: Registry::open(out.join("registry")),
+        resume: false,
     })
 }
 

@@ -5,7 +5,8 @@
 //! A run is written in a hidden staging folder, then, under the name's lock file, given the next
 //! version and renamed into place whole: concurrent registrations of one name get distinct
 //! versions, and a crash leaves no half-written version. Aliases move under the same lock, by
-//! an atomic file replacement.
+//! an atomic file replacement. While a run trains, `ROOT/<name>/.checkpoint/` holds its latest
+//! per-epoch checkpoint ([`crate::train::checkpoint`]), removed once the run is registered.
 
 pub mod record;
 mod trained;
@@ -173,6 +174,9 @@ impl Drop for NameLock {
 
 const ALIASES: &str = "aliases.json";
 const LOCK: &str = ".lock";
+const CHECKPOINT: &str = ".checkpoint";
+/// The lock file of a name's checkpoint folder: held by the run that writes it.
+pub const CHECKPOINT_LOCK: &str = ".checkpoint.lock";
 
 impl Registry {
     /// The registry at `root` (created on the first registration).
@@ -193,6 +197,13 @@ impl Registry {
     /// released when the guard drops: version allocation uses `.lock`, re-training cycles
     /// their own file.
     pub fn lock_file(&self, name: &str, file: &str) -> Result<NameLock> {
+        let (file, path) = self.open_lock_file(name, file)?;
+        file.lock().map_err(io(&path))?;
+        Ok(NameLock(file))
+    }
+
+    /// The file `file` of `name`'s folder opened for locking (both created when missing).
+    fn open_lock_file(&self, name: &str, file: &str) -> Result<(File, PathBuf)> {
         check_name(name)?;
         let dir = self.root.join(name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -203,8 +214,25 @@ impl Registry {
             .write(true)
             .open(&path)
             .map_err(io(&path))?;
-        file.lock().map_err(io(&path))?;
-        Ok(NameLock(file))
+        Ok((file, path))
+    }
+
+    /// The folder of the training checkpoint of a run of `name` under way
+    /// (`ROOT/<name>/.checkpoint`; see [`crate::train::checkpoint`]). The run that writes it
+    /// holds [`CHECKPOINT_LOCK`] ([`Self::try_lock_file`]).
+    pub fn checkpoint_dir(&self, name: &str) -> Result<PathBuf> {
+        check_name(name)?;
+        Ok(self.root.join(name).join(CHECKPOINT))
+    }
+
+    /// [`Self::lock_file`] without waiting: `None` when another holder has it.
+    pub fn try_lock_file(&self, name: &str, file: &str) -> Result<Option<NameLock>> {
+        let (file, path) = self.open_lock_file(name, file)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(NameLock(file))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+        }
     }
 
     /// Versions of `name`, ascending.

@@ -654,6 +654,7 @@ fn train_challenger(
         },
         progress,
         None,
+        None,
     )?;
     // Noise detection on the candidates whose true label is known (generated data).
     let truth: Vec<Option<i64>> = candidates

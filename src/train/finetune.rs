@@ -10,17 +10,19 @@ use std::path::PathBuf;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_nn::{Linear, Optimizer};
+use candle_nn::Linear;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+use super::adam::{Adam, AdamState};
+use super::checkpoint::Checkpointing;
+use super::epoch_loop::{copies, restore_vars, EpochLoop, Rest};
 use super::flat_adam::FlatAdam;
-use super::{accuracy, adam, dropout_mask, init_head, EpochStats, Head, TrainConfig};
+use super::{accuracy, dropout_mask, init_head, EpochStats, Head, TrainConfig};
 use crate::backbone::channels_last::TrunkTrainer;
 use crate::backbone::Backbone;
 use crate::data::loader::{load_batch, Preprocess};
 use crate::progress::Progress;
-use crate::rng::Rng;
 
 /// Why fine-tuning could not run.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,7 @@ pub enum FinetuneError {
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+
     #[error("{0}")]
     Input(String),
 }
@@ -230,6 +233,17 @@ fn share_of(loss: &Tensor, n: usize, group: usize) -> Result<Tensor> {
     })
 }
 
+/// The backbone optimiser's state of a fine-tuning checkpoint's [`Rest`].
+fn backbone_state(rest: &Rest) -> Result<&AdamState> {
+    match rest.optimisers.as_slice() {
+        [b] => Ok(b),
+        other => Err(FinetuneError::Input(format!(
+            "checkpoint: {} optimisers for fine-tuning (the head's and the backbone's)",
+            other.len() + 1
+        ))),
+    }
+}
+
 /// As many test labels as test images.
 fn check_test(test: Option<TestImages<'_>>) -> Result<()> {
     match test {
@@ -284,7 +298,9 @@ pub fn frozen_vars(name: &str, blocks: usize, counts: &[usize]) -> Result<usize>
 /// and every epoch's figures: mean loss, training accuracy of the epoch's own forward passes
 /// (dropout applied, each batch before its step: no second pass over the training images)
 /// and, with `test` (image files and true labels, kept decoded under a bound of the same size),
-/// the accuracy on them after the epoch. `progress` advances once per batch.
+/// the accuracy on them after the epoch. `progress` advances once per batch. With
+/// `checkpointing`, a checkpoint is saved after every epoch, and training continues from its
+/// start state when it has one.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     backbone: &Backbone,
@@ -299,6 +315,7 @@ pub fn finetune(
     test: Option<(&[PathBuf], &[u32])>,
     device: &Device,
     progress: &Progress,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(files.len(), labels, classes)?;
     frozen_vars(
@@ -328,6 +345,7 @@ pub fn finetune(
                 backbone_lr,
                 test,
                 progress,
+                checkpointing,
             )
         }
         _ => finetune_candle(
@@ -341,6 +359,7 @@ pub fn finetune(
             test,
             device,
             progress,
+            checkpointing,
         ),
     }
 }
@@ -360,6 +379,7 @@ pub fn finetune_candle(
     test: Option<TestImages<'_>>,
     device: &Device,
     progress: &Progress,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(images.count, labels, classes)?;
     check_test(test)?;
@@ -377,35 +397,41 @@ pub fn finetune_candle(
         )));
     }
     let trained = backbone_vars.split_off(frozen);
-    let mut backbone_opt = adam(trained.clone(), backbone_lr)?;
+    let mut backbone_opt = Adam::new(trained.clone(), backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
-    let mut head_opt = adam(head_vars.clone(), cfg.lr)?;
-    let all_vars: Vec<Var> = head_vars.into_iter().chain(trained).collect();
+    let mut head_opt = Adam::new(head_vars.clone(), cfg.lr)?;
+    let all_vars: Vec<Var> = head_vars.iter().chain(&trained).cloned().collect();
     let targets = Tensor::new(labels, device)?;
-    let mut order: Vec<u32> = (0..labels.len() as u32).collect();
-    let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
-    let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
+    let (mut lp, rest) = EpochLoop::start(
+        labels.len(),
+        cfg.seed,
+        &head_vars,
+        &mut head_opt,
+        checkpointing,
+    )?;
+    if let Some(r) = rest {
+        restore_vars(&trained, &r.backbone, "backbone")?;
+        backbone_opt.restore(backbone_state(&r)?)?;
+    }
     let batch = cfg.batch_size.max(1);
     let accumulate = cfg.accumulate.max(1);
     let schedule = cfg.schedule();
-    progress.start(
-        (cfg.epochs * labels.len().div_ceil(batch)) as u64,
-        "fine-tune batches",
-    );
-    let mut history = Vec::with_capacity(cfg.epochs);
-    for epoch in 1..=cfg.epochs {
+    let batches = labels.len().div_ceil(batch);
+    progress.start((cfg.epochs * batches) as u64, "fine-tune batches");
+    progress.inc(((lp.first - 1) * batches) as u64);
+    for epoch in lp.first..=cfg.epochs {
         head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
-        shuffle_rng.shuffle(&mut order);
+        lp.shuffle_rng.shuffle(&mut lp.order);
         let mut tally = EpochTally::default();
-        for group in order.chunks(batch.saturating_mul(accumulate)) {
+        for group in lp.order.chunks(batch.saturating_mul(accumulate)) {
             let mut step = GradStore::default();
             for chunk in group.chunks(batch) {
                 let images = images.tensor(chunk, device)?;
                 let mut x = backbone.embed(&images)?;
                 if cfg.dropout > 0.0 {
                     let mask =
-                        dropout_mask(&mut dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
+                        dropout_mask(&mut lp.dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
                     x = x.mul(&mask)?;
                 }
                 let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
@@ -419,14 +445,23 @@ pub fn finetune_candle(
             head_opt.step(&step)?;
             backbone_opt.step(&step)?;
         }
-        history.push(
+        lp.history.push(
             tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
                 Ok(backbone.embed(&images.tensor(idx, device)?)?.detach())
             })?,
         );
+        let rest = || {
+            Ok(Rest {
+                backbone: copies(&trained)?,
+                optimisers: vec![backbone_opt.state()],
+            })
+        };
+        if lp.end_epoch(epoch, &head_vars, &head_opt, rest)? {
+            break;
+        }
     }
     progress.finish();
-    Ok((Head { linear, classes }, history))
+    Ok((Head { linear, classes }, lp.history))
 }
 
 /// [`finetune`] on the channels-last engine: `trainer` holds the backbone's parameters, which
@@ -444,6 +479,7 @@ pub fn finetune_channels_last(
     backbone_lr: f64,
     test: Option<TestImages<'_>>,
     progress: &Progress,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
     check_inputs(images.count, labels, classes)?;
     check_test(test)?;
@@ -455,25 +491,31 @@ pub fn finetune_channels_last(
     let mut backbone_opt =
         FlatAdam::new(trainer.param_lens().into_iter().skip(frozen), backbone_lr);
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
-    let mut head_opt = adam(head_vars.clone(), cfg.lr)?;
+    let mut head_opt = Adam::new(head_vars.clone(), cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
-    let mut order: Vec<u32> = (0..labels.len() as u32).collect();
-    let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
-    let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
+    let (mut lp, rest) = EpochLoop::start(
+        labels.len(),
+        cfg.seed,
+        &head_vars,
+        &mut head_opt,
+        checkpointing,
+    )?;
+    if let Some(r) = rest {
+        trainer.set_params(frozen, &r.backbone)?;
+        backbone_opt.restore(backbone_state(&r)?)?;
+    }
     let batch = cfg.batch_size.max(1);
     let accumulate = cfg.accumulate.max(1);
     let schedule = cfg.schedule();
-    progress.start(
-        (cfg.epochs * labels.len().div_ceil(batch)) as u64,
-        "fine-tune batches",
-    );
-    let mut history = Vec::with_capacity(cfg.epochs);
-    for epoch in 1..=cfg.epochs {
+    let batches = labels.len().div_ceil(batch);
+    progress.start((cfg.epochs * batches) as u64, "fine-tune batches");
+    progress.inc(((lp.first - 1) * batches) as u64);
+    for epoch in lp.first..=cfg.epochs {
         head_opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         backbone_opt.set_learning_rate(schedule.lr(backbone_lr, epoch - 1));
-        shuffle_rng.shuffle(&mut order);
+        lp.shuffle_rng.shuffle(&mut lp.order);
         let mut tally = EpochTally::default();
-        for group in order.chunks(batch.saturating_mul(accumulate)) {
+        for group in lp.order.chunks(batch.saturating_mul(accumulate)) {
             let mut head_step = GradStore::default();
             let mut backbone_step: Option<Vec<Vec<f32>>> = None;
             for chunk in group.chunks(batch) {
@@ -482,7 +524,7 @@ pub fn finetune_channels_last(
                 let features = Var::from_vec(fwd.features.clone(), (n, dim), device)?;
                 let mut x = features.as_tensor().clone();
                 if cfg.dropout > 0.0 {
-                    let mask = dropout_mask(&mut dropout_rng, n, dim, cfg.dropout, device)?;
+                    let mask = dropout_mask(&mut lp.dropout_rng, n, dim, cfg.dropout, device)?;
                     x = x.mul(&mask)?;
                 }
                 let y = targets.index_select(&Tensor::new(chunk, device)?, 0)?;
@@ -518,16 +560,25 @@ pub fn finetune_channels_last(
                 });
             }
         }
-        history.push(
+        lp.history.push(
             tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
                 let fwd = trainer.forward(&images.batch(idx)?, idx.len(), size)?;
                 Ok(Tensor::from_vec(fwd.features, (idx.len(), dim), device)?)
             })?,
         );
+        let rest = || {
+            Ok(Rest {
+                backbone: trainer.params_after(frozen)?,
+                optimisers: vec![backbone_opt.state()?],
+            })
+        };
+        if lp.end_epoch(epoch, &head_vars, &head_opt, rest)? {
+            break;
+        }
     }
     trainer.write_to(backbone_vars)?;
     progress.finish();
-    Ok((Head { linear, classes }, history))
+    Ok((Head { linear, classes }, lp.history))
 }
 
 /// Embeddings `[N, D]` of `files` by `backbone`, in batches, without the cache (for a

@@ -1,8 +1,11 @@
-//! Adam on host parameter buffers, with the update of [`super::adam`] (candle-nn's AdamW
+//! Adam on host parameter buffers, with the update of [`super::adam::Adam`] (candle-nn's AdamW
 //! without weight decay: β₁ = 0.9, β₂ = 0.999, ε = 1e-8, bias-corrected moments), for the
 //! channels-last trainer whose parameters are plain `Vec<f32>`s.
 
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
+
+use super::adam::AdamState;
 
 /// Adam state: the learning rate, the step count and both moments of every parameter.
 #[derive(Debug, Clone)]
@@ -32,6 +35,61 @@ impl FlatAdam {
     /// Sets the learning rate of the next steps.
     pub fn set_learning_rate(&mut self, lr: f64) {
         self.lr = lr;
+    }
+
+    /// The full state (moments as 1-D tensors on the CPU), for a checkpoint.
+    pub fn state(&self) -> candle_core::Result<AdamState> {
+        let flat = |all: &[Vec<f32>]| -> candle_core::Result<Vec<Tensor>> {
+            all.iter()
+                .map(|x| Tensor::from_slice(x, x.len(), &Device::Cpu))
+                .collect()
+        };
+        Ok(AdamState {
+            step: self.step as usize,
+            lr: self.lr,
+            m: flat(&self.m)?,
+            v: flat(&self.v)?,
+        })
+    }
+
+    /// Continues from `state` (one saved by [`Self::state`] for parameters of the same lengths).
+    pub fn restore(&mut self, state: &AdamState) -> candle_core::Result<()> {
+        let take = |saved: &[Tensor], now: &[Vec<f32>]| -> candle_core::Result<Vec<Vec<f32>>> {
+            if saved.len() != now.len() {
+                candle_core::bail!(
+                    "Adam state of {} moments for {} parameters",
+                    saved.len(),
+                    now.len()
+                );
+            }
+            saved
+                .iter()
+                .zip(now)
+                .map(|(t, n)| {
+                    let values = t.flatten_all()?.to_vec1::<f32>()?;
+                    if values.len() != n.len() {
+                        candle_core::bail!(
+                            "Adam moment of {} values for a parameter of {}",
+                            values.len(),
+                            n.len()
+                        );
+                    }
+                    Ok(values)
+                })
+                .collect()
+        };
+        let m = take(&state.m, &self.m)?;
+        let v = take(&state.v, &self.v)?;
+        let Ok(step) = i32::try_from(state.step) else {
+            candle_core::bail!("Adam step count {} is out of range", state.step);
+        };
+        *self = Self {
+            lr: state.lr,
+            step,
+            m,
+            v,
+        };
+        Ok(())
     }
 
     /// One update of every parameter from its gradient (same order and lengths as [`Self::new`]).
@@ -67,7 +125,6 @@ impl FlatAdam {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor, Var};
-    use candle_nn::Optimizer;
 
     #[test]
     fn follows_candle_adamw_without_decay() {
@@ -78,7 +135,7 @@ mod tests {
             .iter()
             .map(|v| Var::from_vec(v.clone(), v.len(), &dev).unwrap())
             .collect();
-        let mut reference = super::super::adam(vars.clone(), 0.01).unwrap();
+        let mut reference = super::super::adam::Adam::new(vars.clone(), 0.01).unwrap();
         let mut ours = FlatAdam::new(init.iter().map(Vec::len), 0.01);
         let mut params = init.to_vec();
         for step in 0..4 {

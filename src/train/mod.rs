@@ -2,6 +2,9 @@
 //! ANL-CE), Adam with the reference's schedule (lr × 0.95 per epoch), seeded shuffling and
 //! seeded dropout, and evaluation (accuracy, per class, confusion matrix).
 
+pub mod adam;
+pub mod checkpoint;
+pub mod epoch_loop;
 pub mod eval;
 pub mod finetune;
 pub mod flat_adam;
@@ -9,16 +12,20 @@ pub mod loss;
 pub mod schedule;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_nn::{Linear, Optimizer};
+use candle_nn::Linear;
 
 use crate::progress::Progress;
 use crate::rng::Rng;
+
+use adam::Adam;
+use checkpoint::Checkpointing;
+use epoch_loop::{EpochLoop, Rest};
 
 pub use loss::Loss;
 pub use schedule::{LrSchedule, Schedule};
 
 /// Hyper-parameters of head training (the reference's defaults).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainConfig {
     pub epochs: usize,
     pub batch_size: usize,
@@ -129,16 +136,6 @@ pub fn init_head(
     Ok((vec![w, b], linear))
 }
 
-/// Adam at learning rate `lr` (AdamW without weight decay).
-pub fn adam(vars: Vec<Var>, lr: f64) -> Result<candle_nn::AdamW> {
-    let params = candle_nn::ParamsAdamW {
-        lr,
-        weight_decay: 0.0,
-        ..Default::default()
-    };
-    candle_nn::AdamW::new(vars, params)
-}
-
 /// Fills `out` with a dropout mask drawn from `rng`: each entry 0 with probability `p`, else
 /// 1 / (1 − p). At p = 0.5 every random bit is a fair coin, so one draw covers 64 entries; other
 /// rates draw once per entry.
@@ -234,11 +231,13 @@ pub fn train_head(
     cfg: &TrainConfig,
     progress: &Progress,
 ) -> Result<Head> {
-    fit(features, labels, classes, cfg, progress, None).map(|(head, _)| head)
+    fit(features, labels, classes, cfg, progress, None, None).map(|(head, _)| head)
 }
 
 /// [`train_head`] that also records every epoch: its mean loss, the training accuracy and,
-/// with `test`, the test accuracy (the same weights as without recording).
+/// with `test`, the test accuracy (the same weights as without recording). With
+/// `checkpointing`, a checkpoint is saved after every epoch, and training continues after the
+/// last completed epoch of its start state (the same head and figures as without a stop).
 pub fn train_head_recorded(
     features: &Tensor,
     labels: &[u32],
@@ -246,11 +245,21 @@ pub fn train_head_recorded(
     cfg: &TrainConfig,
     progress: &Progress,
     test: Option<TestSet<'_>>,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
-    fit(features, labels, classes, cfg, progress, Some(test))
+    fit(
+        features,
+        labels,
+        classes,
+        cfg,
+        progress,
+        Some(test),
+        checkpointing,
+    )
 }
 
-/// The training loop; `record` (with its optional test set) asks for per-epoch figures.
+/// The training loop; `record` (with its optional test set) asks for per-epoch figures,
+/// `checkpointing` for a checkpoint after every epoch (and maybe a state to continue from).
 fn fit(
     features: &Tensor,
     labels: &[u32],
@@ -258,6 +267,7 @@ fn fit(
     cfg: &TrainConfig,
     progress: &Progress,
     record: Option<Option<TestSet<'_>>>,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(Head, Vec<EpochStats>)> {
     let (n, f) = features.dims2()?;
     if labels.len() != n {
@@ -271,11 +281,14 @@ fn fit(
     }
     let device = features.device();
     let (vars, linear) = init_head(classes, f, cfg.seed, device)?;
-    let mut opt = adam(vars, cfg.lr)?;
+    let mut opt = Adam::new(vars.clone(), cfg.lr)?;
     let targets = Tensor::new(labels, device)?;
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    let mut shuffle_rng = Rng::derive(cfg.seed, 0x5EED);
-    let mut dropout_rng = Rng::derive(cfg.seed, 0xD0);
+    let (mut lp, rest) = EpochLoop::start(n, cfg.seed, &vars, &mut opt, checkpointing)?;
+    if let Some(r) = rest {
+        if !r.backbone.is_empty() || !r.optimisers.is_empty() {
+            candle_core::bail!("checkpoint: backbone state for head-only training");
+        }
+    }
     let schedule = cfg.schedule();
     // On the CPU each batch is gathered (and masked) on the host in one pass: per step that
     // replaces three small tensor ops, whose overhead dominates a linear head's step.
@@ -294,22 +307,22 @@ fn fit(
             candle_core::bail!("{} test labels for {rows} test samples", test.labels.len());
         }
     }
-    let mut history = Vec::new();
     progress.start(cfg.epochs as u64, "epochs");
-    for epoch in 1..=cfg.epochs {
+    progress.inc(lp.first as u64 - 1);
+    for epoch in lp.first..=cfg.epochs {
         opt.set_learning_rate(schedule.lr(cfg.lr, epoch - 1));
         let mut loss_sum = 0f64;
-        shuffle_rng.shuffle(&mut order);
-        for chunk in order.chunks(cfg.batch_size.max(1)) {
+        lp.shuffle_rng.shuffle(&mut lp.order);
+        for chunk in lp.order.chunks(cfg.batch_size.max(1)) {
             let idx = Tensor::new(chunk, device)?;
             let x =
                 match &host {
                     Some(h) => {
-                        let batch = host_batch(h, f, chunk, cfg.dropout, &mut dropout_rng);
+                        let batch = host_batch(h, f, chunk, cfg.dropout, &mut lp.dropout_rng);
                         Tensor::from_vec(batch, (chunk.len(), f), device)?
                     }
                     None if cfg.dropout > 0.0 => features.index_select(&idx, 0)?.mul(
-                        &dropout_mask(&mut dropout_rng, chunk.len(), f, cfg.dropout, device)?,
+                        &dropout_mask(&mut lp.dropout_rng, chunk.len(), f, cfg.dropout, device)?,
                     )?,
                     None => features.index_select(&idx, 0)?,
                 };
@@ -336,7 +349,7 @@ fn fit(
                 }
                 None => None,
             };
-            history.push(EpochStats {
+            lp.history.push(EpochStats {
                 epoch,
                 loss: loss_sum / n as f64,
                 train_accuracy: accuracy(&head.predict(features)?, labels),
@@ -344,9 +357,18 @@ fn fit(
             });
         }
         progress.inc(1);
+        let no_more = || {
+            Ok(Rest {
+                backbone: Vec::new(),
+                optimisers: Vec::new(),
+            })
+        };
+        if lp.end_epoch(epoch, &vars, &opt, no_more)? {
+            break;
+        }
     }
     progress.finish();
-    Ok((Head { linear, classes }, history))
+    Ok((Head { linear, classes }, lp.history))
 }
 
 #[cfg(test)]
@@ -422,7 +444,8 @@ mod tests {
             parts: &halves,
             labels: &ty,
         };
-        let (head, epochs) = train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test)).unwrap();
+        let (head, epochs) =
+            train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test), None).unwrap();
         let d: f32 = max_abs_diff(head.linear.weight(), plain.linear.weight());
         assert_eq!(d, 0.0, "recording changes nothing");
         assert_eq!(
@@ -439,19 +462,97 @@ mod tests {
             Some(accuracy(&head.predict(&tx).unwrap(), &ty))
         );
         assert!(epochs[0].loss > last.loss && last.loss > 0.0, "{epochs:?}");
-        let (_, none) = train_head_recorded(&x, &y, 3, &cfg, &hidden, None).unwrap();
+        let (_, none) = train_head_recorded(&x, &y, 3, &cfg, &hidden, None, None).unwrap();
         assert!(none.iter().all(|e| e.test_accuracy.is_none()));
         assert_eq!(none[3].train_accuracy, last.train_accuracy);
         let bad = TestSet {
             parts: &halves,
             labels: &ty[..10],
         };
-        let err = train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(bad))
+        let err = train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(bad), None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("10 test labels for 90"), "{err}");
         assert_eq!(accuracy(&[1, 2, 0], &[1, 2, 2]), 2.0 / 3.0);
         assert_eq!(accuracy(&[], &[]), 0.0);
+    }
+
+    /// Bits of a tensor's values.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn resuming_after_a_stop_gives_the_uninterrupted_head_and_history() {
+        use checkpoint::{Checkpoint, Fingerprint};
+        let (x, y) = blobs(200, 4);
+        let (tx, ty) = blobs(60, 5);
+        let parts = [tx];
+        let test = TestSet {
+            parts: &parts,
+            labels: &ty,
+        };
+        let cfg = TrainConfig {
+            epochs: 5,
+            batch_size: 16,
+            dropout: 0.5,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_epochs: 1,
+            ..Default::default()
+        };
+        let hidden = Progress::hidden();
+        let (straight, straight_history) =
+            train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test), None).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Checkpoint::new(
+            tmp.path().join("c"),
+            Fingerprint::new().with("run", "blobs"),
+        );
+        let run = |start, stop_after| {
+            let checkpointing = Checkpointing {
+                checkpoint: &c,
+                start,
+                stop_after,
+            };
+            train_head_recorded(&x, &y, 3, &cfg, &hidden, Some(test), Some(checkpointing)).unwrap()
+        };
+        let (_, first) = run(None, Some(2));
+        assert_eq!(first, straight_history[..2], "stopped after epoch 2");
+        let start = c.load().unwrap().expect("a checkpoint after epoch 2");
+        assert_eq!(start.epochs_done, 2);
+        let (resumed, history) = run(Some(start), None);
+        assert_eq!(history, straight_history);
+        assert_eq!(
+            bits(resumed.linear.weight()),
+            bits(straight.linear.weight())
+        );
+        let (b1, b2) = (
+            resumed.linear.bias().unwrap(),
+            straight.linear.bias().unwrap(),
+        );
+        assert_eq!(bits(b1), bits(b2));
+        assert_eq!(c.load().unwrap().unwrap().epochs_done, 5);
+        // The start state is what training continues from: a finished one with a zeroed head
+        // returns that head and the saved figures without training further.
+        let mut done = c.load().unwrap().unwrap();
+        done.head[0] = done.head[0].zeros_like().unwrap();
+        let (zeroed, history) = run(Some(done), None);
+        assert!(bits(zeroed.linear.weight()).iter().all(|&b| b == 0));
+        assert_eq!(history, straight_history);
+        // A checkpoint of another head (other classes) is refused, not half-applied.
+        let mut wrong = c.load().unwrap().unwrap();
+        wrong.epochs_done = 1;
+        wrong.order.pop();
+        let checkpointing = Checkpointing {
+            checkpoint: &c,
+            start: Some(wrong),
+            stop_after: None,
+        };
+        let err = train_head_recorded(&x, &y, 3, &cfg, &hidden, None, Some(checkpointing))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("199 samples for 200"), "{err}");
     }
 
     #[test]

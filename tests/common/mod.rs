@@ -14,13 +14,16 @@ pub mod s3;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+/// The command `bccp --quiet args…`, not started yet (to spawn it and watch it).
+pub fn bccp_command(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_bccp"));
+    command.arg("--quiet").args(args);
+    command
+}
+
 /// Runs `bccp` with `args` (quietly) and returns its output.
 pub fn bccp(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_bccp"))
-        .arg("--quiet")
-        .args(args)
-        .output()
-        .expect("the bccp binary runs")
+    bccp_command(args).output().expect("the bccp binary runs")
 }
 
 /// Standard error of a run that must have failed.

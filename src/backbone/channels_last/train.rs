@@ -143,6 +143,42 @@ impl TrunkTrainer {
         out
     }
 
+    /// The parameters after the first `skip` (order and layout of [`Self::param_lens`]), as
+    /// 1-D tensors on the CPU: a training checkpoint's copy.
+    pub fn params_after(&self, skip: usize) -> Result<Vec<Tensor>> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.weight, &l.bias])
+            .skip(skip)
+            .map(|p| Tensor::from_slice(p, p.len(), &candle_core::Device::Cpu))
+            .collect()
+    }
+
+    /// Sets the parameters after the first `skip` to `saved` (from [`Self::params_after`]).
+    pub fn set_params(&mut self, skip: usize, saved: &[Tensor]) -> Result<()> {
+        let values = saved
+            .iter()
+            .map(|t| t.flatten_all()?.to_vec1::<f32>())
+            .collect::<Result<Vec<_>>>()?;
+        let lens: Vec<usize> = self.param_lens().into_iter().skip(skip).collect();
+        let saved_lens: Vec<usize> = values.iter().map(Vec::len).collect();
+        if lens != saved_lens {
+            candle_core::bail!(
+                "channels-last training: {} saved parameters of lengths {:?}… for {} of lengths {:?}…",
+                saved_lens.len(),
+                &saved_lens[..saved_lens.len().min(4)],
+                lens.len(),
+                &lens[..lens.len().min(4)]
+            );
+        }
+        self.update(|params| {
+            for (p, v) in params.into_iter().skip(skip).zip(values) {
+                *p = v;
+            }
+        });
+        Ok(())
+    }
+
     /// Parameters or gradients in the engine's layout (as [`Self::param_lens`]) turned into
     /// the layout of the trunk's variables (depthwise `[c, 1, k, k]`).
     pub fn to_checkpoint_layout(&self, values: &[Vec<f32>]) -> Vec<Vec<f32>> {
