@@ -3,17 +3,18 @@
 //! - MobileNetV2 (real weights): `finetune64/channels_last` (the channels-last trainer that
 //!   `bccp train --finetune full` runs on the CPU) and `finetune64/candle_autograd` (candle's
 //!   autograd on candle's ops, the path before it and the one GPUs take), 64×64, batch 64;
-//!   `finetune224/channels_last` at 224×224, batch 32 (candle's path is left out there:
-//!   minutes per sample).
-//! - ResNet-18 (`finetune224_resnet18`, batch 32) and ViT-B/16 (`finetune224_vit_b16`,
-//!   batch 8) at 224×224, random weights, on candle's autograd: the path they train on.
+//!   `finetune224/channels_last` at 224×224, batch 32.
+//! - ResNet-18 (`finetune224_resnet18/channels_last`, batch 32) at 224×224 on the engine, and
+//!   ViT-B/16 (`finetune224_vit_b16/candle_autograd`, batch 8) at 224×224 on candle's
+//!   autograd (the path transformers train on), random weights. candle's path is left out
+//!   where it takes many seconds per step (ResNet-18: about 10 s on 2 threads).
 //!
 //! `scripts/bench-finetune.sh` runs PyTorch on the same steps in the same run. Needs
 //! `scripts/fetch-assets.sh`. Threads: RAYON_NUM_THREADS.
 
 use std::collections::HashMap;
 
-use bccp::backbone::channels_last::TrunkTrainer;
+use bccp::backbone::channels_last::EngineTrainer;
 use bccp::backbone::{zoo, Backbone};
 use bccp::progress::Progress;
 use bccp::rng::Rng;
@@ -32,7 +33,7 @@ type Shape = (&'static str, &'static str, u32, usize, bool, bool);
 const SHAPES: [Shape; 4] = [
     ("finetune64", "mobilenet_v2", 64, 64, true, true),
     ("finetune224", "mobilenet_v2", 224, 32, true, false),
-    ("finetune224_resnet18", "resnet18", 224, 32, false, true),
+    ("finetune224_resnet18", "resnet18", 224, 32, true, false),
     (
         "finetune224_vit_b16",
         "vit_base_patch16_224",
@@ -59,12 +60,32 @@ fn trainable(name: &str) -> (Backbone, Vec<Var>) {
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
     )
     .expect("random network");
+    // A builder's default is zeros: weights of variance 1 / fan-in, gains near 1, biases
+    // and batch-norm statistics near the identity.
+    let mut rng = Rng::new(3);
     let tensors: HashMap<String, Tensor> = varmap
         .data()
         .lock()
         .expect("varmap")
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .map(|(k, v)| {
+            let dims = v.as_tensor().dims().to_vec();
+            let count: usize = dims.iter().product();
+            let (lo, hi) = match (k.rsplit('.').next(), dims.len()) {
+                (Some("running_var"), _) => (0.5, 2.0),
+                (Some("weight"), 1) => (0.5, 1.5),
+                (_, 1) => (-0.2, 0.2),
+                _ => {
+                    let a = (3.0 / (count / dims[0].max(1)).max(1) as f64).sqrt();
+                    (-a, a)
+                }
+            };
+            let values: Vec<f32> = (0..count)
+                .map(|_| (lo + (hi - lo) * rng.unit_f64()) as f32)
+                .collect();
+            let t = Tensor::from_vec(values, dims, &Device::Cpu).expect("tensor");
+            (k.clone(), t)
+        })
         .collect();
     let dir = std::env::temp_dir().join(format!("bccp-bench-finetune-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -97,7 +118,9 @@ fn finetune(c: &mut Criterion) {
         group.sample_size(10);
         group.throughput(Throughput::Elements(batch as u64));
         if engine {
-            let trainer = TrunkTrainer::new(model.trunk().expect("trunk")).expect("trainer");
+            let trainer = EngineTrainer::for_backbone(&model)
+                .expect("trainer")
+                .expect("a CNN");
             group.bench_function("channels_last", |b| {
                 b.iter(|| {
                     finetune_channels_last(

@@ -10,8 +10,9 @@ class token and position embeddings frozen (as bccp's), cross-entropy, Adam (lr 
 backbone), torch.set_num_threads(--threads); a few warm-up steps, then the median of timed steps
 (about --seconds).
 bccp side: `cargo bench --bench finetune -- --output-format bencher finetune` (criterion ids
-GROUP/channels_last, the trainer `bccp train --finetune full` runs on the CPU for MobileNetV2,
-and GROUP/candle_autograd, candle's autograd path: ResNet and ViT train on it; one iteration =
+GROUP/channels_last, the trainer `bccp train --finetune full` runs on the CPU for the CNNs
+(MobileNetV2, ResNet-18), and GROUP/candle_autograd, candle's autograd path: ViT trains on it;
+one iteration =
 one step of one batch), run with RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s.
 
 Prints a markdown table (model, input, path, PyTorch img/s, bccp img/s, bccp/PyTorch) and,
@@ -37,7 +38,7 @@ CLASSES = 10
 # (criterion group, model, input size, batch, bccp paths)
 SHAPES = [("finetune64", "mobilenet_v2", 64, 64, ["channels_last", "candle_autograd"]),
           ("finetune224", "mobilenet_v2", 224, 32, ["channels_last"]),
-          ("finetune224_resnet18", "resnet18", 224, 32, ["candle_autograd"]),
+          ("finetune224_resnet18", "resnet18", 224, 32, ["channels_last"]),
           ("finetune224_vit_b16", "vit_b_16", 224, 8, ["candle_autograd"])]
 RUST_CMD = ["cargo", "bench", "--bench", "finetune", "--", "--output-format", "bencher", "finetune"]
 BENCH_LINE = re.compile(r"^test\s+(finetune\w+)/(\S+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")

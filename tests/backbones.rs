@@ -259,7 +259,8 @@ fn channels_last_resnets_match_candle_transformers() {
     for (depth, n, h, w) in [(18, 2, 224, 224), (34, 3, 45, 37), (50, 3, 64, 64)] {
         let (varmap, candle) = random_resnet(depth, &mut rng);
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let engine = ChannelsLastResNet::load(depth, vb).unwrap();
+        let net = bccp::backbone::resnet::ResNet::load(depth, vb).unwrap();
+        let engine = ChannelsLastResNet::new(&net).unwrap();
         let pixels: Vec<f32> = (0..n * 3 * h * w)
             .map(|_| rng.unit_f64() as f32 * 4.0 - 2.0)
             .collect();

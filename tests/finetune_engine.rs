@@ -1,10 +1,10 @@
-//! Back-propagation on the channels-last engine (`TrunkTrainer`) against candle's autograd
+//! Back-propagation on the channels-last engine (`EngineTrainer`) against candle's autograd
 //! through the candle path of the same network, with the real MobileNetV2 and
 //! EfficientNet-Lite0 weights (from `scripts/fetch-assets.sh`).
 
 mod common;
 
-use bccp::backbone::channels_last::TrunkTrainer;
+use bccp::backbone::channels_last::EngineTrainer;
 use bccp::backbone::{zoo, Backbone};
 use candle_core::{Device, Tensor};
 use common::asset;
@@ -45,80 +45,165 @@ fn every_parameter_gradient_matches_candle_autograd() {
     ] {
         let spec = zoo::find(name).unwrap();
         let (model, vars) = Backbone::load_trainable(&spec, &asset(weights), &Device::Cpu).unwrap();
-        let trainer = TrunkTrainer::new(model.trunk().unwrap()).unwrap();
-        let pixels = values(n * 3 * h * w, 1, 2.0);
-        let x = Tensor::from_vec(pixels.clone(), (n, 3, h, w), &Device::Cpu).unwrap();
+        let trainer = EngineTrainer::trunk(model.trunk().unwrap()).unwrap();
+        check_gradients(name, &model, &vars, &trainer, n, (h, w));
+    }
+}
 
-        // Reference: candle's autograd of Σ probe · features through the candle path.
-        let features = model.embed(&x).unwrap();
-        let dim = features.dim(1).unwrap();
-        let probe = values(n * dim, 2, 1.0);
-        let probe_t = Tensor::from_vec(probe.clone(), (n, dim), &Device::Cpu).unwrap();
-        let grads = (&features * &probe_t)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-
-        let fwd = trainer.forward(&pixels, n, (h, w)).unwrap();
-        let want = features.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let err = fwd
-            .features
-            .iter()
-            .zip(&want)
-            .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
-            / max_abs(&want);
-        assert!(err < 1e-5, "{name}: features differ by {err} (relative)");
-
-        let ours = trainer.to_checkpoint_layout(&trainer.backward(&fwd, &probe).unwrap());
-        assert_eq!(ours.len(), vars.len(), "{name}: one gradient per variable");
-        let mut worst = 0f32;
-        for (i, (var, got)) in vars.iter().zip(&ours).enumerate() {
-            let reference = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no candle gradient for variable {i}"));
-            let reference = reference.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(got.len(), reference.len(), "{name}: variable {i}");
-            let scale = max_abs(&reference);
-            assert!(scale > 0.0, "{name}: variable {i} has a zero gradient");
-            let err = got
-                .iter()
-                .zip(&reference)
-                .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
-                / scale;
-            worst = worst.max(err);
-            assert!(
-                err < 1e-4,
-                "{name} {n}×{h}×{w}: variable {i} ({:?}) gradient off by {err} (relative)",
-                var.as_tensor().dims()
-            );
-        }
-        eprintln!("{name} {n}×{h}×{w}: worst relative gradient error {worst:e}");
-
-        // The batch's gradient is the sum of its images' (chunking does not change it).
-        let one = |k: usize| {
-            let image = 3 * h * w;
-            let f = trainer
-                .forward(&pixels[k * image..][..image], 1, (h, w))
-                .unwrap();
-            trainer.backward(&f, &probe[k * dim..][..dim]).unwrap()
-        };
-        let mut summed = one(0);
-        for k in 1..n {
-            for (s, g) in summed.iter_mut().zip(one(k)) {
-                s.iter_mut().zip(&g).for_each(|(s, g)| *s += g);
+/// `name`'s network with random weights (batch-norm statistics far from the identity, so that
+/// folding is exercised) loaded trainable as `bccp train` loads weights.
+fn random_trainable(name: &str, seed: u64) -> (Backbone, Vec<candle_core::Var>) {
+    let spec = zoo::find(name).unwrap();
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+    Backbone::from_var_builder(&spec, vb).unwrap();
+    let mut rng = bccp::rng::Rng::new(seed);
+    let mut tensors = std::collections::HashMap::new();
+    for (key, var) in varmap.data().lock().unwrap().iter() {
+        let t = var.as_tensor().detach();
+        let dims = t.dims().to_vec();
+        let range = match key.rsplit('.').next() {
+            Some("running_var") => Some((0.5, 2.0)),
+            Some("running_mean") | Some("bias") => Some((-0.2, 0.2)),
+            Some("weight") if dims.len() == 1 => Some((0.5, 1.5)),
+            // Convolutions (a builder's default is zeros): variance 1 / fan-in.
+            Some("weight") => {
+                let a = (3.0 / (t.elem_count() / dims[0]) as f64).sqrt();
+                Some((-a, a))
             }
+            _ => None,
+        };
+        let t = match range {
+            Some((lo, hi)) => {
+                let v: Vec<f32> = (0..t.elem_count())
+                    .map(|_| (lo + (hi - lo) * rng.unit_f64()) as f32)
+                    .collect();
+                Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+            }
+            None => t,
+        };
+        tensors.insert(key.clone(), t);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("w.safetensors");
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    Backbone::load_trainable(&spec, &file, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn resnet_gradients_match_candle_autograd_and_freezing_keeps_the_rest() {
+    // ResNet-18: basic blocks, 3×3 convolutions and 1×1 stride-2 projections; ResNet-50:
+    // bottlenecks (pointwise layers). An odd, non-square input for the max-pool's edges.
+    for (name, n, size) in [
+        ("resnet18", 2, (32, 32)),
+        ("resnet18", 1, (37, 29)),
+        ("resnet50", 2, (32, 32)),
+    ] {
+        let (model, vars) = random_trainable(name, 7);
+        let mut trainer = EngineTrainer::for_backbone(&model).unwrap().unwrap();
+        check_gradients(name, &model, &vars, &trainer, n, size);
+
+        // Frozen blocks get zero gradients, the others exactly the unfrozen ones.
+        let pixels = values(n * 3 * size.0 * size.1, 1, 2.0);
+        let dim = trainer.dim();
+        let probe = values(n * dim, 2, 1.0);
+        let all = trainer
+            .backward(&trainer.forward(&pixels, n, size).unwrap(), &probe)
+            .unwrap();
+        for blocks in [1, 3] {
+            let frozen = trainer.freeze(blocks).unwrap();
+            let part = trainer
+                .backward(&trainer.forward(&pixels, n, size).unwrap(), &probe)
+                .unwrap();
+            assert!(part[..frozen].iter().flatten().all(|&g| g == 0.0));
+            assert_eq!(part[frozen..], all[frozen..], "{name}: {blocks} frozen");
         }
-        let batch = trainer.backward(&fwd, &probe).unwrap();
-        for (i, (a, b)) in summed.iter().zip(&batch).enumerate() {
-            let err = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()))
-                / max_abs(b).max(1e-12);
-            assert!(
-                err < 1e-4,
-                "{name}: parameter {i}: per-image sum off by {err}"
-            );
+    }
+}
+
+/// The engine's features and every parameter's gradient of `Σ probe · features` against
+/// candle's autograd through `model`'s candle path, on `n` random images of `(h, w)`; and the
+/// batch's gradient against the sum of its images'.
+fn check_gradients(
+    name: &str,
+    model: &Backbone,
+    vars: &[candle_core::Var],
+    trainer: &EngineTrainer,
+    n: usize,
+    (h, w): (usize, usize),
+) {
+    let pixels = values(n * 3 * h * w, 1, 2.0);
+    let x = Tensor::from_vec(pixels.clone(), (n, 3, h, w), &Device::Cpu).unwrap();
+
+    // Reference: candle's autograd of Σ probe · features through the candle path.
+    let features = model.embed(&x).unwrap();
+    let dim = features.dim(1).unwrap();
+    let probe = values(n * dim, 2, 1.0);
+    let probe_t = Tensor::from_vec(probe.clone(), (n, dim), &Device::Cpu).unwrap();
+    let grads = (&features * &probe_t)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    let fwd = trainer.forward(&pixels, n, (h, w)).unwrap();
+    let want = features.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let err = fwd
+        .features
+        .iter()
+        .zip(&want)
+        .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
+        / max_abs(&want);
+    assert!(err < 1e-5, "{name}: features differ by {err} (relative)");
+
+    let ours = trainer.to_checkpoint_layout(&trainer.backward(&fwd, &probe).unwrap());
+    assert_eq!(ours.len(), vars.len(), "{name}: one gradient per variable");
+    let mut worst = 0f32;
+    for (i, (var, got)) in vars.iter().zip(&ours).enumerate() {
+        let reference = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no candle gradient for variable {i}"));
+        let reference = reference.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got.len(), reference.len(), "{name}: variable {i}");
+        let scale = max_abs(&reference);
+        assert!(scale > 0.0, "{name}: variable {i} has a zero gradient");
+        let err = got
+            .iter()
+            .zip(&reference)
+            .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
+            / scale;
+        worst = worst.max(err);
+        assert!(
+            err < 1e-4,
+            "{name} {n}×{h}×{w}: variable {i} ({:?}) gradient off by {err} (relative)",
+            var.as_tensor().dims()
+        );
+    }
+    eprintln!("{name} {n}×{h}×{w}: worst relative gradient error {worst:e}");
+
+    // The batch's gradient is the sum of its images' (chunking does not change it).
+    let one = |k: usize| {
+        let image = 3 * h * w;
+        let f = trainer
+            .forward(&pixels[k * image..][..image], 1, (h, w))
+            .unwrap();
+        trainer.backward(&f, &probe[k * dim..][..dim]).unwrap()
+    };
+    let mut summed = one(0);
+    for k in 1..n {
+        for (s, g) in summed.iter_mut().zip(one(k)) {
+            s.iter_mut().zip(&g).for_each(|(s, g)| *s += g);
         }
+    }
+    let batch = trainer.backward(&fwd, &probe).unwrap();
+    for (i, (a, b)) in summed.iter().zip(&batch).enumerate() {
+        let err =
+            a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / max_abs(b).max(1e-12);
+        assert!(
+            err < 1e-4,
+            "{name}: parameter {i}: per-image sum off by {err}"
+        );
     }
 }
 
@@ -184,7 +269,7 @@ fn finetune_checkpointed(
             checkpointing,
         ),
         _ => finetune_channels_last(
-            TrunkTrainer::new(model.trunk().unwrap()).unwrap(),
+            EngineTrainer::trunk(model.trunk().unwrap()).unwrap(),
             vars,
             images,
             labels,
@@ -238,7 +323,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 #[test]
 fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
-    use bccp::backbone::channels_last::TrunkTrainer;
+    use bccp::backbone::channels_last::EngineTrainer;
     use bccp::progress::Progress;
     use bccp::train::finetune::{finetune_candle, finetune_channels_last, TestImages, TrainImages};
     use bccp::train::TrainConfig;
@@ -265,7 +350,7 @@ fn channels_last_finetune_agrees_with_candle_caches_and_exports() {
 
     let engine_run = |images: &TrainImages| {
         let (model, vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
-        let trainer = TrunkTrainer::new(model.trunk().unwrap()).unwrap();
+        let trainer = EngineTrainer::trunk(model.trunk().unwrap()).unwrap();
         let (head, history) = finetune_channels_last(
             trainer,
             &vars,

@@ -103,13 +103,6 @@ impl Backbone {
         vb: VarBuilder<'static>,
     ) -> candle_core::Result<Self> {
         let on_cpu = vb.device().is_cpu();
-        let resnet_depth = match spec.architecture {
-            Architecture::Resnet18 => Some(18),
-            Architecture::Resnet34 => Some(34),
-            Architecture::Resnet50 => Some(50),
-            _ => None,
-        };
-        let engine_vb = vb.clone();
         let network = match spec.architecture {
             Architecture::MobilenetV2 => Network::MobileNetV2(mobilenet_v2::MobileNetV2::load(vb)?),
             Architecture::EfficientnetLite0 => Network::EfficientNetLite(
@@ -133,17 +126,8 @@ impl Backbone {
             network,
             channels_last: None,
         };
-        // After the network: a VarMap-backed builder then hands out the variables that
-        // candle's layers created with their initialisers.
-        if let (Some(depth), true) = (resnet_depth, on_cpu) {
-            let engine = ChannelsLastResNet::load(depth, engine_vb)?;
-            model.channels_last = Some(CpuEngine::ResNet(engine));
-        } else if on_cpu {
-            model.channels_last = model
-                .trunk()
-                .map(ChannelsLastTrunk::new)
-                .transpose()?
-                .map(CpuEngine::Trunk);
+        if on_cpu {
+            model.channels_last = model.cpu_engine()?;
         }
         Ok(model)
     }
@@ -261,18 +245,36 @@ impl Backbone {
         self.channels_last.is_some()
     }
 
+    /// The ResNet of a ResNet backbone (`None` for the others).
+    pub fn resnet(&self) -> Option<&resnet::ResNet> {
+        match &self.network {
+            Network::ResNet(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The channels-last engine for the network's current weights (the CNNs; `None` for the
+    /// vision transformers).
+    fn cpu_engine(&self) -> candle_core::Result<Option<CpuEngine>> {
+        if let Some(net) = self.resnet() {
+            return Ok(Some(CpuEngine::ResNet(ChannelsLastResNet::new(net)?)));
+        }
+        let trunk = self.trunk().map(ChannelsLastTrunk::new).transpose()?;
+        Ok(trunk.map(CpuEngine::Trunk))
+    }
+
     /// Lays the current weights out for the channels-last engine again (after fine-tuning,
-    /// which trains them with the engine off), for a CPU-loaded MobileNetV2 / EfficientNet-Lite.
+    /// which trains them with the engine off), for a CPU-loaded CNN.
     pub fn refresh_channels_last(&mut self) -> candle_core::Result<()> {
         let on_cpu = match &self.network {
             Network::MobileNetV2(_) | Network::EfficientNetLite(_) => self
                 .trunk()
                 .is_some_and(|t| t.stem.weight.device().is_cpu()),
-            _ => false,
+            Network::ResNet(m) => m.parts().0.weight.device().is_cpu(),
+            Network::Transformer(_) => false,
         };
         if on_cpu {
-            let trunk = self.trunk().map(ChannelsLastTrunk::new).transpose()?;
-            self.channels_last = trunk.map(CpuEngine::Trunk);
+            self.channels_last = self.cpu_engine()?;
         }
         Ok(())
     }

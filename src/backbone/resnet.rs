@@ -129,6 +129,16 @@ impl ResNet {
         global_avg_pool(&y)
     }
 
+    /// The stem's convolution, then each residual block's convolutions (ReLU after all but
+    /// the last) with its shortcut projection: what the channels-last engine lays out.
+    pub(crate) fn parts(&self) -> (&ConvBn, impl Iterator<Item = (&[ConvBn], Option<&ConvBn>)>) {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| (b.convs.as_slice(), b.downsample.as_ref()));
+        (&self.stem, blocks)
+    }
+
     fn layers(&self) -> impl Iterator<Item = &ConvBn> {
         std::iter::once(&self.stem).chain(
             self.blocks

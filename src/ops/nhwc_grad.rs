@@ -7,7 +7,8 @@
 
 use super::nhwc::{Act, ConvGeometry};
 
-/// `dst[m, n] += Σ_k lhs(i, k) · rhs(k, j)` with the operands given by (column, row) strides.
+/// `dst[m, n] (+)= Σ_k lhs(i, k) · rhs(k, j)` with the operands given by (column, row)
+/// strides; `accumulate` adds to `dst`, else overwrites it.
 #[allow(clippy::too_many_arguments)]
 fn gemm_acc(
     (m, n, k): (usize, usize, usize),
@@ -16,6 +17,7 @@ fn gemm_acc(
     (lhs_cs, lhs_rs): (usize, usize),
     rhs: &[f32],
     (rhs_cs, rhs_rs): (usize, usize),
+    accumulate: bool,
 ) {
     if m == 0 || n == 0 || k == 0 {
         return;
@@ -37,7 +39,7 @@ fn gemm_acc(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            true,
+            accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
@@ -58,12 +60,107 @@ fn gemm_acc(
 /// its im2col rows): `dw[n, k] += Σ_m dz[m, n] · x[m, k]`.
 pub fn weight_grad_acc(dz: &[f32], x: &[f32], dw: &mut [f32], m: usize, k: usize, n: usize) {
     // dzᵀ is [n, m] with column stride n and row stride 1; x is [m, k] row-major.
-    gemm_acc((n, k, m), dw, dz, (n, 1), x, (1, k));
+    gemm_acc((n, k, m), dw, dz, (n, 1), x, (1, k), true);
 }
 
 /// Input gradient of `z = x · wᵀ`: `dx[m, k] += Σ_n dz[m, n] · w[n, k]`.
 pub fn input_grad_acc(dz: &[f32], w: &[f32], dx: &mut [f32], m: usize, k: usize, n: usize) {
-    gemm_acc((m, k, n), dx, dz, (1, n), w, (1, k));
+    gemm_acc((m, k, n), dx, dz, (1, n), w, (1, k), true);
+}
+
+/// [`input_grad_acc`] overwriting `dx[..m·k]` instead of adding to it (no zeroing pass over a
+/// large im2col gradient).
+pub fn input_grad(dz: &[f32], w: &[f32], dx: &mut [f32], m: usize, k: usize, n: usize) {
+    gemm_acc((m, k, n), dx, dz, (1, n), w, (1, k), false);
+}
+
+/// The adjoint of [`super::nhwc::im2col_hwc`] for one image: adds each row of the gradient
+/// `dcols` (`[out_h · out_w, k · k · c]`) back onto the input pixels its taps read, `dx`
+/// (`[h, w, c]`); taps over the padding are dropped.
+pub fn col2im_hwc_acc(dcols: &[f32], c: usize, g: &ConvGeometry, dx: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was just detected.
+        unsafe { wide::col2im_hwc_acc(dcols, c, g, dx) };
+        return;
+    }
+    col2im_hwc_body(dcols, c, g, dx)
+}
+
+#[inline(always)]
+fn col2im_hwc_body(dcols: &[f32], c: usize, g: &ConvGeometry, dx: &mut [f32]) {
+    let k = g.kernel;
+    let cols = k * k * c;
+    assert!(
+        dx.len() >= g.h * g.w * c && dcols.len() >= g.out_h * g.out_w * cols,
+        "col2im: buffers too small"
+    );
+    for oy in 0..g.out_h {
+        let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+        for ox in 0..g.out_w {
+            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+            let row = &dcols[(oy * g.out_w + ox) * cols..][..cols];
+            for ky in ky0..ky1 {
+                let iy = oy * g.stride + ky - g.pad_top;
+                for kx in kx0..kx1 {
+                    let ix = ox * g.stride + kx - g.pad_left;
+                    let src = &row[(ky * k + kx) * c..][..c];
+                    dx[(iy * g.w + ix) * c..][..c]
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(d, &s)| *d += s);
+                }
+            }
+        }
+    }
+}
+
+/// Backward of [`super::nhwc::max_pool_hwc`] over one image: each output's gradient `dy`
+/// (`[out_h, out_w, c]`) is added to the first input of its window (taps in row order) that
+/// equals the output `y`, in `dx` (`[h, w, c]`), as PyTorch routes it.
+pub fn max_pool_grad_acc(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    c: usize,
+    g: &ConvGeometry,
+    dx: &mut [f32],
+) {
+    assert!(
+        x.len() >= g.h * g.w * c
+            && dx.len() >= g.h * g.w * c
+            && y.len() >= g.out_h * g.out_w * c
+            && dy.len() >= g.out_h * g.out_w * c,
+        "max_pool_grad: buffers too small"
+    );
+    let mut open = vec![true; c];
+    for oy in 0..g.out_h {
+        let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+        for ox in 0..g.out_w {
+            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+            let at = (oy * g.out_w + ox) * c;
+            let (ys, ds) = (&y[at..][..c], &dy[at..][..c]);
+            open.fill(true);
+            for ky in ky0..ky1 {
+                let iy = oy * g.stride + ky - g.pad_top;
+                for kx in kx0..kx1 {
+                    let from = (iy * g.w + ix(ox, kx, g)) * c;
+                    let (xs, dxs) = (&x[from..][..c], &mut dx[from..][..c]);
+                    for ch in 0..c {
+                        if open[ch] && xs[ch] == ys[ch] {
+                            dxs[ch] += ds[ch];
+                            open[ch] = false;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The input column of output column `ox`'s tap `kx` (inside the map).
+fn ix(ox: usize, kx: usize, g: &ConvGeometry) -> usize {
+    ox * g.stride + kx - g.pad_left
 }
 
 /// Turns the gradient of an activation's output into that of its input, in place, from the
@@ -201,6 +298,11 @@ mod wide {
         dtaps: &mut [f32],
     ) {
         super::depthwise_grad_body(x, taps, dz, g, dx, dtaps)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn col2im_hwc_acc(dcols: &[f32], c: usize, g: &ConvGeometry, dx: &mut [f32]) {
+        super::col2im_hwc_body(dcols, c, g, dx)
     }
 
     #[target_feature(enable = "avx512f")]
@@ -404,5 +506,73 @@ mod tests {
         let mut db = [1.0, 0.0];
         bias_grad_acc(&[1.0, 2.0, 3.0, 4.0], &mut db);
         assert_eq!(db, [5.0, 6.0]);
+    }
+
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() {
+        // <im2col(x), r> = <x, col2im(r)> for every geometry (stride 1 and 2, symmetric and
+        // asymmetric padding, 1×1 stride 2 as ResNet's shortcut projection).
+        for &(h, w, c, k, s, pads) in &[
+            (5, 6, 3, 3, 1, (1, 1, 1, 1)),
+            (7, 6, 17, 3, 2, (1, 1, 1, 1)),
+            (8, 8, 4, 1, 2, (0, 0, 0, 0)),
+            (6, 5, 2, 5, 2, (1, 2, 1, 2)),
+        ] {
+            let g = ConvGeometry::new(h, w, k, s, pads).unwrap();
+            let x = values(h * w * c, 11);
+            let r = values(g.out_h * g.out_w * k * k * c, 12);
+            let mut cols = vec![0f32; r.len()];
+            nhwc::im2col_hwc(&x, c, &g, &mut cols);
+            let mut dx = vec![0.5f32; x.len()];
+            col2im_hwc_acc(&r, c, &g, &mut dx);
+            let back: Vec<f32> = dx.iter().map(|v| v - 0.5).collect();
+            let (lhs, rhs) = (dot(&cols, &r), dot(&x, &back));
+            assert!(
+                (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
+                "{h}x{w}x{c} k{k} s{s}: {lhs} vs {rhs}"
+            );
+        }
+    }
+
+    #[test]
+    fn input_grad_overwrites_what_input_grad_acc_adds() {
+        let (m, k, n) = (7, 5, 3);
+        let (dz, w) = (values(m * n, 13), values(n * k, 14));
+        let mut acc = vec![0f32; m * k];
+        input_grad_acc(&dz, &w, &mut acc, m, k, n);
+        let mut over = vec![f32::NAN; m * k];
+        input_grad(&dz, &w, &mut over, m, k, n);
+        assert_eq!(acc, over);
+    }
+
+    #[test]
+    fn max_pool_gradient_by_hand() {
+        // One channel, 4×4, 3×3 windows with stride 2 and padding 1: output 2×2.
+        let x = [
+            1., 9., 2., 3., //
+            4., 5., 6., 16., //
+            7., 8., 10., 11., //
+            12., 13., 14., 15.,
+        ];
+        let g = ConvGeometry::new(4, 4, 3, 2, (1, 1, 1, 1)).unwrap();
+        let mut y = [0f32; 4];
+        nhwc::max_pool_hwc(&x, 1, &g, &mut y);
+        assert_eq!(y, [9., 16., 13., 16.]);
+        let mut dx = [0f32; 16];
+        max_pool_grad_acc(&x, &y, &[1., 2., 3., 4.], 1, &g, &mut dx);
+        let mut want = [0f32; 16];
+        want[1] = 1.0; // 9
+        want[7] = 2.0 + 4.0; // 16 wins two windows
+        want[13] = 3.0; // 13
+        assert_eq!(dx, want);
+        // A tie goes to the window's first tap only; two channels kept apart.
+        let x = [2., 0., 2., 1., 2., 3., 0., 1.]; // 2×2 pixels × 2 channels
+        let g = ConvGeometry::new(2, 2, 2, 2, (0, 0, 0, 0)).unwrap();
+        let mut y = [0f32; 2];
+        nhwc::max_pool_hwc(&x, 2, &g, &mut y);
+        assert_eq!(y, [2., 3.]);
+        let mut dx = [0f32; 8];
+        max_pool_grad_acc(&x, &y, &[5., 7.], 2, &g, &mut dx);
+        assert_eq!(dx, [5., 0., 0., 0., 0., 7., 0., 0.]);
     }
 }

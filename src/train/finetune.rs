@@ -19,7 +19,7 @@ use super::checkpoint::Checkpointing;
 use super::epoch_loop::{copies, restore_vars, EpochLoop, Rest};
 use super::flat_adam::FlatAdam;
 use super::{accuracy, dropout_mask, init_head, EpochStats, Head, TrainConfig};
-use crate::backbone::channels_last::TrunkTrainer;
+use crate::backbone::channels_last::EngineTrainer;
 use crate::backbone::Backbone;
 use crate::data::loader::{load_batch, Preprocess};
 use crate::progress::Progress;
@@ -292,8 +292,8 @@ pub fn frozen_vars(name: &str, blocks: usize, counts: &[usize]) -> Result<usize>
 /// Fine-tunes `backbone` (its trainable `backbone_vars`, from [`Backbone::load_trainable`]) and
 /// trains a fresh head on the images `files` with `labels`. The head learns at `cfg.lr`, the
 /// backbone at `backbone_lr`; both follow `cfg`'s learning-rate [`super::Schedule`]. Decoded images stay in
-/// memory when they fit `cache_mib` MiB. On the CPU, MobileNetV2 and EfficientNet-Lite train on
-/// the channels-last engine ([`TrunkTrainer`]) and the trained weights are written back into
+/// memory when they fit `cache_mib` MiB. On the CPU, the CNNs (MobileNetV2, EfficientNet-Lite,
+/// the ResNets) train on the channels-last engine ([`EngineTrainer`]) and the trained weights are written back into
 /// `backbone_vars`; elsewhere through candle's autograd ([`finetune_candle`]). Returns the head
 /// and every epoch's figures: mean loss, training accuracy of the epoch's own forward passes
 /// (dropout applied, each batch before its step: no second pass over the training images)
@@ -332,23 +332,24 @@ pub fn finetune(
         (Some(images), Some((_, labels))) => Some(TestImages { images, labels }),
         _ => None,
     };
-    match (device.is_cpu(), backbone.trunk()) {
-        (true, Some(trunk)) => {
-            let trainer = TrunkTrainer::new(trunk)?;
-            finetune_channels_last(
-                trainer,
-                &backbone_vars,
-                &images,
-                labels,
-                classes,
-                cfg,
-                backbone_lr,
-                test,
-                progress,
-                checkpointing,
-            )
-        }
-        _ => finetune_candle(
+    let engine = match device.is_cpu() {
+        true => EngineTrainer::for_backbone(backbone)?,
+        false => None,
+    };
+    match engine {
+        Some(trainer) => finetune_channels_last(
+            trainer,
+            &backbone_vars,
+            &images,
+            labels,
+            classes,
+            cfg,
+            backbone_lr,
+            test,
+            progress,
+            checkpointing,
+        ),
+        None => finetune_candle(
             backbone,
             backbone_vars,
             &images,
@@ -467,10 +468,10 @@ pub fn finetune_candle(
 /// [`finetune`] on the channels-last engine: `trainer` holds the backbone's parameters, which
 /// are written into `backbone_vars` at the end. The head, its loss and its Adam are candle's,
 /// as in [`finetune_candle`]; the backbone's Adam runs on the host buffers ([`FlatAdam`]),
-/// over the parameters after the first `cfg.freeze_blocks` blocks ([`TrunkTrainer::freeze`]).
+/// over the parameters after the first `cfg.freeze_blocks` blocks ([`EngineTrainer::freeze`]).
 #[allow(clippy::too_many_arguments)]
 pub fn finetune_channels_last(
-    mut trainer: TrunkTrainer,
+    mut trainer: EngineTrainer,
     backbone_vars: &[Var],
     images: &TrainImages,
     labels: &[u32],

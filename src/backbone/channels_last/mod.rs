@@ -10,14 +10,16 @@
 //! every pixel of the chunk (after im2col for k > 1), with the batch-norm folded in and the
 //! bias and activation applied in one pass; the depthwise kernel vectorises across channels.
 //! Same weights and arithmetic as the candle path (tested to agree within float tolerance).
-//! [`TrunkTrainer`] adds the backward pass for fine-tuning MobileNetV2 / EfficientNet-Lite.
+//! [`EngineTrainer`] adds the backward pass for fine-tuning these networks.
 
 mod resnet;
 mod train;
+mod train_resnet;
+mod train_trunk;
 mod trunk;
 
 pub use resnet::ChannelsLastResNet;
-pub use train::{Forward, Gradients, TrunkTrainer};
+pub use train::{EngineTrainer, Forward, Gradients};
 pub use trunk::ChannelsLastTrunk;
 
 use std::sync::Mutex;

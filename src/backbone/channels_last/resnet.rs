@@ -4,11 +4,10 @@
 //! residual add and ReLU in one pass; global average pooling.
 
 use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::{apply_in, apply_stem, global_avg_pool, input_size, pair, Layer, WorkspacePool};
-use super::{Act, ConvKind, DenseInput, Padding};
-use crate::backbone::layers::{ConvBn, ConvBnNames, ConvSpec};
+use super::{Act, DenseInput};
+use crate::backbone::resnet::ResNet;
 use crate::ops::nhwc::{self, ConvGeometry, DepthwiseFn};
 
 /// Buffers of a task: block input, two intermediates, shortcut, im2col.
@@ -18,10 +17,8 @@ const B: usize = 2;
 const S: usize = 3;
 const C: usize = 4;
 const BUFFERS: usize = 5;
-const BN_EPS: f64 = 1e-5;
-/// Stem width, then the width of each stage.
+/// Stem width.
 const STEM: usize = 64;
-const WIDTHS: [usize; 4] = [64, 128, 256, 512];
 
 /// One residual block: its convolutions in order (the last without activation) and the
 /// projection of the shortcut when the shape changes.
@@ -41,99 +38,54 @@ pub struct ChannelsLastResNet {
     workspaces: WorkspacePool,
 }
 
-/// A convolution + batch-norm of the checkpoint (`conv`, `bn` prefixes) with activation `act`.
-fn conv_bn(
-    conv: VarBuilder,
-    bn: VarBuilder,
-    (cin, cout, kernel, stride): (usize, usize, usize, usize),
-    act: Act,
-    input: DenseInput,
-) -> Result<Layer> {
-    let spec = ConvSpec {
-        in_channels: cin,
-        out_channels: cout,
-        kernel,
-        stride,
-        padding: Padding::Symmetric(kernel / 2),
-        kind: if kernel == 1 && stride == 1 {
-            ConvKind::Pointwise
-        } else {
-            ConvKind::Dense
-        },
-        relu6: false,
-        bn_eps: BN_EPS,
-    };
-    Layer::from_conv(&ConvBn::load(spec, ConvBnNames { conv, bn })?, act, input)
+/// A ResNet's layers on the engine: the stem (ReLU), then per residual block its
+/// convolutions (ReLU after all but the last) and its shortcut projection.
+pub(super) type ResNetLayers = (Layer, Vec<(Vec<Layer>, Option<Layer>)>);
+
+/// `net`'s current weights laid out for the engine.
+pub(super) fn resnet_layers(net: &ResNet) -> Result<ResNetLayers> {
+    let hwc = DenseInput::Hwc;
+    let (stem, blocks) = net.parts();
+    let stem = Layer::from_conv(stem, Act::Relu, DenseInput::Chw)?;
+    let blocks = blocks
+        .map(|(convs, downsample)| {
+            let last = convs.len().saturating_sub(1);
+            let convs = convs
+                .iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    let act = if j < last { Act::Relu } else { Act::Identity };
+                    Layer::from_conv(c, act, hwc)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsample = downsample
+                .map(|d| Layer::from_conv(d, Act::Identity, hwc))
+                .transpose()?;
+            Ok((convs, downsample))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((stem, blocks))
 }
 
 impl ChannelsLastResNet {
-    /// Loads ResNet-`depth` (18, 34 or 50) from checkpoint tensors named as torchvision's
-    /// (`conv1`, `bn1`, `layerL.I.convJ`, `layerL.I.downsample.{0,1}`); `fc` is ignored.
-    pub fn load(depth: usize, vb: VarBuilder) -> Result<Self> {
-        let (counts, bottleneck) = match depth {
-            18 => ([2, 2, 2, 2], false),
-            34 => ([3, 4, 6, 3], false),
-            50 => ([3, 4, 6, 3], true),
-            _ => candle_core::bail!("ResNet-{depth}: only 18, 34 and 50 are supported"),
-        };
-        let hwc = DenseInput::Hwc;
-        let stem = conv_bn(
-            vb.pp("conv1"),
-            vb.pp("bn1"),
-            (3, STEM, 7, 2),
-            Act::Relu,
-            DenseInput::Chw,
-        )?;
-        let mut blocks = Vec::new();
-        let mut cin = STEM;
-        for (stage, (&count, &width)) in counts.iter().zip(&WIDTHS).enumerate() {
-            let lvb = vb.pp(format!("layer{}", stage + 1));
-            for i in 0..count {
-                let stride = if i == 0 && stage > 0 { 2 } else { 1 };
-                let bvb = lvb.pp(i);
-                let cv = |j: usize, shape, act| {
-                    conv_bn(
-                        bvb.pp(format!("conv{j}")),
-                        bvb.pp(format!("bn{j}")),
-                        shape,
-                        act,
-                        hwc,
-                    )
-                };
-                let (convs, cout) = if bottleneck {
-                    let out = width * 4;
-                    (
-                        vec![
-                            cv(1, (cin, width, 1, 1), Act::Relu)?,
-                            cv(2, (width, width, 3, stride), Act::Relu)?,
-                            cv(3, (width, out, 1, 1), Act::Identity)?,
-                        ],
-                        out,
-                    )
-                } else {
-                    (
-                        vec![
-                            cv(1, (cin, width, 3, stride), Act::Relu)?,
-                            cv(2, (width, width, 3, 1), Act::Identity)?,
-                        ],
-                        width,
-                    )
-                };
-                let downsample = if stride != 1 || cin != cout {
-                    let dvb = bvb.pp("downsample");
-                    let shape = (cin, cout, 1, stride);
-                    Some(conv_bn(dvb.pp(0), dvb.pp(1), shape, Act::Identity, hwc)?)
-                } else {
-                    None
-                };
-                blocks.push(Block { convs, downsample });
-                cin = cout;
-            }
+    /// `net` (ResNet-18/34/50, batch-norms folded) with its current weights, for the engine.
+    pub fn new(net: &ResNet) -> Result<Self> {
+        let (stem, blocks) = resnet_layers(net)?;
+        if stem.cout != STEM {
+            candle_core::bail!("channels-last ResNet: a {}-channel stem", stem.cout);
         }
+        let blocks: Vec<Block> = blocks
+            .into_iter()
+            .map(|(convs, downsample)| Block { convs, downsample })
+            .collect();
+        let dim = blocks
+            .last()
+            .and_then(|b| b.convs.last())
+            .map_or(STEM, |l| l.cout);
         Ok(Self {
             stem,
             blocks,
-            dim: cin,
+            dim,
             depthwise: nhwc::depthwise_kernel(),
             workspaces: WorkspacePool::default(),
         })
@@ -145,7 +97,7 @@ impl ChannelsLastResNet {
     }
 
     /// The stem's max-pool: 3×3, stride 2, padding 1.
-    fn pool_geometry(size: (usize, usize)) -> Result<ConvGeometry> {
+    pub(super) fn pool_geometry(size: (usize, usize)) -> Result<ConvGeometry> {
         ConvGeometry::new(size.0, size.1, 3, 2, (1, 1, 1, 1)).ok_or_else(|| {
             candle_core::Error::Msg(format!("a {}×{} map is too small", size.0, size.1))
         })

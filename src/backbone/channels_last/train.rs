@@ -1,32 +1,45 @@
-//! Back-propagation through a MobileNetV2 / EfficientNet-Lite [`Trunk`] on the channels-last
-//! engine ([`TrunkTrainer`]): the forward keeps every layer's output (and the stem's im2col
-//! matrix), the backward walks the layers in reverse with the kernels of
-//! [`crate::ops::nhwc_grad`]. Chunks of images run in parallel in both directions, as in
-//! inference; each chunk's parameter gradients are summed in chunk order, so a batch's
-//! gradients do not depend on thread timing. Batch-norm is folded and frozen: the trained
-//! parameters are each convolution's folded weight and bias.
+//! Back-propagation on the channels-last engine ([`EngineTrainer`]): MobileNetV2 /
+//! EfficientNet-Lite trunks ([`super::train_trunk`]) and ResNet-18/34/50
+//! ([`super::train_resnet`]). The forward keeps every layer's output, the backward walks the
+//! layers in reverse with the kernels of [`crate::ops::nhwc_grad`] (a dense convolution's
+//! im2col matrix is rebuilt there rather than kept). Chunks of images run in parallel in both
+//! directions, as in inference; each chunk's parameter gradients are summed in chunk order, so
+//! a batch's gradients do not depend on thread timing. Batch-norm is folded and frozen: the
+//! trained parameters are each convolution's folded weight and bias.
 
 use candle_core::{Result, Tensor, Var};
 use rayon::prelude::*;
 
-use super::{Act, ConvKind, DenseInput, Layer, MAX_CHUNK};
-use crate::backbone::layers::{ConvBn, Trunk};
+use super::train_resnet::{ResBlock, ResNetTape};
+use super::train_trunk::{TrunkBlock, TrunkTape};
+use super::{ConvKind, DenseInput, Layer, MAX_CHUNK};
+use crate::backbone::layers::Trunk;
+use crate::backbone::resnet::ResNet;
+use crate::backbone::Backbone;
 use crate::ops::nhwc::{self, DepthwiseFn};
 use crate::ops::nhwc_grad as grad;
 
-/// A [`Trunk`]'s parameters on the host in the engine's layout, with a forward that records
-/// what the backward needs and the backward itself.
+/// A CNN's parameters on the host in the engine's layout, with a forward that records what
+/// the backward needs and the backward itself.
 #[derive(Debug, Clone)]
-pub struct TrunkTrainer {
-    /// Stem, every block's layers in order, head: the order of the trunk's trainable
-    /// variables ([`crate::backbone::layers::Tunable::make_trainable`]).
-    layers: Vec<Layer>,
-    /// Per block: its first layer's index, its number of layers, whether it adds its input.
-    blocks: Vec<(usize, usize, bool)>,
-    depthwise: DepthwiseFn,
+pub struct EngineTrainer {
+    /// Every convolution in the order of the network's trainable variables
+    /// ([`crate::backbone::layers::Tunable::make_trainable`]).
+    pub(super) layers: Vec<Layer>,
+    pub(super) graph: Graph,
+    pub(super) depthwise: DepthwiseFn,
     /// Leading blocks (the stem first) that are not trained: the backward stops above them
     /// and their gradients stay zero.
-    frozen_blocks: usize,
+    pub(super) frozen_blocks: usize,
+}
+
+/// How the layers connect.
+#[derive(Debug, Clone)]
+pub(super) enum Graph {
+    /// Stem, inverted-residual blocks, pointwise head.
+    Trunk(Vec<TrunkBlock>),
+    /// Stem + max-pool, residual blocks.
+    ResNet(Vec<ResBlock>),
 }
 
 /// What a forward pass over a batch leaves for the backward: per chunk of images, every
@@ -40,65 +53,78 @@ pub struct Forward {
 
 /// One chunk's recorded forward.
 #[derive(Debug)]
-struct Tape {
-    n: usize,
-    /// The stem's im2col matrix.
-    cols: Vec<f32>,
-    /// Each layer's output (after its activation), channels last.
-    outs: Vec<Vec<f32>>,
-    /// Each residual block's output (its last layer's plus its input).
-    sums: Vec<Option<Vec<f32>>>,
-    /// Each layer's input map size.
-    sizes: Vec<(usize, usize)>,
+pub(super) enum Tape {
+    Trunk(TrunkTape),
+    ResNet(ResNetTape),
 }
 
-/// Gradients of every parameter, in the order and layout of [`TrunkTrainer::param_lens`].
+impl Tape {
+    fn images(&self) -> usize {
+        match self {
+            Tape::Trunk(t) => t.n,
+            Tape::ResNet(t) => t.n,
+        }
+    }
+}
+
+/// Gradients of every parameter, in the order and layout of [`EngineTrainer::param_lens`].
 pub type Gradients = Vec<Vec<f32>>;
 
-fn layer(conv: &ConvBn, input: DenseInput) -> Result<Layer> {
-    let act = if conv.relu6 {
-        Act::Relu6
-    } else {
-        Act::Identity
-    };
-    Layer::from_conv(conv, act, input)
+/// Reusable im2col buffers of one chunk's backward.
+#[derive(Debug, Default)]
+pub(super) struct Scratch {
+    cols: Vec<f32>,
+    dcols: Vec<f32>,
 }
 
-impl TrunkTrainer {
-    /// Copies `trunk`'s current weights; errors when its shape is not a dense stem, blocks of
-    /// pointwise/depthwise layers and a pointwise head.
-    pub fn new(trunk: &Trunk) -> Result<Self> {
-        let mut layers = vec![layer(&trunk.stem, DenseInput::Chw)?];
-        let mut blocks = Vec::with_capacity(trunk.blocks.len());
-        for b in &trunk.blocks {
-            if b.layers.is_empty() {
-                candle_core::bail!("channels-last training: a block without layers");
-            }
-            blocks.push((layers.len(), b.layers.len(), b.residual));
-            for l in &b.layers {
-                layers.push(layer(l, DenseInput::Hwc)?);
-            }
+/// `buf` with at least `len` floats (grown, never shrunk; contents unspecified).
+pub(super) fn at_least(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+impl EngineTrainer {
+    /// The trainer for `backbone`'s current weights: MobileNetV2, EfficientNet-Lite and the
+    /// ResNets; `None` for the vision transformers.
+    pub fn for_backbone(backbone: &Backbone) -> Result<Option<Self>> {
+        if let Some(trunk) = backbone.trunk() {
+            return Self::trunk(trunk).map(Some);
         }
-        layers.push(layer(&trunk.head, DenseInput::Hwc)?);
-        let (stem, head) = (&layers[0], &layers[layers.len() - 1]);
-        let inner_dense = layers[1..].iter().any(|l| l.kind == ConvKind::Dense);
-        if stem.kind != ConvKind::Dense || head.kind != ConvKind::Pointwise || inner_dense {
-            candle_core::bail!("channels-last training: unsupported trunk layout");
-        }
-        Ok(Self {
-            layers,
-            blocks,
-            depthwise: nhwc::depthwise_kernel(),
-            frozen_blocks: 0,
-        })
+        backbone.resnet().map(Self::resnet).transpose()
     }
 
-    /// Parameters per block ([`Self::param_lens`] order): the stem, then each block; the
-    /// head after them is no block.
+    /// Copies `trunk`'s current weights; errors when its shape is not a dense stem, blocks of
+    /// pointwise/depthwise layers and a pointwise head.
+    pub fn trunk(trunk: &Trunk) -> Result<Self> {
+        let (layers, blocks) = super::train_trunk::layout(trunk)?;
+        Ok(Self::with(layers, Graph::Trunk(blocks)))
+    }
+
+    /// Copies `net`'s current weights (ResNet-18/34/50, batch-norms folded).
+    pub fn resnet(net: &ResNet) -> Result<Self> {
+        let (layers, blocks) = super::train_resnet::layout(net)?;
+        Ok(Self::with(layers, Graph::ResNet(blocks)))
+    }
+
+    fn with(layers: Vec<Layer>, graph: Graph) -> Self {
+        Self {
+            layers,
+            graph,
+            depthwise: nhwc::depthwise_kernel(),
+            frozen_blocks: 0,
+        }
+    }
+
+    /// Parameters per block ([`Self::param_lens`] order): the stem, then each block (a
+    /// MobileNetV2 / EfficientNet head after them is no block).
     pub fn block_var_counts(&self) -> Vec<usize> {
-        std::iter::once(2)
-            .chain(self.blocks.iter().map(|&(_, len, _)| 2 * len))
-            .collect()
+        let blocks: Vec<usize> = match &self.graph {
+            Graph::Trunk(b) => b.iter().map(|b| 2 * b.len).collect(),
+            Graph::ResNet(b) => b.iter().map(|b| 2 * b.layers()).collect(),
+        };
+        std::iter::once(2).chain(blocks).collect()
     }
 
     /// Freezes the first `blocks` blocks (the stem first; 0: none): [`Self::backward`] no
@@ -122,7 +148,8 @@ impl TrunkTrainer {
     }
 
     /// The length of every parameter, weight then bias per layer, in the engine's layout
-    /// (depthwise weights tap-major); the order of the trunk's trainable variables.
+    /// (depthwise weights tap-major, dense ones over channels-last maps `[cout, k, k, cin]`);
+    /// the order of the network's trainable variables.
     pub fn param_lens(&self) -> Vec<usize> {
         self.layers
             .iter()
@@ -180,30 +207,44 @@ impl TrunkTrainer {
     }
 
     /// Parameters or gradients in the engine's layout (as [`Self::param_lens`]) turned into
-    /// the layout of the trunk's variables (depthwise `[c, 1, k, k]`).
+    /// the layout of the network's variables (depthwise `[c, 1, k, k]`, dense
+    /// `[cout, cin, k, k]`).
     pub fn to_checkpoint_layout(&self, values: &[Vec<f32>]) -> Vec<Vec<f32>> {
         values
             .iter()
             .enumerate()
             .map(|(i, v)| {
                 let l = &self.layers[i / 2];
-                if i % 2 == 0 && l.kind == ConvKind::Depthwise {
-                    let taps = l.kernel * l.kernel;
-                    let mut out = vec![0f32; v.len()];
-                    for t in 0..taps {
-                        for ch in 0..l.cout {
-                            out[ch * taps + t] = v[t * l.cout + ch];
+                let (k, taps) = (l.kernel, l.kernel * l.kernel);
+                match (i % 2, l.kind, l.input) {
+                    (0, ConvKind::Depthwise, _) => {
+                        let mut out = vec![0f32; v.len()];
+                        for t in 0..taps {
+                            for ch in 0..l.cout {
+                                out[ch * taps + t] = v[t * l.cout + ch];
+                            }
                         }
+                        out
                     }
-                    out
-                } else {
-                    v.clone()
+                    (0, ConvKind::Dense, DenseInput::Hwc) if k > 1 => {
+                        let mut out = vec![0f32; v.len()];
+                        for o in 0..l.cout {
+                            for t in 0..taps {
+                                for ci in 0..l.cin {
+                                    out[(o * l.cin + ci) * taps + t] =
+                                        v[(o * taps + t) * l.cin + ci];
+                                }
+                            }
+                        }
+                        out
+                    }
+                    _ => v.clone(),
                 }
             })
             .collect()
     }
 
-    /// Writes the current parameters into the trunk's trainable variables `vars` (from
+    /// Writes the current parameters into the network's trainable variables `vars` (from
     /// [`crate::backbone::Backbone::load_trainable`], same order), so that the candle network
     /// and its export hold the trained weights.
     pub fn write_to(&self, vars: &[Var]) -> Result<()> {
@@ -250,7 +291,17 @@ impl TrunkTrainer {
         let chunk = Self::chunk(n);
         let (chunks, features): (Vec<Tape>, Vec<Vec<f32>>) = x
             .par_chunks(chunk * image)
-            .map(|x| self.forward_chunk(x, x.len() / image, size))
+            .map(|x| {
+                let n = x.len() / image;
+                match &self.graph {
+                    Graph::Trunk(blocks) => self
+                        .trunk_forward(blocks, x, n, size)
+                        .map(|(t, f)| (Tape::Trunk(t), f)),
+                    Graph::ResNet(blocks) => self
+                        .resnet_forward(blocks, x, n, size)
+                        .map(|(t, f)| (Tape::ResNet(t), f)),
+                }
+            })
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .unzip();
@@ -260,109 +311,11 @@ impl TrunkTrainer {
         })
     }
 
-    /// The input of layer `i` (not the stem) in a chunk's tape.
-    fn input_of<'a>(&self, tape: &'a Tape, i: usize) -> &'a [f32] {
-        let block = self
-            .blocks
-            .iter()
-            .position(|&(first, len, _)| i < first + len);
-        match block {
-            Some(b) if i != self.blocks[b].0 => &tape.outs[i - 1],
-            Some(b) => self.block_output(tape, b.wrapping_sub(1)),
-            None => self.block_output(tape, self.blocks.len().wrapping_sub(1)),
-        }
-    }
-
-    /// The output of block `b` (`usize::MAX`: the stem's).
-    fn block_output<'a>(&self, tape: &'a Tape, b: usize) -> &'a [f32] {
-        match self.blocks.get(b) {
-            None => &tape.outs[0],
-            Some(&(first, len, _)) => match &tape.sums[b] {
-                Some(sum) => sum,
-                None => &tape.outs[first + len - 1],
-            },
-        }
-    }
-
-    fn forward_chunk(&self, x: &[f32], n: usize, size: (usize, usize)) -> Result<(Tape, Vec<f32>)> {
-        let dw = self.depthwise;
-        let stem = &self.layers[0];
-        let g = stem.geometry(size)?;
-        let mut cols = vec![0f32; n * g.out_h * g.out_w * stem.cin * stem.kernel * stem.kernel];
-        let mut out = vec![0f32; n * g.out_h * g.out_w * stem.cout];
-        stem.apply(x, &mut out, &mut cols, n, size, dw)?;
-        let mut tape = Tape {
-            n,
-            cols,
-            outs: vec![out],
-            sums: Vec::with_capacity(self.blocks.len()),
-            sizes: vec![size],
-        };
-        let mut size = (g.out_h, g.out_w);
-        for (b, &(first, len, residual)) in self.blocks.iter().enumerate() {
-            let in_size = size;
-            for i in first..first + len {
-                size = self.apply_recorded(&mut tape, i, size)?;
-            }
-            let sum = match residual {
-                true if size != in_size => {
-                    candle_core::bail!("channels-last: a residual block changed the map size")
-                }
-                true => {
-                    let mut sum = tape.outs[first + len - 1].clone();
-                    nhwc::add_act(
-                        &mut sum,
-                        self.block_output(&tape, b.wrapping_sub(1)),
-                        Act::Identity,
-                    );
-                    Some(sum)
-                }
-                false => None,
-            };
-            tape.sums.push(sum);
-        }
-        let head = self.layers.len() - 1;
-        let size = self.apply_recorded(&mut tape, head, size)?;
-        let mut features = vec![0f32; n * self.dim()];
-        super::global_avg_pool(
-            &tape.outs[head],
-            n,
-            size.0 * size.1,
-            self.dim(),
-            &mut features,
-        );
-        Ok((tape, features))
-    }
-
-    /// Runs layer `i` (not the stem) on its input in `tape` at map `size`, recording its
-    /// output; returns the output size.
-    fn apply_recorded(
-        &self,
-        tape: &mut Tape,
-        i: usize,
-        size: (usize, usize),
-    ) -> Result<(usize, usize)> {
-        let l = &self.layers[i];
-        let out_size = l.out_size(size)?;
-        let mut out = vec![0f32; tape.n * out_size.0 * out_size.1 * l.cout];
-        l.apply(
-            self.input_of(tape, i),
-            &mut out,
-            &mut [],
-            tape.n,
-            size,
-            self.depthwise,
-        )?;
-        tape.outs.push(out);
-        tape.sizes.push(size);
-        Ok(out_size)
-    }
-
     /// Gradients of every parameter given the gradient of the pooled features `d_features`
     /// (`[N, D]`) for the batch of `fwd` (zero for the frozen blocks of [`Self::freeze`]).
     pub fn backward(&self, fwd: &Forward, d_features: &[f32]) -> Result<Gradients> {
         let dim = self.dim();
-        let n: usize = fwd.chunks.iter().map(|t| t.n).sum();
+        let n: usize = fwd.chunks.iter().map(Tape::images).sum();
         if d_features.len() != n * dim {
             candle_core::bail!(
                 "channels-last training: {} feature gradients for {n} × {dim} features",
@@ -374,7 +327,7 @@ impl TrunkTrainer {
             .iter()
             .scan(0, |at, t| {
                 let s = *at;
-                *at += t.n;
+                *at += t.images();
                 Some(s)
             })
             .collect();
@@ -382,7 +335,14 @@ impl TrunkTrainer {
             .chunks
             .par_iter()
             .zip(starts)
-            .map(|(tape, s)| self.backward_chunk(tape, &d_features[s * dim..][..tape.n * dim]))
+            .map(|(tape, s)| {
+                let d = &d_features[s * dim..][..tape.images() * dim];
+                match (&self.graph, tape) {
+                    (Graph::Trunk(blocks), Tape::Trunk(t)) => self.trunk_backward(blocks, t, d),
+                    (Graph::ResNet(blocks), Tape::ResNet(t)) => self.resnet_backward(blocks, t, d),
+                    _ => candle_core::bail!("channels-last training: a forward of another network"),
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut total = self.zero_gradients();
         total.par_iter_mut().enumerate().for_each(|(p, sum)| {
@@ -393,81 +353,111 @@ impl TrunkTrainer {
         Ok(total)
     }
 
-    fn zero_gradients(&self) -> Gradients {
+    pub(super) fn zero_gradients(&self) -> Gradients {
         self.layers
             .iter()
             .flat_map(|l| [vec![0f32; l.weight.len()], vec![0f32; l.bias.len()]])
             .collect()
     }
 
-    fn backward_chunk(&self, tape: &Tape, d_features: &[f32]) -> Result<Gradients> {
-        let mut grads = self.zero_gradients();
-        let head = self.layers.len() - 1;
-        let (h, w) = tape.sizes[head];
-        let mut d = vec![0f32; tape.outs[head].len()];
-        grad::global_avg_pool_grad(d_features, tape.n, h * w, self.dim(), &mut d);
-        let mut d = self.layer_backward(tape, head, d, &mut grads)?;
-        for (b, &(first, len, residual)) in self.blocks.iter().enumerate().rev() {
-            // Block b is the (b + 2)-th block counting the stem.
-            if b + 2 <= self.frozen_blocks {
-                return Ok(grads);
-            }
-            let d_out = residual.then(|| d.clone());
-            for i in (first..first + len).rev() {
-                d = self.layer_backward(tape, i, d, &mut grads)?;
-            }
-            if let Some(d_out) = d_out {
-                d.iter_mut().zip(&d_out).for_each(|(a, b)| *a += b);
-            }
-        }
-        if self.frozen_blocks == 0 {
-            self.layer_backward(tape, 0, d, &mut grads)?;
-        }
-        Ok(grads)
+    /// Runs layer `i` on `n` images `src` of map `size` (channels last; channels first for a
+    /// [`DenseInput::Chw`] stem); returns its output and the output size.
+    pub(super) fn run_layer(
+        &self,
+        i: usize,
+        src: &[f32],
+        n: usize,
+        size: (usize, usize),
+        scratch: &mut Vec<f32>,
+    ) -> Result<(Vec<f32>, (usize, usize))> {
+        let l = &self.layers[i];
+        let out = l.out_size(size)?;
+        let mut dst = vec![0f32; n * out.0 * out.1 * l.cout];
+        let cols = match l.kind {
+            ConvKind::Dense => n * out.0 * out.1 * l.cin * l.kernel * l.kernel,
+            _ => 0,
+        };
+        l.apply(
+            src,
+            &mut dst,
+            at_least(scratch, cols),
+            n,
+            size,
+            self.depthwise,
+        )?;
+        Ok((dst, out))
     }
 
-    /// Back through layer `i`: from the gradient `dy` of its output, accumulates its weight
-    /// and bias gradients and returns its input's gradient (empty for the stem).
-    fn layer_backward(
+    /// Back through layer `i` on `n` images: from the gradient `dy` of its output and its
+    /// output `y` (for the activation's mask) and input `x` at map `size`, accumulates its
+    /// weight and bias gradients into `grads` and returns its input's gradient when
+    /// `input_grad` (else an empty vector).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn layer_backward(
         &self,
-        tape: &Tape,
         i: usize,
+        (x, y): (&[f32], &[f32]),
         mut dy: Vec<f32>,
+        n: usize,
+        size: (usize, usize),
+        input_grad: bool,
         grads: &mut Gradients,
+        scratch: &mut Scratch,
     ) -> Result<Vec<f32>> {
         let l = &self.layers[i];
-        let size = tape.sizes[i];
-        grad::act_grad(&mut dy, &tape.outs[i], l.act);
+        grad::act_grad(&mut dy, y, l.act);
         let (gw, gb) = grads.split_at_mut(2 * i + 1);
         let (gw, gb) = (&mut gw[2 * i], &mut gb[0]);
         grad::bias_grad_acc(&dy, gb);
-        let n = tape.n;
+        let pixels = size.0 * size.1;
         match l.kind {
-            ConvKind::Dense => {
-                let g = l.geometry(size)?;
-                let (rows, cols) = (n * g.out_h * g.out_w, l.cin * l.kernel * l.kernel);
-                grad::weight_grad_acc(&dy, &tape.cols, gw, rows, cols, l.cout);
-                Ok(Vec::new())
-            }
             ConvKind::Pointwise => {
-                let x = self.input_of(tape, i);
-                let m = n * size.0 * size.1;
+                let m = n * pixels;
                 grad::weight_grad_acc(&dy, x, gw, m, l.cin, l.cout);
+                if !input_grad {
+                    return Ok(Vec::new());
+                }
                 let mut dx = vec![0f32; m * l.cin];
-                grad::input_grad_acc(&dy, &l.weight, &mut dx, m, l.cin, l.cout);
+                grad::input_grad(&dy, &l.weight, &mut dx, m, l.cin, l.cout);
                 Ok(dx)
             }
             ConvKind::Depthwise => {
-                let x = self.input_of(tape, i);
                 let g = l.geometry(size)?;
-                let (inp, outp) = (size.0 * size.1 * l.cin, g.out_h * g.out_w * l.cout);
-                let mut dx = vec![0f32; n * inp];
-                for ((x, dz), dx) in x
-                    .chunks_exact(inp)
-                    .zip(dy.chunks_exact(outp))
-                    .zip(dx.chunks_exact_mut(inp))
+                let (inp, outp) = (pixels * l.cin, g.out_h * g.out_w * l.cout);
+                let mut dx = vec![0f32; if input_grad { n * inp } else { 0 }];
+                for (img, (x, dz)) in x.chunks_exact(inp).zip(dy.chunks_exact(outp)).enumerate() {
+                    let dx = input_grad.then(|| &mut dx[img * inp..][..inp]);
+                    grad::depthwise_grad_acc(x, &l.weight, dz, &g, dx, gw);
+                }
+                Ok(dx)
+            }
+            ConvKind::Dense => {
+                let g = l.geometry(size)?;
+                let (rows, width) = (g.out_h * g.out_w, l.cin * l.kernel * l.kernel);
+                let (image, m) = (pixels * l.cin, n * rows);
+                let cols = at_least(&mut scratch.cols, m * width);
+                for (img, x) in x.chunks_exact(image).take(n).enumerate() {
+                    let dst = &mut cols[img * rows * width..][..rows * width];
+                    match l.input {
+                        DenseInput::Chw => nhwc::im2col_chw(x, l.cin, &g, dst),
+                        DenseInput::Hwc => nhwc::im2col_hwc(x, l.cin, &g, dst),
+                    }
+                }
+                grad::weight_grad_acc(&dy, cols, gw, m, width, l.cout);
+                if !input_grad {
+                    return Ok(Vec::new());
+                }
+                if l.input == DenseInput::Chw {
+                    candle_core::bail!("channels-last training: no input gradient for a stem");
+                }
+                let dcols = at_least(&mut scratch.dcols, m * width);
+                grad::input_grad(&dy, &l.weight, dcols, m, width, l.cout);
+                let mut dx = vec![0f32; n * image];
+                for (dx, dcols) in dx
+                    .chunks_exact_mut(image)
+                    .zip(dcols.chunks_exact(rows * width))
                 {
-                    grad::depthwise_grad_acc(x, &l.weight, dz, &g, Some(dx), gw);
+                    grad::col2im_hwc_acc(dcols, l.cin, &g, dx);
                 }
                 Ok(dx)
             }
