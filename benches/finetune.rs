@@ -26,19 +26,22 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const CLASSES: usize = 10;
 
-/// One group: `(group, backbone, input size, batch, on the channels-last engine, on candle's
-/// autograd)`.
-type Shape = (&'static str, &'static str, u32, usize, bool, bool);
+/// One group: `(group, backbone, input size, batch, steps per iteration, on the channels-last
+/// engine, on candle's autograd)`. An iteration is a run of `steps` batches (one epoch), so
+/// that a run's setup (optimiser state, first buffers) weighs on the step time as little as
+/// in real runs; `scripts/compare_finetune.py` lists the same batches and steps.
+type Shape = (&'static str, &'static str, u32, usize, usize, bool, bool);
 
 const SHAPES: [Shape; 4] = [
-    ("finetune64", "mobilenet_v2", 64, 64, true, true),
-    ("finetune224", "mobilenet_v2", 224, 32, true, false),
-    ("finetune224_resnet18", "resnet18", 224, 32, true, false),
+    ("finetune64", "mobilenet_v2", 64, 64, 4, true, true),
+    ("finetune224", "mobilenet_v2", 224, 32, 3, true, false),
+    ("finetune224_resnet18", "resnet18", 224, 32, 3, true, false),
     (
         "finetune224_vit_b16",
         "vit_base_patch16_224",
         224,
         8,
+        2,
         false,
         true,
     ),
@@ -98,17 +101,20 @@ fn trainable(name: &str) -> (Backbone, Vec<Var>) {
 
 fn finetune(c: &mut Criterion) {
     bccp::runtime::init();
-    for (group_name, name, size, batch, engine, candle) in SHAPES {
+    for (group_name, name, size, batch, steps, engine, candle) in SHAPES {
         let (model, vars) = trainable(name);
         let spec = model.spec().clone();
         let pre = spec.preprocess_at(Some(size)).expect("preprocess");
         let mut rng = Rng::new(1);
-        let pixels: Vec<f32> = (0..batch * pre.len())
+        let images_per_run = batch * steps;
+        let pixels: Vec<f32> = (0..images_per_run * pre.len())
             .map(|_| rng.unit_f64() as f32 * 4.0 - 2.0)
             .collect();
         let images = TrainImages::from_pixels(pixels, &pre).expect("images");
-        let labels: Vec<u32> = (0..batch as u32).map(|i| i % CLASSES as u32).collect();
-        // One epoch of one batch: one step per call.
+        let labels: Vec<u32> = (0..images_per_run as u32)
+            .map(|i| i % CLASSES as u32)
+            .collect();
+        // One epoch: `steps` steps per call.
         let cfg = TrainConfig {
             epochs: 1,
             batch_size: batch,
@@ -116,7 +122,7 @@ fn finetune(c: &mut Criterion) {
         };
         let mut group = c.benchmark_group(group_name);
         group.sample_size(10);
-        group.throughput(Throughput::Elements(batch as u64));
+        group.throughput(Throughput::Elements(images_per_run as u64));
         if engine {
             let trainer = EngineTrainer::for_backbone(&model)
                 .expect("trainer")

@@ -12,8 +12,8 @@ backbone), torch.set_num_threads(--threads); a few warm-up steps, then the media
 bccp side: `cargo bench --bench finetune -- --output-format bencher finetune` (criterion ids
 GROUP/channels_last, the trainer `bccp train --finetune full` runs on the CPU for the CNNs
 (MobileNetV2, ResNet-18), and GROUP/candle_autograd, candle's autograd path: ViT trains on it;
-one iteration =
-one step of one batch), run with RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s.
+one iteration = an epoch of 2-4 steps, so that a run's setup weighs on a step as little as in real runs), run with
+RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s.
 
 Prints a markdown table (model, input, path, PyTorch img/s, bccp img/s, bccp/PyTorch) and,
 with --json FILE, writes the same as JSON.
@@ -35,11 +35,13 @@ import torchvision
 from benchlib import bench_ns, cpu_model, run_cargo_bench, write_json
 
 CLASSES = 10
-# (criterion group, model, input size, batch, bccp paths)
+# (criterion group, model, input size, batch, bccp paths); STEPS: batches per criterion
+# iteration of each group (one epoch of that many steps, as benches/finetune.rs runs them).
 SHAPES = [("finetune64", "mobilenet_v2", 64, 64, ["channels_last", "candle_autograd"]),
           ("finetune224", "mobilenet_v2", 224, 32, ["channels_last"]),
           ("finetune224_resnet18", "resnet18", 224, 32, ["channels_last"]),
           ("finetune224_vit_b16", "vit_b_16", 224, 8, ["candle_autograd"])]
+STEPS = {"finetune64": 4, "finetune224": 3, "finetune224_resnet18": 3, "finetune224_vit_b16": 2}
 RUST_CMD = ["cargo", "bench", "--bench", "finetune", "--", "--output-format", "bencher", "finetune"]
 BENCH_LINE = re.compile(r"^test\s+(finetune\w+)/(\S+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")
 
@@ -106,7 +108,7 @@ def torch_images_per_s(model, size, batch, seconds, warmup):
 def rust_images_per_s(threads):
     """Run the criterion bench and return {(group, path): images/s}."""
     out = run_cargo_bench(RUST_CMD, threads, die)
-    batches = {group: batch for group, _, _, batch, _ in SHAPES}
+    batches = {group: batch * STEPS[group] for group, _, _, batch, _ in SHAPES}
     result = {}
     for line in out.splitlines():
         m = BENCH_LINE.match(line.strip())

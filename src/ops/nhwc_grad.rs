@@ -126,6 +126,24 @@ pub fn max_pool_grad_acc(
     g: &ConvGeometry,
     dx: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was just detected.
+        unsafe { wide::max_pool_grad_acc(x, y, dy, c, g, dx) };
+        return;
+    }
+    max_pool_grad_body(x, y, dy, c, g, dx)
+}
+
+#[inline(always)]
+fn max_pool_grad_body(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    c: usize,
+    g: &ConvGeometry,
+    dx: &mut [f32],
+) {
     assert!(
         x.len() >= g.h * g.w * c
             && dx.len() >= g.h * g.w * c
@@ -133,24 +151,25 @@ pub fn max_pool_grad_acc(
             && dy.len() >= g.out_h * g.out_w * c,
         "max_pool_grad: buffers too small"
     );
-    let mut open = vec![true; c];
+    // Per channel, the gradient not yet handed out: taken by the first tap that equals the
+    // maximum, zero after it (selects, not branches, so that the loop vectorises).
+    let mut left = vec![0f32; c];
     for oy in 0..g.out_h {
         let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
         for ox in 0..g.out_w {
             let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
             let at = (oy * g.out_w + ox) * c;
-            let (ys, ds) = (&y[at..][..c], &dy[at..][..c]);
-            open.fill(true);
+            let ys = &y[at..][..c];
+            left.copy_from_slice(&dy[at..][..c]);
             for ky in ky0..ky1 {
                 let iy = oy * g.stride + ky - g.pad_top;
                 for kx in kx0..kx1 {
                     let from = (iy * g.w + ix(ox, kx, g)) * c;
                     let (xs, dxs) = (&x[from..][..c], &mut dx[from..][..c]);
-                    for ch in 0..c {
-                        if open[ch] && xs[ch] == ys[ch] {
-                            dxs[ch] += ds[ch];
-                            open[ch] = false;
-                        }
+                    for ((d, l), (&v, &m)) in dxs.iter_mut().zip(&mut left).zip(xs.iter().zip(ys)) {
+                        let hit = v == m;
+                        *d += if hit { *l } else { 0.0 };
+                        *l = if hit { 0.0 } else { *l };
                     }
                 }
             }
@@ -298,6 +317,18 @@ mod wide {
         dtaps: &mut [f32],
     ) {
         super::depthwise_grad_body(x, taps, dz, g, dx, dtaps)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn max_pool_grad_acc(
+        x: &[f32],
+        y: &[f32],
+        dy: &[f32],
+        c: usize,
+        g: &ConvGeometry,
+        dx: &mut [f32],
+    ) {
+        super::max_pool_grad_body(x, y, dy, c, g, dx)
     }
 
     #[target_feature(enable = "avx512f")]

@@ -38,15 +38,35 @@ impl PackedWeight {
             "PackedWeight: {} floats for [{n}, {k}]",
             w.len()
         );
-        let panels = n.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * k * PANEL];
-        for (j, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
+        let mut packed = Self {
+            data: vec![0f32; n.div_ceil(PANEL) * k * PANEL],
+            n,
+            k,
+        };
+        packed.fill(w);
+        packed
+    }
+
+    /// Packs `w` (the same `[n, k]` shape) into this buffer again, after training changed it.
+    pub fn repack(&mut self, w: &[f32]) {
+        assert!(
+            w.len() >= self.n * self.k,
+            "PackedWeight: {} floats for [{}, {}]",
+            w.len(),
+            self.n,
+            self.k
+        );
+        self.fill(w);
+    }
+
+    fn fill(&mut self, w: &[f32]) {
+        let k = self.k;
+        for (j, row) in w.chunks_exact(k.max(1)).take(self.n).enumerate() {
             let (p, lane) = (j / PANEL, j % PANEL);
             for (kk, v) in row.iter().enumerate() {
-                data[(p * k + kk) * PANEL + lane] = *v;
+                self.data[(p * k + kk) * PANEL + lane] = *v;
             }
         }
-        Self { data, n, k }
     }
 
     /// Output channels.

@@ -541,14 +541,15 @@ pub fn finetune_channels_last(
                     })?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                let mut backbone_grads = trainer.backward(&fwd, &d_features)?;
-                drop(fwd);
+                let backbone_grads = trainer.backward(&fwd, &d_features)?;
+                trainer.recycle(fwd);
                 backbone_step = Some(match backbone_step {
-                    None => backbone_grads.split_off(frozen),
+                    None => backbone_grads,
                     Some(mut sum) => {
-                        for (s, g) in sum.iter_mut().zip(&backbone_grads[frozen..]) {
+                        for (s, g) in sum.iter_mut().zip(&backbone_grads).skip(frozen) {
                             s.iter_mut().zip(g).for_each(|(a, b)| *a += b);
                         }
+                        trainer.recycle_gradients(backbone_grads);
                         sum
                     }
                 });
@@ -557,8 +558,9 @@ pub fn finetune_channels_last(
             head_opt.step(&head_step)?;
             if let Some(grads) = backbone_step {
                 trainer.update(|params| {
-                    backbone_opt.step(params.into_iter().skip(frozen).collect(), &grads)
+                    backbone_opt.step(params.into_iter().skip(frozen).collect(), &grads[frozen..])
                 });
+                trainer.recycle_gradients(grads);
             }
         }
         lp.history.push(

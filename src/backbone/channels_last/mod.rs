@@ -170,11 +170,14 @@ impl Layer {
 
     /// Packs `weight` again for the fused product (after training changed it).
     fn repack(&mut self) {
-        self.packed =
-            (self.kind != ConvKind::Depthwise && packed_gemm::fused_available()).then(|| {
-                let k = self.weight.len() / self.cout.max(1);
-                PackedWeight::new(&self.weight, self.cout, k)
-            });
+        let k = self.weight.len() / self.cout.max(1);
+        match &mut self.packed {
+            Some(p) if p.n() == self.cout && p.k() == k => p.repack(&self.weight),
+            _ => {
+                self.packed = (self.kind != ConvKind::Depthwise && packed_gemm::fused_available())
+                    .then(|| PackedWeight::new(&self.weight, self.cout, k));
+            }
+        }
     }
 
     /// `dst = act(src · weightᵀ + bias [+ residual])` over `m` rows of `src`.

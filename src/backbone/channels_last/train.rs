@@ -7,6 +7,8 @@
 //! a batch's gradients do not depend on thread timing. Batch-norm is folded and frozen: the
 //! trained parameters are each convolution's folded weight and bias.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{Result, Tensor, Var};
 use rayon::prelude::*;
 
@@ -31,6 +33,72 @@ pub struct EngineTrainer {
     /// Leading blocks (the stem first) that are not trained: the backward stops above them
     /// and their gradients stay zero.
     pub(super) frozen_blocks: usize,
+    pub(super) buffers: Buffers,
+}
+
+/// Most buffers [`Buffers`] keeps.
+const MAX_POOLED: usize = 256;
+
+/// Host buffers reused from one training step to the next ([`EngineTrainer::recycle`]): a
+/// step asks for the same sizes every time, and fresh allocations that large would be
+/// page-faulted in again on every step. Clones of a trainer share them.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Buffers {
+    floats: Arc<Mutex<Vec<Vec<f32>>>>,
+    /// im2col buffers, kept apart: each pass grows them to its largest layer.
+    scratch: Arc<Mutex<Vec<Scratch>>>,
+}
+
+impl Buffers {
+    /// A pooled buffer that fits `len` floats (the best fit, not one far larger), else a new one.
+    fn take(&self, len: usize) -> Vec<f32> {
+        let mut pool = self.floats.lock().unwrap_or_else(|e| e.into_inner());
+        let most = len.saturating_mul(4).max(1 << 16);
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| (len..=most).contains(&v.capacity()))
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => pool.swap_remove(i),
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    /// `len` zeros.
+    pub fn zeroed(&self, len: usize) -> Vec<f32> {
+        let mut v = self.take(len);
+        v.clear();
+        v.resize(len, 0.0);
+        v
+    }
+
+    /// `len` floats of unspecified value, for a caller that overwrites them all.
+    pub fn scratch(&self, len: usize) -> Vec<f32> {
+        let mut v = self.take(len);
+        v.truncate(len);
+        v.resize(len, 0.0);
+        v
+    }
+
+    /// A copy of `src`.
+    pub fn copy_of(&self, src: &[f32]) -> Vec<f32> {
+        let mut v = self.take(src.len());
+        v.clear();
+        v.extend_from_slice(src);
+        v
+    }
+
+    /// Keeps `buffers` for later steps (dropping the smallest beyond [`MAX_POOLED`]).
+    pub fn give(&self, buffers: impl IntoIterator<Item = Vec<f32>>) {
+        let mut pool = self.floats.lock().unwrap_or_else(|e| e.into_inner());
+        pool.extend(buffers.into_iter().filter(|v| v.capacity() > 0));
+        if pool.len() > MAX_POOLED {
+            pool.sort_unstable_by_key(|v| std::cmp::Reverse(v.capacity()));
+            pool.truncate(MAX_POOLED);
+        }
+    }
 }
 
 /// How the layers connect.
@@ -65,16 +133,31 @@ impl Tape {
             Tape::ResNet(t) => t.n,
         }
     }
+
+    fn into_buffers(self) -> Vec<Vec<f32>> {
+        match self {
+            Tape::Trunk(t) => t.into_buffers(),
+            Tape::ResNet(t) => t.into_buffers(),
+        }
+    }
 }
 
 /// Gradients of every parameter, in the order and layout of [`EngineTrainer::param_lens`].
 pub type Gradients = Vec<Vec<f32>>;
 
-/// Reusable im2col buffers of one chunk's backward.
+/// Reusable im2col buffers of one chunk's pass.
 #[derive(Debug, Default)]
 pub(super) struct Scratch {
     cols: Vec<f32>,
     dcols: Vec<f32>,
+}
+
+impl Scratch {
+    /// A pass's buffers from the pool (given back by [`EngineTrainer::done_with`]).
+    pub fn from(buffers: &Buffers) -> Self {
+        let mut pool = buffers.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        pool.pop().unwrap_or_default()
+    }
 }
 
 /// `buf` with at least `len` floats (grown, never shrunk; contents unspecified).
@@ -114,6 +197,7 @@ impl EngineTrainer {
             graph,
             depthwise: nhwc::depthwise_kernel(),
             frozen_blocks: 0,
+            buffers: Buffers::default(),
         }
     }
 
@@ -166,7 +250,7 @@ impl EngineTrainer {
             .flat_map(|l| [&mut l.weight, &mut l.bias])
             .collect();
         let out = f(params);
-        self.layers.iter_mut().for_each(Layer::repack);
+        self.layers.par_iter_mut().for_each(Layer::repack);
         out
     }
 
@@ -268,6 +352,28 @@ impl EngineTrainer {
         Ok(())
     }
 
+    /// Keeps a forward's record, once [`Self::backward`] is done with it, for the buffers of
+    /// the next steps.
+    pub fn recycle(&self, fwd: Forward) {
+        self.buffers
+            .give(fwd.chunks.into_iter().flat_map(Tape::into_buffers));
+    }
+
+    /// Keeps gradients the optimiser is done with, for the buffers of the next steps.
+    pub fn recycle_gradients(&self, grads: Gradients) {
+        self.buffers.give(grads);
+    }
+
+    /// Gives a pass's scratch buffers back.
+    pub(super) fn done_with(&self, scratch: Scratch) {
+        let mut pool = self
+            .buffers
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pool.push(scratch);
+    }
+
     /// Images per chunk for a batch of `n`: one chunk per thread at least, each at most
     /// [`MAX_CHUNK`] images.
     fn chunk(n: usize) -> usize {
@@ -350,13 +456,15 @@ impl EngineTrainer {
                 sum.iter_mut().zip(&g[p]).for_each(|(s, v)| *s += v);
             }
         });
+        self.buffers.give(per_chunk.into_iter().flatten());
         Ok(total)
     }
 
     pub(super) fn zero_gradients(&self) -> Gradients {
         self.layers
             .iter()
-            .flat_map(|l| [vec![0f32; l.weight.len()], vec![0f32; l.bias.len()]])
+            .flat_map(|l| [l.weight.len(), l.bias.len()])
+            .map(|len| self.buffers.zeroed(len))
             .collect()
     }
 
@@ -368,11 +476,11 @@ impl EngineTrainer {
         src: &[f32],
         n: usize,
         size: (usize, usize),
-        scratch: &mut Vec<f32>,
+        scratch: &mut Scratch,
     ) -> Result<(Vec<f32>, (usize, usize))> {
         let l = &self.layers[i];
         let out = l.out_size(size)?;
-        let mut dst = vec![0f32; n * out.0 * out.1 * l.cout];
+        let mut dst = self.buffers.scratch(n * out.0 * out.1 * l.cout);
         let cols = match l.kind {
             ConvKind::Dense => n * out.0 * out.1 * l.cin * l.kernel * l.kernel,
             _ => 0,
@@ -380,7 +488,7 @@ impl EngineTrainer {
         l.apply(
             src,
             &mut dst,
-            at_least(scratch, cols),
+            at_least(&mut scratch.cols, cols),
             n,
             size,
             self.depthwise,
@@ -415,20 +523,23 @@ impl EngineTrainer {
                 let m = n * pixels;
                 grad::weight_grad_acc(&dy, x, gw, m, l.cin, l.cout);
                 if !input_grad {
+                    self.buffers.give([dy]);
                     return Ok(Vec::new());
                 }
-                let mut dx = vec![0f32; m * l.cin];
+                let mut dx = self.buffers.scratch(m * l.cin);
                 grad::input_grad(&dy, &l.weight, &mut dx, m, l.cin, l.cout);
+                self.buffers.give([dy]);
                 Ok(dx)
             }
             ConvKind::Depthwise => {
                 let g = l.geometry(size)?;
                 let (inp, outp) = (pixels * l.cin, g.out_h * g.out_w * l.cout);
-                let mut dx = vec![0f32; if input_grad { n * inp } else { 0 }];
+                let mut dx = self.buffers.zeroed(if input_grad { n * inp } else { 0 });
                 for (img, (x, dz)) in x.chunks_exact(inp).zip(dy.chunks_exact(outp)).enumerate() {
                     let dx = input_grad.then(|| &mut dx[img * inp..][..inp]);
                     grad::depthwise_grad_acc(x, &l.weight, dz, &g, dx, gw);
                 }
+                self.buffers.give([dy]);
                 Ok(dx)
             }
             ConvKind::Dense => {
@@ -445,6 +556,7 @@ impl EngineTrainer {
                 }
                 grad::weight_grad_acc(&dy, cols, gw, m, width, l.cout);
                 if !input_grad {
+                    self.buffers.give([dy]);
                     return Ok(Vec::new());
                 }
                 if l.input == DenseInput::Chw {
@@ -452,13 +564,14 @@ impl EngineTrainer {
                 }
                 let dcols = at_least(&mut scratch.dcols, m * width);
                 grad::input_grad(&dy, &l.weight, dcols, m, width, l.cout);
-                let mut dx = vec![0f32; n * image];
+                let mut dx = self.buffers.zeroed(n * image);
                 for (dx, dcols) in dx
                     .chunks_exact_mut(image)
                     .zip(dcols.chunks_exact(rows * width))
                 {
                     grad::col2im_hwc_acc(dcols, l.cin, &g, dx);
                 }
+                self.buffers.give([dy]);
                 Ok(dx)
             }
         }

@@ -45,6 +45,15 @@ pub(super) struct ResNetTape {
     inner: Vec<Vec<Vec<f32>>>,
 }
 
+impl ResNetTape {
+    pub fn into_buffers(self) -> Vec<Vec<f32>> {
+        let mut out = vec![self.images, self.stem];
+        out.extend(self.maps);
+        out.extend(self.inner.into_iter().flatten());
+        out
+    }
+}
+
 /// `net`'s layers in the order of its trainable variables (stem, then per block its
 /// convolutions and its projection) and its blocks.
 pub(super) fn layout(net: &ResNet) -> Result<(Vec<Layer>, Vec<ResBlock>)> {
@@ -79,18 +88,18 @@ impl EngineTrainer {
         n: usize,
         size: (usize, usize),
     ) -> Result<(ResNetTape, Vec<f32>)> {
-        let mut scratch = Vec::new();
+        let mut scratch = Scratch::from(&self.buffers);
         let (stem, stem_size) = self.run_layer(0, x, n, size, &mut scratch)?;
         let c = self.layers[0].cout;
         let g = ChannelsLastResNet::pool_geometry(stem_size)?;
         let (inp, outp) = (stem_size.0 * stem_size.1 * c, g.out_h * g.out_w * c);
-        let mut pooled = vec![0f32; n * outp];
+        let mut pooled = self.buffers.scratch(n * outp);
         for (x, y) in stem.chunks_exact(inp).zip(pooled.chunks_exact_mut(outp)) {
             nhwc::max_pool_hwc(x, c, &g, y);
         }
         let mut tape = ResNetTape {
             n,
-            images: x.to_vec(),
+            images: self.buffers.copy_of(x),
             size,
             stem,
             stem_size,
@@ -112,22 +121,24 @@ impl EngineTrainer {
                 map = out_size;
             }
             let mut y = inner.pop().unwrap_or_default();
-            let projected;
+            let projected = match block.downsample {
+                Some(d) => self.run_layer(d, input, n, in_size, &mut scratch)?.0,
+                None => Vec::new(),
+            };
             let shortcut = match block.downsample {
-                Some(d) => {
-                    projected = self.run_layer(d, input, n, in_size, &mut scratch)?.0;
-                    &projected[..]
-                }
+                Some(_) => &projected[..],
                 None => &input[..],
             };
             if shortcut.len() != y.len() {
                 candle_core::bail!("channels-last: a residual block's shortcut does not fit");
             }
             nhwc::add_act(&mut y, shortcut, Act::Relu);
+            self.buffers.give([projected]);
             tape.maps.push(y);
             tape.map_sizes.push(map);
             tape.inner.push(inner);
         }
+        self.done_with(scratch);
         let (last, map) = (
             &tape.maps[tape.maps.len() - 1],
             tape.map_sizes[tape.map_sizes.len() - 1],
@@ -143,17 +154,30 @@ impl EngineTrainer {
         tape: &ResNetTape,
         d_features: &[f32],
     ) -> Result<Gradients> {
-        let n = tape.n;
         let mut grads = self.zero_gradients();
-        let mut scratch = Scratch::default();
+        let mut scratch = Scratch::from(&self.buffers);
+        let done = self.resnet_backward_into(blocks, tape, d_features, &mut grads, &mut scratch);
+        self.done_with(scratch);
+        done.map(|()| grads)
+    }
+
+    fn resnet_backward_into(
+        &self,
+        blocks: &[ResBlock],
+        tape: &ResNetTape,
+        d_features: &[f32],
+        grads: &mut Gradients,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let n = tape.n;
         let (h, w) = tape.map_sizes[blocks.len()];
-        let mut d = vec![0f32; tape.maps[blocks.len()].len()];
+        let mut d = self.buffers.scratch(tape.maps[blocks.len()].len());
         grad::global_avg_pool_grad(d_features, n, h * w, self.dim(), &mut d);
         for (b, block) in blocks.iter().enumerate().rev() {
             // Block b is the (b + 2)-th block counting the stem; its input's gradient is
             // needed when the block before it (the stem for b = 0) trains.
             if b + 2 <= self.frozen_blocks {
-                return Ok(grads);
+                return Ok(());
             }
             let input_grad = b + 1 > self.frozen_blocks;
             grad::act_grad(&mut d, &tape.maps[b + 1], Act::Relu);
@@ -162,14 +186,14 @@ impl EngineTrainer {
                 Some(i) => self.layer_backward(
                     i,
                     (input, &[]),
-                    d.clone(),
+                    self.buffers.copy_of(&d),
                     n,
                     in_size,
                     input_grad,
-                    &mut grads,
-                    &mut scratch,
+                    grads,
+                    scratch,
                 )?,
-                None if input_grad => d.clone(),
+                None if input_grad => self.buffers.copy_of(&d),
                 None => Vec::new(),
             };
             let mut sizes = vec![in_size];
@@ -189,17 +213,18 @@ impl EngineTrainer {
                     n,
                     sizes[j],
                     wants,
-                    &mut grads,
-                    &mut scratch,
+                    grads,
+                    scratch,
                 )?;
             }
             if !input_grad {
-                return Ok(grads);
+                return Ok(());
             }
             d.iter_mut().zip(&d_shortcut).for_each(|(a, s)| *a += s);
+            self.buffers.give([d_shortcut]);
         }
         if self.frozen_blocks > 0 {
-            return Ok(grads);
+            return Ok(());
         }
         let c = self.layers[0].cout;
         let g = ChannelsLastResNet::pool_geometry(tape.stem_size)?;
@@ -207,7 +232,7 @@ impl EngineTrainer {
             tape.stem_size.0 * tape.stem_size.1 * c,
             g.out_h * g.out_w * c,
         );
-        let mut d_stem = vec![0f32; tape.stem.len()];
+        let mut d_stem = self.buffers.zeroed(tape.stem.len());
         for (((x, y), dy), dx) in tape
             .stem
             .chunks_exact(inp)
@@ -218,16 +243,8 @@ impl EngineTrainer {
             grad::max_pool_grad_acc(x, y, dy, c, &g, dx);
         }
         let ends = (&tape.images[..], &tape.stem[..]);
-        self.layer_backward(
-            0,
-            ends,
-            d_stem,
-            n,
-            tape.size,
-            false,
-            &mut grads,
-            &mut scratch,
-        )?;
-        Ok(grads)
+        self.buffers.give([d]);
+        self.layer_backward(0, ends, d_stem, n, tape.size, false, grads, scratch)?;
+        Ok(())
     }
 }

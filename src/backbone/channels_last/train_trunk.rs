@@ -33,6 +33,15 @@ pub(super) struct TrunkTape {
     sizes: Vec<(usize, usize)>,
 }
 
+impl TrunkTape {
+    pub fn into_buffers(self) -> Vec<Vec<f32>> {
+        let mut out = vec![self.images];
+        out.extend(self.outs);
+        out.extend(self.sums.into_iter().flatten());
+        out
+    }
+}
+
 fn layer(conv: &ConvBn, input: DenseInput) -> Result<Layer> {
     let act = if conv.relu6 {
         Act::Relu6
@@ -87,11 +96,11 @@ impl EngineTrainer {
         n: usize,
         size: (usize, usize),
     ) -> Result<(TrunkTape, Vec<f32>)> {
-        let mut scratch = Vec::new();
+        let mut scratch = Scratch::from(&self.buffers);
         let (out, mut map) = self.run_layer(0, x, n, size, &mut scratch)?;
         let mut tape = TrunkTape {
             n,
-            images: x.to_vec(),
+            images: self.buffers.copy_of(x),
             outs: vec![out],
             sums: Vec::with_capacity(blocks.len()),
             sizes: vec![size],
@@ -106,7 +115,9 @@ impl EngineTrainer {
                     candle_core::bail!("channels-last: a residual block changed the map size")
                 }
                 true => {
-                    let mut sum = tape.outs[block.first + block.len - 1].clone();
+                    let mut sum = self
+                        .buffers
+                        .copy_of(&tape.outs[block.first + block.len - 1]);
                     let input = block_output(blocks, &tape, b.wrapping_sub(1));
                     nhwc::add_act(&mut sum, input, Act::Identity);
                     Some(sum)
@@ -117,6 +128,7 @@ impl EngineTrainer {
         }
         let head = self.layers.len() - 1;
         let map = self.record(blocks, &mut tape, head, map, &mut scratch)?;
+        self.done_with(scratch);
         let mut features = vec![0f32; n * self.dim()];
         super::global_avg_pool(
             &tape.outs[head],
@@ -136,7 +148,7 @@ impl EngineTrainer {
         tape: &mut TrunkTape,
         i: usize,
         size: (usize, usize),
-        scratch: &mut Vec<f32>,
+        scratch: &mut Scratch,
     ) -> Result<(usize, usize)> {
         let input = self.trunk_input(blocks, tape, i);
         let (out, out_size) = self.run_layer(i, input, tape.n, size, scratch)?;
@@ -152,10 +164,23 @@ impl EngineTrainer {
         d_features: &[f32],
     ) -> Result<Gradients> {
         let mut grads = self.zero_gradients();
-        let mut scratch = Scratch::default();
+        let mut scratch = Scratch::from(&self.buffers);
+        let done = self.trunk_backward_into(blocks, tape, d_features, &mut grads, &mut scratch);
+        self.done_with(scratch);
+        done.map(|()| grads)
+    }
+
+    fn trunk_backward_into(
+        &self,
+        blocks: &[TrunkBlock],
+        tape: &TrunkTape,
+        d_features: &[f32],
+        grads: &mut Gradients,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
         let head = self.layers.len() - 1;
         let (h, w) = tape.sizes[head];
-        let mut d = vec![0f32; tape.outs[head].len()];
+        let mut d = self.buffers.scratch(tape.outs[head].len());
         grad::global_avg_pool_grad(d_features, tape.n, h * w, self.dim(), &mut d);
         let mut back = |i: usize, d: Vec<f32>, grads: &mut Gradients| {
             let input = match i {
@@ -163,35 +188,30 @@ impl EngineTrainer {
                 _ => self.trunk_input(blocks, tape, i),
             };
             let ends = (input, &tape.outs[i][..]);
-            self.layer_backward(
-                i,
-                ends,
-                d,
-                tape.n,
-                tape.sizes[i],
-                i > 0,
-                grads,
-                &mut scratch,
-            )
+            self.layer_backward(i, ends, d, tape.n, tape.sizes[i], i > 0, grads, scratch)
         };
-        d = back(head, d, &mut grads)?;
+        d = back(head, d, grads)?;
         for (b, block) in blocks.iter().enumerate().rev() {
             // Block b is the (b + 2)-th block counting the stem.
             if b + 2 <= self.frozen_blocks {
-                return Ok(grads);
+                self.buffers.give([d]);
+                return Ok(());
             }
-            let d_out = block.residual.then(|| d.clone());
+            let d_out = block.residual.then(|| self.buffers.copy_of(&d));
             for i in (block.first..block.first + block.len).rev() {
-                d = back(i, d, &mut grads)?;
+                d = back(i, d, grads)?;
             }
             if let Some(d_out) = d_out {
                 d.iter_mut().zip(&d_out).for_each(|(a, b)| *a += b);
+                self.buffers.give([d_out]);
             }
         }
         if self.frozen_blocks == 0 {
-            back(0, d, &mut grads)?;
+            back(0, d, grads)?;
+        } else {
+            self.buffers.give([d]);
         }
-        Ok(grads)
+        Ok(())
     }
 }
 
