@@ -174,6 +174,49 @@ pub fn im2col_chw(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
         x.len() >= c * g.h * g.w && out.len() >= g.out_h * g.out_w * cols,
         "im2col: buffers too small"
     );
+    match k {
+        3 => im2col_chw_rows::<3>(x, c, g, out),
+        7 => im2col_chw_rows::<7>(x, c, g, out),
+        _ => im2col_chw_columns(x, c, g, out),
+    }
+}
+
+/// [`im2col_chw`] one matrix row at a time, for the stems' kernel sizes: each (channel, kernel
+/// row) of an output pixel is a run of `K` input floats, copied whole (a fixed-size copy) where
+/// the window lies inside the map; the matrix is written in order.
+fn im2col_chw_rows<const K: usize>(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
+    let cols = c * K * K;
+    for oy in 0..g.out_h {
+        for ox in 0..g.out_w {
+            let row = &mut out[(oy * g.out_w + ox) * cols..][..cols];
+            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+            let ix0 = ox * g.stride + kx0 - g.pad_left;
+            for ci in 0..c {
+                for ky in 0..K {
+                    let dst = &mut row[(ci * K + ky) * K..][..K];
+                    let iy = (oy * g.stride + ky).wrapping_sub(g.pad_top);
+                    if iy >= g.h {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &x[(ci * g.h + iy) * g.w + ix0..];
+                    if kx0 == 0 && kx1 == K {
+                        dst.copy_from_slice(&src[..K]);
+                    } else {
+                        dst[..kx0].fill(0.0);
+                        dst[kx1..].fill(0.0);
+                        dst[kx0..kx1].copy_from_slice(&src[..kx1 - kx0]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col_chw`] one matrix column at a time (any kernel size).
+fn im2col_chw_columns(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
+    let k = g.kernel;
+    let cols = c * k * k;
     // Column by column within an output row: one input row feeds a strided run of the
     // matrix, the padding is filled around the run, and no element tests its bounds.
     for oy in 0..g.out_h {
@@ -717,6 +760,8 @@ mod tests {
             (6, 5, 1, 1, (0, 0, 0, 0)),
             (9, 4, 3, 1, (1, 1, 1, 1)),
             (4, 4, 5, 2, (2, 2, 2, 2)),
+            (11, 9, 7, 2, (3, 3, 3, 3)),
+            (5, 6, 7, 2, (3, 3, 3, 3)),
         ] {
             let c = 3;
             let x = values(c * h * w, 9);
