@@ -5,8 +5,9 @@
 use candle_core::Result;
 
 use super::train::{EngineTrainer, Gradients, Scratch};
+use super::trunk::layer;
 use super::{Act, ConvKind, DenseInput, Layer};
-use crate::backbone::layers::{ConvBn, Trunk};
+use crate::backbone::layers::Trunk;
 use crate::ops::nhwc;
 use crate::ops::nhwc_grad as grad;
 
@@ -40,15 +41,6 @@ impl TrunkTape {
         out.extend(self.sums.into_iter().flatten());
         out
     }
-}
-
-fn layer(conv: &ConvBn, input: DenseInput) -> Result<Layer> {
-    let act = if conv.relu6 {
-        Act::Relu6
-    } else {
-        Act::Identity
-    };
-    Layer::from_conv(conv, act, input)
 }
 
 /// `trunk`'s layers (stem, every block's layers in order, head) and blocks; errors when its

@@ -33,7 +33,8 @@ pub struct ChannelsLastTrunk {
     workspaces: WorkspacePool,
 }
 
-fn layer(conv: &ConvBn, input: DenseInput) -> Result<Layer> {
+/// A trunk convolution on the engine (ReLU6 where the trunk has it).
+pub(super) fn layer(conv: &ConvBn, input: DenseInput) -> Result<Layer> {
     let act = if conv.relu6 {
         Act::Relu6
     } else {
