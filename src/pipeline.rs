@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+use crate::backbone::layers::BnMode;
 use crate::backbone::{cache, limits, zoo, Backbone, EmbedStats, Embedder, EmbedderConfig};
 use crate::cleanse::{cleanse, Method};
 use crate::config::{LabelSource, RunConfig};
@@ -420,16 +421,17 @@ pub fn run_embedded(
             .flatten_all()?
             .to_vec1::<f32>()?)
     };
+    let mut settings = serde_json::json!({
+        "finetune": cfg.finetune.name(),
+        "train": &final_cfg,
+        "backbone_lr": (cfg.finetune == Finetune::Full).then_some(cfg.backbone_lr),
+    });
+    if cfg.bn == BnMode::Train {
+        // Only when set, so that the checkpoints of runs before the setting stay valid.
+        settings["bn"] = cfg.bn.name().into();
+    }
     let mut fingerprint = Fingerprint::new()
-        .with(
-            "training settings",
-            serde_json::json!({
-                "finetune": cfg.finetune.name(),
-                "train": &final_cfg,
-                "backbone_lr": (cfg.finetune == Finetune::Full).then_some(cfg.backbone_lr),
-            })
-            .to_string(),
-        )
+        .with("training settings", settings.to_string())
         .with(
             "backbone",
             format!(
@@ -505,7 +507,8 @@ pub fn run_embedded(
             (head, None, history)
         }
         Finetune::Full => {
-            let (mut model, vars) = Backbone::load_trainable(spec, e.embedder.weights(), device)?;
+            let (mut model, vars) =
+                Backbone::load_trainable_bn(spec, e.embedder.weights(), device, cfg.bn)?;
             let kept_files: Vec<PathBuf> = keep_idx
                 .iter()
                 .map(|&i| train_files[i as usize].clone())

@@ -5,6 +5,7 @@
 mod common;
 
 use bccp::backbone::channels_last::EngineTrainer;
+use bccp::backbone::layers::BnMode;
 use bccp::backbone::{zoo, Backbone};
 use candle_core::{Device, Tensor};
 use common::asset;
@@ -255,7 +256,7 @@ fn finetune_checkpointed(
     use bccp::progress::Progress;
     use bccp::train::finetune::{finetune_candle, finetune_channels_last};
     let run = match engine {
-        "candle" => finetune_candle(
+        "candle" | "candle-bn" => finetune_candle(
             model,
             vars.to_vec(),
             images,
@@ -626,11 +627,20 @@ fn a_resumed_finetune_ends_as_an_uninterrupted_one_on_both_engines() {
         lr_schedule: LrSchedule::Cosine,
         ..Default::default()
     };
-    for engine in ["channels-last", "candle"] {
-        let (model, straight_vars) =
-            Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+    // "candle-bn": batch-norms in training mode (`--bn train`), whose running statistics the
+    // checkpoint carries too.
+    for engine in ["channels-last", "candle", "candle-bn"] {
+        let load = || {
+            let bn = match engine {
+                "candle-bn" => BnMode::Train,
+                _ => BnMode::Frozen,
+            };
+            Backbone::load_trainable_bn(&spec, &weights, &Device::Cpu, bn).unwrap()
+        };
+        let (straight_model, straight_vars) = load();
+        let model = &straight_model;
         let (straight, straight_history) =
-            finetune_checkpointed(engine, &model, &straight_vars, &images, &labels, &cfg, None);
+            finetune_checkpointed(engine, model, &straight_vars, &images, &labels, &cfg, None);
         let checkpoint = Checkpoint::new(
             tmp.path().join(engine),
             Fingerprint::new().with("engine", engine),
@@ -642,7 +652,7 @@ fn a_resumed_finetune_ends_as_an_uninterrupted_one_on_both_engines() {
         };
         // Stopped after the first epoch, on fresh weights; then resumed on fresh weights again
         // (as a new process would load them), from the checkpoint alone.
-        let (model, vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let (model, vars) = load();
         let (_, first) = finetune_checkpointed(
             engine,
             &model,
@@ -658,11 +668,10 @@ fn a_resumed_finetune_ends_as_an_uninterrupted_one_on_both_engines() {
             .unwrap()
             .expect("a checkpoint after epoch 1");
         assert_eq!(start.epochs_done, 1, "{engine}");
-        let (model, resumed_vars) =
-            Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let (resumed_model, resumed_vars) = load();
         let (resumed, history) = finetune_checkpointed(
             engine,
-            &model,
+            &resumed_model,
             &resumed_vars,
             &images,
             &labels,
@@ -674,6 +683,24 @@ fn a_resumed_finetune_ends_as_an_uninterrupted_one_on_both_engines() {
             bits(&resumed_vars),
             bits(&straight_vars),
             "{engine}: backbone"
+        );
+        let running = |m: &Backbone| {
+            let stats = m.running_stats().unwrap();
+            let vars: Vec<candle_core::Var> = stats
+                .iter()
+                .map(|t| candle_core::Var::from_tensor(t).unwrap())
+                .collect();
+            bits(&vars)
+        };
+        assert_eq!(
+            running(&resumed_model),
+            running(&straight_model),
+            "{engine}: running statistics"
+        );
+        assert_eq!(
+            running(&straight_model).is_empty(),
+            engine != "candle-bn",
+            "{engine}: running statistics only in training mode"
         );
         let head = |h: &bccp::train::Head| {
             h.tensors()
@@ -688,7 +715,7 @@ fn a_resumed_finetune_ends_as_an_uninterrupted_one_on_both_engines() {
         let mut done = checkpoint.load().unwrap().unwrap();
         assert_eq!(done.epochs_done, 3);
         done.backbone[0] = done.backbone[0].zeros_like().unwrap();
-        let (model, zeroed_vars) = Backbone::load_trainable(&spec, &weights, &Device::Cpu).unwrap();
+        let (model, zeroed_vars) = load();
         let frozen: usize = model.block_var_counts()[..2].iter().sum();
         let (_, history) = finetune_checkpointed(
             engine,

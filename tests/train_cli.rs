@@ -386,6 +386,35 @@ fn finetune_options_reach_the_run_and_frozen_blocks_keep_their_weights() {
         "{same} frozen tensors, {moved} moved"
     );
 
+    // Batch-norms in training mode: the frozen blocks' keep their statistics (their exported
+    // folds equal the pretrained ones up to unfolding and folding again), the final 1×1
+    // convolution's follow the batches.
+    let mut bn_flags = flags("18");
+    bn_flags.extend(["--bn", "train"]);
+    *bn_flags.iter_mut().find(|f| **f == "frozen").unwrap() = "bn";
+    let out = success(&train(&days, &runs, &cache, &bn_flags));
+    assert!(out.contains("batch-norm in training mode"), "{out}");
+    let run = runs.join("bn/1");
+    let params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("params.json")).unwrap()).unwrap();
+    assert_eq!(params["bn"], "train");
+    let tuned =
+        candle_core::safetensors::load(run.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut final_bias_moved = 0f32;
+    for (key, value) in &pretrained {
+        let diff = common::max_abs_diff(&tuned[key], value);
+        if key.starts_with("backbone.features.18.") {
+            if key.ends_with("1.bias") {
+                final_bias_moved = diff;
+            }
+        } else {
+            let err = common::rel_diff(&tuned[key], value, 1.0);
+            assert!(err <= 1e-5, "{key} is frozen but moved {diff} ({err} relative)");
+        }
+    }
+    assert!(final_bias_moved > 1e-3, "{final_bias_moved}");
+
     // More blocks than MobileNetV2 has.
     let err = failure(&train(&days, &runs, &cache, &flags("19")));
     assert!(

@@ -2,8 +2,13 @@
 //! batch-norm folded in, in three flavours — dense, depthwise, pointwise — and the
 //! [`Tunable`] interface that fine-tuning uses.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
 use crate::ops::{bias_act, depthwise_conv2d, DepthwiseParams};
 
@@ -56,17 +61,99 @@ impl Padding {
 pub trait Tunable {
     /// Turns every parameter into a trainable variable and appends it to `vars`.
     fn make_trainable(&mut self, vars: &mut Vec<Var>) -> Result<()>;
+    /// As [`Self::make_trainable`] with every batch-norm in training mode ([`BnMode::Train`])
+    /// while `training` is set: per convolution its weight, γ and β. Errors for a network
+    /// without batch-norms.
+    fn make_trainable_bn(&mut self, _vars: &mut Vec<Var>, _training: &Training) -> Result<()> {
+        candle_core::bail!("this network has no batch-norm to train")
+    }
     /// The parameters under their checkpoint names, loadable by the same network's `load`.
     fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()>;
+    /// Every convolution + batch-norm, in the order of [`Self::make_trainable`] (none for a
+    /// network without batch-norms).
+    fn conv_bns(&self) -> Vec<&ConvBn> {
+        Vec::new()
+    }
+}
+
+/// How fine-tuning treats the batch-norms of the CNNs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum BnMode {
+    /// Folded into the convolutions with their pretrained statistics (the default; γ and β
+    /// train through the folded bias and scale).
+    #[default]
+    Frozen,
+    /// Normalised by each training batch's statistics, which update the running ones
+    /// (momentum 0.1, PyTorch's); evaluation and the exported model use the running ones.
+    Train,
+}
+
+impl BnMode {
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BnMode::Frozen => "frozen",
+            BnMode::Train => "train",
+        }
+    }
+}
+
+/// Whether a network's training-mode batch-norms ([`BnMode::Train`]) use the batch's
+/// statistics (a training step) or the running ones (evaluation). Clones share the switch.
+#[derive(Debug, Clone, Default)]
+pub struct Training(Arc<AtomicBool>);
+
+impl Training {
+    /// Switches training mode on or off.
+    pub fn set(&self, on: bool) {
+        self.0.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether training mode is on.
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The momentum of the running statistics of a batch-norm in training mode (PyTorch's).
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// A batch-norm's affine parameters and running statistics (`[C]` each).
+#[derive(Debug, Clone)]
+pub struct BnStats {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub mean: Tensor,
+    pub var: Tensor,
+}
+
+/// A [`ConvBn`] whose batch-norm trains ([`BnMode::Train`]): the unfolded convolution weight,
+/// γ and β (trainable), the running statistics (updated by each training forward).
+#[derive(Debug, Clone)]
+struct BnTraining {
+    weight: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    running: Arc<Mutex<(Tensor, Tensor)>>,
+    training: Training,
+    /// Set for a frozen block's batch-norm: always the running statistics, never updated.
+    held: Arc<AtomicBool>,
 }
 
 /// Conv → batch-norm (→ ReLU6), with the batch-norm folded into the convolution's weight and
 /// bias when loaded: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`. Fine-tuning trains `w'` and
-/// `b'`, i.e. the batch-norm statistics stay frozen (its affine part is trained).
+/// `b'`, i.e. the batch-norm statistics stay frozen (its affine part is trained), unless the
+/// batch-norm is made to train ([`Tunable::make_trainable_bn`]).
 #[derive(Debug, Clone)]
 pub struct ConvBn {
     pub(crate) weight: Tensor,
     pub(crate) bias: Tensor,
+    /// The batch-norm as loaded (to unfold it for [`BnMode::Train`]).
+    stats: BnStats,
+    /// Set by [`Tunable::make_trainable_bn`].
+    bn_training: Option<BnTraining>,
     /// Checkpoint prefixes of the convolution and the batch-norm.
     conv_name: String,
     bn_name: String,
@@ -118,9 +205,13 @@ impl ConvBn {
             bn("running_mean")?,
             bn("running_var")?,
         );
-        let scale = gamma.div(&(var + spec.bn_eps)?.sqrt()?)?;
-        let weight = weight.broadcast_mul(&scale.reshape((spec.out_channels, 1, 1, 1))?)?;
-        let bias = (beta - mean.mul(&scale)?)?;
+        let stats = BnStats {
+            gamma,
+            beta,
+            mean,
+            var,
+        };
+        let (weight, bias) = fold(&weight, &stats, spec.bn_eps)?;
         let weight = match spec.kind {
             ConvKind::Pointwise => weight.reshape((spec.out_channels, spec.in_channels))?,
             _ => weight,
@@ -128,6 +219,8 @@ impl ConvBn {
         Ok(Self {
             weight,
             bias,
+            stats,
+            bn_training: None,
             conv_name: names.conv.prefix(),
             bn_name: names.bn.prefix(),
             bn_eps: spec.bn_eps,
@@ -137,6 +230,97 @@ impl ConvBn {
             padding: spec.padding,
             relu6: spec.relu6,
         })
+    }
+}
+
+/// `w' = w·γ/√(σ²+ε)` (`w` `[C, …]`, any rank) and `b' = β − μ·γ/√(σ²+ε)`.
+fn fold(weight: &Tensor, bn: &BnStats, eps: f64) -> Result<(Tensor, Tensor)> {
+    let scale = bn.gamma.div(&(&bn.var + eps)?.sqrt()?)?;
+    let mut shape = vec![1; weight.rank()];
+    shape[0] = scale.dim(0)?;
+    let weight = weight.broadcast_mul(&scale.reshape(shape)?)?;
+    let bias = (&bn.beta - bn.mean.mul(&scale)?)?;
+    Ok((weight, bias))
+}
+
+impl ConvBn {
+    /// The folded weight and bias in use: the trained ones, or for a training batch-norm its
+    /// weight folded with the running statistics (evaluation).
+    pub(crate) fn folded(&self) -> Result<(Tensor, Tensor)> {
+        match &self.bn_training {
+            None => Ok((self.weight.clone(), self.bias.clone())),
+            Some(t) => {
+                let running = t.running.lock().unwrap_or_else(|e| e.into_inner());
+                let stats = BnStats {
+                    gamma: t.gamma.clone(),
+                    beta: t.beta.clone(),
+                    mean: running.0.clone(),
+                    var: running.1.clone(),
+                };
+                fold(&t.weight, &stats, self.bn_eps)
+            }
+        }
+    }
+
+    /// The batch-norm of a training step over the convolution's output `z` `[N, C, H, W]`:
+    /// normalised by the batch's mean and (biased) variance, scaled by γ; the running
+    /// statistics move towards the batch's (unbiased variance) by [`BN_MOMENTUM`]. β is added
+    /// by the caller.
+    fn batch_norm_train(&self, t: &BnTraining, z: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = z.dims4()?;
+        let count = n * h * w;
+        let per_channel =
+            |v: &Tensor| -> Result<Tensor> { v.transpose(0, 1)?.reshape((c, count))?.mean(1) };
+        let mean = per_channel(z)?;
+        let centred = z.broadcast_sub(&mean.reshape((1, c, 1, 1))?)?;
+        let var = per_channel(&centred.sqr()?)?;
+        let inv = (&var + self.bn_eps)?.sqrt()?.recip()?;
+        let scale = (inv * &t.gamma)?.reshape((1, c, 1, 1))?;
+        let y = centred.broadcast_mul(&scale)?;
+        let unbiased = count as f64 / (count.max(2) - 1) as f64;
+        let mut running = t.running.lock().unwrap_or_else(|e| e.into_inner());
+        let m = BN_MOMENTUM;
+        let new_mean = ((&running.0 * (1.0 - m))? + (mean.detach() * m)?)?;
+        let new_var = ((&running.1 * (1.0 - m))? + (var.detach() * (m * unbiased))?)?;
+        *running = (new_mean, new_var);
+        Ok(y)
+    }
+}
+
+impl ConvBn {
+    /// The running mean and variance of a training batch-norm (`None` when frozen).
+    pub fn running_stats(&self) -> Option<(Tensor, Tensor)> {
+        let t = self.bn_training.as_ref()?;
+        let running = t.running.lock().unwrap_or_else(|e| e.into_inner());
+        Some(running.clone())
+    }
+
+    /// Keeps a training batch-norm in evaluation mode (a frozen block's): its running
+    /// statistics normalise and never change.
+    pub fn hold(&self) {
+        if let Some(t) = &self.bn_training {
+            t.held.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Sets a training batch-norm's running statistics (a checkpoint's); errors when the
+    /// batch-norm is frozen or the shapes differ.
+    pub fn set_running_stats(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
+        let Some(t) = &self.bn_training else {
+            candle_core::bail!("running statistics for a frozen batch-norm");
+        };
+        let mut running = t.running.lock().unwrap_or_else(|e| e.into_inner());
+        if mean.shape() != running.0.shape() || var.shape() != running.1.shape() {
+            candle_core::bail!(
+                "running statistics {:?} / {:?} for a batch-norm of {:?}",
+                mean.shape(),
+                var.shape(),
+                running.0.shape()
+            );
+        }
+        let device = running.0.device().clone();
+        *running = (mean.to_device(&device)?, var.to_device(&device)?);
+        Ok(())
     }
 }
 
@@ -150,22 +334,53 @@ impl Tunable for ConvBn {
         Ok(())
     }
 
+    /// The unfolded weight (`w'·√(σ²+ε)/γ`, zero where γ is), γ and β as variables.
+    fn make_trainable_bn(&mut self, vars: &mut Vec<Var>, training: &Training) -> Result<()> {
+        let s = &self.stats;
+        let scale = s.gamma.div(&(&s.var + self.bn_eps)?.sqrt()?)?;
+        let safe = scale.abs()?.ge(f64::MIN_POSITIVE)?;
+        let inv = safe.where_cond(&scale.recip()?, &scale.zeros_like()?)?;
+        let mut shape = vec![1; self.weight.rank()];
+        shape[0] = inv.dim(0)?;
+        let weight = self.weight.broadcast_mul(&inv.reshape(shape)?)?;
+        let mut trained = Vec::with_capacity(3);
+        for t in [weight, s.gamma.clone(), s.beta.clone()] {
+            let var = Var::from_tensor(&t)?;
+            trained.push(var.as_tensor().clone());
+            vars.push(var);
+        }
+        let [weight, gamma, beta]: [Tensor; 3] = trained
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("three batch-norm variables".into()))?;
+        self.bn_training = Some(BnTraining {
+            weight,
+            gamma,
+            beta,
+            running: Arc::new(Mutex::new((s.mean.clone(), s.var.clone()))),
+            training: training.clone(),
+            held: Arc::default(),
+        });
+        Ok(())
+    }
+
     /// The folded weight as the convolution and an identity batch-norm (γ = √(1+ε), β = b',
-    /// μ = 0, σ² = 1), so that loading folds it back to exactly `w'` and `b'`.
+    /// μ = 0, σ² = 1), so that loading folds it back to exactly `w'` and `b'` (a training
+    /// batch-norm folded with its running statistics).
     fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()> {
-        let c = self.bias.dim(0)?;
+        let (weight, bias) = self.folded()?;
+        let c = bias.dim(0)?;
         let weight = match self.kind {
             ConvKind::Pointwise => {
-                let (cout, cin) = self.weight.dims2()?;
-                self.weight.reshape((cout, cin, 1, 1))?
+                let (cout, cin) = weight.dims2()?;
+                weight.reshape((cout, cin, 1, 1))?
             }
-            _ => self.weight.clone(),
+            _ => weight,
         };
-        let ones = Tensor::ones(c, DType::F32, self.bias.device())?;
+        let ones = Tensor::ones(c, DType::F32, bias.device())?;
         let key = |prefix: &str, name: &str| format!("{prefix}.{name}");
         out.push((key(&self.conv_name, "weight"), weight.detach()));
         out.push((key(&self.bn_name, "weight"), (&ones + self.bn_eps)?.sqrt()?));
-        out.push((key(&self.bn_name, "bias"), self.bias.detach()));
+        out.push((key(&self.bn_name, "bias"), bias.detach()));
         out.push((key(&self.bn_name, "running_mean"), ones.zeros_like()?));
         out.push((key(&self.bn_name, "running_var"), ones));
         Ok(())
@@ -174,19 +389,32 @@ impl Tunable for ConvBn {
 
 impl Module for ConvBn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(t) = &self.bn_training else {
+            return bias_act(&self.convolve(x, &self.weight)?, &self.bias, self.relu6);
+        };
+        if t.training.is_on() && !t.held.load(Ordering::SeqCst) {
+            let z = self.convolve(x, &t.weight)?;
+            return bias_act(&self.batch_norm_train(t, &z)?, &t.beta, self.relu6);
+        }
+        let (weight, bias) = self.folded()?;
+        bias_act(&self.convolve(x, &weight)?, &bias, self.relu6)
+    }
+}
+
+impl ConvBn {
+    /// The convolution of `x` by `weight` (this layer's kind, stride and padding), no bias.
+    fn convolve(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let (n, _c, h, w) = x.dims4()?;
         let y = match self.kind {
             ConvKind::Pointwise => {
-                let (cout, cin) = self.weight.dims2()?;
+                let (cout, cin) = weight.dims2()?;
                 if h * w >= SMALL_MAP {
                     let flat = x.reshape((n, cin, h * w))?;
-                    self.weight
-                        .broadcast_matmul(&flat)?
-                        .reshape((n, cout, h, w))?
+                    weight.broadcast_matmul(&flat)?.reshape((n, cout, h, w))?
                 } else {
                     // Small maps: one [Cout, Cin] × [Cin, N·H·W] product instead of N thin ones.
                     let cols = x.permute((1, 0, 2, 3))?.reshape((cin, n * h * w))?;
-                    self.weight
+                    weight
                         .matmul(&cols)?
                         .reshape((cout, n, h, w))?
                         .permute((1, 0, 2, 3))?
@@ -201,7 +429,7 @@ impl Module for ConvBn {
                     pad_left: pl,
                     pad_right: pr,
                 };
-                depthwise_conv2d(x, &self.weight, params)?
+                depthwise_conv2d(x, weight, params)?
             }
             ConvKind::Dense => {
                 let (pt, pb, pl, pr) = self.padding.resolve(h, w, self.kernel, self.stride);
@@ -210,7 +438,7 @@ impl Module for ConvBn {
                 let unused_h = (h + pt + pb - k) % s;
                 let unused_w = (w + pl + pr - k) % s;
                 if pt == pb && pl == pr && pt == pl && unused_h == unused_w {
-                    x.conv2d(&self.weight, pt, s, 1, 1)?
+                    x.conv2d(weight, pt, s, 1, 1)?
                 } else {
                     // Pad by hand; drop the unused edge when the two sides differ, since
                     // candle's conv2d backward derives the output padding of its transposed
@@ -224,11 +452,11 @@ impl Module for ConvBn {
                         let (ph, pw) = (h + pt + pb - unused_h, w + pl + pr - unused_w);
                         padded.narrow(2, 0, ph)?.narrow(3, 0, pw)?
                     };
-                    padded.conv2d(&self.weight, 0, s, 1, 1)?
+                    padded.conv2d(weight, 0, s, 1, 1)?
                 }
             }
         };
-        bias_act(&y, &self.bias, self.relu6)
+        Ok(y)
     }
 }
 
@@ -259,6 +487,16 @@ impl Tunable for ResidualChain {
         self.layers
             .iter_mut()
             .try_for_each(|l| l.make_trainable(vars))
+    }
+
+    fn make_trainable_bn(&mut self, vars: &mut Vec<Var>, training: &Training) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|l| l.make_trainable_bn(vars, training))
+    }
+
+    fn conv_bns(&self) -> Vec<&ConvBn> {
+        self.layers.iter().collect()
     }
 
     fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()> {
@@ -304,6 +542,22 @@ impl Tunable for Trunk {
             .iter_mut()
             .try_for_each(|b| b.make_trainable(vars))?;
         self.head.make_trainable(vars)
+    }
+
+    fn make_trainable_bn(&mut self, vars: &mut Vec<Var>, training: &Training) -> Result<()> {
+        self.stem.make_trainable_bn(vars, training)?;
+        self.blocks
+            .iter_mut()
+            .try_for_each(|b| b.make_trainable_bn(vars, training))?;
+        self.head.make_trainable_bn(vars, training)
+    }
+
+    fn conv_bns(&self) -> Vec<&ConvBn> {
+        let blocks = self.blocks.iter().flat_map(|b| b.layers.iter());
+        std::iter::once(&self.stem)
+            .chain(blocks)
+            .chain(std::iter::once(&self.head))
+            .collect()
     }
 
     fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()> {
@@ -414,5 +668,153 @@ mod tests {
                 && err.contains("[4, 3, 3, 3]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn training_batch_norm_uses_the_batch_and_updates_its_running_statistics() {
+        use candle_core::Device;
+        use std::collections::HashMap;
+        let dev = Device::Cpu;
+        let (cin, cout) = (2, 3);
+        let conv_w = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
+        let (gamma, beta) = ([1.5f32, 0.5, -2.0], [0.1f32, -0.3, 0.2]);
+        let (mean0, var0) = ([0.2f32, -0.1, 0.0], [2.0f32, 0.5, 1.0]);
+        let mut t = HashMap::new();
+        t.insert("c.weight".to_owned(), conv_w.clone());
+        for (name, v) in [
+            ("weight", gamma),
+            ("bias", beta),
+            ("running_mean", mean0),
+            ("running_var", var0),
+        ] {
+            t.insert(format!("b.{name}"), Tensor::new(&v, &dev).unwrap());
+        }
+        let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
+        let spec = ConvSpec {
+            in_channels: cin,
+            out_channels: cout,
+            kernel: 3,
+            stride: 1,
+            padding: Padding::Symmetric(1),
+            kind: ConvKind::Dense,
+            relu6: false,
+            bn_eps: 1e-5,
+        };
+        let names = ConvBnNames {
+            conv: vb.pp("c"),
+            bn: vb.pp("b"),
+        };
+        let mut layer = ConvBn::load(spec, names).unwrap();
+        let training = Training::default();
+        let mut vars = Vec::new();
+        layer.make_trainable_bn(&mut vars, &training).unwrap();
+        assert_eq!(vars.len(), 3, "weight, gamma, beta");
+        // The unfolded weight is the checkpoint's convolution.
+        assert!(max_abs_diff(vars[0].as_tensor(), &conv_w) < 1e-5);
+
+        // A training step: the batch's statistics, by hand.
+        let (n, h, w) = (4usize, 5usize, 5usize);
+        let x = Tensor::randn(0f32, 1., (n, cin, h, w), &dev).unwrap();
+        let z = x.conv2d(&conv_w, 1, 1, 1, 1).unwrap();
+        let zs: Vec<f32> = z.flatten_all().unwrap().to_vec1().unwrap();
+        let count = (n * h * w) as f64;
+        let channel = |c: usize| -> Vec<f64> {
+            (0..n)
+                .flat_map(|i| (0..h * w).map(move |p| (i, p)))
+                .map(|(i, p)| zs[(i * cout + c) * h * w + p] as f64)
+                .collect()
+        };
+        let stats: Vec<(f64, f64)> = (0..cout)
+            .map(|c| {
+                let v = channel(c);
+                let m = v.iter().sum::<f64>() / count;
+                (m, v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / count)
+            })
+            .collect();
+        training.set(true);
+        let y = layer.forward(&x).unwrap();
+        let ys: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let mut worst = 0f64;
+        for (i, (&yv, &zv)) in ys.iter().zip(&zs).enumerate() {
+            let c = i / (h * w) % cout;
+            let (m, v) = stats[c];
+            let want = (zv as f64 - m) / (v + 1e-5).sqrt() * gamma[c] as f64 + beta[c] as f64;
+            worst = worst.max((yv as f64 - want).abs());
+        }
+        assert!(worst < 1e-4, "training output off by {worst}");
+        // Running statistics moved by the momentum, the variance unbiased.
+        let (rm, rv) = layer.running_stats().unwrap();
+        let (rm, rv): (Vec<f32>, Vec<f32>) = (rm.to_vec1().unwrap(), rv.to_vec1().unwrap());
+        for c in 0..cout {
+            let (m, v) = stats[c];
+            let want_m = 0.9 * mean0[c] as f64 + 0.1 * m;
+            let want_v = 0.9 * var0[c] as f64 + 0.1 * v * count / (count - 1.0);
+            assert!((rm[c] as f64 - want_m).abs() < 1e-5, "mean {c}");
+            assert!((rv[c] as f64 - want_v).abs() < 1e-4, "var {c}");
+        }
+
+        // Every trained tensor gets a gradient through the batch statistics; γ's matches a
+        // central difference of the training output.
+        let probe = Tensor::randn(0f32, 1., y.shape(), &dev).unwrap();
+        let loss = |l: &ConvBn| -> f64 {
+            let out = l.forward(&x).unwrap();
+            (out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let grads = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in &vars {
+            assert!(grads.get(v.as_tensor()).is_some());
+        }
+        let g_gamma: Vec<f32> = grads.get(vars[1].as_tensor()).unwrap().to_vec1().unwrap();
+        for c in 0..cout {
+            let step = 1e-2f32;
+            let mut shifted = gamma;
+            shifted[c] += step;
+            vars[1].set(&Tensor::new(&shifted, &dev).unwrap()).unwrap();
+            let up = loss(&layer);
+            shifted[c] -= 2.0 * step;
+            vars[1].set(&Tensor::new(&shifted, &dev).unwrap()).unwrap();
+            let down = loss(&layer);
+            let fd = (up - down) / (2.0 * step as f64);
+            assert!(
+                (fd - g_gamma[c] as f64).abs() < 1e-2 * fd.abs().max(1.0),
+                "γ {c}"
+            );
+        }
+        vars[1].set(&Tensor::new(&gamma, &dev).unwrap()).unwrap();
+
+        // Evaluation: the running statistics, and the export loads back to the same layer.
+        training.set(false);
+        layer
+            .set_running_stats(
+                &Tensor::new(&[0.5f32, 0.0, -0.5], &dev).unwrap(),
+                &Tensor::new(&[1.0f32, 2.0, 3.0], &dev).unwrap(),
+            )
+            .unwrap();
+        let eval = layer.forward(&x).unwrap();
+        let bn = candle_nn::BatchNorm::new(
+            cout,
+            Tensor::new(&[0.5f32, 0.0, -0.5], &dev).unwrap(),
+            Tensor::new(&[1.0f32, 2.0, 3.0], &dev).unwrap(),
+            Tensor::new(&gamma, &dev).unwrap(),
+            Tensor::new(&beta, &dev).unwrap(),
+            1e-5,
+        )
+        .unwrap();
+        let want = candle_nn::ModuleT::forward_t(&bn, &z, false).unwrap();
+        assert!(max_abs_diff(&eval, &want) < 1e-4);
+        let mut exported = Vec::new();
+        layer.export(&mut exported).unwrap();
+        let vb = VarBuilder::from_tensors(exported.into_iter().collect(), DType::F32, &dev);
+        let names = ConvBnNames {
+            conv: vb.pp("c"),
+            bn: vb.pp("b"),
+        };
+        let reloaded = ConvBn::load(spec, names).unwrap();
+        assert!(max_abs_diff(&reloaded.forward(&x).unwrap(), &eval) < 1e-4);
     }
 }

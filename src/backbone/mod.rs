@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use channels_last::{ChannelsLastResNet, ChannelsLastTrunk};
-use layers::{Trunk, Tunable};
+use layers::{BnMode, Training, Trunk, Tunable};
 use zoo::{Architecture, BackboneSpec, WeightSource};
 
 /// Prefix of a fine-tuned backbone's tensors in a run's `model.safetensors`.
@@ -94,6 +94,8 @@ pub struct Backbone {
     /// The network on the channels-last engine: CPU-loaded MobileNetV2, EfficientNet-Lite and
     /// ResNets with fixed weights.
     channels_last: Option<CpuEngine>,
+    /// The switch of batch-norms in training mode (after [`Self::load_trainable_bn`]).
+    bn_training: Option<Training>,
 }
 
 impl Backbone {
@@ -125,6 +127,7 @@ impl Backbone {
             spec: spec.clone(),
             network,
             channels_last: None,
+            bn_training: None,
         };
         if on_cpu {
             model.channels_last = model.cpu_engine()?;
@@ -172,11 +175,76 @@ impl Backbone {
     /// EfficientNet-Lite the stem then the inverted-residual blocks, ResNet the stem then the
     /// residual blocks, the vision transformers the patch embedding then the encoder layers.
     pub fn block_var_counts(&self) -> Vec<usize> {
-        match &self.network {
+        let counts = match &self.network {
             Network::MobileNetV2(m) => m.trunk().block_var_counts(),
             Network::EfficientNetLite(m) => m.trunk().block_var_counts(),
             Network::ResNet(m) => m.block_var_counts(),
             Network::Transformer(m) => m.block_var_counts(),
+        };
+        match self.bn_training {
+            // Three variables per convolution (weight, γ, β) instead of two.
+            Some(_) => counts.into_iter().map(|c| c / 2 * 3).collect(),
+            None => counts,
+        }
+    }
+
+    /// The running mean and variance of every training batch-norm, in order (empty unless
+    /// [`Self::trains_batch_norm`]): a checkpoint's copy.
+    pub fn running_stats(&self) -> candle_core::Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for conv in self.tunable().conv_bns() {
+            if let Some((mean, var)) = conv.running_stats() {
+                out.push(mean.copy()?);
+                out.push(var.copy()?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets the running statistics from [`Self::running_stats`]' copy.
+    pub fn set_running_stats(&self, saved: &[Tensor]) -> candle_core::Result<()> {
+        let convs: Vec<_> = self
+            .tunable()
+            .conv_bns()
+            .into_iter()
+            .filter(|c| c.running_stats().is_some())
+            .collect();
+        if saved.len() != 2 * convs.len() {
+            candle_core::bail!(
+                "checkpoint: {} saved running statistics for {} batch-norms",
+                saved.len(),
+                convs.len()
+            );
+        }
+        for (conv, pair) in convs.iter().zip(saved.chunks_exact(2)) {
+            conv.set_running_stats(&pair[0], &pair[1])?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the batch-norms of the first `blocks` blocks (those `--freeze-blocks` freezes, as
+    /// [`Self::block_var_counts`] counts them) in evaluation mode: they keep their statistics.
+    pub fn hold_batch_norms(&self, blocks: usize) {
+        if self.bn_training.is_none() {
+            return;
+        }
+        let counts = self.block_var_counts();
+        let convs: usize = counts.iter().take(blocks).sum::<usize>() / 3;
+        for conv in self.tunable().conv_bns().into_iter().take(convs) {
+            conv.hold();
+        }
+    }
+
+    /// Whether the batch-norms train ([`Self::load_trainable_bn`]).
+    pub fn trains_batch_norm(&self) -> bool {
+        self.bn_training.is_some()
+    }
+
+    /// Switches training-mode batch-norms between a training step's batch statistics (`on`)
+    /// and the running statistics (evaluation); nothing for other networks.
+    pub fn set_training(&self, on: bool) {
+        if let Some(t) = &self.bn_training {
+            t.set(on);
         }
     }
 
@@ -198,6 +266,38 @@ impl Backbone {
             Network::ResNet(m) => m.make_trainable(&mut vars)?,
             Network::Transformer(m) => m.make_trainable(&mut vars)?,
         }
+        Ok((model, vars))
+    }
+
+    /// [`Self::load_trainable`] with `bn`: for [`BnMode::Train`], a CNN's batch-norms normalise
+    /// by the batch while [`Self::set_training`] is on and their running statistics follow;
+    /// the variables are each convolution's unfolded weight, γ and β. Errors for the vision
+    /// transformers (no batch-norm).
+    pub fn load_trainable_bn(
+        spec: &BackboneSpec,
+        weights: &Path,
+        device: &Device,
+        bn: BnMode,
+    ) -> Result<(Self, Vec<Var>)> {
+        if bn == BnMode::Frozen {
+            return Self::load_trainable(spec, weights, device);
+        }
+        let mut model = Self::load(spec, weights, device)?;
+        model.channels_last = None;
+        let training = Training::default();
+        let mut vars = Vec::new();
+        let made = match &mut model.network {
+            Network::MobileNetV2(m) => m.trunk_mut().make_trainable_bn(&mut vars, &training),
+            Network::EfficientNetLite(m) => m.trunk_mut().make_trainable_bn(&mut vars, &training),
+            Network::ResNet(m) => m.make_trainable_bn(&mut vars, &training),
+            Network::Transformer(m) => m.make_trainable_bn(&mut vars, &training),
+        };
+        made.map_err(|e| BackboneError::Mismatch {
+            what: "--bn train".into(),
+            name: spec.name.clone(),
+            message: e.to_string(),
+        })?;
+        model.bn_training = Some(training);
         Ok((model, vars))
     }
 

@@ -8,7 +8,9 @@ use candle_core::shape::Dim;
 use candle_core::{Module, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
-use super::layers::{global_avg_pool, ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding, Tunable};
+use super::layers::{
+    global_avg_pool, ConvBn, ConvBnNames, ConvKind, ConvSpec, Padding, Training, Tunable,
+};
 
 const BN_EPS: f64 = 1e-5;
 /// Stem width, then the width of each stage.
@@ -173,8 +175,22 @@ impl Tunable for ResNet {
         Ok(())
     }
 
+    fn make_trainable_bn(&mut self, vars: &mut Vec<Var>, training: &Training) -> Result<()> {
+        self.stem.make_trainable_bn(vars, training)?;
+        for block in &mut self.blocks {
+            for conv in block.convs.iter_mut().chain(block.downsample.as_mut()) {
+                conv.make_trainable_bn(vars, training)?;
+            }
+        }
+        Ok(())
+    }
+
     fn export(&self, out: &mut Vec<(String, Tensor)>) -> Result<()> {
         self.layers().try_for_each(|l| l.export(out))
+    }
+
+    fn conv_bns(&self) -> Vec<&ConvBn> {
+        self.layers().collect()
     }
 }
 

@@ -55,6 +55,14 @@ pub struct BackboneSpec {
 }
 
 impl BackboneSpec {
+    /// Whether the network has batch-norms (the CNNs; not the vision transformers).
+    pub fn has_batch_norm(&self) -> bool {
+        !matches!(
+            self.architecture,
+            Architecture::VitBasePatch16_224 | Architecture::ClipVitB32 | Architecture::Dinov2Small
+        )
+    }
+
     /// The image preprocessing this backbone expects.
     pub fn preprocess(&self) -> Preprocess {
         Preprocess {

@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
 use super::{ArtifactsArgs, CacheArgs, DeviceArgs, MlflowArgs, RegistryArgs};
+use bccp::backbone::layers::BnMode;
 use bccp::cleanse::Method;
 use bccp::config::RunConfig;
 use bccp::pipeline::{self, RunEnv};
@@ -140,8 +141,14 @@ fn print_config(cfg: &RunConfig, device: &candle_core::Device) {
     match cfg.finetune {
         Finetune::Head => println!("fine-tuning        head (linear probe on cached features)"),
         Finetune::Full => println!(
-            "fine-tuning        full (backbone lr {}, batch-norm statistics frozen, first {} blocks frozen, {} batches per step)",
-            cfg.backbone_lr, cfg.freeze_blocks, cfg.accumulate
+            "fine-tuning        full (backbone lr {}, batch-norm {}, first {} blocks frozen, {} batches per step)",
+            cfg.backbone_lr,
+            match cfg.bn {
+                BnMode::Frozen => "statistics frozen",
+                BnMode::Train => "in training mode",
+            },
+            cfg.freeze_blocks,
+            cfg.accumulate
         ),
     }
     println!("=======================================================");

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+use crate::backbone::layers::BnMode;
 use crate::backbone::limits::{self, MAX_BATCH_SIZE, MAX_IMAGE_SIZE};
 use crate::backbone::{zoo, BackboneError};
 use crate::baselines::FilterBy;
@@ -224,6 +225,11 @@ pub struct RunConfig {
     /// of K × batch size; 1: a step per batch).
     #[arg(long, default_value_t = d().accumulate)]
     pub accumulate: usize,
+    /// With --finetune full on a CNN: frozen (batch-norms folded with their pretrained
+    /// statistics) or train (normalised by each batch, running statistics updated; trains on
+    /// candle's autograd, not the channels-last engine).
+    #[arg(long, default_value_t = d().bn, value_enum)]
+    pub bn: BnMode,
     /// The training loss (methods may override it: anl_ce trains with ANL-CE).
     #[arg(long, default_value_t = d().loss, value_enum)]
     pub loss: Loss,
@@ -286,6 +292,7 @@ impl Default for RunConfig {
             warmup_epochs: train.warmup_epochs,
             freeze_blocks: train.freeze_blocks,
             accumulate: train.accumulate,
+            bn: BnMode::Frozen,
             loss: train.loss,
             seed: train.seed,
             model_name: "bccp".into(),
@@ -457,10 +464,20 @@ impl RunConfig {
                 "`freeze_blocks` {} freezes blocks of the backbone, which only `finetune` full trains",
                 self.freeze_blocks
             )));
+        } else if self.bn == BnMode::Train {
+            return Err(invalid(
+                "`bn` train trains the backbone's batch-norms, which only `finetune` full trains",
+            ));
         } else if self.accumulate != 1 {
             return Err(invalid(format!(
                 "`accumulate` {} accumulates the gradients of `finetune` full; head training takes a step per batch",
                 self.accumulate
+            )));
+        }
+        if self.bn == BnMode::Train && !spec.has_batch_norm() {
+            return Err(invalid(format!(
+                "`bn` train: {} has no batch-norm (layer-norms only); it takes `bn` frozen",
+                spec.name
             )));
         }
         at_least("accumulate", self.accumulate, 1, "1 takes a step per batch")?;
@@ -854,6 +871,22 @@ mod tests {
                     ..base.clone()
                 },
                 "--freeze-blocks 2 freezes blocks of the backbone, which only --finetune full trains",
+            ),
+            (
+                RunConfig {
+                    bn: BnMode::Train,
+                    ..base.clone()
+                },
+                "--bn train trains the backbone's batch-norms, which only --finetune full trains",
+            ),
+            (
+                RunConfig {
+                    finetune: Finetune::Full,
+                    bn: BnMode::Train,
+                    backbone: "vit_base_patch16_224".into(),
+                    ..base.clone()
+                },
+                "--bn train: vit_base_patch16_224 has no batch-norm (layer-norms only); it takes --bn frozen",
             ),
             (
                 RunConfig {

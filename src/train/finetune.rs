@@ -332,7 +332,7 @@ pub fn finetune(
         (Some(images), Some((_, labels))) => Some(TestImages { images, labels }),
         _ => None,
     };
-    let engine = match device.is_cpu() {
+    let engine = match device.is_cpu() && !backbone.trains_batch_norm() {
         true => EngineTrainer::for_backbone(backbone)?,
         false => None,
     };
@@ -398,6 +398,7 @@ pub fn finetune_candle(
         )));
     }
     let trained = backbone_vars.split_off(frozen);
+    backbone.hold_batch_norms(cfg.freeze_blocks);
     let mut backbone_opt = Adam::new(trained.clone(), backbone_lr)?;
     let (head_vars, linear) = init_head(classes, dim, cfg.seed, device)?;
     let mut head_opt = Adam::new(head_vars.clone(), cfg.lr)?;
@@ -411,7 +412,10 @@ pub fn finetune_candle(
         checkpointing,
     )?;
     if let Some(r) = rest {
-        restore_vars(&trained, &r.backbone, "backbone")?;
+        // The trained variables, then (`--bn train`) the batch-norms' running statistics.
+        let (saved, running) = r.backbone.split_at(trained.len().min(r.backbone.len()));
+        restore_vars(&trained, saved, "backbone")?;
+        backbone.set_running_stats(running)?;
         backbone_opt.restore(backbone_state(&r)?)?;
     }
     let batch = cfg.batch_size.max(1);
@@ -429,7 +433,10 @@ pub fn finetune_candle(
             let mut step = GradStore::default();
             for chunk in group.chunks(batch) {
                 let images = images.tensor(chunk, device)?;
-                let mut x = backbone.embed(&images)?;
+                backbone.set_training(true);
+                let embedded = backbone.embed(&images);
+                backbone.set_training(false);
+                let mut x = embedded?;
                 if cfg.dropout > 0.0 {
                     let mask =
                         dropout_mask(&mut lp.dropout_rng, chunk.len(), dim, cfg.dropout, device)?;
@@ -452,8 +459,10 @@ pub fn finetune_candle(
             })?,
         );
         let rest = || {
+            let mut saved = copies(&trained)?;
+            saved.extend(backbone.running_stats()?);
             Ok(Rest {
-                backbone: copies(&trained)?,
+                backbone: saved,
                 optimisers: vec![backbone_opt.state()],
             })
         };

@@ -127,8 +127,9 @@ struct Layer {
 impl Layer {
     /// The layer of `conv`, with activation `act`; `input` matters for dense layers only.
     fn from_conv(conv: &ConvBn, act: Act, input: DenseInput) -> Result<Self> {
-        let w = conv.weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let bias = conv.bias.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let (weight, bias) = conv.folded()?;
+        let w = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let bias = bias.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let bias = bias.to_vec1::<f32>()?;
         let cout = bias.len();
         let flat = w.flatten_all()?.to_vec1::<f32>()?;
