@@ -575,7 +575,9 @@ pub fn finetune_channels_last(
         lp.history.push(
             tally.finish(epoch, &linear, classes, test, batch, |images, idx| {
                 let fwd = trainer.forward(&images.batch(idx)?, idx.len(), size)?;
-                Ok(Tensor::from_vec(fwd.features, (idx.len(), dim), device)?)
+                let features = Tensor::from_slice(&fwd.features, (idx.len(), dim), device)?;
+                trainer.recycle(fwd);
+                Ok(features)
             })?,
         );
         let rest = || {
