@@ -410,7 +410,10 @@ fn finetune_options_reach_the_run_and_frozen_blocks_keep_their_weights() {
             }
         } else {
             let err = common::rel_diff(&tuned[key], value, 1.0);
-            assert!(err <= 1e-5, "{key} is frozen but moved {diff} ({err} relative)");
+            assert!(
+                err <= 1e-5,
+                "{key} is frozen but moved {diff} ({err} relative)"
+            );
         }
     }
     assert!(final_bias_moved > 1e-3, "{final_bias_moved}");
