@@ -525,12 +525,12 @@ impl Trunk {
 }
 
 impl Trunk {
-    /// Trainable variables per block, in the order of [`Tunable::make_trainable`]: the stem,
-    /// then each inverted-residual block (two per convolution); the 1×1 head after them is no
-    /// block (`--freeze-blocks` never freezes it).
-    pub fn block_var_counts(&self) -> Vec<usize> {
-        std::iter::once(2)
-            .chain(self.blocks.iter().map(|b| 2 * b.layers.len()))
+    /// Convolutions per block, in the order of [`Tunable::make_trainable`]: the stem, then
+    /// each inverted-residual block; the 1×1 head after them is no block (`--freeze-blocks`
+    /// never freezes it).
+    pub fn block_conv_counts(&self) -> Vec<usize> {
+        std::iter::once(1)
+            .chain(self.blocks.iter().map(|b| b.layers.len()))
             .collect()
     }
 }

@@ -175,16 +175,22 @@ impl Backbone {
     /// EfficientNet-Lite the stem then the inverted-residual blocks, ResNet the stem then the
     /// residual blocks, the vision transformers the patch embedding then the encoder layers.
     pub fn block_var_counts(&self) -> Vec<usize> {
-        let counts = match &self.network {
-            Network::MobileNetV2(m) => m.trunk().block_var_counts(),
-            Network::EfficientNetLite(m) => m.trunk().block_var_counts(),
-            Network::ResNet(m) => m.block_var_counts(),
-            Network::Transformer(m) => m.block_var_counts(),
-        };
-        match self.bn_training {
-            // Three variables per convolution (weight, γ, β) instead of two.
-            Some(_) => counts.into_iter().map(|c| c / 2 * 3).collect(),
-            None => counts,
+        // Per convolution: the folded weight and bias, or the weight, γ and β (`--bn train`).
+        let per_conv = if self.bn_training.is_some() { 3 } else { 2 };
+        match (&self.network, self.block_conv_counts()) {
+            (Network::Transformer(m), _) => m.block_var_counts(),
+            (_, Some(convs)) => convs.into_iter().map(|c| c * per_conv).collect(),
+            (_, None) => Vec::new(),
+        }
+    }
+
+    /// Convolutions per block of the CNNs (`None` for the vision transformers).
+    fn block_conv_counts(&self) -> Option<Vec<usize>> {
+        match &self.network {
+            Network::MobileNetV2(m) => Some(m.trunk().block_conv_counts()),
+            Network::EfficientNetLite(m) => Some(m.trunk().block_conv_counts()),
+            Network::ResNet(m) => Some(m.block_conv_counts()),
+            Network::Transformer(_) => None,
         }
     }
 
@@ -222,14 +228,13 @@ impl Backbone {
         Ok(())
     }
 
-    /// Keeps the batch-norms of the first `blocks` blocks (those `--freeze-blocks` freezes, as
-    /// [`Self::block_var_counts`] counts them) in evaluation mode: they keep their statistics.
+    /// Keeps the batch-norms of the first `blocks` blocks (those `--freeze-blocks` freezes) in
+    /// evaluation mode: they keep their statistics.
     pub fn hold_batch_norms(&self, blocks: usize) {
-        if self.bn_training.is_none() {
+        let (Some(_), Some(counts)) = (&self.bn_training, self.block_conv_counts()) else {
             return;
-        }
-        let counts = self.block_var_counts();
-        let convs: usize = counts.iter().take(blocks).sum::<usize>() / 3;
+        };
+        let convs: usize = counts.iter().take(blocks).sum();
         for conv in self.tunable().conv_bns().into_iter().take(convs) {
             conv.hold();
         }

@@ -151,14 +151,14 @@ impl ResNet {
 }
 
 impl ResNet {
-    /// Trainable variables per block, in the order of [`Tunable::make_trainable`]: the stem,
-    /// then each residual block (two per convolution, its downsampling one included).
-    pub fn block_var_counts(&self) -> Vec<usize> {
-        std::iter::once(2)
+    /// Convolutions per block, in the order of [`Tunable::make_trainable`]: the stem, then
+    /// each residual block (its downsampling one included).
+    pub fn block_conv_counts(&self) -> Vec<usize> {
+        std::iter::once(1)
             .chain(
                 self.blocks
                     .iter()
-                    .map(|b| 2 * (b.convs.len() + usize::from(b.downsample.is_some()))),
+                    .map(|b| b.convs.len() + usize::from(b.downsample.is_some())),
             )
             .collect()
     }
