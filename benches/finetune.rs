@@ -66,11 +66,12 @@ fn trainable(name: &str) -> (Backbone, Vec<Var>) {
     // A builder's default is zeros: weights of variance 1 / fan-in, gains near 1, biases
     // and batch-norm statistics near the identity.
     let mut rng = Rng::new(3);
-    let tensors: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("varmap")
-        .iter()
+    // In name order, so that the weights do not depend on the map's iteration order.
+    let data = varmap.data().lock().expect("varmap");
+    let mut named: Vec<_> = data.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    let tensors: HashMap<String, Tensor> = named
+        .into_iter()
         .map(|(k, v)| {
             let dims = v.as_tensor().dims().to_vec();
             let count: usize = dims.iter().product();

@@ -60,8 +60,12 @@ fn random_trainable(name: &str, seed: u64) -> (Backbone, Vec<candle_core::Var>) 
     Backbone::from_var_builder(&spec, vb).unwrap();
     let mut rng = bccp::rng::Rng::new(seed);
     let mut tensors = std::collections::HashMap::new();
-    for (key, var) in varmap.data().lock().unwrap().iter() {
-        let t = var.as_tensor().detach();
+    // In name order, so that the weights do not depend on the map's iteration order.
+    let data = varmap.data().lock().unwrap();
+    let mut keys: Vec<&String> = data.keys().collect();
+    keys.sort();
+    for key in keys {
+        let t = data[key].as_tensor().detach();
         let dims = t.dims().to_vec();
         let range = match key.rsplit('.').next() {
             Some("running_var") => Some((0.5, 2.0)),
