@@ -8,6 +8,8 @@
 //!   ViT-B/16 (`finetune224_vit_b16/candle_autograd`, batch 8) at 224×224 on candle's
 //!   autograd (the path transformers train on), random weights. candle's path is left out
 //!   where it takes many seconds per step (ResNet-18: about 10 s on 2 threads).
+//! - `…/channels_last_bf16`: the engine with bf16 products (`--precision bf16`), on CPUs
+//!   with AVX512-BF16.
 //!
 //! `scripts/bench-finetune.sh` runs PyTorch on the same steps in the same run. Needs
 //! `scripts/fetch-assets.sh`. Threads: RAYON_NUM_THREADS.
@@ -16,6 +18,7 @@ use std::collections::HashMap;
 
 use bccp::backbone::channels_last::EngineTrainer;
 use bccp::backbone::{zoo, Backbone};
+use bccp::ops::bf16_gemm::{self, Precision};
 use bccp::progress::Progress;
 use bccp::rng::Rng;
 use bccp::train::finetune::{finetune_candle, finetune_channels_last, TrainImages};
@@ -145,6 +148,27 @@ fn finetune(c: &mut Criterion) {
                     .expect("step")
                 })
             });
+            if bf16_gemm::available() {
+                let mut trainer = trainer.clone();
+                trainer.set_precision(Precision::Bf16).expect("bf16");
+                group.bench_function("channels_last_bf16", |b| {
+                    b.iter(|| {
+                        finetune_channels_last(
+                            trainer.clone(),
+                            &vars,
+                            &images,
+                            &labels,
+                            CLASSES,
+                            &cfg,
+                            1e-4,
+                            None,
+                            &Progress::hidden(),
+                            None,
+                        )
+                        .expect("step")
+                    })
+                });
+            }
         }
         if candle {
             group.bench_function("candle_autograd", |b| {

@@ -1,6 +1,7 @@
 //! Custom tensor ops that candle lacks or runs slowly, each with its CPU path and (behind
 //! features) its GPU kernels in `kernels/`.
 
+pub mod bf16_gemm;
 pub mod bias_act;
 pub mod depthwise;
 #[cfg(feature = "cuda")]

@@ -5,12 +5,15 @@
 //! Every function accumulates into its gradient buffers (`+=`) and is single-threaded: the
 //! caller splits the batch across threads, as in the forward.
 
+use super::bf16_gemm::{self, Precision, Strided};
 use super::nhwc::{Act, ConvGeometry};
 
 /// `dst[m, n] (+)= Σ_k lhs(i, k) · rhs(k, j)` with the operands given by (column, row)
-/// strides; `accumulate` adds to `dst`, else overwrites it.
+/// strides; `accumulate` adds to `dst`, else overwrites it. With [`Precision::Bf16`] the
+/// operands are rounded to bf16 ([`bf16_gemm::gemm`]).
 #[allow(clippy::too_many_arguments)]
 fn gemm_acc(
+    precision: Precision,
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     lhs: &[f32],
@@ -29,6 +32,16 @@ fn gemm_acc(
             && rhs.len() > last(rhs_cs, rhs_rs, k, n),
         "gemm_acc: buffers too small for [{m}, {k}] x [{k}, {n}]"
     );
+    if precision == Precision::Bf16 {
+        let view = |data, (col_stride, row_stride)| Strided {
+            data,
+            row_stride,
+            col_stride,
+        };
+        let (lhs, rhs) = (view(lhs, (lhs_cs, lhs_rs)), view(rhs, (rhs_cs, rhs_rs)));
+        bf16_gemm::gemm((m, n, k), dst, accumulate, lhs, rhs, None);
+        return;
+    }
     // SAFETY: the assertion keeps the last element of every strided view inside its slice
     // (all strides are non-negative); `dst` is exclusively borrowed and aliases neither input.
     unsafe {
@@ -58,20 +71,38 @@ fn gemm_acc(
 
 /// Weight gradient of `z = x · wᵀ` (a 1×1 convolution over `m` pixels, or a dense one over
 /// its im2col rows): `dw[n, k] += Σ_m dz[m, n] · x[m, k]`.
-pub fn weight_grad_acc(dz: &[f32], x: &[f32], dw: &mut [f32], m: usize, k: usize, n: usize) {
+pub fn weight_grad_acc(
+    precision: Precision,
+    dz: &[f32],
+    x: &[f32],
+    dw: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+) {
     // dzᵀ is [n, m] with column stride n and row stride 1; x is [m, k] row-major.
-    gemm_acc((n, k, m), dw, dz, (n, 1), x, (1, k), true);
+    gemm_acc(precision, (n, k, m), dw, dz, (n, 1), x, (1, k), true);
 }
 
 /// Input gradient of `z = x · wᵀ`: `dx[m, k] += Σ_n dz[m, n] · w[n, k]`.
-pub fn input_grad_acc(dz: &[f32], w: &[f32], dx: &mut [f32], m: usize, k: usize, n: usize) {
-    gemm_acc((m, k, n), dx, dz, (1, n), w, (1, k), true);
+pub fn input_grad_acc(
+    precision: Precision,
+    dz: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+) {
+    gemm_acc(precision, (m, k, n), dx, dz, (1, n), w, (1, k), true);
 }
 
 /// [`input_grad_acc`] overwriting `dx[..m·k]` instead of adding to it (no zeroing pass over a
 /// large im2col gradient).
-pub fn input_grad(dz: &[f32], w: &[f32], dx: &mut [f32], m: usize, k: usize, n: usize) {
-    gemm_acc((m, k, n), dx, dz, (1, n), w, (1, k), false);
+pub fn input_grad(
+    precision: Precision,
+    dz: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+) {
+    gemm_acc(precision, (m, k, n), dx, dz, (1, n), w, (1, k), false);
 }
 
 /// The adjoint of [`super::nhwc::im2col_hwc`] for one image: adds each row of the gradient
@@ -428,8 +459,8 @@ mod tests {
             let mut dz = probe.clone();
             act_grad(&mut dz, &y, act);
             let (mut dw, mut dx, mut db) = (vec![0f32; n * k], vec![0f32; m * k], vec![0f32; n]);
-            weight_grad_acc(&dz, &x, &mut dw, m, k, n);
-            input_grad_acc(&dz, &w, &mut dx, m, k, n);
+            weight_grad_acc(Precision::F32, &dz, &x, &mut dw, (m, k, n));
+            input_grad_acc(Precision::F32, &dz, &w, &mut dx, (m, k, n));
             bias_grad_acc(&dz, &mut db);
             let h = 1e-2;
             let err_w = fd_check(&mut w.clone(), &dw, h, &mut |p| {
@@ -448,9 +479,9 @@ mod tests {
         }
         // Accumulation: a second call adds the same amount again.
         let mut dw = vec![1f32; n * k];
-        weight_grad_acc(&probe, &x, &mut dw, m, k, n);
+        weight_grad_acc(Precision::F32, &probe, &x, &mut dw, (m, k, n));
         let mut once = vec![0f32; n * k];
-        weight_grad_acc(&probe, &x, &mut once, m, k, n);
+        weight_grad_acc(Precision::F32, &probe, &x, &mut once, (m, k, n));
         for (a, b) in dw.iter().zip(&once) {
             assert!((a - 1.0 - b).abs() < 1e-6);
         }
@@ -570,9 +601,9 @@ mod tests {
         let (m, k, n) = (7, 5, 3);
         let (dz, w) = (values(m * n, 13), values(n * k, 14));
         let mut acc = vec![0f32; m * k];
-        input_grad_acc(&dz, &w, &mut acc, m, k, n);
+        input_grad_acc(Precision::F32, &dz, &w, &mut acc, (m, k, n));
         let mut over = vec![f32::NAN; m * k];
-        input_grad(&dz, &w, &mut over, m, k, n);
+        input_grad(Precision::F32, &dz, &w, &mut over, (m, k, n));
         assert_eq!(acc, over);
     }
 

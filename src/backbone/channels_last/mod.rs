@@ -28,6 +28,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::layers::{ConvBn, ConvKind, Padding};
+use crate::ops::bf16_gemm::{self, Epilogue, Precision, Strided};
 use crate::ops::nhwc::{self, Act, ConvGeometry, DepthwiseFn};
 use crate::ops::packed_gemm::{self, PackedWeight};
 
@@ -122,6 +123,8 @@ struct Layer {
     /// `weight` packed for the fused AVX-512 product (pointwise and dense layers on CPUs that
     /// have it); rebuilt by [`Layer::repack`] whenever `weight` changes.
     packed: Option<PackedWeight>,
+    /// The products' arithmetic: [`Precision::Bf16`] only in a trainer that asked for it.
+    precision: Precision,
 }
 
 impl Layer {
@@ -164,6 +167,7 @@ impl Layer {
             act,
             input,
             packed: None,
+            precision: Precision::F32,
         };
         layer.repack();
         Ok(layer)
@@ -183,6 +187,23 @@ impl Layer {
 
     /// `dst = act(src · weightᵀ + bias [+ residual])` over `m` rows of `src`.
     fn product(&self, src: &[f32], m: usize, residual: Option<&[f32]>, dst: &mut [f32]) {
+        if self.precision == Precision::Bf16 {
+            let k = self.weight.len() / self.cout.max(1);
+            let epilogue = Epilogue {
+                bias: &self.bias,
+                residual,
+                act: self.act,
+            };
+            bf16_gemm::gemm(
+                (m, self.cout, k),
+                &mut dst[..m * self.cout],
+                false,
+                Strided::rows(src, k),
+                Strided::transposed(&self.weight, k),
+                Some(epilogue),
+            );
+            return;
+        }
         packed_gemm::dense_bias_act(
             src,
             m,

@@ -18,6 +18,7 @@ use super::{ConvKind, DenseInput, Layer, MAX_CHUNK};
 use crate::backbone::layers::Trunk;
 use crate::backbone::resnet::ResNet;
 use crate::backbone::Backbone;
+use crate::ops::bf16_gemm::{self, Precision};
 use crate::ops::nhwc::{self, DepthwiseFn};
 use crate::ops::nhwc_grad as grad;
 
@@ -34,6 +35,8 @@ pub struct EngineTrainer {
     /// and their gradients stay zero.
     pub(super) frozen_blocks: usize,
     pub(super) buffers: Buffers,
+    /// The arithmetic of every dense and pointwise product, forward and backward.
+    precision: Precision,
 }
 
 /// Most buffers [`Buffers`] keeps.
@@ -198,7 +201,29 @@ impl EngineTrainer {
             depthwise: nhwc::depthwise_kernel(),
             frozen_blocks: 0,
             buffers: Buffers::default(),
+            precision: Precision::F32,
         }
+    }
+
+    /// Runs every dense and pointwise product, forward and backward, in `precision`
+    /// ([`Precision::Bf16`]: bf16 operands, f32 sums; the parameters and gradients stay f32).
+    /// Errors for bf16 on a CPU without AVX512-BF16.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if precision == Precision::Bf16 && !bf16_gemm::available() {
+            candle_core::bail!(
+                "channels-last training: bf16 products need a CPU with AVX512-BF16, which this one lacks"
+            );
+        }
+        self.precision = precision;
+        for l in &mut self.layers {
+            l.precision = precision;
+        }
+        Ok(())
+    }
+
+    /// The arithmetic of the products ([`Self::set_precision`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Parameters per block ([`Self::param_lens`] order): the stem, then each block (a
@@ -521,13 +546,13 @@ impl EngineTrainer {
         match l.kind {
             ConvKind::Pointwise => {
                 let m = n * pixels;
-                grad::weight_grad_acc(&dy, x, gw, m, l.cin, l.cout);
+                grad::weight_grad_acc(self.precision, &dy, x, gw, (m, l.cin, l.cout));
                 if !input_grad {
                     self.buffers.give([dy]);
                     return Ok(Vec::new());
                 }
                 let mut dx = self.buffers.scratch(m * l.cin);
-                grad::input_grad(&dy, &l.weight, &mut dx, m, l.cin, l.cout);
+                grad::input_grad(self.precision, &dy, &l.weight, &mut dx, (m, l.cin, l.cout));
                 self.buffers.give([dy]);
                 Ok(dx)
             }
@@ -554,7 +579,7 @@ impl EngineTrainer {
                         DenseInput::Hwc => nhwc::im2col_hwc(x, l.cin, &g, dst),
                     }
                 }
-                grad::weight_grad_acc(&dy, cols, gw, m, width, l.cout);
+                grad::weight_grad_acc(self.precision, &dy, cols, gw, (m, width, l.cout));
                 if !input_grad {
                     self.buffers.give([dy]);
                     return Ok(Vec::new());
@@ -563,7 +588,7 @@ impl EngineTrainer {
                     candle_core::bail!("channels-last training: no input gradient for a stem");
                 }
                 let dcols = at_least(&mut scratch.dcols, m * width);
-                grad::input_grad(&dy, &l.weight, dcols, m, width, l.cout);
+                grad::input_grad(self.precision, &dy, &l.weight, dcols, (m, width, l.cout));
                 let mut dx = self.buffers.zeroed(n * image);
                 for (dx, dcols) in dx
                     .chunks_exact_mut(image)
