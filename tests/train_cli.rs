@@ -305,6 +305,48 @@ fn full_finetune_trains_the_backbone_and_predict_uses_it() {
     let train_ids: Vec<u64> = serde_json::from_value(split["monday_train"].clone()).unwrap();
     let right = predicted_right(&days, &runs, "full", Some(&train_ids[..20]));
     assert!(right >= 15, "{right}/20 right");
+    assert_eq!(params["precision"], "f32");
+
+    // The same run with bf16 products (on CPUs with AVX512-BF16) learns as much.
+    if !bccp::ops::bf16_gemm::available() {
+        eprintln!("bf16 run skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    let out = success(&train(
+        &days,
+        &runs,
+        &cache,
+        &[
+            "-t",
+            "monday",
+            "--monday-num",
+            "600",
+            "--epochs",
+            "2",
+            "--finetune",
+            "full",
+            "--precision",
+            "bf16",
+            "--model-name",
+            "full16",
+        ],
+    ));
+    assert!(out.contains("1 batches per step, bf16 products"), "{out}");
+    let run16 = runs.join("full16/1");
+    let acc16 = metrics(&run16)["test_accuracy"].as_f64().unwrap();
+    eprintln!("test accuracy: f32 products {acc}, bf16 products {acc16}");
+    assert!(
+        (acc16 - acc).abs() <= 0.05,
+        "bf16 products: test accuracy {acc16} against {acc} in f32"
+    );
+    let params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run16.join("params.json")).unwrap()).unwrap();
+    assert_eq!(params["precision"], "bf16");
+    let tuned16 =
+        candle_core::safetensors::load(run16.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let apart = common::max_abs_diff(&tuned16[key], &tuned[key]);
+    assert!(apart > 0.0, "bf16 training ended on the f32 run's weights");
 }
 
 #[test]
@@ -433,7 +475,7 @@ fn bad_flag_combinations_are_refused_before_work() {
     std::fs::create_dir_all(&days).unwrap();
     let runs = tmp.path().join("runs");
     let cache = tmp.path().join("cache");
-    let cases: [(&[&str], &str); 16] = [
+    let cases: [(&[&str], &str); 19] = [
         (
             &["-t", "monday", "-b", "Y", "--method", "cleanlab"],
             "cannot be combined with --method cleanlab",
@@ -494,6 +536,36 @@ fn bad_flag_combinations_are_refused_before_work() {
         (
             &["-t", "monday", "--lr-schedule", "step"],
             "possible values: decay, cosine",
+        ),
+        (
+            &["-t", "monday", "--precision", "bf16"],
+            "--precision bf16 sets the products of --finetune full; head training runs in f32",
+        ),
+        (
+            &[
+                "-t",
+                "monday",
+                "--finetune",
+                "full",
+                "--precision",
+                "bf16",
+                "--bn",
+                "train",
+            ],
+            "--precision bf16 runs on the channels-last engine, which keeps the batch-norms folded",
+        ),
+        (
+            &[
+                "-t",
+                "monday",
+                "--finetune",
+                "full",
+                "--precision",
+                "bf16",
+                "--backbone",
+                "vit_base_patch16_224",
+            ],
+            "vit_base_patch16_224 trains on candle's autograd in f32",
         ),
         (&["-t", "monday"], "not a prepared dataset"),
     ];

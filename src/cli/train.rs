@@ -141,14 +141,15 @@ fn print_config(cfg: &RunConfig, device: &candle_core::Device) {
     match cfg.finetune {
         Finetune::Head => println!("fine-tuning        head (linear probe on cached features)"),
         Finetune::Full => println!(
-            "fine-tuning        full (backbone lr {}, batch-norm {}, first {} blocks frozen, {} batches per step)",
+            "fine-tuning        full (backbone lr {}, batch-norm {}, first {} blocks frozen, {} batches per step, {} products)",
             cfg.backbone_lr,
             match cfg.bn {
                 BnMode::Frozen => "statistics frozen",
                 BnMode::Train => "in training mode",
             },
             cfg.freeze_blocks,
-            cfg.accumulate
+            cfg.accumulate,
+            cfg.precision.name()
         ),
     }
     println!("=======================================================");

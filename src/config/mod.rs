@@ -17,6 +17,7 @@ use crate::baselines::FilterBy;
 use crate::cleanse::{CleanseConfig, Method};
 use crate::cutoff::{Action, Percentile, Scope, Score};
 use crate::data::Day;
+use crate::ops::bf16_gemm::Precision;
 use crate::sampling::{PairMode, Sampling};
 use crate::train::finetune::Finetune;
 use crate::train::{Loss, LrSchedule, TrainConfig};
@@ -230,6 +231,10 @@ pub struct RunConfig {
     /// candle's autograd, not the channels-last engine).
     #[arg(long, default_value_t = d().bn, value_enum)]
     pub bn: BnMode,
+    /// With --finetune full on the channels-last engine (the CNNs on the CPU, --bn frozen):
+    /// the products' arithmetic, f32 or bf16 (bf16 operands, f32 sums; needs AVX512-BF16).
+    #[arg(long, default_value_t = d().precision, value_enum)]
+    pub precision: Precision,
     /// The training loss (methods may override it: anl_ce trains with ANL-CE).
     #[arg(long, default_value_t = d().loss, value_enum)]
     pub loss: Loss,
@@ -293,6 +298,7 @@ impl Default for RunConfig {
             freeze_blocks: train.freeze_blocks,
             accumulate: train.accumulate,
             bn: BnMode::Frozen,
+            precision: train.precision,
             loss: train.loss,
             seed: train.seed,
             model_name: "bccp".into(),
@@ -335,6 +341,7 @@ impl RunConfig {
             warmup_epochs: self.warmup_epochs,
             freeze_blocks: self.freeze_blocks,
             accumulate: self.accumulate,
+            precision: self.precision,
             loss: self.loss,
             seed: self.seed,
             ..TrainConfig::default()
@@ -473,6 +480,29 @@ impl RunConfig {
                 "`accumulate` {} accumulates the gradients of `finetune` full; head training takes a step per batch",
                 self.accumulate
             )));
+        } else if self.precision != Precision::F32 {
+            return Err(invalid(format!(
+                "`precision` {} sets the products of `finetune` full; head training runs in f32",
+                self.precision.name()
+            )));
+        }
+        if self.precision == Precision::Bf16 {
+            if !spec.has_batch_norm() {
+                return Err(invalid(format!(
+                    "`precision` bf16 runs on the channels-last engine, which trains the CNNs; {} trains on candle's autograd in f32",
+                    spec.name
+                )));
+            }
+            if self.bn == BnMode::Train {
+                return Err(invalid(
+                    "`precision` bf16 runs on the channels-last engine, which keeps the batch-norms folded: use `bn` frozen, or `precision` f32 with `bn` train",
+                ));
+            }
+            if !crate::ops::bf16_gemm::available() {
+                return Err(invalid(
+                    "`precision` bf16 needs a CPU with AVX512-BF16, which this one lacks; use `precision` f32",
+                ));
+            }
         }
         if self.bn == BnMode::Train && !spec.has_batch_norm() {
             return Err(invalid(format!(

@@ -50,6 +50,11 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Whether this is the default, f32 (left out of a checkpoint's fingerprint).
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
     /// The command-line name.
     pub fn name(self) -> &'static str {
         match self {

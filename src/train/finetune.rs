@@ -18,7 +18,7 @@ use super::adam::{Adam, AdamState};
 use super::checkpoint::Checkpointing;
 use super::epoch_loop::{copies, restore_vars, EpochLoop, Rest};
 use super::flat_adam::FlatAdam;
-use super::{accuracy, dropout_mask, init_head, EpochStats, Head, TrainConfig};
+use super::{accuracy, dropout_mask, init_head, EpochStats, Head, Precision, TrainConfig};
 use crate::backbone::channels_last::EngineTrainer;
 use crate::backbone::Backbone;
 use crate::data::loader::{load_batch, Preprocess};
@@ -336,19 +336,36 @@ pub fn finetune(
         true => EngineTrainer::for_backbone(backbone)?,
         false => None,
     };
+    if engine.is_none() && cfg.precision != Precision::F32 {
+        let why = if !device.is_cpu() {
+            "not on the CPU"
+        } else if backbone.trains_batch_norm() {
+            "--bn train"
+        } else {
+            "a vision transformer"
+        };
+        return Err(FinetuneError::Input(format!(
+            "--precision {} runs on the channels-last engine (the CNNs on the CPU, --bn frozen); {} trains here on candle's autograd ({why}), in f32 only: use --precision f32",
+            cfg.precision.name(),
+            backbone.spec().name
+        )));
+    }
     match engine {
-        Some(trainer) => finetune_channels_last(
-            trainer,
-            &backbone_vars,
-            &images,
-            labels,
-            classes,
-            cfg,
-            backbone_lr,
-            test,
-            progress,
-            checkpointing,
-        ),
+        Some(mut trainer) => {
+            trainer.set_precision(cfg.precision)?;
+            finetune_channels_last(
+                trainer,
+                &backbone_vars,
+                &images,
+                labels,
+                classes,
+                cfg,
+                backbone_lr,
+                test,
+                progress,
+                checkpointing,
+            )
+        }
         None => finetune_candle(
             backbone,
             backbone_vars,

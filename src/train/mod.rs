@@ -21,6 +21,7 @@ use adam::Adam;
 use checkpoint::Checkpointing;
 use epoch_loop::{EpochLoop, Rest};
 
+pub use crate::ops::bf16_gemm::Precision;
 pub use loss::Loss;
 pub use schedule::{LrSchedule, Schedule};
 
@@ -42,6 +43,11 @@ pub struct TrainConfig {
     /// Full fine-tuning: batches whose gradients are summed into one step (1: a step per
     /// batch), each weighted by its share of the step's samples.
     pub accumulate: usize,
+    /// Full fine-tuning on the channels-last engine: the arithmetic of its products (bf16:
+    /// bf16 operands, f32 sums). Serialised only when not f32, so that the fingerprints of
+    /// checkpoints written before the setting stay valid.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     pub loss: Loss,
     /// Dropout before the head while training (the MC-dropout classifier uses 0.5).
     pub dropout: f32,
@@ -71,6 +77,7 @@ impl Default for TrainConfig {
             warmup_epochs: 0,
             freeze_blocks: 0,
             accumulate: 1,
+            precision: Precision::F32,
             loss: Loss::CrossEntropy,
             dropout: 0.0,
             seed: 42,
