@@ -15,8 +15,14 @@ GROUP/channels_last, the trainer `bccp train --finetune full` runs on the CPU fo
 one iteration = an epoch of 2-4 steps, so that a run's setup weighs on a step as little as in real runs), run with
 RAYON_NUM_THREADS=--threads; ns/iter is converted to images/s.
 
-Prints a markdown table (model, input, path, PyTorch img/s, bccp img/s, bccp/PyTorch) and,
-with --json FILE, writes the same as JSON.
+Mixed precision: the CNNs are also timed with bf16 products, PyTorch under
+torch.autocast("cpu", dtype=torch.bfloat16) around the forward and the loss (its CPU autocast:
+convolutions and linear layers on bf16 operands, weights and optimiser f32) against bccp's
+GROUP/channels_last_bf16 (`bccp train --precision bf16`: every dense and pointwise product on
+bf16 operands with f32 sums; present when the CPU has AVX512-BF16).
+
+Prints a markdown table (model, input, path, precision, PyTorch img/s in that precision, bccp
+img/s, bccp/PyTorch, and bccp/PyTorch-f32) and, with --json FILE, writes the same as JSON.
 
 Usage (from the repository root): scripts/bench-finetune.sh [--threads N] [--json FILE]
 """
@@ -37,11 +43,13 @@ from benchlib import bench_ns, cpu_model, run_cargo_bench, write_json
 CLASSES = 10
 # (criterion group, model, input size, batch, bccp paths); STEPS: batches per criterion
 # iteration of each group (one epoch of that many steps, as benches/finetune.rs runs them).
-SHAPES = [("finetune64", "mobilenet_v2", 64, 64, ["channels_last", "candle_autograd"]),
-          ("finetune224", "mobilenet_v2", 224, 32, ["channels_last"]),
-          ("finetune224_resnet18", "resnet18", 224, 32, ["channels_last"]),
+SHAPES = [("finetune64", "mobilenet_v2", 64, 64, ["channels_last", "channels_last_bf16", "candle_autograd"]),
+          ("finetune224", "mobilenet_v2", 224, 32, ["channels_last", "channels_last_bf16"]),
+          ("finetune224_resnet18", "resnet18", 224, 32, ["channels_last", "channels_last_bf16"]),
           ("finetune224_vit_b16", "vit_b_16", 224, 8, ["candle_autograd"])]
 STEPS = {"finetune64": 4, "finetune224": 3, "finetune224_resnet18": 3, "finetune224_vit_b16": 2}
+# bccp paths that run bf16 products (optional: only on CPUs with AVX512-BF16).
+BF16_PATHS = {"channels_last_bf16"}
 RUST_CMD = ["cargo", "bench", "--bench", "finetune", "--", "--output-format", "bencher", "finetune"]
 BENCH_LINE = re.compile(r"^test\s+(finetune\w+)/(\S+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")
 
@@ -68,8 +76,9 @@ def torch_network(model):
     die(f"unknown model {model}")
 
 
-def torch_images_per_s(model, size, batch, seconds, warmup):
-    """Median images/s of training steps on a batch x 3 x size x size batch."""
+def torch_images_per_s(model, size, batch, seconds, warmup, bf16=False):
+    """Median images/s of training steps on a batch x 3 x size x size batch (with bf16: the
+    forward and the loss under CPU autocast to bf16)."""
     torch.manual_seed(0)
     backbone, dim = torch_network(model)
     head = torch.nn.Linear(dim, CLASSES)
@@ -85,8 +94,9 @@ def torch_images_per_s(model, size, batch, seconds, warmup):
     def step():
         opt_backbone.zero_grad(set_to_none=True)
         opt_head.zero_grad(set_to_none=True)
-        features = backbone(x)
-        loss = torch.nn.functional.cross_entropy(head(features), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            features = backbone(x)
+            loss = torch.nn.functional.cross_entropy(head(features), y)
         loss.backward()
         opt_backbone.step()
         opt_head.step()
@@ -100,8 +110,8 @@ def torch_images_per_s(model, size, batch, seconds, warmup):
         step()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    print(f"  torch {model} {size}x{size}: {len(times)} timed steps, median {med * 1e3:.1f} ms/batch",
-          file=sys.stderr)
+    print(f"  torch {model} {size}x{size} {'bf16' if bf16 else 'f32'}: {len(times)} timed steps, "
+          f"median {med * 1e3:.1f} ms/batch", file=sys.stderr)
     return batch / med
 
 
@@ -114,7 +124,8 @@ def rust_images_per_s(threads):
         m = BENCH_LINE.match(line.strip())
         if m and m.group(1) in batches:
             result[(m.group(1), m.group(2))] = batches[m.group(1)] / (bench_ns(m.group(3)) * 1e-9)
-    missing = [f"{g}/{p}" for g, _, _, _, paths in SHAPES for p in paths if (g, p) not in result]
+    missing = [f"{g}/{p}" for g, _, _, _, paths in SHAPES for p in paths
+               if (g, p) not in result and p not in BF16_PATHS]
     if missing:
         die(f"no bencher line for {', '.join(missing)} in the cargo bench output")
     return result
@@ -141,17 +152,28 @@ def main():
     }
     print(f"threads {args.threads}, torch {torch.__version__}, CPU: {info['cpu']}, "
           f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    torch_ips = {g: torch_images_per_s(m, n, b, args.seconds, args.warmup) for g, m, n, b, _ in SHAPES}
+    torch_ips = {}
+    for g, m, n, b, paths in SHAPES:
+        torch_ips[(g, "f32")] = torch_images_per_s(m, n, b, args.seconds, args.warmup)
+        if BF16_PATHS & set(paths):
+            torch_ips[(g, "bf16")] = torch_images_per_s(m, n, b, args.seconds, args.warmup, bf16=True)
     rust_ips = rust_images_per_s(args.threads)
     info["loadavg_after"] = os.getloadavg()
     rows = []
-    print("\n| model | input, batch | path | PyTorch img/s | bccp img/s | bccp/PyTorch |\n|---|---|---|---:|---:|---:|")
+    print("\n| model | input, batch | path | precision | PyTorch img/s | bccp img/s | bccp/PyTorch "
+          "| bccp/PyTorch f32 |\n|---|---|---|---|---:|---:|---:|---:|")
     for g, m, n, b, paths in SHAPES:
         for path in paths:
-            r, t = rust_ips[(g, path)], torch_ips[g]
-            rows.append({"group": g, "model": m, "size": n, "batch": b, "path": path, "pytorch_img_s": t,
-                         "bccp_img_s": r, "ratio": r / t})
-            print(f"| {m} | {n}×{n}, {b} | {path} | {t:.1f} | {r:.1f} | {r / t:.2f} |")
+            if (g, path) not in rust_ips:
+                print(f"| {m} | {n}×{n}, {b} | {path} (no AVX512-BF16 here) | bf16 | – | – | – | – |")
+                continue
+            precision = "bf16" if path in BF16_PATHS else "f32"
+            r, t, t32 = rust_ips[(g, path)], torch_ips[(g, precision)], torch_ips[(g, "f32")]
+            rows.append({"group": g, "model": m, "size": n, "batch": b, "path": path, "precision": precision,
+                         "pytorch_img_s": t, "pytorch_f32_img_s": t32, "bccp_img_s": r, "ratio": r / t,
+                         "ratio_to_pytorch_f32": r / t32})
+            print(f"| {m} | {n}×{n}, {b} | {path} | {precision} | {t:.1f} | {r:.1f} | {r / t:.2f} "
+                  f"| {r / t32:.2f} |")
     speedup = rust_ips[("finetune64", "channels_last")] / rust_ips[("finetune64", "candle_autograd")]
     print(f"\nchannels_last / candle_autograd at 64x64: {speedup:.2f}x; load average after "
           + " ".join(f"{v:.2f}" for v in info["loadavg_after"]))

@@ -103,6 +103,62 @@ impl<'a> Strided<'a> {
     }
 }
 
+/// A right operand `[k, n]` packed once for many products ([`gemm_packed`]): a layer's weight
+/// between two optimiser steps. Panels of [`PANEL`] columns over the whole depth, pair-major.
+#[derive(Debug, Clone, Default)]
+pub struct PackedRhs {
+    words: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedRhs {
+    /// Packs `rhs` (`[k, n]`); needs [`available`].
+    pub fn new(rhs: Strided, k: usize, n: usize) -> Self {
+        let mut packed = Self::default();
+        packed.repack(rhs, k, n);
+        packed
+    }
+
+    /// Packs `rhs` (`[k, n]`) into this buffer, reusing its allocation; needs [`available`].
+    pub fn repack(&mut self, rhs: Strided, k: usize, n: usize) {
+        assert!(
+            rhs.fits(k, n),
+            "bf16 PackedRhs: the view is too small for [{k}, {n}]"
+        );
+        assert!(available(), "bf16 PackedRhs: this CPU has no AVX512-BF16");
+        let pstride = k.div_ceil(2) * PANEL;
+        self.words.clear();
+        self.words.resize(n.div_ceil(PANEL) * pstride, 0);
+        (self.k, self.n) = (k, n);
+        #[cfg(target_arch = "x86_64")]
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            // SAFETY: the features were checked; the view fits, and every panel's slice of
+            // this depth block lies inside `words` (sized for all panels over the full depth).
+            unsafe {
+                x86::pack_rhs(
+                    &rhs,
+                    (pc, kc),
+                    (0, n),
+                    &mut self.words[pc / 2 * PANEL..],
+                    pstride,
+                )
+            };
+        }
+    }
+
+    /// Depth.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
 /// What the last pass over a tile adds before storing it: `act(sum + bias[j] (+ residual[i, j]))`
 /// (the residual in the destination's layout).
 #[derive(Debug, Clone, Copy)]
@@ -139,7 +195,43 @@ pub fn gemm(
     epilogue: Option<Epilogue>,
 ) {
     assert!(
-        dst.len() >= m * n && lhs.fits(m, k) && rhs.fits(k, n),
+        rhs.fits(k, n),
+        "bf16 gemm: right operand too small for [{k}, {n}]"
+    );
+    run_checked((m, n, k), dst, accumulate, lhs, Some(rhs), None, epilogue);
+}
+
+/// [`gemm`] with a right operand packed beforehand (`[k, n]` from the dimensions).
+pub fn gemm_packed(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Strided,
+    rhs: &PackedRhs,
+    epilogue: Option<Epilogue>,
+) {
+    assert!(
+        rhs.k == k && rhs.n == n,
+        "bf16 gemm: a packed [{}, {}] operand for [{k}, {n}]",
+        rhs.k,
+        rhs.n
+    );
+    run_checked((m, n, k), dst, accumulate, lhs, None, Some(rhs), epilogue);
+}
+
+/// [`gemm`] or [`gemm_packed`] after checking the left operand, the destination and the
+/// epilogue (the right operand is checked by the caller).
+fn run_checked(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Strided,
+    rhs: Option<Strided>,
+    packed: Option<&PackedRhs>,
+    epilogue: Option<Epilogue>,
+) {
+    assert!(
+        dst.len() >= m * n && lhs.fits(m, k),
         "bf16 gemm: buffers too small for [{m}, {k}] x [{k}, {n}]"
     );
     if let Some(e) = &epilogue {
@@ -168,6 +260,11 @@ pub fn gemm(
         let (apack, bpack) = &mut *packs;
         apack.resize(MC.div_ceil(PANEL) * PANEL * KC / 2, 0);
         bpack.resize(NC * KC / 2, 0);
+        let right = match (&rhs, packed) {
+            (_, Some(p)) => x86::Right::Packed(p),
+            (Some(v), None) => x86::Right::View(v),
+            (None, None) => unreachable!("a right operand is always given"),
+        };
         // SAFETY: the features were detected above; the assertions bound every view, the
         // packs are sized for the largest block, and `dst` aliases nothing it reads.
         unsafe {
@@ -176,10 +273,9 @@ pub fn gemm(
                 dst,
                 accumulate,
                 &lhs,
-                &rhs,
+                right,
                 epilogue,
-                apack,
-                bpack,
+                (apack, bpack),
             )
         }
     });
@@ -240,7 +336,14 @@ pub fn reference(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Act, Epilogue, Strided, KC, MC, MR, NC, PANEL};
+    use super::{Act, Epilogue, PackedRhs, Strided, KC, MC, MR, NC, PANEL};
+
+    /// The right operand: a view packed block by block, or packed beforehand.
+    #[derive(Clone, Copy)]
+    pub enum Right<'a> {
+        View(&'a Strided<'a>),
+        Packed(&'a PackedRhs),
+    }
 
     /// Where a tile goes and what its store adds.
     #[derive(Clone, Copy)]
@@ -327,13 +430,16 @@ mod x86 {
     /// Packs `rhs[pc .. pc + kc, jc .. jc + nc]` into panels `[panel][kc/2][16]` of pair
     /// words, columns past `nc` zero.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pack_rhs(
+    pub(super) unsafe fn pack_rhs(
         rhs: &Strided,
         (pc, kc): (usize, usize),
         (jc, nc): (usize, usize),
         out: &mut [u32],
+        panel_stride: usize,
     ) {
         let kcp = kc.div_ceil(2);
+        debug_assert!(panel_stride >= kcp * PANEL);
+        debug_assert!(out.len() >= (nc.div_ceil(PANEL) - 1) * panel_stride + kcp * PANEL);
         let panels = nc.div_ceil(PANEL);
         let base = rhs.data.as_ptr();
         unsafe {
@@ -348,7 +454,7 @@ mod x86 {
                             (2 * kk + 1 < kc).then(|| base.add((p + 1) * rhs.row_stride + j0));
                         let v = pairs_across(row0, row1, mask);
                         _mm512_storeu_si512(
-                            out.as_mut_ptr().add((pp * kcp + kk) * PANEL).cast(),
+                            out.as_mut_ptr().add(pp * panel_stride + kk * PANEL).cast(),
                             v,
                         );
                     }
@@ -356,7 +462,7 @@ mod x86 {
                 return;
             }
             if nc % PANEL != 0 {
-                out[(panels - 1) * kcp * PANEL..panels * kcp * PANEL].fill(0);
+                out[(panels - 1) * panel_stride..][..kcp * PANEL].fill(0);
             }
             let mut words = [0u32; KC / 2];
             for c in 0..nc {
@@ -373,7 +479,7 @@ mod x86 {
                     }
                 }
                 for (kk, w) in words[..kcp].iter().enumerate() {
-                    out[(pp * kcp + kk) * PANEL + lane] = *w;
+                    out[pp * panel_stride + kk * PANEL + lane] = *w;
                 }
             }
         }
@@ -440,12 +546,13 @@ mod x86 {
     }
 
     /// `R` rows × `NP` panels over `kcp` pairs: `a` the first row's pairs (row-major: rows
-    /// `stride` words apart; pair-major: pairs `stride` words apart), `b` the first panel.
+    /// `stride` words apart; pair-major: pairs `stride` words apart), `b` the first panel (the
+    /// next `pstride` words on).
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile<const R: usize, const NP: usize, const PAIR_MAJOR: bool>(
         a: *const u32,
         stride: usize,
-        b: *const u32,
+        (b, pstride): (*const u32, usize),
         kcp: usize,
         t: TileOut,
     ) {
@@ -454,7 +561,7 @@ mod x86 {
             let mut acc = [[_mm512_setzero_ps(); NP]; R];
             for kk in 0..kcp {
                 let bv: [__m512bh; NP] = std::array::from_fn(|p| {
-                    std::mem::transmute(_mm512_loadu_si512(b.add((p * kcp + kk) * PANEL).cast()))
+                    std::mem::transmute(_mm512_loadu_si512(b.add(p * pstride + kk * PANEL).cast()))
                 });
                 let ak = a.add(kk * ps);
                 for (r, acc) in acc.iter_mut().enumerate() {
@@ -498,7 +605,7 @@ mod x86 {
         pair_major: bool,
         a: *const u32,
         stride: usize,
-        b: *const u32,
+        b: (*const u32, usize),
         kcp: usize,
         t: TileOut,
     ) {
@@ -538,10 +645,9 @@ mod x86 {
         dst: &mut [f32],
         accumulate: bool,
         lhs: &Strided,
-        rhs: &Strided,
+        rhs: Right,
         epilogue: Option<Epilogue>,
-        apack: &mut [u32],
-        bpack: &mut [u32],
+        (apack, bpack): (&mut [u32], &mut [u32]),
     ) {
         let (clamp, lo, hi) = match epilogue.map(|e| e.act) {
             None | Some(Act::Identity) => (false, f32::NEG_INFINITY, f32::INFINITY),
@@ -556,7 +662,20 @@ mod x86 {
                 for pc in (0..k).step_by(KC) {
                     let kc = KC.min(k - pc);
                     let kcp = kc.div_ceil(2);
-                    pack_rhs(rhs, (pc, kc), (jc, nc), bpack);
+                    // The block's first panel and the stride between panels.
+                    let (b0, pstride) = match rhs {
+                        Right::Packed(w) => {
+                            let pstride = w.k.div_ceil(2) * PANEL;
+                            (
+                                w.words.as_ptr().add(jc / PANEL * pstride + pc / 2 * PANEL),
+                                pstride,
+                            )
+                        }
+                        Right::View(v) => {
+                            pack_rhs(v, (pc, kc), (jc, nc), bpack, kcp * PANEL);
+                            (bpack.as_ptr(), kcp * PANEL)
+                        }
+                    };
                     let last = pc + kc == k;
                     let load = accumulate || pc > 0;
                     for ic in (0..m).step_by(MC) {
@@ -599,7 +718,7 @@ mod x86 {
                                 } else {
                                     apack.as_ptr().add(r * stride)
                                 };
-                                let b = bpack.as_ptr().add(p * kcp * PANEL);
+                                let b = (b0.add(p * pstride), pstride);
                                 tile_dyn(rows, np, pair_major, a, stride, b, kcp, t);
                             }
                             p += np;
@@ -720,6 +839,53 @@ mod tests {
                         "({i}, {j}): {g} vs f32 {exact}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Packing the right operand beforehand changes nothing: same blocks, same sums.
+    #[test]
+    fn a_prepacked_right_operand_gives_the_same_bits() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        for &(m, n, k) in &[(7, 5, 3), (30, 530, 515), (13, 33, 256)] {
+            let a = random(&mut rng, m * k);
+            let b = random(&mut rng, k * n);
+            let bias = random(&mut rng, n);
+            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            for rhs in [Strided::rows(&b, n), Strided::transposed(&bt, k)] {
+                let e = Epilogue {
+                    bias: &bias,
+                    residual: None,
+                    act: Act::Relu,
+                };
+                let mut want = vec![0f32; m * n];
+                gemm(
+                    (m, n, k),
+                    &mut want,
+                    false,
+                    Strided::rows(&a, k),
+                    rhs,
+                    Some(e),
+                );
+                let packed = PackedRhs::new(rhs, k, n);
+                let mut got = vec![0f32; m * n];
+                gemm_packed(
+                    (m, n, k),
+                    &mut got,
+                    false,
+                    Strided::rows(&a, k),
+                    &packed,
+                    Some(e),
+                );
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "[{m}, {k}] x [{k}, {n}]"
+                );
             }
         }
     }

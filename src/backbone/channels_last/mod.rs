@@ -28,7 +28,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::layers::{ConvBn, ConvKind, Padding};
-use crate::ops::bf16_gemm::{self, Epilogue, Precision, Strided};
+use crate::ops::bf16_gemm::{self, Epilogue, PackedRhs, Precision, Strided};
 use crate::ops::nhwc::{self, Act, ConvGeometry, DepthwiseFn};
 use crate::ops::packed_gemm::{self, PackedWeight};
 
@@ -125,6 +125,8 @@ struct Layer {
     packed: Option<PackedWeight>,
     /// The products' arithmetic: [`Precision::Bf16`] only in a trainer that asked for it.
     precision: Precision,
+    /// With bf16 products, `weight` transposed and packed as bf16 pairs ([`Layer::repack`]).
+    packed_bf16: Option<PackedRhs>,
 }
 
 impl Layer {
@@ -168,6 +170,7 @@ impl Layer {
             input,
             packed: None,
             precision: Precision::F32,
+            packed_bf16: None,
         };
         layer.repack();
         Ok(layer)
@@ -176,6 +179,16 @@ impl Layer {
     /// Packs `weight` again for the fused product (after training changed it).
     fn repack(&mut self) {
         let k = self.weight.len() / self.cout.max(1);
+        if self.precision == Precision::Bf16 && self.kind != ConvKind::Depthwise {
+            let w = Strided::transposed(&self.weight, k);
+            match &mut self.packed_bf16 {
+                Some(p) => p.repack(w, k, self.cout),
+                None => self.packed_bf16 = Some(PackedRhs::new(w, k, self.cout)),
+            }
+            self.packed = None;
+            return;
+        }
+        self.packed_bf16 = None;
         match &mut self.packed {
             Some(p) if p.n() == self.cout && p.k() == k => p.repack(&self.weight),
             _ => {
@@ -187,19 +200,19 @@ impl Layer {
 
     /// `dst = act(src · weightᵀ + bias [+ residual])` over `m` rows of `src`.
     fn product(&self, src: &[f32], m: usize, residual: Option<&[f32]>, dst: &mut [f32]) {
-        if self.precision == Precision::Bf16 {
-            let k = self.weight.len() / self.cout.max(1);
+        if let Some(w) = &self.packed_bf16 {
+            let k = w.k();
             let epilogue = Epilogue {
                 bias: &self.bias,
                 residual,
                 act: self.act,
             };
-            bf16_gemm::gemm(
+            bf16_gemm::gemm_packed(
                 (m, self.cout, k),
                 &mut dst[..m * self.cout],
                 false,
                 Strided::rows(src, k),
-                Strided::transposed(&self.weight, k),
+                w,
                 Some(epilogue),
             );
             return;

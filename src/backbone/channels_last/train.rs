@@ -215,9 +215,10 @@ impl EngineTrainer {
             );
         }
         self.precision = precision;
-        for l in &mut self.layers {
+        self.layers.par_iter_mut().for_each(|l| {
             l.precision = precision;
-        }
+            l.repack();
+        });
         Ok(())
     }
 
