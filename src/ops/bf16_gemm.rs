@@ -572,10 +572,21 @@ mod x86 {
                     }
                 }
             }
-            let mask = |p: usize| if p + 1 == NP { t.last_mask } else { 0xFFFF };
-            let (lo, hi) = (_mm512_set1_ps(t.lo), _mm512_set1_ps(t.hi));
+            // The sums leave the registers through a plain copy (unrolled, every register
+            // written once): the epilogue's loop then reads memory, and the compiler neither
+            // keeps the accumulators in a zero-initialised stack array nor spills them.
+            let mut sums = std::mem::MaybeUninit::<[[__m512; NP]; R]>::uninit();
+            let out = sums.as_mut_ptr().cast::<__m512>();
             for (r, acc) in acc.iter().enumerate() {
                 for (p, &sum) in acc.iter().enumerate() {
+                    out.add(r * NP + p).write(sum);
+                }
+            }
+            let sums = sums.assume_init_ref();
+            let mask = |p: usize| if p + 1 == NP { t.last_mask } else { 0xFFFF };
+            let (lo, hi) = (_mm512_set1_ps(t.lo), _mm512_set1_ps(t.hi));
+            for (r, row) in sums.iter().enumerate() {
+                for (p, &sum) in row.iter().enumerate() {
                     let (mask, at) = (mask(p), r * t.ldd + p * PANEL);
                     let mut v = sum;
                     if t.load {
