@@ -20,8 +20,10 @@ use super::nhwc::Act;
 pub const PANEL: usize = 16;
 /// Most rows per register tile.
 const MR: usize = 12;
-/// Depth per packed block (128 pairs: a 12-row tile's slice of the left operand is 6 KiB).
+/// Depth per packed block (128 pairs: a 12-row tile's slice of the left operand is 6 KiB);
+/// even, so that a block starts on a pair.
 const KC: usize = 256;
+const _: () = assert!(KC.is_multiple_of(2));
 /// Rows per packed block of the left operand (96 KiB of pairs at full depth, in L2).
 const MC: usize = 192;
 /// Columns per packed block of the right operand (256 KiB of pairs at full depth, in L2).
@@ -198,7 +200,15 @@ pub fn gemm(
         rhs.fits(k, n),
         "bf16 gemm: right operand too small for [{k}, {n}]"
     );
-    run_checked((m, n, k), dst, accumulate, lhs, Some(rhs), None, epilogue);
+    run_checked(
+        (m, n, k),
+        dst,
+        accumulate,
+        Left::View(lhs),
+        Some(rhs),
+        None,
+        epilogue,
+    );
 }
 
 /// [`gemm`] with a right operand packed beforehand (`[k, n]` from the dimensions).
@@ -216,7 +226,101 @@ pub fn gemm_packed(
         rhs.k,
         rhs.n
     );
-    run_checked((m, n, k), dst, accumulate, lhs, None, Some(rhs), epilogue);
+    run_checked(
+        (m, n, k),
+        dst,
+        accumulate,
+        Left::View(lhs),
+        None,
+        Some(rhs),
+        epilogue,
+    );
+}
+
+/// [`gemm_packed`] with the left operand already as bf16 pairs, row-major: row i's pairs at
+/// `lhs[i·⌈k/2⌉ ..]` ([`pack_pairs`], [`im2col_hwc_pairs`]), so that no product converts it.
+pub fn gemm_pairs(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[u32],
+    rhs: &PackedRhs,
+    epilogue: Option<Epilogue>,
+) {
+    assert!(
+        rhs.k == k && rhs.n == n && lhs.len() >= m * k.div_ceil(2),
+        "bf16 gemm: a packed [{}, {}] operand and {} pairs for [{m}, {k}] x [{k}, {n}]",
+        rhs.k,
+        rhs.n,
+        lhs.len()
+    );
+    run_checked(
+        (m, n, k),
+        dst,
+        accumulate,
+        Left::Pairs(lhs),
+        None,
+        Some(rhs),
+        epilogue,
+    );
+}
+
+/// `src` as bf16 pairs (word i holds elements 2i and 2i + 1, a zero pads an odd length), the
+/// left operand's row layout of [`gemm_pairs`]; `out.len() == ⌈src.len()/2⌉`.
+pub fn pack_pairs(src: &[f32], out: &mut [u32]) {
+    assert_eq!(
+        out.len(),
+        src.len().div_ceil(2),
+        "pack_pairs: output length"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were detected; `src` holds `len` floats and `out` their pairs.
+        unsafe { x86::pairs_along(src.as_ptr(), src.len(), out.as_mut_ptr()) };
+        return;
+    }
+    for (w, pair) in out.iter_mut().zip(src.chunks(2)) {
+        let lo = u32::from(to_bf16(pair[0]));
+        let hi = pair.get(1).map_or(0, |&v| u32::from(to_bf16(v)));
+        *w = lo | (hi << 16);
+    }
+}
+
+/// [`super::nhwc::im2col_hwc`] written straight as bf16 pairs ([`pack_pairs`] of each row),
+/// for an even channel count `c` (a tap's channels then never share a pair with the next).
+pub fn im2col_hwc_pairs(x: &[f32], c: usize, g: &super::nhwc::ConvGeometry, out: &mut [u32]) {
+    let k = g.kernel;
+    let (half, row_words) = (c / 2, k * k * c / 2);
+    assert!(
+        c.is_multiple_of(2)
+            && x.len() >= g.h * g.w * c
+            && out.len() >= g.out_h * g.out_w * row_words,
+        "im2col_hwc_pairs: an odd channel count or buffers too small"
+    );
+    for oy in 0..g.out_h {
+        for ox in 0..g.out_w {
+            let row = &mut out[(oy * g.out_w + ox) * row_words..][..row_words];
+            for ky in 0..k {
+                let iy = (oy * g.stride + ky).wrapping_sub(g.pad_top);
+                for kx in 0..k {
+                    let ix = (ox * g.stride + kx).wrapping_sub(g.pad_left);
+                    let dst = &mut row[(ky * k + kx) * half..][..half];
+                    if iy < g.h && ix < g.w {
+                        pack_pairs(&x[(iy * g.w + ix) * c..][..c], dst);
+                    } else {
+                        dst.fill(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The left operand of a product: a view converted block by block, or bf16 pairs already.
+#[derive(Clone, Copy)]
+enum Left<'a> {
+    View(Strided<'a>),
+    Pairs(&'a [u32]),
 }
 
 /// [`gemm`] or [`gemm_packed`] after checking the left operand, the destination and the
@@ -225,13 +329,17 @@ fn run_checked(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
-    lhs: Strided,
+    lhs: Left,
     rhs: Option<Strided>,
     packed: Option<&PackedRhs>,
     epilogue: Option<Epilogue>,
 ) {
+    let lhs_fits = match lhs {
+        Left::View(v) => v.fits(m, k),
+        Left::Pairs(w) => w.len() >= m * k.div_ceil(2),
+    };
     assert!(
-        dst.len() >= m * n && lhs.fits(m, k),
+        dst.len() >= m * n && lhs_fits,
         "bf16 gemm: buffers too small for [{m}, {k}] x [{k}, {n}]"
     );
     if let Some(e) = &epilogue {
@@ -260,6 +368,10 @@ fn run_checked(
         let (apack, bpack) = &mut *packs;
         apack.resize(MC.div_ceil(PANEL) * PANEL * KC / 2, 0);
         bpack.resize(NC * KC / 2, 0);
+        let left = match &lhs {
+            Left::View(v) => x86::LeftOp::View(v),
+            Left::Pairs(w) => x86::LeftOp::Pairs(w),
+        };
         let right = match (&rhs, packed) {
             (_, Some(p)) => x86::Right::Packed(p),
             (Some(v), None) => x86::Right::View(v),
@@ -272,7 +384,7 @@ fn run_checked(
                 (m, n, k),
                 dst,
                 accumulate,
-                &lhs,
+                left,
                 right,
                 epilogue,
                 (apack, bpack),
@@ -338,6 +450,13 @@ mod x86 {
 
     use super::{Act, Epilogue, PackedRhs, Strided, KC, MC, MR, NC, PANEL};
 
+    /// The left operand: a view packed block by block, or row-major bf16 pairs.
+    #[derive(Clone, Copy)]
+    pub enum LeftOp<'a> {
+        View(&'a Strided<'a>),
+        Pairs(&'a [u32]),
+    }
+
     /// The right operand: a view packed block by block, or packed beforehand.
     #[derive(Clone, Copy)]
     pub enum Right<'a> {
@@ -380,7 +499,7 @@ mod x86 {
     /// `len` consecutive floats at `src` as ⌈len/2⌉ pair words at `out` (a zero pads an odd
     /// length).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pairs_along(src: *const f32, len: usize, out: *mut u32) {
+    pub(super) unsafe fn pairs_along(src: *const f32, len: usize, out: *mut u32) {
         unsafe {
             let mut i = 0;
             while i + 32 <= len {
@@ -611,9 +730,7 @@ mod x86 {
     /// One tile of `rows` (1..=MR) rows × `np` (1 or 2) panels.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile_dyn(
-        rows: usize,
-        np: usize,
-        pair_major: bool,
+        (rows, np, pair_major): (usize, usize, bool),
         a: *const u32,
         stride: usize,
         b: (*const u32, usize),
@@ -655,7 +772,7 @@ mod x86 {
         (m, n, k): (usize, usize, usize),
         dst: &mut [f32],
         accumulate: bool,
-        lhs: &Strided,
+        lhs: LeftOp,
         rhs: Right,
         epilogue: Option<Epilogue>,
         (apack, bpack): (&mut [u32], &mut [u32]),
@@ -691,7 +808,17 @@ mod x86 {
                     let load = accumulate || pc > 0;
                     for ic in (0..m).step_by(MC) {
                         let mc = MC.min(m - ic);
-                        let (pair_major, stride) = pack_lhs(lhs, (ic, mc), (pc, kc), apack);
+                        // The block's first row, its layout and stride.
+                        let (a0, pair_major, stride) = match lhs {
+                            LeftOp::View(v) => {
+                                let (pm, stride) = pack_lhs(v, (ic, mc), (pc, kc), apack);
+                                (apack.as_ptr(), pm, stride)
+                            }
+                            LeftOp::Pairs(w) => {
+                                let kp = k.div_ceil(2);
+                                (w.as_ptr().add(ic * kp + pc / 2), false, kp)
+                            }
+                        };
                         let mut p = 0;
                         while p < panels {
                             let np = (panels - p).min(2);
@@ -725,12 +852,12 @@ mod x86 {
                                     last_mask,
                                 };
                                 let a = if pair_major {
-                                    apack.as_ptr().add(r)
+                                    a0.add(r)
                                 } else {
-                                    apack.as_ptr().add(r * stride)
+                                    a0.add(r * stride)
                                 };
                                 let b = (b0.add(p * pstride), pstride);
-                                tile_dyn(rows, np, pair_major, a, stride, b, kcp, t);
+                                tile_dyn((rows, np, pair_major), a, stride, b, kcp, t);
                             }
                             p += np;
                         }
@@ -898,6 +1025,67 @@ mod tests {
                     "[{m}, {k}] x [{k}, {n}]"
                 );
             }
+        }
+    }
+
+    /// A left operand given as pairs gives the bits of the same operand converted per block,
+    /// and im2col straight to pairs equals im2col then [`pack_pairs`].
+    #[test]
+    fn pairs_on_the_left_and_im2col_to_pairs_change_nothing() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut rng = Rng::new(9);
+        let (c, h, w) = (6, 9, 7);
+        let x = random(&mut rng, h * w * c);
+        for (kernel, stride, pads) in [
+            (3, 1, (1, 1, 1, 1)),
+            (3, 2, (1, 1, 1, 1)),
+            (1, 2, (0, 0, 0, 0)),
+        ] {
+            let g = crate::ops::nhwc::ConvGeometry::new(h, w, kernel, stride, pads).unwrap();
+            let (m, k) = (g.out_h * g.out_w, kernel * kernel * c);
+            let mut cols = vec![0f32; m * k];
+            crate::ops::nhwc::im2col_hwc(&x, c, &g, &mut cols);
+            let mut want = vec![0u32; m * k / 2];
+            for (row, words) in cols.chunks_exact(k).zip(want.chunks_exact_mut(k / 2)) {
+                pack_pairs(row, words);
+            }
+            let mut got = vec![7u32; m * k / 2];
+            im2col_hwc_pairs(&x, c, &g, &mut got);
+            assert_eq!(got, want, "{kernel}x{kernel} stride {stride}");
+        }
+        for &(m, n, k) in &[(30, 530, 518), (13, 40, 6), (200, 17, 300)] {
+            let a = random(&mut rng, m * k);
+            let wt = random(&mut rng, n * k);
+            let bias = random(&mut rng, n);
+            let packed = PackedRhs::new(Strided::transposed(&wt, k), k, n);
+            let e = Epilogue {
+                bias: &bias,
+                residual: None,
+                act: Act::Relu6,
+            };
+            let mut want = vec![0f32; m * n];
+            gemm_packed(
+                (m, n, k),
+                &mut want,
+                false,
+                Strided::rows(&a, k),
+                &packed,
+                Some(e),
+            );
+            let mut pairs = vec![0u32; m * k.div_ceil(2)];
+            for (row, words) in a.chunks_exact(k).zip(pairs.chunks_exact_mut(k.div_ceil(2))) {
+                pack_pairs(row, words);
+            }
+            let mut got = vec![0f32; m * n];
+            gemm_pairs((m, n, k), &mut got, false, &pairs, &packed, Some(e));
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "[{m}, {k}] x [{k}, {n}]"
+            );
         }
     }
 

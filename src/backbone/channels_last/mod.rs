@@ -314,6 +314,33 @@ impl Layer {
                 let g = self.geometry(size)?;
                 let (rows, cols) = (g.out_h * g.out_w, self.cin * self.kernel * self.kernel);
                 let image = pixels * self.cin;
+                if let (Some(w), DenseInput::Hwc, 0) = (&self.packed_bf16, self.input, self.cin % 2)
+                {
+                    // bf16 products: im2col straight into the pairs the product reads.
+                    let words = cast_words(&mut scratch[..n * rows * cols / 2]);
+                    for (x, pairs) in src
+                        .chunks_exact(image)
+                        .zip(words.chunks_exact_mut(rows * cols / 2))
+                    {
+                        bf16_gemm::im2col_hwc_pairs(x, self.cin, &g, pairs);
+                    }
+                    let epilogue = Epilogue {
+                        bias: &self.bias,
+                        residual: None,
+                        act: self.act,
+                    };
+                    let m = n * rows;
+                    let dst = &mut dst[..m * self.cout];
+                    bf16_gemm::gemm_pairs(
+                        (m, self.cout, cols),
+                        dst,
+                        false,
+                        words,
+                        w,
+                        Some(epilogue),
+                    );
+                    return Ok(());
+                }
                 for i in 0..n {
                     let (x, m) = (&src[i * image..][..image], &mut scratch[i * rows * cols..]);
                     if self.input == DenseInput::Chw {
@@ -327,6 +354,13 @@ impl Layer {
         }
         Ok(())
     }
+}
+
+/// A float buffer's memory as 32-bit words (bf16 pairs), for the scratch of a bf16 product.
+fn cast_words(floats: &mut [f32]) -> &mut [u32] {
+    // SAFETY: f32 and u32 have the same size and alignment, every bit pattern is valid for
+    // both, and the borrow of `floats` is handed on whole.
+    unsafe { std::slice::from_raw_parts_mut(floats.as_mut_ptr().cast::<u32>(), floats.len()) }
 }
 
 /// The `(h, w)` of images `x` `[N, C, H, W]`, checking `C` against the stem's input channels.
