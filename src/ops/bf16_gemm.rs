@@ -205,8 +205,7 @@ pub fn gemm(
         dst,
         accumulate,
         Left::View(lhs),
-        Some(rhs),
-        None,
+        RightOperand::View(rhs),
         epilogue,
     );
 }
@@ -231,10 +230,29 @@ pub fn gemm_packed(
         dst,
         accumulate,
         Left::View(lhs),
-        None,
-        Some(rhs),
+        RightOperand::Packed(rhs),
         epilogue,
     );
+}
+
+/// [`gemm`] with the right operand a row-major bf16 matrix `[k, n]`, `n` even, as the words
+/// of [`pack_pairs`] / [`im2col_hwc_pairs`] hold it (each word two neighbours of a row): the
+/// im2col matrix of a weight gradient, whose depth runs down the rows.
+pub fn gemm_bf16_right(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Strided,
+    rhs: &[u32],
+    epilogue: Option<Epilogue>,
+) {
+    assert!(
+        n.is_multiple_of(2) && rhs.len() >= k * n / 2,
+        "bf16 gemm: {} words for a bf16 [{k}, {n}] operand (n even)",
+        rhs.len()
+    );
+    let rhs = RightOperand::Bf16(rhs);
+    run_checked((m, n, k), dst, accumulate, Left::View(lhs), rhs, epilogue);
 }
 
 /// [`gemm_packed`] with the left operand already as bf16 pairs, row-major: row i's pairs at
@@ -259,8 +277,7 @@ pub fn gemm_pairs(
         dst,
         accumulate,
         Left::Pairs(lhs),
-        None,
-        Some(rhs),
+        RightOperand::Packed(rhs),
         epilogue,
     );
 }
@@ -316,6 +333,14 @@ pub fn im2col_hwc_pairs(x: &[f32], c: usize, g: &super::nhwc::ConvGeometry, out:
     }
 }
 
+/// The right operand of a product (see [`x86::Right`]).
+#[derive(Clone, Copy)]
+enum RightOperand<'a> {
+    View(Strided<'a>),
+    Packed(&'a PackedRhs),
+    Bf16(&'a [u32]),
+}
+
 /// The left operand of a product: a view converted block by block, or bf16 pairs already.
 #[derive(Clone, Copy)]
 enum Left<'a> {
@@ -330,8 +355,7 @@ fn run_checked(
     dst: &mut [f32],
     accumulate: bool,
     lhs: Left,
-    rhs: Option<Strided>,
-    packed: Option<&PackedRhs>,
+    rhs: RightOperand,
     epilogue: Option<Epilogue>,
 ) {
     let lhs_fits = match lhs {
@@ -372,10 +396,10 @@ fn run_checked(
             Left::View(v) => x86::LeftOp::View(v),
             Left::Pairs(w) => x86::LeftOp::Pairs(w),
         };
-        let right = match (&rhs, packed) {
-            (_, Some(p)) => x86::Right::Packed(p),
-            (Some(v), None) => x86::Right::View(v),
-            (None, None) => unreachable!("a right operand is always given"),
+        let right = match &rhs {
+            RightOperand::View(v) => x86::Right::View(v),
+            RightOperand::Packed(p) => x86::Right::Packed(p),
+            RightOperand::Bf16(w) => x86::Right::Bf16(w, n),
         };
         // SAFETY: the features were detected above; the assertions bound every view, the
         // packs are sized for the largest block, and `dst` aliases nothing it reads.
@@ -457,11 +481,13 @@ mod x86 {
         Pairs(&'a [u32]),
     }
 
-    /// The right operand: a view packed block by block, or packed beforehand.
+    /// The right operand: a view packed block by block, packed beforehand, or a row-major
+    /// bf16 matrix (its values and row length) packed block by block.
     #[derive(Clone, Copy)]
     pub enum Right<'a> {
         View(&'a Strided<'a>),
         Packed(&'a PackedRhs),
+        Bf16(&'a [u32], usize),
     }
 
     /// Where a tile goes and what its store adds.
@@ -493,6 +519,58 @@ mod x86 {
                 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
             );
             _mm512_permutexvar_epi16(order, halves)
+        }
+    }
+
+    /// Interleaves two rows' 16 (masked) bf16 values as pairs: word t = (row0[t], row1[t]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pairs_across_bf16(
+        row0: *const u16,
+        row1: Option<*const u16>,
+        mask: __mmask16,
+    ) -> __m512i {
+        unsafe {
+            let lo = _mm256_maskz_loadu_epi16(mask, row0.cast());
+            let hi = match row1 {
+                Some(r) => _mm256_maskz_loadu_epi16(mask, r.cast()),
+                None => _mm256_setzero_si256(),
+            };
+            let halves = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let order = _mm512_set_epi16(
+                31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+            );
+            _mm512_permutexvar_epi16(order, halves)
+        }
+    }
+
+    /// Packs rows `pc .. pc + kc`, columns `jc .. jc + nc` of a row-major bf16 matrix (`ld`
+    /// values per row) as [`pack_rhs`] does an f32 view.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pack_rhs_bf16(
+        rows: *const u16,
+        ld: usize,
+        (pc, kc): (usize, usize),
+        (jc, nc): (usize, usize),
+        out: &mut [u32],
+        panel_stride: usize,
+    ) {
+        let kcp = kc.div_ceil(2);
+        unsafe {
+            for pp in 0..nc.div_ceil(PANEL) {
+                let j0 = jc + pp * PANEL;
+                let mask = lane_mask(nc - pp * PANEL);
+                for kk in 0..kcp {
+                    let p = pc + 2 * kk;
+                    let row0 = rows.add(p * ld + j0);
+                    let row1 = (2 * kk + 1 < kc).then(|| rows.add((p + 1) * ld + j0));
+                    let v = pairs_across_bf16(row0, row1, mask);
+                    _mm512_storeu_si512(
+                        out.as_mut_ptr().add(pp * panel_stride + kk * PANEL).cast(),
+                        v,
+                    );
+                }
+            }
         }
     }
 
@@ -803,6 +881,11 @@ mod x86 {
                             pack_rhs(v, (pc, kc), (jc, nc), bpack, kcp * PANEL);
                             (bpack.as_ptr(), kcp * PANEL)
                         }
+                        Right::Bf16(words, ld) => {
+                            let rows = words.as_ptr().cast::<u16>();
+                            pack_rhs_bf16(rows, ld, (pc, kc), (jc, nc), bpack, kcp * PANEL);
+                            (bpack.as_ptr(), kcp * PANEL)
+                        }
                     };
                     let last = pc + kc == k;
                     let load = accumulate || pc > 0;
@@ -1081,6 +1164,32 @@ mod tests {
             }
             let mut got = vec![0f32; m * n];
             gemm_pairs((m, n, k), &mut got, false, &pairs, &packed, Some(e));
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "[{m}, {k}] x [{k}, {n}]"
+            );
+        }
+    }
+
+    /// A bf16 right operand (the pairs of an im2col) gives the bits of the f32 one.
+    #[test]
+    fn a_bf16_right_operand_gives_the_bits_of_its_f32_view() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut rng = Rng::new(13);
+        for &(m, n, k) in &[(64, 576, 301), (7, 18, 1), (20, 530, 600)] {
+            let lhs_t = random(&mut rng, k * m);
+            let b = random(&mut rng, k * n);
+            let mut words = vec![0u32; k * n / 2];
+            pack_pairs(&b, &mut words);
+            let mut want = vec![0.5f32; m * n];
+            let lhs = Strided::transposed(&lhs_t, m);
+            gemm((m, n, k), &mut want, true, lhs, Strided::rows(&b, n), None);
+            let mut got = vec![0.5f32; m * n];
+            gemm_bf16_right((m, n, k), &mut got, true, lhs, &words, None);
             assert_eq!(
                 got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),

@@ -82,6 +82,18 @@ pub fn weight_grad_acc(
     gemm_acc(precision, (n, k, m), dw, dz, (n, 1), x, (1, k), true);
 }
 
+/// [`weight_grad_acc`] in bf16 with `x` already as bf16 pairs (row-major `[m, k]`, k even:
+/// [`bf16_gemm::im2col_hwc_pairs`]), which no product then converts again.
+pub fn weight_grad_acc_bf16(
+    dz: &[f32],
+    x_pairs: &[u32],
+    dw: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+) {
+    let dz_t = Strided::transposed(dz, n);
+    bf16_gemm::gemm_bf16_right((n, k, m), dw, true, dz_t, x_pairs, None);
+}
+
 /// Input gradient of `z = x · wᵀ`: `dx[m, k] += Σ_n dz[m, n] · w[n, k]`.
 pub fn input_grad_acc(
     precision: Precision,

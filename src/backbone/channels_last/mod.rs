@@ -357,7 +357,7 @@ impl Layer {
 }
 
 /// A float buffer's memory as 32-bit words (bf16 pairs), for the scratch of a bf16 product.
-fn cast_words(floats: &mut [f32]) -> &mut [u32] {
+pub(super) fn cast_words(floats: &mut [f32]) -> &mut [u32] {
     // SAFETY: f32 and u32 have the same size and alignment, every bit pattern is valid for
     // both, and the borrow of `floats` is handed on whole.
     unsafe { std::slice::from_raw_parts_mut(floats.as_mut_ptr().cast::<u32>(), floats.len()) }

@@ -573,14 +573,29 @@ impl EngineTrainer {
                 let (rows, width) = (g.out_h * g.out_w, l.cin * l.kernel * l.kernel);
                 let (image, m) = (pixels * l.cin, n * rows);
                 let cols = at_least(&mut scratch.cols, m * width);
-                for (img, x) in x.chunks_exact(image).take(n).enumerate() {
-                    let dst = &mut cols[img * rows * width..][..rows * width];
-                    match l.input {
-                        DenseInput::Chw => nhwc::im2col_chw(x, l.cin, &g, dst),
-                        DenseInput::Hwc => nhwc::im2col_hwc(x, l.cin, &g, dst),
+                if self.precision == Precision::Bf16
+                    && l.input == DenseInput::Hwc
+                    && l.cin.is_multiple_of(2)
+                {
+                    // im2col straight into bf16 pairs, the weight gradient's right operand.
+                    let words = super::cast_words(&mut cols[..m * width / 2]);
+                    for (x, pairs) in x
+                        .chunks_exact(image)
+                        .zip(words.chunks_exact_mut(rows * width / 2))
+                    {
+                        bf16_gemm::im2col_hwc_pairs(x, l.cin, &g, pairs);
                     }
+                    grad::weight_grad_acc_bf16(&dy, words, gw, (m, width, l.cout));
+                } else {
+                    for (img, x) in x.chunks_exact(image).take(n).enumerate() {
+                        let dst = &mut cols[img * rows * width..][..rows * width];
+                        match l.input {
+                            DenseInput::Chw => nhwc::im2col_chw(x, l.cin, &g, dst),
+                            DenseInput::Hwc => nhwc::im2col_hwc(x, l.cin, &g, dst),
+                        }
+                    }
+                    grad::weight_grad_acc(self.precision, &dy, cols, gw, (m, width, l.cout));
                 }
-                grad::weight_grad_acc(self.precision, &dy, cols, gw, (m, width, l.cout));
                 if !input_grad {
                     self.buffers.give([dy]);
                     return Ok(Vec::new());
