@@ -170,12 +170,13 @@ pub struct Epilogue<'a> {
     pub act: Act,
 }
 
-/// Whether this CPU runs the kernel (AVX512-F, -BW and -BF16).
+/// Whether this CPU runs the kernel (AVX512-F, -BW, -VL and -BF16).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -306,14 +307,32 @@ pub fn pack_pairs(src: &[f32], out: &mut [u32]) {
 /// [`super::nhwc::im2col_hwc`] written straight as bf16 pairs ([`pack_pairs`] of each row),
 /// for an even channel count `c` (a tap's channels then never share a pair with the next).
 pub fn im2col_hwc_pairs(x: &[f32], c: usize, g: &super::nhwc::ConvGeometry, out: &mut [u32]) {
-    let k = g.kernel;
-    let (half, row_words) = (c / 2, k * k * c / 2);
+    let row_words = g.kernel * g.kernel * c / 2;
     assert!(
         c.is_multiple_of(2)
             && x.len() >= g.h * g.w * c
             && out.len() >= g.out_h * g.out_w * row_words,
         "im2col_hwc_pairs: an odd channel count or buffers too small"
     );
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were detected; the assertion bounds every row and tap.
+        unsafe { x86::im2col_hwc_pairs(x, c, g, out) };
+        return;
+    }
+    im2col_hwc_pairs_with(x, c, g, out, pack_pairs);
+}
+
+/// [`im2col_hwc_pairs`] with `pack` converting each tap's channels.
+fn im2col_hwc_pairs_with(
+    x: &[f32],
+    c: usize,
+    g: &super::nhwc::ConvGeometry,
+    out: &mut [u32],
+    mut pack: impl FnMut(&[f32], &mut [u32]),
+) {
+    let k = g.kernel;
+    let (half, row_words) = (c / 2, k * k * c / 2);
     for oy in 0..g.out_h {
         for ox in 0..g.out_w {
             let row = &mut out[(oy * g.out_w + ox) * row_words..][..row_words];
@@ -323,7 +342,7 @@ pub fn im2col_hwc_pairs(x: &[f32], c: usize, g: &super::nhwc::ConvGeometry, out:
                     let ix = (ox * g.stride + kx).wrapping_sub(g.pad_left);
                     let dst = &mut row[(ky * k + kx) * half..][..half];
                     if iy < g.h && ix < g.w {
-                        pack_pairs(&x[(iy * g.w + ix) * c..][..c], dst);
+                        pack(&x[(iy * g.w + ix) * c..][..c], dst);
                     } else {
                         dst.fill(0);
                     }
@@ -509,7 +528,7 @@ mod x86 {
     }
 
     /// Interleaves `lo`'s and `hi`'s 16 values as bf16 pairs: word t = (lo[t], hi[t]).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pair_words(lo: __m512, hi: __m512) -> __m512i {
         unsafe {
             // Low 16 halves: lo converted, high 16: hi converted.
@@ -523,7 +542,7 @@ mod x86 {
     }
 
     /// Interleaves two rows' 16 (masked) bf16 values as pairs: word t = (row0[t], row1[t]).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pairs_across_bf16(
         row0: *const u16,
         row1: Option<*const u16>,
@@ -546,7 +565,7 @@ mod x86 {
 
     /// Packs rows `pc .. pc + kc`, columns `jc .. jc + nc` of a row-major bf16 matrix (`ld`
     /// values per row) as [`pack_rhs`] does an f32 view.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pack_rhs_bf16(
         rows: *const u16,
         ld: usize,
@@ -574,9 +593,22 @@ mod x86 {
         }
     }
 
+    /// [`super::im2col_hwc_pairs`] with the conversion inlined.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn im2col_hwc_pairs(
+        x: &[f32],
+        c: usize,
+        g: &super::super::nhwc::ConvGeometry,
+        out: &mut [u32],
+    ) {
+        super::im2col_hwc_pairs_with(x, c, g, out, |src, dst| unsafe {
+            pairs_along(src.as_ptr(), src.len(), dst.as_mut_ptr())
+        });
+    }
+
     /// `len` consecutive floats at `src` as ⌈len/2⌉ pair words at `out` (a zero pads an odd
     /// length).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn pairs_along(src: *const f32, len: usize, out: *mut u32) {
         unsafe {
             let mut i = 0;
@@ -604,7 +636,7 @@ mod x86 {
 
     /// Pair words of 16 (masked) consecutive values of two rows: `row0` the even depth,
     /// `row1` the odd one (none: zeros past an odd depth).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pairs_across(row0: *const f32, row1: Option<*const f32>, mask: __mmask16) -> __m512i {
         unsafe {
             let lo = _mm512_maskz_loadu_ps(mask, row0);
@@ -626,7 +658,7 @@ mod x86 {
 
     /// Packs `rhs[pc .. pc + kc, jc .. jc + nc]` into panels `[panel][kc/2][16]` of pair
     /// words, columns past `nc` zero.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn pack_rhs(
         rhs: &Strided,
         (pc, kc): (usize, usize),
@@ -699,7 +731,7 @@ mod x86 {
 
     /// Packs `lhs[ic .. ic + mc, pc .. pc + kc]`; returns whether the pack is pair-major and
     /// its stride (words per row when row-major, per pair when pair-major).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pack_lhs(
         lhs: &Strided,
         (ic, mc): (usize, usize),
@@ -844,7 +876,7 @@ mod x86 {
     }
 
     /// The whole product; the caller checked the views' bounds and the CPU's features.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run(
         (m, n, k): (usize, usize, usize),
