@@ -131,27 +131,14 @@ fn finetune(c: &mut Criterion) {
             let trainer = EngineTrainer::for_backbone(&model)
                 .expect("trainer")
                 .expect("a CNN");
-            group.bench_function("channels_last", |b| {
-                b.iter(|| {
-                    finetune_channels_last(
-                        trainer.clone(),
-                        &vars,
-                        &images,
-                        &labels,
-                        CLASSES,
-                        &cfg,
-                        1e-4,
-                        None,
-                        &Progress::hidden(),
-                        None,
-                    )
-                    .expect("step")
-                })
-            });
+            let mut paths = vec![("channels_last", trainer.clone())];
             if bf16_gemm::available() {
-                let mut trainer = trainer.clone();
-                trainer.set_precision(Precision::Bf16).expect("bf16");
-                group.bench_function("channels_last_bf16", |b| {
+                let mut bf16 = trainer;
+                bf16.set_precision(Precision::Bf16).expect("bf16");
+                paths.push(("channels_last_bf16", bf16));
+            }
+            for (path, trainer) in paths {
+                group.bench_function(path, |b| {
                     b.iter(|| {
                         finetune_channels_last(
                             trainer.clone(),

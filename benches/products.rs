@@ -5,7 +5,7 @@
 //! 3×3 convolution of layer1 (64 → 64 channels at 56×56) and of layer4 (512 → 512 at 7×7),
 //! over the im2col rows of 4 images.
 
-use bccp::ops::bf16_gemm::{self, Epilogue, PackedRhs, Precision, Strided};
+use bccp::ops::bf16_gemm::{self, Epilogue, Lhs, PackedRhs, Precision, Rhs, Strided};
 use bccp::ops::nhwc::Act;
 use bccp::ops::nhwc_grad;
 use bccp::ops::packed_gemm::{self, PackedWeight};
@@ -58,12 +58,12 @@ fn products(c: &mut Criterion) {
                         residual: None,
                         act: Act::Relu,
                     };
-                    bf16_gemm::gemm_packed(
+                    bf16_gemm::gemm(
                         (m, n, k),
                         &mut out,
                         false,
-                        Strided::rows(&x, k),
-                        &packed,
+                        Lhs::View(Strided::rows(&x, k)),
+                        Rhs::Packed(&packed),
                         Some(e),
                     )
                 })

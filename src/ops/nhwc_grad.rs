@@ -5,7 +5,7 @@
 //! Every function accumulates into its gradient buffers (`+=`) and is single-threaded: the
 //! caller splits the batch across threads, as in the forward.
 
-use super::bf16_gemm::{self, Precision, Strided};
+use super::bf16_gemm::{self, Lhs, Precision, Rhs, Strided};
 use super::nhwc::{Act, ConvGeometry};
 
 /// `dst[m, n] (+)= Σ_k lhs(i, k) · rhs(k, j)` with the operands given by (column, row)
@@ -39,7 +39,14 @@ fn gemm_acc(
             col_stride,
         };
         let (lhs, rhs) = (view(lhs, (lhs_cs, lhs_rs)), view(rhs, (rhs_cs, rhs_rs)));
-        bf16_gemm::gemm((m, n, k), dst, accumulate, lhs, rhs, None);
+        bf16_gemm::gemm(
+            (m, n, k),
+            dst,
+            accumulate,
+            Lhs::View(lhs),
+            Rhs::View(rhs),
+            None,
+        );
         return;
     }
     // SAFETY: the assertion keeps the last element of every strided view inside its slice
@@ -91,7 +98,14 @@ pub fn weight_grad_acc_bf16(
     (m, k, n): (usize, usize, usize),
 ) {
     let dz_t = Strided::transposed(dz, n);
-    bf16_gemm::gemm_bf16_right((n, k, m), dw, true, dz_t, x_pairs, None);
+    bf16_gemm::gemm(
+        (n, k, m),
+        dw,
+        true,
+        Lhs::View(dz_t),
+        Rhs::Bf16(x_pairs),
+        None,
+    );
 }
 
 /// Input gradient of `z = x · wᵀ`: `dx[m, k] += Σ_n dz[m, n] · w[n, k]`.

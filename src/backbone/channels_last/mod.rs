@@ -28,7 +28,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::layers::{ConvBn, ConvKind, Padding};
-use crate::ops::bf16_gemm::{self, Epilogue, PackedRhs, Precision, Strided};
+use crate::ops::bf16_gemm::{self, Epilogue, Lhs, PackedRhs, Precision, Rhs, Strided};
 use crate::ops::nhwc::{self, Act, ConvGeometry, DepthwiseFn};
 use crate::ops::packed_gemm::{self, PackedWeight};
 
@@ -207,12 +207,12 @@ impl Layer {
                 residual,
                 act: self.act,
             };
-            bf16_gemm::gemm_packed(
+            bf16_gemm::gemm(
                 (m, self.cout, k),
                 &mut dst[..m * self.cout],
                 false,
-                Strided::rows(src, k),
-                w,
+                Lhs::View(Strided::rows(src, k)),
+                Rhs::Packed(w),
                 Some(epilogue),
             );
             return;
@@ -331,12 +331,12 @@ impl Layer {
                     };
                     let m = n * rows;
                     let dst = &mut dst[..m * self.cout];
-                    bf16_gemm::gemm_pairs(
+                    bf16_gemm::gemm(
                         (m, self.cout, cols),
                         dst,
                         false,
-                        words,
-                        w,
+                        Lhs::Pairs(words),
+                        Rhs::Packed(w),
                         Some(epilogue),
                     );
                     return Ok(());
