@@ -14,7 +14,8 @@
 //! registers; the last depth block adds the bias and residual and clamps before the one store.
 //! Subnormal values count as zero (the instruction's rule).
 
-use super::nhwc::Act;
+use super::nhwc::{self, Act, ConvGeometry};
+use crate::distance::bf16_kernel::{pack_row, to_bf16};
 
 /// Columns per packed panel of the right operand (one AVX-512 register of f32 sums).
 pub const PANEL: usize = 16;
@@ -153,11 +154,6 @@ impl PackedRhs {
     /// Depth.
     pub fn k(&self) -> usize {
         self.k
-    }
-
-    /// Columns.
-    pub fn n(&self) -> usize {
-        self.n
     }
 }
 
@@ -299,16 +295,12 @@ pub fn pack_pairs(src: &[f32], out: &mut [u32]) {
         unsafe { x86::pairs_along(src.as_ptr(), src.len(), out.as_mut_ptr()) };
         return;
     }
-    for (w, pair) in out.iter_mut().zip(src.chunks(2)) {
-        let lo = u32::from(to_bf16(pair[0]));
-        let hi = pair.get(1).map_or(0, |&v| u32::from(to_bf16(v)));
-        *w = lo | (hi << 16);
-    }
+    pack_row(src, out);
 }
 
 /// [`super::nhwc::im2col_hwc`] written straight as bf16 pairs ([`pack_pairs`] of each row),
 /// for an even channel count `c` (a tap's channels then never share a pair with the next).
-pub fn im2col_hwc_pairs(x: &[f32], c: usize, g: &super::nhwc::ConvGeometry, out: &mut [u32]) {
+pub fn im2col_hwc_pairs(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [u32]) {
     let row_words = g.kernel * g.kernel * c / 2;
     assert!(
         c.is_multiple_of(2)
@@ -322,36 +314,7 @@ pub fn im2col_hwc_pairs(x: &[f32], c: usize, g: &super::nhwc::ConvGeometry, out:
         unsafe { x86::im2col_hwc_pairs(x, c, g, out) };
         return;
     }
-    im2col_hwc_pairs_with(x, c, g, out, pack_pairs);
-}
-
-/// [`im2col_hwc_pairs`] with `pack` converting each tap's channels.
-fn im2col_hwc_pairs_with(
-    x: &[f32],
-    c: usize,
-    g: &super::nhwc::ConvGeometry,
-    out: &mut [u32],
-    mut pack: impl FnMut(&[f32], &mut [u32]),
-) {
-    let k = g.kernel;
-    let (half, row_words) = (c / 2, k * k * c / 2);
-    for oy in 0..g.out_h {
-        for ox in 0..g.out_w {
-            let row = &mut out[(oy * g.out_w + ox) * row_words..][..row_words];
-            for ky in 0..k {
-                let iy = (oy * g.stride + ky).wrapping_sub(g.pad_top);
-                for kx in 0..k {
-                    let ix = (ox * g.stride + kx).wrapping_sub(g.pad_left);
-                    let dst = &mut row[(ky * k + kx) * half..][..half];
-                    if iy < g.h && ix < g.w {
-                        pack(&x[(iy * g.w + ix) * c..][..c], dst);
-                    } else {
-                        dst.fill(0);
-                    }
-                }
-            }
-        }
-    }
+    nhwc::im2col_hwc_with(x, c, g, out, c / 2, 0, pack_pairs);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -374,42 +337,14 @@ fn apply_epilogue(dst: &mut [f32], n: usize, e: &Epilogue) {
     }
 }
 
-/// f32 → bf16 bits, to nearest, ties to even (the rounding of `vcvtne2ps2bf16`).
-pub fn to_bf16(v: f32) -> u16 {
-    crate::distance::bf16_kernel::to_bf16(v)
-}
-
-/// What [`gemm`] computes, one scalar at a time: the operands rounded to bf16, the products
-/// summed in f64 (a reference for tests, and for the error bound of the sums).
-pub fn reference(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: Strided,
-    rhs: Strided,
-) {
-    let round = |v: f32| f64::from(crate::distance::bf16_kernel::from_bf16(to_bf16(v)));
-    for i in 0..m {
-        for j in 0..n {
-            let sum: f64 = (0..k)
-                .map(|p| round(lhs.at(i, p)) * round(rhs.at(p, j)))
-                .sum();
-            let d = &mut dst[i * n + j];
-            *d = if accumulate {
-                *d + sum as f32
-            } else {
-                sum as f32
-            };
-        }
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[allow(unused_unsafe)] // intrinsics are safe in a `target_feature` context on newer compilers
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Act, Epilogue, PackedRhs, Strided, KC, MC, MR, NC, PANEL};
+    use super::{
+        nhwc, to_bf16, Act, ConvGeometry, Epilogue, PackedRhs, Strided, KC, MC, MR, NC, PANEL,
+    };
 
     /// The left operand: a view packed block by block, or row-major bf16 pairs.
     #[derive(Clone, Copy)]
@@ -513,13 +448,8 @@ mod x86 {
 
     /// [`super::im2col_hwc_pairs`] with the conversion inlined.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn im2col_hwc_pairs(
-        x: &[f32],
-        c: usize,
-        g: &super::super::nhwc::ConvGeometry,
-        out: &mut [u32],
-    ) {
-        super::im2col_hwc_pairs_with(x, c, g, out, |src, dst| unsafe {
+    pub(super) unsafe fn im2col_hwc_pairs(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [u32]) {
+        nhwc::im2col_hwc_with(x, c, g, out, c / 2, 0, |src, dst| unsafe {
             pairs_along(src.as_ptr(), src.len(), dst.as_mut_ptr())
         });
     }
@@ -639,9 +569,9 @@ mod x86 {
             if p >= end {
                 0
             } else if along_rows {
-                u32::from(super::to_bf16(view.at(p, fixed)))
+                u32::from(to_bf16(view.at(p, fixed)))
             } else {
-                u32::from(super::to_bf16(view.at(fixed, p)))
+                u32::from(to_bf16(view.at(fixed, p)))
             }
         };
         get(p) | (get(p + 1) << 16)
@@ -904,6 +834,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distance::bf16_kernel::from_bf16;
     use crate::rng::Rng;
 
     /// Whether the kernel's tests cannot run here (said on stderr).
@@ -917,6 +848,31 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// What [`gemm`] computes, one scalar at a time: the operands rounded to bf16, the products
+    /// summed in f64 (the tests' reference).
+    fn reference(
+        (m, n, k): (usize, usize, usize),
+        dst: &mut [f32],
+        accumulate: bool,
+        lhs: Strided,
+        rhs: Strided,
+    ) {
+        let round = |v: f32| f64::from(from_bf16(to_bf16(v)));
+        for i in 0..m {
+            for j in 0..n {
+                let sum: f64 = (0..k)
+                    .map(|p| round(lhs.at(i, p)) * round(rhs.at(p, j)))
+                    .sum();
+                let d = &mut dst[i * n + j];
+                *d = if accumulate {
+                    *d + sum as f32
+                } else {
+                    sum as f32
+                };
+            }
+        }
     }
 
     fn random(rng: &mut Rng, len: usize) -> Vec<f32> {

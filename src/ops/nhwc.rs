@@ -259,18 +259,35 @@ pub fn im2col_hwc(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
         x.len() >= g.h * g.w * c && out.len() >= g.out_h * g.out_w * cols,
         "im2col: buffers too small"
     );
+    im2col_hwc_with(x, c, g, out, c, 0.0, |src, dst| dst.copy_from_slice(src));
+}
+
+/// The tap walk of [`im2col_hwc`] for any element type: each output pixel's row holds
+/// `tap_len` elements per tap (ky, kx); `copy` fills a tap from the `c` input channels it reads,
+/// and a tap over the padding is filled with `zero`. The caller checks the buffers' sizes.
+pub fn im2col_hwc_with<T: Copy>(
+    x: &[f32],
+    c: usize,
+    g: &ConvGeometry,
+    out: &mut [T],
+    tap_len: usize,
+    zero: T,
+    mut copy: impl FnMut(&[f32], &mut [T]),
+) {
+    let k = g.kernel;
+    let row_len = k * k * tap_len;
     for oy in 0..g.out_h {
         for ox in 0..g.out_w {
-            let row = &mut out[(oy * g.out_w + ox) * cols..][..cols];
+            let row = &mut out[(oy * g.out_w + ox) * row_len..][..row_len];
             for ky in 0..k {
                 let iy = (oy * g.stride + ky).wrapping_sub(g.pad_top);
                 for kx in 0..k {
                     let ix = (ox * g.stride + kx).wrapping_sub(g.pad_left);
-                    let dst = &mut row[(ky * k + kx) * c..][..c];
+                    let dst = &mut row[(ky * k + kx) * tap_len..][..tap_len];
                     if iy < g.h && ix < g.w {
-                        dst.copy_from_slice(&x[(iy * g.w + ix) * c..][..c]);
+                        copy(&x[(iy * g.w + ix) * c..][..c], dst);
                     } else {
-                        dst.fill(0.0);
+                        dst.fill(zero);
                     }
                 }
             }

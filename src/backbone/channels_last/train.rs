@@ -222,11 +222,6 @@ impl EngineTrainer {
         Ok(())
     }
 
-    /// The arithmetic of the products ([`Self::set_precision`]).
-    pub fn precision(&self) -> Precision {
-        self.precision
-    }
-
     /// Parameters per block ([`Self::param_lens`] order): the stem, then each block (a
     /// MobileNetV2 / EfficientNet head after them is no block).
     pub fn block_var_counts(&self) -> Vec<usize> {
