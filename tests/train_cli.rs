@@ -245,11 +245,8 @@ fn full_finetune_trains_the_backbone_and_predict_uses_it() {
     let cache = tmp.path().join("cache");
     // 480 training images, 2 epochs of back-propagation through MobileNetV2 (measured: test
     // accuracy 0.683 against 0.650 for the linear probe with the same settings).
-    let out = success(&train(
-        &days,
-        &runs,
-        &cache,
-        &[
+    let full_run = |extra: &[&'static str]| {
+        let mut flags = vec![
             "-t",
             "monday",
             "--monday-num",
@@ -258,10 +255,11 @@ fn full_finetune_trains_the_backbone_and_predict_uses_it() {
             "2",
             "--finetune",
             "full",
-            "--model-name",
-            "full",
-        ],
-    ));
+        ];
+        flags.extend_from_slice(extra);
+        success(&train(&days, &runs, &cache, &flags))
+    };
+    let out = full_run(&["--model-name", "full"]);
     assert!(out.contains("registered full:1"), "{out}");
     let run = runs.join("full/1");
     let acc = metrics(&run)["test_accuracy"].as_f64().unwrap();
@@ -312,25 +310,7 @@ fn full_finetune_trains_the_backbone_and_predict_uses_it() {
         eprintln!("bf16 run skipped: this CPU has no AVX512-BF16");
         return;
     }
-    let out = success(&train(
-        &days,
-        &runs,
-        &cache,
-        &[
-            "-t",
-            "monday",
-            "--monday-num",
-            "600",
-            "--epochs",
-            "2",
-            "--finetune",
-            "full",
-            "--precision",
-            "bf16",
-            "--model-name",
-            "full16",
-        ],
-    ));
+    let out = full_run(&["--precision", "bf16", "--model-name", "full16"]);
     assert!(out.contains("1 batches per step, bf16 products"), "{out}");
     let run16 = runs.join("full16/1");
     let acc16 = metrics(&run16)["test_accuracy"].as_f64().unwrap();

@@ -614,16 +614,7 @@ mod tests {
             Tensor::new(&[1f32, 4., 0.25, 2.], &dev).unwrap(),
         );
         let vb = VarBuilder::from_tensors(t.clone(), DType::F32, &dev);
-        let spec = ConvSpec {
-            in_channels: cin,
-            out_channels: cout,
-            kernel: 3,
-            stride: 1,
-            padding: Padding::Symmetric(1),
-            kind: ConvKind::Dense,
-            relu6: false,
-            bn_eps: 1e-5,
-        };
+        let spec = dense_3x3(cin, cout);
         let layer = ConvBn::load(
             spec,
             ConvBnNames {
@@ -670,6 +661,20 @@ mod tests {
         );
     }
 
+    /// A 3×3, stride-1, padded dense convolution with batch-norm (ε 1e-5).
+    fn dense_3x3(cin: usize, cout: usize) -> ConvSpec {
+        ConvSpec {
+            in_channels: cin,
+            out_channels: cout,
+            kernel: 3,
+            stride: 1,
+            padding: Padding::Symmetric(1),
+            kind: ConvKind::Dense,
+            relu6: false,
+            bn_eps: 1e-5,
+        }
+    }
+
     #[test]
     fn training_batch_norm_uses_the_batch_and_updates_its_running_statistics() {
         use candle_core::Device;
@@ -690,16 +695,7 @@ mod tests {
             t.insert(format!("b.{name}"), Tensor::new(&v, &dev).unwrap());
         }
         let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
-        let spec = ConvSpec {
-            in_channels: cin,
-            out_channels: cout,
-            kernel: 3,
-            stride: 1,
-            padding: Padding::Symmetric(1),
-            kind: ConvKind::Dense,
-            relu6: false,
-            bn_eps: 1e-5,
-        };
+        let spec = dense_3x3(cin, cout);
         let names = ConvBnNames {
             conv: vb.pp("c"),
             bn: vb.pp("b"),
