@@ -10,6 +10,7 @@
 
 use bccp::backbone::mobilenet_v2::MobileNetV2;
 use bccp::backbone::{zoo, Backbone};
+use bccp::ops::bf16_gemm::Precision;
 use bccp::ops::depthwise::{grouped_conv_fallback, set_grouped_conv_reference};
 use bccp::ops::{depthwise_conv2d, DepthwiseParams};
 use candle_core::{DType, Device, Tensor};
@@ -35,6 +36,24 @@ fn mobilenets() -> (Backbone, MobileNetV2) {
     (engine, ops)
 }
 
+/// `<name>_bf16`: the engine with bf16 products (`bccp … --precision bf16`), on CPUs that have
+/// AVX512-BF16; the backbone is left in f32.
+fn bench_bf16(
+    group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    name: &str,
+    backbone: &mut Backbone,
+    x: &Tensor,
+) {
+    if backbone.set_precision(Precision::Bf16).is_err() {
+        eprintln!("{name}_bf16: skipped (no AVX512-BF16 on this CPU)");
+        return;
+    }
+    group.bench_function(format!("{name}_bf16"), |b| {
+        b.iter(|| backbone.embed(x).expect("forward"))
+    });
+    backbone.set_precision(Precision::F32).expect("f32");
+}
+
 fn embed(c: &mut Criterion) {
     bccp::runtime::init();
     let mut group = c.benchmark_group("embed");
@@ -42,10 +61,11 @@ fn embed(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH as u64));
     let x = input(BATCH, 224);
 
-    let (mobilenet, mobilenet_ops) = mobilenets();
+    let (mut mobilenet, mobilenet_ops) = mobilenets();
     group.bench_function("mobilenet_v2", |b| {
         b.iter(|| mobilenet.embed(&x).expect("forward"))
     });
+    bench_bf16(&mut group, "mobilenet_v2", &mut mobilenet, &x);
     group.bench_function("mobilenet_v2_candle_ops", |b| {
         b.iter(|| mobilenet_ops.embed(&x).expect("forward"))
     });
@@ -56,7 +76,7 @@ fn embed(c: &mut Criterion) {
     set_grouped_conv_reference(false);
 
     let varmap = VarMap::new();
-    let resnet = Backbone::from_var_builder(
+    let mut resnet = Backbone::from_var_builder(
         &zoo::find("resnet18").expect("zoo"),
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
     )
@@ -64,6 +84,7 @@ fn embed(c: &mut Criterion) {
     group.bench_function("resnet18", |b| {
         b.iter(|| resnet.embed(&x).expect("forward"))
     });
+    bench_bf16(&mut group, "resnet18", &mut resnet, &x);
     let resnet_ops = candle_transformers::models::resnet::resnet18_no_final_layer(
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
     )
@@ -81,10 +102,11 @@ fn embed_small(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(SMALL_BATCH as u64));
     let x = input(SMALL_BATCH, 64);
-    let (mobilenet, mobilenet_ops) = mobilenets();
+    let (mut mobilenet, mobilenet_ops) = mobilenets();
     group.bench_function("mobilenet_v2", |b| {
         b.iter(|| mobilenet.embed(&x).expect("forward"))
     });
+    bench_bf16(&mut group, "mobilenet_v2", &mut mobilenet, &x);
     group.bench_function("mobilenet_v2_candle_ops", |b| {
         b.iter(|| mobilenet_ops.embed(&x).expect("forward"))
     });

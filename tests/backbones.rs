@@ -310,3 +310,64 @@ fn random_resnet(
     }
     (varmap, candle)
 }
+
+#[test]
+fn bf16_engine_products_keep_the_classes_and_the_features_within_rounding() {
+    if !bccp::ops::bf16_gemm::available() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    use bccp::ops::bf16_gemm::Precision;
+    // EfficientNet-Lite0 on real photos: the same classes, logits within bf16 rounding.
+    let mut model = load(
+        "efficientnet_lite0",
+        "weights/efficientnet_lite0.safetensors",
+    );
+    let pre = model.spec().preprocess();
+    let paths = vec![asset("photos/chelsea.png"), asset("photos/coffee.png")];
+    let batch = bccp::data::loader::load_batch(&paths, 0, &pre, false).unwrap();
+    let x = batch.to_tensor(&pre, &Device::Cpu).unwrap();
+    let f32_logits = model.logits(&x).unwrap().unwrap();
+    model.set_precision(Precision::Bf16).unwrap();
+    assert_eq!(model.precision(), Precision::Bf16);
+    let bf16_logits = model.logits(&x).unwrap().unwrap();
+    let top1: Vec<u32> = bf16_logits.argmax(1).unwrap().to_vec1().unwrap();
+    assert!([281, 282, 285].contains(&top1[0]), "chelsea → {}", top1[0]);
+    assert_eq!(top1[1], 967, "coffee → {}", top1[1]);
+    let err = rel_err(&bf16_logits, &f32_logits);
+    // bf16 keeps 8 significant bits (2⁻⁹ relative per operand); PyTorch's autocast lands at
+    // 0.114 on MobileNetV2's features (tests/finetune_engine.rs), rounding more than this.
+    assert!(err > 0.0 && err < 0.05, "logits off by {err}");
+    // Back to f32: the f32 bits again.
+    model.set_precision(Precision::F32).unwrap();
+    let again = model.logits(&x).unwrap().unwrap();
+    assert_eq!(rel_err(&again, &f32_logits), 0.0);
+
+    // ResNet-18 (random weights, batch-norms folded): features within PyTorch's autocast error.
+    let mut rng = bccp::rng::Rng::new(5);
+    let (varmap, _) = random_resnet(18, &mut rng);
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+    let mut resnet = Backbone::from_var_builder(&zoo::find("resnet18").unwrap(), vb).unwrap();
+    let pixels: Vec<f32> = (0..2 * 3 * 64 * 64)
+        .map(|_| rng.unit_f64() as f32 * 4.0 - 2.0)
+        .collect();
+    let x = Tensor::from_vec(pixels, (2, 3, 64, 64), &Device::Cpu).unwrap();
+    let want = resnet.embed(&x).unwrap();
+    resnet.set_precision(Precision::Bf16).unwrap();
+    let err = rel_err(&resnet.embed(&x).unwrap(), &want);
+    assert!(err > 0.0 && err < 0.0076, "ResNet-18 features off by {err}");
+
+    // A network off the engine (a trainable copy runs on candle's ops) refuses bf16.
+    let spec = zoo::find("mobilenet_v2").unwrap();
+    let w = asset("weights/mobilenet_v2.safetensors");
+    let (mut trainable, _) = Backbone::load_trainable(&spec, &w, &Device::Cpu).unwrap();
+    let msg = trainable
+        .set_precision(Precision::Bf16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("channels-last") && msg.contains("mobilenet_v2"),
+        "{msg}"
+    );
+    trainable.set_precision(Precision::F32).unwrap();
+}

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use crate::ops::bf16_gemm::Precision;
 use channels_last::{ChannelsLastResNet, ChannelsLastTrunk};
 use layers::{BnMode, Training, Trunk, Tunable};
 use zoo::{Architecture, BackboneSpec, WeightSource};
@@ -85,6 +86,13 @@ impl CpuEngine {
             CpuEngine::ResNet(r) => r.embed(x),
         }
     }
+
+    fn set_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
+        match self {
+            CpuEngine::Trunk(t) => t.set_precision(precision),
+            CpuEngine::ResNet(r) => r.set_precision(precision),
+        }
+    }
 }
 
 /// A loaded backbone: embeds preprocessed images `[N, 3, H, W]` into `[N, D]`.
@@ -94,6 +102,8 @@ pub struct Backbone {
     /// The network on the channels-last engine: CPU-loaded MobileNetV2, EfficientNet-Lite and
     /// ResNets with fixed weights.
     channels_last: Option<CpuEngine>,
+    /// The arithmetic of the channels-last engine's products.
+    precision: Precision,
     /// The switch of batch-norms in training mode (after [`Self::load_trainable_bn`]).
     bn_training: Option<Training>,
 }
@@ -127,6 +137,7 @@ impl Backbone {
             spec: spec.clone(),
             network,
             channels_last: None,
+            precision: Precision::F32,
             bn_training: None,
         };
         if on_cpu {
@@ -361,11 +372,18 @@ impl Backbone {
     /// The channels-last engine for the network's current weights (the CNNs; `None` for the
     /// vision transformers).
     fn cpu_engine(&self) -> candle_core::Result<Option<CpuEngine>> {
-        if let Some(net) = self.resnet() {
-            return Ok(Some(CpuEngine::ResNet(ChannelsLastResNet::new(net)?)));
+        let mut engine = match self.resnet() {
+            Some(net) => Some(CpuEngine::ResNet(ChannelsLastResNet::new(net)?)),
+            None => self
+                .trunk()
+                .map(ChannelsLastTrunk::new)
+                .transpose()?
+                .map(CpuEngine::Trunk),
+        };
+        if let Some(e) = &mut engine {
+            e.set_precision(self.precision)?;
         }
-        let trunk = self.trunk().map(ChannelsLastTrunk::new).transpose()?;
-        Ok(trunk.map(CpuEngine::Trunk))
+        Ok(engine)
     }
 
     /// Lays the current weights out for the channels-last engine again (after fine-tuning,
@@ -382,6 +400,29 @@ impl Backbone {
             self.channels_last = self.cpu_engine()?;
         }
         Ok(())
+    }
+
+    /// Runs the channels-last engine's dense and pointwise products in `precision`
+    /// ([`Precision::Bf16`]: bf16 operands summed in f32, as PyTorch's CPU autocast does;
+    /// depthwise convolutions, activations and the output stay f32). Errors for bf16 when
+    /// the network does not run on the engine (the vision transformers, a GPU) or the CPU
+    /// lacks AVX512-BF16.
+    pub fn set_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
+        match (&mut self.channels_last, precision) {
+            (Some(engine), _) => engine.set_precision(precision)?,
+            (None, Precision::F32) => {}
+            (None, Precision::Bf16) => candle_core::bail!(
+                "bf16 products run on the channels-last CPU engine (MobileNetV2, EfficientNet-Lite, the ResNets on the CPU); {} here runs on candle's ops in f32",
+                self.spec.name
+            ),
+        }
+        self.precision = precision;
+        Ok(())
+    }
+
+    /// The arithmetic of the engine's products ([`Self::set_precision`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Embeddings `[N, D]` of preprocessed images `[N, 3, H, W]`.

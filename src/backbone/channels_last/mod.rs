@@ -176,6 +176,12 @@ impl Layer {
         Ok(layer)
     }
 
+    /// Switches the products to `precision` and packs the weights for it.
+    fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+        self.repack();
+    }
+
     /// Packs `weight` again for the fused product (after training changed it).
     fn repack(&mut self) {
         let k = self.weight.len() / self.cout.max(1);
@@ -354,6 +360,14 @@ impl Layer {
         }
         Ok(())
     }
+}
+
+/// Errors unless this CPU can run `precision`'s products (bf16 needs AVX512-BF16).
+fn check_precision(precision: Precision) -> Result<()> {
+    if precision == Precision::Bf16 && !bf16_gemm::available() {
+        candle_core::bail!("bf16 products need a CPU with AVX512-BF16, which this one lacks");
+    }
+    Ok(())
 }
 
 /// A float buffer's memory as 32-bit words (bf16 pairs), for the scratch of a bf16 product.

@@ -8,6 +8,7 @@ use candle_core::{Result, Tensor};
 use super::{apply_in, apply_stem, global_avg_pool, input_size, pair, Layer, WorkspacePool};
 use super::{Act, DenseInput};
 use crate::backbone::resnet::ResNet;
+use crate::ops::bf16_gemm::Precision;
 use crate::ops::nhwc::{self, ConvGeometry, DepthwiseFn};
 
 /// Buffers of a task: block input, two intermediates, shortcut, im2col.
@@ -94,6 +95,20 @@ impl ChannelsLastResNet {
     /// Width of the embedding (512, or 2048 for ResNet-50).
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    /// Runs the dense and pointwise products in `precision` ([`Precision::Bf16`]: bf16
+    /// operands, f32 sums and activations). Errors for bf16 on a CPU without AVX512-BF16.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        super::check_precision(precision)?;
+        let layers = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| b.convs.iter_mut().chain(b.downsample.as_mut()));
+        for layer in std::iter::once(&mut self.stem).chain(layers) {
+            layer.set_precision(precision);
+        }
+        Ok(())
     }
 
     /// The stem's max-pool: 3×3, stride 2, padding 1.

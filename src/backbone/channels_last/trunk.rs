@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor};
 use super::{apply_in, apply_stem, global_avg_pool, input_size, Layer, WorkspacePool};
 use super::{Act, ConvKind, DenseInput};
 use crate::backbone::layers::{ConvBn, Trunk};
+use crate::ops::bf16_gemm::Precision;
 use crate::ops::nhwc::{self, DepthwiseFn};
 
 /// Buffers of a task: block input, two scratch buffers, block output, im2col.
@@ -82,6 +83,17 @@ impl ChannelsLastTrunk {
     /// Width of the embedding.
     pub fn dim(&self) -> usize {
         self.head.cout
+    }
+
+    /// Runs the dense and pointwise products in `precision` ([`Precision::Bf16`]: bf16
+    /// operands, f32 sums and activations). Errors for bf16 on a CPU without AVX512-BF16.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        super::check_precision(precision)?;
+        let layers = self.blocks.iter_mut().flat_map(|b| b.layers.iter_mut());
+        for layer in [&mut self.stem, &mut self.head].into_iter().chain(layers) {
+            layer.set_precision(precision);
+        }
+        Ok(())
     }
 
     /// The largest buffer one image needs (activations and the stem's im2col matrix), in f32.
