@@ -6,9 +6,10 @@
 //! over the im2col rows of 4 images.
 
 use bccp::ops::bf16_gemm::{self, Epilogue, Lhs, PackedRhs, Precision, Rhs, Strided};
-use bccp::ops::nhwc::Act;
+use bccp::ops::nhwc::{self, Act, ConvGeometry};
 use bccp::ops::nhwc_grad;
 use bccp::ops::packed_gemm::{self, PackedWeight};
+use bccp::ops::winograd::{self, Role, WinogradWeight};
 use bccp::rng::Rng;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -82,5 +83,107 @@ fn products(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, products);
+/// A whole 3×3 convolution (stride 1, padding 1) of ResNet-18 on 4 channels-last images,
+/// through im2col and the products above against Winograd's F(2×2, 3×3)
+/// ([`bccp::ops::winograd`]): forward with bias and ReLU, input gradient (products + col2im
+/// against the flipped convolution), weight gradient (im2col + product against the transforms).
+fn conv3x3(c: &mut Criterion) {
+    const IMAGES: usize = 4;
+    for (name, size, ch) in [("layer1", 56, 64), ("layer3", 14, 256), ("layer4", 7, 512)] {
+        let mut rng = Rng::new(2);
+        let (pixels, width) = (IMAGES * size * size, 9 * ch);
+        let x = values(&mut rng, pixels * ch);
+        let w = values(&mut rng, ch * width);
+        let dz = values(&mut rng, pixels * ch);
+        let bias = values(&mut rng, ch);
+        let g = ConvGeometry::new(size, size, 3, 1, (1, 1, 1, 1)).expect("geometry");
+        let packed = packed_gemm::fused_available().then(|| PackedWeight::new(&w, ch, width));
+        let forward = WinogradWeight::new(&w, ch, ch, Role::Forward);
+        let backward = WinogradWeight::new(&w, ch, ch, Role::InputGrad);
+        let mut cols = vec![0f32; pixels * width];
+        let mut out = vec![0f32; pixels * ch];
+        let mut dw = vec![0f32; ch * width];
+        let scratch_len = winograd::conv_scratch(&forward, IMAGES, (size, size)).max(
+            winograd::weight_grad_scratch((ch, ch), IMAGES, (size, size)),
+        );
+        let mut scratch = vec![0f32; scratch_len];
+        let im2col = |x: &[f32], cols: &mut [f32]| {
+            for (img, dst) in x
+                .chunks_exact(size * size * ch)
+                .zip(cols.chunks_exact_mut(size * size * width))
+            {
+                nhwc::im2col_hwc(img, ch, &g, dst);
+            }
+        };
+        let mut group = c.benchmark_group(format!("conv3x3_{name}"));
+        group.sample_size(10);
+        group.throughput(Throughput::Elements((2 * pixels * ch * width) as u64));
+        group.bench_function("forward/im2col", |b| {
+            b.iter(|| {
+                im2col(&x, &mut cols);
+                let p = packed.as_ref();
+                packed_gemm::dense_bias_act(&cols, pixels, &w, p, &bias, None, Act::Relu, &mut out)
+            })
+        });
+        group.bench_function("forward/winograd", |b| {
+            b.iter(|| {
+                let (x, s) = (&x, &mut scratch);
+                winograd::conv(
+                    x,
+                    IMAGES,
+                    (size, size),
+                    &forward,
+                    Some(&bias),
+                    None,
+                    Act::Relu,
+                    &mut out,
+                    s,
+                )
+            })
+        });
+        group.bench_function("input_grad/col2im", |b| {
+            b.iter(|| {
+                nhwc_grad::input_grad(Precision::F32, &dz, &w, &mut cols, (pixels, width, ch));
+                out.fill(0.0);
+                for (dcols, dx) in cols
+                    .chunks_exact(size * size * width)
+                    .zip(out.chunks_exact_mut(size * size * ch))
+                {
+                    nhwc_grad::col2im_hwc_acc(dcols, ch, &g, dx);
+                }
+            })
+        });
+        group.bench_function("input_grad/winograd", |b| {
+            b.iter(|| {
+                let (dz, s) = (&dz, &mut scratch);
+                winograd::conv(
+                    dz,
+                    IMAGES,
+                    (size, size),
+                    &backward,
+                    None,
+                    None,
+                    Act::Identity,
+                    &mut out,
+                    s,
+                )
+            })
+        });
+        group.bench_function("weight_grad/im2col", |b| {
+            b.iter(|| {
+                im2col(&x, &mut cols);
+                nhwc_grad::weight_grad_acc(Precision::F32, &dz, &cols, &mut dw, (pixels, width, ch))
+            })
+        });
+        group.bench_function("weight_grad/winograd", |b| {
+            b.iter(|| {
+                let s = &mut scratch;
+                winograd::weight_grad_acc(&x, &dz, IMAGES, (size, size), (ch, ch), &mut dw, s)
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, products, conv3x3);
 criterion_main!(benches);

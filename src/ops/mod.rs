@@ -10,6 +10,7 @@ pub mod fused_grad;
 pub mod nhwc;
 pub mod nhwc_grad;
 pub mod packed_gemm;
+pub mod winograd;
 
 pub use bias_act::bias_act;
 pub use depthwise::{depthwise_conv2d, DepthwiseParams};

@@ -31,6 +31,7 @@ use super::layers::{ConvBn, ConvKind, Padding};
 use crate::ops::bf16_gemm::{self, Epilogue, Lhs, PackedRhs, Precision, Rhs, Strided};
 use crate::ops::nhwc::{self, Act, ConvGeometry, DepthwiseFn};
 use crate::ops::packed_gemm::{self, PackedWeight};
+use crate::ops::winograd::{self, Role, WinogradWeight};
 
 /// Most images per task: enough pixels at the 2×2 end of a 64×64 MobileNetV2 for a useful
 /// matrix product (chunks of 4–32 measured within noise of each other).
@@ -127,6 +128,14 @@ struct Layer {
     precision: Precision,
     /// With bf16 products, `weight` transposed and packed as bf16 pairs ([`Layer::repack`]).
     packed_bf16: Option<PackedRhs>,
+    /// A 3×3 stride-1 layer over channels-last maps in f32 on an AVX-512 CPU: its weight
+    /// transformed for Winograd's F(2×2, 3×3) ([`winograd`]), used where the map's padding
+    /// keeps its size ([`winograd::applies`]).
+    winograd: Option<Box<WinogradWeight>>,
+    /// In a trainer, the same for the input gradient (the flipped convolution).
+    winograd_grad: Option<Box<WinogradWeight>>,
+    /// Whether the layer belongs to a trainer (which also needs `winograd_grad`).
+    trains: bool,
 }
 
 impl Layer {
@@ -171,9 +180,42 @@ impl Layer {
             packed: None,
             precision: Precision::F32,
             packed_bf16: None,
+            winograd: None,
+            winograd_grad: None,
+            trains: false,
         };
         layer.repack();
         Ok(layer)
+    }
+
+    /// Whether the layer's products may run through Winograd's transforms: a 3×3 stride-1
+    /// convolution over channels-last maps, f32 products, an AVX-512 CPU.
+    fn takes_winograd(&self) -> bool {
+        self.kind == ConvKind::Dense
+            && self.input == DenseInput::Hwc
+            && self.kernel == 3
+            && self.stride == 1
+            && self.precision == Precision::F32
+            && packed_gemm::fused_available()
+    }
+
+    /// The Winograd weight for a map of geometry `g`, when it applies.
+    fn winograd_for(&self, g: &ConvGeometry) -> Option<&WinogradWeight> {
+        self.winograd.as_deref().filter(|_| winograd::applies(g))
+    }
+
+    /// Scratch floats [`Self::apply`] needs for `n` images of `size` (a dense layer's im2col
+    /// matrix or Winograd's transformed tiles).
+    fn scratch_len(&self, n: usize, size: (usize, usize)) -> Result<usize> {
+        if self.kind != ConvKind::Dense {
+            return Ok(0);
+        }
+        let g = self.geometry(size)?;
+        let cols = n * g.out_h * g.out_w * self.cin * self.kernel * self.kernel;
+        Ok(match self.winograd_for(&g) {
+            Some(w) => cols.max(winograd::conv_scratch(w, n, size)),
+            None => cols,
+        })
     }
 
     /// Switches the products to `precision` and packs the weights for it.
@@ -185,6 +227,7 @@ impl Layer {
     /// Packs `weight` again for the fused product (after training changed it).
     fn repack(&mut self) {
         let k = self.weight.len() / self.cout.max(1);
+        self.repack_winograd();
         if self.precision == Precision::Bf16 && self.kind != ConvKind::Depthwise {
             let w = Strided::transposed(&self.weight, k);
             match &mut self.packed_bf16 {
@@ -200,6 +243,24 @@ impl Layer {
             _ => {
                 self.packed = (self.kind != ConvKind::Depthwise && packed_gemm::fused_available())
                     .then(|| PackedWeight::new(&self.weight, self.cout, k));
+            }
+        }
+    }
+
+    /// Transforms `weight` again for Winograd's products where the layer takes them.
+    fn repack_winograd(&mut self) {
+        if !self.takes_winograd() {
+            (self.winograd, self.winograd_grad) = (None, None);
+            return;
+        }
+        let (w, cout, cin) = (&self.weight, self.cout, self.cin);
+        let roles = [(&mut self.winograd, Role::Forward, true)];
+        let grad = [(&mut self.winograd_grad, Role::InputGrad, self.trains)];
+        for (slot, role, wanted) in roles.into_iter().chain(grad) {
+            match (slot.as_mut(), wanted) {
+                (_, false) => *slot = None,
+                (Some(t), true) => t.repack(w),
+                (None, true) => *slot = Some(Box::new(WinogradWeight::new(w, cout, cin, role))),
             }
         }
     }
@@ -274,16 +335,12 @@ impl Layer {
         }
     }
 
-    /// Floats one image needs for this layer's output and, for a dense layer, its im2col
-    /// matrix; with the output size.
+    /// Floats one image needs for this layer's output and its scratch (a dense layer's
+    /// im2col matrix or Winograd's tiles); with the output size.
     fn footprint(&self, size: (usize, usize)) -> Result<(usize, (usize, usize))> {
         let out = self.out_size(size)?;
-        let pixels = out.0 * out.1;
-        let cols = match self.kind {
-            ConvKind::Dense => self.cin * self.kernel * self.kernel,
-            _ => 0,
-        };
-        Ok((pixels * self.cout.max(cols), out))
+        let floats = (out.0 * out.1 * self.cout).max(self.scratch_len(1, size)?);
+        Ok((floats, out))
     }
 
     /// Applies the layer to `n` images of `size` in `src` (channels last; channels first for a
@@ -318,6 +375,13 @@ impl Layer {
             }
             ConvKind::Dense => {
                 let g = self.geometry(size)?;
+                if let Some(w) = self.winograd_for(&g) {
+                    let scratch = &mut scratch[..winograd::conv_scratch(w, n, size)];
+                    let dst = &mut dst[..n * pixels * self.cout];
+                    let bias = Some(&self.bias[..]);
+                    winograd::conv(src, n, size, w, bias, None, self.act, dst, scratch);
+                    return Ok(());
+                }
                 let (rows, cols) = (g.out_h * g.out_w, self.cin * self.kernel * self.kernel);
                 let image = pixels * self.cin;
                 if let (Some(w), DenseInput::Hwc, 0) = (&self.packed_bf16, self.input, self.cin % 2)

@@ -19,8 +19,9 @@ use crate::backbone::layers::Trunk;
 use crate::backbone::resnet::ResNet;
 use crate::backbone::Backbone;
 use crate::ops::bf16_gemm::{self, Precision};
-use crate::ops::nhwc::{self, DepthwiseFn};
+use crate::ops::nhwc::{self, Act, ConvGeometry, DepthwiseFn};
 use crate::ops::nhwc_grad as grad;
+use crate::ops::winograd;
 
 /// A CNN's parameters on the host in the engine's layout, with a forward that records what
 /// the backward needs and the backward itself.
@@ -194,7 +195,11 @@ impl EngineTrainer {
         Ok(Self::with(layers, Graph::ResNet(blocks)))
     }
 
-    fn with(layers: Vec<Layer>, graph: Graph) -> Self {
+    fn with(mut layers: Vec<Layer>, graph: Graph) -> Self {
+        layers.par_iter_mut().for_each(|l| {
+            l.trains = true;
+            l.repack();
+        });
         Self {
             layers,
             graph,
@@ -502,10 +507,7 @@ impl EngineTrainer {
         let l = &self.layers[i];
         let out = l.out_size(size)?;
         let mut dst = self.buffers.scratch(n * out.0 * out.1 * l.cout);
-        let cols = match l.kind {
-            ConvKind::Dense => n * out.0 * out.1 * l.cin * l.kernel * l.kernel,
-            _ => 0,
-        };
+        let cols = l.scratch_len(n, size)?;
         l.apply(
             src,
             &mut dst,
@@ -567,29 +569,14 @@ impl EngineTrainer {
                 let g = l.geometry(size)?;
                 let (rows, width) = (g.out_h * g.out_w, l.cin * l.kernel * l.kernel);
                 let (image, m) = (pixels * l.cin, n * rows);
-                let cols = at_least(&mut scratch.cols, m * width);
-                if self.precision == Precision::Bf16
-                    && l.input == DenseInput::Hwc
-                    && l.cin.is_multiple_of(2)
-                {
-                    // im2col straight into bf16 pairs, the weight gradient's right operand.
-                    let words = super::cast_words(&mut cols[..m * width / 2]);
-                    for (x, pairs) in x
-                        .chunks_exact(image)
-                        .zip(words.chunks_exact_mut(rows * width / 2))
-                    {
-                        bf16_gemm::im2col_hwc_pairs(x, l.cin, &g, pairs);
-                    }
-                    grad::weight_grad_acc_bf16(&dy, words, gw, (m, width, l.cout));
+                let winograd = l.winograd_for(&g).is_some();
+                let channels = (l.cin, l.cout);
+                if winograd && winograd::weight_grad_pays(n, size, channels) {
+                    let len = winograd::weight_grad_scratch(channels, n, size);
+                    let s = at_least(&mut scratch.cols, len);
+                    winograd::weight_grad_acc(x, &dy, n, size, channels, gw, s);
                 } else {
-                    for (img, x) in x.chunks_exact(image).take(n).enumerate() {
-                        let dst = &mut cols[img * rows * width..][..rows * width];
-                        match l.input {
-                            DenseInput::Chw => nhwc::im2col_chw(x, l.cin, &g, dst),
-                            DenseInput::Hwc => nhwc::im2col_hwc(x, l.cin, &g, dst),
-                        }
-                    }
-                    grad::weight_grad_acc(self.precision, &dy, cols, gw, (m, width, l.cout));
+                    self.im2col_weight_grad(l, &g, x, &dy, n, gw, scratch);
                 }
                 if !input_grad {
                     self.buffers.give([dy]);
@@ -597,6 +584,14 @@ impl EngineTrainer {
                 }
                 if l.input == DenseInput::Chw {
                     candle_core::bail!("channels-last training: no input gradient for a stem");
+                }
+                if let (true, Some(back)) = (winograd, &l.winograd_grad) {
+                    // The input gradient of a size-keeping 3×3 convolution is the flipped one.
+                    let s = at_least(&mut scratch.dcols, winograd::conv_scratch(back, n, size));
+                    let mut dx = self.buffers.scratch(n * image);
+                    winograd::conv(&dy, n, size, back, None, None, Act::Identity, &mut dx, s);
+                    self.buffers.give([dy]);
+                    return Ok(dx);
                 }
                 let dcols = at_least(&mut scratch.dcols, m * width);
                 grad::input_grad(self.precision, &dy, &l.weight, dcols, (m, width, l.cout));
@@ -610,6 +605,47 @@ impl EngineTrainer {
                 self.buffers.give([dy]);
                 Ok(dx)
             }
+        }
+    }
+
+    /// A dense layer's weight gradient through its input's im2col matrix (bf16 pairs with
+    /// bf16 products).
+    #[allow(clippy::too_many_arguments)]
+    fn im2col_weight_grad(
+        &self,
+        l: &Layer,
+        g: &ConvGeometry,
+        x: &[f32],
+        dy: &[f32],
+        n: usize,
+        gw: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
+        let (rows, width) = (g.out_h * g.out_w, l.cin * l.kernel * l.kernel);
+        let (image, m) = (g.h * g.w * l.cin, n * rows);
+        let cols = at_least(&mut scratch.cols, m * width);
+        if self.precision == Precision::Bf16
+            && l.input == DenseInput::Hwc
+            && l.cin.is_multiple_of(2)
+        {
+            // im2col straight into bf16 pairs, the weight gradient's right operand.
+            let words = super::cast_words(&mut cols[..m * width / 2]);
+            for (x, pairs) in x
+                .chunks_exact(image)
+                .zip(words.chunks_exact_mut(rows * width / 2))
+            {
+                bf16_gemm::im2col_hwc_pairs(x, l.cin, g, pairs);
+            }
+            grad::weight_grad_acc_bf16(dy, words, gw, (m, width, l.cout));
+        } else {
+            for (img, x) in x.chunks_exact(image).take(n).enumerate() {
+                let dst = &mut cols[img * rows * width..][..rows * width];
+                match l.input {
+                    DenseInput::Chw => nhwc::im2col_chw(x, l.cin, g, dst),
+                    DenseInput::Hwc => nhwc::im2col_hwc(x, l.cin, g, dst),
+                }
+            }
+            grad::weight_grad_acc(self.precision, dy, cols, gw, (m, width, l.cout));
         }
     }
 }
