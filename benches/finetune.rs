@@ -8,6 +8,8 @@
 //!   ViT-B/16 (`finetune224_vit_b16/candle_autograd`, batch 8) at 224×224 on candle's
 //!   autograd (the path transformers train on), random weights. candle's path is left out
 //!   where it takes many seconds per step (ResNet-18: about 10 s on 2 threads).
+//! - `finetune224_resnet18/channels_last_im2col`: its 3×3 convolutions through im2col
+//!   instead of Winograd's F(2×2, 3×3) (the engine before Winograd, for the ratio).
 //! - `…/channels_last_bf16`: the engine with bf16 products (`--precision bf16`), on CPUs
 //!   with AVX512-BF16.
 //!
@@ -19,6 +21,7 @@ use std::collections::HashMap;
 use bccp::backbone::channels_last::EngineTrainer;
 use bccp::backbone::{zoo, Backbone};
 use bccp::ops::bf16_gemm::{self, Precision};
+use bccp::ops::winograd;
 use bccp::progress::Progress;
 use bccp::rng::Rng;
 use bccp::train::finetune::{finetune_candle, finetune_channels_last, TrainImages};
@@ -132,12 +135,21 @@ fn finetune(c: &mut Criterion) {
                 .expect("trainer")
                 .expect("a CNN");
             let mut paths = vec![("channels_last", trainer.clone())];
+            if name == "resnet18" {
+                // Its 3×3 convolutions through im2col instead of Winograd's transforms.
+                winograd::set_enabled(false);
+                let im2col = EngineTrainer::for_backbone(&model).expect("trainer");
+                paths.push(("channels_last_im2col", im2col.expect("a CNN")));
+            }
             if bf16_gemm::available() {
                 let mut bf16 = trainer;
                 bf16.set_precision(Precision::Bf16).expect("bf16");
                 paths.push(("channels_last_bf16", bf16));
             }
             for (path, trainer) in paths {
+                // Adam's updates re-pack the weights: the im2col path's must stay without
+                // Winograd's.
+                winograd::set_enabled(path != "channels_last_im2col");
                 group.bench_function(path, |b| {
                     b.iter(|| {
                         finetune_channels_last(
@@ -156,6 +168,7 @@ fn finetune(c: &mut Criterion) {
                     })
                 });
             }
+            winograd::set_enabled(true);
         }
         if candle {
             group.bench_function("candle_autograd", |b| {

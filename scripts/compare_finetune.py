@@ -19,12 +19,15 @@ Mixed precision: the CNNs are also timed with bf16 products, PyTorch under
 torch.autocast("cpu", dtype=torch.bfloat16) around the forward and the loss (its CPU autocast:
 convolutions and linear layers on bf16 operands, weights and optimiser f32) against bccp's
 GROUP/channels_last_bf16 (`bccp train --precision bf16`: every dense and pointwise product on
-bf16 operands with f32 sums; present when the CPU has AVX512-BF16).
+bf16 operands with f32 sums; present when the CPU has AVX512-BF16). For ResNet-18 also
+GROUP/channels_last_im2col: its 3×3 convolutions through im2col instead of Winograd's
+F(2×2, 3×3) transforms (the engine before them).
 
 Prints a markdown table (model, input, path, precision, PyTorch img/s in that precision, bccp
 img/s, bccp/PyTorch, and bccp/PyTorch-f32) and, with --json FILE, writes the same as JSON.
 
 Usage (from the repository root): scripts/bench-finetune.sh [--threads N] [--json FILE]
+[--group finetune224_resnet18]
 """
 
 import argparse
@@ -45,7 +48,8 @@ CLASSES = 10
 # iteration of each group (one epoch of that many steps, as benches/finetune.rs runs them).
 SHAPES = [("finetune64", "mobilenet_v2", 64, 64, ["channels_last", "channels_last_bf16", "candle_autograd"]),
           ("finetune224", "mobilenet_v2", 224, 32, ["channels_last", "channels_last_bf16"]),
-          ("finetune224_resnet18", "resnet18", 224, 32, ["channels_last", "channels_last_bf16"]),
+          ("finetune224_resnet18", "resnet18", 224, 32, ["channels_last", "channels_last_im2col",
+                                                          "channels_last_bf16"]),
           ("finetune224_vit_b16", "vit_b_16", 224, 8, ["candle_autograd"])]
 STEPS = {"finetune64": 4, "finetune224": 3, "finetune224_resnet18": 3, "finetune224_vit_b16": 2}
 # bccp paths that run bf16 products (optional: only on CPUs with AVX512-BF16).
@@ -115,9 +119,10 @@ def torch_images_per_s(model, size, batch, seconds, warmup, bf16=False):
     return batch / med
 
 
-def rust_images_per_s(threads):
-    """Run the criterion bench and return {(group, path): images/s}."""
-    out = run_cargo_bench(RUST_CMD, threads, die)
+def rust_images_per_s(threads, group):
+    """Run the criterion bench (the groups starting with `group`) and return
+    {(group, path): images/s}."""
+    out = run_cargo_bench(RUST_CMD[:-1] + [group], threads, die)
     batches = {group: batch * STEPS[group] for group, _, _, batch, _ in SHAPES}
     result = {}
     for line in out.splitlines():
@@ -137,9 +142,17 @@ def main():
     ap.add_argument("--seconds", type=float, default=15.0, help="timed seconds of PyTorch steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed PyTorch steps")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    ap.add_argument("--group", default="finetune",
+                    help="only the groups whose name starts with this, e.g. finetune224_resnet18 "
+                         "(default: all)")
     args = ap.parse_args()
     if args.threads < 1:
         die("--threads must be at least 1")
+    global SHAPES
+    SHAPES = [s for s in SHAPES if s[0].startswith(args.group)]
+    if not SHAPES:
+        die(f"--group {args.group}: no group starts with it (groups: finetune64, finetune224, "
+            "finetune224_resnet18, finetune224_vit_b16)")
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     info = {
@@ -157,7 +170,7 @@ def main():
         torch_ips[(g, "f32")] = torch_images_per_s(m, n, b, args.seconds, args.warmup)
         if BF16_PATHS & set(paths):
             torch_ips[(g, "bf16")] = torch_images_per_s(m, n, b, args.seconds, args.warmup, bf16=True)
-    rust_ips = rust_images_per_s(args.threads)
+    rust_ips = rust_images_per_s(args.threads, args.group)
     info["loadavg_after"] = os.getloadavg()
     rows = []
     print("\n| model | input, batch | path | precision | PyTorch img/s | bccp img/s | bccp/PyTorch "
@@ -174,9 +187,11 @@ def main():
                          "ratio_to_pytorch_f32": r / t32})
             print(f"| {m} | {n}×{n}, {b} | {path} | {precision} | {t:.1f} | {r:.1f} | {r / t:.2f} "
                   f"| {r / t32:.2f} |")
-    speedup = rust_ips[("finetune64", "channels_last")] / rust_ips[("finetune64", "candle_autograd")]
-    print(f"\nchannels_last / candle_autograd at 64x64: {speedup:.2f}x; load average after "
-          + " ".join(f"{v:.2f}" for v in info["loadavg_after"]))
+    speedup = None
+    if ("finetune64", "candle_autograd") in rust_ips:
+        speedup = rust_ips[("finetune64", "channels_last")] / rust_ips[("finetune64", "candle_autograd")]
+        print(f"\nchannels_last / candle_autograd at 64x64: {speedup:.2f}x")
+    print("load average after " + " ".join(f"{v:.2f}" for v in info["loadavg_after"]))
     write_json(args.json, {**info, "results": rows, "channels_last_over_candle": speedup})
 
 

@@ -26,6 +26,56 @@ const BLOCK_FLOATS: usize = 256 * 1024;
 /// Fewest tiles per block: below this the products are too thin.
 const MIN_BLOCK_TILES: usize = 96;
 
+/// Whether the transforms run in AVX-512 code (else the baseline target's).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$name`, which runs `$body` (an `#[inline(always)]` function of the same
+/// arguments) compiled for AVX-512 when the CPU has it: the transforms are written over
+/// 16-lane arrays, which that target turns into one register each.
+macro_rules! dispatch {
+    ($(#[$doc:meta])* fn $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn wide($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if avx512() {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns Winograd's products off (`false`) or back on for the layers of the channels-last
+/// engine built or re-packed afterwards: the im2col path as the reference in benchmarks.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the engine's layers take Winograd's products ([`set_enabled`]; on by default).
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether `g` is a convolution this module computes: 3×3, stride 1, padding 1 on each side.
 pub fn applies(g: &ConvGeometry) -> bool {
     g.kernel == 3
@@ -91,20 +141,8 @@ impl WinogradWeight {
             "winograd: weight of {} floats",
             w.len()
         );
+        transform_weight(w, (cout, cin), self.role, &mut self.u);
         let plane = inputs * outputs;
-        for o in 0..outputs {
-            for i in 0..inputs {
-                let g: [[f32; 3]; 3] = std::array::from_fn(|ky| {
-                    std::array::from_fn(|kx| match self.role {
-                        Role::Forward => w[((o * 3 + ky) * 3 + kx) * cin + i],
-                        Role::InputGrad => w[((i * 3 + 2 - ky) * 3 + 2 - kx) * cin + o],
-                    })
-                });
-                for (p, v) in kernel_transform(&g).into_iter().enumerate() {
-                    self.u[p * plane + o * inputs + i] = v;
-                }
-            }
-        }
         if packed_gemm::fused_available() && inputs <= packed_gemm::MAX_K {
             let planes = self.u.chunks_exact(plane);
             if self.packed.len() == POSITIONS {
@@ -131,7 +169,62 @@ impl WinogradWeight {
     }
 }
 
+dispatch! {
+    /// `u` `[16][outputs][inputs]` from the dense weight `w` `[cout, 3, 3, cin]` for `role`,
+    /// over 16 of `w`'s input channels at a time (read contiguously; the input gradient's
+    /// planes are written 16 rows at a time, which stay in L1 while `cout` runs).
+    fn transform_weight => transform_weight_body(
+        w: &[f32],
+        shape: (usize, usize),
+        role: Role,
+        u: &mut [f32],
+    )
+}
+
+#[inline(always)]
+fn transform_weight_body(w: &[f32], (cout, cin): (usize, usize), role: Role, u: &mut [f32]) {
+    let plane = cin * cout;
+    let mut i0 = 0;
+    while i0 < cin {
+        let lanes = LANES.min(cin - i0);
+        for o in 0..cout {
+            let mut g = [[0f32; LANES]; 9];
+            for (tap, g) in g.iter_mut().enumerate() {
+                // The input gradient's kernel is flipped.
+                let tap = if role == Role::Forward { tap } else { 8 - tap };
+                *g = load(&w[(o * 9 + tap) * cin + i0..], lanes);
+            }
+            let mut t = [[0f32; LANES]; POSITIONS];
+            for l in 0..LANES {
+                let one = [
+                    [g[0][l], g[1][l], g[2][l]],
+                    [g[3][l], g[4][l], g[5][l]],
+                    [g[6][l], g[7][l], g[8][l]],
+                ];
+                for (p, v) in kernel_transform(&one).into_iter().enumerate() {
+                    t[p][l] = v;
+                }
+            }
+            for (p, t) in t.iter().enumerate() {
+                let u = &mut u[p * plane..][..plane];
+                match role {
+                    // [cout][cin]: the 16 lanes are contiguous.
+                    Role::Forward => store(&mut u[o * cin + i0..], t, lanes),
+                    // [cin][cout]: lane l is row i0 + l.
+                    Role::InputGrad => {
+                        for (l, v) in t.iter().enumerate().take(lanes) {
+                            u[(i0 + l) * cout + o] = *v;
+                        }
+                    }
+                }
+            }
+        }
+        i0 += lanes;
+    }
+}
+
 /// `G g Gᵀ` for a 3×3 kernel `g`, row-major over the 4×4 positions.
+#[inline(always)]
 fn kernel_transform(g: &[[f32; 3]; 3]) -> [f32; POSITIONS] {
     // G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
     let col = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
@@ -318,43 +411,6 @@ fn kernel_adjoint(s: &[f32; POSITIONS]) -> [f32; 9] {
         }
     }
     r
-}
-
-/// Whether the transforms run in AVX-512 code (else the baseline target's).
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Defines `$name`, which runs `$body` (an `#[inline(always)]` function of the same
-/// arguments) compiled for AVX-512 when the CPU has it: the transforms are written over
-/// 16-lane arrays, which that target turns into one register each.
-macro_rules! dispatch {
-    ($(#[$doc:meta])* fn $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
-        $(#[$doc])*
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn wide($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                if avx512() {
-                    // SAFETY: the CPU has AVX-512F (checked just above).
-                    return unsafe { wide($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
 }
 
 dispatch! {

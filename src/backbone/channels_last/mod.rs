@@ -197,6 +197,7 @@ impl Layer {
             && self.stride == 1
             && self.precision == Precision::F32
             && packed_gemm::fused_available()
+            && winograd::enabled()
     }
 
     /// The Winograd weight for a map of geometry `g`, when it applies.
@@ -238,6 +239,11 @@ impl Layer {
             return;
         }
         self.packed_bf16 = None;
+        if self.winograd.is_some() && self.padding == Padding::Symmetric(1) {
+            // Every map keeps its size: Winograd's products always apply, im2col's never.
+            self.packed = None;
+            return;
+        }
         match &mut self.packed {
             Some(p) if p.n() == self.cout && p.k() == k => p.repack(&self.weight),
             _ => {
