@@ -69,6 +69,21 @@ impl PackedWeight {
         }
     }
 
+    /// A zero `[n, k]` weight, to be filled through [`Self::panel_row_mut`].
+    pub fn zeros(n: usize, k: usize) -> Self {
+        Self {
+            data: vec![0f32; n.div_ceil(PANEL) * k * PANEL],
+            n,
+            k,
+        }
+    }
+
+    /// The [`PANEL`] weights of outputs `panel·16 ..` at input `kk` (lanes past `n` are
+    /// padding and must stay zero).
+    pub fn panel_row_mut(&mut self, panel: usize, kk: usize) -> &mut [f32] {
+        &mut self.data[(panel * self.k + kk) * PANEL..][..PANEL]
+    }
+
     /// Output channels.
     pub fn n(&self) -> usize {
         self.n
@@ -144,6 +159,21 @@ pub fn dense_bias_act(
             nhwc::add_act(out, &r[..m * n], act);
         }
     }
+}
+
+/// `out[m, n] = a · wᵀ + bias` through the packed weight alone (the fused kernel; needs
+/// [`fused_available`]).
+pub fn packed_bias(a: &[f32], m: usize, packed: &PackedWeight, bias: &[f32], out: &mut [f32]) {
+    let (n, k) = (packed.n, packed.k);
+    assert!(
+        a.len() >= m * k && bias.len() == n && out.len() >= m * n && fused_available(),
+        "packed_bias: buffers too small for [{m}, {k}] x [{n}, {k}]^T, or no AVX-512F"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F was detected above; the assertion bounds every access.
+    unsafe {
+        x86::run(a, m, packed, bias, None, Act::Identity, out)
+    };
 }
 
 #[cfg(target_arch = "x86_64")]

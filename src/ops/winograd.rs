@@ -19,8 +19,9 @@ use super::packed_gemm::{self, PackedWeight};
 
 /// Positions of a transformed 4×4 tile.
 const POSITIONS: usize = 16;
-/// Channels per step of the transforms (one AVX-512 register of f32).
+/// Channels per step of the transforms (one AVX-512 register of f32, one packed panel).
 const LANES: usize = 16;
+const _: () = assert!(LANES == packed_gemm::PANEL);
 /// Floats of one block's transformed inputs and outputs (1 MiB).
 const BLOCK_FLOATS: usize = 256 * 1024;
 /// Fewest tiles per block: below this the products are too thin.
@@ -100,8 +101,9 @@ pub enum Role {
 #[derive(Debug, Clone)]
 pub struct WinogradWeight {
     role: Role,
-    /// `[16][outputs][inputs]`.
+    /// `[16][outputs][inputs]`, where the products are not packed.
     u: Vec<f32>,
+    /// The 16 matrices packed for the fused product (on CPUs with AVX-512F).
     packed: Vec<PackedWeight>,
     /// The products' bias (zero: the layer's is added after the output transform).
     zeros: Vec<f32>,
@@ -112,14 +114,31 @@ pub struct WinogradWeight {
 impl WinogradWeight {
     /// Transforms `w`, a dense weight in the engine's layout `[cout, 3, 3, cin]`, for `role`.
     pub fn new(w: &[f32], cout: usize, cin: usize, role: Role) -> Self {
+        let inputs = if role == Role::Forward { cin } else { cout };
+        let packs = packed_gemm::fused_available() && inputs <= packed_gemm::MAX_K;
+        Self::with_packing(w, (cout, cin), role, packs)
+    }
+
+    /// [`Self::new`], packed for the fused product or not (`packs` needs AVX-512F).
+    fn with_packing(w: &[f32], (cout, cin): (usize, usize), role: Role, packs: bool) -> Self {
         let (inputs, outputs) = match role {
             Role::Forward => (cin, cout),
             Role::InputGrad => (cout, cin),
         };
         let mut weight = Self {
             role,
-            u: vec![0f32; POSITIONS * inputs * outputs],
-            packed: Vec::new(),
+            u: if packs {
+                Vec::new()
+            } else {
+                vec![0f32; POSITIONS * inputs * outputs]
+            },
+            packed: if packs {
+                (0..POSITIONS)
+                    .map(|_| PackedWeight::zeros(outputs, inputs))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             zeros: vec![0f32; outputs],
             inputs,
             outputs,
@@ -131,31 +150,17 @@ impl WinogradWeight {
     /// Transforms `w` (the same shape) again, after training changed it.
     pub fn repack(&mut self, w: &[f32]) {
         let (inputs, outputs) = (self.inputs, self.outputs);
-        let (cout, cin) = match self.role {
+        let shape = match self.role {
             Role::Forward => (outputs, inputs),
             Role::InputGrad => (inputs, outputs),
         };
         assert_eq!(
             w.len(),
-            cout * 9 * cin,
+            shape.0 * 9 * shape.1,
             "winograd: weight of {} floats",
             w.len()
         );
-        transform_weight(w, (cout, cin), self.role, &mut self.u);
-        let plane = inputs * outputs;
-        if packed_gemm::fused_available() && inputs <= packed_gemm::MAX_K {
-            let planes = self.u.chunks_exact(plane);
-            if self.packed.len() == POSITIONS {
-                self.packed
-                    .iter_mut()
-                    .zip(planes)
-                    .for_each(|(p, u)| p.repack(u));
-            } else {
-                self.packed = planes
-                    .map(|u| PackedWeight::new(u, outputs, inputs))
-                    .collect();
-            }
-        }
+        transform_weight(w, shape, self.role, &mut self.u, &mut self.packed);
     }
 
     /// Input channels of the convolution it computes.
@@ -170,19 +175,26 @@ impl WinogradWeight {
 }
 
 dispatch! {
-    /// `u` `[16][outputs][inputs]` from the dense weight `w` `[cout, 3, 3, cin]` for `role`,
-    /// over 16 of `w`'s input channels at a time (read contiguously; the input gradient's
-    /// planes are written 16 rows at a time, which stay in L1 while `cout` runs).
+    /// The 16 matrices `[outputs][inputs]` from the dense weight `w` `[cout, 3, 3, cin]`
+    /// for `role`, into `packed` when it holds them, else into `u`; over 16 of `w`'s input
+    /// channels at a time (read contiguously; the rows written while `cout` runs stay in L1).
     fn transform_weight => transform_weight_body(
         w: &[f32],
         shape: (usize, usize),
         role: Role,
         u: &mut [f32],
+        packed: &mut [PackedWeight],
     )
 }
 
 #[inline(always)]
-fn transform_weight_body(w: &[f32], (cout, cin): (usize, usize), role: Role, u: &mut [f32]) {
+fn transform_weight_body(
+    w: &[f32],
+    (cout, cin): (usize, usize),
+    role: Role,
+    u: &mut [f32],
+    packed: &mut [PackedWeight],
+) {
     let plane = cin * cout;
     let mut i0 = 0;
     while i0 < cin {
@@ -206,14 +218,21 @@ fn transform_weight_body(w: &[f32], (cout, cin): (usize, usize), role: Role, u: 
                 }
             }
             for (p, t) in t.iter().enumerate() {
-                let u = &mut u[p * plane..][..plane];
-                match role {
-                    // [cout][cin]: the 16 lanes are contiguous.
-                    Role::Forward => store(&mut u[o * cin + i0..], t, lanes),
-                    // [cin][cout]: lane l is row i0 + l.
-                    Role::InputGrad => {
+                match (role, packed.get_mut(p)) {
+                    // Outputs o, inputs i0 + l: lane l at depth i0 + l of o's panel.
+                    (Role::Forward, Some(pw)) => {
                         for (l, v) in t.iter().enumerate().take(lanes) {
-                            u[(i0 + l) * cout + o] = *v;
+                            pw.panel_row_mut(o / LANES, i0 + l)[o % LANES] = *v;
+                        }
+                    }
+                    // Outputs i0 + l (one whole panel), input o: one panel row.
+                    (Role::InputGrad, Some(pw)) => {
+                        store(pw.panel_row_mut(i0 / LANES, o), t, lanes);
+                    }
+                    (Role::Forward, None) => store(&mut u[p * plane + o * cin + i0..], t, lanes),
+                    (Role::InputGrad, None) => {
+                        for (l, v) in t.iter().enumerate().take(lanes) {
+                            u[p * plane + (i0 + l) * cout + o] = *v;
                         }
                     }
                 }
@@ -319,9 +338,14 @@ pub fn conv(
         for p in 0..POSITIONS {
             let a = &v[p * block * ci..][..rows * ci];
             let dst = &mut m[p * block * co..][..rows * co];
-            let u = &wt.u[p * ci * co..][..ci * co];
-            let packed = wt.packed.get(p);
-            packed_gemm::dense_bias_act(a, rows, u, packed, &wt.zeros, None, Act::Identity, dst);
+            match wt.packed.get(p) {
+                Some(packed) => packed_gemm::packed_bias(a, rows, packed, &wt.zeros, dst),
+                None => {
+                    let u = &wt.u[p * ci * co..][..ci * co];
+                    let zeros = &wt.zeros;
+                    packed_gemm::dense_bias_act(a, rows, u, None, zeros, None, Act::Identity, dst)
+                }
+            }
         }
         output_transform(
             m,
@@ -899,27 +923,38 @@ mod tests {
             let wt = ints(cout * 9 * cin, &mut rng, 2);
             let bias = ints(cout, &mut rng, 4);
             let want = direct(&x, &wt, n, (h, w), cin);
-            let weight = WinogradWeight::new(&wt, cout, cin, Role::Forward);
-            let mut out = vec![f32::NAN; n * h * w * cout];
-            let mut scratch = vec![0f32; conv_scratch(&weight, n, (h, w))];
-            conv(
-                &x,
-                n,
-                (h, w),
-                &weight,
-                Some(&bias),
-                None,
-                Act::Identity,
-                &mut out,
-                &mut scratch,
-            );
-            for (i, (o, e)) in out.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    *o as f64,
-                    e + bias[i % cout] as f64,
-                    "{n}×{h}×{w}×{cin}→{cout} at {i}"
+            for packs in packings() {
+                let weight = WinogradWeight::with_packing(&wt, (cout, cin), Role::Forward, packs);
+                let mut out = vec![f32::NAN; n * h * w * cout];
+                let mut scratch = vec![0f32; conv_scratch(&weight, n, (h, w))];
+                conv(
+                    &x,
+                    n,
+                    (h, w),
+                    &weight,
+                    Some(&bias),
+                    None,
+                    Act::Identity,
+                    &mut out,
+                    &mut scratch,
                 );
+                for (i, (o, e)) in out.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        *o as f64,
+                        e + bias[i % cout] as f64,
+                        "{n}×{h}×{w}×{cin}→{cout} at {i}, packed: {packs}"
+                    );
+                }
             }
+        }
+    }
+
+    /// Both layouts of the transformed weight where the CPU runs the packed one.
+    fn packings() -> Vec<bool> {
+        if packed_gemm::fused_available() {
+            vec![false, true]
+        } else {
+            vec![false]
         }
     }
 
@@ -1005,22 +1040,27 @@ mod tests {
                     &mut want_dx[img * h * w * cin..][..h * w * cin],
                 );
             }
-            let back = WinogradWeight::new(&wt, cout, cin, Role::InputGrad);
-            assert_eq!((back.inputs(), back.outputs()), (cout, cin));
-            let mut dx = vec![f32::NAN; n * h * w * cin];
-            let mut scratch = vec![0f32; conv_scratch(&back, n, (h, w))];
-            conv(
-                &dy,
-                n,
-                (h, w),
-                &back,
-                None,
-                None,
-                Act::Identity,
-                &mut dx,
-                &mut scratch,
-            );
-            assert_eq!(dx, want_dx, "input gradient {n}×{h}×{w}×{cin}→{cout}");
+            for packs in packings() {
+                let back = WinogradWeight::with_packing(&wt, (cout, cin), Role::InputGrad, packs);
+                assert_eq!((back.inputs(), back.outputs()), (cout, cin));
+                let mut dx = vec![f32::NAN; n * h * w * cin];
+                let mut scratch = vec![0f32; conv_scratch(&back, n, (h, w))];
+                conv(
+                    &dy,
+                    n,
+                    (h, w),
+                    &back,
+                    None,
+                    None,
+                    Act::Identity,
+                    &mut dx,
+                    &mut scratch,
+                );
+                assert_eq!(
+                    dx, want_dx,
+                    "input gradient {n}×{h}×{w}×{cin}→{cout}, packed: {packs}"
+                );
+            }
             let mut dw = vec![1f32; cout * 9 * cin];
             let mut scratch = vec![f32::NAN; weight_grad_scratch((cin, cout), n, (h, w))];
             weight_grad_acc(&x, &dy, n, (h, w), (cin, cout), &mut dw, &mut scratch);
