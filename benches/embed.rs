@@ -3,7 +3,8 @@
 //! network through candle's tensor ops and our depthwise op, i.e. before the engine),
 //! `embed/mobilenet_v2_grouped_conv` (candle's ops with its grouped conv, before the depthwise
 //! op), `embed/resnet18` (random weights; `resnet18_candle_ops` the same through
-//! candle-transformers' ResNet, before the engine); `embed64/…` the same MobileNetV2 paths at 64×64,
+//! candle-transformers' ResNet, before the engine; `resnet18_im2col` the engine with its 3×3
+//! convolutions through im2col instead of Winograd's transforms); `embed64/…` the same MobileNetV2 paths at 64×64,
 //! batch 64 (the Fashion-MNIST setting); and the depthwise layers alone.
 //! `scripts/compare_embed.py` runs PyTorch on the 224×224 shapes in the same run.
 //! Needs `scripts/fetch-assets.sh` (MobileNetV2 weights). Threads: RAYON_NUM_THREADS.
@@ -84,6 +85,14 @@ fn embed(c: &mut Criterion) {
     group.bench_function("resnet18", |b| {
         b.iter(|| resnet.embed(&x).expect("forward"))
     });
+    // Its 3×3 convolutions through im2col instead of Winograd's F(2×2, 3×3).
+    bccp::ops::winograd::set_enabled(false);
+    resnet.refresh_channels_last().expect("engine");
+    group.bench_function("resnet18_im2col", |b| {
+        b.iter(|| resnet.embed(&x).expect("forward"))
+    });
+    bccp::ops::winograd::set_enabled(true);
+    resnet.refresh_channels_last().expect("engine");
     bench_bf16(&mut group, "resnet18", &mut resnet, &x);
     let resnet_ops = candle_transformers::models::resnet::resnet18_no_final_layer(
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
