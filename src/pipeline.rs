@@ -168,6 +168,7 @@ pub fn run_embedder(
         cache_dir: env.cache_dir.clone(),
         batch_size: limits::fit_batch(&pre, EMBED_BATCH_SIZE, false),
         skip_bad: false,
+        precision: crate::ops::bf16_gemm::Precision::F32,
     })
 }
 

@@ -261,3 +261,102 @@ fn hub_backbones_load_offline_from_a_local_cache() {
         std::fs::remove_dir_all(&hub).unwrap();
     }
 }
+
+#[test]
+fn bf16_products_embed_within_rounding_into_a_cache_of_their_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_folder(&src, &[3, 2]);
+    let cache = tmp.path().join("cache");
+    let cache = cache.to_str().unwrap();
+    let (a, b) = (
+        tmp.path().join("a.safetensors"),
+        tmp.path().join("b.safetensors"),
+    );
+    if !bccp::ops::bf16_gemm::available() {
+        let weights = asset("weights/mobilenet_v2.safetensors");
+        let run = bccp(&[
+            "embed",
+            "--data",
+            src.to_str().unwrap(),
+            "--model",
+            "mobilenet_v2",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--out",
+            b.to_str().unwrap(),
+            "--no-cache",
+            "--precision",
+            "bf16",
+        ]);
+        let err = failure(&run);
+        assert!(
+            err.contains("--precision bf16") && err.contains("AVX512-BF16"),
+            "{err}"
+        );
+        return;
+    }
+    let f32_run = embed(&src, &a, &["--cache-dir", cache]);
+    assert!(f32_run.contains("0 from cache, 5 computed"), "{f32_run}");
+    let bf16 = ["--cache-dir", cache, "--precision", "bf16"];
+    let first = embed(&src, &b, &bf16);
+    assert!(
+        first.contains("(bf16 products)") && first.contains("0 from cache, 5 computed"),
+        "{first}"
+    );
+    let again = embed(&src, &b, &bf16);
+    assert!(again.contains("5 from cache, 0 computed"), "{again}");
+    let (f32_set, bf16_set) = (
+        EmbeddingSet::load(&a).unwrap(),
+        EmbeddingSet::load(&b).unwrap(),
+    );
+    // Relative L2 error, of the order of PyTorch's own bf16 autocast on MobileNetV2's
+    // features (0.114 on random pixels, tests/finetune_engine.rs); far below unrelated
+    // features' (about 1).
+    let (got, want) = (
+        bf16_set
+            .embeddings
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        f32_set
+            .embeddings
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+    );
+    let sq = |v: f64| v * v;
+    let diff: f64 = got.iter().zip(&want).map(|(g, w)| sq((g - w) as f64)).sum();
+    let norm: f64 = want.iter().map(|w| sq(*w as f64)).sum();
+    let err = (diff / norm).sqrt();
+    eprintln!("bf16 features: relative L2 error {err:.4}");
+    assert!(err > 0.0 && err < 0.15, "bf16 features off by {err}");
+
+    // A network off the channels-last engine refuses, naming the flag.
+    let hub = tmp.path().join("hub");
+    fake_hub_weights(&hub, "dinov2_small");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_bccp"))
+        .args([
+            "embed",
+            "--data",
+            src.to_str().unwrap(),
+            "--model",
+            "dinov2_small",
+            "--out",
+            b.to_str().unwrap(),
+            "--no-cache",
+            "--precision",
+            "bf16",
+        ])
+        .env("HF_HUB_CACHE", &hub)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = failure(&run);
+    assert!(
+        err.contains("--precision bf16") && err.contains("dinov2_small") && err.contains("f32"),
+        "{err}"
+    );
+}

@@ -14,6 +14,7 @@ use super::error::{BackboneError, Result};
 use sha2::{Digest, Sha256};
 
 use crate::data::Preprocess;
+use crate::ops::bf16_gemm::Precision;
 
 /// A SHA-256 digest.
 pub type Digest32 = [u8; 32];
@@ -144,7 +145,8 @@ pub struct EmbeddingCache {
 
 impl EmbeddingCache {
     /// Opens (or starts) the cache of `model` with weights `weights_sha256` and `pre` under
-    /// `dir`; `dim` is the embedding width.
+    /// `dir`; `dim` is the embedding width; `precision` the engine's products (bf16 ones
+    /// have a cache of their own).
     ///
     /// A torn last record (an interrupted append) is cut off; corrupt records are dropped and
     /// the file is rewritten (atomically) with the valid ones. Another process appending at the
@@ -155,13 +157,18 @@ impl EmbeddingCache {
         weights_sha256: &str,
         pre: &Preprocess,
         dim: usize,
+        precision: Precision,
     ) -> Result<Self> {
         // `alpha over white`: images with alpha have been composited over white since this
         // marker (they were black-backed before), so older caches are not reused for them.
-        let key = format!(
+        let mut key = format!(
             "{model}\0{weights_sha256}\0{}x{}\0{:?}\0{:?}\0{dim}\0alpha over white",
             pre.width, pre.height, pre.mean, pre.std
         );
+        // f32 keys are those of caches written before the choice existed.
+        if precision != Precision::F32 {
+            key.push_str(&format!("\0{} products", precision.name()));
+        }
         let path = dir.join("embeddings").join(format!(
             "{model}-{}.v{FORMAT_VERSION}.bin",
             &hex(&sha256(key.as_bytes()))[..16]
@@ -295,30 +302,36 @@ impl EmbeddingCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    const F32: Precision = Precision::F32;
 
     #[test]
     fn round_trip_and_partial_tail() {
         let dir = tempfile::tempdir().unwrap();
         let pre = Preprocess::imagenet(8);
-        let mut cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2).unwrap();
+        let mut cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, F32).unwrap();
         assert!(cache.is_empty());
         let a = sha256(b"a");
         let b = sha256(b"b");
         cache
             .append(&[(a, vec![1.0, 2.0]), (b, vec![3.0, -4.5])])
             .unwrap();
-        let reopened = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2).unwrap();
+        let reopened = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, F32).unwrap();
         assert_eq!(reopened.len(), 2);
         assert_eq!(reopened.get(&b), Some(&[3.0f32, -4.5][..]));
         // Another weights hash or preprocessing is another cache.
-        assert!(EmbeddingCache::open(dir.path(), "m", "w2", &pre, 2)
+        assert!(EmbeddingCache::open(dir.path(), "m", "w2", &pre, 2, F32)
             .unwrap()
             .is_empty());
         assert!(
-            EmbeddingCache::open(dir.path(), "m", "w", &Preprocess::imagenet(9), 2)
+            EmbeddingCache::open(dir.path(), "m", "w", &Preprocess::imagenet(9), 2, F32)
                 .unwrap()
                 .is_empty()
         );
+        // So are bf16 products' embeddings.
+        let bf16 = Precision::Bf16;
+        assert!(EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, bf16)
+            .unwrap()
+            .is_empty());
         // A torn append leaves the complete records readable.
         let file = std::fs::read_dir(dir.path().join("embeddings"))
             .unwrap()
@@ -331,11 +344,11 @@ mod tests {
             .open(&file)
             .unwrap();
         f.write_all(&[7u8; 13]).unwrap();
-        let mut repaired = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2).unwrap();
+        let mut repaired = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, F32).unwrap();
         assert_eq!(repaired.len(), 2);
         let c = sha256(b"c");
         repaired.append(&[(c, vec![5.0, 6.0])]).unwrap();
-        let reopened = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2).unwrap();
+        let reopened = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, F32).unwrap();
         assert_eq!(reopened.len(), 3);
         assert_eq!(reopened.get(&c), Some(&[5.0f32, 6.0][..]));
         assert_eq!(
@@ -346,7 +359,8 @@ mod tests {
 
     /// A cache at `dir` of width 2 holding the embeddings of "a", "b", "c"; its file.
     fn three_records(dir: &Path) -> PathBuf {
-        let mut cache = EmbeddingCache::open(dir, "m", "w", &Preprocess::imagenet(8), 2).unwrap();
+        let mut cache =
+            EmbeddingCache::open(dir, "m", "w", &Preprocess::imagenet(8), 2, F32).unwrap();
         cache
             .append(&[
                 (sha256(b"a"), vec![1.0, 2.0]),
@@ -369,7 +383,7 @@ mod tests {
         // One bit of the second record's first value.
         bytes[RECORD + 32] ^= 0x01;
         std::fs::write(&file, &bytes).unwrap();
-        let mut cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2).unwrap();
+        let mut cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, F32).unwrap();
         assert_eq!(cache.discarded(), 1);
         assert_eq!(cache.len(), 2);
         assert_eq!(cache.get(&sha256(b"a")), Some(&[1.0f32, 2.0][..]));
@@ -378,7 +392,7 @@ mod tests {
         // The file was rewritten without it: the next open reports nothing.
         assert_eq!(std::fs::read(&file).unwrap().len(), 2 * RECORD);
         cache.append(&[(sha256(b"b"), vec![3.0, 4.0])]).unwrap();
-        let reopened = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2).unwrap();
+        let reopened = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, F32).unwrap();
         assert_eq!(reopened.discarded(), 0);
         assert_eq!(reopened.len(), 3);
         assert_eq!(reopened.get(&sha256(b"b")), Some(&[3.0f32, 4.0][..]));
@@ -386,7 +400,7 @@ mod tests {
         let mut bytes = std::fs::read(&file).unwrap();
         bytes[5] ^= 0x80;
         std::fs::write(&file, &bytes).unwrap();
-        let cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2).unwrap();
+        let cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, F32).unwrap();
         assert_eq!((cache.discarded(), cache.len()), (1, 2));
     }
 
@@ -404,7 +418,7 @@ mod tests {
         // NaN over the third record's second value, checksum left as it was.
         bytes[2 * RECORD + 36..2 * RECORD + 40].copy_from_slice(&nan);
         std::fs::write(&file, &bytes).unwrap();
-        let mut cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2).unwrap();
+        let mut cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, F32).unwrap();
         assert_eq!(cache.discarded(), 2);
         assert_eq!(cache.len(), 1);
         assert_eq!(cache.get(&sha256(b"b")), Some(&[3.0f32, 4.0][..]));
@@ -434,7 +448,7 @@ mod tests {
         v1.extend_from_slice(&1.0f32.to_le_bytes());
         v1.extend_from_slice(&2.0f32.to_le_bytes());
         std::fs::write(&old, &v1).unwrap();
-        let cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2).unwrap();
+        let cache = EmbeddingCache::open(dir.path(), "m", "w", &pre, 2, F32).unwrap();
         assert!(cache.is_empty());
         assert_eq!(cache.discarded(), 0);
         assert_ne!(cache.path(), old);

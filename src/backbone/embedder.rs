@@ -16,6 +16,7 @@ use crate::data::decode::read_image_file;
 use crate::data::loader::DecodeThreads;
 use crate::data::{BatchLoader, DataError, ImageList, Preprocess};
 use crate::embeddings::EmbeddingSet;
+use crate::ops::bf16_gemm::Precision;
 use crate::progress::Progress;
 
 /// What an [`Embedder`] is built from.
@@ -36,6 +37,8 @@ pub struct EmbedderConfig {
     pub batch_size: usize,
     /// Skip images that cannot be decoded instead of failing.
     pub skip_bad: bool,
+    /// The arithmetic of the channels-last engine's products ([`Backbone::set_precision`]).
+    pub precision: Precision,
 }
 
 impl EmbedderConfig {
@@ -51,6 +54,7 @@ impl EmbedderConfig {
             cache_dir: None,
             batch_size: 64,
             skip_bad: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -114,7 +118,14 @@ impl Embedder {
         if let Some(b) = self.backbone.get() {
             return Ok(b);
         }
-        let loaded = Backbone::load(&self.spec, &self.weights, &self.config.device)?;
+        let mut loaded = Backbone::load(&self.spec, &self.weights, &self.config.device)?;
+        let precision = self.config.precision;
+        loaded
+            .set_precision(precision)
+            .map_err(|e| BackboneError::Precision {
+                precision: precision.name().to_owned(),
+                message: e.to_string(),
+            })?;
         Ok(self.backbone.get_or_init(|| loaded))
     }
 
@@ -195,7 +206,14 @@ fn embed_images(
         .collect();
     let mut stats = EmbedStats::default();
     let mut cache = match &cfg.cache_dir {
-        Some(dir) => Some(EmbeddingCache::open(dir, model, weights_sha256, pre, dim)?),
+        Some(dir) => Some(EmbeddingCache::open(
+            dir,
+            model,
+            weights_sha256,
+            pre,
+            dim,
+            cfg.precision,
+        )?),
         None => None,
     };
     if let Some(cache) = &cache {

@@ -39,6 +39,8 @@ pub enum BackboneError {
     },
     #[error("backbone {name} produced a non-finite embedding (NaN or infinity) for image {}; the weights may be corrupt", image.display())]
     NonFinite { name: String, image: PathBuf },
+    #[error("--precision {precision}: {message}; valid: --precision f32")]
+    Precision { precision: String, message: String },
     #[error("backbone {0} has no classifier head; classify needs one (e.g. efficientnet_lite0)")]
     NoClassifier(String),
     #[error("the batch size must be 1 or more")]

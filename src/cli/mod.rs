@@ -147,6 +147,7 @@ impl BackboneArgs {
             cache_dir,
             batch_size,
             skip_bad,
+            precision: bccp::ops::bf16_gemm::Precision::F32,
         })
     }
 }
