@@ -190,9 +190,9 @@ impl Layer {
     }
 
     /// Whether the layer's products may run through Winograd's transforms: a 3×3 stride-1
-    /// convolution over channels-last maps on an AVX-512 CPU. They stay f32 under bf16
-    /// products: there they beat bf16 products through im2col (a ResNet-18 training step
-    /// 1.14× faster, `cargo bench --bench finetune`) and round less.
+    /// convolution over channels-last maps on an AVX-512 CPU. Under bf16 products only the
+    /// backward takes them (in f32): there they beat bf16 products through im2col, in the
+    /// forward they do not (`cargo bench --bench products`).
     fn takes_winograd(&self) -> bool {
         self.kind == ConvKind::Dense
             && self.input == DenseInput::Hwc
@@ -202,9 +202,17 @@ impl Layer {
             && winograd::enabled()
     }
 
-    /// The Winograd weight for a map of geometry `g`, when it applies.
+    /// The Winograd weight of the forward for a map of geometry `g`, when it applies.
     fn winograd_for(&self, g: &ConvGeometry) -> Option<&WinogradWeight> {
         self.winograd.as_deref().filter(|_| winograd::applies(g))
+    }
+
+    /// The Winograd weight of the input gradient (a trainer's) for a map of geometry `g`,
+    /// when it applies: the backward then takes Winograd's products.
+    fn winograd_grad_for(&self, g: &ConvGeometry) -> Option<&WinogradWeight> {
+        self.winograd_grad
+            .as_deref()
+            .filter(|_| winograd::applies(g))
     }
 
     /// Scratch floats [`Self::apply`] needs for `n` images of `size` (a dense layer's im2col
@@ -262,7 +270,10 @@ impl Layer {
             return;
         }
         let (w, cout, cin) = (&self.weight, self.cout, self.cin);
-        let roles = [(&mut self.winograd, Role::Forward, true)];
+        // bf16 forwards run through im2col (bf16 products beat Winograd's f32 ones there);
+        // a trainer's backward takes Winograd's in either precision.
+        let forward = self.precision == Precision::F32;
+        let roles = [(&mut self.winograd, Role::Forward, forward)];
         let grad = [(&mut self.winograd_grad, Role::InputGrad, self.trains)];
         for (slot, role, wanted) in roles.into_iter().chain(grad) {
             match (slot.as_mut(), wanted) {

@@ -569,9 +569,9 @@ impl EngineTrainer {
                 let g = l.geometry(size)?;
                 let (rows, width) = (g.out_h * g.out_w, l.cin * l.kernel * l.kernel);
                 let (image, m) = (pixels * l.cin, n * rows);
-                let winograd = l.winograd_for(&g).is_some();
+                let winograd = l.winograd_grad_for(&g);
                 let channels = (l.cin, l.cout);
-                if winograd && winograd::weight_grad_pays(n, size, channels) {
+                if winograd.is_some() && winograd::weight_grad_pays(n, size, channels) {
                     let len = winograd::weight_grad_scratch(channels, n, size);
                     let s = at_least(&mut scratch.cols, len);
                     winograd::weight_grad_acc(x, &dy, n, size, channels, gw, s);
@@ -585,7 +585,7 @@ impl EngineTrainer {
                 if l.input == DenseInput::Chw {
                     candle_core::bail!("channels-last training: no input gradient for a stem");
                 }
-                if let (true, Some(back)) = (winograd, &l.winograd_grad) {
+                if let Some(back) = winograd {
                     // The input gradient of a size-keeping 3×3 convolution is the flipped one.
                     let s = at_least(&mut scratch.dcols, winograd::conv_scratch(back, n, size));
                     let mut dx = self.buffers.scratch(n * image);
