@@ -11,7 +11,14 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use common::{asset, bccp, failure, make_folder, success};
 
+/// `bccp embed` of `data` with MobileNetV2's real weights, batches of 2, `extra` flags; its
+/// standard output (the run must succeed).
 fn embed(data: &Path, out: &Path, extra: &[&str]) -> String {
+    success(&embed_run(data, out, extra))
+}
+
+/// The `bccp embed` run of [`embed`], which may fail.
+fn embed_run(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let weights = asset("weights/mobilenet_v2.safetensors");
     let mut args = vec![
         "embed",
@@ -29,7 +36,17 @@ fn embed(data: &Path, out: &Path, extra: &[&str]) -> String {
         "2",
     ];
     args.extend_from_slice(extra);
-    success(&bccp(&args))
+    bccp(&args)
+}
+
+/// `bccp args…` with the Hugging Face cache at `hub`, offline.
+fn bccp_offline_hub(hub: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bccp"))
+        .args(args)
+        .env("HF_HUB_CACHE", hub)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -220,13 +237,7 @@ fn hub_backbones_load_offline_from_a_local_cache() {
             "cpu",
         ];
         // Missing from the cache: a clear error naming repo, file and cache folder.
-        let run = std::process::Command::new(env!("CARGO_BIN_EXE_bccp"))
-            .args(args)
-            .env("HF_HUB_CACHE", &hub)
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .unwrap();
-        let err = failure(&run);
+        let err = failure(&bccp_offline_hub(&hub, &args));
         let spec = zoo::find(name).unwrap();
         let zoo::WeightSource::Hub(file) = &spec.weights else {
             unreachable!()
@@ -274,21 +285,7 @@ fn bf16_products_embed_within_rounding_into_a_cache_of_their_own() {
         tmp.path().join("b.safetensors"),
     );
     if !bccp::ops::bf16_gemm::available() {
-        let weights = asset("weights/mobilenet_v2.safetensors");
-        let run = bccp(&[
-            "embed",
-            "--data",
-            src.to_str().unwrap(),
-            "--model",
-            "mobilenet_v2",
-            "--weights",
-            weights.to_str().unwrap(),
-            "--out",
-            b.to_str().unwrap(),
-            "--no-cache",
-            "--precision",
-            "bf16",
-        ]);
+        let run = embed_run(&src, &b, &["--no-cache", "--precision", "bf16"]);
         let err = failure(&run);
         assert!(
             err.contains("--precision bf16") && err.contains("AVX512-BF16"),
@@ -337,8 +334,9 @@ fn bf16_products_embed_within_rounding_into_a_cache_of_their_own() {
     // A network off the channels-last engine refuses, naming the flag.
     let hub = tmp.path().join("hub");
     fake_hub_weights(&hub, "dinov2_small");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_bccp"))
-        .args([
+    let run = bccp_offline_hub(
+        &hub,
+        &[
             "embed",
             "--data",
             src.to_str().unwrap(),
@@ -349,11 +347,8 @@ fn bf16_products_embed_within_rounding_into_a_cache_of_their_own() {
             "--no-cache",
             "--precision",
             "bf16",
-        ])
-        .env("HF_HUB_CACHE", &hub)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
+        ],
+    );
     let err = failure(&run);
     assert!(
         err.contains("--precision bf16") && err.contains("dinov2_small") && err.contains("f32"),
