@@ -560,7 +560,7 @@ fn input_transform_body(
             let from = &map[((oy - 1) * tiles.w + ox - 1) * c..];
             let to = &mut v[j * c..];
             let full = c / LANES * LANES;
-            assert!(from.len() >= (3 * tiles.w + 3) * c && to.len() > (15 * block) * c);
+            assert!(from.len() >= (3 * tiles.w + 4) * c && to.len() >= (15 * block + 1) * c);
             while c0 < full {
                 // SAFETY: AVX-512F is present (`wide`); the window's rows 0..4 and columns
                 // 0..4 at channels c0..c0 + 16 lie in `from`, and the 16 positions' rows in
@@ -709,7 +709,7 @@ fn output_transform_body(
             assert!(
                 dst.len() >= (tiles.w + 2) * c
                     && res.is_none_or(|r| r.len() >= (tiles.w + 2) * c)
-                    && from.len() > 15 * block * c
+                    && from.len() >= (15 * block + 1) * c
                     && bias.is_none_or(|b| b.len() >= c)
             );
             while c0 < full {
