@@ -214,11 +214,7 @@ impl EngineTrainer {
     /// ([`Precision::Bf16`]: bf16 operands, f32 sums; the parameters and gradients stay f32).
     /// Errors for bf16 on a CPU without AVX512-BF16.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        if precision == Precision::Bf16 && !bf16_gemm::available() {
-            candle_core::bail!(
-                "channels-last training: bf16 products need a CPU with AVX512-BF16, which this one lacks"
-            );
-        }
+        super::check_precision(precision)?;
         self.precision = precision;
         self.layers.par_iter_mut().for_each(|l| {
             l.precision = precision;
