@@ -263,25 +263,26 @@ impl Layer {
         }
     }
 
-    /// Transforms `weight` again for Winograd's products where the layer takes them.
+    /// Transforms `weight` again for Winograd's products where the layer takes them: bf16
+    /// forwards run through im2col (bf16 products beat Winograd's f32 ones there); a
+    /// trainer's backward takes Winograd's in either precision.
     fn repack_winograd(&mut self) {
-        if !self.takes_winograd() {
-            (self.winograd, self.winograd_grad) = (None, None);
-            return;
-        }
-        let (w, cout, cin) = (&self.weight, self.cout, self.cin);
-        // bf16 forwards run through im2col (bf16 products beat Winograd's f32 ones there);
-        // a trainer's backward takes Winograd's in either precision.
-        let forward = self.precision == Precision::F32;
-        let roles = [(&mut self.winograd, Role::Forward, forward)];
-        let grad = [(&mut self.winograd_grad, Role::InputGrad, self.trains)];
-        for (slot, role, wanted) in roles.into_iter().chain(grad) {
-            match (slot.as_mut(), wanted) {
-                (_, false) => *slot = None,
-                (Some(t), true) => t.repack(w),
-                (None, true) => *slot = Some(Box::new(WinogradWeight::new(w, cout, cin, role))),
-            }
-        }
+        let takes = self.takes_winograd();
+        let forward = takes && self.precision == Precision::F32;
+        let grad = takes && self.trains;
+        let (w, shape) = (&self.weight, (self.cout, self.cin));
+        refresh_winograd(
+            &mut self.winograd,
+            forward.then_some(Role::Forward),
+            w,
+            shape,
+        );
+        refresh_winograd(
+            &mut self.winograd_grad,
+            grad.then_some(Role::InputGrad),
+            w,
+            shape,
+        );
     }
 
     /// `dst = act(src · weightᵀ + bias [+ residual])` over `m` rows of `src`.
@@ -442,6 +443,20 @@ impl Layer {
             }
         }
         Ok(())
+    }
+}
+
+/// `slot` holding `w` (`[cout, 3, 3, cin]`) transformed for `role`, or nothing without one.
+fn refresh_winograd(
+    slot: &mut Option<Box<WinogradWeight>>,
+    role: Option<Role>,
+    w: &[f32],
+    (cout, cin): (usize, usize),
+) {
+    match (slot.as_mut(), role) {
+        (_, None) => *slot = None,
+        (Some(t), Some(_)) => t.repack(w),
+        (None, Some(role)) => *slot = Some(Box::new(WinogradWeight::new(w, cout, cin, role))),
     }
 }
 

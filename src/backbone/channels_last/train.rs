@@ -216,10 +216,9 @@ impl EngineTrainer {
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         super::check_precision(precision)?;
         self.precision = precision;
-        self.layers.par_iter_mut().for_each(|l| {
-            l.precision = precision;
-            l.repack();
-        });
+        self.layers
+            .par_iter_mut()
+            .for_each(|l| l.set_precision(precision));
         Ok(())
     }
 
