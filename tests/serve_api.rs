@@ -621,3 +621,109 @@ fn slow_clients_and_200_connections_and_the_log() {
         .count();
     assert_eq!(tagged, 200);
 }
+
+/// Every class's probability in an answer, by class index.
+fn probabilities(answer: &serde_json::Value) -> Vec<f64> {
+    let mut p = vec![0.0; 3];
+    for c in answer["top_k"].as_array().unwrap() {
+        let class = c["class"].as_str().unwrap();
+        let k: usize = class.trim_start_matches("class").parse().unwrap();
+        p[k] = c["probability"].as_f64().unwrap();
+    }
+    p
+}
+
+#[test]
+fn bf16_products_serve_and_predict_like_f32() {
+    let f = fixture();
+    let runs = f.runs.to_str().unwrap();
+    let cache = f.cache.to_str().unwrap();
+    let images: Vec<PathBuf> = (0..6).map(|k| f.days.join(monday_image(k))).collect();
+    let predict = |precision: &str| {
+        let mut args = vec![
+            "predict",
+            "--model",
+            "served@champion",
+            "--runs-dir",
+            runs,
+            "--cache-dir",
+            cache,
+            "--precision",
+            precision,
+        ];
+        args.extend(images.iter().map(|p| p.to_str().unwrap()));
+        common::bccp(&args)
+    };
+    if !bccp::ops::bf16_gemm::available() {
+        let err = common::failure(&predict("bf16"));
+        assert!(
+            err.contains("--precision bf16") && err.contains("AVX512-BF16"),
+            "{err}"
+        );
+        let out = common::bccp(&[
+            "serve",
+            "--model",
+            "served@champion",
+            "--runs-dir",
+            runs,
+            "--no-store",
+            "--bind",
+            "127.0.0.1:0",
+            "--precision",
+            "bf16",
+        ]);
+        let err = common::failure(&out);
+        assert!(
+            err.contains("--precision") && err.contains("AVX512-BF16"),
+            "{err}"
+        );
+        return;
+    }
+
+    // `bccp predict`: the same classes, confidences within bf16 rounding of f32's.
+    let lines = |out: &str| -> Vec<(String, f64)> {
+        out.lines()
+            .map(|l| {
+                let cols: Vec<&str> = l.split('\t').collect();
+                (cols[1].to_owned(), cols[2].parse().unwrap())
+            })
+            .collect()
+    };
+    let (full, half) = (
+        lines(&common::success(&predict("f32"))),
+        lines(&common::success(&predict("bf16"))),
+    );
+    assert_eq!(full.len(), images.len());
+    for ((c32, p32), (c16, p16)) in full.iter().zip(&half) {
+        if (p32 - p16).abs() > 0.05 || (c32 != c16 && *p32 > 0.6) {
+            panic!("predict f32 {c32} {p32} against bf16 {c16} {p16}");
+        }
+    }
+
+    // `bccp serve --precision bf16`: /model says so; answers within rounding of f32's, and
+    // not the f32 bits (the bf16 products ran).
+    let tmp = tempfile::tempdir().unwrap();
+    let a = serve(&tmp.path().join("a.sqlite3"), &[], &[]);
+    let b = serve(&tmp.path().join("b.sqlite3"), &["--precision", "bf16"], &[]);
+    assert!(b.first_line.contains("bf16 products"), "{}", b.first_line);
+    assert_eq!(get(a.addr, "/model").json()["precision"], "f32");
+    assert_eq!(get(b.addr, "/model").json()["precision"], "bf16");
+    let mut largest: f64 = 0.0;
+    for k in 0..images.len() {
+        let body = json!({"image_path": monday_image(k)});
+        let (r32, r16) = (
+            post_json(a.addr, "/predict", &body),
+            post_json(b.addr, "/predict", &body),
+        );
+        assert_eq!((r32.status, r16.status), (200, 200), "{}", r16.text());
+        let (p32, p16) = (probabilities(&r32.json()), probabilities(&r16.json()));
+        assert!((p16.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{p16:?}");
+        for (x, y) in p32.iter().zip(&p16) {
+            largest = largest.max((x - y).abs());
+        }
+    }
+    eprintln!("bf16 serving: largest probability difference {largest:.4}");
+    assert!(largest > 0.0 && largest < 0.05, "{largest}");
+    a.stop(Duration::from_secs(20));
+    b.stop(Duration::from_secs(20));
+}

@@ -113,6 +113,11 @@ impl Embedder {
         &self.config.device
     }
 
+    /// The arithmetic of the network's products.
+    pub fn precision(&self) -> Precision {
+        self.config.precision
+    }
+
     /// The network, loaded on the first call.
     pub fn backbone(&self) -> Result<&Backbone> {
         if let Some(b) = self.backbone.get() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::{BackboneArgs, DeviceArgs};
+use super::{BackboneArgs, DeviceArgs, PrecisionArgs};
 use bccp::backbone::{imagenet, Embedder};
 
 #[derive(Args, Debug)]
@@ -15,6 +15,8 @@ pub struct ClassifyArgs {
     backbone: BackboneArgs,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    precision: PrecisionArgs,
     /// Number of classes to print per image.
     #[arg(long, default_value_t = 5)]
     top: usize,
@@ -24,7 +26,10 @@ pub struct ClassifyArgs {
 }
 
 pub fn run(args: ClassifyArgs) -> Result<()> {
-    let config = args.backbone.embedder(&args.device, None, 64, false)?;
+    let config = bccp::backbone::EmbedderConfig {
+        precision: args.precision.precision,
+        ..args.backbone.embedder(&args.device, None, 64, false)?
+    };
     let embedder = Embedder::new(&config)?;
     let names = imagenet::class_names();
     for (path, row) in args

@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::{BackboneArgs, CacheArgs, DeviceArgs};
+use super::{BackboneArgs, CacheArgs, DeviceArgs, PrecisionArgs};
 use bccp::backbone::Embedder;
 use bccp::data::ImageList;
 use bccp::embeddings::ShardRows;
-use bccp::ops::bf16_gemm::Precision;
 use bccp::shard::ShardSpec;
 
 #[derive(Args, Debug)]
@@ -37,11 +36,9 @@ pub struct EmbedArgs {
     /// shard, the list's length and fingerprint.
     #[arg(long, value_name = "I/N")]
     shard: Option<ShardSpec>,
-    /// The channels-last engine's products (MobileNetV2, EfficientNet-Lite, the ResNets on the
-    /// CPU): bf16 operands summed in f32 on CPUs with AVX512-BF16 (ResNet-18 about 2× faster,
-    /// features within bf16 rounding; a cache of their own), or f32.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    precision: Precision,
+    // bf16 embeddings go to a cache of their own.
+    #[command(flatten)]
+    precision: PrecisionArgs,
 }
 
 pub fn run(args: EmbedArgs, quiet: bool) -> Result<()> {
@@ -63,7 +60,7 @@ pub fn run(args: EmbedArgs, quiet: bool) -> Result<()> {
         args.skip_bad,
     )?;
     let config = bccp::backbone::EmbedderConfig {
-        precision: args.precision,
+        precision: args.precision.precision,
         ..config
     };
     let embedder = Embedder::new(&config)?;
@@ -102,10 +99,7 @@ pub fn run(args: EmbedArgs, quiet: bool) -> Result<()> {
     println!(
         "embedded {n} images{part} with {}{} ({d}-d) on {:?} in {:.1}s: {} from cache, {} computed{skipped}; wrote {}",
         embedder.spec().name,
-        match args.precision {
-            Precision::F32 => "",
-            Precision::Bf16 => " (bf16 products)",
-        },
+        args.precision.note(),
         embedder.device().location(),
         started.elapsed().as_secs_f64(),
         stats.cached,

@@ -31,6 +31,7 @@ use anyhow::Result;
 use clap::Args;
 
 use bccp::backbone::EmbedderConfig;
+use bccp::ops::bf16_gemm::Precision;
 use bccp::progress::Progress;
 use bccp::registry::Registry;
 
@@ -73,6 +74,26 @@ impl CacheArgs {
 }
 
 /// The registry folder.
+/// `--precision` of the commands that run a backbone's forward pass.
+#[derive(Args, Debug, Clone)]
+pub struct PrecisionArgs {
+    /// The backbone's products: bf16 operands summed in f32 on the channels-last CPU engine
+    /// (MobileNetV2, EfficientNet-Lite, the ResNets; ResNet-18 about 2× faster, outputs within
+    /// bf16 rounding) on CPUs with AVX512-BF16, or f32. Other backbones and devices refuse bf16.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+}
+
+impl PrecisionArgs {
+    /// `" (bf16 products)"` for bf16, empty for f32: what a command's summary line adds.
+    pub fn note(&self) -> &'static str {
+        match self.precision {
+            Precision::F32 => "",
+            Precision::Bf16 => " (bf16 products)",
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RegistryArgs {
     /// Registry folder.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::{CacheArgs, DeviceArgs, RegistryArgs};
+use super::{CacheArgs, DeviceArgs, PrecisionArgs, RegistryArgs};
 use bccp::registry::TrainedRun;
 
 #[derive(Args, Debug)]
@@ -20,6 +20,8 @@ pub struct PredictArgs {
     device: DeviceArgs,
     #[command(flatten)]
     cache: CacheArgs,
+    #[command(flatten)]
+    precision: PrecisionArgs,
     /// Images to classify.
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -28,7 +30,14 @@ pub struct PredictArgs {
 pub fn run(args: PredictArgs) -> Result<()> {
     let registry = args.registry.registry();
     let device = args.device.device()?;
-    let trained = TrainedRun::load(&registry, &args.model, &device, args.cache.dir().as_deref())?;
+    let trained = TrainedRun::load_reusing(
+        &registry,
+        &args.model,
+        &device,
+        args.cache.dir().as_deref(),
+        None,
+        args.precision.precision,
+    )?;
     for (path, p) in args.images.iter().zip(trained.predict(&args.images)?) {
         println!("{}\t{}\t{:.3}", path.display(), p.class, p.probability);
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{CacheArgs, DbArgs, DeviceArgs, RegistryArgs};
+use super::{CacheArgs, DbArgs, DeviceArgs, PrecisionArgs, RegistryArgs};
 use bccp::serve::{ServeConfig, Token};
 
 /// The server's settings that `bccp serve` and `bccp up` share.
@@ -134,6 +134,9 @@ pub struct ServeArgs {
     /// Start even if the model does not exist yet (503 until it does).
     #[arg(long)]
     wait_for_model: bool,
+    // With bf16, a new version on another backbone fails to load and the one served stays.
+    #[command(flatten)]
+    precision: PrecisionArgs,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -174,15 +177,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
         args.cache.dir(),
     )?;
     config.wait_for_model = args.wait_for_model;
+    config.precision = args.precision.precision;
     config.remote = remote.map(std::sync::Arc::new);
     let _graceful = bccp::runtime::graceful_stop();
     let server = bccp::serve::start(config)?;
     match server.model() {
         Some(m) => println!(
-            "serving {}:{} ({}) on http://{}",
+            "serving {}:{} ({}){} on http://{}",
             m.name,
             m.version,
             args.model,
+            args.precision.note(),
             server.addr()
         ),
         None => println!(

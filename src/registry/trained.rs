@@ -12,6 +12,7 @@ use super::{corrupt, io, Registry, RegistryError, RunDir};
 use crate::backbone::cache::{hex, sha256};
 use crate::backbone::{Backbone, Embedder, EmbedderConfig};
 use crate::data::Preprocess;
+use crate::ops::bf16_gemm::Precision;
 use crate::train::Head;
 
 /// One image's prediction.
@@ -33,6 +34,7 @@ pub struct TrainedRun {
     pre: Preprocess,
     device: Device,
     head: Head,
+    precision: Precision,
 }
 
 /// Where a run's features come from.
@@ -55,19 +57,22 @@ impl TrainedRun {
         device: &Device,
         cache_dir: Option<&Path>,
     ) -> Result<Self, RegistryError> {
-        Self::load_reusing(registry, spec, device, cache_dir, None)
+        Self::load_reusing(registry, spec, device, cache_dir, None, Precision::F32)
     }
 
     /// [`Self::load`], keeping `previous`'s pretrained backbone when this run was trained on
     /// the same one (same zoo entry, weights SHA-256 and input size): a new head on the same
     /// features loads without reading or hashing the backbone weights again (what a prediction
-    /// server does when only the head changed).
+    /// server does when only the head changed). The backbone's products run in `precision`
+    /// ([`Backbone::set_precision`]; bf16 only on the channels-last CPU engine, an error
+    /// naming `--precision` elsewhere), and a previous backbone is kept only in the same one.
     pub fn load_reusing(
         registry: &Registry,
         spec: &str,
         device: &Device,
         cache_dir: Option<&Path>,
         previous: Option<&TrainedRun>,
+        precision: Precision,
     ) -> Result<Self, RegistryError> {
         let run = registry.resolve(spec)?;
         let record = registry.read(&run)?;
@@ -97,15 +102,23 @@ impl TrainedRun {
                     && p.uses_features_of(
                         &record.provenance.weights_sha256,
                         record.provenance.image_size,
+                        precision,
                     ) =>
             {
                 Some(Arc::clone(embedder))
             }
             _ => None,
         });
+        let precision_error = |e: candle_core::Error| crate::backbone::BackboneError::Precision {
+            precision: precision.name().to_owned(),
+            message: e.to_string(),
+        };
         let features = match (Backbone::from_tuned(&spec, &tensors, device)?, reuse) {
             // The run carries its fine-tuned backbone: the pretrained weights are not needed.
-            (Some(tuned), _) => Features::Tuned(Box::new(tuned)),
+            (Some(mut tuned), _) => {
+                tuned.set_precision(precision).map_err(precision_error)?;
+                Features::Tuned(Box::new(tuned))
+            }
             (None, Some(embedder)) => Features::Pretrained(embedder),
             (None, None) => {
                 let embedder = Embedder::new(&EmbedderConfig {
@@ -114,6 +127,7 @@ impl TrainedRun {
                     offline: true,
                     device: device.clone(),
                     cache_dir: cache_dir.map(Path::to_path_buf),
+                    precision,
                     ..EmbedderConfig::new(&params.backbone)
                 })?;
                 if embedder.weights_sha256() != record.provenance.weights_sha256 {
@@ -128,6 +142,10 @@ impl TrainedRun {
                         ),
                     });
                 }
+                if !precision.is_f32() {
+                    // The network loads on first use: a precision it cannot take fails here.
+                    embedder.backbone()?;
+                }
                 Features::Pretrained(Arc::new(embedder))
             }
         };
@@ -138,7 +156,13 @@ impl TrainedRun {
             pre,
             device: device.clone(),
             head,
+            precision,
         })
+    }
+
+    /// The arithmetic of the backbone's products.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The class names, in head order.
@@ -152,10 +176,16 @@ impl TrainedRun {
     }
 
     /// Whether the run's features are the pretrained backbone's with weights `weights_sha256`
-    /// at `image_size` (so features computed elsewhere with those can go straight to
-    /// [`Self::head`]).
-    pub fn uses_features_of(&self, weights_sha256: &str, image_size: u32) -> bool {
+    /// at `image_size` in `precision` (so features computed elsewhere with those can go
+    /// straight to [`Self::head`]).
+    pub fn uses_features_of(
+        &self,
+        weights_sha256: &str,
+        image_size: u32,
+        precision: Precision,
+    ) -> bool {
         matches!(self.features, Features::Pretrained(_))
+            && self.precision == precision
             && self.record.provenance.weights_sha256 == weights_sha256
             && self.record.provenance.image_size == image_size
     }

@@ -405,15 +405,16 @@ fn cycle(
 
     let champion_gate = match &champion {
         Some(c) => {
-            let predicted = if c.uses_features_of(embedder.weights_sha256(), pre.width) {
-                c.head().predict(&x_gate)?
-            } else {
-                let files: Vec<PathBuf> = gate_set
-                    .iter()
-                    .map(|s| s.image_path.clone().into())
-                    .collect();
-                c.predict(&files)?.iter().map(|p| p.target as u32).collect()
-            };
+            let predicted =
+                if c.uses_features_of(embedder.weights_sha256(), pre.width, embedder.precision()) {
+                    c.head().predict(&x_gate)?
+                } else {
+                    let files: Vec<PathBuf> = gate_set
+                        .iter()
+                        .map(|s| s.image_path.clone().into())
+                        .collect();
+                    c.predict(&files)?.iter().map(|p| p.target as u32).collect()
+                };
             Some(GateScore::of(&predicted, &gate_truth, &gate_sources))
         }
         None => None,

@@ -9,6 +9,7 @@ use candle_core::Device;
 
 use super::auth::Token;
 use super::error::ServeError;
+use crate::ops::bf16_gemm::Precision;
 use crate::store::DbUrl;
 
 /// Everything `bccp serve` (or `bccp up`) needs to start a server.
@@ -25,6 +26,9 @@ pub struct ServeConfig {
     pub bind: SocketAddr,
     pub device: Device,
     pub cache_dir: Option<PathBuf>,
+    /// The arithmetic of the backbone's products (bf16: the channels-last CPU engine on CPUs
+    /// with AVX512-BF16).
+    pub precision: Precision,
     /// Most images in one backbone batch.
     pub max_batch: usize,
     /// Longest a request waits for others to join its batch.
@@ -117,6 +121,7 @@ impl ServeConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
             device: Device::Cpu,
             cache_dir: None,
+            precision: Precision::F32,
             max_batch: 32,
             max_wait: Duration::from_millis(2),
             max_body_bytes: 16 << 20,
@@ -158,6 +163,22 @@ impl ServeConfig {
                 Err(ServeError::invalid(name, v, format!("{lo} to {hi}")))
             }
         };
+        if self.precision == Precision::Bf16 {
+            if !self.device.is_cpu() {
+                return Err(ServeError::invalid(
+                    "--precision",
+                    "bf16",
+                    "f32 on a GPU (bf16 products run on the channels-last CPU engine)",
+                ));
+            }
+            if !crate::ops::bf16_gemm::available() {
+                return Err(ServeError::invalid(
+                    "--precision",
+                    "bf16",
+                    "f32 (this CPU lacks AVX512-BF16)",
+                ));
+            }
+        }
         range("--max-batch", self.max_batch, 1, 1024)?;
         range("--max-request-images", self.max_request_images, 1, 4096)?;
         range("--top-k", self.top_k, 1, 1000)?;

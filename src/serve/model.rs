@@ -10,6 +10,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 use super::error::ServeError;
+use crate::ops::bf16_gemm::Precision;
 use crate::registry::{Registry, TrainedRun};
 
 /// A loaded run and what `/model` says about it.
@@ -27,6 +28,8 @@ pub struct ModelInfo {
     pub spec: String,
     pub alias: Option<String>,
     pub backbone: String,
+    /// The arithmetic of the backbone's products (`f32` or `bf16`).
+    pub precision: &'static str,
     pub image_size: u32,
     pub classes: Vec<String>,
     /// When it was loaded (UTC).
@@ -47,13 +50,21 @@ pub(crate) fn load(
     device: &Device,
     cache_dir: Option<&std::path::Path>,
     previous: Option<&LoadedModel>,
+    precision: Precision,
 ) -> Result<LoadedModel, ServeError> {
     let started = Instant::now();
-    let run = TrainedRun::load_reusing(registry, spec, device, cache_dir, previous.map(|p| &p.run))
-        .map_err(|error| ServeError::Model {
-            spec: spec.to_owned(),
-            error: Box::new(error),
-        })?;
+    let run = TrainedRun::load_reusing(
+        registry,
+        spec,
+        device,
+        cache_dir,
+        previous.map(|p| &p.run),
+        precision,
+    )
+    .map_err(|error| ServeError::Model {
+        spec: spec.to_owned(),
+        error: Box::new(error),
+    })?;
     let backbone_reused = previous.is_some_and(|p| run.shares_backbone_with(&p.run));
     let alias = crate::registry::parse_spec(spec)
         .ok()
@@ -70,6 +81,7 @@ pub(crate) fn load(
         spec: spec.to_owned(),
         alias,
         backbone: run.record.params.backbone.clone(),
+        precision: run.precision().name(),
         image_size: run.record.provenance.image_size,
         classes: run.classes().to_vec(),
         loaded_at: crate::store::now_utc(),

@@ -52,6 +52,7 @@ pub(crate) struct Watch {
     pub spec: String,
     pub device: Device,
     pub cache_dir: Option<PathBuf>,
+    pub precision: crate::ops::bf16_gemm::Precision,
     pub slot: Arc<ModelSlot>,
     pub metrics: Arc<Metrics>,
     pub store: Option<Arc<Mutex<Box<dyn Store>>>>,
@@ -110,6 +111,7 @@ impl Watch {
             &self.device,
             self.cache_dir.as_deref(),
             current.as_deref(),
+            self.precision,
         )
         .map_err(|e| ("load_failed", e))?;
         let images = self.test_images();

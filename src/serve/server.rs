@@ -168,6 +168,7 @@ pub fn start(config: ServeConfig) -> Result<Server, ServeError> {
         spec: config.model.clone(),
         device: config.device.clone(),
         cache_dir: config.cache_dir.clone(),
+        precision: config.precision,
         slot: Arc::clone(&slot),
         metrics: Arc::clone(&metrics),
         store: store.clone(),
