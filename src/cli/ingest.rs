@@ -26,7 +26,7 @@ pub struct IngestArgs {
     #[arg(long, default_value = "ingest")]
     source: String,
     /// Rows per transaction.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = bccp::store::BULK_BATCH_ROWS)]
     batch_size: usize,
 }
 

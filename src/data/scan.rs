@@ -135,16 +135,21 @@ fn visible_entries(dir: &Path) -> std::io::Result<Vec<Entry>> {
             continue;
         }
         let path = entry.path();
-        // `fs::metadata` follows links, so linked folders and images work.
-        let kind = std::fs::metadata(&path).map(|m| {
-            if m.is_dir() {
+        let kind_of = |t: std::fs::FileType| {
+            if t.is_dir() {
                 Kind::Dir
-            } else if m.is_file() {
+            } else if t.is_file() {
                 Kind::File
             } else {
                 Kind::Other
             }
-        });
+        };
+        // The entry's own type comes with the listing (no system call per file); a link is
+        // followed with `fs::metadata`, so linked folders and images work.
+        let kind = match entry.file_type() {
+            Ok(t) if !t.is_symlink() => Ok(kind_of(t)),
+            _ => std::fs::metadata(&path).map(|m| kind_of(m.file_type())),
+        };
         entries.push(Entry { name, path, kind });
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));

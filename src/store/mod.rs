@@ -30,6 +30,11 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 pub use error::{Result, StoreError};
+
+/// Rows per transaction of the bulk writers (`generate --bulk`, `ingest`): large enough that
+/// an index page is written to the log about once per batch, not once per few rows.
+pub const BULK_BATCH_ROWS: usize = 5000;
+
 pub use generate::{generate, GenerateOptions, GenerateSummary, StreamBound};
 pub use ingest::{ingest, IngestInput, IngestOptions, IngestSummary};
 pub use postgres::PgStore;

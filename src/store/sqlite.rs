@@ -310,26 +310,24 @@ impl Store for SqliteStore {
                 "INSERT INTO samples (ikey, timestamp, image_path, sha256, label_given, \
                  label_true, source, split, status, reject_reason) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-                 ON CONFLICT (ikey) DO NOTHING RETURNING id",
+                 ON CONFLICT (ikey) DO NOTHING",
             )?;
             rows.iter()
                 .map(|s| {
-                    stmt.query_row(
-                        params![
-                            s.key,
-                            s.timestamp,
-                            s.image_path,
-                            s.sha256,
-                            s.label_given,
-                            s.label_true,
-                            s.source,
-                            s.split.as_str(),
-                            s.status.as_str(),
-                            s.status.reason(),
-                        ],
-                        |r| r.get(0),
-                    )
-                    .optional()
+                    let changed = stmt.execute(params![
+                        s.key,
+                        s.timestamp,
+                        s.image_path,
+                        s.sha256,
+                        s.label_given,
+                        s.label_true,
+                        s.source,
+                        s.split.as_str(),
+                        s.status.as_str(),
+                        s.status.reason(),
+                    ])?;
+                    // One row inserted, or none on a key already stored.
+                    Ok((changed == 1).then(|| tx.last_insert_rowid()))
                 })
                 .collect()
         })
