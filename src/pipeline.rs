@@ -510,6 +510,16 @@ pub fn run_embedded(
         Finetune::Full => {
             let (mut model, vars) =
                 Backbone::load_trainable_bn(spec, e.embedder.weights(), device, cfg.bn)?;
+            // The transformers train on candle's autograd in the backbone's own precision;
+            // the CNNs' engine trainer takes its own from `final_cfg`.
+            if !spec.has_batch_norm() {
+                model.set_precision(cfg.precision).map_err(|e| {
+                    crate::backbone::BackboneError::Precision {
+                        precision: cfg.precision.name().to_owned(),
+                        message: e.to_string(),
+                    }
+                })?;
+            }
             let kept_files: Vec<PathBuf> = keep_idx
                 .iter()
                 .map(|&i| train_files[i as usize].clone())

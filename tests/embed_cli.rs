@@ -193,19 +193,28 @@ fn embeds_a_manifest_with_ids_and_reports_bad_input() {
 /// Writes random weights with the names and shapes `name`'s loader asks for into a hub-format
 /// cache (`models--org--name/{refs/main, snapshots/<commit>/<file>}`).
 fn fake_hub_weights(cache: &Path, name: &str) {
+    hub_weights(cache, name, false);
+}
+
+/// [`fake_hub_weights`], with noise in every tensor when `noisy` ([`common::random_weights`]).
+fn hub_weights(cache: &Path, name: &str, noisy: bool) {
     let spec = zoo::find(name).unwrap();
     let zoo::WeightSource::Hub(hub) = &spec.weights else {
         panic!("{name} is not a hub model")
     };
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    Backbone::from_var_builder(&spec, vb).unwrap();
     let commit = "c0ffee0000000000000000000000000000000000";
     let repo = cache.join(format!("models--{}", hub.repo.replace('/', "--")));
     let snapshot = repo.join("snapshots").join(commit);
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs").join(&hub.revision), format!("{commit}\n")).unwrap();
+    if noisy {
+        common::random_weights(name, &snapshot.join(&hub.file));
+        return;
+    }
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    Backbone::from_var_builder(&spec, vb).unwrap();
     varmap.save(snapshot.join(&hub.file)).unwrap();
 }
 
@@ -331,27 +340,43 @@ fn bf16_products_embed_within_rounding_into_a_cache_of_their_own() {
     eprintln!("bf16 features: relative L2 error {err:.4}");
     assert!(err > 0.0 && err < 0.15, "bf16 features off by {err}");
 
-    // A network off the channels-last engine refuses, naming the flag.
+    // A transformer runs its linear layers in bf16 (random weights of the right names):
+    // features within bf16 rounding of f32's.
     let hub = tmp.path().join("hub");
-    fake_hub_weights(&hub, "dinov2_small");
-    let run = bccp_offline_hub(
-        &hub,
-        &[
-            "embed",
-            "--data",
-            src.to_str().unwrap(),
-            "--model",
-            "dinov2_small",
-            "--out",
-            b.to_str().unwrap(),
-            "--no-cache",
-            "--precision",
-            "bf16",
-        ],
+    hub_weights(&hub, "dinov2_small", true);
+    let vit = |out: &std::path::Path, precision: &str| {
+        success(&bccp_offline_hub(
+            &hub,
+            &[
+                "embed",
+                "--data",
+                src.to_str().unwrap(),
+                "--model",
+                "dinov2_small",
+                "--out",
+                out.to_str().unwrap(),
+                "--no-cache",
+                "--precision",
+                precision,
+            ],
+        ))
+    };
+    let (v32, v16) = (
+        tmp.path().join("v32.safetensors"),
+        tmp.path().join("v16.safetensors"),
     );
-    let err = failure(&run);
+    vit(&v32, "f32");
+    assert!(vit(&v16, "bf16").contains("(bf16 products)"));
+    let (a, b) = (
+        EmbeddingSet::load(&v32).unwrap().embeddings,
+        EmbeddingSet::load(&v16).unwrap().embeddings,
+    );
+    let diff = (&b - &a).unwrap().sqr().unwrap().sum_all().unwrap();
+    let norm = a.sqr().unwrap().sum_all().unwrap();
+    let err = (diff.to_scalar::<f32>().unwrap() / norm.to_scalar::<f32>().unwrap()).sqrt();
+    eprintln!("bf16 DINOv2-S features: relative L2 error {err:.2e}");
     assert!(
-        err.contains("--precision bf16") && err.contains("dinov2_small") && err.contains("f32"),
-        "{err}"
+        err > 0.0 && err < 0.01,
+        "bf16 transformer features off by {err}"
     );
 }

@@ -402,17 +402,18 @@ impl Backbone {
         Ok(())
     }
 
-    /// Runs the channels-last engine's dense and pointwise products in `precision`
-    /// ([`Precision::Bf16`]: bf16 operands summed in f32, as PyTorch's CPU autocast does;
-    /// depthwise convolutions, activations and the output stay f32). Errors for bf16 when
-    /// the network does not run on the engine (the vision transformers, a GPU) or the CPU
-    /// lacks AVX512-BF16.
+    /// Runs the channels-last engine's dense and pointwise products, or the vision
+    /// transformers' linear layers, in `precision` ([`Precision::Bf16`]: bf16 operands summed
+    /// in f32, as PyTorch's CPU autocast does; depthwise convolutions, activations, norms and
+    /// the output stay f32). Errors for bf16 off the CPU (a GPU), for a CNN off the engine
+    /// (`--bn train`), or when the CPU lacks AVX512-BF16.
     pub fn set_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
-        match (&mut self.channels_last, precision) {
-            (Some(engine), _) => engine.set_precision(precision)?,
-            (None, Precision::F32) => {}
-            (None, Precision::Bf16) => candle_core::bail!(
-                "bf16 products run on the channels-last CPU engine (MobileNetV2, EfficientNet-Lite, the ResNets on the CPU); {} here runs on candle's ops in f32",
+        match (&mut self.channels_last, &mut self.network, precision) {
+            (Some(engine), _, _) => engine.set_precision(precision)?,
+            (None, Network::Transformer(vit), _) => vit.set_precision(precision)?,
+            (None, _, Precision::F32) => {}
+            (None, _, Precision::Bf16) => candle_core::bail!(
+                "bf16 products run on the channels-last CPU engine (MobileNetV2, EfficientNet-Lite, the ResNets on the CPU) and in the transformers' linear layers on the CPU; {} here runs on candle's ops in f32",
                 self.spec.name
             ),
         }

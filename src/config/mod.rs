@@ -487,13 +487,9 @@ impl RunConfig {
             )));
         }
         if self.precision == Precision::Bf16 {
-            if !spec.has_batch_norm() {
-                return Err(invalid(format!(
-                    "`precision` bf16 runs on the channels-last engine, which trains the CNNs; {} trains on candle's autograd in f32",
-                    spec.name
-                )));
-            }
-            if self.bn == BnMode::Train {
+            // The transformers (no batch-norm) run their linear layers in bf16 on candle's
+            // autograd; the CNNs train on the channels-last engine.
+            if self.bn == BnMode::Train && spec.has_batch_norm() {
                 return Err(invalid(
                     "`precision` bf16 runs on the channels-last engine, which keeps the batch-norms folded: use `bn` frozen, or `precision` f32 with `bn` train",
                 ));

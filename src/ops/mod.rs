@@ -2,6 +2,7 @@
 //! features) its GPU kernels in `kernels/`.
 
 pub mod bf16_gemm;
+pub mod bf16_linear;
 pub mod bias_act;
 pub mod depthwise;
 #[cfg(feature = "cuda")]

@@ -18,7 +18,7 @@ use super::adam::{Adam, AdamState};
 use super::checkpoint::Checkpointing;
 use super::epoch_loop::{copies, restore_vars, EpochLoop, Rest};
 use super::flat_adam::FlatAdam;
-use super::{accuracy, dropout_mask, init_head, EpochStats, Head, Precision, TrainConfig};
+use super::{accuracy, dropout_mask, init_head, EpochStats, Head, TrainConfig};
 use crate::backbone::channels_last::EngineTrainer;
 use crate::backbone::Backbone;
 use crate::data::loader::{load_batch, Preprocess};
@@ -336,18 +336,22 @@ pub fn finetune(
         true => EngineTrainer::for_backbone(backbone)?,
         false => None,
     };
-    if engine.is_none() && cfg.precision != Precision::F32 {
+    // On candle's autograd the products run in the backbone's own precision (the
+    // transformers' linear layers, `Backbone::set_precision`), which must be the one asked for.
+    if engine.is_none() && cfg.precision != backbone.precision() {
         let why = if !device.is_cpu() {
             "not on the CPU"
         } else if backbone.trains_batch_norm() {
             "--bn train"
         } else {
-            "a vision transformer"
+            "its products were not set to it"
         };
         return Err(FinetuneError::Input(format!(
-            "--precision {} runs on the channels-last engine (the CNNs on the CPU, --bn frozen); {} trains here on candle's autograd ({why}), in f32 only: use --precision f32",
+            "--precision {} runs on the channels-last engine (the CNNs on the CPU, --bn frozen) and in the transformers' linear layers on the CPU; {} trains here on candle's autograd ({why}), in {}: use --precision {}",
             cfg.precision.name(),
-            backbone.spec().name
+            backbone.spec().name,
+            backbone.precision().name(),
+            backbone.precision().name()
         )));
     }
     match engine {

@@ -192,3 +192,35 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
 pub fn rel_diff(a: &candle_core::Tensor, b: &candle_core::Tensor, floor: f32) -> f32 {
     max_abs_diff(a, b) / max_abs(b).max(floor)
 }
+
+/// Writes weights of the zoo backbone `name` (its checkpoint's names and shapes) to `path`:
+/// uniform noise in every tensor (norm gains near 1, the rest small), so that features are
+/// neither constant nor NaN.
+pub fn random_weights(name: &str, path: &Path) {
+    use candle_nn::{VarBuilder, VarMap};
+    let spec = bccp::backbone::zoo::find(name).unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &candle_core::Device::Cpu);
+    bccp::backbone::Backbone::from_var_builder(&spec, vb).unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let t = var.as_tensor();
+        let gain = t.rank() == 1 && name.contains("norm") && name.ends_with("weight");
+        let values: Vec<f32> = (0..t.elem_count())
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                if gain {
+                    0.5 + u
+                } else {
+                    0.1 * (u - 0.5)
+                }
+            })
+            .collect();
+        var.set(&candle_core::Tensor::from_vec(values, t.shape(), t.device()).unwrap())
+            .unwrap();
+    }
+    varmap.save(path).unwrap();
+}
