@@ -11,7 +11,8 @@
 //! - `finetune224_resnet18/channels_last_im2col`: its 3×3 convolutions through im2col
 //!   instead of Winograd's F(2×2, 3×3) (the engine before Winograd, for the ratio).
 //! - `…/channels_last_bf16`: the engine with bf16 products (`--precision bf16`), on CPUs
-//!   with AVX512-BF16.
+//!   with AVX512-BF16; `finetune224_vit_b16/candle_autograd_bf16`: ViT-B/16's linear layers
+//!   on bf16 products (`ops::bf16_linear`).
 //!
 //! `scripts/bench-finetune.sh` runs PyTorch on the same steps in the same run. Needs
 //! `scripts/fetch-assets.sh`. Threads: RAYON_NUM_THREADS.
@@ -109,7 +110,7 @@ fn trainable(name: &str) -> (Backbone, Vec<Var>) {
 fn finetune(c: &mut Criterion) {
     bccp::runtime::init();
     for (group_name, name, size, batch, steps, engine, candle) in SHAPES {
-        let (model, vars) = trainable(name);
+        let (mut model, vars) = trainable(name);
         let spec = model.spec().clone();
         let pre = spec.preprocess_at(Some(size)).expect("preprocess");
         let mut rng = Rng::new(1);
@@ -171,24 +172,32 @@ fn finetune(c: &mut Criterion) {
             winograd::set_enabled(true);
         }
         if candle {
-            group.bench_function("candle_autograd", |b| {
-                b.iter(|| {
-                    finetune_candle(
-                        &model,
-                        vars.clone(),
-                        &images,
-                        &labels,
-                        CLASSES,
-                        &cfg,
-                        1e-4,
-                        None,
-                        &Device::Cpu,
-                        &Progress::hidden(),
-                        None,
-                    )
-                    .expect("step")
-                })
-            });
+            let mut paths = vec![("candle_autograd", Precision::F32)];
+            // The transformers' linear layers in bf16 (`ops::bf16_linear`).
+            if !spec.has_batch_norm() && bf16_gemm::available() {
+                paths.push(("candle_autograd_bf16", Precision::Bf16));
+            }
+            for (path, precision) in paths {
+                model.set_precision(precision).expect("precision");
+                group.bench_function(path, |b| {
+                    b.iter(|| {
+                        finetune_candle(
+                            &model,
+                            vars.clone(),
+                            &images,
+                            &labels,
+                            CLASSES,
+                            &cfg,
+                            1e-4,
+                            None,
+                            &Device::Cpu,
+                            &Progress::hidden(),
+                            None,
+                        )
+                        .expect("step")
+                    })
+                });
+            }
         }
         group.finish();
     }

@@ -50,10 +50,10 @@ SHAPES = [("finetune64", "mobilenet_v2", 64, 64, ["channels_last", "channels_las
           ("finetune224", "mobilenet_v2", 224, 32, ["channels_last", "channels_last_bf16"]),
           ("finetune224_resnet18", "resnet18", 224, 32, ["channels_last", "channels_last_im2col",
                                                           "channels_last_bf16"]),
-          ("finetune224_vit_b16", "vit_b_16", 224, 8, ["candle_autograd"])]
+          ("finetune224_vit_b16", "vit_b_16", 224, 8, ["candle_autograd", "candle_autograd_bf16"])]
 STEPS = {"finetune64": 4, "finetune224": 3, "finetune224_resnet18": 3, "finetune224_vit_b16": 2}
 # bccp paths that run bf16 products (optional: only on CPUs with AVX512-BF16).
-BF16_PATHS = {"channels_last_bf16"}
+BF16_PATHS = {"channels_last_bf16", "candle_autograd_bf16"}
 RUST_CMD = ["cargo", "bench", "--bench", "finetune", "--", "--output-format", "bencher", "finetune"]
 BENCH_LINE = re.compile(r"^test\s+(finetune\w+)/(\S+)\s+\.\.\.\s+bench:\s+([\d,._]+)\s+ns/iter")
 
