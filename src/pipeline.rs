@@ -168,7 +168,7 @@ pub fn run_embedder(
         cache_dir: env.cache_dir.clone(),
         batch_size: limits::fit_batch(&pre, EMBED_BATCH_SIZE, false),
         skip_bad: false,
-        precision: crate::ops::bf16_gemm::Precision::F32,
+        precision: cfg.precision,
     })
 }
 
@@ -513,12 +513,7 @@ pub fn run_embedded(
             // The transformers train on candle's autograd in the backbone's own precision;
             // the CNNs' engine trainer takes its own from `final_cfg`.
             if !spec.has_batch_norm() {
-                model.set_precision(cfg.precision).map_err(|e| {
-                    crate::backbone::BackboneError::Precision {
-                        precision: cfg.precision.name().to_owned(),
-                        message: e.to_string(),
-                    }
-                })?;
+                model.set_precision(cfg.precision)?;
             }
             let kept_files: Vec<PathBuf> = keep_idx
                 .iter()
@@ -547,6 +542,8 @@ pub fn run_embedded(
                 checkpointing,
             )?;
             model.refresh_channels_last()?;
+            // Evaluated, and later served, in the run's precision.
+            model.set_precision(cfg.precision)?;
             (head, Some(model), history)
         }
     };

@@ -81,12 +81,14 @@ fn gate_rejects_bad_labels_and_promotes_cleansed(db: &TestDb) {
     generate(&other, &days, "monday", 1.0);
     retrain(&other, &runs2, &cache, &["--method", "none"]);
     generate(&other, &days, "tuesday", 0.7);
-    let good = retrain(
-        &other,
-        &runs2,
-        &cache,
-        &["--method", "bccp", "--cutoff-folds", "3", "--ratio", "0.75"],
-    );
+    // With bf16 products where the CPU has them: the cycle embeds in bf16 (a cache of its
+    // own) and the version records it.
+    let bf16 = bccp::ops::bf16_gemm::available();
+    let mut flags = vec!["--method", "bccp", "--cutoff-folds", "3", "--ratio", "0.75"];
+    if bf16 {
+        flags.extend(["--precision", "bf16"]);
+    }
+    let good = retrain(&other, &runs2, &cache, &flags);
     eprintln!("{good}");
     assert!(good.contains("PROMOTED — gate accuracy"), "{good}");
     assert!(good.contains("replayed"), "{good}");
@@ -96,6 +98,8 @@ fn gate_rejects_bad_labels_and_promotes_cleansed(db: &TestDb) {
         .unwrap();
     assert!(!record.split.trained_on.is_empty());
     assert!(record.metrics.replayed > 0 && record.metrics.removed_by_cutoff > 0);
+    let precision = if bf16 { "bf16" } else { "f32" };
+    assert_eq!(record.params.precision.name(), precision);
 }
 
 /// SIGKILL while a cycle runs: no partial version, alias and offset unmoved; the next cycle

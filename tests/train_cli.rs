@@ -455,7 +455,7 @@ fn bad_flag_combinations_are_refused_before_work() {
     std::fs::create_dir_all(&days).unwrap();
     let runs = tmp.path().join("runs");
     let cache = tmp.path().join("cache");
-    let cases: [(&[&str], &str); 18] = [
+    let cases: [(&[&str], &str); 17] = [
         (
             &["-t", "monday", "-b", "Y", "--method", "cleanlab"],
             "cannot be combined with --method cleanlab",
@@ -516,10 +516,6 @@ fn bad_flag_combinations_are_refused_before_work() {
         (
             &["-t", "monday", "--lr-schedule", "step"],
             "possible values: decay, cosine",
-        ),
-        (
-            &["-t", "monday", "--precision", "bf16"],
-            "--precision bf16 sets the products of --finetune full; head training runs in f32",
         ),
         (
             &[
@@ -624,5 +620,69 @@ fn a_transformer_fine_tunes_with_bf16_linear_layers() {
     assert!(
         cosine > 0.8,
         "bf16 and f32 updates disagree: cosine {cosine}"
+    );
+}
+
+#[test]
+fn bf16_embeddings_train_a_head_that_predicts_in_bf16() {
+    if !bccp::ops::bf16_gemm::available() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let days = common::prepared_small(tmp.path());
+    let (runs, cache) = (tmp.path().join("runs"), tmp.path().join("cache"));
+    success(&common::quick_train(&days, &runs, &cache, "head32", &[]));
+    let out = success(&common::quick_train(
+        &days,
+        &runs,
+        &cache,
+        "head16",
+        &["--precision", "bf16"],
+    ));
+    assert!(out.contains("registered head16:1"), "{out}");
+    let params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runs.join("head16/1/params.json")).unwrap())
+            .unwrap();
+    assert_eq!(params["precision"], "bf16");
+    // The bf16 features went to a cache file of their own, beside the f32 run's.
+    let cached = std::fs::read_dir(cache.join("embeddings"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".bin"))
+        })
+        .count();
+    assert_eq!(cached, 2, "embedding cache files");
+    // `predict` runs the run's own precision unless told otherwise.
+    let images: Vec<String> = (0..3)
+        .flat_map(|c| {
+            let dir = days.join(format!("monday/class{c}"));
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path().display().to_string())
+                .collect();
+            names.sort();
+            names.truncate(4);
+            names
+        })
+        .collect();
+    let predict = |extra: &[&str]| {
+        let mut args = vec!["predict", "--model", "head16", "--runs-dir"];
+        let runs = runs.to_str().unwrap();
+        args.push(runs);
+        args.extend_from_slice(extra);
+        args.extend(images.iter().map(String::as_str));
+        success(&bccp(&args))
+    };
+    let (default, half, full) = (
+        predict(&[]),
+        predict(&["--precision", "bf16"]),
+        predict(&["--precision", "f32"]),
+    );
+    assert_eq!(default, half);
+    assert_ne!(
+        default, full,
+        "bf16 and f32 features gave the same confidences"
     );
 }

@@ -124,13 +124,7 @@ impl Embedder {
             return Ok(b);
         }
         let mut loaded = Backbone::load(&self.spec, &self.weights, &self.config.device)?;
-        let precision = self.config.precision;
-        loaded
-            .set_precision(precision)
-            .map_err(|e| BackboneError::Precision {
-                precision: precision.name().to_owned(),
-                message: e.to_string(),
-            })?;
+        loaded.set_precision(self.config.precision)?;
         Ok(self.backbone.get_or_init(|| loaded))
     }
 

@@ -406,17 +406,22 @@ impl Backbone {
     /// transformers' linear layers, in `precision` ([`Precision::Bf16`]: bf16 operands summed
     /// in f32, as PyTorch's CPU autocast does; depthwise convolutions, activations, norms and
     /// the output stay f32). Errors for bf16 off the CPU (a GPU), for a CNN off the engine
-    /// (`--bn train`), or when the CPU lacks AVX512-BF16.
-    pub fn set_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
-        match (&mut self.channels_last, &mut self.network, precision) {
-            (Some(engine), _, _) => engine.set_precision(precision)?,
-            (None, Network::Transformer(vit), _) => vit.set_precision(precision)?,
-            (None, _, Precision::F32) => {}
-            (None, _, Precision::Bf16) => candle_core::bail!(
+    /// (`--bn train`), or when the CPU lacks AVX512-BF16 ([`BackboneError::Precision`], naming
+    /// `--precision`).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let set = match (&mut self.channels_last, &mut self.network, precision) {
+            (Some(engine), _, _) => engine.set_precision(precision),
+            (None, Network::Transformer(vit), _) => vit.set_precision(precision),
+            (None, _, Precision::F32) => Ok(()),
+            (None, _, Precision::Bf16) => Err(candle_core::Error::Msg(format!(
                 "bf16 products run on the channels-last CPU engine (MobileNetV2, EfficientNet-Lite, the ResNets on the CPU) and in the transformers' linear layers on the CPU; {} here runs on candle's ops in f32",
                 self.spec.name
-            ),
-        }
+            ))),
+        };
+        set.map_err(|e| BackboneError::Precision {
+            precision: precision.name().to_owned(),
+            message: e.to_string(),
+        })?;
         self.precision = precision;
         Ok(())
     }

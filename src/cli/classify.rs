@@ -27,7 +27,7 @@ pub struct ClassifyArgs {
 
 pub fn run(args: ClassifyArgs) -> Result<()> {
     let config = bccp::backbone::EmbedderConfig {
-        precision: args.precision.precision,
+        precision: args.precision.or_f32(),
         ..args.backbone.embedder(&args.device, None, 64, false)?
     };
     let embedder = Embedder::new(&config)?;

@@ -60,7 +60,7 @@ pub fn run(args: EmbedArgs, quiet: bool) -> Result<()> {
         args.skip_bad,
     )?;
     let config = bccp::backbone::EmbedderConfig {
-        precision: args.precision.precision,
+        precision: args.precision.or_f32(),
         ..config
     };
     let embedder = Embedder::new(&config)?;

@@ -77,17 +77,23 @@ impl CacheArgs {
 /// `--precision` of the commands that run a backbone's forward pass.
 #[derive(Args, Debug, Clone)]
 pub struct PrecisionArgs {
-    /// The backbone's products: bf16 operands summed in f32 on the channels-last CPU engine
-    /// (MobileNetV2, EfficientNet-Lite, the ResNets; ResNet-18 about 2× faster, outputs within
-    /// bf16 rounding) on CPUs with AVX512-BF16, or f32. Other backbones and devices refuse bf16.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub precision: Precision,
+    /// The backbone's products: bf16 operands summed in f32 on CPUs with AVX512-BF16 (the CNNs
+    /// on the channels-last engine, ResNet-18 about 2× faster; the transformers' linear
+    /// layers), outputs within bf16 rounding; or f32. GPUs refuse bf16. Default: f32, or for a
+    /// registered model the precision it was trained in.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
 }
 
 impl PrecisionArgs {
+    /// The precision asked for, f32 when none was.
+    pub fn or_f32(&self) -> Precision {
+        self.precision.unwrap_or(Precision::F32)
+    }
+
     /// `" (bf16 products)"` for bf16, empty for f32: what a command's summary line adds.
     pub fn note(&self) -> &'static str {
-        match self.precision {
+        match self.or_f32() {
             Precision::F32 => "",
             Precision::Bf16 => " (bf16 products)",
         }

@@ -70,6 +70,11 @@ pub struct LoopArgs {
     pub image_size: Option<u32>,
     #[arg(long, default_value_t = RunConfig::default().epochs)]
     pub epochs: usize,
+    /// The backbone's products when embedding the cycle's samples: f32, or bf16 (bf16 operands
+    /// summed in f32 on CPUs with AVX512-BF16; a cache of their own). Recorded with each
+    /// version, which `serve` then runs in it.
+    #[arg(long, value_enum, default_value_t = RunConfig::default().precision)]
+    pub precision: bccp::ops::bf16_gemm::Precision,
     /// Seed of replay, dropout and initialisation.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -100,6 +105,7 @@ impl LoopArgs {
             weights: self.weights.clone(),
             image_size: self.image_size,
             epochs: self.epochs,
+            precision: self.precision,
             seed: self.seed,
             model_name: self.model.clone(),
             ..RunConfig::default()

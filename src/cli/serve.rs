@@ -187,7 +187,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             m.name,
             m.version,
             args.model,
-            args.precision.note(),
+            match m.precision {
+                "bf16" => " with bf16 products",
+                _ => "",
+            },
             server.addr()
         ),
         None => println!(

@@ -231,8 +231,10 @@ pub struct RunConfig {
     /// candle's autograd, not the channels-last engine).
     #[arg(long, default_value_t = d().bn, value_enum)]
     pub bn: BnMode,
-    /// With --finetune full on the channels-last engine (the CNNs on the CPU, --bn frozen):
-    /// the products' arithmetic, f32 or bf16 (bf16 operands, f32 sums; needs AVX512-BF16).
+    /// The backbone's products in the embedding stage and in --finetune full, f32 or bf16
+    /// (bf16 operands, f32 sums, on the CPU with AVX512-BF16: the CNNs on the channels-last
+    /// engine with --bn frozen, the transformers' linear layers). Recorded with the run, whose
+    /// predictions then use it.
     #[arg(long, default_value_t = d().precision, value_enum)]
     pub precision: Precision,
     /// The training loss (methods may override it: anl_ce trains with ANL-CE).
@@ -479,11 +481,6 @@ impl RunConfig {
             return Err(invalid(format!(
                 "`accumulate` {} accumulates the gradients of `finetune` full; head training takes a step per batch",
                 self.accumulate
-            )));
-        } else if self.precision != Precision::F32 {
-            return Err(invalid(format!(
-                "`precision` {} sets the products of `finetune` full; head training runs in f32",
-                self.precision.name()
             )));
         }
         if self.precision == Precision::Bf16 {

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Lhs, PackedRhs, Precision, Rhs, Strided};
+use super::fused_grad::slice;
 
 /// Rows of the output per parallel task.
 const ROWS_PER_TASK: usize = 96;
@@ -27,17 +28,6 @@ pub fn linear(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Tensor> {
         x.contiguous()?.apply_op2(&w.contiguous()?, Forward)
     } else {
         x.broadcast_matmul(&w.t()?)
-    }
-}
-
-/// `storage` under `layout` as a contiguous f32 slice, or an error naming `op`.
-fn slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        candle_core::bail!("{op}: f32 only");
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&values[start..end]),
-        None => candle_core::bail!("{op}: the input must be contiguous"),
     }
 }
 

@@ -35,7 +35,7 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// `storage` under `layout` as a contiguous slice, or an error naming `op`.
-fn slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(values) = storage else {
         candle_core::bail!("{op}: f32 only");
     };

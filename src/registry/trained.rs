@@ -57,25 +57,27 @@ impl TrainedRun {
         device: &Device,
         cache_dir: Option<&Path>,
     ) -> Result<Self, RegistryError> {
-        Self::load_reusing(registry, spec, device, cache_dir, None, Precision::F32)
+        Self::load_reusing(registry, spec, device, cache_dir, None, None)
     }
 
     /// [`Self::load`], keeping `previous`'s pretrained backbone when this run was trained on
     /// the same one (same zoo entry, weights SHA-256 and input size): a new head on the same
     /// features loads without reading or hashing the backbone weights again (what a prediction
-    /// server does when only the head changed). The backbone's products run in `precision`
-    /// ([`Backbone::set_precision`]; bf16 only on the channels-last CPU engine, an error
-    /// naming `--precision` elsewhere), and a previous backbone is kept only in the same one.
+    /// server does when only the head changed). The backbone's products run in `precision`,
+    /// by default the one the run was trained in (its `params.json`; [`Backbone::set_precision`]:
+    /// bf16 only on the CPU with AVX512-BF16, an error naming `--precision` elsewhere), and a
+    /// previous backbone is kept only in the same one.
     pub fn load_reusing(
         registry: &Registry,
         spec: &str,
         device: &Device,
         cache_dir: Option<&Path>,
         previous: Option<&TrainedRun>,
-        precision: Precision,
+        precision: Option<Precision>,
     ) -> Result<Self, RegistryError> {
         let run = registry.resolve(spec)?;
         let record = registry.read(&run)?;
+        let precision = precision.unwrap_or(record.params.precision);
         let model_path = run.path.join(files::MODEL);
         let bytes = std::fs::read(&model_path).map_err(io(&model_path))?;
         let sha = hex(&sha256(&bytes));
@@ -109,14 +111,10 @@ impl TrainedRun {
             }
             _ => None,
         });
-        let precision_error = |e: candle_core::Error| crate::backbone::BackboneError::Precision {
-            precision: precision.name().to_owned(),
-            message: e.to_string(),
-        };
         let features = match (Backbone::from_tuned(&spec, &tensors, device)?, reuse) {
             // The run carries its fine-tuned backbone: the pretrained weights are not needed.
             (Some(mut tuned), _) => {
-                tuned.set_precision(precision).map_err(precision_error)?;
+                tuned.set_precision(precision)?;
                 Features::Tuned(Box::new(tuned))
             }
             (None, Some(embedder)) => Features::Pretrained(embedder),

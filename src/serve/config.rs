@@ -26,9 +26,9 @@ pub struct ServeConfig {
     pub bind: SocketAddr,
     pub device: Device,
     pub cache_dir: Option<PathBuf>,
-    /// The arithmetic of the backbone's products (bf16: the channels-last CPU engine on CPUs
-    /// with AVX512-BF16).
-    pub precision: Precision,
+    /// The arithmetic of the backbone's products (bf16: on CPUs with AVX512-BF16); `None`:
+    /// each version in the precision it was trained in.
+    pub precision: Option<Precision>,
     /// Most images in one backbone batch.
     pub max_batch: usize,
     /// Longest a request waits for others to join its batch.
@@ -121,7 +121,7 @@ impl ServeConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
             device: Device::Cpu,
             cache_dir: None,
-            precision: Precision::F32,
+            precision: None,
             max_batch: 32,
             max_wait: Duration::from_millis(2),
             max_body_bytes: 16 << 20,
@@ -163,7 +163,7 @@ impl ServeConfig {
                 Err(ServeError::invalid(name, v, format!("{lo} to {hi}")))
             }
         };
-        if self.precision == Precision::Bf16 {
+        if self.precision == Some(Precision::Bf16) {
             if !self.device.is_cpu() {
                 return Err(ServeError::invalid(
                     "--precision",

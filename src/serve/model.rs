@@ -50,7 +50,7 @@ pub(crate) fn load(
     device: &Device,
     cache_dir: Option<&std::path::Path>,
     previous: Option<&LoadedModel>,
-    precision: Precision,
+    precision: Option<Precision>,
 ) -> Result<LoadedModel, ServeError> {
     let started = Instant::now();
     let run = TrainedRun::load_reusing(

@@ -52,7 +52,8 @@ pub(crate) struct Watch {
     pub spec: String,
     pub device: Device,
     pub cache_dir: Option<PathBuf>,
-    pub precision: crate::ops::bf16_gemm::Precision,
+    /// `None`: each version in the precision it was trained in.
+    pub precision: Option<crate::ops::bf16_gemm::Precision>,
     pub slot: Arc<ModelSlot>,
     pub metrics: Arc<Metrics>,
     pub store: Option<Arc<Mutex<Box<dyn Store>>>>,
