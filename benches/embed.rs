@@ -5,7 +5,8 @@
 //! op), `embed/resnet18` (random weights; `resnet18_candle_ops` the same through
 //! candle-transformers' ResNet, before the engine; `resnet18_im2col` the engine with its 3×3
 //! convolutions through im2col instead of Winograd's transforms); `embed64/…` the same MobileNetV2 paths at 64×64,
-//! batch 64 (the Fashion-MNIST setting); and the depthwise layers alone.
+//! batch 64 (the Fashion-MNIST setting); `embed_vit/vit_b16` (ViT-B/16, random weights, batch
+//! 8; `…_bf16` its linear layers on bf16 products); and the depthwise layers alone.
 //! `scripts/compare_embed.py` runs PyTorch on the 224×224 shapes in the same run.
 //! Needs `scripts/fetch-assets.sh` (MobileNetV2 weights). Threads: RAYON_NUM_THREADS.
 
@@ -37,8 +38,8 @@ fn mobilenets() -> (Backbone, MobileNetV2) {
     (engine, ops)
 }
 
-/// `<name>_bf16`: the engine with bf16 products (`bccp … --precision bf16`), on CPUs that have
-/// AVX512-BF16; the backbone is left in f32.
+/// `<name>_bf16`: bf16 products (`bccp … --precision bf16`: the engine's, or a transformer's
+/// linear layers), on CPUs that have AVX512-BF16; the backbone is left in f32.
 fn bench_bf16(
     group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
     name: &str,
@@ -122,6 +123,25 @@ fn embed_small(c: &mut Criterion) {
     group.finish();
 }
 
+/// ViT-B/16 at 224×224, batch 8 (random weights): candle's ops in f32, and its linear layers
+/// on bf16 products (`ops::bf16_linear`).
+fn embed_vit(c: &mut Criterion) {
+    const VIT_BATCH: usize = 8;
+    let x = input(VIT_BATCH, 224);
+    let mut group = c.benchmark_group("embed_vit");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(VIT_BATCH as u64));
+    let varmap = VarMap::new();
+    let mut vit = Backbone::from_var_builder(
+        &zoo::find("vit_base_patch16_224").expect("zoo"),
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .expect("vit");
+    group.bench_function("vit_b16", |b| b.iter(|| vit.embed(&x).expect("forward")));
+    bench_bf16(&mut group, "vit_b16", &mut vit, &x);
+    group.finish();
+}
+
 fn depthwise_layers(c: &mut Criterion) {
     // MobileNetV2's depthwise shapes at batch 32: (channels, size, stride).
     let mut group = c.benchmark_group("depthwise");
@@ -141,5 +161,5 @@ fn depthwise_layers(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, embed, embed_small, depthwise_layers);
+criterion_group!(benches, embed, embed_small, embed_vit, depthwise_layers);
 criterion_main!(benches);

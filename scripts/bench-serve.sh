@@ -12,7 +12,8 @@
 # Needs: wrk (Debian package, installed if missing), the torch venv (scripts/setup-torch-venv.sh)
 # and a venv with fastapi + uvicorn under target/bench-serve that sees it
 # (scripts/setup-serve-reference-venv.sh).
-# Usage: scripts/bench-serve.sh   (env: SECONDS_PER_CELL, SIZES=256,64, CONCURRENCY=1,8,32)
+# Usage: scripts/bench-serve.sh   (env: SECONDS_PER_CELL, SIZES=256,64, CONCURRENCY=1,8,32;
+#        BF16=1 also times `bccp serve --precision bf16`)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/paths.sh
@@ -41,4 +42,4 @@ done
 python3 scripts/bench_serve.py --bccp "$bccp" --runs "$data/runs" --days "$data/days" \
   --python "$python" --reference scripts/bench_serve_reference.py --weights "$weights" \
   --cache "$data/cache" --sizes "${SIZES:-256,64}" --concurrency "${CONCURRENCY:-1,8,32}" \
-  --seconds "${SECONDS_PER_CELL:-10}"
+  --seconds "${SECONDS_PER_CELL:-10}" ${BF16:+--bf16}

@@ -69,6 +69,8 @@ def main():
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--images", type=int, default=50)
+    p.add_argument("--bf16", action="store_true",
+                   help="also time `bccp serve --precision bf16` (CPUs with AVX512-BF16)")
     args = p.parse_args()
 
     monday = os.path.join(args.days, "monday")
@@ -90,13 +92,16 @@ def main():
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         run = os.path.join(args.runs, f"bench{size}")
-        for stack in ("reference", "bccp"):
-            if stack == "bccp":
+        stacks = ("reference", "bccp") + (("bccp-bf16",) if args.bf16 else ())
+        for stack in stacks:
+            if stack.startswith("bccp"):
                 port = free_port()
                 cmd = [args.bccp, "--quiet", "serve", "--model", f"bench{size}@champion",
                        "--runs-dir", args.runs, "--cache-dir", args.cache, "--image-root",
                        args.days, "--bind", f"127.0.0.1:{port}", "--device", "cpu",
-                       "--db", f"sqlite:{os.path.join(tmp, f'store{size}.sqlite3')}"]
+                       "--db", f"sqlite:{os.path.join(tmp, f'{stack}-store{size}.sqlite3')}"]
+                if stack == "bccp-bf16":
+                    cmd += ["--precision", "bf16"]
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
                 url = f"http://127.0.0.1:{port}/predict"
                 try:
@@ -130,6 +135,17 @@ def main():
             ms = lambda v: f"{v*1e3:.1f} ms"
             print(f"| {size}×{size} | {c} | {ref[0]:.1f} | {new[0]:.1f} | **{new[0]/ref[0]:.1f}** "
                   f"| {ms(ref[1])} | {ms(new[1])} | {ms(ref[2])} | {ms(new[2])} |")
+    if args.bf16:
+        print("\n| input | concurrency | bccp f32 req/s | bccp bf16 req/s | bf16 / f32 | × reference "
+              "| bccp bf16 p50 | bccp bf16 p99 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for size in [int(s) for s in args.sizes.split(",")]:
+            for c in [int(c) for c in args.concurrency.split(",")]:
+                ref, new, half = (by.get((size, st, c)) for st in ("reference", "bccp", "bccp-bf16"))
+                if not (ref and new and half):
+                    continue
+                print(f"| {size}×{size} | {c} | {new[0]:.1f} | {half[0]:.1f} | **{half[0]/new[0]:.2f}** "
+                      f"| {half[0]/ref[0]:.1f} | {half[1]*1e3:.1f} ms | {half[2]*1e3:.1f} ms |")
     failed = sum(e for *_, e, _ in rows)
     print(f"\nerrors: {failed} of {sum(t for *_, t in rows)} requests")
 
