@@ -63,10 +63,11 @@ impl TrainedRun {
     /// [`Self::load`], keeping `previous`'s pretrained backbone when this run was trained on
     /// the same one (same zoo entry, weights SHA-256 and input size): a new head on the same
     /// features loads without reading or hashing the backbone weights again (what a prediction
-    /// server does when only the head changed). The backbone's products run in `precision`,
-    /// by default the one the run was trained in (its `params.json`; [`Backbone::set_precision`]:
-    /// bf16 only on the CPU with AVX512-BF16, an error naming `--precision` elsewhere), and a
-    /// previous backbone is kept only in the same one.
+    /// server does when only the head changed). The backbone's products run in `precision`
+    /// ([`Backbone::set_precision`]: bf16 only on the CPU with AVX512-BF16, an error naming
+    /// `--precision` elsewhere); by default in the one the run was trained in (its
+    /// `params.json`), or f32 where this device cannot run that. A previous backbone is kept
+    /// only in the same precision.
     pub fn load_reusing(
         registry: &Registry,
         spec: &str,
@@ -77,7 +78,14 @@ impl TrainedRun {
     ) -> Result<Self, RegistryError> {
         let run = registry.resolve(spec)?;
         let record = registry.read(&run)?;
-        let precision = precision.unwrap_or(record.params.precision);
+        // By default the run's own precision, where this device can run it (else f32: a
+        // bf16 run still serves on a GPU or an older CPU); asked for, it must run.
+        let precision = precision.unwrap_or_else(|| match record.params.precision {
+            Precision::Bf16 if !(device.is_cpu() && crate::ops::bf16_gemm::available()) => {
+                Precision::F32
+            }
+            recorded => recorded,
+        });
         let model_path = run.path.join(files::MODEL);
         let bytes = std::fs::read(&model_path).map_err(io(&model_path))?;
         let sha = hex(&sha256(&bytes));
