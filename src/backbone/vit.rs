@@ -455,18 +455,12 @@ impl VisionTransformer {
     /// [`bf16_linear`]); the attention's own products, the patch embedding and the norms stay
     /// f32. bf16 needs the weights on the CPU and AVX512-BF16.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        if precision == Precision::Bf16 {
-            if !self.patch_weight.value.device().is_cpu() {
-                candle_core::bail!(
-                    "bf16 products run on the CPU here; on a GPU the transformers run in f32"
-                );
-            }
-            if !crate::ops::bf16_gemm::available() {
-                candle_core::bail!(
-                    "bf16 products need a CPU with AVX512-BF16, which this one lacks"
-                );
-            }
+        if precision == Precision::Bf16 && !self.patch_weight.value.device().is_cpu() {
+            candle_core::bail!(
+                "bf16 products run on the CPU here; on a GPU the transformers run in f32"
+            );
         }
+        crate::ops::bf16_gemm::check(precision)?;
         self.precision = precision;
         Ok(())
     }

@@ -166,6 +166,14 @@ pub struct Epilogue<'a> {
     pub act: Act,
 }
 
+/// Errors unless this CPU can run `precision`'s products (bf16 needs [`available`]).
+pub fn check(precision: Precision) -> candle_core::Result<()> {
+    if precision == Precision::Bf16 && !available() {
+        candle_core::bail!("bf16 products need a CPU with AVX512-BF16, which this one lacks");
+    }
+    Ok(())
+}
+
 /// Whether this CPU runs the kernel (AVX512-F, -BW, -VL and -BF16).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]

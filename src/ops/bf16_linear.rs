@@ -59,6 +59,15 @@ fn rows_and_width(shape: &Shape) -> (usize, usize) {
     (shape.elem_count() / d.max(1), d)
 }
 
+/// `[…, d]` as `[…, width]`.
+fn with_width(shape: &Shape, width: usize) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = width;
+    }
+    Shape::from(dims)
+}
+
 /// `y = x · wᵀ`.
 struct Forward;
 
@@ -83,11 +92,7 @@ impl CustomOp2 for Forward {
         // wᵀ as the right operand: [k, n], element (p, j) at w[j·k + p].
         let packed = PackedRhs::new(Strided::transposed(w, k), k, n);
         let y = rows_times(x, &packed, (m, n, k));
-        let mut dims = xl.shape().dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((CpuStorage::F32(y), with_width(xl.shape(), n)))
     }
 
     fn bwd(
@@ -127,11 +132,7 @@ impl CustomOp2 for InputGrad {
         }
         let packed = PackedRhs::new(Strided::rows(w, k), n, k);
         let dx = rows_times(dy, &packed, (m, k, n));
-        let mut dims = gl.shape().dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = k;
-        }
-        Ok((CpuStorage::F32(dx), Shape::from(dims)))
+        Ok((CpuStorage::F32(dx), with_width(gl.shape(), k)))
     }
 }
 

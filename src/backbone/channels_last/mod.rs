@@ -460,14 +460,6 @@ fn refresh_winograd(
     }
 }
 
-/// Errors unless this CPU can run `precision`'s products (bf16 needs AVX512-BF16).
-fn check_precision(precision: Precision) -> Result<()> {
-    if precision == Precision::Bf16 && !bf16_gemm::available() {
-        candle_core::bail!("bf16 products need a CPU with AVX512-BF16, which this one lacks");
-    }
-    Ok(())
-}
-
 /// A float buffer's memory as 32-bit words (bf16 pairs), for the scratch of a bf16 product.
 pub(super) fn cast_words(floats: &mut [f32]) -> &mut [u32] {
     // SAFETY: f32 and u32 have the same size and alignment, every bit pattern is valid for

@@ -100,7 +100,7 @@ impl ChannelsLastResNet {
     /// Runs the dense and pointwise products in `precision` ([`Precision::Bf16`]: bf16
     /// operands, f32 sums and activations). Errors for bf16 on a CPU without AVX512-BF16.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        super::check_precision(precision)?;
+        crate::ops::bf16_gemm::check(precision)?;
         let layers = self
             .blocks
             .iter_mut()

@@ -214,7 +214,7 @@ impl EngineTrainer {
     /// ([`Precision::Bf16`]: bf16 operands, f32 sums; the parameters and gradients stay f32).
     /// Errors for bf16 on a CPU without AVX512-BF16.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        super::check_precision(precision)?;
+        crate::ops::bf16_gemm::check(precision)?;
         self.precision = precision;
         self.layers
             .par_iter_mut()

@@ -88,7 +88,7 @@ impl ChannelsLastTrunk {
     /// Runs the dense and pointwise products in `precision` ([`Precision::Bf16`]: bf16
     /// operands, f32 sums and activations). Errors for bf16 on a CPU without AVX512-BF16.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        super::check_precision(precision)?;
+        crate::ops::bf16_gemm::check(precision)?;
         let layers = self.blocks.iter_mut().flat_map(|b| b.layers.iter_mut());
         for layer in [&mut self.stem, &mut self.head].into_iter().chain(layers) {
             layer.set_precision(precision);
