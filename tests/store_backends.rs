@@ -430,3 +430,62 @@ fn postgres_connection_killed_mid_stream_loses_and_duplicates_nothing() {
     let (n, distinct): (i64, i64) = (row.get(0), row.get(1));
     assert_eq!((n, distinct), (batches * per_batch, batches * per_batch));
 }
+
+/// Another writer stores key "x" while a batch of "x" and "y" is being inserted: the batch's
+/// look-up did not see "x" (not yet committed), its plain insert waits on the other writer's
+/// key and fails once that commits; the batch then skips "x" and inserts "y", as if "x" had
+/// been stored before it started.
+#[test]
+fn postgres_batch_racing_another_writer_skips_its_key() {
+    let db = TestDb::new(Backend::Postgres);
+    let server = db.server.as_ref().unwrap();
+    let mut other = server.client("bccp_test");
+    let mut store = common::pg::open(&format!("{}?application_name=bccp-racer", db.url));
+    let mut tx = other.transaction().unwrap();
+    tx.execute(
+        "INSERT INTO samples (ikey, timestamp, image_path, label_given, source, split, status) \
+         VALUES ('x', now(), '/data/x.png', 0, 'monday', 'train', 'accepted')",
+        &[],
+    )
+    .unwrap();
+    let racer = std::thread::spawn(move || {
+        let ids = store
+            .insert_samples(&[
+                sample("x", 1, "monday", Split::Train),
+                sample("y", 2, "monday", Split::Train),
+            ])
+            .unwrap();
+        (ids, store.stats())
+    });
+    // Commit only once the batch waits on the uncommitted key.
+    let mut watch = server.client("bccp_test");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = watch
+            .query_one(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE application_name = 'bccp-racer' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the batch never waited on the key"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    tx.commit().unwrap();
+    let (ids, stats) = racer.join().unwrap();
+    assert!(ids[0].is_none() && ids[1].is_some(), "{ids:?}");
+    assert_eq!(stats.key_conflicts, 1);
+    let rows = server
+        .client("bccp_test")
+        .query("SELECT ikey, label_given FROM samples ORDER BY ikey", &[])
+        .unwrap();
+    let stored: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(stored, [("x".to_string(), 0), ("y".to_string(), 2)]);
+}

@@ -275,6 +275,9 @@ pub struct StoreStats {
     pub retries: u64,
     /// Connections re-opened (PostgreSQL).
     pub reconnects: u64,
+    /// Sample batches that met a key another writer stored while they were being inserted
+    /// (PostgreSQL; the batch then skips that key, as it skips any stored key).
+    pub key_conflicts: u64,
 }
 
 /// The data store. Every method is one transaction (retried on a busy database or a lost

@@ -1,8 +1,8 @@
 //! The PostgreSQL back-end (the sync `postgres` crate). A transaction that fails because the
 //! connection was lost (server restart, `pg_terminate_backend`, network) or on a serialisation
-//! failure is retried on a new connection with back-off. Samples are inserted with
-//! `ON CONFLICT (ikey) DO NOTHING`, so retrying a batch whose commit had gone through before
-//! the connection dropped inserts nothing twice, and no committed row is lost.
+//! failure is retried on a new connection with back-off. A batch of samples inserts only the keys
+//! not yet stored, so retrying a batch whose commit had gone through before the connection
+//! dropped inserts nothing twice, and no committed row is lost.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -214,6 +214,44 @@ impl PgStore {
     }
 }
 
+/// Inserts `rows` in one statement (the columns as arrays, unnested, in order), with
+/// `on_conflict` after the rows; the inserted rows' ids by key.
+fn insert_sample_rows(
+    tx: &mut Tx<'_>,
+    rows: &[&NewSample],
+    on_conflict: &str,
+) -> PgResult<HashMap<String, i64>> {
+    let keys: Vec<&str> = rows.iter().map(|s| s.key.as_str()).collect();
+    let times: Vec<&str> = rows.iter().map(|s| s.timestamp.as_str()).collect();
+    let paths: Vec<&str> = rows.iter().map(|s| s.image_path.as_str()).collect();
+    let hashes: Vec<Option<&str>> = rows.iter().map(|s| s.sha256.as_deref()).collect();
+    let given: Vec<i64> = rows.iter().map(|s| s.label_given).collect();
+    let truth: Vec<Option<i64>> = rows.iter().map(|s| s.label_true).collect();
+    let sources: Vec<&str> = rows.iter().map(|s| s.source.as_str()).collect();
+    let splits: Vec<&str> = rows.iter().map(|s| s.split.as_str()).collect();
+    let statuses: Vec<&str> = rows.iter().map(|s| s.status.as_str()).collect();
+    let reasons: Vec<Option<&str>> = rows.iter().map(|s| s.status.reason()).collect();
+    let sql = format!(
+        "INSERT INTO samples (ikey, timestamp, image_path, sha256, label_given, \
+         label_true, source, split, status, reject_reason) \
+         SELECT k, t::timestamptz, p, h, g, tr, s, sp, st, r \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+         $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[]) \
+         WITH ORDINALITY AS u(k, t, p, h, g, tr, s, sp, st, r, n) ORDER BY n \
+         {on_conflict} RETURNING ikey, id"
+    );
+    let returned = tx.query(
+        &sql,
+        &[
+            &keys, &times, &paths, &hashes, &given, &truth, &sources, &splits, &statuses, &reasons,
+        ],
+    )?;
+    Ok(returned
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect())
+}
+
 fn run<T>(client: &mut Client, op: &mut impl FnMut(&mut Tx<'_>) -> PgResult<T>) -> PgResult<T> {
     let mut tx = client.transaction()?;
     let value = op(&mut tx)?;
@@ -347,36 +385,40 @@ impl Store for PgStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        // One statement per batch: the columns as arrays, unnested.
         let keys: Vec<&str> = rows.iter().map(|s| s.key.as_str()).collect();
-        let times: Vec<&str> = rows.iter().map(|s| s.timestamp.as_str()).collect();
-        let paths: Vec<&str> = rows.iter().map(|s| s.image_path.as_str()).collect();
-        let hashes: Vec<Option<&str>> = rows.iter().map(|s| s.sha256.as_deref()).collect();
-        let given: Vec<i64> = rows.iter().map(|s| s.label_given).collect();
-        let truth: Vec<Option<i64>> = rows.iter().map(|s| s.label_true).collect();
-        let sources: Vec<&str> = rows.iter().map(|s| s.source.as_str()).collect();
-        let splits: Vec<&str> = rows.iter().map(|s| s.split.as_str()).collect();
-        let statuses: Vec<&str> = rows.iter().map(|s| s.status.as_str()).collect();
-        let reasons: Vec<Option<&str>> = rows.iter().map(|s| s.status.reason()).collect();
-        let inserted = self.transaction("inserting samples", |tx| {
-            let returned = tx.query(
-                "INSERT INTO samples (ikey, timestamp, image_path, sha256, label_given, \
-                 label_true, source, split, status, reject_reason) \
-                 SELECT k, t::timestamptz, p, h, g, tr, s, sp, st, r \
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
-                 $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[]) \
-                 WITH ORDINALITY AS u(k, t, p, h, g, tr, s, sp, st, r, n) ORDER BY n \
-                 ON CONFLICT (ikey) DO NOTHING RETURNING ikey, id",
-                &[
-                    &keys, &times, &paths, &hashes, &given, &truth, &sources, &splits, &statuses,
-                    &reasons,
-                ],
-            )?;
-            Ok(returned
+        let (inserted, conflicted) = self.transaction("inserting samples", |tx| {
+            // The keys already stored are looked up first and the others inserted plainly:
+            // `ON CONFLICT` costs the server a speculative insertion per row (a third of a
+            // bulk insert's time). A writer that stores one of the keys in between makes the
+            // plain insert fail on the unique key; the batch then goes in with `ON CONFLICT`.
+            let stored: HashSet<String> = tx
+                .query("SELECT ikey FROM samples WHERE ikey = ANY($1)", &[&keys])?
                 .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-                .collect::<HashMap<String, i64>>())
+                .map(|r| r.get(0))
+                .collect();
+            let mut seen = HashSet::with_capacity(rows.len());
+            let new: Vec<&NewSample> = rows
+                .iter()
+                .filter(|s| !stored.contains(&s.key) && seen.insert(s.key.as_str()))
+                .collect();
+            if new.is_empty() {
+                return Ok((HashMap::new(), false));
+            }
+            let mut plain = tx.transaction()?;
+            match insert_sample_rows(&mut plain, &new, "") {
+                Ok(ids) => {
+                    plain.commit()?;
+                    Ok((ids, false))
+                }
+                Err(e) if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    plain.rollback()?;
+                    let ids = insert_sample_rows(tx, &new, "ON CONFLICT (ikey) DO NOTHING")?;
+                    Ok((ids, true))
+                }
+                Err(e) => Err(e),
+            }
         })?;
+        self.stats.key_conflicts += u64::from(conflicted);
         let mut inserted = inserted;
         // A key repeated within the batch: its first row was inserted, the others not.
         Ok(rows.iter().map(|s| inserted.remove(&s.key)).collect())
