@@ -8,6 +8,7 @@ pub mod audit;
 pub mod backbone;
 pub mod baselines;
 pub mod cleanse;
+pub mod cleanse_features;
 pub mod config;
 pub mod cutoff;
 pub mod data;

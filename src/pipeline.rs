@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use crate::backbone::layers::BnMode;
 use crate::backbone::{cache, limits, zoo, Backbone, EmbedStats, Embedder, EmbedderConfig};
 use crate::cleanse::{cleanse, Method};
+use crate::cleanse_features::for_cleansing;
 use crate::config::{LabelSource, RunConfig};
 use crate::data::{read_manifest_for, user_feedback_labels, Day, ImageList, Record};
 use crate::progress::Progress;
@@ -344,10 +345,21 @@ pub fn run_embedded(
     let from_buffer: Vec<bool> = (0..given.len())
         .map(|i| cfg.target_day == Day::Tuesday && i >= n3)
         .collect();
+    let buffer_files = files(mon_train);
+    let buffer_labels = truth(mon_train);
+    let x_cleanse = for_cleansing(
+        cfg,
+        &x_train,
+        &train_files,
+        (&buffer_files, &buffer_labels),
+        &e.embedder,
+        classes.len(),
+        progress,
+    )?;
     let clean = |given: &[u32], trusted: &[bool]| {
         cleanse(
             &cfg.cleanse(),
-            &x_train,
+            &x_cleanse,
             given,
             &from_buffer,
             trusted,

@@ -15,6 +15,7 @@ use crate::backbone::limits::{self, MAX_BATCH_SIZE, MAX_IMAGE_SIZE};
 use crate::backbone::{zoo, BackboneError};
 use crate::baselines::FilterBy;
 use crate::cleanse::{CleanseConfig, Method};
+use crate::cleanse_features::CleanseFeatures;
 use crate::cutoff::{Action, Percentile, Scope, Score};
 use crate::data::Day;
 use crate::ops::bf16_gemm::Precision;
@@ -168,6 +169,18 @@ pub struct RunConfig {
     /// What to do with the cut samples.
     #[arg(long, default_value_t = d().cutoff_action, value_enum)]
     pub cutoff_action: Action,
+    /// The features the cleansing stage scores: pretrained (the backbone's, as the final head
+    /// sees them) or tuned (a copy of the backbone fine-tuned on the whole reuse buffer,
+    /// yesterday's trusted data; Tuesday runs).
+    #[arg(long, default_value_t = d().cleanse_features, value_enum)]
+    pub cleanse_features: CleanseFeatures,
+    /// Epochs of the reuse-buffer fine-tuning with --cleanse-features tuned.
+    #[arg(long, default_value_t = d().cleanse_tune_epochs)]
+    pub cleanse_tune_epochs: usize,
+    /// Scale every feature row the cleansing stage scores to one length (L2 norm 10), so the
+    /// scoring heads compare directions, as the k-NN score does.
+    #[arg(long, default_value_t = d().cleanse_normalise, action = clap::ArgAction::Set)]
+    pub cleanse_normalise: bool,
     /// MC-dropout passes.
     #[arg(long, default_value_t = d().mc_passes)]
     pub mc_passes: usize,
@@ -282,6 +295,9 @@ impl Default for RunConfig {
             cutoff_rounds: 1,
             relabel_confidence: 0.0,
             cutoff_trust_replay: true,
+            cleanse_features: CleanseFeatures::Pretrained,
+            cleanse_tune_epochs: 5,
+            cleanse_normalise: false,
             mc_passes: 10,
             cutoff_folds: 5,
             filter_by: FilterBy::PruneByNoiseRate,
@@ -366,6 +382,13 @@ impl RunConfig {
         at_least("cutoff_rounds", self.cutoff_rounds, 1, "")?;
         at_most("cutoff_rounds", self.cutoff_rounds, MAX_CUTOFF_ROUNDS)?;
         unit_interval("relabel_confidence", self.relabel_confidence)?;
+        at_least(
+            "cleanse_tune_epochs",
+            self.cleanse_tune_epochs,
+            1,
+            "the buffer fine-tuning needs an epoch",
+        )?;
+        at_most("cleanse_tune_epochs", self.cleanse_tune_epochs, MAX_EPOCHS)?;
         if self.method == Method::Cleanlab {
             at_least("folds", self.folds, 2, "confident learning cross-validates")?;
         }
@@ -444,6 +467,11 @@ impl RunConfig {
             None => {}
         }
         self.validate_cleansing()?;
+        if self.cleanse_features == CleanseFeatures::Tuned && !tuesday {
+            return Err(invalid(
+                "`cleanse_features` tuned fine-tunes on the reuse buffer (Monday) to score Tuesday's candidates; it needs `target_day` tuesday",
+            ));
+        }
         self.validate_review(tuesday)?;
         if self.monday_num == Some(0) || self.tuesday_num == Some(0) {
             return Err(invalid("`monday_num` and `tuesday_num` must be 1 or more"));

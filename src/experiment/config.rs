@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::error::{ensure_valid, ExperimentError, Result};
 use crate::baselines::FilterBy;
 use crate::cleanse::Method;
+use crate::cleanse_features::CleanseFeatures;
 use crate::config::{choice, RunConfig};
 use crate::cutoff::{Action, Percentile, Scope, Score};
 use crate::sampling::{PairMode, Sampling};
@@ -84,6 +85,12 @@ pub struct GridTable {
     /// Never cut the replayed samples.
     #[serde(default = "default_trust")]
     pub cutoff_trust_replay: Vec<bool>,
+    /// The features the cleansing scores (bccp and cleanlab): `pretrained` or `tuned`.
+    #[serde(default = "default_cleanse_features")]
+    pub cleanse_features: Vec<String>,
+    /// Scale the cleansing's feature rows to one length (bccp and cleanlab).
+    #[serde(default = "default_cleanse_normalise")]
+    pub cleanse_normalise: Vec<bool>,
     /// Train on the true labels (once, not per noise level): the ceiling with this table's
     /// replay.
     #[serde(default)]
@@ -95,6 +102,13 @@ pub struct GridTable {
     /// Which samples the simulated review verifies: `flagged` or `random`.
     #[serde(default = "default_verify_pick")]
     pub verify_pick: Vec<String>,
+}
+
+fn default_cleanse_features() -> Vec<String> {
+    vec!["pretrained".into()]
+}
+fn default_cleanse_normalise() -> Vec<bool> {
+    vec![false]
 }
 
 fn default_verify_budget() -> Vec<f64> {
@@ -153,6 +167,9 @@ pub struct Cell {
     pub cutoff_folds: Option<usize>,
     /// The cut-off's further settings (bccp only).
     pub cutoff_more: Option<CutoffMore>,
+    /// The features the cleansing scores and whether their rows are normalised (bccp and
+    /// cleanlab).
+    pub cleanse_on: Option<(CleanseFeatures, bool)>,
     /// `None`: the clean labels (ground truth).
     pub user_accuracy: Option<f64>,
     /// The simulated review's budget and pick (`None`: no review).
@@ -236,6 +253,12 @@ impl Cell {
             },
             (m, _) => m.name().to_owned(),
         };
+        match self.cleanse_on {
+            Some((CleanseFeatures::Tuned, true)) => s.push_str(" on tuned normalised features"),
+            Some((CleanseFeatures::Tuned, false)) => s.push_str(" on tuned features"),
+            Some((CleanseFeatures::Pretrained, true)) => s.push_str(" on normalised features"),
+            _ => {}
+        }
         if self.sampling != Sampling::None {
             s.push_str(" + ");
             s.push_str(self.sampling.name());
@@ -277,6 +300,9 @@ impl Cell {
         }
         if self.method != Method::Cleanlab {
             self.filter_by = None;
+        }
+        if !matches!(self.method, Method::Bccp | Method::Cleanlab) || self.user_accuracy.is_none() {
+            self.cleanse_on = None;
         }
         if self.user_accuracy.is_none() {
             self.verify = None;
@@ -397,6 +423,7 @@ impl ExperimentFile {
             filter_by: Some(FilterBy::default()),
             cutoff_folds: Some(1),
             cutoff_more: Some(CutoffMore::default()),
+            cleanse_on: Some((CleanseFeatures::Pretrained, false)),
             user_accuracy: None,
             verify: None,
         };
@@ -414,6 +441,13 @@ impl ExperimentFile {
             let actions: Vec<Action> = parse_all(&table.cutoff_action, &at("cutoff_action"))?;
             let filters: Vec<FilterBy> = parse_all(&table.filter_by, &at("filter_by"))?;
             let scopes: Vec<Scope> = parse_all(&table.cutoff_scope, &at("cutoff_scope"))?;
+            let features: Vec<CleanseFeatures> =
+                parse_all(&table.cleanse_features, &at("cleanse_features"))?;
+            ensure_valid!(
+                !table.cleanse_normalise.is_empty(),
+                "{} is empty",
+                at("cleanse_normalise")
+            );
             ensure_valid!(
                 !table.cutoff_rounds.is_empty(),
                 "{} is empty",
@@ -517,6 +551,13 @@ impl ExperimentFile {
             grid = expand(grid, &table.cutoff_trust_replay, |c, v| {
                 more(c, &|m| m.trust_replay = v)
             });
+            let on = |c: &mut Cell, change: &dyn Fn(&mut (CleanseFeatures, bool))| {
+                if let Some(o) = c.cleanse_on.as_mut() {
+                    change(o);
+                }
+            };
+            grid = expand(grid, &features, |c, v| on(c, &|o| o.0 = v));
+            grid = expand(grid, &table.cleanse_normalise, |c, v| on(c, &|o| o.1 = v));
             grid = expand(grid, &reviews, |c, v| c.verify = v);
             if !table.clean {
                 grid = expand(grid, &self.user_accuracy, |c, a| c.user_accuracy = Some(a));
@@ -538,6 +579,31 @@ mod tests {
             "seeds = [1, 2, 3]\nuser_accuracy = [0.5, 0.7]\n[run]\ndataset = \"d\"\ntuesday_num = 10\n{grid}"
         );
         toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn cleansing_features_name_the_methods_that_cleanse_only() {
+        let f = file(
+            "[[grid]]\nmethod = [\"none\", \"cleanlab\", \"bccp\"]\n\
+             cleanse_features = [\"pretrained\", \"tuned\"]\ncleanse_normalise = [true]\n",
+        );
+        let keys: Vec<String> = f.cells().unwrap().iter().map(Cell::key).collect();
+        assert!(keys.contains(&"none | 0.7".to_owned()), "{keys:#?}");
+        assert!(keys.contains(
+            &"cleanlab(prune_by_noise_rate) on tuned normalised features | 0.7".to_owned()
+        ));
+        assert!(
+            keys.contains(&"bccp(label_prob_mean,90,drop) on normalised features | 0.5".to_owned())
+        );
+        // none once per level (the features collapse), the other two twice: 2 × (1 + 2 + 2),
+        // and the ceiling.
+        assert_eq!(keys.len(), 1 + 10, "{keys:#?}");
+        let bad = file("[[grid]]\nmethod = [\"bccp\"]\ncleanse_features = [\"finetuned\"]\n");
+        let err = bad.cells().unwrap_err().to_string();
+        assert!(
+            err.contains("grid[0].cleanse_features") && err.contains("tuned"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::registry::metric;
 pub const REMOVED: &str = "removed";
 
 /// Columns of `results.csv`, in order.
-pub const COLUMNS: [&str; 33] = [
+pub const COLUMNS: [&str; 35] = [
     "config",
     "family",
     "user_accuracy",
@@ -29,6 +29,8 @@ pub const COLUMNS: [&str; 33] = [
     "cutoff_rounds",
     "relabel_confidence",
     "cutoff_trust_replay",
+    "cleanse_features",
+    "cleanse_normalise",
     "filter_by",
     "verify_budget",
     "verify_pick",
@@ -124,31 +126,41 @@ pub fn read_csv(path: &Path) -> Result<Vec<Row>> {
     }
     let text = std::fs::read_to_string(path).map_err(ExperimentError::io("read", path))?;
     let mut lines = text.lines();
-    let header = lines.next().unwrap_or_default();
-    if header != COLUMNS.join(",") {
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    // Files of earlier versions lack columns added since (left empty); a column this version
+    // does not know means the file is not ours to extend.
+    if let Some(unknown) = header.iter().find(|h| !COLUMNS.contains(h)) {
         return Err(ExperimentError::Results {
             path: path.to_path_buf(),
-            message: "other columns than this version of bccp writes; move it away to start afresh"
-                .into(),
+            message: format!(
+                "column `{unknown}` is not one this version of bccp writes; move the file away to start afresh"
+            ),
         });
     }
+    let source: Vec<Option<usize>> = COLUMNS
+        .iter()
+        .map(|c| header.iter().position(|h| h == c))
+        .collect();
     lines
         .enumerate()
         .filter(|(_, l)| !l.is_empty())
         .map(|(i, l)| {
             let fields = split_line(l);
-            if fields.len() != COLUMNS.len() {
+            if fields.len() != header.len() {
                 return Err(ExperimentError::Results {
                     path: path.to_path_buf(),
                     message: format!(
                         "line {}: {} fields, expected {}",
                         i + 2,
                         fields.len(),
-                        COLUMNS.len()
+                        header.len()
                     ),
                 });
             }
-            Ok(Row(fields))
+            Ok(Row(source
+                .iter()
+                .map(|at| at.map_or_else(String::new, |j| fields[j].clone()))
+                .collect()))
         })
         .collect()
 }
@@ -364,7 +376,24 @@ mod tests {
         assert!(read_csv(&path)
             .unwrap_err()
             .to_string()
-            .contains("other columns"));
+            .contains("column `a` is not one"));
+    }
+
+    #[test]
+    fn an_earlier_file_reads_with_the_new_columns_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.csv");
+        std::fs::write(&path, "seed,config,user_accuracy\n3,\"bccp(a, b)\",0.7\n").unwrap();
+        let rows = read_csv(&path).unwrap();
+        let mut expected = row("bccp(a, b)", "0.7", "3", "", "");
+        let family = COLUMNS.iter().position(|c| *c == "family").unwrap();
+        expected.0[family] = String::new();
+        assert_eq!(rows, [expected]);
+        std::fs::write(&path, "seed,config\n3\n").unwrap();
+        assert!(read_csv(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("line 2: 1 fields, expected 2"));
     }
 
     #[test]

@@ -36,6 +36,7 @@ use serde_json::json;
 
 use crate::backbone::Embedder;
 use crate::cleanse::{cleanse, Method};
+use crate::cleanse_features::for_cleansing;
 use crate::config::RunConfig;
 use crate::data::ImageList;
 use crate::pipeline::{replay_indices, run_embedder, RunEnv};
@@ -61,6 +62,8 @@ pub enum RetrainError {
     Backbone(#[from] crate::backbone::BackboneError),
     #[error(transparent)]
     Cleanse(#[from] crate::cleanse::CleanseError),
+    #[error(transparent)]
+    Finetune(#[from] crate::train::finetune::FinetuneError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error("{0}")]
@@ -433,8 +436,8 @@ fn cycle(
             &candidates,
             &buffer,
             &verified_labels,
-            &x_new,
-            &x_buffer,
+            (&x_new, &x_buffer),
+            &embedder,
             classes.len(),
             progress,
         )?;
@@ -585,8 +588,8 @@ fn train_challenger(
     candidates: &[Sample],
     buffer: &[TrainedSample],
     verified: &HashMap<i64, i64>,
-    x_new: &Tensor,
-    x_buffer: &Tensor,
+    (x_new, x_buffer): (&Tensor, &Tensor),
+    embedder: &Embedder,
     classes: usize,
     progress: &Progress,
 ) -> Result<Challenger> {
@@ -622,9 +625,20 @@ fn train_challenger(
     let given: Vec<u32> = rows.iter().map(|r| r.label).collect();
     let from_buffer: Vec<bool> = (0..rows.len()).map(|i| i >= candidates.len()).collect();
     let trusted: Vec<bool> = rows.iter().map(|r| verified.contains_key(&r.id)).collect();
+    let train_files: Vec<PathBuf> = rows.iter().map(|r| r.image_path.clone().into()).collect();
+    let buffer_files: Vec<PathBuf> = buffer.iter().map(|b| b.image_path.clone().into()).collect();
+    let x_cleanse = for_cleansing(
+        cfg,
+        &x_train,
+        &train_files,
+        (&buffer_files, &buffer_labels),
+        embedder,
+        classes,
+        progress,
+    )?;
     let cleansed = cleanse(
         &cfg.cleanse(),
-        &x_train,
+        &x_cleanse,
         &given,
         &from_buffer,
         &trusted,
