@@ -84,7 +84,21 @@ fn gate_rejects_bad_labels_and_promotes_cleansed(db: &TestDb) {
     // With bf16 products where the CPU has them: the cycle embeds in bf16 (a cache of its
     // own) and the version records it.
     let bf16 = bccp::ops::bf16_gemm::available();
-    let mut flags = vec!["--method", "bccp", "--cutoff-folds", "3", "--ratio", "0.75"];
+    // Scored on a copy of the backbone fine-tuned on the champion's training set.
+    let mut flags = vec![
+        "--method",
+        "bccp",
+        "--cutoff-folds",
+        "3",
+        "--ratio",
+        "0.75",
+        "--cleanse-features",
+        "tuned",
+        "--cleanse-tune-epochs",
+        "2",
+        "--cleanse-normalise",
+        "true",
+    ];
     if bf16 {
         flags.extend(["--precision", "bf16"]);
     }
@@ -100,6 +114,13 @@ fn gate_rejects_bad_labels_and_promotes_cleansed(db: &TestDb) {
     assert!(record.metrics.replayed > 0 && record.metrics.removed_by_cutoff > 0);
     let precision = if bf16 { "bf16" } else { "f32" };
     assert_eq!(record.params.precision.name(), precision);
+    assert_eq!(
+        (
+            record.params.cleanse_features.name(),
+            record.params.cleanse_normalise
+        ),
+        ("tuned", true)
+    );
 }
 
 /// SIGKILL while a cycle runs: no partial version, alias and offset unmoved; the next cycle

@@ -9,8 +9,9 @@ use clap::Args;
 
 use super::{CacheArgs, DbArgs, DeviceArgs, MlflowArgs, RegistryArgs};
 use bccp::cleanse::Method;
+use bccp::cleanse_features::CleanseFeatures;
 use bccp::config::RunConfig;
-use bccp::cutoff::{Percentile, Scope, Score};
+use bccp::cutoff::{Action, Percentile, Scope, Score};
 use bccp::pipeline::RunEnv;
 use bccp::retrain::gate::GateRule;
 use bccp::retrain::{CycleReport, CycleSummary, RetrainOptions};
@@ -59,6 +60,20 @@ pub struct LoopArgs {
     /// Never cut the replayed samples (the champion's training data).
     #[arg(long, default_value_t = RunConfig::default().cutoff_trust_replay, action = clap::ArgAction::Set)]
     pub cutoff_trust_replay: bool,
+    /// What the bccp method does with the samples it cuts (drop, relabel, pseudo_label).
+    #[arg(long, value_enum, default_value_t = RunConfig::default().cutoff_action)]
+    pub cutoff_action: Action,
+    /// The features the cleansing scores: pretrained, or tuned (a copy of the backbone
+    /// fine-tuned on the champion's training set each cycle; the first cycle, which has
+    /// none, scores the pretrained ones).
+    #[arg(long, value_enum, default_value_t = RunConfig::default().cleanse_features)]
+    pub cleanse_features: CleanseFeatures,
+    /// Epochs of that fine-tuning.
+    #[arg(long, default_value_t = RunConfig::default().cleanse_tune_epochs)]
+    pub cleanse_tune_epochs: usize,
+    /// Scale the cleansing's feature rows to one length.
+    #[arg(long, default_value_t = RunConfig::default().cleanse_normalise, action = clap::ArgAction::Set)]
+    pub cleanse_normalise: bool,
     /// Backbone from the zoo (`bccp models` lists them).
     #[arg(long, default_value = "mobilenet_v2")]
     pub backbone: String,
@@ -101,6 +116,10 @@ impl LoopArgs {
             cutoff_scope: self.cutoff_scope,
             cutoff_rounds: self.cutoff_rounds,
             cutoff_trust_replay: self.cutoff_trust_replay,
+            cutoff_action: self.cutoff_action,
+            cleanse_features: self.cleanse_features,
+            cleanse_tune_epochs: self.cleanse_tune_epochs,
+            cleanse_normalise: self.cleanse_normalise,
             backbone: self.backbone.clone(),
             weights: self.weights.clone(),
             image_size: self.image_size,
@@ -110,6 +129,7 @@ impl LoopArgs {
             model_name: self.model.clone(),
             ..RunConfig::default()
         };
+        run.validate_cleansing()?;
         let opts = RetrainOptions {
             model: self.model.clone(),
             min_new: self.min_new,
