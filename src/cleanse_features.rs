@@ -117,7 +117,7 @@ pub struct TuneInputs<'a> {
     pub buffer_files: &'a [PathBuf],
     pub buffer_labels: &'a [u32],
     pub classes: usize,
-    /// The run's training settings; epochs and seed are replaced.
+    /// The run's training settings; epochs and seed are replaced, the warm-up shortened.
     pub train: &'a TrainConfig,
     pub epochs: usize,
     pub backbone_lr: f64,
@@ -136,6 +136,8 @@ pub fn tuned_features(
         .map_err(|e| FinetuneError::Input(format!("the buffer fine-tuning: {e}")))?;
     let cfg = TrainConfig {
         epochs: t.epochs,
+        // The run's warm-up, shortened to leave an epoch at the full rate.
+        warmup_epochs: t.train.warmup_epochs.min(t.epochs.saturating_sub(1)),
         seed: Rng::derive(t.train.seed, TUNE_STREAM).next_u64(),
         ..t.train.clone()
     };
