@@ -9,15 +9,14 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::zoo::BackboneSpec;
 use crate::backbone::{Backbone, Embedder};
 use crate::cleanse::Method;
 use crate::config::RunConfig;
-use crate::data::loader::Preprocess;
+use crate::distance::generic::unit_rows;
 use crate::progress::Progress;
 use crate::rng::Rng;
 use crate::train::finetune::{embed_files, finetune, FinetuneError};
@@ -59,10 +58,8 @@ impl CleanseFeatures {
 
 /// Every row of `x` `[N, D]` scaled to L2 norm [`NORMALISED_LENGTH`] (a zero row stays zero).
 pub fn normalise_rows(x: &Tensor) -> candle_core::Result<Tensor> {
-    let x32 = x.to_dtype(DType::F32)?;
-    let norms = x32.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-    let scale = (norms.clamp(1e-12, f64::MAX)?.recip()? * NORMALISED_LENGTH)?;
-    x32.broadcast_mul(&scale)?.to_dtype(x.dtype())
+    let unit = unit_rows(&x.to_dtype(DType::F32)?)?;
+    (unit * NORMALISED_LENGTH)?.to_dtype(x.dtype())
 }
 
 /// The features the cleansing stage scores for the training rows (`x_train`, from the images
@@ -83,20 +80,7 @@ pub fn for_cleansing(
     }
     let x = match cfg.cleanse_features {
         CleanseFeatures::Tuned if !buffer.0.is_empty() => {
-            let inputs = TuneInputs {
-                spec: embedder.spec(),
-                weights: embedder.weights(),
-                pre: embedder.preprocess(),
-                buffer_files: buffer.0,
-                buffer_labels: buffer.1,
-                classes,
-                train: &cfg.train(),
-                epochs: cfg.cleanse_tune_epochs,
-                backbone_lr: cfg.backbone_lr,
-                cache_images_mib: cfg.cache_images_mib,
-                device: x_train.device(),
-            };
-            tuned_features(&inputs, train_files, progress)?
+            tuned_features(cfg, embedder, buffer, classes, train_files, progress)?
         }
         _ => x_train.clone(),
     };
@@ -107,62 +91,54 @@ pub fn for_cleansing(
     })
 }
 
-/// What the buffer fine-tuning trains on and with.
-pub struct TuneInputs<'a> {
-    /// The backbone and its weights file (the run's pretrained backbone).
-    pub spec: &'a BackboneSpec,
-    pub weights: &'a std::path::Path,
-    pub pre: &'a Preprocess,
-    /// The reuse buffer's images and labels.
-    pub buffer_files: &'a [PathBuf],
-    pub buffer_labels: &'a [u32],
-    pub classes: usize,
-    /// The run's training settings; epochs and seed are replaced, the warm-up shortened.
-    pub train: &'a TrainConfig,
-    pub epochs: usize,
-    pub backbone_lr: f64,
-    pub cache_images_mib: usize,
-    pub device: &'a Device,
-}
-
-/// Fine-tunes a copy of the backbone (batch-norm frozen) and a head on the reuse buffer, then
-/// embeds `files` with the tuned backbone, `[files, D]` in their order.
-pub fn tuned_features(
-    t: &TuneInputs<'_>,
+/// Fine-tunes a copy of `embedder`'s backbone (batch-norm frozen) and a head on the reuse
+/// `buffer` (images, labels) with `cfg`'s training settings for `cleanse_tune_epochs` epochs,
+/// then embeds `files` with the tuned backbone, `[files, D]` in their order.
+fn tuned_features(
+    cfg: &RunConfig,
+    embedder: &Embedder,
+    (buffer_files, buffer_labels): (&[PathBuf], &[u32]),
+    classes: usize,
     files: &[PathBuf],
     progress: &Progress,
 ) -> Result<Tensor, FinetuneError> {
-    let (mut model, vars) = Backbone::load_trainable(t.spec, t.weights, t.device)
-        .map_err(|e| FinetuneError::Input(format!("the buffer fine-tuning: {e}")))?;
-    let cfg = TrainConfig {
-        epochs: t.epochs,
+    let device = embedder.device();
+    let (mut model, vars) =
+        Backbone::load_trainable(embedder.spec(), embedder.weights(), device)
+            .map_err(|e| FinetuneError::Input(format!("the buffer fine-tuning: {e}")))?;
+    let run = cfg.train();
+    let epochs = cfg.cleanse_tune_epochs;
+    let tune = TrainConfig {
+        epochs,
         // The run's warm-up, shortened to leave an epoch at the full rate.
-        warmup_epochs: t.train.warmup_epochs.min(t.epochs.saturating_sub(1)),
-        seed: Rng::derive(t.train.seed, TUNE_STREAM).next_u64(),
-        ..t.train.clone()
+        warmup_epochs: run.warmup_epochs.min(epochs.saturating_sub(1)),
+        seed: Rng::derive(run.seed, TUNE_STREAM).next_u64(),
+        ..run
     };
+    let pre = embedder.preprocess();
     finetune(
         &model,
         vars,
-        t.buffer_files,
-        t.buffer_labels,
-        t.classes,
-        t.pre,
-        &cfg,
-        t.backbone_lr,
-        t.cache_images_mib,
+        buffer_files,
+        buffer_labels,
+        classes,
+        pre,
+        &tune,
+        cfg.backbone_lr,
+        cfg.cache_images_mib,
         None,
-        t.device,
+        device,
         progress,
         None,
     )?;
     model.refresh_channels_last()?;
-    embed_files(&model, files, t.pre, EMBED_BATCH, t.device)
+    embed_files(&model, files, pre, EMBED_BATCH, device)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn rows_get_one_length_and_keep_their_direction() {

@@ -430,7 +430,7 @@ fn preselect(
             let normalise = |t: &Tensor| -> candle_core::Result<Tensor> {
                 let t = t.to_dtype(DType::F32)?;
                 match s.metric {
-                    Metric::Cosine => t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?),
+                    Metric::Cosine => super::generic::unit_rows(&t),
                     _ => Ok(t),
                 }
             };

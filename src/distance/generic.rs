@@ -41,7 +41,7 @@ pub fn search(
         .map(|(a, b)| RunningTopK::new(a, b))
         .collect();
     let (q, c) = match s.metric {
-        Metric::Cosine => (normalise(&queries)?, normalise(&candidates)?),
+        Metric::Cosine => (unit_rows(&queries)?, unit_rows(&candidates)?),
         _ => (queries.clone(), candidates.clone()),
     };
     let c_sq = c.sqr()?.sum(D::Minus1)?;
@@ -101,6 +101,8 @@ pub fn search(
     ))
 }
 
-fn normalise(t: &Tensor) -> candle_core::Result<Tensor> {
-    t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
+/// The rows of `t` `[N, D]` scaled to unit L2 norm (a zero row stays zero).
+pub fn unit_rows(t: &Tensor) -> candle_core::Result<Tensor> {
+    let norms = t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    t.broadcast_div(&norms.clamp(f32::MIN_POSITIVE, f32::MAX)?)
 }
