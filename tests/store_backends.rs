@@ -125,11 +125,32 @@ fn samples_round_trip(db: &TestDb) {
     );
     assert_eq!(store.classes().unwrap(), names(&["cat", "dog", "emu"]));
 
+    // Text that a bulk format must escape comes back as it went in.
+    let mut odd = sample("e\\\t\u{e9}", 0, "tuesday", Split::Train);
+    odd.image_path = "/data/a\tb\\c\nd\re \u{1F600}.png".into();
+    odd.status = SampleStatus::Rejected("line 1\nline 2\\N".into());
+    odd.label_true = None;
+    let id = store.insert_samples(std::slice::from_ref(&odd)).unwrap()[0].unwrap();
+    let after = SampleFilter {
+        after_id: id - 1,
+        ..SampleFilter::default()
+    };
+    let back = store.samples(&after, 10).unwrap();
+    assert_eq!(
+        (
+            back[0].key.as_str(),
+            back[0].image_path.as_str(),
+            &back[0].status,
+            back[0].label_true
+        ),
+        (odd.key.as_str(), odd.image_path.as_str(), &odd.status, None)
+    );
+
     // A new connection sees everything committed.
     drop(store);
     assert_eq!(
         db.open().count_samples(&SampleFilter::default()).unwrap(),
-        5
+        6
     );
 }
 

@@ -252,6 +252,102 @@ fn insert_sample_rows(
         .collect())
 }
 
+/// Copies `rows` in with `COPY … FROM STDIN` (text format), their ids drawn from the
+/// table's sequence first, in row order; the rows' ids by key, or `None` when the rows could
+/// not be sent for a reason other than the server's (the copy is then aborted).
+fn copy_sample_rows(
+    tx: &mut Tx<'_>,
+    rows: &[&NewSample],
+) -> PgResult<Option<HashMap<String, i64>>> {
+    let mut ids: Vec<i64> = tx
+        .query(
+            "SELECT nextval(pg_get_serial_sequence('samples', 'id')) \
+             FROM generate_series(1, $1::bigint)",
+            &[&(rows.len() as i64)],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Arrival order is id order: the batch's rows take its ids in ascending order.
+    ids.sort_unstable();
+    let mut text = String::with_capacity(rows.len() * 256);
+    for (id, s) in ids.iter().zip(rows) {
+        copy_text_row(&mut text, *id, s);
+    }
+    let mut writer = tx.copy_in(
+        "COPY samples (id, ikey, timestamp, image_path, sha256, label_given, label_true, \
+         source, split, status, reject_reason) FROM STDIN",
+    )?;
+    // The writer sends its buffer when it grows past 4 KiB, and wraps the server's errors in
+    // I/O errors; dropping it unfinished aborts the copy.
+    if let Err(e) = std::io::Write::write_all(&mut writer, text.as_bytes()) {
+        return match e
+            .into_inner()
+            .map(|inner| inner.downcast::<postgres::Error>())
+        {
+            Some(Ok(server)) => Err(*server),
+            _ => Ok(None),
+        };
+    }
+    writer.finish()?;
+    Ok(Some(rows.iter().map(|s| s.key.clone()).zip(ids).collect()))
+}
+
+/// Appends one row of `COPY`'s text format: tab-separated, `\N` for null, the text escaped.
+fn copy_text_row(out: &mut String, id: i64, s: &NewSample) {
+    use std::fmt::Write;
+    let _ = write!(out, "{id}\t");
+    for (i, field) in [
+        Some(s.key.as_str()),
+        Some(s.timestamp.as_str()),
+        Some(s.image_path.as_str()),
+        s.sha256.as_deref(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i > 0 {
+            out.push('\t');
+        }
+        copy_text_field(out, field);
+    }
+    let _ = write!(out, "\t{}\t", s.label_given);
+    match s.label_true {
+        Some(label) => {
+            let _ = write!(out, "{label}");
+        }
+        None => out.push_str("\\N"),
+    }
+    for field in [
+        Some(s.source.as_str()),
+        Some(s.split.as_str()),
+        Some(s.status.as_str()),
+        s.status.reason(),
+    ] {
+        out.push('\t');
+        copy_text_field(out, field);
+    }
+    out.push('\n');
+}
+
+/// One text field of `COPY`'s text format: backslash, tab, newline and carriage return
+/// escaped; `None` as `\N`.
+fn copy_text_field(out: &mut String, field: Option<&str>) {
+    let Some(text) = field else {
+        out.push_str("\\N");
+        return;
+    };
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
 fn run<T>(client: &mut Client, op: &mut impl FnMut(&mut Tx<'_>) -> PgResult<T>) -> PgResult<T> {
     let mut tx = client.transaction()?;
     let value = op(&mut tx)?;
@@ -387,10 +483,11 @@ impl Store for PgStore {
         }
         let keys: Vec<&str> = rows.iter().map(|s| s.key.as_str()).collect();
         let (inserted, conflicted) = self.transaction("inserting samples", |tx| {
-            // The keys already stored are looked up first and the others inserted plainly:
-            // `ON CONFLICT` costs the server a speculative insertion per row (a third of a
-            // bulk insert's time). A writer that stores one of the keys in between makes the
-            // plain insert fail on the unique key; the batch then goes in with `ON CONFLICT`.
+            // The keys already stored are looked up first and the others copied in (`COPY`
+            // takes the server about 60% of an `INSERT … SELECT FROM unnest`'s time, and
+            // `ON CONFLICT` would add a speculative insertion per row). A writer that stores
+            // one of the keys in between makes the copy fail on the unique key; the batch
+            // then goes in with `INSERT … ON CONFLICT DO NOTHING`.
             let stored: HashSet<String> = tx
                 .query("SELECT ikey FROM samples WHERE ikey = ANY($1)", &[&keys])?
                 .iter()
@@ -405,18 +502,18 @@ impl Store for PgStore {
                 return Ok((HashMap::new(), false));
             }
             let mut plain = tx.transaction()?;
-            match insert_sample_rows(&mut plain, &new, "") {
-                Ok(ids) => {
+            let conflicted = match copy_sample_rows(&mut plain, &new) {
+                Ok(Some(ids)) => {
                     plain.commit()?;
-                    Ok((ids, false))
+                    return Ok((ids, false));
                 }
-                Err(e) if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
-                    plain.rollback()?;
-                    let ids = insert_sample_rows(tx, &new, "ON CONFLICT (ikey) DO NOTHING")?;
-                    Ok((ids, true))
-                }
-                Err(e) => Err(e),
-            }
+                Ok(None) => false,
+                Err(e) if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => true,
+                Err(e) => return Err(e),
+            };
+            plain.rollback()?;
+            let ids = insert_sample_rows(tx, &new, "ON CONFLICT (ikey) DO NOTHING")?;
+            Ok((ids, conflicted))
         })?;
         self.stats.key_conflicts += u64::from(conflicted);
         let mut inserted = inserted;
@@ -666,5 +763,45 @@ impl Store for PgStore {
              label_given::integer AS target FROM samples WHERE status = 'accepted'"
         );
         self.transaction("creating the reference view", |tx| tx.batch_execute(&sql))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_rows_escape_text_and_write_nulls() {
+        let sample = NewSample {
+            key: "k\\1".into(),
+            timestamp: "2026-12-04T16:00:00Z".into(),
+            image_path: "/a\tb\nc\rd.png".into(),
+            sha256: None,
+            label_given: 3,
+            label_true: None,
+            source: "monday".into(),
+            split: Split::Gate,
+            status: SampleStatus::Rejected("bad\\png".into()),
+        };
+        let mut text = String::new();
+        copy_text_row(&mut text, 7, &sample);
+        assert_eq!(
+            text,
+            "7\tk\\\\1\t2026-12-04T16:00:00Z\t/a\\tb\\nc\\rd.png\t\\N\t3\t\\N\tmonday\tgate\t\
+             rejected\tbad\\\\png\n"
+        );
+        let accepted = NewSample {
+            sha256: Some("ab".into()),
+            label_true: Some(4),
+            split: Split::Train,
+            status: SampleStatus::Accepted,
+            ..sample
+        };
+        text.clear();
+        copy_text_row(&mut text, 8, &accepted);
+        assert!(
+            text.ends_with("\tab\t3\t4\tmonday\ttrain\taccepted\t\\N\n"),
+            "{text}"
+        );
     }
 }
