@@ -33,16 +33,24 @@ const EMBED_BATCH: usize = 64;
 /// Stream of [`Rng::derive`] that seeds the buffer fine-tuning.
 const TUNE_STREAM: u64 = 0x7E4E;
 
+/// Stream of [`Rng::derive`] that draws the buffer's sample ([`tune_sample`]).
+const SAMPLE_STREAM: u64 = 0x5A3B;
+
 /// Which backbone's features the cleansing stage scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
 #[value(rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum CleanseFeatures {
-    /// The pretrained backbone's, as cached (the final head's features).
+    /// The best measured choice (README, "Cleansing quality"): for the Bayesian cut-off on a
+    /// run with a reuse buffer, tuned features with every row normalised; otherwise (no
+    /// buffer, or the baselines) the pretrained ones.
     #[default]
+    Auto,
+    /// The pretrained backbone's, as cached (the final head's features).
     Pretrained,
-    /// A copy of the backbone fine-tuned on the whole reuse buffer (yesterday's trusted
-    /// training data, its own labels) for `--cleanse-tune-epochs` epochs (Tuesday runs).
+    /// A copy of the backbone fine-tuned on the reuse buffer (yesterday's trusted training
+    /// data, its own labels; at most `--cleanse-tune-max` images of it) for
+    /// `--cleanse-tune-epochs` epochs (Tuesday runs).
     Tuned,
 }
 
@@ -50,10 +58,38 @@ impl CleanseFeatures {
     /// The command-line name.
     pub fn name(self) -> &'static str {
         match self {
+            CleanseFeatures::Auto => "auto",
             CleanseFeatures::Pretrained => "pretrained",
             CleanseFeatures::Tuned => "tuned",
         }
     }
+}
+
+/// What the cleansing stage of a run with `cfg` scores: whether on tuned features (only with
+/// a reuse buffer) and whether its rows are normalised.
+pub fn resolve(cfg: &RunConfig, has_buffer: bool) -> (bool, bool) {
+    let tuned = has_buffer
+        && match cfg.cleanse_features {
+            CleanseFeatures::Auto => cfg.method == Method::Bccp,
+            CleanseFeatures::Pretrained => false,
+            CleanseFeatures::Tuned => true,
+        };
+    let normalise =
+        cfg.cleanse_normalise || (tuned && cfg.cleanse_features == CleanseFeatures::Auto);
+    (tuned, normalise)
+}
+
+/// The rows of a buffer of `len` images that the fine-tuning sees: all of them when `max` is 0
+/// or not below `len`, else a sample of `max` drawn with `seed`, in ascending order.
+pub fn tune_sample(len: usize, max: usize, seed: u64) -> Vec<usize> {
+    let mut rows: Vec<usize> = (0..len).collect();
+    if max == 0 || max >= len {
+        return rows;
+    }
+    Rng::derive(seed, SAMPLE_STREAM).shuffle(&mut rows);
+    rows.truncate(max);
+    rows.sort_unstable();
+    rows
 }
 
 /// Every row of `x` `[N, D]` scaled to L2 norm [`NORMALISED_LENGTH`] (a zero row stays zero).
@@ -63,9 +99,9 @@ pub fn normalise_rows(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The features the cleansing stage scores for the training rows (`x_train`, from the images
-/// `train_files`): `cfg`'s [`CleanseFeatures`] (tuned on the reuse buffer `buffer`: images
-/// and labels; with an empty buffer, the pretrained ones), normalised with
-/// `cleanse_normalise`; for the methods that flag samples (the others score nothing).
+/// `train_files`): `cfg`'s [`CleanseFeatures`] as [`resolve`]d (tuned on the reuse buffer
+/// `buffer`: images and labels, empty when the run has none); for the methods that flag
+/// samples (the others score nothing).
 pub fn for_cleansing(
     cfg: &RunConfig,
     x_train: &Tensor,
@@ -78,22 +114,19 @@ pub fn for_cleansing(
     if !matches!(cfg.method, Method::Bccp | Method::Cleanlab) {
         return Ok(x_train.clone());
     }
-    let x = match cfg.cleanse_features {
-        CleanseFeatures::Tuned if !buffer.0.is_empty() => {
-            tuned_features(cfg, embedder, buffer, classes, train_files, progress)?
-        }
-        _ => x_train.clone(),
-    };
-    Ok(if cfg.cleanse_normalise {
-        normalise_rows(&x)?
+    let (tuned, normalise) = resolve(cfg, !buffer.0.is_empty());
+    let x = if tuned {
+        tuned_features(cfg, embedder, buffer, classes, train_files, progress)?
     } else {
-        x
-    })
+        x_train.clone()
+    };
+    Ok(if normalise { normalise_rows(&x)? } else { x })
 }
 
 /// Fine-tunes a copy of `embedder`'s backbone (batch-norm frozen) and a head on the reuse
-/// `buffer` (images, labels) with `cfg`'s training settings for `cleanse_tune_epochs` epochs,
-/// then embeds `files` with the tuned backbone, `[files, D]` in their order.
+/// `buffer` (images, labels; a sample of `cleanse_tune_max` of them when it holds more) with
+/// `cfg`'s training settings for `cleanse_tune_epochs` epochs, then embeds `files` with the
+/// tuned backbone, `[files, D]` in their order.
 fn tuned_features(
     cfg: &RunConfig,
     embedder: &Embedder,
@@ -115,12 +148,15 @@ fn tuned_features(
         seed: Rng::derive(run.seed, TUNE_STREAM).next_u64(),
         ..run
     };
+    let rows = tune_sample(buffer_files.len(), cfg.cleanse_tune_max, run.seed);
+    let tune_files: Vec<PathBuf> = rows.iter().map(|&i| buffer_files[i].clone()).collect();
+    let tune_labels: Vec<u32> = rows.iter().map(|&i| buffer_labels[i]).collect();
     let pre = embedder.preprocess();
     finetune(
         &model,
         vars,
-        buffer_files,
-        buffer_labels,
+        &tune_files,
+        &tune_labels,
         classes,
         pre,
         &tune,
@@ -148,8 +184,63 @@ mod tests {
     }
 
     #[test]
+    fn auto_tunes_and_normalises_for_the_cut_off_with_a_buffer_only() {
+        let cfg = |method, features, normalise| RunConfig {
+            method,
+            cleanse_features: features,
+            cleanse_normalise: normalise,
+            ..RunConfig::default()
+        };
+        use CleanseFeatures::*;
+        assert_eq!(RunConfig::default().cleanse_features, Auto);
+        assert_eq!(resolve(&cfg(Method::Bccp, Auto, false), true), (true, true));
+        assert_eq!(
+            resolve(&cfg(Method::Bccp, Auto, false), false),
+            (false, false)
+        );
+        assert_eq!(
+            resolve(&cfg(Method::Bccp, Auto, true), false),
+            (false, true)
+        );
+        assert_eq!(
+            resolve(&cfg(Method::Cleanlab, Auto, false), true),
+            (false, false)
+        );
+        assert_eq!(
+            resolve(&cfg(Method::Cleanlab, Tuned, false), true),
+            (true, false)
+        );
+        assert_eq!(
+            resolve(&cfg(Method::Bccp, Tuned, false), false),
+            (false, false)
+        );
+        assert_eq!(
+            resolve(&cfg(Method::Bccp, Pretrained, true), true),
+            (false, true)
+        );
+    }
+
+    #[test]
+    fn the_buffer_sample_is_a_seeded_sorted_subset() {
+        assert_eq!(tune_sample(5, 0, 1), [0, 1, 2, 3, 4]);
+        assert_eq!(tune_sample(5, 5, 1), [0, 1, 2, 3, 4]);
+        assert_eq!(tune_sample(5, 9, 1), [0, 1, 2, 3, 4]);
+        let a = tune_sample(1000, 100, 7);
+        assert_eq!(a.len(), 100);
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && a[99] < 1000);
+        assert_eq!(a, tune_sample(1000, 100, 7));
+        assert_ne!(a, tune_sample(1000, 100, 8));
+        // Not the buffer's first rows: the sample spreads over it.
+        assert!(a[99] > 500, "{a:?}");
+    }
+
+    #[test]
     fn names_round_trip() {
-        for f in [CleanseFeatures::Pretrained, CleanseFeatures::Tuned] {
+        for f in [
+            CleanseFeatures::Auto,
+            CleanseFeatures::Pretrained,
+            CleanseFeatures::Tuned,
+        ] {
             assert_eq!(CleanseFeatures::from_str(f.name(), false).unwrap(), f);
         }
     }

@@ -345,8 +345,12 @@ pub fn run_embedded(
     let from_buffer: Vec<bool> = (0..given.len())
         .map(|i| cfg.target_day == Day::Tuesday && i >= n3)
         .collect();
-    let buffer_files = files(mon_train);
-    let buffer_labels = truth(mon_train);
+    // The reuse buffer (Monday's training records) of a Tuesday run; a Monday run has none.
+    let (buffer_files, buffer_labels) = if cfg.target_day == Day::Tuesday {
+        (files(mon_train), truth(mon_train))
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let x_cleanse = for_cleansing(
         cfg,
         &x_train,

@@ -451,6 +451,9 @@ fn retrain_moves_the_champion_alias_only_when_everything_is_mirrored() {
             "0",
             "--max-day-drop",
             "1",
+            // On 14 candidates relabelling ties the majority-class baseline; dropping beats it.
+            "--cutoff-action",
+            "drop",
             "--mlflow",
             uri,
         ])

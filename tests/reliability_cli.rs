@@ -230,7 +230,14 @@ fn messages_name_the_cause() {
     let err = failure(&train(
         &days,
         &runs,
-        &["--method", "bccp", "--cutoff-percentile", "0"],
+        &[
+            "--method",
+            "bccp",
+            "--cutoff-percentile",
+            "0",
+            "--cutoff-action",
+            "drop",
+        ],
     ));
     assert!(
         err.contains("removed all") && err.contains("cutoff percentile 0"),

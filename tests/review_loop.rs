@@ -28,7 +28,18 @@ fn retrain(db: &TestDb, runs: &Path, cache: &Path, extra: &[&str]) -> String {
     fashion::retrain(&db.url, MODEL, runs, cache, extra)
 }
 
-const BCCP: &[&str] = &["--method", "bccp", "--cutoff-folds", "3", "--ratio", "0.75"];
+/// The cut-off dropping what it cuts (the default relabels): a cut sample is then one no
+/// model trained on.
+const BCCP: &[&str] = &[
+    "--method",
+    "bccp",
+    "--cutoff-folds",
+    "3",
+    "--ratio",
+    "0.75",
+    "--cutoff-action",
+    "drop",
+];
 
 fn review_answers_become_trusted_labels(db: &TestDb) {
     let tmp = db.dir.path();

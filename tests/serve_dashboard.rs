@@ -82,7 +82,7 @@ fn reasons() -> Value {
             {"version": "served:2", "method": "none", "replayed": 30, "dropped": 0, "trained_on": 150,
              "gate": {"accuracy": 0.58, "per_source": {"monday": [0.55, 20], "tuesday": [0.61, 20]}},
              "promoted": false, "reason": "rejected: monday dropped from 0.7000 to 0.5500 (more than 0.0300)"},
-            {"version": "served:3", "method": "bccp", "replayed": 30, "dropped": 45, "trained_on": 105,
+            {"version": "served:3", "method": "bccp", "replayed": 30, "dropped": 45, "relabelled": 15, "trained_on": 105,
              "gate": {"accuracy": 0.74, "per_source": {"monday": [0.78, 20], "tuesday": [0.70, 20]}},
              "promoted": true, "reason": null},
         ],
@@ -204,7 +204,7 @@ fn every_grafana_sql_panel_runs_on_postgres() {
                 r.get("challenger"),
                 r.get("decision"),
                 r.get("gate_accuracy"),
-                r.get::<_, Option<f64>>("dropped_share").unwrap(),
+                r.get::<_, Option<f64>>("cut_share").unwrap(),
             )
         })
         .filter(|(c, ..)| c == "served:3")
@@ -212,7 +212,7 @@ fn every_grafana_sql_panel_runs_on_postgres() {
     assert_eq!(promoted.len(), 2);
     assert!(promoted
         .iter()
-        .all(|(_, d, _, share)| d == "promoted" && (share - 0.3).abs() < 1e-9));
+        .all(|(_, d, _, share)| d == "promoted" && (share - 0.4).abs() < 1e-9));
 }
 
 /// Debian's Chromium, or the `chromium` on the PATH.
@@ -348,7 +348,7 @@ fn dashboard_draws_charts_in_headless_chromium() {
         assert!(html.contains(id), "{id} missing");
     }
     assert!(
-        html.contains("rejected: monday dropped") && html.contains("30.0%"),
+        html.contains("rejected: monday dropped") && html.contains("40.0%"),
         "the cycle table"
     );
     // No external requests: no script, stylesheet, image or link to fetch.

@@ -21,7 +21,7 @@ def noisy_features(seed=0, n=400, k=4, f=16, noise=0.15):
 
 def test_flags_flipped_labels_and_reports_consistently():
     x, labels, flipped = noisy_features()
-    out = bccp.cutoff_scores(x, labels, classes=4, seed=3)
+    out = bccp.cutoff_scores(x, labels, classes=4, seed=3, cutoff_action="drop")
     n = len(labels)
     assert out["scores"].dtype == np.float32 and out["scores"].shape == (n,)
     assert out["flagged"].dtype == np.bool_ and out["flagged"].shape == (n,)
@@ -49,10 +49,10 @@ def test_percentile_and_relabel_settings_apply():
     x, labels, _ = noisy_features(2)
     out = bccp.cutoff_scores(
         x, labels, cutoff_score="logit_sum_var", cutoff_percentile=90, cutoff_scope="global",
-        cutoff_folds=1, cutoff_trust_replay=False,
+        cutoff_folds=1, cutoff_trust_replay=False, cutoff_action="drop",
     )
     assert out["removed"] == round(len(labels) * 0.10)
-    relabel = bccp.cutoff_scores(x, labels, cutoff_action="relabel", seed=1)
+    relabel = bccp.cutoff_scores(x, labels, seed=1)  # relabel: the default
     assert relabel["relabelled"] > 0 and relabel["removed"] == 0
     # Every cut sample takes the MC-mean prediction (which may equal its label); nothing else
     # changes.
@@ -65,8 +65,14 @@ def test_trusted_replayed_rows_are_never_cut():
     x, labels, _ = noisy_features(3)
     replayed = np.zeros(len(labels), bool)
     replayed[:200] = True
-    out = bccp.cutoff_scores(x, labels, replayed=replayed, cutoff_trust_replay=True)
+    out = bccp.cutoff_scores(
+        x, labels, replayed=replayed, cutoff_trust_replay=True, cutoff_action="drop"
+    )
     assert out["removed"] > 0 and not out["flagged"][:200].any()
+    # The default relabels what it cuts, and never a trusted row.
+    default = bccp.cutoff_scores(x, labels, replayed=replayed)
+    assert default["removed"] == 0 and default["relabelled"] == default["flagged"].sum() > 0
+    np.testing.assert_array_equal(default["labels"][:200], labels[:200])
 
 
 @pytest.mark.parametrize(

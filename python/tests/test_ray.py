@@ -47,7 +47,7 @@ def test_ray_pipeline_equals_single_process(cluster, candidates, fmnist_subset, 
     out = tmp_path / "ray"
     got = bccp.ray.run(
         candidates, fmnist_subset, out, weights=weights, image_size=32, actors=2,
-        batch_size=7, shards=shards, metric=metric, ratio=0.5,
+        batch_size=7, shards=shards, metric=metric, ratio=0.5, cutoff_action="drop",
     )
     # 1. Embeddings: bccp embed, one process.
     files = {}
@@ -82,6 +82,7 @@ def test_ray_pipeline_equals_single_process(cluster, candidates, fmnist_subset, 
         np.concatenate([ref_c["embeddings"], ref_b["embeddings"][index]]),
         np.concatenate([ref_c["targets"], ref_b["targets"][index]]),
         classes=4, replayed=np.r_[np.zeros(48, bool), np.ones(len(index), bool)],
+        cutoff_action="drop",
     )
     np.testing.assert_array_equal(got["kept_rows"], one["kept"])
     np.testing.assert_array_equal(got["scores"], one["scores"])

@@ -63,14 +63,19 @@ pub struct LoopArgs {
     /// What the bccp method does with the samples it cuts (drop, relabel, pseudo_label).
     #[arg(long, value_enum, default_value_t = RunConfig::default().cutoff_action)]
     pub cutoff_action: Action,
-    /// The features the cleansing scores: pretrained, or tuned (a copy of the backbone
+    /// The features the cleansing scores: pretrained, tuned (a copy of the backbone
     /// fine-tuned on the champion's training set each cycle; the first cycle, which has
-    /// none, scores the pretrained ones).
+    /// none, scores the pretrained ones) or auto (tuned and normalised for the bccp
+    /// challenger when there is a champion, pretrained otherwise).
     #[arg(long, value_enum, default_value_t = RunConfig::default().cleanse_features)]
     pub cleanse_features: CleanseFeatures,
     /// Epochs of that fine-tuning.
     #[arg(long, default_value_t = RunConfig::default().cleanse_tune_epochs)]
     pub cleanse_tune_epochs: usize,
+    /// Images of the champion's training set that fine-tuning sees at most (a seeded random
+    /// sample of them; 0: all).
+    #[arg(long, default_value_t = RunConfig::default().cleanse_tune_max)]
+    pub cleanse_tune_max: usize,
     /// Scale the cleansing's feature rows to one length.
     #[arg(long, default_value_t = RunConfig::default().cleanse_normalise, action = clap::ArgAction::Set)]
     pub cleanse_normalise: bool,
@@ -119,6 +124,7 @@ impl LoopArgs {
             cutoff_action: self.cutoff_action,
             cleanse_features: self.cleanse_features,
             cleanse_tune_epochs: self.cleanse_tune_epochs,
+            cleanse_tune_max: self.cleanse_tune_max,
             cleanse_normalise: self.cleanse_normalise,
             backbone: self.backbone.clone(),
             weights: self.weights.clone(),
@@ -190,11 +196,12 @@ pub fn print_cycle(s: &CycleSummary) {
             .map(|(d, (a, _))| format!("{d} {a:.4}"))
             .collect();
         println!(
-            "  {} {:<8} replayed {:>5}, dropped {:>5}, trained on {:>5}; gate {:.4} ({}): {} — {}",
+            "  {} {:<8} replayed {:>5}, dropped {:>5}, relabelled {:>5}, trained on {:>5}; gate {:.4} ({}): {} — {}",
             c.version,
             c.method.name(),
             c.replayed,
             c.dropped,
+            c.relabelled,
             c.trained_on,
             c.gate.accuracy,
             days.join(", "),

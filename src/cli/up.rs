@@ -230,8 +230,8 @@ fn start_server(args: &UpArgs, url: &store::DbUrl) -> Result<Option<bccp::serve:
     }
 }
 
-/// Every cycle of `model` in the store: candidates, per challenger what was dropped and
-/// replayed, gate accuracy per day, and the decision.
+/// Every cycle of `model` in the store: candidates, per challenger what was dropped,
+/// relabelled and replayed, gate accuracy per day, and the decision.
 fn print_table(db: &mut dyn store::Store, model: &str) -> Result<()> {
     let rows: Vec<store::Retrain> = db
         .retrains()?
@@ -244,8 +244,8 @@ fn print_table(db: &mut dyn store::Store, model: &str) -> Result<()> {
             })
         })
         .collect();
-    println!("\n| cycle | trigger | candidates | challenger | method | dropped | replayed | gate monday | gate tuesday | gate | decision |");
-    println!("|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|");
+    println!("\n| cycle | trigger | candidates | challenger | method | dropped | relabelled | replayed | gate monday | gate tuesday | gate | decision |");
+    println!("|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|");
     for r in &rows {
         let reasons = &r.reasons;
         let candidates = reasons["candidates"].as_u64().unwrap_or(0);
@@ -253,7 +253,7 @@ fn print_table(db: &mut dyn store::Store, model: &str) -> Result<()> {
         let challengers = reasons["challengers"].as_array().unwrap_or(&empty);
         if challengers.is_empty() {
             println!(
-                "| {} | {} | {} | – | – | – | – | – | – | – | {} |",
+                "| {} | {} | {} | – | – | – | – | – | – | – | – | {} |",
                 r.id, r.trigger, candidates, r.decision
             );
         }
@@ -264,13 +264,17 @@ fn print_table(db: &mut dyn store::Store, model: &str) -> Result<()> {
                     .map_or("–".to_owned(), |a| format!("{a:.4}"))
             };
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.4} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.4} | {} |",
                 r.id,
                 r.trigger,
                 candidates,
                 c["version"].as_str().unwrap_or("?"),
                 c["method"].as_str().unwrap_or("?"),
                 c["dropped"],
+                // Cycles recorded before the count existed show "–".
+                c["relabelled"]
+                    .as_u64()
+                    .map_or("–".to_owned(), |n| n.to_string()),
                 c["replayed"],
                 day("monday"),
                 day("tuesday"),

@@ -170,15 +170,21 @@ pub struct RunConfig {
     #[arg(long, default_value_t = d().cutoff_action, value_enum)]
     pub cutoff_action: Action,
     /// The features the cleansing stage scores: pretrained (the backbone's, as the final head
-    /// sees them) or tuned (a copy of the backbone fine-tuned on the whole reuse buffer,
-    /// yesterday's trusted data; Tuesday runs).
+    /// sees them), tuned (a copy of the backbone fine-tuned on the reuse buffer, yesterday's
+    /// trusted data; Tuesday runs) or auto (tuned and normalised for --method bccp on a run
+    /// with a reuse buffer, pretrained otherwise).
     #[arg(long, default_value_t = d().cleanse_features, value_enum)]
     pub cleanse_features: CleanseFeatures,
-    /// Epochs of the reuse-buffer fine-tuning with --cleanse-features tuned.
+    /// Epochs of the reuse-buffer fine-tuning with tuned features.
     #[arg(long, default_value_t = d().cleanse_tune_epochs)]
     pub cleanse_tune_epochs: usize,
+    /// Images of the reuse buffer the fine-tuning sees at most: a seeded random sample of
+    /// them when the buffer holds more (0: the whole buffer).
+    #[arg(long, default_value_t = d().cleanse_tune_max)]
+    pub cleanse_tune_max: usize,
     /// Scale every feature row the cleansing stage scores to one length (L2 norm 10), so the
-    /// scoring heads compare directions, as the k-NN score does.
+    /// scoring heads compare directions, as the k-NN score does (implied by auto features
+    /// when they are tuned).
     #[arg(long, default_value_t = d().cleanse_normalise, action = clap::ArgAction::Set)]
     pub cleanse_normalise: bool,
     /// MC-dropout passes.
@@ -285,18 +291,22 @@ impl Default for RunConfig {
             image_size: None,
             // The cleansing that won the cleansing grids overall (README, "Cleansing
             // quality"): the combined score, out of sample, the confident joint's estimate of
-            // each class's noise cut within that class, the replayed rows trusted. The
-            // reference's cut-off is `--cutoff-score logit_sum_var --cutoff-percentile 90
-            // --cutoff-scope global --cutoff-folds 1 --cutoff-trust-replay false`.
+            // each class's noise cut within that class, the replayed rows trusted, the cut
+            // samples relabelled with the MC-mean prediction, scored on features tuned on the
+            // reuse buffer (`cleanse_features` auto). The reference's cut-off is
+            // `--cutoff-score logit_sum_var --cutoff-percentile 90 --cutoff-scope global
+            // --cutoff-folds 1 --cutoff-trust-replay false --cutoff-action drop
+            // --cleanse-features pretrained`.
             cutoff_score: Score::Combined,
             cutoff_percentile: Percentile::Joint,
-            cutoff_action: Action::Drop,
+            cutoff_action: Action::Relabel,
             cutoff_scope: Scope::PerClass,
             cutoff_rounds: 1,
             relabel_confidence: 0.0,
             cutoff_trust_replay: true,
-            cleanse_features: CleanseFeatures::Pretrained,
+            cleanse_features: CleanseFeatures::Auto,
             cleanse_tune_epochs: 5,
+            cleanse_tune_max: 3000,
             cleanse_normalise: false,
             mc_passes: 10,
             cutoff_folds: 5,

@@ -257,6 +257,11 @@ impl Cell {
             Some((CleanseFeatures::Tuned, true)) => s.push_str(" on tuned normalised features"),
             Some((CleanseFeatures::Tuned, false)) => s.push_str(" on tuned features"),
             Some((CleanseFeatures::Pretrained, true)) => s.push_str(" on normalised features"),
+            Some((CleanseFeatures::Auto, normalise)) => s.push_str(if normalise {
+                " on auto normalised features"
+            } else {
+                " on auto features"
+            }),
             _ => {}
         }
         if self.sampling != Sampling::None {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backbone::cache::default_cache_dir;
+use crate::cleanse_features::CleanseFeatures;
 use crate::config::{LabelSource, RunConfig};
 use crate::cutoff::{Action, Percentile, Score};
 use crate::data::Day;
@@ -71,7 +72,7 @@ fn run_config(file: &ExperimentFile, cell: &Cell, seed: u64) -> RunConfig {
         cutoff_rounds: more.rounds,
         relabel_confidence: more.relabel_confidence,
         cutoff_trust_replay: more.trust_replay,
-        cleanse_features: cell.cleanse_on.map_or_else(Default::default, |o| o.0),
+        cleanse_features: cell.cleanse_on.map_or(CleanseFeatures::Pretrained, |o| o.0),
         cleanse_normalise: cell.cleanse_on.is_some_and(|o| o.1),
         filter_by: cell.filter_by.unwrap_or_default(),
         verify_budget: cell.verify.map_or(0.0, |v| v.0),

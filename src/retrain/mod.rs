@@ -103,6 +103,8 @@ pub struct ChallengerReport {
     pub replayed: usize,
     /// Candidates and replayed samples the cleansing dropped.
     pub dropped: usize,
+    /// Samples the cleansing relabelled (and kept).
+    pub relabelled: usize,
     pub trained_on: usize,
     pub gate: GateScore,
     pub promoted: bool,
@@ -488,6 +490,7 @@ fn cycle(
             version,
             replayed: c.replayed,
             dropped: c.dropped,
+            relabelled: c.relabelled,
             trained_on: c.trained_on.len(),
             gate,
             promoted: verdict.promote,
@@ -511,6 +514,7 @@ fn cycle(
             "method": r.method.name(),
             "replayed": r.replayed,
             "dropped": r.dropped,
+            "relabelled": r.relabelled,
             "trained_on": r.trained_on,
             "gate": r.gate,
             "promoted": r.promoted,

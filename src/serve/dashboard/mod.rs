@@ -1,7 +1,7 @@
 //! `GET /dashboard`: a page for a person, served by bccp itself and refreshing itself
 //! (`?refresh=SECONDS`, default 5): predictions per second by class, latency p50/p95, the
 //! served version over time (from the store's `predictions` table), each retrain cycle's gate
-//! accuracy per day with its decision and the share the cut-off dropped (`retrains`), and the
+//! accuracy per day with its decision and the share the cut-off dropped or relabelled (`retrains`), and the
 //! server's own counters. Charts are inline SVG: the page makes no other request.
 
 mod series;
@@ -231,7 +231,7 @@ fn cycles(html: &mut String, retrains: &[Retrain]) {
         .collect();
     let _ = write!(
         html,
-        "<section id=\"gate\" class=\"wide\"><h2>Retrain cycles: gate accuracy per day</h2>{}{}<table><tr><th>cycle</th><th>started</th><th>trigger</th><th>challenger</th><th>method</th><th>dropped by the cut-off</th>",
+        "<section id=\"gate\" class=\"wide\"><h2>Retrain cycles: gate accuracy per day</h2>{}{}<table><tr><th>cycle</th><th>started</th><th>trigger</th><th>challenger</th><th>method</th><th>cut (dropped or relabelled)</th>",
         svg::grouped_bars(&labels, &groups, 1.0, "gate accuracy"),
         svg::legend(&legend)
     );
@@ -250,7 +250,7 @@ fn cycles(html: &mut String, retrains: &[Retrain]) {
             escape(&r.trigger),
             escape(&r.challenger),
             escape(&r.method),
-            pct(r.dropped_share)
+            pct(r.cut_share)
         );
         for v in &r.per_day {
             let _ = write!(html, "<td>{}</td>", acc(*v));

@@ -1,6 +1,6 @@
 //! The dashboard's numbers: the store's recent predictions bucketed in time (predictions per
 //! second by class, latency p50/p95, the version served), and each retrain cycle's gate
-//! accuracy per day with its decision and the share the cut-off dropped.
+//! accuracy per day with its decision and the share the cut-off dropped or relabelled.
 
 use std::collections::BTreeSet;
 
@@ -98,8 +98,8 @@ pub(crate) struct CycleRow {
     /// Gate accuracy per day (source), in the order of [`Cycles::days`].
     pub per_day: Vec<Option<f64>>,
     pub gate: Option<f64>,
-    /// Share of the cleansing candidates the cut-off dropped.
-    pub dropped_share: Option<f64>,
+    /// Share of the cleansing's samples the cut-off dropped or relabelled.
+    pub cut_share: Option<f64>,
     pub decision: String,
 }
 
@@ -137,15 +137,17 @@ impl Cycles {
                     method: "–".into(),
                     per_day: vec![None; days.len()],
                     gate: None,
-                    dropped_share: None,
+                    cut_share: None,
                     decision: r.decision.clone(),
                 });
             }
             for c in challengers {
                 let dropped = c["dropped"].as_f64();
                 let kept = c["trained_on"].as_f64();
-                let dropped_share = match (dropped, kept) {
-                    (Some(d), Some(k)) if d + k > 0.0 => Some(d / (d + k)),
+                // Cycles recorded before the relabelled count existed relabelled nothing.
+                let relabelled = c["relabelled"].as_f64().unwrap_or(0.0);
+                let cut_share = match (dropped, kept) {
+                    (Some(d), Some(k)) if d + k > 0.0 => Some((d + relabelled) / (d + k)),
                     _ => None,
                 };
                 rows.push(CycleRow {
@@ -159,7 +161,7 @@ impl Cycles {
                         .map(|d| c["gate"]["per_source"][d][0].as_f64())
                         .collect(),
                     gate: c["gate"]["accuracy"].as_f64(),
-                    dropped_share,
+                    cut_share,
                     decision: if c["promoted"].as_bool() == Some(true) {
                         "promoted".into()
                     } else {
@@ -239,7 +241,7 @@ mod tests {
                 {"version": "m:3", "method": "none", "dropped": 0, "trained_on": 100,
                  "gate": {"accuracy": 0.7, "per_source": {"monday": [0.8, 10], "tuesday": [0.6, 10]}},
                  "promoted": false, "reason": "rejected: monday dropped"},
-                {"version": "m:4", "method": "bccp", "dropped": 25, "trained_on": 75,
+                {"version": "m:4", "method": "bccp", "dropped": 25, "relabelled": 15, "trained_on": 75,
                  "gate": {"accuracy": 0.8, "per_source": {"monday": [0.85, 10], "tuesday": [0.75, 10]}},
                  "promoted": true, "reason": null},
             ]}),
@@ -251,7 +253,8 @@ mod tests {
         assert_eq!(c.rows[0].decision, "rejected: monday dropped");
         assert_eq!(c.rows[1].decision, "promoted");
         assert_eq!(c.rows[1].per_day, [Some(0.85), Some(0.75)]);
-        assert_eq!(c.rows[1].dropped_share, Some(0.25));
+        assert_eq!(c.rows[1].cut_share, Some(0.4));
+        assert_eq!(c.rows[0].cut_share, Some(0.0));
         assert_eq!(Cycles::of(&[], 10), Cycles::default());
     }
 }
