@@ -17,6 +17,7 @@ pub mod distance;
 pub mod embeddings;
 pub mod experiment;
 pub mod fsutil;
+pub mod hash;
 pub mod label_issues;
 pub mod npy;
 pub mod ops;

@@ -89,9 +89,11 @@ fn generate_counts_per_day(db: &TestDb) {
     let rows = store.samples(&SampleFilter::default(), 1000).unwrap();
     assert!(rows.iter().all(|s| s.label_true == Some(s.label_given)));
     assert!(rows.iter().all(|s| Path::new(&s.image_path).is_file()));
-    assert!(rows
-        .iter()
-        .all(|s| s.sha256.as_ref().is_some_and(|h| h.len() == 64)));
+    // Each row's content hash is its file's, as `prepare` recorded it in the manifest.
+    let file_hash = |path: &str| bccp::hash::sha256_hex(&std::fs::read(path).unwrap());
+    for s in &rows {
+        assert_eq!(s.sha256.as_deref(), Some(file_hash(&s.image_path).as_str()));
+    }
     drop(store);
 
     let again = success(&bccp(&args));
@@ -103,7 +105,20 @@ fn generate_counts_per_day(db: &TestDb) {
     let total = db.open().count_samples(&SampleFilter::default()).unwrap();
     assert_eq!(total, (expected[0] + expected[1]) as u64);
 
-    // One day only, into another store.
+    // One day only, into another store, from a manifest of an older version (no recorded
+    // hashes): the files are hashed as they are read.
+    let manifest = days.join("tuesday.jsonl");
+    let old: String = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(record["sha256"].is_string(), "{record}");
+            record.as_object_mut().unwrap().remove("sha256");
+            format!("{record}\n")
+        })
+        .collect();
+    std::fs::write(&manifest, old).unwrap();
     let other = db.another("tuesday_only");
     success(&bccp(&[
         "generate",
@@ -121,6 +136,9 @@ fn generate_counts_per_day(db: &TestDb) {
         o.count_samples(&by_source("tuesday")).unwrap(),
         expected[1] as u64
     );
+    for s in o.samples(&SampleFilter::default(), 1000).unwrap() {
+        assert_eq!(s.sha256.as_deref(), Some(file_hash(&s.image_path).as_str()));
+    }
 }
 
 /// Tuesday's stored user labels agree with the true labels at the requested rate (within 5

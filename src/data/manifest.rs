@@ -45,6 +45,10 @@ pub struct Record {
     /// For a corrupted image, the path of its clean original (relative to the dataset root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_path: Option<String>,
+    /// Hex SHA-256 of the image file as `bccp prepare` wrote it (manifests of older versions
+    /// have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 fn check_relative(path: &str) -> std::result::Result<(), String> {
@@ -168,6 +172,7 @@ mod tests {
             target: 3,
             day,
             original_path: (day == Day::Tuesday).then(|| format!("tuesday_original/cat/{id}.png")),
+            sha256: (id % 2 == 0).then(|| format!("{id:064x}")),
         }
     }
 

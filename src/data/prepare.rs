@@ -12,7 +12,7 @@
 //! The whole folder is built in a staging sibling and renamed into place at the end, so an
 //! interrupted or failed run leaves nothing behind. The same seed gives the same bytes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageBuffer, ImageEncoder, Pixel};
@@ -25,6 +25,7 @@ use super::error::{DataError, Result};
 use super::manifest::{to_jsonl, Day, Record};
 use super::scan::{ImageFolder, ImageItem, SkipCount};
 use crate::fsutil::{is_absent_or_empty, StagedDir};
+use crate::hash::sha256_hex;
 use crate::progress::Progress;
 use crate::rng::Rng;
 
@@ -197,7 +198,8 @@ const CORRUPTION_STREAM: u64 = 1 << 40;
 const ARRIVAL_STREAM: u64 = 1 << 41;
 
 enum Outcome {
-    Written,
+    /// The hex SHA-256 of the day's image as written.
+    Written(String),
     Skipped(PathBuf, String),
 }
 
@@ -275,8 +277,11 @@ pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSumm
         let write = |path: PathBuf, data: &[u8]| {
             std::fs::write(&path, data).map_err(|e| DataError::io(&path, e))
         };
-        match day {
-            Day::Monday => write(root.join("monday").join(rel), &bytes)?,
+        let written = match day {
+            Day::Monday => {
+                write(root.join("monday").join(rel), &bytes)?;
+                sha256_hex(&bytes)
+            }
             Day::Tuesday => {
                 write(root.join("tuesday_original").join(rel), &bytes)?;
                 let corrupted = if opts.corruption == Corruption::None {
@@ -296,9 +301,10 @@ pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSumm
                     corrupted_name(rel)
                 };
                 write(root.join("tuesday").join(name), &corrupted)?;
+                sha256_hex(&corrupted)
             }
-        }
-        Ok(Outcome::Written)
+        };
+        Ok(Outcome::Written(written))
     };
     let jobs: Vec<(usize, Day)> = monday
         .iter()
@@ -315,28 +321,26 @@ pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSumm
         .collect::<Result<_>>()?;
     progress.finish();
 
-    let skipped_set: HashSet<usize> = jobs
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| matches!(o, Outcome::Skipped(..)))
-        .map(|((i, _), _)| *i)
-        .collect();
-    let skipped = outcomes
-        .into_iter()
-        .filter_map(|o| match o {
-            Outcome::Skipped(p, why) => Some((p, why)),
-            Outcome::Written => None,
-        })
-        .collect();
+    // Every image is in one day only, so its index names its written file.
+    let mut hashes: HashMap<usize, String> = HashMap::with_capacity(jobs.len());
+    let mut skipped = Vec::new();
+    for (&(i, _), outcome) in jobs.iter().zip(outcomes) {
+        match outcome {
+            Outcome::Written(hash) => {
+                hashes.insert(i, hash);
+            }
+            Outcome::Skipped(p, why) => skipped.push((p, why)),
+        }
+    }
 
     let mut next_id = 1u64;
     let mut records_for = |indices: &[usize], day: Day| -> Vec<Record> {
         let day_start = opts.monday_start + if day == Day::Tuesday { 86_400 } else { 0 };
         indices
             .iter()
-            .filter(|i| !skipped_set.contains(i))
+            .filter_map(|&i| Some((i, hashes.get(&i)?)))
             .enumerate()
-            .map(|(k, &i)| {
+            .map(|(k, (i, hash))| {
                 let item = &folder.items[i];
                 let id = next_id;
                 next_id += 1;
@@ -361,6 +365,7 @@ pub fn prepare(opts: &PrepareOptions, progress: &Progress) -> Result<PrepareSumm
                     target: item.target,
                     day,
                     original_path,
+                    sha256: Some(hash.clone()),
                 }
             })
             .collect()

@@ -10,7 +10,7 @@ use sha2_v011::Sha256;
 use url::Url;
 
 use crate::backbone::cache::hex;
-use crate::store::generate::sha256_hex;
+use crate::hash::sha256_hex;
 
 type HmacSha256 = Hmac<Sha256>;
 

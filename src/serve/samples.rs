@@ -179,7 +179,7 @@ async fn ingest(state: &AppState, request: Request) -> Result<Response, ApiError
             ImageInput::Bytes { .. } => path.clone(),
         };
         input::decode_checked(&bytes, &shown, max_pixels)?;
-        let sha = crate::store::generate::sha256_hex(&bytes);
+        let sha = crate::hash::sha256_hex(&bytes);
         let ext = image::guess_format(&bytes)
             .ok()
             .and_then(|f| f.extensions_str().first().copied())

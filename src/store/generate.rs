@@ -21,13 +21,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use super::error::{Result, StoreError};
 use super::{NewSample, SampleStatus, Split, Store};
 use crate::data::prepare::{read_dataset_info, DATASET_INFO_FILE};
 use crate::data::timestamp::{format_utc, parse_rfc3339};
 use crate::data::{read_manifest_for, user_feedback_labels, Day, Record};
+use crate::hash::sha256_hex;
 use crate::rng::Rng;
 
 /// How long the streaming phase runs; both `None`: until stopped.
@@ -154,20 +153,13 @@ struct Item<'a> {
     split: Split,
 }
 
-/// Hex SHA-256 of bytes.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(bytes);
-    let mut hex = String::with_capacity(64);
-    for b in digest {
-        hex.push(DIGITS[usize::from(b >> 4)] as char);
-        hex.push(DIGITS[usize::from(b & 15)] as char);
+/// The hex SHA-256 of an item's image: as `bccp prepare` recorded it in the manifest when it
+/// wrote the file, else (a manifest of an older version) of the file as read now.
+fn image_sha256(item: &Item) -> Result<String> {
+    if let Some(hash) = &item.record.sha256 {
+        return Ok(hash.clone());
     }
-    hex
-}
-
-fn file_sha256(path: &str) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    let bytes = std::fs::read(&item.path).map_err(|e| StoreError::io(&item.path, e))?;
     Ok(sha256_hex(&bytes))
 }
 
@@ -322,11 +314,11 @@ pub fn generate(
                 .map(|(_, i)| i)
                 .collect();
             let mut inserted = 0u64;
-            // Files are hashed one batch ahead of the database writes.
+            // Files without a recorded hash are hashed one batch ahead of the database writes.
             super::ahead::one_chunk_ahead(
                 &day_items,
                 opts.batch_size,
-                |item| file_sha256(&item.path),
+                |item| image_sha256(item),
                 |chunk, hashes| -> Result<bool> {
                     if stop() {
                         summary.stopped = true;
@@ -420,7 +412,7 @@ pub fn generate(
             let hash = match hashes.get(&pick) {
                 Some(h) => h.clone(),
                 None => {
-                    let h = file_sha256(&item.path)?;
+                    let h = image_sha256(item)?;
                     hashes.insert(pick, h.clone());
                     h
                 }

@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::error::{Result, StoreError};
-use super::generate::sha256_hex;
 use super::{NewSample, SampleStatus, Split, Store};
 use crate::data::decode::{decode_bytes, read_image_file};
 use crate::data::timestamp::{format_utc, parse_rfc3339};
 use crate::data::{DataError, ImageFolder, SkipCount};
+use crate::hash::sha256_hex;
 
 /// Where the samples come from.
 #[derive(Debug, Clone)]
