@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ingest throughput of the data store, side by side in one run (a comparison, not a timed test):
 #   * the reference's way: psycopg2, one INSERT + COMMIT per record (scripts/bench_reference_generator.py)
-#   * `bccp generate --bulk` (batched transactions, every image file hashed) into PostgreSQL and SQLite
+#   * `bccp generate --bulk` (batched transactions; content hashes from the manifest `bccp prepare`
+#     wrote, every image file read and hashed for an older manifest) into PostgreSQL and SQLite
 #   * `bccp ingest --folder` (every image read, hashed and strictly decoded) into both
 # on Fashion-MNIST (the assets' 60 000 training images, `bccp prepare`d once), against one local
 # PostgreSQL server started here with its durable defaults (fsync on, synchronous_commit on) and
