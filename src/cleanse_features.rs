@@ -13,6 +13,7 @@ use candle_core::{DType, Tensor};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+use crate::backbone::zoo::{self, Architecture};
 use crate::backbone::{Backbone, Embedder};
 use crate::cleanse::Method;
 use crate::config::RunConfig;
@@ -42,8 +43,9 @@ const SAMPLE_STREAM: u64 = 0x5A3B;
 #[serde(rename_all = "snake_case")]
 pub enum CleanseFeatures {
     /// The best measured choice (README, "Cleansing quality"): for the Bayesian cut-off on a
-    /// run with a reuse buffer, tuned features with every row normalised; otherwise (no
-    /// buffer, or the baselines) the pretrained ones.
+    /// run with a reuse buffer and a convolutional backbone, tuned features with every row
+    /// normalised; otherwise (no buffer, the baselines, the vision transformers) the
+    /// pretrained ones.
     #[default]
     Auto,
     /// The pretrained backbone's, as cached (the final head's features).
@@ -66,11 +68,23 @@ impl CleanseFeatures {
 }
 
 /// What the cleansing stage of a run with `cfg` scores: whether on tuned features (only with
-/// a reuse buffer) and whether its rows are normalised.
+/// a reuse buffer) and whether its rows are normalised. `auto` tunes the convolutional
+/// backbones only: the grids measured a CNN, and a vision transformer's fine-tuning costs
+/// about ten times as much per image on the CPU.
 pub fn resolve(cfg: &RunConfig, has_buffer: bool) -> (bool, bool) {
+    let convolutional = zoo::find(&cfg.backbone).is_ok_and(|spec| {
+        matches!(
+            spec.architecture,
+            Architecture::MobilenetV2
+                | Architecture::EfficientnetLite0
+                | Architecture::Resnet18
+                | Architecture::Resnet34
+                | Architecture::Resnet50
+        )
+    });
     let tuned = has_buffer
         && match cfg.cleanse_features {
-            CleanseFeatures::Auto => cfg.method == Method::Bccp,
+            CleanseFeatures::Auto => cfg.method == Method::Bccp && convolutional,
             CleanseFeatures::Pretrained => false,
             CleanseFeatures::Tuned => true,
         };
@@ -218,6 +232,18 @@ mod tests {
             resolve(&cfg(Method::Bccp, Pretrained, true), true),
             (false, true)
         );
+        // The vision transformers keep their pretrained features unless asked.
+        let vit = |features| RunConfig {
+            backbone: "vit_base_patch16_224".into(),
+            ..cfg(Method::Bccp, features, false)
+        };
+        assert_eq!(resolve(&vit(Auto), true), (false, false));
+        assert_eq!(resolve(&vit(Tuned), true), (true, false));
+        let resnet = RunConfig {
+            backbone: "resnet18".into(),
+            ..cfg(Method::Bccp, Auto, false)
+        };
+        assert_eq!(resolve(&resnet, true), (true, true));
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub struct LoopArgs {
     /// The features the cleansing scores: pretrained, tuned (a copy of the backbone
     /// fine-tuned on the champion's training set each cycle; the first cycle, which has
     /// none, scores the pretrained ones) or auto (tuned and normalised for the bccp
-    /// challenger when there is a champion, pretrained otherwise).
+    /// challenger of a convolutional backbone when there is a champion, pretrained
+    /// otherwise).
     #[arg(long, value_enum, default_value_t = RunConfig::default().cleanse_features)]
     pub cleanse_features: CleanseFeatures,
     /// Epochs of that fine-tuning.

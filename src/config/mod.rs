@@ -172,7 +172,7 @@ pub struct RunConfig {
     /// The features the cleansing stage scores: pretrained (the backbone's, as the final head
     /// sees them), tuned (a copy of the backbone fine-tuned on the reuse buffer, yesterday's
     /// trusted data; Tuesday runs) or auto (tuned and normalised for --method bccp on a run
-    /// with a reuse buffer, pretrained otherwise).
+    /// with a reuse buffer and a convolutional backbone, pretrained otherwise).
     #[arg(long, default_value_t = d().cleanse_features, value_enum)]
     pub cleanse_features: CleanseFeatures,
     /// Epochs of the reuse-buffer fine-tuning with tuned features.

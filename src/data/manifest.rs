@@ -172,7 +172,7 @@ mod tests {
             target: 3,
             day,
             original_path: (day == Day::Tuesday).then(|| format!("tuesday_original/cat/{id}.png")),
-            sha256: (id % 2 == 0).then(|| format!("{id:064x}")),
+            sha256: id.is_multiple_of(2).then(|| format!("{id:064x}")),
         }
     }
 
