@@ -43,7 +43,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Rows per transaction.
-    #[arg(long, default_value_t = bccp::store::BULK_BATCH_ROWS)]
+    #[arg(long, default_value_t = bccp::store::GENERATE_BATCH_ROWS)]
     batch_size: usize,
     /// Name of the reference-compatible view `NAME(id, timestamp, image_path, target)`
     /// (default: the dataset folder's name, letters and digits kept, others turned to `_`).

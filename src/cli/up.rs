@@ -117,7 +117,7 @@ pub fn run(args: UpArgs, quiet: bool) -> Result<()> {
             user_accuracy: args.user_accuracy,
             gate_fraction: args.gate_fraction,
             seed: args.settings.seed,
-            batch_size: bccp::store::BULK_BATCH_ROWS,
+            batch_size: bccp::store::GENERATE_BATCH_ROWS,
             view: None,
         };
         for day in [Day::Monday, Day::Tuesday] {

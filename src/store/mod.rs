@@ -35,6 +35,14 @@ pub use error::{Result, StoreError};
 /// an index page is written to the log about once per batch, not once per few rows.
 pub const BULK_BATCH_ROWS: usize = 5000;
 
+/// Rows per transaction of `generate` (and `up --generate`): its rows carry only text (the
+/// content hashes come from the manifest), so a larger batch costs little memory, and with the
+/// content-hash index taking rows in random order, 20 000 rows per commit write its pages to
+/// SQLite's log a quarter as often as [`BULK_BATCH_ROWS`] (60 000 rows in 0.45–0.49 s against
+/// 0.55–0.64 s; no change on PostgreSQL). `ingest` keeps the smaller batch: it reads users'
+/// files of any size a batch ahead.
+pub const GENERATE_BATCH_ROWS: usize = 20_000;
+
 pub use generate::{generate, GenerateOptions, GenerateSummary, StreamBound};
 pub use ingest::{ingest, IngestInput, IngestOptions, IngestSummary};
 pub use postgres::PgStore;
