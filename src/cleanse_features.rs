@@ -72,19 +72,21 @@ impl CleanseFeatures {
 /// backbones only: the grids measured a CNN, and a vision transformer's fine-tuning costs
 /// about ten times as much per image on the CPU.
 pub fn resolve(cfg: &RunConfig, has_buffer: bool) -> (bool, bool) {
-    let convolutional = zoo::find(&cfg.backbone).is_ok_and(|spec| {
-        matches!(
-            spec.architecture,
-            Architecture::MobilenetV2
-                | Architecture::EfficientnetLite0
-                | Architecture::Resnet18
-                | Architecture::Resnet34
-                | Architecture::Resnet50
-        )
-    });
+    let convolutional = || {
+        zoo::find(&cfg.backbone).is_ok_and(|spec| {
+            matches!(
+                spec.architecture,
+                Architecture::MobilenetV2
+                    | Architecture::EfficientnetLite0
+                    | Architecture::Resnet18
+                    | Architecture::Resnet34
+                    | Architecture::Resnet50
+            )
+        })
+    };
     let tuned = has_buffer
         && match cfg.cleanse_features {
-            CleanseFeatures::Auto => cfg.method == Method::Bccp && convolutional,
+            CleanseFeatures::Auto => cfg.method == Method::Bccp && convolutional(),
             CleanseFeatures::Pretrained => false,
             CleanseFeatures::Tuned => true,
         };
