@@ -25,7 +25,8 @@
 # Writes $OUT/gpu-results.json when $OUT is set (else ./gpu-results.json), logs beside it in
 # gpu-logs/, prints a table of the ratios bccp/torch. Exit status: 0 when every step passed.
 # Environment: BCCP_PYTHON (default python3; in --dry-run assets/torch-venv/bin/python when
-# present), BCCP_GPU_BUNDLE (the bundle folder, if not found by itself).
+# present), BCCP_GPU_BUNDLE (the bundle folder, if not found by itself),
+# BCCP_GPU_CHECK_SANITIZER=0 (skip step 3's compute-sanitizer runs, about a minute each).
 set -uo pipefail
 
 CPU_MODE=0
@@ -131,6 +132,9 @@ if c:
     for x in c.get("embed", []):
         r = x["ratio"] if not x.get("bccp_error") else "error: " + x["bccp_error"][:60]
         print(f"  embed    {x['model']} {x['dtype']}: {r}")
+    for x in c.get("finetune", []):
+        r = x["ratio"] if not x.get("bccp_error") else "error: " + x["bccp_error"][:60]
+        print(f"  finetune {x['model']} {x['dtype']}: {r}")
 print(f"\nwrote {results}")
 PY
     say "done: $([[ $FAILED == 0 ]] && echo 'all steps passed' || echo 'some steps FAILED')"
@@ -305,6 +309,10 @@ except TypeError:
     for tool in memcheck racecheck; do
         if ((CPU_MODE)) || [[ -z $sanitizer ]]; then
             record "sanitizer-$tool" skipped 0 "not supported here ($( ((CPU_MODE)) && echo 'dry run' || echo 'no compute-sanitizer'))"
+            continue
+        fi
+        if [[ ${BCCP_GPU_CHECK_SANITIZER:-1} == 0 ]]; then
+            record "sanitizer-$tool" skipped 0 "BCCP_GPU_CHECK_SANITIZER=0"
             continue
         fi
         for t in "${small[@]}"; do

@@ -20,6 +20,13 @@ Workloads (defaults; --cpu-smoke shrinks them all to run on a CPU in seconds):
              bccp: Backbone::embed through the ignored test `perf_embed` (MobileNetV2 with the
              real weights when bundled, ResNet-50 with random weights; bfloat16 is reported as an
              error where bccp has no kernel for it, e.g. MobileNetV2's depthwise op is f32 only)
+  finetune   images/s of one full fine-tuning step (forward, cross-entropy through a 10-class
+             linear head, backward, Adam over every parameter) of MobileNetV2 and ResNet-18 at
+             batch 64 and ViT-B/16 at batch 32, 224x224, random weights, batch-norm statistics
+             frozen (torch: eval mode with trainable parameters), in float32 and in mixed
+             precision (torch: torch.autocast("cuda", torch.bfloat16); bccp: --precision bf16,
+             bf16 activations on candle's ops, f32 weights and Adam);
+             bccp: the ignored test `perf_finetune`
 Timing: one warm-up call, then the median of up to --reps calls that fit --budget-s seconds per
 figure (torch: CUDA events around each call; bccp: wall clock with a device synchronize).
 float32 is strict: TF32 off for cuDNN convolutions and matmuls (torch's default allows it for
@@ -47,6 +54,8 @@ SMOKE = {
     "batch": 2,
     "size": 64,
     "chunk": 1024,
+    "train": [("mobilenet_v2", 2), ("resnet18", 2), ("vit_base_patch16_224", 2)],
+    "train_size": 64,
 }
 FULL = {
     "distance": (8192, 1_048_576, 512),
@@ -58,6 +67,8 @@ FULL = {
     "batch": 256,
     "size": 224,
     "chunk": 65536,
+    "train": [("mobilenet_v2", 64), ("resnet18", 64), ("vit_base_patch16_224", 32)],
+    "train_size": 224,
 }
 METRICS = ("l2", "cosine", "l1")
 
@@ -74,7 +85,7 @@ def parse_args():
     p.add_argument("--chunk", type=int, default=None, help="candidate rows per torch distance chunk")
     p.add_argument("--channels-last", action="store_true", help="torch convnets in channels_last")
     p.add_argument("--tf32", action="store_true", help="allow TF32 in torch's float32 convs/matmuls")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: distance,bench,embed,bccp")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: distance,bench,embed,finetune,bccp")
     return p.parse_args()
 
 
@@ -165,7 +176,42 @@ def torch_embed(torch, dev, run, model_name, dtype_name, batch, size, channels_l
     return {"seconds": secs, "reps": r, "images_per_s": batch / secs}
 
 
-def run_bccp_probes(exe, sizes, batch, size, budget, reps, timeout, cpu):
+def torch_finetune(torch, dev, run, model_name, dtype_name, batch, size, budget, reps):
+    import torchvision
+
+    if model_name == "mobilenet_v2":
+        m = torchvision.models.mobilenet_v2(weights=None)
+        net, dim = torch.nn.Sequential(m.features, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), 1280
+    elif model_name == "resnet18":
+        net, dim = torchvision.models.resnet18(weights=None), 512
+        net.fc = torch.nn.Identity()
+    else:
+        net, dim = torchvision.models.vit_b_16(weights=None, image_size=size), 768
+        net.heads = torch.nn.Identity()
+    head = torch.nn.Linear(dim, 10)
+    torch.nn.init.zeros_(head.weight)
+    # Batch-norm statistics frozen as bccp's default: eval mode, every parameter trained.
+    net = net.eval().to(dev)
+    head = head.to(dev)
+    params = list(net.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    y = torch.arange(batch, device=dev) % 10
+    mixed = dtype_name == "bf16"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=mixed):
+            logits = head(net(x))
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        opt.step()
+
+    secs, r = run(step, budget, reps)
+    return {"seconds": secs, "reps": r, "images_per_s": batch / secs}
+
+
+def run_bccp_probes(exe, sizes, batch, size, budget, reps, timeout, cpu, train_size):
     """Runs the perf_* ignored tests; returns (records, error text or None)."""
     env = dict(os.environ)
     env.update(
@@ -175,11 +221,16 @@ def run_bccp_probes(exe, sizes, batch, size, budget, reps, timeout, cpu):
             "BCCP_PERF_SIZE": str(size),
             "BCCP_PERF_BUDGET_S": str(max(1, round(budget))),
             "BCCP_PERF_REPS": str(reps),
+            "BCCP_PERF_TRAIN_SIZE": str(train_size),
         }
     )
     if cpu:
+        env["BCCP_PERF_TRAIN_BATCH"] = "2"
         env["BCCP_CUDA_TESTS_DEVICE"] = "cpu"
-    cmd = [exe, "--ignored", "--exact", "perf_distance", "perf_embed", "--nocapture", "--test-threads=1"]
+    cmd = [
+        exe, "--ignored", "--exact", "perf_distance", "perf_embed", "perf_finetune",
+        "--nocapture", "--test-threads=1",
+    ]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(timeout, 1))
     except subprocess.TimeoutExpired as e:
@@ -270,6 +321,7 @@ def main():
         "distance": [],
         "distance_bench": [],
         "embed": [],
+        "finetune": [],
         "errors": errors,
     }
 
@@ -292,7 +344,8 @@ def main():
     if args.bccp_tests and "bccp" not in skip:
         left = clock.left() * 0.5
         probes, err = run_bccp_probes(
-            args.bccp_tests, sz["distance"], sz["batch"], sz["size"], budget, args.reps, left, args.cpu_smoke
+            args.bccp_tests, sz["distance"], sz["batch"], sz["size"], budget, args.reps, left, args.cpu_smoke,
+            sz["train_size"],
         )
         if err:
             errors.append(f"bccp probes: {err}")
@@ -300,6 +353,7 @@ def main():
         errors.append("bccp probes: no --bccp-tests executable given")
     bccp_dist = {p["metric"]: p for p in probes if p.get("kind") == "distance"}
     bccp_embed = {(p["model"], p["dtype"]): p for p in probes if p.get("kind") == "embed"}
+    bccp_train = {(p["model"], p["dtype"]): p for p in probes if p.get("kind") == "finetune"}
 
     q, n, d = sz["distance"]
     if "distance" not in skip:
@@ -360,6 +414,24 @@ def main():
                     }
                 )
 
+    if "finetune" not in skip:
+        for model, tb in sz["train"]:
+            for dt in ("f32", "bf16"):
+                t = guarded(
+                    f"torch finetune {model} {dt}",
+                    lambda: torch_finetune(torch, dev, run, model, dt, tb, sz["train_size"], budget, args.reps),
+                )
+                b = bccp_train.get((model, dt), {})
+                result["finetune"].append(
+                    {
+                        "model": model, "dtype": dt, "batch": tb, "size": sz["train_size"],
+                        "torch_images_per_s": t and t["images_per_s"],
+                        "bccp_images_per_s": b.get("images_per_s"),
+                        "ratio": ratio(b.get("images_per_s"), t and t["images_per_s"]),
+                        "bccp_error": b.get("error"),
+                    }
+                )
+
     result["elapsed_s"] = round(time.monotonic() - clock.t0, 1)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -389,6 +461,12 @@ def print_table(r):
         b = fmt(x["bccp_images_per_s"]) if x["bccp_error"] is None else "error"
         print(
             f"| embed {x['model']} {x['dtype']} batch {x['batch']} {x['size']}² (images/s) | "
+            f"{fmt(x['torch_images_per_s'])} | {b} | {fmt(x['ratio'], 2)} |"
+        )
+    for x in r["finetune"]:
+        b = fmt(x["bccp_images_per_s"]) if x["bccp_error"] is None else "error"
+        print(
+            f"| finetune {x['model']} {x['dtype']} batch {x['batch']} {x['size']}² (images/s) | "
             f"{fmt(x['torch_images_per_s'])} | {b} | {fmt(x['ratio'], 2)} |"
         )
     for e in r["errors"]:

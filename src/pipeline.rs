@@ -265,7 +265,7 @@ fn open_checkpoint(
 
 /// Runs the whole pipeline and registers the result; `progress` shows each stage.
 pub fn run(cfg: &RunConfig, env: &RunEnv, progress: &Progress) -> Result<RunOutcome> {
-    cfg.validate()?;
+    cfg.validate_on(&env.device)?;
     let embedded = embed_stage(cfg, env, progress)?;
     run_embedded(cfg, env, &embedded, progress)
 }
@@ -279,7 +279,7 @@ pub fn run_embedded(
     e: &Embedded,
     progress: &Progress,
 ) -> Result<RunOutcome> {
-    cfg.validate()?;
+    cfg.validate_on(&env.device)?;
     let started = Instant::now();
     let mut seconds = StageSeconds {
         embed: e.seconds,
@@ -526,9 +526,10 @@ pub fn run_embedded(
         Finetune::Full => {
             let (mut model, vars) =
                 Backbone::load_trainable_bn(spec, e.embedder.weights(), device, cfg.bn)?;
-            // The transformers train on candle's autograd in the backbone's own precision;
-            // the CNNs' engine trainer takes its own from `final_cfg`.
-            if !spec.has_batch_norm() {
+            // On candle's autograd (the transformers, any network on a GPU) training runs in
+            // the backbone's own precision; the CNNs' engine trainer takes its own from
+            // `final_cfg`.
+            if !spec.has_batch_norm() || !device.is_cpu() {
                 model.set_precision(cfg.precision)?;
             }
             let kept_files: Vec<PathBuf> = keep_idx

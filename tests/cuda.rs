@@ -652,3 +652,266 @@ fn perf_embed() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Mixed precision (`--precision bf16`) on the GPU: candle's ops on bf16 activations, f32
+// weights cast per layer, gradients and optimiser state f32.
+// ---------------------------------------------------------------------------------------------
+
+/// `name`'s checkpoint with random weights (batch-norm statistics away from the identity, so
+/// folding is exercised), written to `dir`; MobileNetV2's real weights when bundled.
+fn weights_for(name: &str, seed: u64, dir: &std::path::Path) -> std::path::PathBuf {
+    use bccp::backbone::{assets_dir, zoo, Backbone};
+    let real = assets_dir().join("weights/mobilenet_v2.safetensors");
+    if name == "mobilenet_v2" && real.is_file() {
+        return real;
+    }
+    let spec = zoo::find(name).unwrap();
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+    Backbone::from_var_builder(&spec, vb).unwrap();
+    let mut rng = Rng::new(seed);
+    let data = varmap.data().lock().unwrap();
+    let mut keys: Vec<&String> = data.keys().collect();
+    keys.sort();
+    let mut tensors = std::collections::HashMap::new();
+    for key in keys {
+        let t = data[key].as_tensor().detach();
+        let dims = t.dims().to_vec();
+        let range = match key.rsplit('.').next() {
+            Some("running_var") => Some((0.5, 2.0)),
+            Some("running_mean") | Some("bias") => Some((-0.2, 0.2)),
+            Some("weight") if dims.len() == 1 => Some((0.5, 1.5)),
+            Some("weight") => {
+                let a = (3.0 / (t.elem_count() / dims[0]) as f64).sqrt();
+                Some((-a, a))
+            }
+            _ => Some((-0.02, 0.02)),
+        };
+        let t = match range {
+            Some((lo, hi)) => {
+                let v: Vec<f32> = (0..t.elem_count())
+                    .map(|_| (lo + (hi - lo) * rng.unit_f64()) as f32)
+                    .collect();
+                Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+            }
+            None => t,
+        };
+        tensors.insert(key.clone(), t);
+    }
+    let file = dir.join(format!("{name}.safetensors"));
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    file
+}
+
+/// Features (on the host) and every variable's gradient of one training step through a fixed
+/// linear head and cross-entropy.
+fn training_step(
+    model: &bccp::backbone::Backbone,
+    vars: &[Var],
+    x: &Tensor,
+    head: &Tensor,
+    labels: &Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    model.set_training(true);
+    let features = model.embed(x).unwrap();
+    model.set_training(false);
+    assert_eq!(
+        features.dtype(),
+        candle_core::DType::F32,
+        "features come back f32"
+    );
+    let logits = features.matmul(&head.t().unwrap()).unwrap();
+    let loss = candle_nn::loss::cross_entropy(&logits, labels).unwrap();
+    let grads = loss.backward().unwrap();
+    let grads = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("variable {i} {:?} has no gradient", v.dims()));
+            assert_eq!(
+                g.dtype(),
+                candle_core::DType::F32,
+                "variable {i}: f32 gradient"
+            );
+            g.to_device(&Device::Cpu).unwrap()
+        })
+        .collect();
+    (features.to_device(&Device::Cpu).unwrap(), grads)
+}
+
+/// Cosine of two lists of tensors taken as one vector each.
+fn cosine(a: &[Tensor], b: &[Tensor]) -> f64 {
+    let flat = |ts: &[Tensor]| -> Vec<f32> {
+        ts.iter()
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    let (a, b) = (flat(a), flat(b));
+    let dot: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(&a) * norm(&b)).max(f64::MIN_POSITIVE)
+}
+
+#[test]
+fn mixed_precision_training_steps_follow_f32_within_bf16_rounding() {
+    use bccp::backbone::layers::BnMode;
+    use bccp::backbone::{zoo, Backbone};
+    use bccp::ops::bf16_gemm::Precision;
+    let dev = gpu();
+    if !on_cuda(&dev) {
+        eprintln!("skipped: bf16 on candle's ops runs on a CUDA GPU (the CPU takes the engine)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // (network, batch-norms, input size, batch, largest relative error of the features)
+    let cases = [
+        ("mobilenet_v2", BnMode::Frozen, 96, 8, 0.15),
+        ("efficientnet_lite0", BnMode::Frozen, 64, 8, 0.15),
+        ("resnet18", BnMode::Frozen, 64, 8, 0.1),
+        ("resnet18", BnMode::Train, 64, 8, 0.1),
+        ("vit_base_patch16_224", BnMode::Frozen, 224, 2, 0.1),
+        ("dinov2_small", BnMode::Frozen, 56, 4, 0.1),
+    ];
+    for (i, (name, bn, size, n, feature_tol)) in cases.into_iter().enumerate() {
+        let ctx = format!("{name} (bn {})", bn.name());
+        let spec = zoo::find(name).unwrap();
+        let weights = weights_for(name, 40 + i as u64, dir.path());
+        let (f32_net, f32_vars) = Backbone::load_trainable_bn(&spec, &weights, &dev, bn).unwrap();
+        let (mut bf16_net, bf16_vars) =
+            Backbone::load_trainable_bn(&spec, &weights, &dev, bn).unwrap();
+        bf16_net.set_precision(Precision::Bf16).unwrap();
+        assert_eq!(bf16_net.precision(), Precision::Bf16, "{ctx}");
+        let mut rng = Rng::new(7 + i as u64);
+        let x = Tensor::from_vec(
+            random(&mut rng, n * 3 * size * size),
+            (n, 3, size, size),
+            &dev,
+        )
+        .unwrap();
+        let dim = spec.embedding_dim;
+        let head = Tensor::from_vec(random(&mut rng, 10 * dim), (10, dim), &dev)
+            .unwrap()
+            .affine(0.2, 0.)
+            .unwrap();
+        let labels = Tensor::from_vec((0..n as u32).map(|j| j % 10).collect(), n, &dev).unwrap();
+        let (f32_features, f32_grads) = training_step(&f32_net, &f32_vars, &x, &head, &labels);
+        let (bf16_features, bf16_grads) = training_step(&bf16_net, &bf16_vars, &x, &head, &labels);
+        // Each training forward moves a training batch-norm's running statistics: read the
+        // f32 network's before it runs again below.
+        let f32_stats = f32_net.running_stats().unwrap();
+        let feature_err = rel_diff(&bf16_features, &f32_features, 1e-6);
+        let grad_cos = cosine(&bf16_grads, &f32_grads);
+        // How far f32's own gradient moves when the input is rounded to bf16's 8 significant
+        // bits (relative noise of ±2⁻⁸); the bf16 path rounds at every layer: allow ten times
+        // that (tests/finetune_engine.rs checks the same casts in f16 on the CPU).
+        let noise: Vec<f32> = random(&mut rng, n * 3 * size * size)
+            .into_iter()
+            .map(|v| v * 2f32.powi(-7))
+            .collect();
+        let noise = Tensor::from_vec(noise, (n, 3, size, size), &dev).unwrap();
+        let rounded = (&x + x.mul(&noise).unwrap()).unwrap();
+        let (_, moved) = training_step(&f32_net, &f32_vars, &rounded, &head, &labels);
+        let baseline = cosine(&moved, &f32_grads);
+        eprintln!(
+            "{ctx}: features relative error {feature_err:.4}, gradient cosine {grad_cos:.5} (f32 under input rounding {baseline:.5})"
+        );
+        // bf16 keeps 8 significant bits: the features move, but not far; the step points the
+        // same way.
+        assert!(
+            feature_err > 0.0,
+            "{ctx}: bf16 gave the f32 features bit for bit"
+        );
+        assert!(
+            feature_err < feature_tol,
+            "{ctx}: features relative error {feature_err}"
+        );
+        assert!(
+            1.0 - grad_cos <= 10.0 * (1.0 - baseline) + 1e-3,
+            "{ctx}: gradient cosine {grad_cos} against {baseline} for f32 under input rounding"
+        );
+        if bn == BnMode::Train {
+            // The running statistics moved with the batch's, in f32.
+            let stats = bf16_net.running_stats().unwrap();
+            assert!(!stats.is_empty(), "{ctx}: running statistics");
+            assert!(
+                stats.iter().all(|t| t.dtype() == candle_core::DType::F32),
+                "{ctx}"
+            );
+            let err = rel_diff(
+                &stats[0].to_device(&Device::Cpu).unwrap(),
+                &f32_stats[0].to_device(&Device::Cpu).unwrap(),
+                1e-6,
+            );
+            assert!(err < 0.05, "{ctx}: first running mean relative error {err}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "throughput probe for scripts/gpu_compare.py"]
+fn perf_finetune() {
+    use bccp::backbone::layers::BnMode;
+    use bccp::backbone::{zoo, Backbone};
+    use bccp::ops::bf16_gemm::Precision;
+    use bccp::train::adam::Adam;
+    let dev = gpu();
+    let size = env_usizes("BCCP_PERF_TRAIN_SIZE", &[224])[0];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, batch) in [
+        ("mobilenet_v2", 64),
+        ("resnet18", 64),
+        ("vit_base_patch16_224", 32),
+    ] {
+        let batch = env_usizes("BCCP_PERF_TRAIN_BATCH", &[batch])[0];
+        let spec = zoo::find(name).unwrap();
+        let weights = weights_for(name, 3, dir.path());
+        for precision in [Precision::F32, Precision::Bf16] {
+            let outcome = (|| -> anyhow::Result<(f64, usize)> {
+                let (mut net, vars) =
+                    Backbone::load_trainable_bn(&spec, &weights, &dev, BnMode::Frozen)?;
+                net.set_precision(precision)?;
+                let dim = spec.embedding_dim;
+                let head = candle_core::Var::from_tensor(&Tensor::zeros(
+                    (10, dim),
+                    candle_core::DType::F32,
+                    &dev,
+                )?)?;
+                let mut all = vars.clone();
+                all.push(head.clone());
+                let mut adam = Adam::new(all, 1e-4)?;
+                let x = Tensor::randn(0f32, 1., (batch, 3, size, size), &dev)?;
+                let labels = Tensor::from_vec(
+                    (0..batch as u32).map(|j| j % 10).collect::<Vec<u32>>(),
+                    batch,
+                    &dev,
+                )?;
+                let mut step = || -> anyhow::Result<()> {
+                    let logits = net.embed(&x)?.matmul(&head.as_tensor().t()?)?;
+                    let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                    adam.step(&loss.backward()?)?;
+                    Ok(())
+                };
+                step()?; // fails here when an op has no kernel for the dtype
+                Ok(time_median(&dev, || step().unwrap()))
+            })();
+            let dt = precision.name();
+            match outcome {
+                Ok((secs, reps)) => report(serde_json::json!({
+                    "kind": "finetune", "model": name, "dtype": dt, "batch": batch, "size": size,
+                    "seconds": secs, "reps": reps, "images_per_s": batch as f64 / secs,
+                })),
+                Err(e) => report(serde_json::json!({
+                    "kind": "finetune", "model": name, "dtype": dt, "batch": batch, "size": size,
+                    "error": format!("{e:#}").lines().next().unwrap_or("").to_owned(),
+                })),
+            }
+        }
+    }
+}

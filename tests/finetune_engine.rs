@@ -54,6 +54,11 @@ fn every_parameter_gradient_matches_candle_autograd() {
 /// `name`'s network with random weights (batch-norm statistics far from the identity, so that
 /// folding is exercised) loaded trainable as `bccp train` loads weights.
 fn random_trainable(name: &str, seed: u64) -> (Backbone, Vec<candle_core::Var>) {
+    random_trainable_bn(name, seed, BnMode::Frozen)
+}
+
+/// [`random_trainable`] with the batch-norms in `bn` mode.
+fn random_trainable_bn(name: &str, seed: u64, bn: BnMode) -> (Backbone, Vec<candle_core::Var>) {
     let spec = zoo::find(name).unwrap();
     let varmap = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
@@ -92,7 +97,121 @@ fn random_trainable(name: &str, seed: u64) -> (Backbone, Vec<candle_core::Var>) 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("w.safetensors");
     candle_core::safetensors::save(&tensors, &file).unwrap();
-    Backbone::load_trainable(&spec, &file, &Device::Cpu).unwrap()
+    Backbone::load_trainable_bn(&spec, &file, &Device::Cpu, bn).unwrap()
+}
+
+/// The cosine of two lists of tensors taken as one vector each.
+fn cosine_of(a: &[Tensor], b: &[Tensor]) -> f64 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (p, q) in a.iter().zip(b) {
+        let p = p.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let q = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (u, v) in p.iter().zip(&q) {
+            dot += f64::from(*u) * f64::from(*v);
+            na += f64::from(*u).powi(2);
+            nb += f64::from(*v).powi(2);
+        }
+    }
+    dot / (na * nb).sqrt().max(f64::MIN_POSITIVE)
+}
+
+/// The CNNs' mixed precision on candle's ops (what `--precision bf16` runs on a CUDA GPU):
+/// a bf16 input runs every layer in bf16 (f32 weights cast per layer, the depthwise op and a
+/// training batch-norm's statistics in f32), the pooled features and every gradient come back
+/// f32, within the rounding of the f32 network's. Checked here on candle's CPU kernels in f16,
+/// which run the same casts (candle's CPU matrix product has no bf16); `tests/cuda.rs` runs
+/// bf16 through `Backbone::set_precision` on a GPU.
+#[test]
+fn half_precision_activations_on_candle_ops_follow_f32_with_f32_gradients() {
+    use candle_core::DType;
+    for (name, bn) in [
+        ("mobilenet_v2", BnMode::Frozen),
+        ("efficientnet_lite0", BnMode::Frozen),
+        ("resnet18", BnMode::Frozen),
+        ("resnet18", BnMode::Train),
+    ] {
+        let ctx = format!("{name} (bn {})", bn.name());
+        let (model, vars) = random_trainable_bn(name, 11, bn);
+        let (n, size) = if bn == BnMode::Train {
+            (8, 65)
+        } else {
+            (2, 33)
+        };
+        let x = Tensor::from_vec(
+            values(n * 3 * size * size, 5, 1.0),
+            (n, 3, size, size),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let dim = model.spec().embedding_dim;
+        let head = Tensor::from_vec(values(dim, 6, 0.1), (dim, 1), &Device::Cpu).unwrap();
+        let run = |x: &Tensor| {
+            model.set_training(true);
+            let f = model.embed(x).unwrap();
+            model.set_training(false);
+            let grads = f
+                .matmul(&head)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g: Vec<Tensor> = vars
+                .iter()
+                .map(|v| {
+                    grads
+                        .get(v.as_tensor())
+                        .expect("every variable has a gradient")
+                        .clone()
+                })
+                .collect();
+            (f, g)
+        };
+        let (f32_features, f32_grads) = run(&x);
+        let (half_features, half_grads) = run(&x.to_dtype(DType::F16).unwrap());
+        assert_eq!(
+            half_features.dtype(),
+            DType::F32,
+            "{ctx}: features come back f32"
+        );
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (a, b) = (flat(&half_features), flat(&f32_features));
+        let err = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt()
+            / b.iter().map(|y| y * y).sum::<f32>().sqrt();
+        assert!(err > 0.0, "{ctx}: f16 gave the f32 features bit for bit");
+        assert!(err < 0.02, "{ctx}: features relative error {err}");
+        assert!(
+            half_grads.iter().all(|g| g.dtype() == DType::F32),
+            "{ctx}: f32 gradients"
+        );
+        let cosine = cosine_of(&half_grads, &f32_grads);
+        // How far f32's own gradient moves when the input is rounded to 11 significant bits
+        // (relative noise of ±2⁻¹¹): a training batch-norm over few values amplifies every
+        // rounding. The f16 path rounds at every layer, so allow ten times that.
+        let rounding = values(n * 3 * size * size, 9, 2f64.powi(-11));
+        let rounding = Tensor::from_vec(rounding, (n, 3, size, size), &Device::Cpu).unwrap();
+        let (_, moved) = run(&(&x + x.mul(&rounding).unwrap()).unwrap());
+        let baseline = cosine_of(&moved, &f32_grads);
+        eprintln!(
+            "{ctx}: features relative error {err:.4}, gradient cosine {cosine:.5} (f32 under input rounding {baseline:.5})"
+        );
+        assert!(
+            1.0 - cosine <= 10.0 * (1.0 - baseline) + 1e-4,
+            "{ctx}: gradient cosine {cosine} against {baseline} for f32 under input rounding"
+        );
+        if bn == BnMode::Train {
+            let stats = model.running_stats().unwrap();
+            assert!(
+                stats.iter().all(|t| t.dtype() == DType::F32),
+                "{ctx}: f32 statistics"
+            );
+        }
+    }
 }
 
 #[test]

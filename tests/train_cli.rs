@@ -528,7 +528,7 @@ fn bad_flag_combinations_are_refused_before_work() {
                 "--bn",
                 "train",
             ],
-            "--precision bf16 runs on the channels-last engine, which keeps the batch-norms folded",
+            "--precision bf16 runs on the channels-last engine on the CPU, which keeps the batch-norms folded",
         ),
         (&["-t", "monday"], "not a prepared dataset"),
     ];

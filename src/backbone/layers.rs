@@ -267,6 +267,8 @@ impl ConvBn {
     /// statistics move towards the batch's (unbiased variance) by [`BN_MOMENTUM`]. β is added
     /// by the caller.
     fn batch_norm_train(&self, t: &BnTraining, z: &Tensor) -> Result<Tensor> {
+        let dtype = z.dtype();
+        let z = &z.to_dtype(DType::F32)?;
         let (n, c, h, w) = z.dims4()?;
         let count = n * h * w;
         let per_channel =
@@ -283,7 +285,7 @@ impl ConvBn {
         let new_mean = ((&running.0 * (1.0 - m))? + (mean.detach() * m)?)?;
         let new_var = ((&running.1 * (1.0 - m))? + (var.detach() * (m * unbiased))?)?;
         *running = (new_mean, new_var);
-        Ok(y)
+        y.to_dtype(dtype)
     }
 }
 
@@ -388,6 +390,9 @@ impl Tunable for ConvBn {
 }
 
 impl Module for ConvBn {
+    /// Runs in `x`'s dtype: f32, or bf16 for mixed precision on a GPU (the f32 weights cast
+    /// for the product, so their gradients stay f32; the batch statistics of a training
+    /// batch-norm in f32).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let Some(t) = &self.bn_training else {
             return bias_act(&self.convolve(x, &self.weight)?, &self.bias, self.relu6);
@@ -402,8 +407,15 @@ impl Module for ConvBn {
 }
 
 impl ConvBn {
-    /// The convolution of `x` by `weight` (this layer's kind, stride and padding), no bias.
+    /// The convolution of `x` by `weight` (this layer's kind, stride and padding), no bias, in
+    /// `x`'s dtype: the f32 weight is cast to it (bf16 products, f32 sums on a GPU); the
+    /// depthwise op, f32 only, runs on `x` cast to f32 and back.
     fn convolve(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let weight = &weight.to_dtype(x.dtype())?;
+        if self.kind == ConvKind::Depthwise && x.dtype() != DType::F32 {
+            let y = self.convolve(&x.to_dtype(DType::F32)?, &weight.to_dtype(DType::F32)?)?;
+            return y.to_dtype(x.dtype());
+        }
         let (n, _c, h, w) = x.dims4()?;
         let y = match self.kind {
             ConvKind::Pointwise => {
@@ -569,7 +581,7 @@ impl Tunable for Trunk {
 
 /// Global average pool: [N, C, H, W] → [N, C].
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
-    x.mean(D::Minus1)?.mean(D::Minus1)
+    x.to_dtype(DType::F32)?.mean(D::Minus1)?.mean(D::Minus1)
 }
 
 #[cfg(test)]

@@ -386,16 +386,22 @@ impl Backbone {
         Ok(engine)
     }
 
+    /// The device the network's weights are on.
+    pub fn device(&self) -> Device {
+        let weight = match &self.network {
+            Network::MobileNetV2(_) | Network::EfficientNetLite(_) => {
+                self.trunk().map(|t| &t.stem.weight)
+            }
+            Network::ResNet(m) => Some(&m.parts().0.weight),
+            Network::Transformer(vit) => Some(vit.patch_weight()),
+        };
+        weight.map_or(Device::Cpu, |w| w.device().clone())
+    }
+
     /// Lays the current weights out for the channels-last engine again (after fine-tuning,
     /// which trains them with the engine off), for a CPU-loaded CNN.
     pub fn refresh_channels_last(&mut self) -> candle_core::Result<()> {
-        let on_cpu = match &self.network {
-            Network::MobileNetV2(_) | Network::EfficientNetLite(_) => self
-                .trunk()
-                .is_some_and(|t| t.stem.weight.device().is_cpu()),
-            Network::ResNet(m) => m.parts().0.weight.device().is_cpu(),
-            Network::Transformer(_) => false,
-        };
+        let on_cpu = !matches!(self.network, Network::Transformer(_)) && self.device().is_cpu();
         if on_cpu {
             self.channels_last = self.cpu_engine()?;
         }
@@ -405,16 +411,21 @@ impl Backbone {
     /// Runs the channels-last engine's dense and pointwise products, or the vision
     /// transformers' linear layers, in `precision` ([`Precision::Bf16`]: bf16 operands summed
     /// in f32, as PyTorch's CPU autocast does; depthwise convolutions, activations, norms and
-    /// the output stay f32). Errors for bf16 off the CPU (a GPU), for a CNN off the engine
-    /// (`--bn train`), or when the CPU lacks AVX512-BF16 ([`BackboneError::Precision`], naming
-    /// `--precision`).
+    /// the output stay f32). On a CUDA GPU bf16 is mixed precision on candle's ops: the CNNs'
+    /// activations and convolutions in bf16 (f32 weights cast per layer, the depthwise op and
+    /// training batch-norms' statistics in f32, features returned f32), the transformers'
+    /// linear layers on bf16 operands. Errors for bf16 on another GPU (Metal), for a CNN off
+    /// the engine on the CPU (`--bn train`), or when the CPU lacks AVX512-BF16
+    /// ([`BackboneError::Precision`], naming `--precision`).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let on_cuda = self.device().is_cuda();
         let set = match (&mut self.channels_last, &mut self.network, precision) {
             (Some(engine), _, _) => engine.set_precision(precision),
             (None, Network::Transformer(vit), _) => vit.set_precision(precision),
             (None, _, Precision::F32) => Ok(()),
+            (None, _, Precision::Bf16) if on_cuda => Ok(()),
             (None, _, Precision::Bf16) => Err(candle_core::Error::Msg(format!(
-                "bf16 products run on the channels-last CPU engine (MobileNetV2, EfficientNet-Lite, the ResNets on the CPU) and in the transformers' linear layers on the CPU; {} here runs on candle's ops in f32",
+                "bf16 products run on the channels-last CPU engine (MobileNetV2, EfficientNet-Lite, the ResNets on the CPU), in the transformers' linear layers on the CPU, and on CUDA GPUs; {} here runs on candle's ops in f32",
                 self.spec.name
             ))),
         };
@@ -436,6 +447,16 @@ impl Backbone {
         if let (Some(fast), true) = (&self.channels_last, x.device().is_cpu()) {
             return fast.embed(x);
         }
+        // Mixed precision on a GPU: the CNNs' activations in bf16 (each layer casts its f32
+        // weights; the pooled features come back f32); the transformers cast in their linear
+        // layers.
+        let cnn_in_bf16 = self.precision == Precision::Bf16
+            && !x.device().is_cpu()
+            && !matches!(self.network, Network::Transformer(_));
+        let x = &match cnn_in_bf16 {
+            true => x.to_dtype(candle_core::DType::BF16)?,
+            false => x.clone(),
+        };
         match &self.network {
             Network::MobileNetV2(m) => m.embed(x),
             Network::EfficientNetLite(m) => m.embed(x),

@@ -450,17 +450,25 @@ impl VisionTransformer {
         Tensor::cat(&[&cls, &patches], 1)
     }
 
+    /// The patch embedding's weight (its device is the network's).
+    pub fn patch_weight(&self) -> &Tensor {
+        &self.patch_weight.value
+    }
+
     /// Runs the linear layers' products — nearly all of the network's multiply-adds — in
     /// `precision` ([`Precision::Bf16`]: bf16 operands summed in f32, forward and backward,
     /// [`bf16_linear`]); the attention's own products, the patch embedding and the norms stay
-    /// f32. bf16 needs the weights on the CPU and AVX512-BF16.
+    /// f32. bf16 needs the weights on a CUDA GPU, or on the CPU with AVX512-BF16.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        if precision == Precision::Bf16 && !self.patch_weight.value.device().is_cpu() {
+        let device = self.patch_weight.value.device();
+        if precision == Precision::Bf16 && !device.is_cpu() && !device.is_cuda() {
             candle_core::bail!(
-                "bf16 products run on the CPU here; on a GPU the transformers run in f32"
+                "bf16 products run on the CPU and on CUDA GPUs; on this device the transformers run in f32"
             );
         }
-        crate::ops::bf16_gemm::check(precision)?;
+        if device.is_cpu() {
+            crate::ops::bf16_gemm::check(precision)?;
+        }
         self.precision = precision;
         Ok(())
     }

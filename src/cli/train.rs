@@ -170,11 +170,13 @@ pub fn print_metrics(m: &RunMetrics) {
 
 pub fn run(args: TrainArgs, quiet: bool) -> Result<()> {
     let cfg = with_cut_off(args.run, args.bayesian_cut_off)?;
-    cfg.validate().map_err(|e| anyhow::anyhow!(e.for_flags()))?;
+    let device = args.device.device()?;
+    cfg.validate_on(&device)
+        .map_err(|e| anyhow::anyhow!(e.for_flags()))?;
     let mlflow = args.mlflow.target()?;
     let s3 = args.artifacts.target()?;
     let env = RunEnv {
-        device: args.device.device()?,
+        device,
         cache_dir: args.cache.dir(),
         offline: args.offline,
         registry: args.registry.registry(),

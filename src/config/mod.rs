@@ -521,20 +521,6 @@ impl RunConfig {
                 self.accumulate
             )));
         }
-        if self.precision == Precision::Bf16 {
-            // The transformers (no batch-norm) run their linear layers in bf16 on candle's
-            // autograd; the CNNs train on the channels-last engine.
-            if self.bn == BnMode::Train && spec.has_batch_norm() {
-                return Err(invalid(
-                    "`precision` bf16 runs on the channels-last engine, which keeps the batch-norms folded: use `bn` frozen, or `precision` f32 with `bn` train",
-                ));
-            }
-            if !crate::ops::bf16_gemm::available() {
-                return Err(invalid(
-                    "`precision` bf16 needs a CPU with AVX512-BF16, which this one lacks; use `precision` f32",
-                ));
-            }
-        }
         if self.bn == BnMode::Train && !spec.has_batch_norm() {
             return Err(invalid(format!(
                 "`bn` train: {} has no batch-norm (layer-norms only); it takes `bn` frozen",
@@ -556,6 +542,33 @@ impl RunConfig {
         }
         crate::registry::check_name(&self.model_name).map_err(|e| invalid(e.to_string()))?;
         Ok(())
+    }
+
+    /// [`Self::validate`] and the settings that depend on the `device` the run uses:
+    /// `precision` bf16 runs on a CUDA GPU (mixed precision on candle's ops, `bn` train
+    /// included) or on a CPU with AVX512-BF16 (the channels-last engine, which keeps the
+    /// batch-norms folded, and the transformers' linear layers).
+    pub fn validate_on(&self, device: &candle_core::Device) -> Result<(), ConfigError> {
+        if self.precision != Precision::Bf16 || device.is_cuda() {
+            return self.validate();
+        }
+        if !device.is_cpu() {
+            return Err(invalid(
+                "`precision` bf16 runs on CUDA GPUs and on CPUs with AVX512-BF16; use `precision` f32 on this device",
+            ));
+        }
+        let has_batch_norm = zoo::find(&self.backbone).is_ok_and(|spec| spec.has_batch_norm());
+        if self.bn == BnMode::Train && has_batch_norm {
+            return Err(invalid(
+                "`precision` bf16 runs on the channels-last engine on the CPU, which keeps the batch-norms folded: use `bn` frozen, `precision` f32 with `bn` train, or a CUDA GPU",
+            ));
+        }
+        if !crate::ops::bf16_gemm::available() {
+            return Err(invalid(
+                "`precision` bf16 needs a CPU with AVX512-BF16, which this one lacks (or a CUDA GPU); use `precision` f32",
+            ));
+        }
+        self.validate()
     }
 }
 

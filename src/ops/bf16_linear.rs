@@ -17,8 +17,17 @@ const ROWS_PER_TASK: usize = 96;
 
 /// `x · wᵀ` over the last dimension of `x` (`[…, in]`, `w` `[out, in]`): on bf16 operands
 /// with f32 sums for [`Precision::Bf16`] on a CPU that has the kernel ([`bf16_gemm::available`])
-/// with f32 tensors; candle's f32 product otherwise.
+/// with f32 tensors; on a CUDA GPU, candle's product of the operands cast to bf16 (cuBLAS sums
+/// in f32), the result cast back to f32 (autocast's linear layer; the casts carry the
+/// gradients back to f32); candle's f32 product otherwise.
 pub fn linear(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Tensor> {
+    if precision == Precision::Bf16 && x.device().is_cuda() {
+        let bf16 = candle_core::DType::BF16;
+        return x
+            .to_dtype(bf16)?
+            .broadcast_matmul(&w.to_dtype(bf16)?.t()?)?
+            .to_dtype(x.dtype());
+    }
     let mixed = precision == Precision::Bf16
         && bf16_gemm::available()
         && [x, w]

@@ -74,7 +74,8 @@ impl CustomOp2 for BiasAct {
 }
 
 /// `x + bias` per channel (dimension 1), then ReLU6 when `relu6`; one fused pass on the CPU,
-/// candle's tensor ops elsewhere. Differentiable.
+/// candle's tensor ops elsewhere, in `x`'s dtype (an f32 bias is cast to a bf16 `x`'s).
+/// Differentiable.
 pub fn bias_act(x: &Tensor, bias: &Tensor, relu6: bool) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && bias.dtype() == DType::F32 {
         return x
@@ -83,7 +84,7 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, relu6: bool) -> Result<Tensor> {
     }
     let mut shape = vec![1usize; x.rank()];
     shape[1] = bias.elem_count();
-    let y = x.broadcast_add(&bias.reshape(shape)?)?;
+    let y = x.broadcast_add(&bias.to_dtype(x.dtype())?.reshape(shape)?)?;
     if relu6 {
         y.clamp(0f32, 6f32)
     } else {

@@ -64,7 +64,7 @@ impl TrainedRun {
     /// the same one (same zoo entry, weights SHA-256 and input size): a new head on the same
     /// features loads without reading or hashing the backbone weights again (what a prediction
     /// server does when only the head changed). The backbone's products run in `precision`
-    /// ([`Backbone::set_precision`]: bf16 only on the CPU with AVX512-BF16, an error naming
+    /// ([`Backbone::set_precision`]: bf16 on a CUDA GPU or a CPU with AVX512-BF16, an error naming
     /// `--precision` elsewhere); by default in the one the run was trained in (its
     /// `params.json`), or f32 where this device cannot run that. A previous backbone is kept
     /// only in the same precision.
@@ -81,7 +81,9 @@ impl TrainedRun {
         // By default the run's own precision, where this device can run it (else f32: a
         // bf16 run still serves on a GPU or an older CPU); asked for, it must run.
         let precision = precision.unwrap_or_else(|| match record.params.precision {
-            Precision::Bf16 if !(device.is_cpu() && crate::ops::bf16_gemm::available()) => {
+            Precision::Bf16
+                if !(device.is_cuda() || device.is_cpu() && crate::ops::bf16_gemm::available()) =>
+            {
                 Precision::F32
             }
             recorded => recorded,

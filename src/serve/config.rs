@@ -163,12 +163,12 @@ impl ServeConfig {
                 Err(ServeError::invalid(name, v, format!("{lo} to {hi}")))
             }
         };
-        if self.precision == Some(Precision::Bf16) {
+        if self.precision == Some(Precision::Bf16) && !self.device.is_cuda() {
             if !self.device.is_cpu() {
                 return Err(ServeError::invalid(
                     "--precision",
                     "bf16",
-                    "f32 on a GPU (bf16 products run on the channels-last CPU engine)",
+                    "f32 on this device (bf16 runs on CUDA GPUs and on the channels-last CPU engine)",
                 ));
             }
             if !crate::ops::bf16_gemm::available() {

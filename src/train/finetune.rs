@@ -340,14 +340,14 @@ pub fn finetune(
     // transformers' linear layers, `Backbone::set_precision`), which must be the one asked for.
     if engine.is_none() && cfg.precision != backbone.precision() {
         let why = if !device.is_cpu() {
-            "not on the CPU"
+            "on a GPU, in the backbone's precision"
         } else if backbone.trains_batch_norm() {
             "--bn train"
         } else {
             "its products were not set to it"
         };
         return Err(FinetuneError::Input(format!(
-            "--precision {} runs on the channels-last engine (the CNNs on the CPU, --bn frozen) and in the transformers' linear layers on the CPU; {} trains here on candle's autograd ({why}), in {}: use --precision {}",
+            "--precision {} runs on the channels-last engine (the CNNs on the CPU, --bn frozen), in the transformers' linear layers on the CPU, and on CUDA GPUs once the backbone is set to it; {} trains here on candle's autograd ({why}), in {}: use --precision {}",
             cfg.precision.name(),
             backbone.spec().name,
             backbone.precision().name(),
