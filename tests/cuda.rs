@@ -661,47 +661,11 @@ fn perf_embed() {
 /// `name`'s checkpoint with random weights (batch-norm statistics away from the identity, so
 /// folding is exercised), written to `dir`; MobileNetV2's real weights when bundled.
 fn weights_for(name: &str, seed: u64, dir: &std::path::Path) -> std::path::PathBuf {
-    use bccp::backbone::{assets_dir, zoo, Backbone};
-    let real = assets_dir().join("weights/mobilenet_v2.safetensors");
+    let real = bccp::backbone::assets_dir().join("weights/mobilenet_v2.safetensors");
     if name == "mobilenet_v2" && real.is_file() {
         return real;
     }
-    let spec = zoo::find(name).unwrap();
-    let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
-    Backbone::from_var_builder(&spec, vb).unwrap();
-    let mut rng = Rng::new(seed);
-    let data = varmap.data().lock().unwrap();
-    let mut keys: Vec<&String> = data.keys().collect();
-    keys.sort();
-    let mut tensors = std::collections::HashMap::new();
-    for key in keys {
-        let t = data[key].as_tensor().detach();
-        let dims = t.dims().to_vec();
-        let range = match key.rsplit('.').next() {
-            Some("running_var") => Some((0.5, 2.0)),
-            Some("running_mean") | Some("bias") => Some((-0.2, 0.2)),
-            Some("weight") if dims.len() == 1 => Some((0.5, 1.5)),
-            Some("weight") => {
-                let a = (3.0 / (t.elem_count() / dims[0]) as f64).sqrt();
-                Some((-a, a))
-            }
-            _ => Some((-0.02, 0.02)),
-        };
-        let t = match range {
-            Some((lo, hi)) => {
-                let v: Vec<f32> = (0..t.elem_count())
-                    .map(|_| (lo + (hi - lo) * rng.unit_f64()) as f32)
-                    .collect();
-                Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-            }
-            None => t,
-        };
-        tensors.insert(key.clone(), t);
-    }
-    let file = dir.join(format!("{name}.safetensors"));
-    candle_core::safetensors::save(&tensors, &file).unwrap();
-    file
+    common::weights::random_checkpoint(name, seed, dir, Some((-0.02, 0.02)))
 }
 
 /// Features (on the host) and every variable's gradient of one training step through a fixed

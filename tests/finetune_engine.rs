@@ -60,43 +60,8 @@ fn random_trainable(name: &str, seed: u64) -> (Backbone, Vec<candle_core::Var>) 
 /// [`random_trainable`] with the batch-norms in `bn` mode.
 fn random_trainable_bn(name: &str, seed: u64, bn: BnMode) -> (Backbone, Vec<candle_core::Var>) {
     let spec = zoo::find(name).unwrap();
-    let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
-    Backbone::from_var_builder(&spec, vb).unwrap();
-    let mut rng = bccp::rng::Rng::new(seed);
-    let mut tensors = std::collections::HashMap::new();
-    // In name order, so that the weights do not depend on the map's iteration order.
-    let data = varmap.data().lock().unwrap();
-    let mut keys: Vec<&String> = data.keys().collect();
-    keys.sort();
-    for key in keys {
-        let t = data[key].as_tensor().detach();
-        let dims = t.dims().to_vec();
-        let range = match key.rsplit('.').next() {
-            Some("running_var") => Some((0.5, 2.0)),
-            Some("running_mean") | Some("bias") => Some((-0.2, 0.2)),
-            Some("weight") if dims.len() == 1 => Some((0.5, 1.5)),
-            // Convolutions (a builder's default is zeros): variance 1 / fan-in.
-            Some("weight") => {
-                let a = (3.0 / (t.elem_count() / dims[0]) as f64).sqrt();
-                Some((-a, a))
-            }
-            _ => None,
-        };
-        let t = match range {
-            Some((lo, hi)) => {
-                let v: Vec<f32> = (0..t.elem_count())
-                    .map(|_| (lo + (hi - lo) * rng.unit_f64()) as f32)
-                    .collect();
-                Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-            }
-            None => t,
-        };
-        tensors.insert(key.clone(), t);
-    }
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("w.safetensors");
-    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let file = common::weights::random_checkpoint(name, seed, dir.path(), None);
     Backbone::load_trainable_bn(&spec, &file, &Device::Cpu, bn).unwrap()
 }
 

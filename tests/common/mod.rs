@@ -10,6 +10,7 @@ pub mod mlflow;
 pub mod pg;
 pub mod process;
 pub mod s3;
+pub mod weights;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
