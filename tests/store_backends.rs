@@ -399,6 +399,64 @@ fn busy_sqlite_is_retried_not_fatal() {
     assert_eq!(store.classes().unwrap(), ["held"]);
 }
 
+/// The indexes of `samples` in an SQLite file, sorted.
+fn sqlite_indexes(path: &std::path::Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'samples' ORDER BY name")
+        .unwrap();
+    let names = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+    names.map(Result::unwrap).collect()
+}
+
+#[test]
+fn sqlite_bulk_load_builds_its_indexes_at_the_end_and_an_interrupted_one_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let all = [
+        "samples_sha256",
+        "samples_source_split",
+        "sqlite_autoindex_samples_1",
+    ];
+    let rows = |from: usize| -> Vec<NewSample> {
+        (from..from + 3)
+            .map(|i| sample(&format!("k{i}"), 1, "monday", Split::Train))
+            .collect()
+    };
+    let mut store = bccp::store::SqliteStore::open(&path).unwrap();
+    assert_eq!(sqlite_indexes(&path), all);
+    // Into the empty table: the content-hash and source/split indexes wait for the end.
+    assert!(store.begin_bulk_load().unwrap());
+    assert_eq!(sqlite_indexes(&path), ["sqlite_autoindex_samples_1"]);
+    store.insert_samples(&rows(0)).unwrap();
+    // Queries stay right without them.
+    let hash = format!("{:0>64}", "k1");
+    assert!(store
+        .known_hashes(std::slice::from_ref(&hash))
+        .unwrap()
+        .contains(&hash));
+    store.end_bulk_load().unwrap();
+    assert_eq!(sqlite_indexes(&path), all);
+    // Into a table with rows: nothing is deferred.
+    assert!(!store.begin_bulk_load().unwrap());
+    store.insert_samples(&rows(3)).unwrap();
+    assert_eq!(sqlite_indexes(&path), all);
+    store.end_bulk_load().unwrap();
+    drop(store);
+
+    // A bulk load that never ends (a crash): the next open builds what is missing.
+    let path = dir.path().join("crashed.sqlite3");
+    let mut store = bccp::store::SqliteStore::open(&path).unwrap();
+    assert!(store.begin_bulk_load().unwrap());
+    store.insert_samples(&rows(0)).unwrap();
+    drop(store);
+    assert_eq!(sqlite_indexes(&path), ["sqlite_autoindex_samples_1"]);
+    let mut store = bccp::store::SqliteStore::open(&path).unwrap();
+    assert_eq!(sqlite_indexes(&path), all);
+    let filter = SampleFilter::default();
+    assert_eq!(store.count_samples(&filter).unwrap(), 3);
+}
+
 /// While batches are inserted, another connection keeps terminating the store's backend
 /// (`pg_terminate_backend`): the store reconnects and retries, and in the end every row is
 /// there exactly once.

@@ -305,48 +305,61 @@ pub fn generate(
         store.create_reference_view(view)?;
     }
 
-    // Bulk: every record, in batches.
+    // Bulk: every record, in batches; into an empty store, its indexes built at the end.
     if opts.bulk {
-        for &(day, _) in &per_day {
-            let day_items: Vec<&Item> = items
-                .iter()
-                .filter(|(d, _)| *d == day)
-                .map(|(_, i)| i)
-                .collect();
-            let mut inserted = 0u64;
-            // Files without a recorded hash are hashed one batch ahead of the database writes.
-            super::ahead::one_chunk_ahead(
-                &day_items,
-                opts.batch_size,
-                |item| image_sha256(item),
-                |chunk, hashes| -> Result<bool> {
-                    if stop() {
-                        summary.stopped = true;
-                        return Ok(false);
-                    }
-                    let rows = chunk
-                        .iter()
-                        .zip(hashes)
-                        .map(|(item, hash)| {
-                            let ts = parse_rfc3339(&item.record.timestamp)
-                                .map(format_utc)
-                                .unwrap_or_else(super::now_utc);
-                            let key = format!("manifest:{fingerprint}:{}", item.record.id);
-                            Ok(row(day, item, key, ts, hash?))
-                        })
-                        .collect::<Result<Vec<NewSample>>>()?;
-                    let ids = store.insert_samples(&rows)?;
-                    let new = ids.iter().filter(|id| id.is_some()).count() as u64;
-                    inserted += new;
-                    summary.already_stored += rows.len() as u64 - new;
-                    Ok(true)
-                },
-            )?;
-            summary.bulk.push((day, inserted));
-            log(&format!("bulk {}: {inserted} rows inserted", day.as_str()));
-            if summary.stopped {
-                return Ok(summary);
+        let deferred = store.begin_bulk_load()?;
+        let mut load = |store: &mut dyn Store| -> Result<()> {
+            for &(day, _) in &per_day {
+                let day_items: Vec<&Item> = items
+                    .iter()
+                    .filter(|(d, _)| *d == day)
+                    .map(|(_, i)| i)
+                    .collect();
+                let mut inserted = 0u64;
+                // Files without a recorded hash are hashed one batch ahead of the database writes.
+                super::ahead::one_chunk_ahead(
+                    &day_items,
+                    opts.batch_size,
+                    |item| image_sha256(item),
+                    |chunk, hashes| -> Result<bool> {
+                        if stop() {
+                            summary.stopped = true;
+                            return Ok(false);
+                        }
+                        let rows = chunk
+                            .iter()
+                            .zip(hashes)
+                            .map(|(item, hash)| {
+                                let ts = parse_rfc3339(&item.record.timestamp)
+                                    .map(format_utc)
+                                    .unwrap_or_else(super::now_utc);
+                                let key = format!("manifest:{fingerprint}:{}", item.record.id);
+                                Ok(row(day, item, key, ts, hash?))
+                            })
+                            .collect::<Result<Vec<NewSample>>>()?;
+                        let ids = store.insert_samples(&rows)?;
+                        let new = ids.iter().filter(|id| id.is_some()).count() as u64;
+                        inserted += new;
+                        summary.already_stored += rows.len() as u64 - new;
+                        Ok(true)
+                    },
+                )?;
+                summary.bulk.push((day, inserted));
+                log(&format!("bulk {}: {inserted} rows inserted", day.as_str()));
+                if summary.stopped {
+                    return Ok(());
+                }
             }
+            Ok(())
+        };
+        let loaded = load(store);
+        // Built on every way out (a stop, an error); after a crash, the next open builds them.
+        if deferred {
+            store.end_bulk_load()?;
+        }
+        loaded?;
+        if summary.stopped {
+            return Ok(summary);
         }
         if summary.already_stored > 0 {
             log(&format!(

@@ -312,6 +312,20 @@ pub trait Store: Send {
     /// whose commit had gone through is reported as already stored.
     fn insert_samples(&mut self, rows: &[NewSample]) -> Result<Vec<Option<i64>>>;
 
+    /// Starts a bulk load of samples. A back-end may then defer index upkeep while the samples
+    /// table is empty: SQLite drops its content-hash and source/split indexes, to build them
+    /// once, sorted, in [`Self::end_bulk_load`] (a crash in between leaves them to the next
+    /// open, which builds whatever is missing). Queries stay correct meanwhile, only slower.
+    /// Returns whether anything was deferred.
+    fn begin_bulk_load(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Ends a bulk load: builds what [`Self::begin_bulk_load`] deferred.
+    fn end_bulk_load(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Samples matching `filter`, by increasing id, at most `limit`.
     fn samples(&mut self, filter: &SampleFilter, limit: usize) -> Result<Vec<Sample>>;
 

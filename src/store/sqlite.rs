@@ -110,7 +110,33 @@ impl SqliteStore {
             )
             .map_err(err)?;
         store.migrate(version)?;
+        if version >= 1 {
+            store.build_deferred_indexes()?;
+        }
         Ok(store)
+    }
+
+    /// Builds the indexes of [`DEFERRABLE_INDEXES`] that are missing (a bulk load's, or one a
+    /// crash interrupted). Reads first, so a store with every index takes no write lock.
+    fn build_deferred_indexes(&mut self) -> Result<()> {
+        let present = self.transaction("listing the indexes", false, |tx| {
+            let mut stmt = tx.prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'samples'",
+            )?;
+            let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            names.collect::<rusqlite::Result<HashSet<String>>>()
+        })?;
+        if DEFERRABLE_INDEXES
+            .iter()
+            .all(|(name, _)| present.contains(*name))
+        {
+            return Ok(());
+        }
+        self.transaction("building the samples indexes", true, |tx| {
+            DEFERRABLE_INDEXES
+                .iter()
+                .try_for_each(|(_, create)| tx.execute_batch(create))
+        })
     }
 
     fn error(&self, error: rusqlite::Error) -> StoreError {
@@ -203,6 +229,20 @@ impl SqliteStore {
         Ok(())
     }
 }
+
+/// The secondary indexes of `samples` (schema version 1 on) that a bulk load into an empty
+/// table builds at its end instead of row by row: inserting 60 000 rows in random content-hash
+/// order into a B-tree costs more than sorting them once.
+const DEFERRABLE_INDEXES: [(&str, &str); 2] = [
+    (
+        "samples_sha256",
+        "CREATE INDEX IF NOT EXISTS samples_sha256 ON samples (sha256)",
+    ),
+    (
+        "samples_source_split",
+        "CREATE INDEX IF NOT EXISTS samples_source_split ON samples (source, split)",
+    ),
+];
 
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
@@ -302,6 +342,25 @@ impl Store for SqliteStore {
                 )
                 .collect()
         })
+    }
+
+    fn begin_bulk_load(&mut self) -> Result<bool> {
+        self.transaction("starting a bulk load", true, |tx| {
+            let empty: bool =
+                tx.query_row("SELECT NOT EXISTS (SELECT 1 FROM samples)", [], |r| {
+                    r.get(0)
+                })?;
+            if empty {
+                for (name, _) in DEFERRABLE_INDEXES {
+                    tx.execute_batch(&format!("DROP INDEX IF EXISTS {name}"))?;
+                }
+            }
+            Ok(empty)
+        })
+    }
+
+    fn end_bulk_load(&mut self) -> Result<()> {
+        self.build_deferred_indexes()
     }
 
     fn insert_samples(&mut self, rows: &[NewSample]) -> Result<Vec<Option<i64>>> {
