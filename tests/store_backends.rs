@@ -356,6 +356,7 @@ on_both_backends!(
     predictions_retrains_and_offsets,
     reference_view,
     migration_from_an_older_schema,
+    bulk_load_builds_its_indexes_at_the_end,
 );
 
 /// Another connection holds SQLite's write lock for 600 ms while the store (busy timeout
@@ -399,62 +400,72 @@ fn busy_sqlite_is_retried_not_fatal() {
     assert_eq!(store.classes().unwrap(), ["held"]);
 }
 
-/// The indexes of `samples` in an SQLite file, sorted.
-fn sqlite_indexes(path: &std::path::Path) -> Vec<String> {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'samples' ORDER BY name")
-        .unwrap();
-    let names = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
-    names.map(Result::unwrap).collect()
+/// The indexes of `samples` in the store `url` (of `db`'s server), sorted.
+fn sample_indexes(db: &TestDb, url: &str) -> Vec<String> {
+    match &db.server {
+        None => {
+            let conn = rusqlite::Connection::open(url.trim_start_matches("sqlite:")).unwrap();
+            let mut stmt = conn
+                .prepare(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'samples' \
+                     AND name NOT LIKE 'sqlite_autoindex%' ORDER BY name",
+                )
+                .unwrap();
+            let names = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+            names.map(Result::unwrap).collect()
+        }
+        Some(server) => {
+            let name = url.rsplit('/').next().unwrap();
+            let rows = server
+                .client(name)
+                .query(
+                    "SELECT indexname::TEXT FROM pg_indexes WHERE tablename = 'samples' \
+                     AND indexname IN ('samples_sha256', 'samples_source_split') ORDER BY 1",
+                    &[],
+                )
+                .unwrap();
+            rows.iter().map(|r| r.get(0)).collect()
+        }
+    }
 }
 
-#[test]
-fn sqlite_bulk_load_builds_its_indexes_at_the_end_and_an_interrupted_one_on_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store.sqlite3");
-    let all = [
-        "samples_sha256",
-        "samples_source_split",
-        "sqlite_autoindex_samples_1",
-    ];
+fn bulk_load_builds_its_indexes_at_the_end(db: &TestDb) {
+    let all = ["samples_sha256", "samples_source_split"];
     let rows = |from: usize| -> Vec<NewSample> {
         (from..from + 3)
             .map(|i| sample(&format!("k{i}"), 1, "monday", Split::Train))
             .collect()
     };
-    let mut store = bccp::store::SqliteStore::open(&path).unwrap();
-    assert_eq!(sqlite_indexes(&path), all);
+    let mut store = db.open();
+    assert_eq!(sample_indexes(db, &db.url), all);
     // Into the empty table: the content-hash and source/split indexes wait for the end.
     assert!(store.begin_bulk_load().unwrap());
-    assert_eq!(sqlite_indexes(&path), ["sqlite_autoindex_samples_1"]);
+    assert!(sample_indexes(db, &db.url).is_empty());
     store.insert_samples(&rows(0)).unwrap();
-    // Queries stay right without them.
+    // The key still skips a duplicate, and queries stay right without the indexes.
+    assert_eq!(store.insert_samples(&rows(0)).unwrap(), [None, None, None]);
     let hash = format!("{:0>64}", "k1");
-    assert!(store
-        .known_hashes(std::slice::from_ref(&hash))
-        .unwrap()
-        .contains(&hash));
+    let known = store.known_hashes(std::slice::from_ref(&hash)).unwrap();
+    assert!(known.contains(&hash));
     store.end_bulk_load().unwrap();
-    assert_eq!(sqlite_indexes(&path), all);
+    assert_eq!(sample_indexes(db, &db.url), all);
     // Into a table with rows: nothing is deferred.
     assert!(!store.begin_bulk_load().unwrap());
     store.insert_samples(&rows(3)).unwrap();
-    assert_eq!(sqlite_indexes(&path), all);
+    assert_eq!(sample_indexes(db, &db.url), all);
     store.end_bulk_load().unwrap();
     drop(store);
 
     // A bulk load that never ends (a crash): the next open builds what is missing.
-    let path = dir.path().join("crashed.sqlite3");
-    let mut store = bccp::store::SqliteStore::open(&path).unwrap();
+    let url = db.another("crashed");
+    let mut store = common::pg::open(&url);
     assert!(store.begin_bulk_load().unwrap());
     store.insert_samples(&rows(0)).unwrap();
     drop(store);
-    assert_eq!(sqlite_indexes(&path), ["sqlite_autoindex_samples_1"]);
-    let mut store = bccp::store::SqliteStore::open(&path).unwrap();
-    assert_eq!(sqlite_indexes(&path), all);
-    let filter = SampleFilter::default();
-    assert_eq!(store.count_samples(&filter).unwrap(), 3);
+    assert!(sample_indexes(db, &url).is_empty());
+    let mut store = common::pg::open(&url);
+    assert_eq!(sample_indexes(db, &url), all);
+    assert_eq!(store.count_samples(&SampleFilter::default()).unwrap(), 3);
 }
 
 /// While batches are inserted, another connection keeps terminating the store's backend

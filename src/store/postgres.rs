@@ -12,7 +12,9 @@ use postgres::{Client, Config, NoTls};
 
 use super::error::{Result, StoreError};
 use super::retry::{Backoff, RETRY_WINDOW};
-use super::schema::{filter_sql, Param, CREATE_VERSION_TABLE, MIGRATIONS, SCHEMA_VERSION};
+use super::schema::{
+    filter_sql, Param, CREATE_VERSION_TABLE, DEFERRABLE_INDEXES, MIGRATIONS, SCHEMA_VERSION,
+};
 use super::url::PgUrl;
 use super::{
     Flag, NewPrediction, NewRetrain, NewSample, Prediction, Retrain, RetrainOutcome, Sample,
@@ -119,7 +121,35 @@ impl PgStore {
             stats: StoreStats::default(),
         };
         store.migrate(version)?;
+        if version >= 1 {
+            store.build_deferred_indexes()?;
+        }
         Ok(store)
+    }
+
+    /// Builds the indexes of [`DEFERRABLE_INDEXES`] that are missing (a bulk load's, or one a
+    /// crash interrupted). Reads first, so a store with every index takes no lock for it.
+    fn build_deferred_indexes(&mut self) -> Result<()> {
+        let present: Vec<String> = self.transaction("listing the indexes", |tx| {
+            let rows = tx.query(
+                "SELECT indexname::TEXT FROM pg_indexes \
+                 WHERE schemaname = current_schema() AND tablename = 'samples'",
+                &[],
+            )?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })?;
+        if DEFERRABLE_INDEXES
+            .iter()
+            .all(|(name, _)| present.iter().any(|p| p == name))
+        {
+            return Ok(());
+        }
+        self.transaction("building the samples indexes", |tx| {
+            for (_, create) in DEFERRABLE_INDEXES {
+                tx.batch_execute(create)?;
+            }
+            Ok(())
+        })
     }
 
     /// Runs `op` in a transaction, committed at the end; on a lost connection or another
@@ -478,6 +508,24 @@ impl Store for PgStore {
             }
             Ok(out)
         })
+    }
+
+    fn begin_bulk_load(&mut self) -> Result<bool> {
+        self.transaction("starting a bulk load", |tx| {
+            let empty: bool = tx
+                .query_one("SELECT NOT EXISTS (SELECT 1 FROM samples)", &[])?
+                .get(0);
+            if empty {
+                for (name, _) in DEFERRABLE_INDEXES {
+                    tx.batch_execute(&format!("DROP INDEX IF EXISTS {name}"))?;
+                }
+            }
+            Ok(empty)
+        })
+    }
+
+    fn end_bulk_load(&mut self) -> Result<()> {
+        self.build_deferred_indexes()
     }
 
     fn insert_samples(&mut self, rows: &[NewSample]) -> Result<Vec<Option<i64>>> {

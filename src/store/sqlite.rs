@@ -12,7 +12,9 @@ use rusqlite::{
 
 use super::error::{Result, StoreError};
 use super::retry::{Backoff, RETRY_WINDOW};
-use super::schema::{filter_sql, Param, CREATE_VERSION_TABLE, MIGRATIONS, SCHEMA_VERSION};
+use super::schema::{
+    filter_sql, Param, CREATE_VERSION_TABLE, DEFERRABLE_INDEXES, MIGRATIONS, SCHEMA_VERSION,
+};
 use super::{
     Flag, NewPrediction, NewRetrain, NewSample, Prediction, Retrain, RetrainOutcome, Sample,
     SampleFilter, SampleStatus, Split, Store, StoreStats, RUNNING,
@@ -229,20 +231,6 @@ impl SqliteStore {
         Ok(())
     }
 }
-
-/// The secondary indexes of `samples` (schema version 1 on) that a bulk load into an empty
-/// table builds at its end instead of row by row: inserting 60 000 rows in random content-hash
-/// order into a B-tree costs more than sorting them once.
-const DEFERRABLE_INDEXES: [(&str, &str); 2] = [
-    (
-        "samples_sha256",
-        "CREATE INDEX IF NOT EXISTS samples_sha256 ON samples (sha256)",
-    ),
-    (
-        "samples_source_split",
-        "CREATE INDEX IF NOT EXISTS samples_source_split ON samples (source, split)",
-    ),
-];
 
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
