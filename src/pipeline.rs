@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 use crate::backbone::layers::BnMode;
-use crate::backbone::{cache, limits, zoo, Backbone, EmbedStats, Embedder, EmbedderConfig};
+use crate::backbone::{limits, zoo, Backbone, EmbedStats, Embedder, EmbedderConfig};
 use crate::cleanse::{cleanse, Method};
 use crate::cleanse_features::for_cleansing;
 use crate::config::{LabelSource, RunConfig};
@@ -149,7 +149,7 @@ fn manifest_sha(path: &Path) -> Result<String> {
         path: path.to_path_buf(),
         error,
     })?;
-    Ok(cache::hex(&cache::sha256(&bytes)))
+    Ok(crate::hash::sha256_hex(&bytes))
 }
 
 /// The embedder of a run: `cfg`'s backbone, weights and input size on `env`'s device and

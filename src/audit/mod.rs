@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::backbone::{cache, EmbedStats, Embedder};
+use crate::backbone::{EmbedStats, Embedder};
 use crate::baselines::FilterBy;
 use crate::baselines::{find_label_issues, kfold_pred_probs, self_confidence, suggested_labels};
 use crate::data::{read_manifest_for, ImageList, Record};
@@ -353,7 +353,7 @@ fn read_image(path: &Path) -> Result<(String, image::GrayImage)> {
         path: path.to_path_buf(),
         error: e.to_string(),
     })?;
-    Ok((cache::hex(&cache::sha256(&bytes)), img.to_luma8()))
+    Ok((crate::hash::sha256_hex(&bytes), img.to_luma8()))
 }
 
 /// Audits `input`: embeds it once with `embedder`, searches the k nearest neighbours of every

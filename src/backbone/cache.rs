@@ -24,10 +24,7 @@ pub fn sha256(bytes: &[u8]) -> Digest32 {
     Sha256::digest(bytes).into()
 }
 
-/// Lowercase hex of `bytes` (a digest).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::hash::hex;
 
 /// The default cache folder: see [`crate::paths::cache_dir`].
 pub fn default_cache_dir() -> PathBuf {
