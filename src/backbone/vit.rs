@@ -460,15 +460,7 @@ impl VisionTransformer {
     /// [`bf16_linear`]); the attention's own products, the patch embedding and the norms stay
     /// f32. bf16 needs the weights on a CUDA GPU, or on the CPU with AVX512-BF16.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-        let device = self.patch_weight.value.device();
-        if precision == Precision::Bf16 && !device.is_cpu() && !device.is_cuda() {
-            candle_core::bail!(
-                "bf16 products run on the CPU and on CUDA GPUs; on this device the transformers run in f32"
-            );
-        }
-        if device.is_cpu() {
-            crate::ops::bf16_gemm::check(precision)?;
-        }
+        crate::ops::bf16_gemm::check_on(precision, self.patch_weight.value.device())?;
         self.precision = precision;
         Ok(())
     }

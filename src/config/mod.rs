@@ -549,23 +549,20 @@ impl RunConfig {
     /// included) or on a CPU with AVX512-BF16 (the channels-last engine, which keeps the
     /// batch-norms folded, and the transformers' linear layers).
     pub fn validate_on(&self, device: &candle_core::Device) -> Result<(), ConfigError> {
-        if self.precision != Precision::Bf16 || device.is_cuda() {
-            return self.validate();
-        }
-        if !device.is_cpu() {
-            return Err(invalid(
-                "`precision` bf16 runs on CUDA GPUs and on CPUs with AVX512-BF16; use `precision` f32 on this device",
-            ));
-        }
+        crate::ops::bf16_gemm::check_on(self.precision, device).map_err(|e| {
+            invalid(format!(
+                "`precision` {}: {e}; use `precision` f32",
+                self.precision.name()
+            ))
+        })?;
         let has_batch_norm = zoo::find(&self.backbone).is_ok_and(|spec| spec.has_batch_norm());
-        if self.bn == BnMode::Train && has_batch_norm {
+        if self.precision == Precision::Bf16
+            && device.is_cpu()
+            && self.bn == BnMode::Train
+            && has_batch_norm
+        {
             return Err(invalid(
                 "`precision` bf16 runs on the channels-last engine on the CPU, which keeps the batch-norms folded: use `bn` frozen, `precision` f32 with `bn` train, or a CUDA GPU",
-            ));
-        }
-        if !crate::ops::bf16_gemm::available() {
-            return Err(invalid(
-                "`precision` bf16 needs a CPU with AVX512-BF16, which this one lacks (or a CUDA GPU); use `precision` f32",
             ));
         }
         self.validate()

@@ -174,6 +174,18 @@ pub fn check(precision: Precision) -> candle_core::Result<()> {
     Ok(())
 }
 
+/// Errors unless `device` can run `precision`'s products: bf16 runs on a CUDA GPU (candle's
+/// bf16 ops, mixed precision) and on a CPU that has the kernel ([`available`]).
+pub fn check_on(precision: Precision, device: &candle_core::Device) -> candle_core::Result<()> {
+    match device {
+        _ if precision == Precision::F32 || device.is_cuda() => Ok(()),
+        candle_core::Device::Cpu => check(precision),
+        _ => candle_core::bail!(
+            "bf16 runs on CUDA GPUs and on CPUs with AVX512-BF16, not on this device"
+        ),
+    }
+}
+
 /// Whether this CPU runs the kernel (AVX512-F, -BW, -VL and -BF16).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -82,7 +82,7 @@ impl TrainedRun {
         // bf16 run still serves on a GPU or an older CPU); asked for, it must run.
         let precision = precision.unwrap_or_else(|| match record.params.precision {
             Precision::Bf16
-                if !(device.is_cuda() || device.is_cpu() && crate::ops::bf16_gemm::available()) =>
+                if crate::ops::bf16_gemm::check_on(Precision::Bf16, device).is_err() =>
             {
                 Precision::F32
             }

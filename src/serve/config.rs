@@ -163,21 +163,9 @@ impl ServeConfig {
                 Err(ServeError::invalid(name, v, format!("{lo} to {hi}")))
             }
         };
-        if self.precision == Some(Precision::Bf16) && !self.device.is_cuda() {
-            if !self.device.is_cpu() {
-                return Err(ServeError::invalid(
-                    "--precision",
-                    "bf16",
-                    "f32 on this device (bf16 runs on CUDA GPUs and on the channels-last CPU engine)",
-                ));
-            }
-            if !crate::ops::bf16_gemm::available() {
-                return Err(ServeError::invalid(
-                    "--precision",
-                    "bf16",
-                    "f32 (this CPU lacks AVX512-BF16)",
-                ));
-            }
+        if let Some(precision) = self.precision {
+            crate::ops::bf16_gemm::check_on(precision, &self.device)
+                .map_err(|e| ServeError::invalid("--precision", "bf16", format!("f32 ({e})")))?;
         }
         range("--max-batch", self.max_batch, 1, 1024)?;
         range("--max-request-images", self.max_request_images, 1, 4096)?;
