@@ -7,6 +7,7 @@
 # on Fashion-MNIST (the assets' 60 000 training images, `bccp prepare`d once), against one local
 # PostgreSQL server started here with its durable defaults (fsync on, synchronous_commit on) and
 # SQLite in WAL mode with synchronous=FULL. Prints rows/s and the ratio to the reference.
+# The server's WAL is warmed up first (see below): the reference and bccp run on the same state.
 #
 # Usage: scripts/bench-ingest.sh   (env: BENCH_DIR work folder, default /tmp/bccp-bench-ingest;
 #        REF_ROWS rows for the reference, default 3000; PG_BIN PostgreSQL's bin folder)
@@ -48,6 +49,12 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 trap '"${as_pg[@]}" "$pg_bin/pg_ctl" -D "$pg/data" -m fast -w stop >/dev/null' EXIT
 url() { echo "postgres://postgres@127.0.0.1:$port/$1"; }
 for db in reference generate ingest; do "$pg_bin/createdb" -h 127.0.0.1 -p "$port" -U postgres "$db"; done
+# A fresh cluster creates (zero-fills and syncs) a 16 MB WAL segment for every 16 MB written; a
+# server that has run a while recycles old ones at each checkpoint. Write ~90 MB of WAL and
+# checkpoint once, so every way below is measured on a server in that steady state.
+"$pg_bin/psql" -q -h 127.0.0.1 -p "$port" -U postgres postgres \
+  -c "CREATE TABLE warm_up AS SELECT g, repeat('x', 200) AS t FROM generate_series(1, 400000) g" \
+  -c "DROP TABLE warm_up" -c "CHECKPOINT"
 rm -f "$work"/generate.sqlite3* "$work"/ingest.sqlite3*
 
 now() { python3 -c 'import time; print(time.perf_counter())'; }

@@ -357,6 +357,7 @@ on_both_backends!(
     reference_view,
     migration_from_an_older_schema,
     bulk_load_builds_its_indexes_at_the_end,
+    bulk_load_of_big_batches_keeps_arrival_order_and_skips_stored_keys,
 );
 
 /// Another connection holds SQLite's write lock for 600 ms while the store (busy timeout
@@ -466,6 +467,95 @@ fn bulk_load_builds_its_indexes_at_the_end(db: &TestDb) {
     let mut store = common::pg::open(&url);
     assert_eq!(sample_indexes(db, &url), all);
     assert_eq!(store.count_samples(&SampleFilter::default()).unwrap(), 3);
+}
+
+/// Batches big enough that PostgreSQL splits them over two connections: every row is stored
+/// once, ids follow the rows' order across the halves, and a batch holding a stored key (in
+/// either half) or a key twice still stores the others, as an ordinary batch does.
+fn bulk_load_of_big_batches_keeps_arrival_order_and_skips_stored_keys(db: &TestDb) {
+    let keys = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n).map(|i| format!("b{i:05}")).collect()
+    };
+    let rows = |keys: &[String]| -> Vec<NewSample> {
+        keys.iter()
+            .map(|k| sample(k, 1, "monday", Split::Train))
+            .collect()
+    };
+    let ascending = |ids: &[Option<i64>]| {
+        let ids: Vec<i64> = ids.iter().flatten().copied().collect();
+        ids.windows(2).all(|w| w[0] < w[1])
+    };
+    let mut store = db.open();
+    assert!(store.begin_bulk_load().unwrap());
+    if let Some(server) = &db.server {
+        // The second connection of the load.
+        let name = db.url.rsplit('/').next().unwrap();
+        let connections: i64 = server
+            .client(name)
+            .query_one(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'bccp'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(connections, 2);
+    }
+    let first = keys(0, 5000);
+    let ids = store.insert_samples(&rows(&first)).unwrap();
+    assert!(ids.iter().all(Option::is_some) && ascending(&ids));
+    if let Some(server) = &db.server {
+        // Two transactions wrote the batch: one half each.
+        let name = db.url.rsplit('/').next().unwrap();
+        let halves: Vec<i64> = server
+            .client(name)
+            .query(
+                "SELECT COUNT(*) FROM samples GROUP BY xmin::text ORDER BY MIN(id)",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(halves, [2500, 2500]);
+    }
+
+    // A stored key in the second half, then one in the first half, and a key twice.
+    let mut second = keys(5000, 4000);
+    second[3500] = first[10].clone();
+    let ids = store.insert_samples(&rows(&second)).unwrap();
+    assert_eq!(ids.iter().filter(|id| id.is_none()).count(), 1);
+    assert!(ids[3500].is_none() && ascending(&ids));
+    let mut third = keys(9000, 3000);
+    third[5] = first[20].clone();
+    third[2999] = third[2998].clone();
+    let ids = store.insert_samples(&rows(&third)).unwrap();
+    assert!(ids[5].is_none() && ids[2998].is_some() && ids[2999].is_none());
+    assert!(ascending(&ids));
+    store.end_bulk_load().unwrap();
+
+    assert_eq!(
+        sample_indexes(db, &db.url),
+        ["samples_sha256", "samples_source_split"]
+    );
+    // Arrival order is id order.
+    let stored: Vec<String> = store
+        .samples(&SampleFilter::default(), usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.key)
+        .collect();
+    let mut expected = first.clone();
+    expected.extend(second.iter().filter(|k| **k != first[10]).cloned());
+    expected.extend(
+        third
+            .iter()
+            .take(2999)
+            .filter(|k| **k != first[20])
+            .cloned(),
+    );
+    assert_eq!(stored.len(), 5000 + 3999 + 2998);
+    assert_eq!(stored, expected);
 }
 
 /// While batches are inserted, another connection keeps terminating the store's backend

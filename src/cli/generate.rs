@@ -108,11 +108,21 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         batch_size: args.batch_size,
         view,
     };
-    let mut db = args.db.open()?;
+    // The dataset is read while the store is opened (connected and migrated).
+    let (db, input) = std::thread::scope(|scope| {
+        let db = scope.spawn(|| args.db.open());
+        let input = store::GenerateInput::read(&opts);
+        let db = db
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (db, input)
+    });
+    let mut db = db?;
+    let input = input?;
     let _graceful = bccp::runtime::graceful_stop();
     let stop = || bccp::runtime::stop_requested().is_some();
     let started = std::time::Instant::now();
-    let summary = store::generate(db.as_mut(), &opts, &stop, &mut |line| {
+    let summary = store::generate_from(db.as_mut(), &opts, &input, &stop, &mut |line| {
         if !quiet {
             eprintln!("{line}");
         }

@@ -21,6 +21,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use super::error::{Result, StoreError};
 use super::{NewSample, SampleStatus, Split, Store};
 use crate::data::prepare::{read_dataset_info, DATASET_INFO_FILE};
@@ -228,6 +230,53 @@ fn dataset_fingerprint(dataset: &Path) -> Result<String> {
     Ok(sha256_hex(&bytes)[..16].to_owned())
 }
 
+/// What the generator reads from the prepared dataset before it touches a store (read while
+/// the store is opened, see [`GenerateInput::read`]).
+pub struct GenerateInput {
+    classes: Vec<String>,
+    /// The dataset folder, canonical, as UTF-8.
+    root: String,
+    fingerprint: String,
+    /// The chosen days' manifests, each day once.
+    per_day: Vec<(Day, Vec<Record>)>,
+}
+
+impl GenerateInput {
+    /// Checks `opts` and reads the dataset's class list and the chosen days' manifests.
+    pub fn read(opts: &GenerateOptions) -> Result<Self> {
+        check(opts)?;
+        let info = read_dataset_info(&opts.dataset)?;
+        let classes = info.classes.len();
+        let root =
+            std::fs::canonicalize(&opts.dataset).map_err(|e| StoreError::io(&opts.dataset, e))?;
+        let root = root
+            .to_str()
+            .ok_or_else(|| StoreError::invalid("--dataset", root.display(), "a UTF-8 path"))?
+            .to_owned();
+        let fingerprint = dataset_fingerprint(&opts.dataset)?;
+        let mut days: Vec<Day> = Vec::new();
+        for &day in &opts.days {
+            if !days.contains(&day) {
+                days.push(day);
+            }
+        }
+        // The days' manifests are read (and parsed) side by side.
+        let per_day = days
+            .into_par_iter()
+            .map(|day| {
+                let path = opts.dataset.join(format!("{}.jsonl", day.as_str()));
+                Ok((day, read_manifest_for(&path, classes)?))
+            })
+            .collect::<std::result::Result<_, crate::data::DataError>>()?;
+        Ok(Self {
+            classes: info.classes,
+            root,
+            fingerprint,
+            per_day,
+        })
+    }
+}
+
 /// Runs the generator into `store`; `stop` is checked between transactions, `log` gets one
 /// line per phase.
 pub fn generate(
@@ -236,32 +285,28 @@ pub fn generate(
     stop: &dyn Fn() -> bool,
     log: &mut dyn FnMut(&str),
 ) -> Result<GenerateSummary> {
-    check(opts)?;
-    let info = read_dataset_info(&opts.dataset)?;
-    let classes = info.classes.len();
-    let root =
-        std::fs::canonicalize(&opts.dataset).map_err(|e| StoreError::io(&opts.dataset, e))?;
-    let root_str = root
-        .to_str()
-        .ok_or_else(|| StoreError::invalid("--dataset", root.display(), "a UTF-8 path"))?
-        .to_owned();
-    let fingerprint = dataset_fingerprint(&opts.dataset)?;
-    let class_idx = store.ensure_classes(&info.classes)?;
+    let input = GenerateInput::read(opts)?;
+    generate_from(store, opts, &input, stop, log)
+}
 
-    let manifest = |day: Day| {
-        read_manifest_for(
-            &opts.dataset.join(format!("{}.jsonl", day.as_str())),
-            classes,
-        )
-    };
-    let mut per_day: Vec<(Day, Vec<Record>)> = Vec::new();
-    for &day in &opts.days {
-        if !per_day.iter().any(|(d, _)| *d == day) {
-            per_day.push((day, manifest(day)?));
-        }
-    }
+/// [`generate`] with its input already read (by [`GenerateInput::read`] with the same `opts`).
+pub fn generate_from(
+    store: &mut dyn Store,
+    opts: &GenerateOptions,
+    input: &GenerateInput,
+    stop: &dyn Fn() -> bool,
+    log: &mut dyn FnMut(&str),
+) -> Result<GenerateSummary> {
+    let GenerateInput {
+        classes,
+        root: root_str,
+        fingerprint,
+        per_day,
+    } = input;
+    let class_idx = store.ensure_classes(classes)?;
+    let classes = classes.len();
     let mut items = Vec::new();
-    for (day, records) in &per_day {
+    for (day, records) in per_day {
         // Tuesday's user labels are drawn over the whole manifest, so a record's label does
         // not depend on which records are generated.
         let given: Vec<usize> = if *day == Day::Tuesday {
@@ -309,7 +354,7 @@ pub fn generate(
     if opts.bulk {
         let deferred = store.begin_bulk_load()?;
         let mut load = |store: &mut dyn Store| -> Result<()> {
-            for &(day, _) in &per_day {
+            for &(day, _) in per_day {
                 let day_items: Vec<&Item> = items
                     .iter()
                     .filter(|(d, _)| *d == day)

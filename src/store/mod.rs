@@ -19,6 +19,7 @@ mod ahead;
 pub mod error;
 pub mod generate;
 pub mod ingest;
+mod pg_copy;
 mod postgres;
 mod retry;
 mod schema;
@@ -43,7 +44,9 @@ pub const BULK_BATCH_ROWS: usize = 5000;
 /// files of any size a batch ahead.
 pub const GENERATE_BATCH_ROWS: usize = 20_000;
 
-pub use generate::{generate, GenerateOptions, GenerateSummary, StreamBound};
+pub use generate::{
+    generate, generate_from, GenerateInput, GenerateOptions, GenerateSummary, StreamBound,
+};
 pub use ingest::{ingest, IngestInput, IngestOptions, IngestSummary};
 pub use postgres::PgStore;
 pub use schema::SCHEMA_VERSION;

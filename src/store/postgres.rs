@@ -11,6 +11,7 @@ use std::time::Duration;
 use postgres::{Client, Config, NoTls};
 
 use super::error::{Result, StoreError};
+use super::pg_copy::{self, TwoLanes};
 use super::retry::{Backoff, RETRY_WINDOW};
 use super::schema::{
     filter_sql, Param, CREATE_VERSION_TABLE, DEFERRABLE_INDEXES, MIGRATIONS, SCHEMA_VERSION,
@@ -29,6 +30,9 @@ pub struct PgStore {
     config: Config,
     /// `None` after the connection was lost, until the next attempt re-opens it.
     client: Option<Client>,
+    /// A second connection while a bulk load into an empty samples table runs: it copies
+    /// half of every batch and builds one of the deferred indexes ([`pg_copy::copy_on_two`]).
+    bulk_lane: Option<Client>,
     location: String,
     stats: StoreStats,
 }
@@ -117,6 +121,7 @@ impl PgStore {
         let mut store = Self {
             config,
             client: Some(client),
+            bulk_lane: None,
             location: url.display.clone(),
             stats: StoreStats::default(),
         };
@@ -282,105 +287,6 @@ fn insert_sample_rows(
         .collect())
 }
 
-/// Copies `rows` in with `COPY … FROM STDIN` (text format), their ids drawn from the
-/// table's sequence first, in row order; the rows' ids by key, or `None` when the rows could
-/// not be sent for a reason other than the server's (the copy is then aborted).
-fn copy_sample_rows(
-    tx: &mut Tx<'_>,
-    rows: &[&NewSample],
-) -> PgResult<Option<HashMap<String, i64>>> {
-    let mut ids: Vec<i64> = tx
-        .query(
-            // The sequence looked up once (materialised), not per row: a lookup per row
-            // costs 4 ms per 1 000 rows, 5 times the ids themselves.
-            "WITH s AS MATERIALIZED \
-             (SELECT pg_get_serial_sequence('samples', 'id')::regclass AS seq) \
-             SELECT nextval(s.seq) FROM s, generate_series(1, $1::bigint)",
-            &[&(rows.len() as i64)],
-        )?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    // Arrival order is id order: the batch's rows take its ids in ascending order.
-    ids.sort_unstable();
-    let mut text = String::with_capacity(rows.len() * 256);
-    for (id, s) in ids.iter().zip(rows) {
-        copy_text_row(&mut text, *id, s);
-    }
-    let mut writer = tx.copy_in(
-        "COPY samples (id, ikey, timestamp, image_path, sha256, label_given, label_true, \
-         source, split, status, reject_reason) FROM STDIN",
-    )?;
-    // The writer sends its buffer when it grows past 4 KiB, and wraps the server's errors in
-    // I/O errors; dropping it unfinished aborts the copy.
-    if let Err(e) = std::io::Write::write_all(&mut writer, text.as_bytes()) {
-        return match e
-            .into_inner()
-            .map(|inner| inner.downcast::<postgres::Error>())
-        {
-            Some(Ok(server)) => Err(*server),
-            _ => Ok(None),
-        };
-    }
-    writer.finish()?;
-    Ok(Some(rows.iter().map(|s| s.key.clone()).zip(ids).collect()))
-}
-
-/// Appends one row of `COPY`'s text format: tab-separated, `\N` for null, the text escaped.
-fn copy_text_row(out: &mut String, id: i64, s: &NewSample) {
-    use std::fmt::Write;
-    let _ = write!(out, "{id}\t");
-    for (i, field) in [
-        Some(s.key.as_str()),
-        Some(s.timestamp.as_str()),
-        Some(s.image_path.as_str()),
-        s.sha256.as_deref(),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if i > 0 {
-            out.push('\t');
-        }
-        copy_text_field(out, field);
-    }
-    let _ = write!(out, "\t{}\t", s.label_given);
-    match s.label_true {
-        Some(label) => {
-            let _ = write!(out, "{label}");
-        }
-        None => out.push_str("\\N"),
-    }
-    for field in [
-        Some(s.source.as_str()),
-        Some(s.split.as_str()),
-        Some(s.status.as_str()),
-        s.status.reason(),
-    ] {
-        out.push('\t');
-        copy_text_field(out, field);
-    }
-    out.push('\n');
-}
-
-/// One text field of `COPY`'s text format: backslash, tab, newline and carriage return
-/// escaped; `None` as `\N`.
-fn copy_text_field(out: &mut String, field: Option<&str>) {
-    let Some(text) = field else {
-        out.push_str("\\N");
-        return;
-    };
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-}
-
 fn run<T>(client: &mut Client, op: &mut impl FnMut(&mut Tx<'_>) -> PgResult<T>) -> PgResult<T> {
     let mut tx = client.transaction()?;
     let value = op(&mut tx)?;
@@ -511,7 +417,10 @@ impl Store for PgStore {
     }
 
     fn begin_bulk_load(&mut self) -> Result<bool> {
-        self.transaction("starting a bulk load", |tx| {
+        // The second connection is opened meanwhile (a server starts a process for it).
+        let config = self.config.clone();
+        let lane = std::thread::spawn(move || config.connect(NoTls).ok());
+        let empty = self.transaction("starting a bulk load", |tx| {
             let empty: bool = tx
                 .query_one("SELECT NOT EXISTS (SELECT 1 FROM samples)", &[])?
                 .get(0);
@@ -521,10 +430,23 @@ impl Store for PgStore {
                 }
             }
             Ok(empty)
-        })
+        })?;
+        // Without a second connection the load goes on one.
+        let lane = lane.join().ok().flatten();
+        self.bulk_lane = lane.filter(|_| empty);
+        Ok(empty)
     }
 
     fn end_bulk_load(&mut self) -> Result<()> {
+        if let (Some(mut lane), Some(client)) = (self.bulk_lane.take(), self.client.as_mut()) {
+            // Side by side, one index on each connection; whatever fails here is built (or
+            // reported) by the checked pass below.
+            let [(_, first), (_, second)] = DEFERRABLE_INDEXES;
+            std::thread::scope(|scope| {
+                scope.spawn(move || lane.batch_execute(second));
+                let _ = client.batch_execute(first);
+            });
+        }
         self.build_deferred_indexes()
     }
 
@@ -532,8 +454,40 @@ impl Store for PgStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<&str> = rows.iter().map(|s| s.key.as_str()).collect();
-        let (inserted, conflicted) = self.transaction("inserting samples", |tx| {
+        let mut inserted = HashMap::new();
+        let mut rest: Vec<&NewSample> = rows.iter().collect();
+        // A bulk load into an empty table: straight in on two connections. Anything in the
+        // way (a key stored meanwhile, a lost connection) sends the batch the checked way.
+        if let (Some(lane), Some(client), true) = (
+            self.bulk_lane.as_mut(),
+            self.client.as_mut(),
+            rows.len() >= pg_copy::SPLIT_MIN_ROWS,
+        ) {
+            match pg_copy::copy_on_two(client, lane, &rest) {
+                TwoLanes::Stored(ids) => inserted = ids,
+                TwoLanes::FirstStored(n, ids) => {
+                    inserted = ids;
+                    rest.drain(..n);
+                    self.bulk_lane = None;
+                }
+                TwoLanes::NotStored(e) => {
+                    let conflict = e.as_ref().and_then(|e| e.code())
+                        == Some(&postgres::error::SqlState::UNIQUE_VIOLATION);
+                    self.stats.key_conflicts += u64::from(conflict);
+                    if !conflict || lane.is_closed() {
+                        self.bulk_lane = None;
+                    }
+                    if client.is_closed() {
+                        self.client = None;
+                    }
+                }
+            }
+            if inserted.len() == rows.len() {
+                return Ok(rows.iter().map(|s| inserted.remove(&s.key)).collect());
+            }
+        }
+        let keys: Vec<&str> = rest.iter().map(|s| s.key.as_str()).collect();
+        let (checked, conflicted) = self.transaction("inserting samples", |tx| {
             // The keys already stored are looked up first and the others copied in (`COPY`
             // takes the server about 60% of an `INSERT … SELECT FROM unnest`'s time, and
             // `ON CONFLICT` would add a speculative insertion per row). A writer that stores
@@ -544,16 +498,17 @@ impl Store for PgStore {
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            let mut seen = HashSet::with_capacity(rows.len());
-            let new: Vec<&NewSample> = rows
+            let mut seen = HashSet::with_capacity(rest.len());
+            let new: Vec<&NewSample> = rest
                 .iter()
+                .copied()
                 .filter(|s| !stored.contains(&s.key) && seen.insert(s.key.as_str()))
                 .collect();
             if new.is_empty() {
                 return Ok((HashMap::new(), false));
             }
             let mut plain = tx.transaction()?;
-            let conflicted = match copy_sample_rows(&mut plain, &new) {
+            let conflicted = match pg_copy::copy_sample_rows(&mut plain, &new) {
                 Ok(Some(ids)) => {
                     plain.commit()?;
                     return Ok((ids, false));
@@ -567,7 +522,7 @@ impl Store for PgStore {
             Ok((ids, conflicted))
         })?;
         self.stats.key_conflicts += u64::from(conflicted);
-        let mut inserted = inserted;
+        inserted.extend(checked);
         // A key repeated within the batch: its first row was inserted, the others not.
         Ok(rows.iter().map(|s| inserted.remove(&s.key)).collect())
     }
@@ -814,45 +769,5 @@ impl Store for PgStore {
              label_given::integer AS target FROM samples WHERE status = 'accepted'"
         );
         self.transaction("creating the reference view", |tx| tx.batch_execute(&sql))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_rows_escape_text_and_write_nulls() {
-        let sample = NewSample {
-            key: "k\\1".into(),
-            timestamp: "2026-12-04T16:00:00Z".into(),
-            image_path: "/a\tb\nc\rd.png".into(),
-            sha256: None,
-            label_given: 3,
-            label_true: None,
-            source: "monday".into(),
-            split: Split::Gate,
-            status: SampleStatus::Rejected("bad\\png".into()),
-        };
-        let mut text = String::new();
-        copy_text_row(&mut text, 7, &sample);
-        assert_eq!(
-            text,
-            "7\tk\\\\1\t2026-12-04T16:00:00Z\t/a\\tb\\nc\\rd.png\t\\N\t3\t\\N\tmonday\tgate\t\
-             rejected\tbad\\\\png\n"
-        );
-        let accepted = NewSample {
-            sha256: Some("ab".into()),
-            label_true: Some(4),
-            split: Split::Train,
-            status: SampleStatus::Accepted,
-            ..sample
-        };
-        text.clear();
-        copy_text_row(&mut text, 8, &accepted);
-        assert!(
-            text.ends_with("\tab\t3\t4\tmonday\ttrain\taccepted\t\\N\n"),
-            "{text}"
-        );
     }
 }
