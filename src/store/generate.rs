@@ -361,27 +361,25 @@ pub fn generate_from(
                     .map(|(_, i)| i)
                     .collect();
                 let mut inserted = 0u64;
-                // Files without a recorded hash are hashed one batch ahead of the database writes.
+                // The rows are made (and files without a recorded hash hashed) one batch ahead
+                // of the database writes, on all cores.
                 super::ahead::one_chunk_ahead(
                     &day_items,
                     opts.batch_size,
-                    |item| image_sha256(item),
-                    |chunk, hashes| -> Result<bool> {
+                    |item| -> Result<NewSample> {
+                        let hash = image_sha256(item)?;
+                        let ts = parse_rfc3339(&item.record.timestamp)
+                            .map(format_utc)
+                            .unwrap_or_else(super::now_utc);
+                        let key = format!("manifest:{fingerprint}:{}", item.record.id);
+                        Ok(row(day, item, key, ts, hash))
+                    },
+                    |_, rows| -> Result<bool> {
                         if stop() {
                             summary.stopped = true;
                             return Ok(false);
                         }
-                        let rows = chunk
-                            .iter()
-                            .zip(hashes)
-                            .map(|(item, hash)| {
-                                let ts = parse_rfc3339(&item.record.timestamp)
-                                    .map(format_utc)
-                                    .unwrap_or_else(super::now_utc);
-                                let key = format!("manifest:{fingerprint}:{}", item.record.id);
-                                Ok(row(day, item, key, ts, hash?))
-                            })
-                            .collect::<Result<Vec<NewSample>>>()?;
+                        let rows = rows.into_iter().collect::<Result<Vec<NewSample>>>()?;
                         let ids = store.insert_samples(&rows)?;
                         let new = ids.iter().filter(|id| id.is_some()).count() as u64;
                         inserted += new;

@@ -178,7 +178,7 @@ fn read_jsonl(path: &Path, store: &mut dyn Store) -> Result<Vec<Item>> {
 }
 
 /// The outcome of reading one file.
-pub(crate) struct Checked {
+pub struct Checked {
     pub sha256: Option<String>,
     pub status: SampleStatus,
     /// The kind of rejection, `None` when accepted.
@@ -186,7 +186,7 @@ pub(crate) struct Checked {
 }
 
 /// Reads, hashes and strictly decodes one file (the rules every way in shares).
-pub(crate) fn check_file(path: &Path) -> Checked {
+pub fn check_file(path: &Path) -> Checked {
     let bytes = match read_image_file(path) {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -241,9 +241,11 @@ pub fn ingest(
         IngestInput::Jsonl(path) => read_jsonl(path, store)?,
     };
     let mut seen: HashSet<String> = HashSet::new();
+    // Into an empty store, its indexes are built at the end (see `Store::begin_bulk_load`).
+    let deferred = store.begin_bulk_load()?;
     // Files are read, hashed and decoded one chunk ahead of the database writes, so decoding
     // and committing overlap.
-    super::ahead::one_chunk_ahead(
+    let loaded = super::ahead::one_chunk_ahead(
         &items,
         opts.batch_size,
         |item| check_file(&item.path),
@@ -255,7 +257,12 @@ pub fn ingest(
             write_chunk(store, opts, chunk, checked, &mut seen, &mut summary)?;
             Ok(true)
         },
-    )?;
+    );
+    // Built on every way out (a stop, an error); after a crash, the next open builds them.
+    if deferred {
+        store.end_bulk_load()?;
+    }
+    loaded?;
     Ok(summary)
 }
 

@@ -439,12 +439,19 @@ impl Store for PgStore {
 
     fn end_bulk_load(&mut self) -> Result<()> {
         if let (Some(mut lane), Some(client)) = (self.bulk_lane.take(), self.client.as_mut()) {
-            // Side by side, one index on each connection; whatever fails here is built (or
-            // reported) by the checked pass below.
+            // Side by side, one index on each connection, each without parallel workers (two
+            // builds already take two cores; workers on top made them slower); whatever fails
+            // here is built (or reported) by the checked pass below.
             let [(_, first), (_, second)] = DEFERRABLE_INDEXES;
+            let serial = |create: &str| {
+                format!(
+                    "SET max_parallel_maintenance_workers = 0; {create}; \
+                     RESET max_parallel_maintenance_workers"
+                )
+            };
             std::thread::scope(|scope| {
-                scope.spawn(move || lane.batch_execute(second));
-                let _ = client.batch_execute(first);
+                scope.spawn(|| lane.batch_execute(&serial(second)));
+                let _ = client.batch_execute(&serial(first));
             });
         }
         self.build_deferred_indexes()

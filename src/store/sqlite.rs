@@ -412,13 +412,18 @@ impl Store for SqliteStore {
 
     fn known_hashes(&mut self, hashes: &[String]) -> Result<HashSet<String>> {
         self.transaction("looking up hashes", false, |tx| {
-            let mut stmt = tx.prepare_cached("SELECT 1 FROM samples WHERE sha256 = ?1 LIMIT 1")?;
-            let mut known = HashSet::new();
-            for h in hashes {
-                if stmt.exists([h])? {
-                    known.insert(h.clone());
-                }
-            }
+            // One statement over the whole list: with the content-hash index a look-up per
+            // hash, without it (a bulk load defers it) one pass over the table, not one per
+            // hash.
+            let list = serde_json::to_string(hashes)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let mut stmt = tx.prepare_cached(
+                "SELECT DISTINCT sha256 FROM samples \
+                 WHERE sha256 IN (SELECT value FROM json_each(?1))",
+            )?;
+            let known = stmt
+                .query_map([list], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<HashSet<String>>>()?;
             Ok(known)
         })
     }
