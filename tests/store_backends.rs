@@ -669,3 +669,52 @@ fn postgres_batch_racing_another_writer_skips_its_key() {
     let stored: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(stored, [("x".to_string(), 0), ("y".to_string(), 2)]);
 }
+
+/// Another writer holds a lower id, uncommitted, while a higher one is committed: the
+/// watermark is returned only once that writer has ended, so the range up to it misses
+/// nothing (taking the highest id seen at once would skip the lower one for good).
+#[test]
+fn postgres_watermark_waits_for_a_writer_with_a_lower_id() {
+    let db = TestDb::new(Backend::Postgres);
+    let server = db.server.as_ref().unwrap();
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let mut store = db.open();
+    store
+        .insert_samples(&[sample("a", 0, "monday", Split::Train)])
+        .unwrap();
+    let mut other = server.client(&name);
+    let mut tx = other.transaction().unwrap();
+    let lower: i64 = tx
+        .query_one(
+            "INSERT INTO samples (ikey, timestamp, image_path, label_given, source, split, status) \
+             VALUES ('b', now(), '/data/b.png', 0, 'monday', 'train', 'accepted') RETURNING id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let higher = store
+        .insert_samples(&[sample("c", 0, "monday", Split::Train)])
+        .unwrap()[0]
+        .unwrap();
+    assert!(lower < higher);
+    let reader = std::thread::spawn(move || {
+        let started = Instant::now();
+        let top = store.max_sample_id().unwrap();
+        let counted = store
+            .count_samples(&SampleFilter {
+                up_to_id: Some(top),
+                ..SampleFilter::default()
+            })
+            .unwrap();
+        (top, counted, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    tx.commit().unwrap();
+    let (top, counted, waited) = reader.join().unwrap();
+    assert_eq!(top, higher);
+    assert_eq!(counted, 3, "the lower id is inside the watermark's range");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "returned after {waited:?}"
+    );
+}

@@ -335,7 +335,9 @@ pub trait Store: Send {
     /// The number of samples matching `filter`.
     fn count_samples(&mut self, filter: &SampleFilter) -> Result<u64>;
 
-    /// The largest sample id (0 when empty): the watermark of "everything so far".
+    /// The largest sample id (0 when empty): the watermark of "everything so far". No sample
+    /// with a lower id appears after it returns: on PostgreSQL, where concurrent writers commit
+    /// their ids out of order, it waits (up to a minute) for the writers open when it looked.
     fn max_sample_id(&mut self) -> Result<i64>;
 
     /// The hashes among `hashes` that a stored sample has.

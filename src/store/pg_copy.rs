@@ -23,6 +23,12 @@ const SEND_BYTES: usize = 64 * 1024;
 /// round trips would cost more than its half saves).
 pub(super) const SPLIT_MIN_ROWS: usize = 2_000;
 
+/// What a transaction runs before it draws sample ids: the table's writer lock and a
+/// transaction id, so that [`Store::max_sample_id`](super::Store::max_sample_id) sees it as an
+/// open writer from the moment it holds ids until it ends.
+pub(super) const CLAIM_IDS: &str =
+    "LOCK TABLE samples IN ROW EXCLUSIVE MODE; SELECT txid_current()";
+
 /// Draws `n` ids from the samples table's sequence, ascending.
 pub(super) fn next_ids(client: &mut impl GenericClient, n: usize) -> PgResult<Vec<i64>> {
     let mut ids: Vec<i64> = client
@@ -106,13 +112,19 @@ pub(super) enum TwoLanes {
 }
 
 /// Copies the first half of `rows` on `first` and the second half on `second` at the same
-/// time, each in its own transaction, then commits the first half before the second.
+/// time, each in its own transaction, then commits the first half before the second. Both
+/// transactions claim their writer lock ([`CLAIM_IDS`]) before the ids are drawn (in the
+/// first).
 pub(super) fn copy_on_two(
     first: &mut Client,
     second: &mut Client,
     rows: &[&NewSample],
 ) -> TwoLanes {
-    let ids = match next_ids(first, rows.len()) {
+    let (mut early, late) = match (claim(first), claim(second)) {
+        (Ok(early), Ok(late)) => (early, late),
+        (Err(e), _) | (_, Err(e)) => return TwoLanes::NotStored(Some(e)),
+    };
+    let ids = match next_ids(&mut early, rows.len()) {
         Ok(ids) => ids,
         Err(e) => return TwoLanes::NotStored(Some(e)),
     };
@@ -120,8 +132,8 @@ pub(super) fn copy_on_two(
     let (head, tail) = rows.split_at(mid);
     let (head_ids, tail_ids) = ids.split_at(mid);
     std::thread::scope(|scope| {
-        let late = scope.spawn(move || copy_uncommitted(second, tail, tail_ids));
-        let early = copy_uncommitted(first, head, head_ids);
+        let late = scope.spawn(move || copy_in(late, tail, tail_ids));
+        let early = copy_in(early, head, head_ids);
         let late = late
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -141,13 +153,19 @@ pub(super) fn copy_on_two(
     })
 }
 
-/// Copies `rows` in a transaction of `client` left open; `None` as in [`copy_rows`].
-fn copy_uncommitted<'a>(
-    client: &'a mut Client,
+/// A transaction of `client` that has claimed its writer lock ([`CLAIM_IDS`]).
+fn claim(client: &mut Client) -> PgResult<postgres::Transaction<'_>> {
+    let mut tx = client.transaction()?;
+    tx.batch_execute(CLAIM_IDS)?;
+    Ok(tx)
+}
+
+/// Copies `rows` in `tx`, left open; `None` as in [`copy_rows`].
+fn copy_in<'a>(
+    mut tx: postgres::Transaction<'a>,
     rows: &[&NewSample],
     ids: &[i64],
 ) -> PgResult<Option<postgres::Transaction<'a>>> {
-    let mut tx = client.transaction()?;
     Ok(copy_rows(&mut tx, rows, ids)?.then_some(tx))
 }
 

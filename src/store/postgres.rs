@@ -58,6 +58,9 @@ fn retrain_columns() -> String {
     )
 }
 
+/// How long [`Store::max_sample_id`] waits for the samples' open writers.
+const WRITERS_WAIT: Duration = Duration::from_secs(60);
+
 /// A key of the advisory lock that serialises migrations of one database.
 const MIGRATION_LOCK: i64 = 0x6263_6370_0001;
 
@@ -500,6 +503,7 @@ impl Store for PgStore {
             // `ON CONFLICT` would add a speculative insertion per row). A writer that stores
             // one of the keys in between makes the copy fail on the unique key; the batch
             // then goes in with `INSERT … ON CONFLICT DO NOTHING`.
+            tx.batch_execute(pg_copy::CLAIM_IDS)?;
             let stored: HashSet<String> = tx
                 .query("SELECT ikey FROM samples WHERE ikey = ANY($1)", &[&keys])?
                 .iter()
@@ -561,11 +565,51 @@ impl Store for PgStore {
     }
 
     fn max_sample_id(&mut self) -> Result<i64> {
-        self.transaction("reading the last sample id", |tx| {
-            Ok(tx
-                .query_one("SELECT COALESCE(MAX(id), 0)::BIGINT FROM samples", &[])?
-                .get(0))
-        })
+        // Concurrent writers commit their ids out of order: a lower id may still be on its way
+        // when a higher one is visible. Every writer holds its lock on the table and its
+        // transaction id before it draws ids (`pg_copy::CLAIM_IDS`), so the transactions
+        // that may still add an id below the highest one seen are exactly the table's writers
+        // open at that moment; the watermark is returned once they have ended.
+        let (top, mut writers) = self.transaction("reading the last sample id", |tx| {
+            let row = tx.query_one(
+                "SELECT COALESCE((SELECT MAX(id) FROM samples), 0)::BIGINT, \
+                 ARRAY(SELECT DISTINCT t.transactionid::TEXT FROM pg_locks r \
+                       JOIN pg_locks t ON t.virtualtransaction = r.virtualtransaction \
+                       WHERE r.locktype = 'relation' AND r.relation = 'samples'::regclass \
+                       AND r.mode = 'RowExclusiveLock' AND r.pid <> pg_backend_pid() \
+                       AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' \
+                       AND t.granted)",
+                &[],
+            )?;
+            Ok((row.get::<_, i64>(0), row.get::<_, Vec<String>>(1)))
+        })?;
+        let deadline = std::time::Instant::now() + WRITERS_WAIT;
+        while !writers.is_empty() {
+            if std::time::Instant::now() > deadline {
+                return Err(StoreError::Postgres {
+                    location: self.location.clone(),
+                    message: format!(
+                        "reading the last sample id: {} transaction(s) writing samples (ids {}) \
+                         still open after {} s; a cycle waits for them so that no sample is \
+                         skipped, and the next one tries again",
+                        writers.len(),
+                        writers.join(", "),
+                        WRITERS_WAIT.as_secs()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            let open = writers.clone();
+            writers = self.transaction("waiting for the samples' writers", |tx| {
+                let rows = tx.query(
+                    "SELECT transactionid::TEXT FROM pg_locks WHERE locktype = 'transactionid' \
+                     AND mode = 'ExclusiveLock' AND granted AND transactionid::TEXT = ANY($1)",
+                    &[&open],
+                )?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })?;
+        }
+        Ok(top)
     }
 
     fn known_hashes(&mut self, hashes: &[String]) -> Result<HashSet<String>> {
