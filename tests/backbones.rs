@@ -249,6 +249,55 @@ fn channels_last_engine_matches_candle_ops() {
     }
 }
 
+/// Inverted-residual blocks run in bands of rows give the embeddings of whole maps to the bit:
+/// bands of one row up to the default, strides 1 and 2, square, odd and non-square maps (the
+/// real MobileNetV2 and EfficientNet-Lite0, whose depthwise layers keep the same padding on
+/// every side only in MobileNetV2: EfficientNet-Lite's TensorFlow padding is never banded).
+#[test]
+fn channels_last_bands_equal_whole_maps() {
+    use bccp::backbone::channels_last::{ChannelsLastTrunk, DEFAULT_BANDS};
+    use bccp::backbone::{efficientnet_lite, mobilenet_v2};
+    use candle_core::DType;
+    use candle_nn::VarBuilder;
+
+    let vb = |file: &str| {
+        let tensors = candle_core::safetensors::load(asset(file), &Device::Cpu).unwrap();
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
+    };
+    let mobilenet =
+        mobilenet_v2::MobileNetV2::load(vb("weights/mobilenet_v2.safetensors")).unwrap();
+    let efficientnet = efficientnet_lite::EfficientNetLite::load(
+        &efficientnet_lite::Config::lite0(),
+        vb("weights/efficientnet_lite0.safetensors"),
+    )
+    .unwrap();
+    let mut rng = bccp::rng::Rng::new(12);
+    for (n, h, w) in [(3, 64, 64), (2, 45, 37), (1, 33, 70), (2, 256, 256)] {
+        let pixels: Vec<f32> = (0..n * 3 * h * w)
+            .map(|_| rng.unit_f64() as f32 * 4.0 - 2.0)
+            .collect();
+        let x = Tensor::from_vec(pixels, (n, 3, h, w), &Device::Cpu).unwrap();
+        for (name, trunk) in [
+            ("mobilenet_v2", mobilenet.trunk()),
+            ("efficientnet_lite0", efficientnet.trunk()),
+        ] {
+            let mut engine = ChannelsLastTrunk::new(trunk).unwrap();
+            engine.set_bands(None);
+            let whole = engine.embed(&x).unwrap().flatten_all().unwrap();
+            let whole = whole.to_vec1::<f32>().unwrap();
+            for bands in [(0, 1), (0, 20_000), (0, 200_000), DEFAULT_BANDS] {
+                engine.set_bands(Some(bands));
+                let banded = engine.embed(&x).unwrap().flatten_all().unwrap();
+                assert_eq!(
+                    banded.to_vec1::<f32>().unwrap(),
+                    whole,
+                    "{name} {n}×{h}×{w}, bands {bands:?}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn channels_last_resnets_match_candle_transformers() {
     use bccp::backbone::channels_last::ChannelsLastResNet;

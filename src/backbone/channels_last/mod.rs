@@ -20,7 +20,7 @@ mod trunk;
 
 pub use resnet::ChannelsLastResNet;
 pub use train::{EngineTrainer, Forward, Gradients};
-pub use trunk::ChannelsLastTrunk;
+pub use trunk::{ChannelsLastTrunk, DEFAULT_BANDS};
 
 use std::sync::Mutex;
 
