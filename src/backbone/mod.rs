@@ -75,7 +75,7 @@ enum Network {
 
 /// A network laid out for channels-last CPU inference.
 enum CpuEngine {
-    Trunk(ChannelsLastTrunk),
+    Trunk(Box<ChannelsLastTrunk>),
     ResNet(ChannelsLastResNet),
 }
 
@@ -378,7 +378,7 @@ impl Backbone {
                 .trunk()
                 .map(ChannelsLastTrunk::new)
                 .transpose()?
-                .map(CpuEngine::Trunk),
+                .map(|t| CpuEngine::Trunk(Box::new(t))),
         };
         if let Some(e) = &mut engine {
             e.set_precision(self.precision)?;
