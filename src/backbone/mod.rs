@@ -76,7 +76,7 @@ enum Network {
 /// A network laid out for channels-last CPU inference.
 enum CpuEngine {
     Trunk(Box<ChannelsLastTrunk>),
-    ResNet(ChannelsLastResNet),
+    ResNet(Box<ChannelsLastResNet>),
 }
 
 impl CpuEngine {
@@ -373,7 +373,7 @@ impl Backbone {
     /// vision transformers).
     fn cpu_engine(&self) -> candle_core::Result<Option<CpuEngine>> {
         let mut engine = match self.resnet() {
-            Some(net) => Some(CpuEngine::ResNet(ChannelsLastResNet::new(net)?)),
+            Some(net) => Some(CpuEngine::ResNet(Box::new(ChannelsLastResNet::new(net)?))),
             None => self
                 .trunk()
                 .map(ChannelsLastTrunk::new)
