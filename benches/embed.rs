@@ -2,7 +2,8 @@
 //! the channels-last engine that `bccp` runs), `embed/mobilenet_v2_candle_ops` (the same
 //! network through candle's tensor ops and our depthwise op, i.e. before the engine),
 //! `embed/mobilenet_v2_grouped_conv` (candle's ops with its grouped conv, before the depthwise
-//! op), `embed/resnet18` (random weights; `resnet18_candle_ops` the same through
+//! op), `embed/mobilenet_v2_whole_maps` (the engine with every block on whole maps, not in
+//! bands of rows; `embed256/…` both at 256×256, the reference server's size), `embed/resnet18` (random weights; `resnet18_candle_ops` the same through
 //! candle-transformers' ResNet, before the engine; `resnet18_im2col` the engine with its 3×3
 //! convolutions through im2col instead of Winograd's transforms); `embed64/…` the same MobileNetV2 paths at 64×64,
 //! batch 64 (the Fashion-MNIST setting); `embed_vit/vit_b16` (ViT-B/16, random weights, batch
@@ -10,6 +11,7 @@
 //! `scripts/compare_embed.py` runs PyTorch on the 224×224 shapes in the same run.
 //! Needs `scripts/fetch-assets.sh` (MobileNetV2 weights). Threads: RAYON_NUM_THREADS.
 
+use bccp::backbone::channels_last::ChannelsLastTrunk;
 use bccp::backbone::mobilenet_v2::MobileNetV2;
 use bccp::backbone::{zoo, Backbone};
 use bccp::ops::bf16_gemm::Precision;
@@ -68,6 +70,7 @@ fn embed(c: &mut Criterion) {
         b.iter(|| mobilenet.embed(&x).expect("forward"))
     });
     bench_bf16(&mut group, "mobilenet_v2", &mut mobilenet, &x);
+    bench_whole_maps(&mut group, &mobilenet_ops, &x);
     group.bench_function("mobilenet_v2_candle_ops", |b| {
         b.iter(|| mobilenet_ops.embed(&x).expect("forward"))
     });
@@ -102,6 +105,36 @@ fn embed(c: &mut Criterion) {
     group.bench_function("resnet18_candle_ops", |b| {
         b.iter(|| candle_core::Module::forward(&resnet_ops, &x).expect("forward"))
     });
+    group.finish();
+}
+
+/// `mobilenet_v2_whole_maps`: the channels-last engine with every block on whole maps (as
+/// before blocks ran in bands of rows).
+fn bench_whole_maps(
+    group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    ops: &MobileNetV2,
+    x: &Tensor,
+) {
+    let mut engine = ChannelsLastTrunk::new(ops.trunk()).expect("engine");
+    engine.set_bands(None);
+    group.bench_function("mobilenet_v2_whole_maps", |b| {
+        b.iter(|| engine.embed(x).expect("forward"))
+    });
+}
+
+/// MobileNetV2 at 256×256, batch 32 (what the reference's server feeds it), in bands of rows
+/// (`bccp`'s default) and on whole maps.
+fn embed_256(c: &mut Criterion) {
+    bccp::runtime::init();
+    let mut group = c.benchmark_group("embed256");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let x = input(BATCH, 256);
+    let (mobilenet, mobilenet_ops) = mobilenets();
+    group.bench_function("mobilenet_v2", |b| {
+        b.iter(|| mobilenet.embed(&x).expect("forward"))
+    });
+    bench_whole_maps(&mut group, &mobilenet_ops, &x);
     group.finish();
 }
 
@@ -161,5 +194,12 @@ fn depthwise_layers(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, embed, embed_small, embed_vit, depthwise_layers);
+criterion_group!(
+    benches,
+    embed,
+    embed_256,
+    embed_small,
+    embed_vit,
+    depthwise_layers
+);
 criterion_main!(benches);
