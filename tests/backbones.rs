@@ -193,16 +193,15 @@ fn fine_tuning_reaches_every_layer_and_exports_what_it_trained() {
     }
 }
 
-#[test]
-fn channels_last_engine_matches_candle_ops() {
-    use bccp::backbone::channels_last::ChannelsLastTrunk;
+/// MobileNetV2 and EfficientNet-Lite0 with their real weights (candle's ops).
+fn real_trunk_networks() -> (
+    bccp::backbone::mobilenet_v2::MobileNetV2,
+    bccp::backbone::efficientnet_lite::EfficientNetLite,
+) {
     use bccp::backbone::{efficientnet_lite, mobilenet_v2};
-    use candle_core::DType;
-    use candle_nn::VarBuilder;
-
     let vb = |file: &str| {
         let tensors = candle_core::safetensors::load(asset(file), &Device::Cpu).unwrap();
-        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
+        candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu)
     };
     let mobilenet =
         mobilenet_v2::MobileNetV2::load(vb("weights/mobilenet_v2.safetensors")).unwrap();
@@ -211,14 +210,27 @@ fn channels_last_engine_matches_candle_ops() {
         vb("weights/efficientnet_lite0.safetensors"),
     )
     .unwrap();
+    (mobilenet, efficientnet)
+}
+
+/// `n` images `[n, 3, h, w]` of uniform values in [-2, 2).
+fn random_images(rng: &mut bccp::rng::Rng, n: usize, h: usize, w: usize) -> Tensor {
+    let pixels: Vec<f32> = (0..n * 3 * h * w)
+        .map(|_| rng.unit_f64() as f32 * 4.0 - 2.0)
+        .collect();
+    Tensor::from_vec(pixels, (n, 3, h, w), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn channels_last_engine_matches_candle_ops() {
+    use bccp::backbone::channels_last::ChannelsLastTrunk;
+
+    let (mobilenet, efficientnet) = real_trunk_networks();
     let mut rng = bccp::rng::Rng::new(11);
     // Batches that do and do not fill the engine's chunks; square, odd and non-square maps
     // (TensorFlow padding of EfficientNet-Lite is asymmetric on even sizes).
     for (n, h, w) in [(11, 64, 64), (3, 45, 37), (2, 224, 224), (1, 32, 32)] {
-        let pixels: Vec<f32> = (0..n * 3 * h * w)
-            .map(|_| rng.unit_f64() as f32 * 4.0 - 2.0)
-            .collect();
-        let x = Tensor::from_vec(pixels, (n, 3, h, w), &Device::Cpu).unwrap();
+        let x = random_images(&mut rng, n, h, w);
         for (name, trunk, reference) in [
             (
                 "mobilenet_v2",
@@ -256,27 +268,11 @@ fn channels_last_engine_matches_candle_ops() {
 #[test]
 fn channels_last_bands_equal_whole_maps() {
     use bccp::backbone::channels_last::{ChannelsLastTrunk, DEFAULT_BANDS};
-    use bccp::backbone::{efficientnet_lite, mobilenet_v2};
-    use candle_core::DType;
-    use candle_nn::VarBuilder;
 
-    let vb = |file: &str| {
-        let tensors = candle_core::safetensors::load(asset(file), &Device::Cpu).unwrap();
-        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
-    };
-    let mobilenet =
-        mobilenet_v2::MobileNetV2::load(vb("weights/mobilenet_v2.safetensors")).unwrap();
-    let efficientnet = efficientnet_lite::EfficientNetLite::load(
-        &efficientnet_lite::Config::lite0(),
-        vb("weights/efficientnet_lite0.safetensors"),
-    )
-    .unwrap();
+    let (mobilenet, efficientnet) = real_trunk_networks();
     let mut rng = bccp::rng::Rng::new(12);
     for (n, h, w) in [(3, 64, 64), (2, 45, 37), (1, 33, 70), (2, 256, 256)] {
-        let pixels: Vec<f32> = (0..n * 3 * h * w)
-            .map(|_| rng.unit_f64() as f32 * 4.0 - 2.0)
-            .collect();
-        let x = Tensor::from_vec(pixels, (n, 3, h, w), &Device::Cpu).unwrap();
+        let x = random_images(&mut rng, n, h, w);
         for (name, trunk) in [
             ("mobilenet_v2", mobilenet.trunk()),
             ("efficientnet_lite0", efficientnet.trunk()),
@@ -310,10 +306,7 @@ fn channels_last_resnets_match_candle_transformers() {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let net = bccp::backbone::resnet::ResNet::load(depth, vb).unwrap();
         let engine = ChannelsLastResNet::new(&net).unwrap();
-        let pixels: Vec<f32> = (0..n * 3 * h * w)
-            .map(|_| rng.unit_f64() as f32 * 4.0 - 2.0)
-            .collect();
-        let x = Tensor::from_vec(pixels, (n, 3, h, w), &Device::Cpu).unwrap();
+        let x = random_images(&mut rng, n, h, w);
         let want = candle_core::Module::forward(&candle, &x).unwrap();
         let got = engine.embed(&x).unwrap();
         assert_eq!(got.dims(), want.dims(), "ResNet-{depth}");
