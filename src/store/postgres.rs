@@ -576,6 +576,8 @@ impl Store for PgStore {
                  ARRAY(SELECT DISTINCT t.transactionid::TEXT FROM pg_locks r \
                        JOIN pg_locks t ON t.virtualtransaction = r.virtualtransaction \
                        WHERE r.locktype = 'relation' AND r.relation = 'samples'::regclass \
+                       AND r.database = (SELECT oid FROM pg_database \
+                                         WHERE datname = current_database()) \
                        AND r.mode = 'RowExclusiveLock' AND r.pid <> pg_backend_pid() \
                        AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' \
                        AND t.granted)",
