@@ -133,19 +133,42 @@ impl ChannelsLastTrunk {
     }
 
     /// The largest buffer one image needs (activations and the stem's im2col matrix), in f32.
+    /// A block run in bands holds only its output whole (its bands' buffers are sized when it
+    /// runs), so a chunk can take more images.
     fn per_image(&self, size: (usize, usize)) -> Result<usize> {
         let (mut most, mut size) = self.stem.footprint(size)?;
-        for layer in self
-            .blocks
-            .iter()
-            .flat_map(|b| &b.layers)
-            .chain([&self.head])
-        {
-            let (floats, out) = layer.footprint(size)?;
-            most = most.max(floats);
-            size = out;
+        for block in &self.blocks {
+            if self.banded(block, size).is_some() {
+                let out = block.layers.iter().try_fold(size, |s, l| l.out_size(s))?;
+                let cout = block.layers.last().map_or(0, |l| l.cout);
+                most = most.max(out.0 * out.1 * cout);
+                size = out;
+                continue;
+            }
+            for layer in &block.layers {
+                let (floats, out) = layer.footprint(size)?;
+                most = most.max(floats);
+                size = out;
+            }
         }
-        Ok(most)
+        Ok(most.max(self.head.footprint(size)?.0))
+    }
+
+    /// The expand, depthwise and project layers and the band limit of `block` when it runs
+    /// in bands on maps of `size` ([`Self::run_banded`]).
+    fn banded<'a>(
+        &self,
+        block: &'a Block,
+        (h, w): (usize, usize),
+    ) -> Option<(&'a Layer, &'a Layer, &'a Layer, usize)> {
+        let (above, band_floats) = self.bands?;
+        let (e, d, p) = block.bandable()?;
+        (h * w * e.cout > above && d.cin == e.cout && p.cin == e.cout).then_some((
+            e,
+            d,
+            p,
+            band_floats,
+        ))
     }
 
     /// Pooled features `[N, D]` of images `[N, C, H, W]` (f32, on the CPU).
@@ -239,14 +262,11 @@ impl ChannelsLastTrunk {
         n: usize,
         size: (usize, usize),
     ) -> Result<Option<(usize, usize)>> {
-        let (Some((above, band_floats)), Some((e, d, p))) = (self.bands, block.bandable()) else {
+        let Some((e, d, p, band_floats)) = self.banded(block, size) else {
             return Ok(None);
         };
         let (h, w) = size;
         let (cin, hid, cout) = (e.cin, e.cout, p.cout);
-        if h * w * hid <= above || d.cin != hid || p.cin != hid {
-            return Ok(None);
-        }
         let g = d.geometry(size)?;
         let (oh, ow) = (g.out_h, g.out_w);
         let (k, s) = (d.kernel, d.stride);
