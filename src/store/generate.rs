@@ -352,8 +352,7 @@ pub fn generate_from(
 
     // Bulk: every record, in batches; into an empty store, its indexes built at the end.
     if opts.bulk {
-        let deferred = store.begin_bulk_load()?;
-        let mut load = |store: &mut dyn Store| -> Result<()> {
+        super::bulk_load(store, |store| -> Result<()> {
             for &(day, _) in per_day {
                 let day_items: Vec<&Item> = items
                     .iter()
@@ -394,13 +393,7 @@ pub fn generate_from(
                 }
             }
             Ok(())
-        };
-        let loaded = load(store);
-        // Built on every way out (a stop, an error); after a crash, the next open builds them.
-        if deferred {
-            store.end_bulk_load()?;
-        }
-        loaded?;
+        })?;
         if summary.stopped {
             return Ok(summary);
         }

@@ -241,28 +241,23 @@ pub fn ingest(
         IngestInput::Jsonl(path) => read_jsonl(path, store)?,
     };
     let mut seen: HashSet<String> = HashSet::new();
-    // Into an empty store, its indexes are built at the end (see `Store::begin_bulk_load`).
-    let deferred = store.begin_bulk_load()?;
     // Files are read, hashed and decoded one chunk ahead of the database writes, so decoding
-    // and committing overlap.
-    let loaded = super::ahead::one_chunk_ahead(
-        &items,
-        opts.batch_size,
-        |item| check_file(&item.path),
-        |chunk, checked| -> Result<bool> {
-            if stop() {
-                summary.stopped = true;
-                return Ok(false);
-            }
-            write_chunk(store, opts, chunk, checked, &mut seen, &mut summary)?;
-            Ok(true)
-        },
-    );
-    // Built on every way out (a stop, an error); after a crash, the next open builds them.
-    if deferred {
-        store.end_bulk_load()?;
-    }
-    loaded?;
+    // and committing overlap; into an empty store, as a bulk load.
+    super::bulk_load(store, |store| {
+        super::ahead::one_chunk_ahead(
+            &items,
+            opts.batch_size,
+            |item| check_file(&item.path),
+            |chunk, checked| -> Result<bool> {
+                if stop() {
+                    summary.stopped = true;
+                    return Ok(false);
+                }
+                write_chunk(store, opts, chunk, checked, &mut seen, &mut summary)?;
+                Ok(true)
+            },
+        )
+    })?;
     Ok(summary)
 }
 

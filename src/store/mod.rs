@@ -48,6 +48,20 @@ pub use generate::{
     generate, generate_from, GenerateInput, GenerateOptions, GenerateSummary, StreamBound,
 };
 pub use ingest::{ingest, IngestInput, IngestOptions, IngestSummary};
+
+/// Runs `load` as a bulk load of `store` ([`Store::begin_bulk_load`]): what the start
+/// deferred is built on every way out (a stop, an error; after a crash, by the next open).
+pub(crate) fn bulk_load<T>(
+    store: &mut dyn Store,
+    load: impl FnOnce(&mut dyn Store) -> Result<T>,
+) -> Result<T> {
+    let deferred = store.begin_bulk_load()?;
+    let loaded = load(store);
+    if deferred {
+        store.end_bulk_load()?;
+    }
+    loaded
+}
 pub use postgres::PgStore;
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::SqliteStore;
@@ -315,11 +329,12 @@ pub trait Store: Send {
     /// whose commit had gone through is reported as already stored.
     fn insert_samples(&mut self, rows: &[NewSample]) -> Result<Vec<Option<i64>>>;
 
-    /// Starts a bulk load of samples. A back-end may then defer index upkeep while the samples
-    /// table is empty: SQLite drops its content-hash and source/split indexes, to build them
-    /// once, sorted, in [`Self::end_bulk_load`] (a crash in between leaves them to the next
-    /// open, which builds whatever is missing). Queries stay correct meanwhile, only slower.
-    /// Returns whether anything was deferred.
+    /// Starts a bulk load of samples ([`bulk_load`] wraps a load in it and its end). A back-end
+    /// may then defer index upkeep while the samples table is empty: both drop the
+    /// content-hash and source/split indexes, to build them once, sorted, in
+    /// [`Self::end_bulk_load`] (a crash in between leaves them to the next open, which builds
+    /// whatever is missing), and PostgreSQL copies each large batch on two connections.
+    /// Queries stay correct meanwhile, only slower. Returns whether anything was deferred.
     fn begin_bulk_load(&mut self) -> Result<bool> {
         Ok(false)
     }

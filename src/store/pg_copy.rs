@@ -30,7 +30,7 @@ pub(super) const CLAIM_IDS: &str =
     "LOCK TABLE samples IN ROW EXCLUSIVE MODE; SELECT txid_current()";
 
 /// Draws `n` ids from the samples table's sequence, ascending.
-pub(super) fn next_ids(client: &mut impl GenericClient, n: usize) -> PgResult<Vec<i64>> {
+fn next_ids(client: &mut impl GenericClient, n: usize) -> PgResult<Vec<i64>> {
     let mut ids: Vec<i64> = client
         .query_one(
             // The sequence looked up once (materialised), not per row: a lookup per row
@@ -50,11 +50,7 @@ pub(super) fn next_ids(client: &mut impl GenericClient, n: usize) -> PgResult<Ve
 
 /// Copies `rows` in with the given `ids` (same length); `Ok(false)` when the rows could not
 /// be sent for a reason other than the server's (the copy is then aborted).
-pub(super) fn copy_rows(
-    client: &mut impl GenericClient,
-    rows: &[&NewSample],
-    ids: &[i64],
-) -> PgResult<bool> {
+fn copy_rows(client: &mut impl GenericClient, rows: &[&NewSample], ids: &[i64]) -> PgResult<bool> {
     let mut writer = client.copy_in(
         "COPY samples (id, ikey, timestamp, image_path, sha256, label_given, label_true, \
          source, split, status, reject_reason) FROM STDIN",
@@ -96,7 +92,7 @@ pub(super) fn copy_sample_rows(
 fn by_key(rows: &[&NewSample], ids: &[i64]) -> HashMap<String, i64> {
     rows.iter()
         .map(|s| s.key.clone())
-        .zip(ids.to_vec())
+        .zip(ids.iter().copied())
         .collect()
 }
 

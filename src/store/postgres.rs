@@ -420,9 +420,6 @@ impl Store for PgStore {
     }
 
     fn begin_bulk_load(&mut self) -> Result<bool> {
-        // The second connection is opened meanwhile (a server starts a process for it).
-        let config = self.config.clone();
-        let lane = std::thread::spawn(move || config.connect(NoTls).ok());
         let empty = self.transaction("starting a bulk load", |tx| {
             let empty: bool = tx
                 .query_one("SELECT NOT EXISTS (SELECT 1 FROM samples)", &[])?
@@ -434,9 +431,13 @@ impl Store for PgStore {
             }
             Ok(empty)
         })?;
-        // Without a second connection the load goes on one.
-        let lane = lane.join().ok().flatten();
-        self.bulk_lane = lane.filter(|_| empty);
+        // Only a load into an empty table takes a second connection; without one (the server
+        // refused it) the load goes on one.
+        self.bulk_lane = if empty {
+            self.config.connect(NoTls).ok()
+        } else {
+            None
+        };
         Ok(empty)
     }
 

@@ -285,7 +285,7 @@ impl ChannelsLastTrunk {
             band += 1;
         }
         let e_len = (band * s + k).min(h) * row_in;
-        let d_len = (band + k).min(oh + k) * row_out;
+        let d_len = (band + k) * row_out;
         for (i, len) in [(E, e_len), (D, d_len)] {
             if ws[i].len() < len {
                 ws[i].resize(len, 0.0);
