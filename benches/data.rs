@@ -5,9 +5,11 @@ use std::path::PathBuf;
 
 use bccp::data::corrupt::{corrupt, Corruption};
 use bccp::data::loader::load_batch;
+use bccp::data::resize::resize_normalised;
 use bccp::data::Preprocess;
 use bccp::rng::Rng;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use image::imageops::FilterType;
 
 fn write_images(dir: &std::path::Path, n: usize, size: u32) -> Vec<PathBuf> {
     (0..n)
@@ -37,6 +39,39 @@ fn decode_preprocess(c: &mut Criterion) {
     group.finish();
 }
 
+/// The preprocessing resize against the `image` crate's resize + the same normalisation it
+/// replaces (bit-identical outputs, `data::resize`'s tests): 28 → 256 px as the served
+/// Fashion-MNIST images, 640×480 → 224 as a photo.
+fn resize(c: &mut Criterion) {
+    let mut group = c.benchmark_group("resize");
+    group.throughput(Throughput::Elements(1));
+    for (name, (wi, hi), size) in [
+        ("28_to_256", (28, 28), 256u32),
+        ("640x480_to_224", (640, 480), 224),
+    ] {
+        let img =
+            image::RgbImage::from_fn(wi, hi, |x, y| image::Rgb([x as u8, y as u8, (x * y) as u8]));
+        let pre = Preprocess::imagenet(size);
+        group.bench_function(format!("bccp/{name}"), |b| {
+            b.iter(|| resize_normalised(&img, size as usize, size as usize, pre.mean, pre.std))
+        });
+        group.bench_function(format!("image_crate/{name}"), |b| {
+            b.iter(|| {
+                let r = image::imageops::resize(&img, size, size, FilterType::Triangle);
+                let plane = (size * size) as usize;
+                let mut out = vec![0f32; 3 * plane];
+                for (i, p) in r.pixels().enumerate() {
+                    for c in 0..3 {
+                        out[c * plane + i] = (f32::from(p.0[c]) / 255.0 - pre.mean[c]) / pre.std[c];
+                    }
+                }
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
 fn corruptions(c: &mut Criterion) {
     let base = image::RgbImage::from_fn(224, 224, |x, y| image::Rgb([x as u8, y as u8, 9]));
     let mut group = c.benchmark_group("corrupt_224");
@@ -57,5 +92,5 @@ fn corruptions(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_preprocess, corruptions);
+criterion_group!(benches, decode_preprocess, resize, corruptions);
 criterion_main!(benches);

@@ -5,12 +5,12 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
 use image::DynamicImage;
 use rayon::prelude::*;
 
 use super::decode::decode_image;
 use super::error::{DataError, Result};
+use super::resize::resize_normalised;
 
 /// How an image becomes model input: RGB, resized to `width`×`height` (bilinear), scaled to
 /// [0, 1], then normalised per channel with `mean` and `std`.
@@ -69,11 +69,10 @@ impl Preprocess {
     /// background black, often the colour of the drawing's own outlines).
     pub fn apply(&self, img: &DynamicImage) -> Vec<f32> {
         let rgb = flatten_on_white(img);
-        let rgb = if rgb.dimensions() == (self.width, self.height) {
-            rgb
-        } else {
-            image::imageops::resize(&rgb, self.width, self.height, FilterType::Triangle)
-        };
+        if rgb.dimensions() != (self.width, self.height) && !rgb.is_empty() {
+            let (w, h) = (self.width as usize, self.height as usize);
+            return resize_normalised(&rgb, w, h, self.mean, self.std);
+        }
         let plane = self.width as usize * self.height as usize;
         let mut out = vec![0f32; 3 * plane];
         for (i, p) in rgb.pixels().enumerate() {

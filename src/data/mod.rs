@@ -11,6 +11,7 @@ pub mod loader;
 pub mod manifest;
 pub mod noise;
 pub mod prepare;
+pub mod resize;
 pub mod scan;
 pub mod summary;
 pub mod timestamp;
