@@ -194,13 +194,7 @@ fn resize_body(
 /// vector instruction where SSE4.1 is enabled (the AVX2 build).
 #[inline(always)]
 fn round_byte(v: f32) -> f32 {
-    let v = if v < 0.0 {
-        0.0
-    } else if v > 255.0 {
-        255.0
-    } else {
-        v
-    };
+    let v = v.clamp(0.0, 255.0);
     let whole = v.trunc();
     if v - whole >= 0.5 {
         whole + 1.0
