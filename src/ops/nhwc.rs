@@ -372,7 +372,7 @@ pub fn depthwise_portable(
 ) {
     type Lanes = [f32; LANES];
     const FMA: bool = cfg!(target_arch = "aarch64");
-    depthwise_body(
+    depthwise_body::<_, 4>(
         x,
         taps,
         bias,
@@ -422,7 +422,7 @@ mod x86 {
     fn avx512(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, act: Act, o: &mut [f32]) {
         let (lo, hi) = act_bounds(act);
         let (lo, hi) = unsafe { (_mm512_set1_ps(lo), _mm512_set1_ps(hi)) };
-        depthwise_body(
+        depthwise_body::<_, 8>(
             x,
             t,
             b,
@@ -447,7 +447,7 @@ mod x86 {
     fn avx2(x: &[f32], t: &[f32], b: &[f32], g: &ConvGeometry, act: Act, o: &mut [f32]) {
         let (lo, hi) = act_bounds(act);
         let (lo, hi) = unsafe { (_mm256_set1_ps(lo), _mm256_set1_ps(hi)) };
-        depthwise_body(
+        depthwise_body::<_, 4>(
             x,
             t,
             b,
@@ -509,65 +509,163 @@ fn lanes(s: &[f32], at: usize) -> &[f32; LANES] {
     s[at..at + LANES].try_into().expect("LANES-long slice")
 }
 
-/// Inputs of [`block_group`]: image, taps, bias, geometry, first channel.
-type GroupArgs<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a ConvGeometry, usize);
+/// How a depthwise kernel loads a vector of [`LANES`] floats, multiply-adds (`acc + w · x`,
+/// one rounding where the vector type fuses) and stores one with the activation.
+type VectorOps<'a, L, F, S> = (&'a L, &'a F, &'a S);
 
-/// `G` consecutive blocks of [`LANES`] channels from channel `c0`, every pixel of output row
-/// `oy`; returns `G`.
+/// Inputs of [`channel_block`]: image, taps, bias, geometry, first channel.
+type BlockArgs<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a ConvGeometry, usize);
+
+/// One block of [`LANES`] channels from `c0` of a depthwise convolution with a `K`×`K` kernel:
+/// the taps and bias stay in registers for the whole map; each output row's pixels whose
+/// taps all land inside the row are computed `P` at a time (independent accumulators, each
+/// input vector loaded once for the taps that share it), the pixels at the row's ends one at
+/// a time with only their in-map taps. The sums run over the same taps in the same order
+/// (rows, then columns) as at the edges, so a pixel's value does not depend on where the
+/// strip boundaries fall.
 #[inline(always)]
-fn block_group<V: Copy, const G: usize>(
-    (x, taps, bias, g, c0): GroupArgs,
-    (load, fma, store): (
-        &impl Fn(&[f32; LANES]) -> V,
-        &impl Fn(V, V, V) -> V,
-        &impl Fn(V, &mut [f32; LANES]),
-    ),
+fn channel_block<V, L, F, S, const K: usize, const P: usize>(
+    (x, taps, bias, g, c0): BlockArgs,
+    (load, fma, store): VectorOps<L, F, S>,
     out: &mut [f32],
-    oy: usize,
-) -> usize {
-    let (c, k) = (bias.len(), g.kernel);
-    let first = load(lanes(bias, c0));
-    let mut wb = [[first; G]; MAX_TAPS];
-    for (t, wt) in wb.iter_mut().enumerate().take(k * k) {
-        for (j, w) in wt.iter_mut().enumerate() {
-            *w = load(lanes(taps, t * c + c0 + j * LANES));
-        }
-    }
-    let b0: [V; G] = std::array::from_fn(|j| load(lanes(bias, c0 + j * LANES)));
-    let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
-    for ox in 0..g.out_w {
-        let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
-        let mut acc = b0;
-        for ky in ky0..ky1 {
-            let iy = oy * g.stride + ky - g.pad_top;
-            for kx in kx0..kx1 {
-                let ix = ox * g.stride + kx - g.pad_left;
-                let at = (iy * g.w + ix) * c + c0;
-                let w = &wb[ky * k + kx];
-                for j in 0..G {
-                    acc[j] = fma(acc[j], w[j], load(lanes(x, at + j * LANES)));
+) where
+    V: Copy,
+    L: Fn(&[f32; LANES]) -> V,
+    F: Fn(V, V, V) -> V,
+    S: Fn(V, &mut [f32; LANES]),
+{
+    let c = bias.len();
+    let s = g.stride;
+    let w: [[V; K]; K] = std::array::from_fn(|ky| {
+        std::array::from_fn(|kx| load(lanes(taps, (ky * K + kx) * c + c0)))
+    });
+    let b = load(lanes(bias, c0));
+    // Output columns whose K taps all land inside the row: ox·s ≥ pad and ox·s − pad + K ≤ w.
+    let (lo, hi) = {
+        let (lo, _) = g.inside(0, g.pad_left, g.w, g.out_w);
+        let (_, hi) = g.inside(K - 1, g.pad_left, g.w, g.out_w);
+        (lo, hi.max(lo))
+    };
+    for oy in 0..g.out_h {
+        let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+        let iy0 = (oy * s).wrapping_sub(g.pad_top);
+        let at = |ox: usize| (oy * g.out_w + ox) * c + c0;
+        for ox in (0..lo).chain(hi..g.out_w) {
+            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+            let mut acc = b;
+            for (ky, wy) in w.iter().enumerate().take(ky1).skip(ky0) {
+                let row = ((iy0.wrapping_add(ky)) * g.w) * c + c0;
+                for (kx, wk) in wy.iter().enumerate().take(kx1).skip(kx0) {
+                    let ix = ox * s + kx - g.pad_left;
+                    acc = fma(acc, *wk, load(lanes(x, row + ix * c)));
                 }
             }
+            store(acc, lanes_mut(out, at(ox)));
         }
-        let at = (oy * g.out_w + ox) * c + c0;
-        for (j, a) in acc.into_iter().enumerate() {
-            let o: &mut [f32; LANES] = (&mut out[at + j * LANES..at + (j + 1) * LANES])
-                .try_into()
-                .expect("LANES-long slice");
-            store(a, o);
+        // The strips see the block's first channel as channel 0.
+        let strip_args = (&x[c0..], c, g, oy, (ky0, ky1));
+        let mut ox = lo;
+        while ox + P <= hi {
+            strip::<V, L, F, S, K, P>(&w, b, strip_args, ox, (load, fma, store), &mut out[c0..]);
+            ox += P;
+        }
+        // What is left of the interior in halving strips, so it keeps independent sums too.
+        if P > 4 && ox + 4 <= hi {
+            strip::<V, L, F, S, K, 4>(&w, b, strip_args, ox, (load, fma, store), &mut out[c0..]);
+            ox += 4;
+        }
+        if P > 2 && ox + 2 <= hi {
+            strip::<V, L, F, S, K, 2>(&w, b, strip_args, ox, (load, fma, store), &mut out[c0..]);
+            ox += 2;
+        }
+        for ox in ox..hi {
+            strip::<V, L, F, S, K, 1>(&w, b, strip_args, ox, (load, fma, store), &mut out[c0..]);
         }
     }
-    G
+}
+
+/// Inputs of [`strip`]: image, channels, geometry, output row and its in-map tap rows.
+type StripArgs<'a> = (&'a [f32], usize, &'a ConvGeometry, usize, (usize, usize));
+
+/// `Q` neighbouring output pixels from `ox` of row `oy`, all of whose taps land inside the
+/// row, with taps `w` and bias `b` (one channel block: `b`'s position is the block's).
+#[inline(always)]
+fn strip<V, L, F, S, const K: usize, const Q: usize>(
+    w: &[[V; K]; K],
+    b: V,
+    (x, c, g, oy, (ky0, ky1)): StripArgs,
+    ox: usize,
+    (load, fma, store): VectorOps<L, F, S>,
+    out: &mut [f32],
+) where
+    V: Copy,
+    L: Fn(&[f32; LANES]) -> V,
+    F: Fn(V, V, V) -> V,
+    S: Fn(V, &mut [f32; LANES]),
+{
+    let s = g.stride;
+    let mut acc = [b; Q];
+    let first = (ox * s - g.pad_left) * c;
+    let row_at = |ky: usize| ((oy * s + ky - g.pad_top) * g.w) * c + first;
+    // Rows fully inside the map take the unrolled loop (the taps stay in registers).
+    if (ky0, ky1) == (0, K) {
+        for (ky, wy) in w.iter().enumerate() {
+            strip_row::<V, L, F, K, Q>(&mut acc, wy, (x, row_at(ky), c, s * c), (load, fma));
+        }
+    } else {
+        for (ky, wy) in w.iter().enumerate().take(ky1).skip(ky0) {
+            strip_row::<V, L, F, K, Q>(&mut acc, wy, (x, row_at(ky), c, s * c), (load, fma));
+        }
+    }
+    for (p, a) in acc.into_iter().enumerate() {
+        store(a, lanes_mut(out, (oy * g.out_w + ox + p) * c));
+    }
+}
+
+/// One row of taps `wy` into `P` accumulators of neighbouring pixels: pixel p's tap kx reads
+/// the input vector at `row + p · step + kx · c` (`row`: the first pixel's first tap; `c`:
+/// floats per input pixel; `step`: floats between neighbouring outputs' inputs).
+#[inline(always)]
+fn strip_row<V, L, F, const K: usize, const P: usize>(
+    acc: &mut [V; P],
+    wy: &[V; K],
+    (x, row, c, step): (&[f32], usize, usize, usize),
+    (load, fma): (&L, &F),
+) where
+    V: Copy,
+    L: Fn(&[f32; LANES]) -> V,
+    F: Fn(V, V, V) -> V,
+{
+    let last = row + (P - 1) * step + (K - 1) * c + LANES;
+    assert!(last <= x.len(), "depthwise strip past its input");
+    let base = x[row..].as_ptr();
+    for (kx, wk) in wy.iter().enumerate() {
+        for (p, a) in acc.iter_mut().enumerate() {
+            // SAFETY: the furthest vector read, p = P − 1 and kx = K − 1, ends at `last`,
+            // inside `x` (checked above); unchecked so the strip's loop is address arithmetic
+            // and multiply-adds only.
+            let v = unsafe { &*(base.add(p * step + kx * c) as *const [f32; LANES]) };
+            *a = fma(*a, *wk, load(v));
+        }
+    }
+}
+
+/// The [`LANES`] floats of `s` from `at`, to store into.
+#[inline(always)]
+fn lanes_mut(s: &mut [f32], at: usize) -> &mut [f32; LANES] {
+    (&mut s[at..at + LANES])
+        .try_into()
+        .expect("LANES-long slice")
 }
 
 /// The depthwise loop over vectors `V` of [`LANES`] channels, given how to load one, multiply-
-/// add (`acc + w · x`) and store one with the activation: per group of channel blocks the
-/// weights are loaded once per output row, then each of its pixels accumulates its in-map taps
-/// in registers.
+/// add (`acc + w · x`) and store one with the activation: channel block by channel block
+/// (its taps in registers, its few input rows in the first-level cache while the block's
+/// output rows pass), `P` pixels of a row at a time (see [`channel_block`]).
 /// Channels past the last full block are computed one at a time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn depthwise_body<V: Copy>(
+fn depthwise_body<V: Copy, const P: usize>(
     x: &[f32],
     taps: &[f32],
     bias: &[f32],
@@ -587,26 +685,18 @@ fn depthwise_body<V: Copy>(
             && out.len() >= g.out_h * g.out_w * c,
         "depthwise: kernel {k} or buffers do not fit {c} channels"
     );
-    let blocks = c / LANES;
-    // Row by row, so the few input rows a row needs stay in cache while every channel group
-    // passes; groups of 4, 2, then 1 blocks: independent accumulators hide the multiply-add
-    // latency.
-    for oy in 0..g.out_h {
-        let mut cb = 0;
-        while cb < blocks {
-            let left = blocks - cb;
-            let ops = (&load, &fma, &store);
-            let args = (x, taps, bias, g, cb * LANES);
-            cb += if left >= 4 {
-                block_group::<V, 4>(args, ops, out, oy)
-            } else if left >= 2 {
-                block_group::<V, 2>(args, ops, out, oy)
-            } else {
-                block_group::<V, 1>(args, ops, out, oy)
-            };
+    let ops = (&load, &fma, &store);
+    for c0 in (0..c / LANES).map(|b| b * LANES) {
+        let args = (x, taps, bias, g, c0);
+        match k {
+            1 => channel_block::<V, _, _, _, 1, P>(args, ops, out),
+            2 => channel_block::<V, _, _, _, 2, P>(args, ops, out),
+            3 => channel_block::<V, _, _, _, 3, P>(args, ops, out),
+            4 => channel_block::<V, _, _, _, 4, P>(args, ops, out),
+            _ => channel_block::<V, _, _, _, 5, P>(args, ops, out),
         }
     }
-    for ch in blocks * LANES..c {
+    for ch in (c / LANES) * LANES..c {
         for oy in 0..g.out_h {
             let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
             for ox in 0..g.out_w {
@@ -728,6 +818,92 @@ mod tests {
                     let err = max_err(&got, &want);
                     assert!(err < 1e-5, "{name} {h}x{w}x{c} k{k} s{s}: {err}");
                 }
+            }
+        }
+    }
+
+    /// The depthwise sum in the vector kernels' order (bias, then rows, then columns of taps
+    /// in the map), fused multiply-adds or not, one channel at a time.
+    fn ordered_depthwise(
+        x: &[f32],
+        taps: &[f32],
+        bias: &[f32],
+        g: &ConvGeometry,
+        fused: bool,
+    ) -> Vec<f32> {
+        let (c, k) = (bias.len(), g.kernel);
+        let mut out = vec![0f32; g.out_h * g.out_w * c];
+        for oy in 0..g.out_h {
+            let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
+            for ox in 0..g.out_w {
+                let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+                for ch in 0..c {
+                    let mut acc = bias[ch];
+                    for ky in ky0..ky1 {
+                        for kx in kx0..kx1 {
+                            let (iy, ix) = (
+                                oy * g.stride + ky - g.pad_top,
+                                ox * g.stride + kx - g.pad_left,
+                            );
+                            let (w, v) =
+                                (taps[(ky * k + kx) * c + ch], x[(iy * g.w + ix) * c + ch]);
+                            acc = if fused {
+                                w.mul_add(v, acc)
+                            } else {
+                                acc + w * v
+                            };
+                        }
+                    }
+                    out[(oy * g.out_w + ox) * c + ch] = acc;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn vector_kernels_sum_in_one_order_bit_for_bit_whatever_the_strips() {
+        // Rows with whole strips, a remainder and edges; strides 1 and 2; kernels 3 and 5;
+        // a map narrower than a strip and one narrower than the kernel's reach.
+        let mut kernels = vec![(
+            "portable",
+            depthwise_portable as DepthwiseFn,
+            cfg!(target_arch = "aarch64"),
+        )];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                kernels.push(("avx512", x86::depthwise_avx512, true));
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                kernels.push(("avx2", x86::depthwise_avx2, true));
+            }
+        }
+        for &(h, w, c, k, s, pads) in &[
+            (6, 37, 32, 3, 1, (1, 1, 1, 1)),
+            (9, 40, 16, 3, 2, (0, 1, 0, 1)),
+            (8, 29, 48, 5, 1, (2, 2, 2, 2)),
+            (7, 33, 32, 5, 2, (1, 2, 1, 2)),
+            (3, 3, 16, 3, 1, (1, 1, 1, 1)),
+            (4, 2, 16, 5, 1, (2, 2, 2, 2)),
+        ] {
+            let g = ConvGeometry::new(h, w, k, s, pads).unwrap();
+            let x = values(h * w * c, 7);
+            let taps = values(c * k * k, 8);
+            let bias = values(c, 9);
+            for (name, f, fused) in &kernels {
+                let want = ordered_depthwise(&x, &taps, &bias, &g, *fused);
+                let mut got = vec![f32::NAN; want.len()];
+                f(&x, &taps, &bias, &g, Act::Identity, &mut got);
+                let differ = got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{name} {h}x{w}x{c} k{k} s{s}: {differ} values differ"
+                );
             }
         }
     }
