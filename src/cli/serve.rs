@@ -17,8 +17,10 @@ pub struct ServerArgs {
     /// Folder that `{"image_path": …}` requests are relative to; nothing outside it is read.
     #[arg(long)]
     pub image_root: Option<PathBuf>,
-    /// Most images in one backbone batch (requests arriving together are batched).
-    #[arg(long, default_value_t = 32)]
+    /// Most images in one backbone batch (requests arriving together are batched). Under
+    /// load, batches of at most half the clients alternate: one computes while the next
+    /// gathers, so the cores are not left idle between batches.
+    #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
     /// Longest a request waits for others to join its batch, in milliseconds.
     #[arg(long, default_value_t = 2)]

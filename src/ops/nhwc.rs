@@ -516,17 +516,17 @@ type VectorOps<'a, L, F, S> = (&'a L, &'a F, &'a S);
 /// Inputs of [`channel_block`]: image, taps, bias, geometry, first channel.
 type BlockArgs<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a ConvGeometry, usize);
 
-/// One block of [`LANES`] channels from `c0` of a depthwise convolution with a `K`×`K` kernel:
-/// the taps and bias stay in registers for the whole map; each output row's pixels whose
-/// taps all land inside the row are computed `P` at a time (independent accumulators, each
-/// input vector loaded once for the taps that share it), the pixels at the row's ends one at
-/// a time with only their in-map taps. The sums run over the same taps in the same order
-/// (rows, then columns) as at the edges, so a pixel's value does not depend on where the
-/// strip boundaries fall.
+/// One block of [`LANES`] channels from `c0` of a depthwise convolution with a `K`×`K`
+/// kernel and stride `ST` (0: the geometry's, read at run time): the taps and bias stay in
+/// registers for the whole map; each output row's pixels whose taps all land inside the row
+/// are computed `Q` at a time (independent sums; with the stride known, each input vector is
+/// loaded once for the taps that share it), the pixels at the row's ends one at a time with
+/// only their in-map taps. Every sum runs over the same taps in the same order (rows, then
+/// columns), so a pixel's value does not depend on how it was grouped.
 #[inline(always)]
-fn channel_block<V, L, F, S, const K: usize, const P: usize>(
+fn channel_block<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
     (x, taps, bias, g, c0): BlockArgs,
-    (load, fma, store): VectorOps<L, F, S>,
+    ops: VectorOps<L, F, S>,
     out: &mut [f32],
 ) where
     V: Copy,
@@ -534,8 +534,8 @@ fn channel_block<V, L, F, S, const K: usize, const P: usize>(
     F: Fn(V, V, V) -> V,
     S: Fn(V, &mut [f32; LANES]),
 {
+    let (load, fma, store) = ops;
     let c = bias.len();
-    let s = g.stride;
     let w: [[V; K]; K] = std::array::from_fn(|ky| {
         std::array::from_fn(|kx| load(lanes(taps, (ky * K + kx) * c + c0)))
     });
@@ -546,40 +546,39 @@ fn channel_block<V, L, F, S, const K: usize, const P: usize>(
         let (_, hi) = g.inside(K - 1, g.pad_left, g.w, g.out_w);
         (lo, hi.max(lo))
     };
+    // The group sees its first channel as channel 0.
+    let (x, out) = (&x[c0..], &mut out[c0..]);
     for oy in 0..g.out_h {
-        let (ky0, ky1) = g.taps(oy, g.pad_top, g.h);
-        let iy0 = (oy * s).wrapping_sub(g.pad_top);
-        let at = |ox: usize| (oy * g.out_w + ox) * c + c0;
+        let rows = g.taps(oy, g.pad_top, g.h);
         for ox in (0..lo).chain(hi..g.out_w) {
-            let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
+            let cols = g.taps(ox, g.pad_left, g.w);
             let mut acc = b;
-            for (ky, wy) in w.iter().enumerate().take(ky1).skip(ky0) {
-                let row = ((iy0.wrapping_add(ky)) * g.w) * c + c0;
-                for (kx, wk) in wy.iter().enumerate().take(kx1).skip(kx0) {
-                    let ix = ox * s + kx - g.pad_left;
-                    acc = fma(acc, *wk, load(lanes(x, row + ix * c)));
+            for (ky, wy) in w.iter().enumerate().take(rows.1).skip(rows.0) {
+                let iy = oy * g.stride + ky - g.pad_top;
+                for (kx, wk) in wy.iter().enumerate().take(cols.1).skip(cols.0) {
+                    let at = (iy * g.w + ox * g.stride + kx - g.pad_left) * c;
+                    acc = fma(acc, *wk, load(lanes(x, at)));
                 }
             }
-            store(acc, lanes_mut(out, at(ox)));
+            store(acc, lanes_mut(out, (oy * g.out_w + ox) * c));
         }
-        // The strips see the block's first channel as channel 0.
-        let strip_args = (&x[c0..], c, g, oy, (ky0, ky1));
+        let args = (x, c, g, oy, rows);
         let mut ox = lo;
-        while ox + P <= hi {
-            strip::<V, L, F, S, K, P>(&w, b, strip_args, ox, (load, fma, store), &mut out[c0..]);
-            ox += P;
+        while ox + Q <= hi {
+            strip::<V, L, F, S, K, ST, Q>(&w, b, args, ox, ops, out);
+            ox += Q;
         }
         // What is left of the interior in halving strips, so it keeps independent sums too.
-        if P > 4 && ox + 4 <= hi {
-            strip::<V, L, F, S, K, 4>(&w, b, strip_args, ox, (load, fma, store), &mut out[c0..]);
+        if Q > 4 && ox + 4 <= hi {
+            strip::<V, L, F, S, K, ST, 4>(&w, b, args, ox, ops, out);
             ox += 4;
         }
-        if P > 2 && ox + 2 <= hi {
-            strip::<V, L, F, S, K, 2>(&w, b, strip_args, ox, (load, fma, store), &mut out[c0..]);
+        if Q > 2 && ox + 2 <= hi {
+            strip::<V, L, F, S, K, ST, 2>(&w, b, args, ox, ops, out);
             ox += 2;
         }
-        for ox in ox..hi {
-            strip::<V, L, F, S, K, 1>(&w, b, strip_args, ox, (load, fma, store), &mut out[c0..]);
+        if ox < hi {
+            strip::<V, L, F, S, K, ST, 1>(&w, b, args, ox, ops, out);
         }
     }
 }
@@ -587,10 +586,10 @@ fn channel_block<V, L, F, S, const K: usize, const P: usize>(
 /// Inputs of [`strip`]: image, channels, geometry, output row and its in-map tap rows.
 type StripArgs<'a> = (&'a [f32], usize, &'a ConvGeometry, usize, (usize, usize));
 
-/// `Q` neighbouring output pixels from `ox` of row `oy`, all of whose taps land inside the
-/// row, with taps `w` and bias `b` (one channel block: `b`'s position is the block's).
+/// `Q` neighbouring output pixels from `ox` of row `oy` (all of whose taps land inside the
+/// row), with taps `w` and bias `b`.
 #[inline(always)]
-fn strip<V, L, F, S, const K: usize, const Q: usize>(
+fn strip<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
     w: &[[V; K]; K],
     b: V,
     (x, c, g, oy, (ky0, ky1)): StripArgs,
@@ -606,15 +605,15 @@ fn strip<V, L, F, S, const K: usize, const Q: usize>(
     let s = g.stride;
     let mut acc = [b; Q];
     let first = (ox * s - g.pad_left) * c;
-    let row_at = |ky: usize| ((oy * s + ky - g.pad_top) * g.w) * c + first;
+    let row_at = |ky: usize| (oy * s + ky - g.pad_top) * g.w * c + first;
     // Rows fully inside the map take the unrolled loop (the taps stay in registers).
     if (ky0, ky1) == (0, K) {
         for (ky, wy) in w.iter().enumerate() {
-            strip_row::<V, L, F, K, Q>(&mut acc, wy, (x, row_at(ky), c, s * c), (load, fma));
+            strip_row::<V, L, F, K, ST, Q>(&mut acc, wy, (x, row_at(ky), c, s), (load, fma));
         }
     } else {
         for (ky, wy) in w.iter().enumerate().take(ky1).skip(ky0) {
-            strip_row::<V, L, F, K, Q>(&mut acc, wy, (x, row_at(ky), c, s * c), (load, fma));
+            strip_row::<V, L, F, K, ST, Q>(&mut acc, wy, (x, row_at(ky), c, s), (load, fma));
         }
     }
     for (p, a) in acc.into_iter().enumerate() {
@@ -622,29 +621,32 @@ fn strip<V, L, F, S, const K: usize, const Q: usize>(
     }
 }
 
-/// One row of taps `wy` into `P` accumulators of neighbouring pixels: pixel p's tap kx reads
-/// the input vector at `row + p · step + kx · c` (`row`: the first pixel's first tap; `c`:
-/// floats per input pixel; `step`: floats between neighbouring outputs' inputs).
+/// One row of taps `wy` into the `Q` sums of a strip: pixel p's tap kx reads
+/// the vector at `at + (p · stride + kx) · c` (`at`: the first pixel's first tap;
+/// `c`: floats per input pixel).
 #[inline(always)]
-fn strip_row<V, L, F, const K: usize, const P: usize>(
-    acc: &mut [V; P],
+fn strip_row<V, L, F, const K: usize, const ST: usize, const Q: usize>(
+    acc: &mut [V; Q],
     wy: &[V; K],
-    (x, row, c, step): (&[f32], usize, usize, usize),
+    (x, at, c, stride): (&[f32], usize, usize, usize),
     (load, fma): (&L, &F),
 ) where
     V: Copy,
     L: Fn(&[f32; LANES]) -> V,
     F: Fn(V, V, V) -> V,
 {
-    let last = row + (P - 1) * step + (K - 1) * c + LANES;
-    assert!(last <= x.len(), "depthwise strip past its input");
-    let base = x[row..].as_ptr();
+    // A stride known at compile time (`ST` > 0) makes each input pixel's offset a constant
+    // multiple of `c`, so the taps that share an input load it once.
+    let stride = if ST > 0 { ST } else { stride };
+    // The furthest vector read: pixel Q − 1, tap K − 1.
+    let end = at + ((Q - 1) * stride + K - 1) * c + LANES;
+    assert!(end <= x.len(), "depthwise strip past its input");
+    let base = x[at..].as_ptr();
     for (kx, wk) in wy.iter().enumerate() {
         for (p, a) in acc.iter_mut().enumerate() {
-            // SAFETY: the furthest vector read, p = P − 1 and kx = K − 1, ends at `last`,
-            // inside `x` (checked above); unchecked so the strip's loop is address arithmetic
-            // and multiply-adds only.
-            let v = unsafe { &*(base.add(p * step + kx * c) as *const [f32; LANES]) };
+            // SAFETY: every offset is below `end − at`, inside `x` (checked above);
+            // unchecked so the strip is address arithmetic and multiply-adds only.
+            let v = unsafe { &*(base.add((p * stride + kx) * c) as *const [f32; LANES]) };
             *a = fma(*a, *wk, load(v));
         }
     }
@@ -659,13 +661,13 @@ fn lanes_mut(s: &mut [f32], at: usize) -> &mut [f32; LANES] {
 }
 
 /// The depthwise loop over vectors `V` of [`LANES`] channels, given how to load one, multiply-
-/// add (`acc + w · x`) and store one with the activation: channel block by channel block
-/// (its taps in registers, its few input rows in the first-level cache while the block's
-/// output rows pass), `P` pixels of a row at a time (see [`channel_block`]).
+/// add (`acc + w · x`) and store one with the activation: block by block (its taps in
+/// registers, its few input rows in the first-level cache while its output rows pass), `Q`
+/// pixels of a row at a time (see [`channel_block`]).
 /// Channels past the last full block are computed one at a time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn depthwise_body<V: Copy, const P: usize>(
+fn depthwise_body<V: Copy, const Q: usize>(
     x: &[f32],
     taps: &[f32],
     bias: &[f32],
@@ -686,14 +688,20 @@ fn depthwise_body<V: Copy, const P: usize>(
         "depthwise: kernel {k} or buffers do not fit {c} channels"
     );
     let ops = (&load, &fma, &store);
+    // Block by block; kernels 3 and 5 at strides 1 and 2 (MobileNetV2's, EfficientNet's)
+    // have their stride fixed at compile time.
     for c0 in (0..c / LANES).map(|b| b * LANES) {
         let args = (x, taps, bias, g, c0);
-        match k {
-            1 => channel_block::<V, _, _, _, 1, P>(args, ops, out),
-            2 => channel_block::<V, _, _, _, 2, P>(args, ops, out),
-            3 => channel_block::<V, _, _, _, 3, P>(args, ops, out),
-            4 => channel_block::<V, _, _, _, 4, P>(args, ops, out),
-            _ => channel_block::<V, _, _, _, 5, P>(args, ops, out),
+        match (k, g.stride) {
+            (3, 1) => channel_block::<V, _, _, _, 3, 1, Q>(args, ops, out),
+            (3, 2) => channel_block::<V, _, _, _, 3, 2, Q>(args, ops, out),
+            (5, 1) => channel_block::<V, _, _, _, 5, 1, Q>(args, ops, out),
+            (5, 2) => channel_block::<V, _, _, _, 5, 2, Q>(args, ops, out),
+            (1, _) => channel_block::<V, _, _, _, 1, 0, Q>(args, ops, out),
+            (2, _) => channel_block::<V, _, _, _, 2, 0, Q>(args, ops, out),
+            (3, _) => channel_block::<V, _, _, _, 3, 0, Q>(args, ops, out),
+            (4, _) => channel_block::<V, _, _, _, 4, 0, Q>(args, ops, out),
+            _ => channel_block::<V, _, _, _, 5, 0, Q>(args, ops, out),
         }
     }
     for ch in (c / LANES) * LANES..c {
@@ -886,6 +894,10 @@ mod tests {
             (7, 33, 32, 5, 2, (1, 2, 1, 2)),
             (3, 3, 16, 3, 1, (1, 1, 1, 1)),
             (4, 2, 16, 5, 1, (2, 2, 2, 2)),
+            // Interiors of 8 + 7 (strips of 8, 4, 2 and 1) and of 8 + 6, 8 + 5.
+            (5, 17, 32, 3, 1, (1, 1, 1, 1)),
+            (6, 31, 16, 3, 2, (1, 1, 1, 1)),
+            (4, 18, 16, 5, 1, (2, 2, 2, 2)),
         ] {
             let g = ConvGeometry::new(h, w, k, s, pads).unwrap();
             let x = values(h * w * c, 7);

@@ -122,7 +122,7 @@ impl ServeConfig {
             device: Device::Cpu,
             cache_dir: None,
             precision: None,
-            max_batch: 32,
+            max_batch: 16,
             max_wait: Duration::from_millis(2),
             max_body_bytes: 16 << 20,
             max_request_images: 64,
