@@ -168,27 +168,47 @@ impl ConvGeometry {
 /// dense convolution: `[out_h · out_w, c · k · k]`, columns ordered as a `[cout, c, k, k]`
 /// weight flattens, zeros where the kernel hangs over the padding.
 pub fn im2col_chw(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
+    im2col_chw_range(x, c, g, 0..g.out_h, out);
+}
+
+/// The rows of [`im2col_chw`]'s matrix for output rows `rows` (`rows.len() · out_w` matrix
+/// rows from the start of `out`), so a caller can build and use the matrix a block of rows at
+/// a time while the block is in cache.
+pub fn im2col_chw_range(
+    x: &[f32],
+    c: usize,
+    g: &ConvGeometry,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     let k = g.kernel;
     let cols = c * k * k;
     assert!(
-        x.len() >= c * g.h * g.w && out.len() >= g.out_h * g.out_w * cols,
+        x.len() >= c * g.h * g.w && rows.end <= g.out_h && out.len() >= rows.len() * g.out_w * cols,
         "im2col: buffers too small"
     );
     match k {
-        3 => im2col_chw_rows::<3>(x, c, g, out),
-        7 => im2col_chw_rows::<7>(x, c, g, out),
-        _ => im2col_chw_columns(x, c, g, out),
+        3 => im2col_chw_rows::<3>(x, c, g, rows, out),
+        7 => im2col_chw_rows::<7>(x, c, g, rows, out),
+        _ => im2col_chw_columns(x, c, g, rows, out),
     }
 }
 
 /// [`im2col_chw`] one matrix row at a time, for the stems' kernel sizes: each (channel, kernel
 /// row) of an output pixel is a run of `K` input floats, copied whole (a fixed-size copy) where
 /// the window lies inside the map; the matrix is written in order.
-fn im2col_chw_rows<const K: usize>(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
+fn im2col_chw_rows<const K: usize>(
+    x: &[f32],
+    c: usize,
+    g: &ConvGeometry,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     let cols = c * K * K;
-    for oy in 0..g.out_h {
+    let first = rows.start;
+    for oy in rows {
         for ox in 0..g.out_w {
-            let row = &mut out[(oy * g.out_w + ox) * cols..][..cols];
+            let row = &mut out[((oy - first) * g.out_w + ox) * cols..][..cols];
             let (kx0, kx1) = g.taps(ox, g.pad_left, g.w);
             let ix0 = ox * g.stride + kx0 - g.pad_left;
             for ci in 0..c {
@@ -214,13 +234,20 @@ fn im2col_chw_rows<const K: usize>(x: &[f32], c: usize, g: &ConvGeometry, out: &
 }
 
 /// [`im2col_chw`] one matrix column at a time (any kernel size).
-fn im2col_chw_columns(x: &[f32], c: usize, g: &ConvGeometry, out: &mut [f32]) {
+fn im2col_chw_columns(
+    x: &[f32],
+    c: usize,
+    g: &ConvGeometry,
+    out_rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     let k = g.kernel;
     let cols = c * k * k;
+    let first = out_rows.start;
     // Column by column within an output row: one input row feeds a strided run of the
     // matrix, the padding is filled around the run, and no element tests its bounds.
-    for oy in 0..g.out_h {
-        let rows = &mut out[oy * g.out_w * cols..][..g.out_w * cols];
+    for oy in out_rows {
+        let rows = &mut out[(oy - first) * g.out_w * cols..][..g.out_w * cols];
         for ci in 0..c {
             for ky in 0..k {
                 let iy = (oy * g.stride + ky).wrapping_sub(g.pad_top);
@@ -987,6 +1014,37 @@ mod tests {
                     0.0
                 };
                 assert_eq!(*v, want, "{h}×{w} k{k} s{stride} {pads:?}: element {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn channels_first_im2col_by_row_blocks_equals_the_whole_matrix() {
+        for &(h, w, c, k, s, pads) in &[
+            (9, 7, 3, 3, 2, (1, 1, 1, 1)),
+            (11, 6, 3, 7, 2, (3, 3, 3, 3)),
+            (5, 8, 2, 5, 1, (2, 2, 2, 2)),
+        ] {
+            let g = ConvGeometry::new(h, w, k, s, pads).unwrap();
+            let x = values(c * h * w, 4);
+            let cols = c * k * k;
+            let mut whole = vec![f32::NAN; g.out_h * g.out_w * cols];
+            im2col_chw(&x, c, &g, &mut whole);
+            for block in 1..=g.out_h {
+                let mut blocks = Vec::new();
+                for start in (0..g.out_h).step_by(block) {
+                    let rows = start..(start + block).min(g.out_h);
+                    let mut part = vec![f32::NAN; rows.len() * g.out_w * cols];
+                    im2col_chw_range(&x, c, &g, rows, &mut part);
+                    blocks.extend(part);
+                }
+                assert!(
+                    blocks
+                        .iter()
+                        .zip(&whole)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{h}x{w} k{k} s{s}, blocks of {block} rows"
+                );
             }
         }
     }

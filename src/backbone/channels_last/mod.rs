@@ -39,6 +39,9 @@ const MAX_CHUNK: usize = 8;
 /// Floats a chunk's largest buffer may take (16 MiB): bounds the buffers at large inputs,
 /// e.g. three 224×224 images per MobileNetV2 task (its 112×112×96 map is 1.2 M floats).
 const CHUNK_FLOATS: usize = 4 << 20;
+/// Floats of a stem's im2col matrix built at a time (256 KiB: a block of output rows whose
+/// matrix stays in a core's cache until the product reads it).
+const STEM_BLOCK_FLOATS: usize = 64 << 10;
 
 /// The activation buffers of one running task.
 type Workspace = Vec<Vec<f32>>;
@@ -431,13 +434,29 @@ impl Layer {
                     );
                     return Ok(());
                 }
+                if self.input == DenseInput::Chw {
+                    // A stem: im2col and product a block of output rows at a time, so the
+                    // block's matrix is read back from cache, not memory (each row's sums
+                    // are the same whatever the block).
+                    let block = (STEM_BLOCK_FLOATS / (g.out_w * cols)).clamp(1, g.out_h);
+                    for (x, out) in src
+                        .chunks_exact(image)
+                        .zip(dst.chunks_exact_mut(rows * self.cout))
+                        .take(n)
+                    {
+                        for oy in (0..g.out_h).step_by(block) {
+                            let oys = oy..(oy + block).min(g.out_h);
+                            let m = oys.len() * g.out_w;
+                            nhwc::im2col_chw_range(x, self.cin, &g, oys, scratch);
+                            let out = &mut out[oy * g.out_w * self.cout..][..m * self.cout];
+                            self.product(scratch, m, None, out);
+                        }
+                    }
+                    return Ok(());
+                }
                 for i in 0..n {
                     let (x, m) = (&src[i * image..][..image], &mut scratch[i * rows * cols..]);
-                    if self.input == DenseInput::Chw {
-                        nhwc::im2col_chw(x, self.cin, &g, m);
-                    } else {
-                        nhwc::im2col_hwc(x, self.cin, &g, m);
-                    }
+                    nhwc::im2col_hwc(x, self.cin, &g, m);
                 }
                 self.product(scratch, n * rows, None, dst);
             }
