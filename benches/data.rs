@@ -58,14 +58,7 @@ fn resize(c: &mut Criterion) {
         group.bench_function(format!("image_crate/{name}"), |b| {
             b.iter(|| {
                 let r = image::imageops::resize(&img, size, size, FilterType::Triangle);
-                let plane = (size * size) as usize;
-                let mut out = vec![0f32; 3 * plane];
-                for (i, p) in r.pixels().enumerate() {
-                    for c in 0..3 {
-                        out[c * plane + i] = (f32::from(p.0[c]) / 255.0 - pre.mean[c]) / pre.std[c];
-                    }
-                }
-                out
+                pre.apply(&image::DynamicImage::ImageRgb8(r))
             })
         });
     }

@@ -69,7 +69,7 @@ impl Preprocess {
     /// background black, often the colour of the drawing's own outlines).
     pub fn apply(&self, img: &DynamicImage) -> Vec<f32> {
         let rgb = flatten_on_white(img);
-        if rgb.dimensions() != (self.width, self.height) && !rgb.is_empty() {
+        if rgb.dimensions() != (self.width, self.height) {
             let (w, h) = (self.width as usize, self.height as usize);
             return resize_normalised(&rgb, w, h, self.mean, self.std);
         }

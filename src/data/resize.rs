@@ -67,7 +67,7 @@ impl AxisTaps {
 /// `rgb` resized to `width`×`height` with the triangle filter and normalised per channel,
 /// `(v / 255 − mean) / std`, as CHW floats: bit-identical to resizing with
 /// `image::imageops::resize(rgb, width, height, FilterType::Triangle)` and normalising the
-/// bytes. `rgb` must have at least one pixel.
+/// bytes (an empty `rgb` gives zero bytes, as `image` does).
 pub fn resize_normalised(
     rgb: &RgbImage,
     width: usize,
@@ -76,8 +76,13 @@ pub fn resize_normalised(
     std: [f32; 3],
 ) -> Vec<f32> {
     let (w_in, h_in) = (rgb.width() as usize, rgb.height() as usize);
-    assert!(w_in > 0 && h_in > 0, "resize: an empty source image");
     let mut out = vec![0f32; 3 * width * height];
+    if w_in == 0 || h_in == 0 {
+        for (c, plane) in out.chunks_exact_mut(width * height).enumerate() {
+            plane.fill((0.0 / 255.0 - mean[c]) / std[c]);
+        }
+        return out;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was detected on this CPU.
@@ -208,7 +213,8 @@ mod tests {
     use super::*;
     use image::imageops::FilterType;
 
-    /// The path this module replaces: `image`'s resize, then the bytes normalised.
+    /// The path this module replaces: `image`'s resize, then the bytes normalised (by
+    /// [`Preprocess::apply`] at the image's own size).
     fn through_image_crate(
         rgb: &RgbImage,
         w: u32,
@@ -217,14 +223,13 @@ mod tests {
         std: [f32; 3],
     ) -> Vec<f32> {
         let r = image::imageops::resize(rgb, w, h, FilterType::Triangle);
-        let plane = (w * h) as usize;
-        let mut out = vec![0f32; 3 * plane];
-        for (i, p) in r.pixels().enumerate() {
-            for c in 0..3 {
-                out[c * plane + i] = (f32::from(p.0[c]) / 255.0 - mean[c]) / std[c];
-            }
-        }
-        out
+        let pre = crate::data::Preprocess {
+            width: w,
+            height: h,
+            mean,
+            std,
+        };
+        pre.apply(&image::DynamicImage::ImageRgb8(r))
     }
 
     fn noise_image(w: u32, h: u32, seed: u32) -> RgbImage {
@@ -255,6 +260,7 @@ mod tests {
             ((640, 480), (64, 64)),
             ((64, 64), (64, 65)),
             ((9, 9), (9, 4)),
+            ((0, 0), (4, 3)),
         ];
         for (n, ((wi, hi), (wo, ho))) in cases.into_iter().enumerate() {
             let img = noise_image(wi, hi, n as u32 + 1);
