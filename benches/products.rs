@@ -3,12 +3,13 @@
 //! runs them (one chunk of images per thread): the forward `[m, k] · [k, n]` with its bias and
 //! ReLU, the weight gradient `dzᵀ · x` (depth m) and the input gradient `dz · w`. Shapes: a
 //! 3×3 convolution of layer1 (64 → 64 channels at 56×56) and of layer4 (512 → 512 at 7×7),
-//! over the im2col rows of 4 images.
+//! over the im2col rows of 4 images. `stem_…`: a stem convolution, direct against im2col.
 
 use bccp::ops::bf16_gemm::{self, Epilogue, Lhs, PackedRhs, Precision, Rhs, Strided};
 use bccp::ops::nhwc::{self, Act, ConvGeometry};
 use bccp::ops::nhwc_grad;
 use bccp::ops::packed_gemm::{self, PackedWeight};
+use bccp::ops::stem::{self, StemWeight};
 use bccp::ops::winograd::{self, Role, WinogradWeight};
 use bccp::rng::Rng;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -185,5 +186,51 @@ fn conv3x3(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, products, conv3x3);
+/// A stem on one channels-first image (MobileNetV2's 3 → 32, 3×3, stride 2 at 256×256, the
+/// reference server's size; ResNet's 3 → 64, 7×7, stride 2 at 224×224): the direct kernel
+/// ([`bccp::ops::stem`]) against im2col of a block of output rows and its product, as the
+/// engine ran stems before.
+fn stems(c: &mut Criterion) {
+    for (name, size, k, pad, cout) in [
+        ("mobilenet256", 256, 3, 1, 32),
+        ("resnet224", 224, 7, 3, 64),
+    ] {
+        let mut rng = Rng::new(3);
+        let cin = 3;
+        let cols = cin * k * k;
+        let g = ConvGeometry::new(size, size, k, 2, (pad, pad, pad, pad)).expect("geometry");
+        let x = values(&mut rng, cin * size * size);
+        let w = values(&mut rng, cout * cols);
+        let bias = values(&mut rng, cout);
+        let mut out = vec![0f32; g.out_h * g.out_w * cout];
+        let packed = packed_gemm::fused_available().then(|| PackedWeight::new(&w, cout, cols));
+        let block = (64 * 1024 / (g.out_w * cols)).clamp(1, g.out_h);
+        let mut scratch = vec![0f32; block * g.out_w * cols];
+        let direct = StemWeight::new(&w, cout, cin, k).expect("stem weight");
+        let kernel = stem::stem_kernel();
+        let mut group = c.benchmark_group(format!("stem_{name}"));
+        group.sample_size(20);
+        group.throughput(Throughput::Elements(
+            (2 * g.out_h * g.out_w * cout * cols) as u64,
+        ));
+        group.bench_function("im2col_product", |b| {
+            b.iter(|| {
+                for oy in (0..g.out_h).step_by(block) {
+                    let rows = oy..(oy + block).min(g.out_h);
+                    let m = rows.len() * g.out_w;
+                    nhwc::im2col_chw_range(&x, cin, &g, rows, &mut scratch);
+                    let out = &mut out[oy * g.out_w * cout..][..m * cout];
+                    let p = packed.as_ref();
+                    packed_gemm::dense_bias_act(&scratch, m, &w, p, &bias, None, Act::Relu6, out)
+                }
+            })
+        });
+        group.bench_function("direct", |b| {
+            b.iter(|| kernel(&x, &direct, &bias, &g, Act::Relu6, 0..g.out_h, &mut out))
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, products, conv3x3, stems);
 criterion_main!(benches);

@@ -315,8 +315,10 @@ fn full_finetune_trains_the_backbone_and_predict_uses_it() {
     let run16 = runs.join("full16/1");
     let acc16 = metrics(&run16)["test_accuracy"].as_f64().unwrap();
     eprintln!("test accuracy: f32 products {acc}, bf16 products {acc16}");
+    // Learns as much: not more than 6 of the 120 test images worse (the two runs' sums
+    // differ, so their trajectories do; measured f32 0.667–0.692, bf16 0.733–0.742).
     assert!(
-        (acc16 - acc).abs() <= 0.05,
+        acc16 >= acc - 0.05,
         "bf16 products: test accuracy {acc16} against {acc} in f32"
     );
     let params: serde_json::Value =

@@ -11,6 +11,7 @@ pub mod fused_grad;
 pub mod nhwc;
 pub mod nhwc_grad;
 pub mod packed_gemm;
+pub mod stem;
 pub mod winograd;
 
 pub use bias_act::bias_act;

@@ -4,7 +4,7 @@
 //! shrink to 2×2). Each kernel is single-threaded: the caller splits the batch across threads.
 
 /// Channels per vector block of the depthwise kernel (one AVX-512 register).
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 /// The largest depthwise kernel (5×5, EfficientNet).
 const MAX_TAPS: usize = 25;
 
@@ -426,7 +426,7 @@ pub fn depthwise_portable(
 
 /// The lowest and highest value `act` lets through (the vector kernels clamp to them, and
 /// leave `Identity` outputs untouched).
-fn act_bounds(act: Act) -> (f32, f32) {
+pub(crate) fn act_bounds(act: Act) -> (f32, f32) {
     match act {
         Act::Identity => (f32::NEG_INFINITY, f32::INFINITY),
         Act::Relu => (0.0, f32::INFINITY),
@@ -532,7 +532,7 @@ mod x86 {
 
 /// The [`LANES`] floats of `s` from `at`.
 #[inline(always)]
-fn lanes(s: &[f32], at: usize) -> &[f32; LANES] {
+pub(crate) fn lanes(s: &[f32], at: usize) -> &[f32; LANES] {
     s[at..at + LANES].try_into().expect("LANES-long slice")
 }
 
@@ -681,7 +681,7 @@ fn strip_row<V, L, F, const K: usize, const ST: usize, const Q: usize>(
 
 /// The [`LANES`] floats of `s` from `at`, to store into.
 #[inline(always)]
-fn lanes_mut(s: &mut [f32], at: usize) -> &mut [f32; LANES] {
+pub(crate) fn lanes_mut(s: &mut [f32], at: usize) -> &mut [f32; LANES] {
     (&mut s[at..at + LANES])
         .try_into()
         .expect("LANES-long slice")

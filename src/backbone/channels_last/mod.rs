@@ -31,6 +31,7 @@ use super::layers::{ConvBn, ConvKind, Padding};
 use crate::ops::bf16_gemm::{self, Epilogue, Lhs, PackedRhs, Precision, Rhs, Strided};
 use crate::ops::nhwc::{self, Act, ConvGeometry, DepthwiseFn};
 use crate::ops::packed_gemm::{self, PackedWeight};
+use crate::ops::stem::{self, StemFn, StemWeight};
 use crate::ops::winograd::{self, Role, WinogradWeight};
 
 /// Most images per task: enough pixels at the 2×2 end of a 64×64 MobileNetV2 for a useful
@@ -140,6 +141,9 @@ struct Layer {
     winograd_grad: Option<Box<WinogradWeight>>,
     /// Whether the layer belongs to a trainer (which also needs `winograd_grad`).
     trains: bool,
+    /// A stem (dense over channels-first images) whose output channels fill vectors: its
+    /// weight for the direct kernel ([`stem`]), which then replaces im2col and the product.
+    direct_stem: Option<(StemWeight, StemFn)>,
 }
 
 impl Layer {
@@ -187,6 +191,7 @@ impl Layer {
             winograd: None,
             winograd_grad: None,
             trains: false,
+            direct_stem: None,
         };
         layer.repack();
         Ok(layer)
@@ -221,7 +226,7 @@ impl Layer {
     /// Scratch floats [`Self::apply`] needs for `n` images of `size` (a dense layer's im2col
     /// matrix or Winograd's transformed tiles).
     fn scratch_len(&self, n: usize, size: (usize, usize)) -> Result<usize> {
-        if self.kind != ConvKind::Dense {
+        if self.kind != ConvKind::Dense || self.direct_stem.is_some() {
             return Ok(0);
         }
         let g = self.geometry(size)?;
@@ -241,6 +246,10 @@ impl Layer {
     /// Packs `weight` again for the fused product (after training changed it).
     fn repack(&mut self) {
         let k = self.weight.len() / self.cout.max(1);
+        self.direct_stem = (self.kind == ConvKind::Dense && self.input == DenseInput::Chw)
+            .then(|| StemWeight::new(&self.weight, self.cout, self.cin, self.kernel))
+            .flatten()
+            .map(|w| (w, stem::stem_kernel()));
         self.repack_winograd();
         if self.winograd.is_some() && self.padding == Padding::Symmetric(1) {
             // Every map keeps its size: Winograd's products always apply, im2col's never.
@@ -432,6 +441,16 @@ impl Layer {
                         Rhs::Packed(w),
                         Some(epilogue),
                     );
+                    return Ok(());
+                }
+                if let Some((w, kernel)) = &self.direct_stem {
+                    for (x, out) in src
+                        .chunks_exact(image)
+                        .zip(dst.chunks_exact_mut(rows * self.cout))
+                        .take(n)
+                    {
+                        kernel(x, w, &self.bias, &g, self.act, 0..g.out_h, out);
+                    }
                     return Ok(());
                 }
                 if self.input == DenseInput::Chw {

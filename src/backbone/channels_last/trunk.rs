@@ -6,7 +6,7 @@ use super::{apply_in, apply_stem, global_avg_pool, input_size, Layer, WorkspaceP
 use super::{Act, ConvKind, DenseInput};
 use crate::backbone::layers::{ConvBn, Padding, Trunk};
 use crate::ops::bf16_gemm::Precision;
-use crate::ops::nhwc::{self, DepthwiseFn};
+use crate::ops::nhwc::{self, ConvGeometry, DepthwiseFn};
 
 /// Buffers of a task: block input, two scratch buffers, block output, im2col.
 const X: usize = 0;
@@ -191,8 +191,11 @@ impl ChannelsLastTrunk {
         out: &mut [f32],
     ) -> Result<()> {
         let dw = self.depthwise;
-        let mut size = apply_stem(&self.stem, x, ws, (X, C), n, size, dw)?;
-        for block in &self.blocks {
+        let (mut size, skip) = match self.run_stem_banded(x, ws, n, size)? {
+            Some(out) => (out, 1),
+            None => (apply_stem(&self.stem, x, ws, (X, C), n, size, dw)?, 0),
+        };
+        for block in &self.blocks[skip..] {
             if let Some(out) = self.run_banded(block, ws, n, size)? {
                 ws.swap(X, P);
                 size = out;
@@ -247,14 +250,8 @@ impl ChannelsLastTrunk {
     }
 
     /// An inverted-residual block whose expanded map is larger than the band limit, run image
-    /// by image in bands of output rows, from buffer `X` into `P`: each band's input rows are
-    /// expanded, convolved depthwise and projected while they are still in cache, instead of
-    /// each layer streaming the whole map through memory. The depthwise convolution of a band
-    /// runs on the band's expanded rows as a map of its own: rows of its output that would see
-    /// that map's edge are not kept, except at the image's real edges, where its padding is
-    /// the image's. The expanded rows two bands share are moved, not computed again. The
-    /// same products and sums as on whole maps, to the bit. `None` when the block is not run
-    /// this way.
+    /// by image in bands of output rows, from buffer `X` into `P` ([`Self::run_bands`]).
+    /// `None` when the block is not run this way.
     fn run_banded(
         &self,
         block: &Block,
@@ -265,48 +262,127 @@ impl ChannelsLastTrunk {
         let Some((e, d, p, band_floats)) = self.banded(block, size) else {
             return Ok(None);
         };
+        let x_buf = std::mem::take(&mut ws[X]);
+        let mut p_buf = std::mem::take(&mut ws[P]);
+        let residual = block.residual.then_some(&x_buf[..]);
+        let source = Rows::Expand(e, &x_buf);
+        let done = self.run_bands(
+            source,
+            (d, p),
+            residual,
+            ws,
+            n,
+            size,
+            band_floats,
+            &mut p_buf,
+        );
+        ws[X] = x_buf;
+        ws[P] = p_buf;
+        done.map(Some)
+    }
+
+    /// The stem and the first block together, in bands of rows, from the images `x` (as they
+    /// arrive, `[n, C, H, W]`) into buffer `X`, when the first block has no expand layer
+    /// (MobileNetV2's: depthwise → linear pointwise, no residual), the stem takes the direct
+    /// kernel and its map is larger than the band limit: neither the stem's map nor the
+    /// depthwise output is written whole. Returns the block's output size; `None` when the
+    /// two do not run this way.
+    fn run_stem_banded(
+        &self,
+        x: &[f32],
+        ws: &mut super::Workspace,
+        n: usize,
+        image: (usize, usize),
+    ) -> Result<Option<(usize, usize)>> {
+        let (Some((above, band_floats)), Some(first)) = (self.bands, self.blocks.first()) else {
+            return Ok(None);
+        };
+        let (d, p) = match first.layers.as_slice() {
+            [d, p]
+                if d.kind == ConvKind::Depthwise
+                    && matches!(d.padding, Padding::Symmetric(_))
+                    && d.cin == self.stem.cout
+                    && p.kind == ConvKind::Pointwise
+                    && p.cin == d.cout
+                    && p.act == Act::Identity
+                    && !first.residual =>
+            {
+                (d, p)
+            }
+            _ => return Ok(None),
+        };
+        let size = self.stem.out_size(image)?;
+        if self.stem.direct_stem.is_none() || size.0 * size.1 * self.stem.cout <= above {
+            return Ok(None);
+        }
+        let mut out = std::mem::take(&mut ws[X]);
+        let source = Rows::Stem(&self.stem, x, image);
+        let done = self.run_bands(source, (d, p), None, ws, n, size, band_floats, &mut out);
+        ws[X] = out;
+        done.map(Some)
+    }
+
+    /// A block's depthwise and project layers `(d, p)` on `n` images, image by image in bands
+    /// of output rows, into `out`: each band's rows of the depthwise layer's input map (of
+    /// `size`) are made by `source` (the block's expand layer, or the stem), convolved
+    /// depthwise and projected while they are still in cache, instead of each layer
+    /// streaming the whole map through memory; `residual` (the block's input) is added in the
+    /// projection's epilogue. The depthwise convolution of a band runs on the band's input
+    /// rows as a map of its own, padded only where it meets the image's edges, so its
+    /// outputs are exactly the band's rows. The input rows two bands share are moved, not
+    /// made again. The same products and sums as on whole maps, to the bit. A band's input
+    /// rows and depthwise output take at most `band_floats` floats (buffers `E` and `D`).
+    #[allow(clippy::too_many_arguments)]
+    fn run_bands(
+        &self,
+        source: Rows,
+        (d, p): (&Layer, &Layer),
+        residual: Option<&[f32]>,
+        ws: &mut super::Workspace,
+        n: usize,
+        size: (usize, usize),
+        band_floats: usize,
+        out: &mut [f32],
+    ) -> Result<(usize, usize)> {
         let (h, w) = size;
-        let (cin, hid, cout) = (e.cin, e.cout, p.cout);
+        let (hid, cout) = (d.cin, p.cout);
         let g = d.geometry(size)?;
         let (oh, ow) = (g.out_h, g.out_w);
         let (k, s) = (d.kernel, d.stride);
         let Padding::Symmetric(pad) = d.padding else {
-            return Ok(None);
+            candle_core::bail!("channels-last: a banded depthwise layer pads unevenly");
         };
-        if block.residual && (s != 1 || (oh, ow) != size || cin != cout) {
+        if residual.is_some() && (s != 1 || (oh, ow) != size || p.cout != source.cin()) {
             candle_core::bail!("channels-last: a residual block changed the map size");
         }
         let (row_in, row_out) = (w * hid, ow * hid);
-        // Output rows per band: its expanded rows (plus the rows it shares with the next
-        // band) and its depthwise output (plus the rows not kept) within the limit.
-        let fits = |b: usize| (b * s + k) * row_in + (b + k) * row_out <= band_floats;
+        // Output rows per band: its input rows (plus the rows it shares with the next band)
+        // and its depthwise output within the limit.
+        let fits = |b: usize| (b * s + k) * row_in + b * row_out <= band_floats;
         let mut band = 1;
         while band < oh && fits(band + 1) {
             band += 1;
         }
         let e_len = (band * s + k).min(h) * row_in;
-        let d_len = (band + k) * row_out;
+        let d_len = band * row_out;
         for (i, len) in [(E, e_len), (D, d_len)] {
             if ws[i].len() < len {
                 ws[i].resize(len, 0.0);
             }
         }
         let dw = self.depthwise;
-        let x_buf = std::mem::take(&mut ws[X]);
-        let mut p_buf = std::mem::take(&mut ws[P]);
         let mut e_buf = std::mem::take(&mut ws[E]);
         let mut d_buf = std::mem::take(&mut ws[D]);
         let mut run = || -> Result<()> {
             for img in 0..n {
-                let x = &x_buf[img * h * w * cin..][..h * w * cin];
-                let out = &mut p_buf[img * oh * ow * cout..][..oh * ow * cout];
-                // Image rows [lo, hi) expanded at the front of `e_buf`.
+                let out = &mut out[img * oh * ow * cout..][..oh * ow * cout];
+                // Image rows [lo, hi) of the input map at the front of `e_buf`.
                 let mut held: Option<(usize, usize)> = None;
                 for r0 in (0..oh).step_by(band) {
                     let r1 = (r0 + band).min(oh);
-                    // Input rows of the band's sub-map: from a multiple of the stride, so that
-                    // its output rows fall on the image's, to the last row the band reads.
-                    let a = (r0 * s).saturating_sub(pad) / s * s;
+                    // Input rows of the band's sub-map: from the first row its first output
+                    // reads to the last row its last output reads.
+                    let a = (r0 * s).saturating_sub(pad);
                     let b = ((r1 - 1) * s + k).saturating_sub(pad).min(h);
                     let fresh = match held {
                         Some((lo, hi)) if lo <= a && a < hi && hi <= b => {
@@ -316,48 +392,94 @@ impl ChannelsLastTrunk {
                         _ => a,
                     };
                     if fresh < b {
-                        e.apply(
-                            &x[fresh * w * cin..b * w * cin],
-                            &mut e_buf[(fresh - a) * row_in..(b - a) * row_in],
-                            &mut [],
-                            1,
-                            (b - fresh, w),
-                            dw,
-                        )?;
+                        let dst = &mut e_buf[(fresh - a) * row_in..(b - a) * row_in];
+                        source.rows(img, fresh..b, size, dst, dw)?;
                     }
                     held = Some((a, b));
-                    let sub = (b - a, w);
-                    let sg = d.geometry(sub)?;
-                    let first = r0 - a / s;
-                    if first + (r1 - r0) > sg.out_h || sg.out_w != ow {
-                        candle_core::bail!("channels-last: a band does not cover its rows");
-                    }
-                    d.apply(
-                        &e_buf[..(b - a) * row_in],
-                        &mut d_buf[..sg.out_h * row_out],
-                        &mut [],
-                        1,
-                        sub,
-                        dw,
-                    )?;
-                    let kept = &d_buf[first * row_out..(first + r1 - r0) * row_out];
+                    let top = (pad + a).saturating_sub(r0 * s);
+                    let bottom = ((r1 - 1) * s + k).saturating_sub(pad + h);
+                    let sg = ConvGeometry::new(b - a, w, k, s, (top, bottom, pad, pad))
+                        .filter(|sg| sg.out_h == r1 - r0 && sg.out_w == ow)
+                        .ok_or_else(|| {
+                            candle_core::Error::Msg(
+                                "channels-last: a band does not cover its rows".into(),
+                            )
+                        })?;
+                    let kept = &mut d_buf[..(r1 - r0) * row_out];
+                    let input = &e_buf[..(b - a) * row_in];
+                    dw(input, &d.weight, &d.bias, &sg, d.act, kept);
+                    let kept = &*kept;
                     let dst = &mut out[r0 * ow * cout..r1 * ow * cout];
                     let rows = (r1 - r0, ow);
-                    if block.residual {
-                        p.apply_residual(kept, dst, &x[r0 * ow * cin..r1 * ow * cin], 1, rows)?;
-                    } else {
-                        p.apply(kept, dst, &mut [], 1, rows, dw)?;
+                    match residual {
+                        Some(x) => {
+                            let x = &x[(img * oh * ow + r0 * ow) * cout..][..(r1 - r0) * ow * cout];
+                            p.apply_residual(kept, dst, x, 1, rows)?
+                        }
+                        None => p.apply(kept, dst, &mut [], 1, rows, dw)?,
                     }
                 }
             }
             Ok(())
         };
         let done = run();
-        ws[X] = x_buf;
-        ws[P] = p_buf;
         ws[E] = e_buf;
         ws[D] = d_buf;
         done?;
-        Ok(Some((oh, ow)))
+        Ok((oh, ow))
+    }
+}
+
+/// Where the rows of a banded block's depthwise input come from.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// The block's expand layer (pointwise) over its input `[n, h, w, cin]`.
+    Expand(&'a Layer, &'a [f32]),
+    /// The network's stem (direct kernel) over images `[n, C, H, W]` of the given size.
+    Stem(&'a Layer, &'a [f32], (usize, usize)),
+}
+
+impl Rows<'_> {
+    /// Channels per pixel of what the source reads (the block's input, for its residual).
+    fn cin(&self) -> usize {
+        match self {
+            Rows::Expand(e, _) => e.cin,
+            Rows::Stem(stem, _, _) => stem.cin,
+        }
+    }
+
+    /// Rows `rows` of image `img`'s map (`size`, channels last) into `dst`.
+    fn rows(
+        &self,
+        img: usize,
+        rows: std::ops::Range<usize>,
+        (h, w): (usize, usize),
+        dst: &mut [f32],
+        dw: DepthwiseFn,
+    ) -> Result<()> {
+        match *self {
+            Rows::Expand(e, x) => {
+                let x = &x[img * h * w * e.cin..][..h * w * e.cin];
+                let lines = (rows.len(), w);
+                e.apply(
+                    &x[rows.start * w * e.cin..rows.end * w * e.cin],
+                    dst,
+                    &mut [],
+                    1,
+                    lines,
+                    dw,
+                )
+            }
+            Rows::Stem(stem, images, image) => {
+                let Some((weight, kernel)) = &stem.direct_stem else {
+                    candle_core::bail!("channels-last: a banded stem needs the direct kernel");
+                };
+                let g = stem.geometry(image)?;
+                let len = stem.cin * image.0 * image.1;
+                let x = &images[img * len..][..len];
+                kernel(x, weight, &stem.bias, &g, stem.act, rows, dst);
+                Ok(())
+            }
+        }
     }
 }
