@@ -209,10 +209,18 @@ mod x86 {
         out: *mut f32,
     ) {
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); NP]; MR_];
-            for kk in 0..k {
-                let wv: [__m512; NP] =
-                    std::array::from_fn(|p| _mm512_loadu_ps(w.add(p * k * PANEL + kk * PANEL)));
+            let weights = |kk: usize| -> [__m512; NP] {
+                std::array::from_fn(|p| _mm512_loadu_ps(w.add(p * k * PANEL + kk * PANEL)))
+            };
+            // The sums start from the first products (k ≥ 1): not from zeroed accumulators,
+            // which the compiler builds in memory for the epilogue with a call to memset.
+            let w0 = weights(0);
+            let mut acc: [[__m512; NP]; MR_] = std::array::from_fn(|r| {
+                let av = _mm512_set1_ps(*a.add(r * lda));
+                std::array::from_fn(|p| _mm512_mul_ps(av, w0[p]))
+            });
+            for kk in 1..k {
+                let wv = weights(kk);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_ps(*a.add(r * lda + kk));
                     for p in 0..NP {
@@ -299,6 +307,15 @@ mod x86 {
     ) {
         let (n, k) = (w.n, w.k);
         if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            // No products: the epilogue on zero sums (the tiles need k ≥ 1).
+            for (r, row) in out[..m * n].chunks_exact_mut(n).enumerate() {
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = act.apply(bias[j] + residual.map_or(0.0, |res| res[r * n + j]));
+                }
+            }
             return;
         }
         let panels = n.div_ceil(PANEL);
@@ -460,8 +477,9 @@ mod tests {
             return;
         }
         // Rows around the 12-row tile and the row block, columns around whole and partial
-        // panels and panel pairs, depths from 1 to past a cache line.
+        // panels and panel pairs, depths from 0 (the epilogue alone) to past a cache line.
         for (m, k, n) in [
+            (3, 0, 20),
             (1, 1, 1),
             (5, 3, 16),
             (12, 27, 32),
