@@ -12,6 +12,7 @@
 //! Same weights and arithmetic as the candle path (tested to agree within float tolerance).
 //! [`EngineTrainer`] adds the backward pass for fine-tuning these networks.
 
+mod aligned;
 mod resnet;
 mod train;
 mod train_resnet;
@@ -23,6 +24,8 @@ pub use train::{EngineTrainer, Forward, Gradients};
 pub use trunk::{ChannelsLastTrunk, DEFAULT_BANDS};
 
 use std::sync::Mutex;
+
+use aligned::AlignedFloats;
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -45,7 +48,7 @@ const CHUNK_FLOATS: usize = 4 << 20;
 const STEM_BLOCK_FLOATS: usize = 64 << 10;
 
 /// The activation buffers of one running task.
-type Workspace = Vec<Vec<f32>>;
+type Workspace = Vec<AlignedFloats>;
 
 /// Buffers of finished tasks, reused by the next ones (at most one set per concurrent task;
 /// freed with the network that owns the pool).
@@ -77,7 +80,7 @@ impl WorkspacePool {
             .try_for_each(|(out, x)| {
                 let mut ws = self.take();
                 let m = x.len() / image;
-                ws.resize_with(buffers.max(ws.len()), Vec::new);
+                ws.resize_with(buffers.max(ws.len()), AlignedFloats::default);
                 for buf in ws.iter_mut() {
                     if buf.len() < m * per_image {
                         buf.resize(m * per_image, 0.0);
