@@ -643,8 +643,14 @@ fn strip<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
             strip_row::<V, L, F, K, ST, Q>(&mut acc, wy, (x, row_at(ky), c, s), (load, fma));
         }
     }
+    // The strip's outputs: pixel p's vector at `at + p · c`.
+    let at = (oy * g.out_w + ox) * c;
+    assert!(at + (Q - 1) * c + LANES <= out.len(), "depthwise strip past its output");
+    let base = out[at..].as_mut_ptr();
     for (p, a) in acc.into_iter().enumerate() {
-        store(a, lanes_mut(out, (oy * g.out_w + ox + p) * c));
+        // SAFETY: every vector ends within `out` (checked above); unchecked so the stores
+        // are address arithmetic only.
+        store(a, unsafe { &mut *(base.add(p * c) as *mut [f32; LANES]) });
     }
 }
 
