@@ -645,7 +645,10 @@ fn strip<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
     }
     // The strip's outputs: pixel p's vector at `at + p · c`.
     let at = (oy * g.out_w + ox) * c;
-    assert!(at + (Q - 1) * c + LANES <= out.len(), "depthwise strip past its output");
+    assert!(
+        at + (Q - 1) * c + LANES <= out.len(),
+        "depthwise strip past its output"
+    );
     let base = out[at..].as_mut_ptr();
     for (p, a) in acc.into_iter().enumerate() {
         // SAFETY: every vector ends within `out` (checked above); unchecked so the stores

@@ -27,7 +27,7 @@ use std::sync::Mutex;
 
 use aligned::AlignedFloats;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::layers::{ConvBn, ConvKind, Padding};
@@ -68,7 +68,16 @@ impl WorkspacePool {
         chunk_fn: impl Fn(&[f32], usize, &mut Workspace, &mut [f32]) -> Result<()> + Sync,
     ) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let input = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // The images in place when they are a contiguous f32 tensor on the CPU (else a copy).
+        let x = x
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let input = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(cpu), Some((start, end))) => &cpu.as_slice::<f32>()?[start..end],
+            _ => candle_core::bail!("channels-last: images not in host memory"),
+        };
         let mut out = vec![0f32; n * dim];
         let image = c * h * w;
         // Chunks within the memory bound, and at least one per thread when the batch allows.
