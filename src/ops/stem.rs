@@ -271,24 +271,16 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{act_bounds, stem_body, Act, ConvGeometry, StemWeight, LANES};
+    use super::{act_bounds, stem_body, Act, ConvGeometry, StemArgs, StemWeight, LANES};
 
     type Lanes = [f32; LANES];
 
     #[target_feature(enable = "avx512f")]
-    fn avx512(
-        x: &[f32],
-        w: &StemWeight,
-        b: &[f32],
-        g: &ConvGeometry,
-        act: Act,
-        rows: Range<usize>,
-        o: &mut [f32],
-    ) {
+    fn avx512(args: StemArgs, act: Act, o: &mut [f32]) {
         let (lo, hi) = act_bounds(act);
         let (lo, hi) = unsafe { (_mm512_set1_ps(lo), _mm512_set1_ps(hi)) };
         stem_body(
-            (x, w, b, g, rows),
+            args,
             (
                 // SAFETY: each pointer comes from a reference to 16 floats.
                 &|s: &Lanes| unsafe { _mm512_loadu_ps(s.as_ptr()) },
@@ -308,19 +300,11 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn avx2(
-        x: &[f32],
-        w: &StemWeight,
-        b: &[f32],
-        g: &ConvGeometry,
-        act: Act,
-        rows: Range<usize>,
-        o: &mut [f32],
-    ) {
+    fn avx2(args: StemArgs, act: Act, o: &mut [f32]) {
         let (lo, hi) = act_bounds(act);
         let (lo, hi) = unsafe { (_mm256_set1_ps(lo), _mm256_set1_ps(hi)) };
         stem_body(
-            (x, w, b, g, rows),
+            args,
             (
                 // SAFETY: each pointer comes from a reference to 16 floats; the halves are 8.
                 &|s: &Lanes| unsafe {
@@ -359,7 +343,7 @@ mod x86 {
         o: &mut [f32],
     ) {
         // SAFETY: only handed out by `stem_kernel` after detecting AVX-512F.
-        unsafe { avx512(x, w, b, g, act, rows, o) }
+        unsafe { avx512((x, w, b, g, rows), act, o) }
     }
 
     pub fn stem_avx2(
@@ -372,7 +356,7 @@ mod x86 {
         o: &mut [f32],
     ) {
         // SAFETY: only handed out by `stem_kernel` after detecting AVX2 and FMA.
-        unsafe { avx2(x, w, b, g, act, rows, o) }
+        unsafe { avx2((x, w, b, g, rows), act, o) }
     }
 }
 
