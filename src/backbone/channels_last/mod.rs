@@ -8,7 +8,8 @@
 //! runs the whole network on its chunk single-threaded, keeping activations channels-last
 //! (`[pixels, channels]`) in a few reused buffers. A convolution is then one matrix product over
 //! every pixel of the chunk (after im2col for k > 1), with the batch-norm folded in and the
-//! bias and activation applied in one pass; the depthwise kernel vectorises across channels.
+//! bias and activation applied in one pass; the depthwise kernel vectorises across channels,
+//! and a stem whose output channels fill vectors is a direct convolution ([`crate::ops::stem`]).
 //! Same weights and arithmetic as the candle path (tested to agree within float tolerance).
 //! [`EngineTrainer`] adds the backward pass for fine-tuning these networks.
 
