@@ -263,6 +263,11 @@ impl Layer {
             .then(|| StemWeight::new(&self.weight, self.cout, self.cin, self.kernel))
             .flatten()
             .map(|w| (w, stem::stem_kernel()));
+        if self.direct_stem.is_some() {
+            // The direct kernel replaces the product: no packed weight to keep.
+            (self.packed, self.packed_bf16) = (None, None);
+            return;
+        }
         self.repack_winograd();
         if self.winograd.is_some() && self.padding == Padding::Symmetric(1) {
             // Every map keeps its size: Winograd's products always apply, im2col's never.

@@ -30,21 +30,20 @@ struct Block {
 }
 
 impl Block {
-    /// Its expand → depthwise → project layers when it can run in bands of rows: pointwise,
-    /// depthwise with the same padding on every side, linear pointwise.
-    fn bandable(&self) -> Option<(&Layer, &Layer, &Layer)> {
-        match self.layers.as_slice() {
-            [e, d, p]
-                if e.kind == ConvKind::Pointwise
-                    && d.kind == ConvKind::Depthwise
-                    && matches!(d.padding, Padding::Symmetric(_))
-                    && p.kind == ConvKind::Pointwise
-                    && p.act == Act::Identity =>
-            {
-                Some((e, d, p))
-            }
-            _ => None,
-        }
+    /// Its (expand →) depthwise → project layers when it can run in bands of rows: an
+    /// optional pointwise expand layer, depthwise with the same padding on every side, linear
+    /// pointwise.
+    fn bandable(&self) -> Option<(Option<&Layer>, &Layer, &Layer)> {
+        let (e, d, p) = match self.layers.as_slice() {
+            [e, d, p] if e.kind == ConvKind::Pointwise => (Some(e), d, p),
+            [d, p] => (None, d, p),
+            _ => return None,
+        };
+        (d.kind == ConvKind::Depthwise
+            && matches!(d.padding, Padding::Symmetric(_))
+            && p.kind == ConvKind::Pointwise
+            && p.act == Act::Identity)
+            .then_some((e, d, p))
     }
 }
 
@@ -163,6 +162,7 @@ impl ChannelsLastTrunk {
     ) -> Option<(&'a Layer, &'a Layer, &'a Layer, usize)> {
         let (above, band_floats) = self.bands?;
         let (e, d, p) = block.bandable()?;
+        let e = e?;
         (h * w * e.cout > above && d.cin == e.cout && p.cin == e.cout).then_some((
             e,
             d,
@@ -297,16 +297,8 @@ impl ChannelsLastTrunk {
         let (Some((above, band_floats)), Some(first)) = (self.bands, self.blocks.first()) else {
             return Ok(None);
         };
-        let (d, p) = match first.layers.as_slice() {
-            [d, p]
-                if d.kind == ConvKind::Depthwise
-                    && matches!(d.padding, Padding::Symmetric(_))
-                    && d.cin == self.stem.cout
-                    && p.kind == ConvKind::Pointwise
-                    && p.cin == d.cout
-                    && p.act == Act::Identity
-                    && !first.residual =>
-            {
+        let (d, p) = match first.bandable() {
+            Some((None, d, p)) if d.cin == self.stem.cout && p.cin == d.cout && !first.residual => {
                 (d, p)
             }
             _ => return Ok(None),
