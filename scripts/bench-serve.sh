@@ -3,9 +3,11 @@
 # one run on this machine, same model, same images, same requests (JSON {"image_path"} under
 # one image root, cycling over 50 Fashion-MNIST images): `bccp serve` (dynamic batching,
 # predictions logged to an SQLite store) and FastAPI + uvicorn + PyTorch MobileNetV2 written as
-# the reference does it (scripts/bench_serve_reference.py: resize, normalise 0.5, one image per
-# request, no database write). For each input size (256×256 as the reference, 64×64 as the
-# main job serves) and concurrency 1, 8, 32: requests/s, p50 and p99 latency from `wrk`
+# the reference's api_serving/app.py does it (scripts/bench_serve_reference.py: a DataFrame and
+# the transforms per request, resize, normalise 0.5, one image per request through the network
+# with autograd on, no database write), and the same tuned (torch.no_grad(), no DataFrame).
+# For each input size (256×256 as the reference, 64×64 as the main job serves) and
+# concurrency 1, 8, 32: requests/s, p50 and p99 latency from `wrk`
 # (keep-alive connections, one client thread), SECONDS per cell (default 10) after a 2 s
 # warm-up; 127.0.0.1 only. Both models are the real MobileNetV2 backbone with a head trained here
 # (bccp train, Fashion-MNIST, 2 epochs); the reference loads the same backbone and head.

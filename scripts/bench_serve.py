@@ -1,5 +1,6 @@
 """Runs the load test of scripts/bench-serve.sh (standard library only): for each input size
-and stack, starts the server, warms it up, then `wrk` at each concurrency for a bounded time
+and stack (the reference as its app.py is written, the reference tuned with torch.no_grad(),
+`bccp serve`, and with --bf16 `bccp serve --precision bf16`), starts the server, warms it up, then `wrk` at each concurrency for a bounded time
 with JSON `{"image_path": ...}` requests cycling over the same images, and prints one markdown
 table: requests/s, p50 and p99 latency, errors. Against 127.0.0.1 only.
 
@@ -92,7 +93,7 @@ def main():
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         run = os.path.join(args.runs, f"bench{size}")
-        stacks = ("reference", "bccp") + (("bccp-bf16",) if args.bf16 else ())
+        stacks = ("reference", "reference-no-grad", "bccp") + (("bccp-bf16",) if args.bf16 else ())
         for stack in stacks:
             if stack.startswith("bccp"):
                 port = free_port()
@@ -111,41 +112,47 @@ def main():
                     stop(proc)
                     raise
             else:
+                extra = ("--no-grad",) if stack == "reference-no-grad" else ()
                 proc, url = start_reference_server(args.python, args.reference, args.days,
-                                                   args.weights, run, size)
+                                                   args.weights, run, size, extra)
             try:
                 wrk(url, script, 4, 2)  # warm-up
                 for c in [int(c) for c in args.concurrency.split(",")]:
                     rps, p50, p99, errors, total = wrk(url, script, c, args.seconds)
                     rows.append((size, stack, c, rps, p50, p99, errors, total))
-                    print(f"{size}x{size} {stack:9} c={c:<3} {rps:8.1f} req/s  p50 {p50*1e3:8.1f} ms"
+                    print(f"{size}x{size} {stack:17} c={c:<3} {rps:8.1f} req/s  p50 {p50*1e3:8.1f} ms"
                           f"  p99 {p99*1e3:8.1f} ms  errors {errors}/{total}", flush=True)
             finally:
                 stop(proc)
 
-    print("\n| input | concurrency | reference req/s | bccp req/s | × | reference p50 | bccp p50 "
-          "| reference p99 | bccp p99 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    # The reference as its app.py is written, and tuned (torch.no_grad(), no DataFrame).
+    print("\n| input | concurrency | reference req/s | reference no_grad req/s | bccp req/s "
+          "| × reference | × no_grad | reference p50 | bccp p50 | reference p99 | bccp p99 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     by = {(s, st, c): (r, a, b, e, t) for s, st, c, r, a, b, e, t in rows}
+    ms = lambda v: f"{v*1e3:.1f} ms"
     for size in [int(s) for s in args.sizes.split(",")]:
         for c in [int(c) for c in args.concurrency.split(",")]:
-            ref, new = by.get((size, "reference", c)), by.get((size, "bccp", c))
-            if not (ref and new):
+            ref, tuned, new = (by.get((size, st, c))
+                               for st in ("reference", "reference-no-grad", "bccp"))
+            if not (ref and tuned and new):
                 continue
-            ms = lambda v: f"{v*1e3:.1f} ms"
-            print(f"| {size}×{size} | {c} | {ref[0]:.1f} | {new[0]:.1f} | **{new[0]/ref[0]:.1f}** "
-                  f"| {ms(ref[1])} | {ms(new[1])} | {ms(ref[2])} | {ms(new[2])} |")
+            print(f"| {size}×{size} | {c} | {ref[0]:.1f} | {tuned[0]:.1f} | {new[0]:.1f} "
+                  f"| **{new[0]/ref[0]:.1f}** | {new[0]/tuned[0]:.1f} | {ms(ref[1])} | {ms(new[1])} "
+                  f"| {ms(ref[2])} | {ms(new[2])} |")
     if args.bf16:
         print("\n| input | concurrency | bccp f32 req/s | bccp bf16 req/s | bf16 / f32 | × reference "
-              "| bccp bf16 p50 | bccp bf16 p99 |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+              "| × no_grad | bccp bf16 p50 | bccp bf16 p99 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for size in [int(s) for s in args.sizes.split(",")]:
             for c in [int(c) for c in args.concurrency.split(",")]:
-                ref, new, half = (by.get((size, st, c)) for st in ("reference", "bccp", "bccp-bf16"))
-                if not (ref and new and half):
+                ref, tuned, new, half = (by.get((size, st, c)) for st in
+                                         ("reference", "reference-no-grad", "bccp", "bccp-bf16"))
+                if not (ref and tuned and new and half):
                     continue
                 print(f"| {size}×{size} | {c} | {new[0]:.1f} | {half[0]:.1f} | **{half[0]/new[0]:.2f}** "
-                      f"| {half[0]/ref[0]:.1f} | {half[1]*1e3:.1f} ms | {half[2]*1e3:.1f} ms |")
+                      f"| {half[0]/ref[0]:.1f} | {half[0]/tuned[0]:.1f} | {ms(half[1])} "
+                      f"| {ms(half[2])} |")
     failed = sum(e for *_, e, _ in rows)
     print(f"\nerrors: {failed} of {sum(t for *_, t in rows)} requests")
 

@@ -95,16 +95,17 @@ def wait_ready(url, proc, what, limit=120):
     sys.exit(f"{what}: {url} not ready after {limit} s")
 
 
-def start_reference_server(python, script, root, weights, run, size):
-    """The reference's serving stack (bench_serve_reference.py under `python`) for the latest
-    version of the bccp run folder `run` (its head) at `size`×`size`, on a free port; returns
-    (process, the /predict URL) once /healthz answers."""
+def start_reference_server(python, script, root, weights, run, size, extra=()):
+    """The reference's serving stack (bench_serve_reference.py under `python`, with `extra`
+    arguments, e.g. `--no-grad`) for the latest version of the bccp run folder `run` (its head)
+    at `size`×`size`, on a free port; returns (process, the /predict URL) once /healthz
+    answers."""
     version = max(int(v) for v in os.listdir(run) if v.isdigit())
     port = free_port()
     proc = subprocess.Popen(
         [python, script, "--root", root, "--weights", weights,
          "--head", os.path.join(run, str(version), "model.safetensors"), "--size", str(size),
-         "--port", str(port)], stdout=subprocess.DEVNULL)
+         "--port", str(port), *extra], stdout=subprocess.DEVNULL)
     try:
         wait_ready(f"http://127.0.0.1:{port}/healthz", proc, "the reference server")
     except BaseException:
