@@ -234,8 +234,13 @@ fn stem_pixels<V, L, B, F, S, const NV: usize, const Q: usize>(
     S: Fn(V, &mut [f32; LANES]),
 {
     let (k, s, cout) = (g.kernel, g.stride, w.cout);
-    let b: [V; NV] = std::array::from_fn(|j| load(lanes(bias, c0 + j * LANES)));
+    let b = vectors::<V, L, NV>(load, &bias[c0..]);
     let mut acc = [b; Q];
+    // Every tap's vectors `c0 .. c0 + NV·16` lie inside the weight (checked once).
+    assert!(
+        w.taps.len() >= w.cin * k * k * cout && c0 + NV * LANES <= cout,
+        "stem: weight does not fit the geometry"
+    );
     for ci in 0..w.cin {
         for ky in ky0..ky1 {
             let iy = oy * s + ky - g.pad_top;
@@ -244,8 +249,12 @@ fn stem_pixels<V, L, B, F, S, const NV: usize, const Q: usize>(
             let span = &row[..(Q - 1) * s + kx1 - kx0];
             for kx in kx0..kx1 {
                 let t = (ci * k + ky) * k + kx;
-                let wv: [V; NV] =
-                    std::array::from_fn(|j| load(lanes(&w.taps, t * cout + c0 + j * LANES)));
+                // SAFETY: t < cin·k·k, so the NV vectors from t·cout + c0 are inside the
+                // weight (asserted above); unchecked so the loop is loads and multiply-adds.
+                let wv = vectors::<V, L, NV>(load, unsafe {
+                    w.taps
+                        .get_unchecked(t * cout + c0..t * cout + c0 + NV * LANES)
+                });
                 for (p, a) in acc.iter_mut().enumerate() {
                     // SAFETY: p < Q and kx < kx1, so the offset is below `span.len()`;
                     // unchecked so the strip is loads and multiply-adds only.
@@ -262,6 +271,18 @@ fn stem_pixels<V, L, B, F, S, const NV: usize, const Q: usize>(
             store(*v, lanes_mut(out, (ox + p) * cout + c0 + j * LANES));
         }
     }
+}
+
+/// `NV` vectors from the start of `at`, without `array::from_fn` (whose closure the compiler
+/// left as a call outside the caller's target features: vectors through memory and a
+/// `vzeroupper` per strip).
+#[inline(always)]
+fn vectors<V: Copy, L: Fn(&[f32; LANES]) -> V, const NV: usize>(load: &L, at: &[f32]) -> [V; NV] {
+    let mut v = [load(lanes(at, 0)); NV];
+    for (j, v) in v.iter_mut().enumerate() {
+        *v = load(lanes(at, j * LANES));
+    }
+    v
 }
 
 /// The stem kernel with explicit AVX-512 and AVX2 vectors.
