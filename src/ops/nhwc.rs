@@ -677,7 +677,7 @@ thread_local! {
     static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// [`channel_block`] for a narrow map (`ST` > 0): the block's input is first copied, with
+/// [`channel_block`] for a narrow map (stride `ST` known at compile time): the block's input is first copied, with
 /// zeros where the kernel hangs over the map's edges, into `buf` (`[ph, pw, 16]`); every
 /// output pixel is then a strip pixel (strips of `Q`, the last one overlapping the one before
 /// it; halving strips when a row is shorter than `Q`). Same order of sums as
@@ -851,11 +851,9 @@ fn depthwise_body<V: Copy, const Q: usize>(
         for c0 in (0..c / LANES).map(|b| b * LANES) {
             let args = (x, taps, bias, g, c0);
             let buf = &mut buf;
-            match (k, g.stride) {
-                (3, 1) => padded_block::<V, _, _, _, 3, 1, Q>(args, ops, out, buf),
-                (3, 2) => padded_block::<V, _, _, _, 3, 2, Q>(args, ops, out, buf),
-                (5, 1) => padded_block::<V, _, _, _, 5, 1, Q>(args, ops, out, buf),
-                _ => padded_block::<V, _, _, _, 5, 2, Q>(args, ops, out, buf),
+            match k {
+                3 => padded_block::<V, _, _, _, 3, 1, Q>(args, ops, out, buf),
+                _ => padded_block::<V, _, _, _, 5, 1, Q>(args, ops, out, buf),
             }
         }
         PADDED.set(buf);
