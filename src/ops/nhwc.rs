@@ -677,14 +677,14 @@ thread_local! {
     static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// [`channel_block`] for a narrow map (stride `ST` known at compile time): the block's input is first copied, with
+/// [`channel_block`] for a narrow map at stride 1: the block's input is first copied, with
 /// zeros where the kernel hangs over the map's edges, into `buf` (`[ph, pw, 16]`); every
 /// output pixel is then a strip pixel (strips of `Q`, the last one overlapping the one before
 /// it; halving strips when a row is shorter than `Q`). Same order of sums as
 /// [`channel_block`] (bias, then rows, then columns of taps); a tap over the padding adds
 /// `w · 0`, which leaves a finite sum as it is.
 #[inline(always)]
-fn padded_block<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
+fn padded_block<V, L, F, S, const K: usize, const Q: usize>(
     (x, taps, bias, g, c0): BlockArgs,
     ops: VectorOps<L, F, S>,
     out: &mut [f32],
@@ -702,7 +702,7 @@ fn padded_block<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
     });
     let b = load(lanes(bias, c0));
     // The padded rows and columns the outputs read.
-    let (ph, pw) = ((g.out_h - 1) * ST + K, (g.out_w - 1) * ST + K);
+    let (ph, pw) = (g.out_h - 1 + K, g.out_w - 1 + K);
     if buf.len() < ph * pw * LANES {
         buf.resize(ph * pw * LANES, 0.0);
     }
@@ -726,7 +726,7 @@ fn padded_block<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
             let mut ox = 0;
             loop {
                 let at = ox.min(g.out_w - Q);
-                padded_strip::<V, L, F, S, K, ST, Q>(args, (oy, at), ops, out);
+                padded_strip::<V, L, F, S, K, Q>(args, (oy, at), ops, out);
                 if at + Q >= g.out_w {
                     break;
                 }
@@ -735,15 +735,15 @@ fn padded_block<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
         } else {
             let mut ox = 0;
             if Q > 4 && ox + 4 <= g.out_w {
-                padded_strip::<V, L, F, S, K, ST, 4>(args, (oy, ox), ops, out);
+                padded_strip::<V, L, F, S, K, 4>(args, (oy, ox), ops, out);
                 ox += 4;
             }
             if Q > 2 && ox + 2 <= g.out_w {
-                padded_strip::<V, L, F, S, K, ST, 2>(args, (oy, ox), ops, out);
+                padded_strip::<V, L, F, S, K, 2>(args, (oy, ox), ops, out);
                 ox += 2;
             }
             if ox < g.out_w {
-                padded_strip::<V, L, F, S, K, ST, 1>(args, (oy, ox), ops, out);
+                padded_strip::<V, L, F, S, K, 1>(args, (oy, ox), ops, out);
             }
         }
     }
@@ -793,7 +793,7 @@ type PaddedArgs<'a, V, const K: usize> = (&'a [f32], usize, &'a [[V; K]; K], V, 
 
 /// `Q` neighbouring output pixels from `(oy, ox)` of a [`padded_block`].
 #[inline(always)]
-fn padded_strip<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
+fn padded_strip<V, L, F, S, const K: usize, const Q: usize>(
     (buf, pw, w, b, c): PaddedArgs<V, K>,
     (oy, ox): (usize, usize),
     (load, fma, store): VectorOps<L, F, S>,
@@ -804,11 +804,11 @@ fn padded_strip<V, L, F, S, const K: usize, const ST: usize, const Q: usize>(
     F: Fn(V, V, V) -> V,
     S: Fn(V, &mut [f32; LANES]),
 {
-    let out_w = (pw - K) / ST + 1;
+    let out_w = pw + 1 - K;
     let mut acc = [b; Q];
     for (ky, wy) in w.iter().enumerate() {
-        let at = ((oy * ST + ky) * pw + ox * ST) * LANES;
-        strip_row::<V, L, F, K, ST, Q>(&mut acc, wy, (buf, at, LANES, ST), (load, fma));
+        let at = ((oy + ky) * pw + ox) * LANES;
+        strip_row::<V, L, F, K, 1, Q>(&mut acc, wy, (buf, at, LANES, 1), (load, fma));
     }
     store_strip(acc, (oy * out_w + ox) * c, c, store, out);
 }
@@ -841,35 +841,34 @@ fn depthwise_body<V: Copy, const Q: usize>(
         "depthwise: kernel {k} or buffers do not fit {c} channels"
     );
     let ops = (&load, &fma, &store);
-    // Block by block; kernels 3 and 5 at strides 1 and 2 (MobileNetV2's, EfficientNet's)
-    // have their stride fixed at compile time.
-    let narrow = g.stride == 1 && g.out_w <= PADDED_MAX_W && matches!(k, 3 | 5);
-    if narrow && c >= LANES {
+    if g.stride == 1 && g.out_w <= PADDED_MAX_W && matches!(k, 3 | 5) {
         // Out of the thread-local and back: a closure would not take the caller's target
         // features, and the vector code would not be inlined.
         let mut buf = PADDED.take();
         for c0 in (0..c / LANES).map(|b| b * LANES) {
             let args = (x, taps, bias, g, c0);
-            let buf = &mut buf;
             match k {
-                3 => padded_block::<V, _, _, _, 3, 1, Q>(args, ops, out, buf),
-                _ => padded_block::<V, _, _, _, 5, 1, Q>(args, ops, out, buf),
+                3 => padded_block::<V, _, _, _, 3, Q>(args, ops, out, &mut buf),
+                _ => padded_block::<V, _, _, _, 5, Q>(args, ops, out, &mut buf),
             }
         }
         PADDED.set(buf);
-    }
-    for c0 in (0..c / LANES).map(|b| b * LANES).filter(|_| !narrow) {
-        let args = (x, taps, bias, g, c0);
-        match (k, g.stride) {
-            (3, 1) => channel_block::<V, _, _, _, 3, 1, Q>(args, ops, out),
-            (3, 2) => channel_block::<V, _, _, _, 3, 2, Q>(args, ops, out),
-            (5, 1) => channel_block::<V, _, _, _, 5, 1, Q>(args, ops, out),
-            (5, 2) => channel_block::<V, _, _, _, 5, 2, Q>(args, ops, out),
-            (1, _) => channel_block::<V, _, _, _, 1, 0, Q>(args, ops, out),
-            (2, _) => channel_block::<V, _, _, _, 2, 0, Q>(args, ops, out),
-            (3, _) => channel_block::<V, _, _, _, 3, 0, Q>(args, ops, out),
-            (4, _) => channel_block::<V, _, _, _, 4, 0, Q>(args, ops, out),
-            _ => channel_block::<V, _, _, _, 5, 0, Q>(args, ops, out),
+    } else {
+        // Block by block; kernels 3 and 5 at strides 1 and 2 (MobileNetV2's,
+        // EfficientNet's) have their stride fixed at compile time.
+        for c0 in (0..c / LANES).map(|b| b * LANES) {
+            let args = (x, taps, bias, g, c0);
+            match (k, g.stride) {
+                (3, 1) => channel_block::<V, _, _, _, 3, 1, Q>(args, ops, out),
+                (3, 2) => channel_block::<V, _, _, _, 3, 2, Q>(args, ops, out),
+                (5, 1) => channel_block::<V, _, _, _, 5, 1, Q>(args, ops, out),
+                (5, 2) => channel_block::<V, _, _, _, 5, 2, Q>(args, ops, out),
+                (1, _) => channel_block::<V, _, _, _, 1, 0, Q>(args, ops, out),
+                (2, _) => channel_block::<V, _, _, _, 2, 0, Q>(args, ops, out),
+                (3, _) => channel_block::<V, _, _, _, 3, 0, Q>(args, ops, out),
+                (4, _) => channel_block::<V, _, _, _, 4, 0, Q>(args, ops, out),
+                _ => channel_block::<V, _, _, _, 5, 0, Q>(args, ops, out),
+            }
         }
     }
     for ch in (c / LANES) * LANES..c {
